@@ -1,0 +1,281 @@
+"""The `nexus-jobd` command: run the daemon, and submit, inspect, follow and cancel jobs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TextIO
+
+import anyio
+
+from daemon import __version__, config, service
+from daemon import logging as log
+from daemon.errors import ConfigError, JobdError
+from daemon.store import JobStatus, Store
+
+_MARKER = re.compile(r"\n\[nexus-jobd: \d+ bytes of \w+ omitted; (\d+) bytes in all\]\n")
+_FOLLOW_POLL_S = 0.1
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+
+async def _open(cfg: config.Config) -> Store:
+    store = await Store.open(cfg.db_path, busy_timeout_ms=cfg.busy_timeout_ms)
+    await store.migrate()
+    return store
+
+
+def _with_store(cfg: config.Config, action: Callable[[Store], Awaitable[int]]) -> int:
+    async def main() -> int:
+        store = await _open(cfg)
+        try:
+            return await action(store)
+        finally:
+            await store.close()
+
+    return anyio.run(main)
+
+
+def _age(ms: int | None) -> str:
+    if not isinstance(ms, int):
+        return "-"
+    seconds = max(0, time.time() - ms / 1000)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def _duration(ms: Any) -> str:
+    return f"{ms / 1000:.2f}s" if isinstance(ms, int) else "-"
+
+
+class _Follower:
+    """Prints what a stream's column gained since the last look, even after the cap starts cutting it."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.chars = 0  # printed so far, while the column holds everything
+        self.total = 0  # bytes of the stream printed so far
+
+    def update(self, text: str, total_bytes: int | None) -> None:
+        total = total_bytes or 0
+        match = None
+        for match in _MARKER.finditer(text):  # noqa: B007 -- the last marker is the daemon's
+            pass
+        if match is None or int(match.group(1)) != total:
+            self.out.write(text[self.chars:])
+            self.chars = len(text)
+        else:
+            tail = text[match.end():].encode("utf-8", "surrogatepass")
+            new = total - self.total
+            if new > len(tail):
+                self.out.write(f"\n[nexus-jobd: {new - len(tail)} bytes not shown]\n")
+            self.out.write(tail[-new:].decode("utf-8", "replace") if new > 0 else "")
+        self.total = total
+        self.out.flush()
+
+
+async def _follow(store: Store, job_id: str, *, follow: bool) -> dict[str, Any]:
+    out, err = _Follower(sys.stdout), _Follower(sys.stderr)
+    while True:
+        row = await store.get_job(job_id)
+        if row is None:
+            raise JobdError(f"job {job_id} was deleted while being followed")
+        out.update(row["stdout"] or "", row.get("stdout_bytes"))
+        err.update(row["stderr"] or "", row.get("stderr_bytes"))
+        final = row["status"] in {s.value for s in JobStatus if s.is_final} and row.get("duration") is not None
+        cancelled_unrun = row["status"] == JobStatus.CANCELLED and row.get("started_at") is None
+        if not follow or final or cancelled_unrun:
+            return row
+        await anyio.sleep(_FOLLOW_POLL_S)
+
+
+def _exit_code_of(row: dict[str, Any]) -> int:
+    if row.get("error"):
+        print(f"nexus-jobd: job {row['id']} {row['status']}: {row['error']}", file=sys.stderr)
+    code = row.get("exit_code")
+    if isinstance(code, int):
+        return min(code, 255)
+    return 0 if row["status"] == JobStatus.COMPLETED else 1
+
+
+# -- commands ---------------------------------------------------------------------------------------------
+
+def cmd_run(cfg: config.Config, args: argparse.Namespace) -> int:
+    return anyio.run(service.serve, cfg)
+
+
+def cmd_submit(cfg: config.Config, args: argparse.Namespace) -> int:
+    command = " ".join(args.command) if len(args.command) > 1 else (args.command[0] if args.command else "")
+    if not command.strip():
+        raise JobdError("nothing to run: give the command after --, e.g. `nexus-jobd submit -- echo hi`")
+    env: dict[str, str] = {}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise JobdError(f"--env {item!r}: expected NAME=VALUE")
+        env[name] = value
+
+    async def action(store: Store) -> int:
+        job_id = await store.insert_job(node_id=args.node or cfg.local_node, tool=args.tool, command=command,
+                                        cwd=args.cwd, env=env or None, priority=args.priority)
+        print(job_id, file=sys.stderr if args.follow else sys.stdout, flush=True)
+        if not args.follow:
+            return 0
+        return _exit_code_of(await _follow(store, job_id, follow=True))
+
+    return _with_store(cfg, action)
+
+
+def _ps_table(rows: Sequence[dict[str, Any]]) -> str:
+    header = ("ID", "STATUS", "NODE", "TOOL", "EXIT", "DURATION", "AGE", "COMMAND")
+    lines = [header]
+    for row in rows:
+        command = str(row["command"]).replace("\n", " ")
+        lines.append((str(row["id"])[:8], str(row["status"]), str(row["node_id"]), str(row["tool"]),
+                      "-" if row["exit_code"] is None else str(row["exit_code"]), _duration(row["duration"]),
+                      _age(row["created_at"]), command[:50] + ("…" if len(command) > 50 else "")))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)) + "  " + line[-1]
+                     for line in lines)
+
+
+def cmd_ps(cfg: config.Config, args: argparse.Namespace) -> int:
+    async def action(store: Store) -> int:
+        rows = await store.list_jobs(status=args.status, node_id=args.node, limit=args.limit)
+        print(json.dumps(rows, indent=2) if args.json else _ps_table(rows))
+        return 0
+
+    return _with_store(cfg, action)
+
+
+def cmd_show(cfg: config.Config, args: argparse.Namespace) -> int:
+    async def action(store: Store) -> int:
+        row = await store.get_job(await store.resolve_id(args.id))
+        assert row is not None
+        if args.json:
+            print(json.dumps(row, indent=2))
+            return 0
+        for key, value in row.items():
+            if key in ("stdout", "stderr"):
+                value = f"{len(value or '')} characters (`nexus-jobd logs {str(row['id'])[:8]}`)"
+            elif key in ("created_at", "started_at", "completed_at") and isinstance(value, int):
+                value = f"{value}  ({_age(value)} ago)"
+            print(f"{key:>14}: {'-' if value is None else value}")
+        return 0
+
+    return _with_store(cfg, action)
+
+
+def cmd_logs(cfg: config.Config, args: argparse.Namespace) -> int:
+    async def action(store: Store) -> int:
+        await _follow(store, await store.resolve_id(args.id), follow=args.follow)
+        return 0
+
+    return _with_store(cfg, action)
+
+
+def cmd_cancel(cfg: config.Config, args: argparse.Namespace) -> int:
+    async def action(store: Store) -> int:
+        ids = [await store.resolve_id(prefix) for prefix in args.ids]
+        done = set(await store.cancel(ids))
+        for job_id in ids:
+            print(f"{job_id}: {'cancelled' if job_id in done else 'already finished, left as it is'}")
+        return 0 if len(done) == len(ids) else 1
+
+    return _with_store(cfg, action)
+
+
+def cmd_db(cfg: config.Config, args: argparse.Namespace) -> int:
+    async def main() -> int:
+        store = await Store.open(cfg.db_path, busy_timeout_ms=cfg.busy_timeout_ms, create=args.action == "migrate")
+        try:
+            if args.action == "migrate":
+                applied = await store.migrate()
+                print(f"{cfg.db_path}: " + (f"applied {', '.join(applied)}" if applied else "up to date"))
+                return 0
+            problems = await store.check()
+            for problem in problems:
+                print(f"{cfg.db_path}: {problem}")
+            if not problems:
+                print(f"{cfg.db_path}: ok")
+            return 1 if problems else 0
+        finally:
+            await store.close()
+
+    return anyio.run(main)
+
+
+# -- parser -----------------------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nexus-jobd", description="Run jobs queued in the SQLite `jobs` table.")
+    p.add_argument("--version", action="version", version=f"nexus-jobd {__version__}")
+    p.add_argument("--config", help=f"config file (default: $NEXUS_JOBD_CONFIG or {config.DEFAULT_CONFIG_PATH})")
+    p.add_argument("--db", help=f"database file (default: $NEXUS_JOBD_DB or {config.DEFAULT_DB_PATH})")
+    p.add_argument("--log-level", choices=config.LOG_LEVELS)
+    p.add_argument("--log-format", choices=config.LOG_FORMATS)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    sub.add_parser("run", help="run the daemon in the foreground").set_defaults(func=cmd_run)
+
+    s = sub.add_parser("submit", help="queue a job; prints its id")
+    s.add_argument("--node", help="node id (default: the local node)")
+    s.add_argument("--tool", default="bash", choices=config.TOOLS)
+    s.add_argument("--cwd", help="working directory (default: the daemon's default_cwd)")
+    s.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra variable (repeatable)")
+    s.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+    s.add_argument("--follow", "-f", action="store_true", help="stream the output; exit with the job's code")
+    s.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND...")
+    s.set_defaults(func=cmd_submit)
+
+    s = sub.add_parser("ps", help="list jobs, newest first")
+    s.add_argument("--status", choices=[st.value for st in JobStatus])
+    s.add_argument("--node")
+    s.add_argument("--limit", type=int, default=20)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_ps)
+
+    s = sub.add_parser("show", help="every column of one job")
+    s.add_argument("id", help="job id or a unique prefix")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_show)
+
+    s = sub.add_parser("logs", help="print a job's stdout and stderr")
+    s.add_argument("id", help="job id or a unique prefix")
+    s.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    s.set_defaults(func=cmd_logs)
+
+    s = sub.add_parser("cancel", help="cancel queued or running jobs (as NexusCLI does)")
+    s.add_argument("ids", nargs="+", metavar="ID", help="job id or a unique prefix")
+    s.set_defaults(func=cmd_cancel)
+
+    s = sub.add_parser("db", help="database maintenance")
+    s.add_argument("action", choices=["migrate", "check"], help="migrate: create/upgrade; check: verify")
+    s.set_defaults(func=cmd_db)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.cmd == "submit" and args.command[:1] == ["--"]:
+        args.command = args.command[1:]
+    try:
+        cfg = config.load(config.Overrides(config_path=args.config, db_path=args.db,
+                                           log_level=args.log_level, log_format=args.log_format))
+        log.configure(cfg.log_level if args.cmd == "run" else "warning", cfg.log_format)
+        code: int = args.func(cfg, args)
+        return code
+    except ConfigError as e:
+        print(f"nexus-jobd: configuration error: {e}", file=sys.stderr)
+        return 2
+    except JobdError as e:
+        print(f"nexus-jobd: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

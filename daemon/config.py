@@ -1,0 +1,212 @@
+"""Configuration: TOML file + environment + flags -> one frozen, validated `Config`.
+
+Only this module reads `os.environ` for settings; every error names the file, the key and what is expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from daemon.errors import ConfigError
+
+TOOLS = ("bash", "git", "docker")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("auto", "json", "console")
+DEFAULT_CONFIG_PATH = "~/.config/nexus-jobd/config.toml"
+DEFAULT_DB_PATH = "~/.nexuscli/nexuscli.db"
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeConfig:
+    id: str
+    max_concurrent: int
+    tools: tuple[str, ...] = TOOLS
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    source: str  # where the settings came from, for messages
+    db_path: Path
+    busy_timeout_ms: int = 5000
+    local_node: str = "localhost"
+    max_concurrent: int = 8
+    flush_interval_ms: int = 250
+    output_cap_bytes: int = 4 * 1024 * 1024
+    poll_interval_ms: int = 1000
+    drain_timeout_ms: int = 2000
+    kill_grace_ms: int = 5000
+    shutdown_grace_ms: int = 30000
+    job_environment: Mapping[str, str] = field(default_factory=dict)
+    default_cwd: Path = field(default_factory=Path.home)
+    log_level: str = "info"
+    log_format: str = "auto"
+    nodes: Mapping[str, NodeConfig] = field(default_factory=dict)
+
+    @property
+    def node_ids(self) -> tuple[str, ...]:
+        return tuple(self.nodes)
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Values given on the command line; they win over the environment and the file."""
+
+    config_path: str | None = None
+    db_path: str | None = None
+    log_level: str | None = None
+    log_format: str | None = None
+
+
+class _Section:
+    """Typed reads from one TOML table, with errors that name the file and the dotted key."""
+
+    def __init__(self, source: str, prefix: str, data: Mapping[str, Any]) -> None:
+        self.source, self.prefix, self.data = source, prefix, data
+        self.used: set[str] = set()
+
+    def _err(self, key: str, expected: str, value: object) -> ConfigError:
+        return ConfigError(f"{self.source}: [{self.prefix}] {key} = {value!r}: expected {expected}")
+
+    def get(self, key: str) -> Any:
+        self.used.add(key)
+        return self.data.get(key)
+
+    def positive_int(self, key: str, default: int, *, minimum: int = 1) -> int:
+        value = self.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self._err(key, f"an integer >= {minimum}", value)
+        return value
+
+    def string(self, key: str, default: str, *, choices: tuple[str, ...] = ()) -> str:
+        value = self.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, str) or not value or (choices and value not in choices):
+            expected = f"one of {', '.join(choices)}" if choices else "a non-empty string"
+            raise self._err(key, expected, value)
+        return value
+
+    def string_list(self, key: str, default: tuple[str, ...], *, choices: tuple[str, ...]) -> tuple[str, ...]:
+        value = self.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, list) or not all(isinstance(v, str) and v in choices for v in value):
+            raise self._err(key, f"a list drawn from {', '.join(choices)}", value)
+        return tuple(value)
+
+    def table(self, key: str) -> Mapping[str, Any]:
+        value = self.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self._err(key, "a table", value)
+        return value
+
+    def reject_unknown(self) -> None:
+        for key in self.data:
+            if key not in self.used:
+                close = difflib.get_close_matches(key, sorted(self.used), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                known = ", ".join(sorted(self.used))
+                raise ConfigError(f"{self.source}: [{self.prefix}] unknown key {key!r}{hint}; known keys: {known}")
+
+
+def _expand(path: str) -> Path:
+    return Path(os.path.expandvars(os.path.expanduser(path)))
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}; fix the syntax at that line") from e
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror}") from e
+
+
+def _nodes(source: str, top: _Section, local: str, default_max: int) -> dict[str, NodeConfig]:
+    nodes: dict[str, NodeConfig] = {}
+    for node_id, data in top.table("nodes").items():
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: [nodes] {node_id} = {data!r}: expected a table [nodes.{node_id}]")
+        section = _Section(source, f"nodes.{node_id}", data)
+        nodes[node_id] = NodeConfig(
+            id=node_id,
+            max_concurrent=section.positive_int("max_concurrent", default_max),
+            tools=section.string_list("tools", TOOLS, choices=TOOLS),
+        )
+        section.reject_unknown()
+    for node_id in nodes:
+        if node_id != local:
+            raise ConfigError(
+                f"{source}: [nodes.{node_id}]: only the local node ({local!r}) can be configured in this version; "
+                f"remove the table or rename it to [nodes.{local}]"
+            )
+    nodes.setdefault(local, NodeConfig(id=local, max_concurrent=default_max))
+    return nodes
+
+
+def load(overrides: Overrides | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Build the config: built-in defaults < config file < environment < command-line flags."""
+    overrides = overrides or Overrides()
+    environ = os.environ if environ is None else environ
+    explicit = overrides.config_path or environ.get("NEXUS_JOBD_CONFIG")
+    path = _expand(explicit or DEFAULT_CONFIG_PATH)
+    data: dict[str, Any] = {}
+    if explicit or path.exists():
+        data = _read_file(path)
+    source = str(path) if data or explicit else "built-in defaults"
+
+    top = _Section(source, "top level", data)
+    db = _Section(source, "database", top.table("database"))
+    dm = _Section(source, "daemon", top.table("daemon"))
+    top.table("nodes")
+    top.reject_unknown()
+
+    max_concurrent = dm.positive_int("max_concurrent", 8)
+    local = dm.string("local_node", "localhost")
+    config = Config(
+        source=source,
+        db_path=_expand(db.string("path", DEFAULT_DB_PATH)),
+        busy_timeout_ms=db.positive_int("busy_timeout_ms", 5000, minimum=0),
+        local_node=local,
+        max_concurrent=max_concurrent,
+        flush_interval_ms=dm.positive_int("flush_interval_ms", 250, minimum=10),
+        output_cap_bytes=dm.positive_int("output_cap_bytes", 4 * 1024 * 1024, minimum=1024),
+        poll_interval_ms=dm.positive_int("poll_interval_ms", 1000, minimum=10),
+        drain_timeout_ms=dm.positive_int("drain_timeout_ms", 2000, minimum=0),
+        kill_grace_ms=dm.positive_int("kill_grace_ms", 5000, minimum=0),
+        shutdown_grace_ms=dm.positive_int("shutdown_grace_ms", 30000, minimum=0),
+        job_environment=dict(environ),
+        default_cwd=_expand(dm.string("default_cwd", str(Path.home()))),
+        log_level=dm.string("log_level", "info", choices=LOG_LEVELS),
+        log_format=dm.string("log_format", "auto", choices=LOG_FORMATS),
+        nodes=_nodes(source, top, local, max_concurrent),
+    )
+    db.reject_unknown()
+    dm.reject_unknown()
+    return _apply_overrides(config, overrides, environ)
+
+
+def _apply_overrides(config: Config, overrides: Overrides, environ: Mapping[str, str]) -> Config:
+    db_path = overrides.db_path or environ.get("NEXUS_JOBD_DB")
+    if db_path:
+        config = replace(config, db_path=_expand(db_path))
+    if overrides.log_level:
+        if overrides.log_level not in LOG_LEVELS:
+            raise ConfigError(f"--log-level {overrides.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
+        config = replace(config, log_level=overrides.log_level)
+    if overrides.log_format:
+        if overrides.log_format not in LOG_FORMATS:
+            raise ConfigError(f"--log-format {overrides.log_format!r}: expected one of {', '.join(LOG_FORMATS)}")
+        config = replace(config, log_format=overrides.log_format)
+    return config

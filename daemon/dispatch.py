@@ -1,0 +1,256 @@
+"""The dispatcher: wake on change, claim within the concurrency limits, run each job, flush output.
+
+Main loop, in order: (1) if the database may have changed, check `data_version`; if another program wrote,
+fail rows for unknown nodes, notice cancels and claim; (2) if a slot freed while rows were waiting, claim;
+(3) sleep until woken (inotify, a finished job, stop) or the poll interval passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import anyio
+from anyio.abc import TaskGroup
+
+from daemon import logging as log
+from daemon import tools
+from daemon.config import Config
+from daemon.errors import BadJob
+from daemon.executors.base import Executor, ExitStatus, Process, SpawnError
+from daemon.output import JobOutput
+from daemon.store import Claim, ClaimedJob, JobResult, JobStatus, Store
+from daemon.wakeup import ChangeWatcher
+
+logger = log.get("dispatch")
+
+
+@dataclass
+class RunningJob:
+    claim: Claim
+    node_id: str
+    tool: str
+    output: JobOutput
+    stop_reason: str | None = None  # set when the daemon decides to end the job (cancel, shutdown)
+    stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def request_stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            self.stop_requested.set()
+
+
+class Dispatcher:
+    def __init__(self, config: Config, store: Store, executors: Mapping[str, Executor], worker_id: str) -> None:
+        self._config = config
+        self._store = store
+        self._executors = executors
+        self.worker_id = worker_id
+        self.running: dict[str, RunningJob] = {}
+        self._per_node = dict.fromkeys(config.nodes, 0)
+        self._backlog: set[str] = set()  # nodes whose last claim was cut short by a limit
+        self._wake = asyncio.Event()
+        self._check_db = True
+        self._claim_due = True
+        self._version: int | None = None
+        self._dirty = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._watcher = ChangeWatcher(config.db_path, self._on_db_change)
+
+    # -- wake-ups -----------------------------------------------------------------------------------------
+
+    def _on_db_change(self) -> None:
+        self._check_db = True
+        self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _sleep(self, poll_s: float) -> None:
+        with anyio.move_on_after(poll_s) as scope:
+            await self._wake.wait()
+        self._wake.clear()
+        if scope.cancelled_caught:
+            self._check_db = True
+
+    # -- the loop -----------------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Claim and run jobs until `stop` is set; then return, leaving running jobs to `drain`."""
+        self._watcher.start()
+        poll_s = self._watcher.poll_interval_s(self._config.poll_interval_ms / 1000)
+        logger.info("dispatch.started", worker_id=self.worker_id, inotify=self._watcher.uses_inotify,
+                    nodes=list(self._config.nodes), max_concurrent=self._config.max_concurrent)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._flush_loop)
+            while not stop.is_set():
+                await self._step(tg)
+                await self._sleep(poll_s)
+            self._watcher.close()
+            await self._drain()
+            tg.cancel_scope.cancel()
+        await self._flush_once()
+
+    async def _step(self, tg: TaskGroup) -> None:
+        if self._check_db:
+            self._check_db = False
+            version = await self._store.data_version()
+            if version != self._version:
+                self._version = version
+                self._claim_due = True
+                await self._fail_unknown_nodes()
+                await self._notice_cancels()
+        if self._claim_due:
+            self._claim_due = False
+            await self._claim(tg)
+
+    async def _fail_unknown_nodes(self) -> None:
+        for job_id, node_id in await self._store.fail_unknown_nodes(self._config.node_ids):
+            logger.warning("job.failed", job_id=job_id, node=node_id, reason="unknown node")
+
+    async def _notice_cancels(self) -> None:
+        if not self.running:
+            return
+        for job_id in await self._store.cancelled_among(list(self.running), self.worker_id):
+            job = self.running.get(job_id)
+            if job is not None and job.stop_reason is None:
+                logger.info("job.cancel_requested", job_id=job_id, node=job.node_id)
+                job.request_stop("cancelled")
+
+    async def _claim(self, tg: TaskGroup) -> None:
+        for node in self._config.nodes.values():
+            free = min(node.max_concurrent - self._per_node[node.id], self._config.max_concurrent - len(self.running))
+            if free <= 0:
+                self._backlog.add(node.id)
+                continue
+            jobs = await self._store.claim(node.id, free, self.worker_id)
+            if len(jobs) == free:
+                self._backlog.add(node.id)
+            else:
+                self._backlog.discard(node.id)
+            for job in jobs:
+                self._start(tg, job)
+
+    def _start(self, tg: TaskGroup, job: ClaimedJob) -> None:
+        node_id = str(job.node_id)
+        running = RunningJob(Claim(job.id, self.worker_id, job.attempt), node_id, str(job.tool),
+                             JobOutput(self._config.output_cap_bytes))
+        self.running[job.id] = running
+        self._per_node[node_id] += 1
+        self._idle.clear()
+        logger.info("job.claimed", job_id=job.id, node=node_id, tool=job.tool, attempt=job.attempt)
+        tg.start_soon(self._run_job, job, running, name=f"job {job.id}")
+
+    # -- one job ------------------------------------------------------------------------------------------
+
+    async def _run_job(self, job: ClaimedJob, running: RunningJob) -> None:
+        try:
+            result = await self._execute(job, running)
+        except Exception as e:  # the per-job boundary: record it in the row, never take the daemon down
+            logger.exception("job.internal_error", job_id=job.id)
+            result = JobResult(JobStatus.FAILED, None, f"internal error in nexus-jobd: {e!r}",
+                               running.output.snapshot(final=True))
+        with anyio.CancelScope(shield=True):
+            await self._record(job, running, result)
+
+    async def _execute(self, job: ClaimedJob, running: RunningJob) -> JobResult:
+        node = self._config.nodes[running.node_id]
+        try:
+            command = tools.build(job, node.tools)
+        except BadJob as e:
+            return JobResult(JobStatus.FAILED, None, str(e), running.output.snapshot(final=True))
+        try:
+            process = await self._executors[running.node_id].start(
+                command, self._feeder(running.output.stdout.feed), self._feeder(running.output.stderr.feed))
+        except SpawnError as e:
+            return JobResult(JobStatus.FAILED, 127, str(e), running.output.snapshot(final=True))
+        status = await self._wait(process, running)
+        return JobResult(JobStatus.COMPLETED if status.code == 0 else JobStatus.FAILED, status.code,
+                         self._error_for(status, running), running.output.snapshot(final=True))
+
+    async def _wait(self, process: Process, running: RunningJob) -> ExitStatus:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._terminate_on_request, process, running)
+            status = await process.wait()
+            tg.cancel_scope.cancel()
+        return status
+
+    async def _terminate_on_request(self, process: Process, running: RunningJob) -> None:
+        """TERM the whole group when asked, KILL it if it is still there after the grace period."""
+        await running.stop_requested.wait()
+        process.signal_group(signal.SIGTERM)
+        await anyio.sleep(self._config.kill_grace_ms / 1000)
+        logger.warning("job.killed", job_id=running.claim.job_id, reason=running.stop_reason)
+        process.signal_group(signal.SIGKILL)
+
+    @staticmethod
+    def _error_for(status: ExitStatus, running: RunningJob) -> str | None:
+        if running.stop_reason == "shutdown":
+            return "daemon shut down while the job was running"
+        if status.signal is not None and running.stop_reason is None:
+            return f"killed by signal {status.signal} ({signal.Signals(status.signal).name})"
+        return None
+
+    def _feeder(self, feed: Callable[[bytes], None]) -> Callable[[bytes], None]:
+        def on_data(data: bytes) -> None:
+            feed(data)
+            self._dirty.set()
+
+        return on_data
+
+    async def _record(self, job: ClaimedJob, running: RunningJob, result: JobResult) -> None:
+        started = time.monotonic()
+        final = await self._store.finish(running.claim, result)
+        self.running.pop(job.id, None)
+        self._per_node[running.node_id] -= 1
+        if running.node_id in self._backlog:
+            self._claim_due = True
+            self.wake()
+        if not self.running:
+            self._idle.set()
+        logger.info("job.finished", job_id=job.id, node=running.node_id, tool=running.tool,
+                    status=final.value if final else "lost-claim", exit_code=result.exit_code,
+                    error=result.error, stdout_bytes=result.output.stdout_bytes,
+                    stderr_bytes=result.output.stderr_bytes,
+                    record_ms=round((time.monotonic() - started) * 1000, 1))
+
+    # -- output flushing ----------------------------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        """Flush dirty output of all running jobs in one transaction, at most every flush_interval/2.
+
+        A flush rewrites whole rows (SQLite has no in-place append), so after a slow one we wait 3x as long
+        as it took: writing never takes more than a quarter of the time, however large the rows grow.
+        """
+        half = self._config.flush_interval_ms / 2000
+        while True:
+            await self._dirty.wait()
+            await anyio.sleep(half)
+            started = time.monotonic()
+            await self._flush_once()
+            await anyio.sleep(max(0.0, 3 * (time.monotonic() - started) - half))
+
+    async def _flush_once(self) -> None:
+        self._dirty.clear()
+        batch = [(job.claim, job.output.snapshot()) for job in list(self.running.values()) if job.output.dirty]
+        await self._store.write_outputs(batch)
+
+    # -- shutdown -----------------------------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        """Stop claiming; give running jobs `shutdown_grace`, then TERM/KILL what is left."""
+        if self.running:
+            logger.info("dispatch.draining", running=len(self.running),
+                        grace_s=self._config.shutdown_grace_ms / 1000)
+            with anyio.move_on_after(self._config.shutdown_grace_ms / 1000):
+                await self._idle.wait()
+        self.stop_all("shutdown")
+        await self._idle.wait()
+
+    def stop_all(self, reason: str) -> None:
+        for job in self.running.values():
+            job.request_stop(reason)

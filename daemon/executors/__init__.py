@@ -1,0 +1,1 @@
+"""Executors start a Command somewhere (here, or over SSH) and hand its output to a sink."""

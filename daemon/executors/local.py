@@ -1,0 +1,176 @@
+"""Run a Command on this machine: its own process group, stdin from /dev/null, output read by the event loop.
+
+Exit is noticed through a pidfd (no thread, no SIGCHLD race); where the kernel has no pidfd_open
+(older Android kernels), a SIGCHLD handler reaps our children instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from daemon.executors.base import ExitStatus, OutputCallback, SpawnError
+from daemon.tools import Command
+
+READ_SIZE = 256 * 1024
+
+
+class _SigchldReaper:
+    """Fallback exit detection: on SIGCHLD, poll each of our live children."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._children: dict[int, tuple[subprocess.Popen[bytes], Callable[[], None]]] = {}
+        loop.add_signal_handler(signal.SIGCHLD, self._reap)
+
+    def watch(self, popen: subprocess.Popen[bytes], on_exit: Callable[[], None]) -> None:
+        self._children[popen.pid] = (popen, on_exit)
+        self._reap()  # it may have exited before we registered
+
+    def _reap(self) -> None:
+        for pid, (popen, on_exit) in list(self._children.items()):
+            if popen.poll() is not None:
+                del self._children[pid]
+                on_exit()
+
+    def close(self) -> None:
+        self._loop.remove_signal_handler(signal.SIGCHLD)
+
+
+class LocalProcess:
+    def __init__(self, popen: subprocess.Popen[bytes], loop: asyncio.AbstractEventLoop,
+                 on_stdout: OutputCallback, on_stderr: OutputCallback, drain_timeout_s: float) -> None:
+        self._popen = popen
+        self._loop = loop
+        self._drain_timeout_s = drain_timeout_s
+        self._exited = loop.create_future()
+        self._open: dict[int, OutputCallback] = {}
+        self._drained = loop.create_future()
+        for pipe, callback in ((popen.stdout, on_stdout), (popen.stderr, on_stderr)):
+            assert pipe is not None
+            fd = pipe.fileno()
+            os.set_blocking(fd, False)
+            self._open[fd] = callback
+            loop.add_reader(fd, self._read, fd)
+
+    def _read(self, fd: int) -> None:
+        try:
+            data = os.read(fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self._open[fd](data)
+        else:
+            self._stop_reading(fd)
+
+    def _stop_reading(self, fd: int) -> None:
+        self._loop.remove_reader(fd)
+        del self._open[fd]
+        if not self._open and not self._drained.done():
+            self._drained.set_result(None)
+
+    def _read_rest(self) -> None:
+        """After the group is gone: take what is still in the pipes without waiting."""
+        for fd in list(self._open):
+            with contextlib.suppress(OSError):
+                while data := os.read(fd, READ_SIZE):
+                    self._open[fd](data)
+            self._stop_reading(fd)
+
+    def on_exit(self) -> None:
+        if not self._exited.done():
+            self._exited.set_result(None)
+
+    async def wait(self) -> ExitStatus:
+        await asyncio.shield(self._exited)
+        # Children left in the group may hold the pipes open: wait a little for them to finish writing.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._drained), self._drain_timeout_s)
+        # The job ends with its main process; nothing it started in its group outlives it unrecorded.
+        self.signal_group(signal.SIGKILL)
+        self._read_rest()
+        for pipe in (self._popen.stdout, self._popen.stderr):
+            if pipe is not None:
+                pipe.close()
+        assert self._popen.returncode is not None
+        return ExitStatus.from_returncode(self._popen.returncode)
+
+    def signal_group(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._popen.pid, signum)
+
+
+class LocalExecutor:
+    def __init__(self, *, base_env: Mapping[str, str], default_cwd: Path, drain_timeout_s: float) -> None:
+        self._base_env = dict(base_env)
+        self._default_cwd = default_cwd
+        self._drain_timeout_s = drain_timeout_s
+        self._reaper: _SigchldReaper | None = None
+        self._use_pidfd = hasattr(os, "pidfd_open")
+
+    def _environment(self, command: Command) -> dict[str, str]:
+        env = dict(self._base_env)
+        for name, value in command.env.items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
+        return env
+
+    def _spawn(self, command: Command) -> subprocess.Popen[bytes]:
+        cwd = command.cwd if command.cwd is not None else str(self._default_cwd)
+        if not os.path.isdir(cwd):
+            raise SpawnError(f"working directory {cwd!r} does not exist or is not a directory")
+        try:
+            return subprocess.Popen(
+                command.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                cwd=cwd, env=self._environment(command), process_group=0, close_fds=True,
+            )
+        except FileNotFoundError as e:
+            raise SpawnError(f"{command.argv[0]!r} was not found on PATH; install it or fix PATH") from e
+        except PermissionError as e:
+            raise SpawnError(f"permission denied starting {command.argv[0]!r} in {cwd!r}: {e.strerror}") from e
+        except OSError as e:
+            raise SpawnError(f"cannot start {command.argv[0]!r}: {e.strerror or e}") from e
+
+    def _watch_exit(self, popen: subprocess.Popen[bytes], process: LocalProcess,
+                    loop: asyncio.AbstractEventLoop) -> None:
+        if self._use_pidfd:
+            try:
+                pidfd = os.pidfd_open(popen.pid)
+            except OSError as e:
+                if e.errno not in (errno.ENOSYS, errno.EPERM):
+                    raise
+                self._use_pidfd = False  # e.g. an Android kernel or seccomp policy without pidfd_open
+            else:
+                def exited() -> None:
+                    if popen.poll() is not None:
+                        loop.remove_reader(pidfd)
+                        os.close(pidfd)
+                        process.on_exit()
+
+                loop.add_reader(pidfd, exited)
+                return
+        if self._reaper is None:
+            self._reaper = _SigchldReaper(loop)
+        self._reaper.watch(popen, process.on_exit)
+
+    async def start(self, command: Command, on_stdout: OutputCallback, on_stderr: OutputCallback) -> LocalProcess:
+        loop = asyncio.get_running_loop()
+        popen = self._spawn(command)
+        process = LocalProcess(popen, loop, on_stdout, on_stderr, self._drain_timeout_s)
+        self._watch_exit(popen, process, loop)
+        return process
+
+    async def aclose(self) -> None:
+        if self._reaper is not None:
+            self._reaper.close()
+            self._reaper = None

@@ -1,0 +1,113 @@
+"""Per-stream output capture: incremental UTF-8 decoding and a cap that keeps the head and the latest tail.
+
+Memory per stream is bounded by about 1.25x the cap, however much the job writes.
+"""
+
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass, field
+
+from daemon.store import OutputSnapshot
+
+HEAD_SHARE = 4  # the head keeps cap/4; the tail, where errors usually are, keeps the rest
+
+
+def _complete_prefix(data: bytes | bytearray) -> int:
+    """Length of `data` without a trailing UTF-8 sequence that more bytes could still complete."""
+    n = len(data)
+    for back in range(1, min(4, n) + 1):
+        byte = data[n - back]
+        if byte < 0x80:
+            return n
+        if byte >= 0xC0:  # a lead byte: is its sequence complete?
+            need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return n if back >= need or byte > 0xF4 else n - back
+    return n
+
+
+def _skip_continuations(data: bytes | bytearray) -> int:
+    """Bytes at the start of a cut tail that belong to a character whose start was dropped."""
+    skip = 0
+    while skip < min(3, len(data)) and 0x80 <= data[skip] < 0xC0:
+        skip += 1
+    return skip
+
+
+@dataclass
+class StreamCapture:
+    """One stream (stdout or stderr). `feed` bytes as they arrive; `render` the text the row should hold."""
+
+    name: str
+    cap: int
+    total: int = 0
+    dirty: bool = False
+    _parts: list[str] = field(default_factory=list)  # decoded text while total <= cap
+    _decoder: codecs.BufferedIncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
+    )
+    _head: bytes | None = None  # set once the cap is passed
+    _tail: bytearray = field(default_factory=bytearray)
+
+    def feed(self, data: bytes) -> None:
+        if not data:
+            return
+        self.total += len(data)
+        self.dirty = True
+        if self._head is None and self.total <= self.cap:
+            self._parts.append(self._decoder.decode(data))
+            return
+        if self._head is None:
+            self._overflow(data)
+        else:
+            self._tail += data
+        tail_cap = self.cap - self.cap // HEAD_SHARE
+        if len(self._tail) > 2 * tail_cap:  # trim lazily so a fast writer costs O(1) per byte, not O(cap)
+            del self._tail[: len(self._tail) - tail_cap]
+
+    def _overflow(self, data: bytes) -> None:
+        """Past the cap for the first time: freeze the head as bytes, keep the rest as the tail."""
+        text = "".join(self._parts)
+        raw = text.encode("utf-8", "surrogatepass") + self._decoder.getstate()[0] + data
+        # Re-encoding replaced bytes (U+FFFD) changes their length; count head and tail from the real total.
+        head_len = self.cap // HEAD_SHARE
+        self._head = raw[:head_len]
+        self._tail = bytearray(raw[head_len:])
+        self._parts = []
+
+    def render(self, *, final: bool = False) -> str:
+        """The text for the row. While running, a character split across reads is held back until whole."""
+        self.dirty = False
+        if self._head is None:
+            text = "".join(self._parts)
+            if final:
+                text += self._decoder.decode(b"", final=True)
+            self._parts = [text]
+            return text
+        head = self._head[: _complete_prefix(self._head)]
+        tail_cap = self.cap - self.cap // HEAD_SHARE
+        tail = bytes(self._tail[-tail_cap:])
+        tail = tail[_skip_continuations(tail):]
+        if not final:
+            tail = tail[: _complete_prefix(tail)]
+        omitted = self.total - len(head) - len(tail)
+        marker = f"\n[nexus-jobd: {omitted} bytes of {self.name} omitted; {self.total} bytes in all]\n"
+        return head.decode("utf-8", "replace") + marker + tail.decode("utf-8", "replace")
+
+
+class JobOutput:
+    """Both streams of one job, and the snapshot the store writes."""
+
+    def __init__(self, cap: int) -> None:
+        self.stdout = StreamCapture("stdout", cap)
+        self.stderr = StreamCapture("stderr", cap)
+
+    @property
+    def dirty(self) -> bool:
+        return self.stdout.dirty or self.stderr.dirty
+
+    def snapshot(self, *, final: bool = False) -> OutputSnapshot:
+        """Render only what changed since the last snapshot (None leaves that column as it is)."""
+        out = self.stdout.render(final=final) if self.stdout.dirty or final else None
+        err = self.stderr.render(final=final) if self.stderr.dirty or final else None
+        return OutputSnapshot(out, err, self.stdout.total, self.stderr.total)

@@ -1,0 +1,72 @@
+"""Lifecycle of the daemon: open and migrate the database, run the dispatcher, drain on SIGTERM/SIGINT.
+
+The first signal stops claiming and lets running jobs finish (up to shutdown_grace); a second one
+terminates them at once. Signal handlers only set flags; the loop does the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import socket
+
+from daemon import logging as log
+from daemon.config import Config
+from daemon.dispatch import Dispatcher
+from daemon.executors.base import Executor
+from daemon.executors.local import LocalExecutor
+from daemon.store import Store
+
+logger = log.get("service")
+
+
+def new_worker_id() -> str:
+    """Unique per daemon process, and readable: which host and pid hold a claim."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def _executors(config: Config) -> dict[str, Executor]:
+    local = LocalExecutor(base_env=config.job_environment, default_cwd=config.default_cwd,
+                          drain_timeout_s=config.drain_timeout_ms / 1000)
+    return {config.local_node: local}
+
+
+async def serve(config: Config, *, install_signals: bool = True, stop: asyncio.Event | None = None) -> int:
+    """Run until stopped; returns the process exit code (0 after a clean drain)."""
+    store = await Store.open(config.db_path, busy_timeout_ms=config.busy_timeout_ms)
+    try:
+        await store.migrate()
+        executors = _executors(config)
+        dispatcher = Dispatcher(config, store, executors, new_worker_id())
+        stop = stop or asyncio.Event()
+        if install_signals:
+            _install_signals(stop, dispatcher)
+        logger.info("daemon.started", db=str(config.db_path), config=config.source, pid=os.getpid())
+        try:
+            await dispatcher.run(stop)
+        finally:
+            for executor in executors.values():
+                await executor.aclose()
+        logger.info("daemon.stopped", worker_id=dispatcher.worker_id)
+        return 0
+    finally:
+        await store.close()
+
+
+def _install_signals(stop: asyncio.Event, dispatcher: Dispatcher) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if not stop.is_set():
+            logger.info("daemon.stopping", signal=signal.Signals(signum).name, running=len(dispatcher.running))
+            stop.set()
+            dispatcher.wake()
+        else:
+            logger.warning("daemon.stopping_now", signal=signal.Signals(signum).name,
+                           running=len(dispatcher.running))
+            dispatcher.stop_all("shutdown")
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)

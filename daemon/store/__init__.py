@@ -1,0 +1,293 @@
+"""Everything SQL: opening the database, schema and migrations, claims, output, finishing, and CLI reads.
+
+The only package that imports sqlite3/aiosqlite. Every status change is a named compare-and-set query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import sqlite3
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+import anyio
+
+from daemon import logging as log
+from daemon.errors import DatabaseError, JobdError
+from daemon.store.queries import Q, read_sql, split_statements
+from daemon.store.rows import Claim, ClaimedJob, JobResult, JobStatus, OutputSnapshot
+
+__all__ = ["Claim", "ClaimedJob", "JobResult", "JobStatus", "OutputSnapshot", "Store", "now_ms"]
+
+T = TypeVar("T")
+_ADD_COLUMN = re.compile(r"ALTER\s+TABLE\s+(\w+)\s+ADD\s+COLUMN\s+(\w+)", re.IGNORECASE)
+_BASE_COLUMNS = {
+    "jobs": ("id", "conversation_id", "message_id", "node_id", "tool", "command", "status", "exit_code",
+             "stdout", "stderr", "duration", "created_at", "started_at", "completed_at"),
+    "nodes": ("id", "hostname", "ip_address", "status", "capabilities", "last_heartbeat", "created_at"),
+    "conversations": ("id", "title", "created_at", "updated_at", "metadata"),
+    "messages": ("id", "conversation_id", "role", "content", "created_at", "metadata"),
+}
+_LOCK_RETRY_S = 0.05
+_LOCK_RETRY_MAX_S = 2.0
+
+logger = log.get("store")
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _migrations() -> list[tuple[str, str]]:
+    folder = resources.files("daemon.store").joinpath("migrations")
+    names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".sql"))
+    return [(name[: -len(".sql")], folder.joinpath(name).read_text(encoding="utf-8")) for name in names]
+
+
+def _is_locked(error: sqlite3.OperationalError) -> bool:
+    return "locked" in str(error) or "busy" in str(error)
+
+
+def _create_private(path: Path) -> None:
+    """A new database is readable and writable by its owner only: writing it means running commands."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+class Store:
+    """One aiosqlite connection. In autocommit mode every named statement is its own atomic transaction."""
+
+    def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
+        self._conn = conn
+        self.path = path
+        # Writes take this lock in the order their data was rendered, so a transaction of several statements
+        # never interleaves with another write and an older output snapshot never lands after a newer one.
+        self._write_lock = asyncio.Lock()
+
+    # -- opening and schema -------------------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, path: Path, *, busy_timeout_ms: int = 5000, create: bool = True) -> Store:
+        if not create and not os.path.exists(path):  # noqa: ASYNC240 -- one stat at start-up
+            raise DatabaseError(f"{path}: no such database; start the daemon once or run `nexus-jobd db migrate`")
+        try:
+            if create:
+                _create_private(path)
+            conn = await aiosqlite.connect(path, isolation_level=None)
+        except (OSError, sqlite3.Error) as e:
+            raise DatabaseError(f"{path}: cannot open the database: {e}") from e
+        store = cls(conn, path)
+        try:
+            await store._configure(busy_timeout_ms)
+        except sqlite3.Error as e:
+            await conn.close()
+            raise DatabaseError(f"{path}: not a usable SQLite database: {e}") from e
+        return store
+
+    async def _configure(self, busy_timeout_ms: int) -> None:
+        await self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        rows = await self._conn.execute_fetchall("PRAGMA journal_mode = WAL")
+        mode = next(iter(rows))[0]
+        if mode != "wal":
+            raise sqlite3.OperationalError(f"journal_mode is {mode!r}, WAL could not be enabled")
+        # NORMAL is durable across a crash of any process in WAL mode; only a power cut can lose a last commit.
+        await self._conn.execute("PRAGMA synchronous = NORMAL")
+        await self._conn.execute("PRAGMA foreign_keys = ON")
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    async def migrate(self) -> list[str]:
+        """Create the base schema where missing and apply the daemon's pending migrations; idempotent."""
+        applied: list[str] = []
+
+        async def work() -> None:
+            for statement in split_statements(read_sql("schema.sql")):
+                await self._conn.execute(statement)
+            done = {row[0] for row in await self._conn.execute_fetchall(Q["applied_migrations"])}
+            for name, text in _migrations():
+                if name in done:
+                    continue
+                for statement in split_statements(text):
+                    if not await self._column_exists_for(statement):
+                        await self._conn.execute(statement)
+                await self._conn.execute(Q["record_migration"], {"name": name, "now": now_ms()})
+                applied.append(name)
+
+        await self._transaction(work)
+        for name in applied:
+            logger.info("db.migrated", migration=name, db=str(self.path))
+        return applied
+
+    async def _column_exists_for(self, statement: str) -> bool:
+        match = _ADD_COLUMN.search(statement)
+        if not match:
+            return False
+        return match.group(2) in await self._columns(match.group(1))
+
+    async def _columns(self, table: str) -> set[str]:
+        rows = await self._conn.execute_fetchall(f"PRAGMA table_info({table})")
+        return {row[1] for row in rows}
+
+    async def check(self) -> list[str]:
+        """Problems that would stop the daemon or other programs from using the database; empty when fine."""
+        problems: list[str] = []
+        for table, columns in _BASE_COLUMNS.items():
+            have = await self._columns(table)
+            if not have:
+                problems.append(f"table {table!r} is missing (run `nexus-jobd db migrate`)")
+                continue
+            missing = [c for c in columns if c not in have]
+            if missing:
+                problems.append(f"table {table!r} lacks the contract's columns {', '.join(missing)}")
+        if await self._columns("jobd_migrations"):
+            done = {row[0] for row in await self._conn.execute_fetchall(Q["applied_migrations"])}
+            pending = [name for name, _ in _migrations() if name not in done]
+            if pending:
+                problems.append(f"migrations not applied: {', '.join(pending)} (run `nexus-jobd db migrate`)")
+        else:
+            problems.append("the daemon's migrations table is missing (run `nexus-jobd db migrate`)")
+        rows = await self._conn.execute_fetchall("PRAGMA quick_check")
+        verdict = [row[0] for row in rows]
+        if verdict != ["ok"]:
+            problems.append(f"integrity: {'; '.join(verdict[:5])}")
+        return problems
+
+    # -- plumbing -----------------------------------------------------------------------------------------
+
+    async def _transaction(self, work: Callable[[], Awaitable[T]]) -> T:
+        """Run `work` inside BEGIN IMMEDIATE ... COMMIT, retrying while another process holds the lock."""
+
+        async def attempt() -> T:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = await work()
+            except BaseException:
+                await self._conn.execute("ROLLBACK")
+                raise
+            await self._conn.execute("COMMIT")
+            return result
+
+        async with self._write_lock:
+            return await self._retry_locked(attempt)
+
+    async def _retry_locked(self, op: Callable[[], Awaitable[T]]) -> T:
+        """The busy timeout already waited; past it, keep retrying: a write we drop would lose a job's state."""
+        delay = _LOCK_RETRY_S
+        while True:
+            try:
+                return await op()
+            except sqlite3.OperationalError as e:
+                if not _is_locked(e):
+                    raise
+                logger.warning("db.locked", db=str(self.path), retry_in_s=delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, _LOCK_RETRY_MAX_S)
+
+    async def _write(self, query: str, params: dict[str, Any]) -> list[sqlite3.Row]:
+        async def op() -> list[sqlite3.Row]:
+            return list(await self._conn.execute_fetchall(Q[query], params))
+
+        async with self._write_lock:
+            return await self._retry_locked(op)
+
+    # -- the daemon's side --------------------------------------------------------------------------------
+
+    async def data_version(self) -> int:
+        """Changes whenever another connection commits (our own commits do not move it)."""
+        rows = await self._conn.execute_fetchall(Q["data_version"])
+        return int(next(iter(rows))[0])
+
+    async def fail_unknown_nodes(self, node_ids: Sequence[str]) -> list[tuple[str, Any]]:
+        known = ", ".join(node_ids)
+        error = f"unknown node: this daemon serves only these nodes: {known}; set node_id to one of them"
+        rows = await self._write("fail_unknown_nodes", {"nodes": json.dumps(list(node_ids)), "error": error})
+        return [(row[0], row[1]) for row in rows]
+
+    async def claim(self, node_id: str, limit: int, worker_id: str) -> list[ClaimedJob]:
+        rows = await self._write("claim_jobs", {"node_id": node_id, "limit": limit, "worker_id": worker_id})
+        return [ClaimedJob(*row) for row in rows]
+
+    async def write_outputs(self, updates: Iterable[tuple[Claim, OutputSnapshot]]) -> None:
+        """Flush live output of several running jobs in one transaction (one commit, however many jobs)."""
+        params = [_output_params(claim, out) for claim, out in updates]
+        if not params:
+            return
+
+        async def work() -> None:
+            await self._conn.executemany(Q["write_output"], params)
+
+        await self._transaction(work)
+
+    async def finish(self, claim: Claim, result: JobResult) -> JobStatus | None:
+        """Record the end of a job. Returns the status the row now has, or None if it is no longer our claim."""
+        params = _output_params(claim, result.output)
+        params.update(status=result.status.value, exit_code=result.exit_code, error=result.error)
+        rows = await self._write("finish_job", params)
+        return JobStatus(rows[0][0]) if rows else None
+
+    async def cancelled_among(self, job_ids: Sequence[str], worker_id: str) -> list[str]:
+        rows = await self._conn.execute_fetchall(Q["cancelled_among"], {"ids": json.dumps(list(job_ids)),
+                                                                        "worker_id": worker_id})
+        return [row[0] for row in rows]
+
+    # -- the CLI's side -----------------------------------------------------------------------------------
+
+    async def insert_job(self, *, node_id: str, tool: str, command: str, cwd: str | None,
+                         env: dict[str, str] | None, priority: int) -> str:
+        job_id = str(uuid.uuid4())
+        await self._write("insert_job", {"id": job_id, "node_id": node_id, "tool": tool, "command": command,
+                                         "now": now_ms(), "cwd": cwd, "priority": priority,
+                                         "env": json.dumps(env) if env else None})
+        return job_id
+
+    async def cancel(self, job_ids: Sequence[str]) -> list[str]:
+        rows = await self._write("cancel_jobs", {"ids": json.dumps(list(job_ids)), "now": now_ms()})
+        return [row[0] for row in rows]
+
+    async def resolve_id(self, prefix: str) -> str:
+        """A full id, or a unique prefix of one."""
+        if await self.get_job(prefix) is not None:
+            return prefix
+        rows = list(await self._conn.execute_fetchall(Q["find_job_ids"], {"prefix": prefix}))
+        if not rows:
+            raise JobdError(f"no job with an id starting with {prefix!r}")
+        if len(rows) > 1:
+            raise JobdError(f"{prefix!r} names more than one job; give more characters of the id")
+        return str(rows[0][0])
+
+    async def get_job(self, job_id: str) -> dict[str, Any] | None:
+        async with self._conn.execute(Q["get_job"], {"id": job_id}) as cursor:
+            row = await cursor.fetchone()
+            if row is None:
+                return None
+            return dict(zip([d[0] for d in cursor.description], row, strict=True))
+
+    async def list_jobs(self, *, status: str | None, node_id: str | None, limit: int) -> list[dict[str, Any]]:
+        async with self._conn.execute(Q["list_jobs"], {"status": status, "node_id": node_id,
+                                                       "limit": limit}) as cursor:
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
+
+    async def job_progress(self, job_id: str) -> tuple[str, str, str, int | None] | None:
+        rows = list(await self._conn.execute_fetchall(Q["job_progress"], {"id": job_id}))
+        if not rows:
+            return None
+        status, stdout, stderr, exit_code = rows[0]
+        return str(status), stdout or "", stderr or "", exit_code
+
+
+def _output_params(claim: Claim, out: OutputSnapshot) -> dict[str, Any]:
+    return {"id": claim.job_id, "worker_id": claim.worker_id, "attempt": claim.attempt,
+            "stdout": out.stdout, "stderr": out.stderr,
+            "stdout_bytes": out.stdout_bytes, "stderr_bytes": out.stderr_bytes}

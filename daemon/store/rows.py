@@ -1,0 +1,62 @@
+"""Rows as frozen values, and the status vocabulary the contract allows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    EXECUTING = "executing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A row this daemon just moved to `executing`. Fields are as stored: another program may have written
+    any type into any column, so they are validated (daemon.tools) before anything runs."""
+
+    id: str
+    node_id: Any
+    tool: Any
+    command: Any
+    cwd: Any
+    env: Any
+    priority: Any
+    attempt: int
+    started_at: int
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Whose claim a write must match: the compare-and-set part of every write to a running job."""
+
+    job_id: str
+    worker_id: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class OutputSnapshot:
+    """The row's view of both streams; None leaves a stream's column as it is."""
+
+    stdout: str | None
+    stderr: str | None
+    stdout_bytes: int
+    stderr_bytes: int
+
+
+@dataclass(frozen=True)
+class JobResult:
+    status: JobStatus
+    exit_code: int | None
+    error: str | None
+    output: OutputSnapshot

@@ -1,0 +1,115 @@
+"""A claimed row -> the argv, working directory and environment to run; a row that cannot run -> BadJob.
+
+bash runs `bash -c COMMAND`; git and docker get argv from shlex and never pass through a shell.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from daemon.errors import BadJob
+from daemon.store import ClaimedJob
+
+# Linux's MAX_ARG_STRLEN: no single argument (bash -c's script included) may be longer, NUL included.
+MAX_COMMAND_BYTES = 128 * 1024 - 1
+# NexusCLI appends its metadata to a command as one last line: `<command>\n# {"json": ...}`.
+_METADATA_LINE = re.compile(r"\n#[ \t]*(\{.*\})[ \t]*\Z")
+
+
+@dataclass(frozen=True)
+class Command:
+    """What an executor runs: argv[0] is a program name looked up on PATH by the executor."""
+
+    argv: tuple[str, ...]
+    cwd: str | None  # None: the node's default working directory
+    env: Mapping[str, str | None]  # None as a value unsets the variable
+
+
+def strip_metadata(command: str) -> str:
+    """Drop NexusCLI's trailing `# {json}` line, only when it really is a JSON object."""
+    match = _METADATA_LINE.search(command)
+    if match:
+        try:
+            if isinstance(json.loads(match.group(1)), dict):
+                return command[: match.start()]
+        except ValueError:
+            pass
+    return command
+
+
+def _text(job: ClaimedJob, column: str, value: Any, *, allow_empty: bool = False) -> str:
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadJob(f"{column} is a blob that is not valid UTF-8 (byte {e.start}); store it as TEXT") from e
+    if not isinstance(value, str):
+        raise BadJob(f"{column} must be text, got {type(value).__name__} {value!r:.60}")
+    if "\x00" in value:
+        raise BadJob(f"{column} contains a NUL byte, which no program can receive as an argument")
+    if not allow_empty and not value.strip():
+        raise BadJob(f"{column} is empty; nothing to run")
+    return value
+
+
+def parse_env(raw: Any) -> dict[str, str | None]:
+    """The row's `env` column: a JSON object of NAME -> string (numbers are converted; null unsets NAME)."""
+    if raw is None or raw == "":
+        return {}
+    if not isinstance(raw, str | bytes):
+        raise BadJob(f"env must be a JSON object in a TEXT column, got {type(raw).__name__} {raw!r:.60}")
+    try:
+        value = json.loads(raw)
+    except ValueError as e:
+        raise BadJob(f"env is not valid JSON ({e}); expected an object like {{\"NAME\": \"value\"}}") from e
+    if not isinstance(value, dict):
+        raise BadJob(f"env must be a JSON object like {{\"NAME\": \"value\"}}, got {type(value).__name__}")
+    env: dict[str, str | None] = {}
+    for name, item in value.items():
+        if not name or "=" in name or "\x00" in name:
+            raise BadJob(f"env has an invalid variable name {name!r} (empty, or containing '=' or NUL)")
+        if item is None:
+            env[name] = None
+        elif isinstance(item, str) and "\x00" not in item:
+            env[name] = item
+        elif isinstance(item, int | float) and not isinstance(item, bool):
+            env[name] = str(item)
+        else:
+            raise BadJob(f"env[{name!r}] must be a string, a number or null, got {item!r:.60}")
+    return env
+
+
+def _args(tool: str, command: str) -> tuple[str, ...]:
+    try:
+        args = shlex.split(command)
+    except ValueError as e:
+        raise BadJob(f"command cannot be split into {tool} arguments: {e}") from e
+    if args and args[0] == tool:
+        args = args[1:]  # `git status` means `status`
+    if not args:
+        raise BadJob(f"command has no {tool} arguments; e.g. `status` for git or `ps -a` for docker")
+    return (tool, *args)
+
+
+def build(job: ClaimedJob, allowed_tools: tuple[str, ...]) -> Command:
+    """Validate a claimed row and turn it into a Command; raises BadJob with the reason for the row."""
+    tool = _text(job, "tool", job.tool)
+    if tool not in allowed_tools:
+        raise BadJob(f"unknown tool {tool!r}; node {job.node_id!r} runs: {', '.join(allowed_tools)}")
+    command = strip_metadata(_text(job, "command", job.command))
+    if len(command.encode("utf-8", "surrogatepass")) > MAX_COMMAND_BYTES:
+        raise BadJob(
+            f"command is longer than {MAX_COMMAND_BYTES} bytes, the most Linux passes as one argument; "
+            "put long scripts in a file and run that"
+        )
+    command = _text(job, "command", command)
+    if not isinstance(job.priority, int):
+        raise BadJob(f"priority must be an integer, got {job.priority!r:.60}")
+    cwd = None if job.cwd is None else _text(job, "cwd", job.cwd)
+    argv = ("bash", "-c", command) if tool == "bash" else _args(tool, command)
+    return Command(argv=argv, cwd=cwd, env=parse_env(job.env))
