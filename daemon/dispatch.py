@@ -203,7 +203,6 @@ class Dispatcher:
         return on_data
 
     async def _record(self, job: ClaimedJob, running: RunningJob, result: JobResult) -> None:
-        started = time.monotonic()
         final = await self._store.finish(running.claim, result)
         self.running.pop(job.id, None)
         self._per_node[running.node_id] -= 1
@@ -212,11 +211,12 @@ class Dispatcher:
             self.wake()
         if not self.running:
             self._idle.set()
-        logger.info("job.finished", job_id=job.id, node=running.node_id, tool=running.tool,
-                    status=final.value if final else "lost-claim", exit_code=result.exit_code,
-                    error=result.error, stdout_bytes=result.output.stdout_bytes,
-                    stderr_bytes=result.output.stderr_bytes,
-                    record_ms=round((time.monotonic() - started) * 1000, 1))
+        if final is None:  # someone else's claim now: we must not, and did not, touch the row
+            logger.warning("job.claim_lost", job_id=job.id, node=running.node_id, exit_code=result.exit_code)
+            return
+        logger.info("job.finished", job_id=job.id, node=running.node_id, tool=running.tool, status=final[0].value,
+                    exit_code=result.exit_code, duration_ms=final[1], error=result.error,
+                    stdout_bytes=result.output.stdout_bytes, stderr_bytes=result.output.stderr_bytes)
 
     # -- output flushing ----------------------------------------------------------------------------------
 

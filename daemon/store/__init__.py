@@ -229,12 +229,12 @@ class Store:
 
         await self._transaction(work)
 
-    async def finish(self, claim: Claim, result: JobResult) -> JobStatus | None:
-        """Record the end of a job. Returns the status the row now has, or None if it is no longer our claim."""
+    async def finish(self, claim: Claim, result: JobResult) -> tuple[JobStatus, int] | None:
+        """Record the end of a job: (the row's status, duration ms), or None if it is no longer our claim."""
         params = _output_params(claim, result.output)
         params.update(status=result.status.value, exit_code=result.exit_code, error=result.error)
         rows = await self._write("finish_job", params)
-        return JobStatus(rows[0][0]) if rows else None
+        return (JobStatus(rows[0][0]), int(rows[0][1])) if rows else None
 
     async def cancelled_among(self, job_ids: Sequence[str], worker_id: str) -> list[str]:
         rows = await self._conn.execute_fetchall(Q["cancelled_among"], {"ids": json.dumps(list(job_ids)),

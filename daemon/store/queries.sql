@@ -44,7 +44,7 @@ UPDATE jobs
        completed_at = CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER),
        duration = CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) - started_at
  WHERE id = :id AND worker_id = :worker_id AND attempt = :attempt AND status IN ('executing', 'cancelled')
-RETURNING status;
+RETURNING status, duration;
 
 -- name: cancelled_among
 -- Which of our running jobs (:ids, a JSON array) another program has cancelled.

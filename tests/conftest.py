@@ -1,0 +1,185 @@
+"""Shared fixtures: a real SQLite file, the real `nexus-jobd` daemon as a subprocess, and polling helpers.
+
+Tests talk to the database the way other programs do: a plain sqlite3 connection in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+T = TypeVar("T")
+VENV_BIN = Path(sys.executable).parent
+NEXUS_JOBD = [str(VENV_BIN / "nexus-jobd")]  # the installed console script, as users run it
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def wait_for(predicate: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.01,
+             message: str = "condition") -> T:
+    """Poll until `predicate` returns something truthy; fail with `message` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Db:
+    """Another program's view of the database: plain sqlite3, autocommit, a busy timeout."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.conn = sqlite3.connect(path, isolation_level=None, timeout=10)
+        self.conn.row_factory = sqlite3.Row
+
+    def insert(self, command: Any, *, tool: Any = "bash", node_id: Any = "localhost", **extra: Any) -> str:
+        """INSERT a queued row as NexusCLI does; `extra` sets the daemon's own columns (cwd, env, priority...)."""
+        job_id = extra.pop("id", None) or str(uuid.uuid4())
+        if "env" in extra and isinstance(extra["env"], dict):
+            extra["env"] = json.dumps(extra["env"])
+        columns = ["id", "node_id", "tool", "command", "status", "created_at", *extra]
+        values = [job_id, node_id, tool, command, "queued", extra.pop("created_at", now_ms()), *extra.values()]
+        placeholders = ", ".join("?" for _ in columns)
+        self.conn.execute(f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({placeholders})", values)
+        return job_id
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        row = self.conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        assert row is not None, f"job {job_id} not found"
+        return dict(row)
+
+    def wait_status(self, job_id: str, statuses: tuple[str, ...] = ("completed", "failed", "cancelled"),
+                    timeout: float = 15.0) -> dict[str, Any]:
+        """Wait until the row has one of `statuses`; for final ones also until the daemon recorded duration."""
+
+        def check() -> dict[str, Any] | None:
+            row = self.job(job_id)
+            final = row["status"] in ("completed", "failed", "cancelled")
+            if row["status"] in statuses and (not final or row["duration"] is not None):
+                return row
+            return None
+
+        return wait_for(check, timeout, message=f"job {job_id} to reach {statuses}")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@dataclass
+class Daemon:
+    """A `nexus-jobd run` process, exactly as a user starts it."""
+
+    db_path: Path
+    config_path: Path | None = None
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    def start(self, wait_ready: bool = True) -> Daemon:
+        args = [*NEXUS_JOBD, "--db", str(self.db_path), "--log-format", "json"]
+        if self.config_path:
+            args += ["--config", str(self.config_path)]
+        # HOME is the test's directory: no user config file is picked up, and it is the default cwd.
+        env = {**os.environ, "HOME": str(self.db_path.parent), **self.env}
+        env.pop("NEXUS_JOBD_CONFIG", None)
+        self.log_path = self.db_path.parent / f"daemon-{len(list(self.db_path.parent.glob('daemon-*.log')))}.log"
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen([*args, *self.extra_args, "run"], stdout=log, stderr=subprocess.STDOUT,
+                                     env=env, cwd=self.db_path.parent)
+        log.close()
+        if wait_ready:
+            wait_for(lambda: self.proc is not None and (self.proc.poll() is not None or
+                                                        "dispatch.started" in self.log()),
+                     15, message="daemon start-up")
+            assert self.proc.poll() is None, f"daemon exited at start-up:\n{self.log()}"
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        found = []
+        for line in self.log().splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == name:
+                found.append(event)
+        return found
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"daemon did not stop within {timeout}s after SIGTERM:\n{self.log()[-4000:]}")
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "nexuscli.db"
+
+
+@pytest.fixture
+def db(db_path: Path) -> Iterator[Db]:
+    """The database after the daemon's migrations, opened as another program would."""
+    subprocess.run([*NEXUS_JOBD, "--db", str(db_path), "db", "migrate"], check=True, capture_output=True)
+    handle = Db(db_path)
+    yield handle
+    handle.close()
+
+
+@pytest.fixture
+def daemon_factory(db_path: Path) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def make(config: str | None = None, **kwargs: Any) -> Daemon:
+        config_path = None
+        if config is not None:
+            config_path = db_path.parent / f"config-{len(started)}.toml"
+            config_path.write_text(config)
+        daemon = Daemon(db_path, config_path, **kwargs)
+        started.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in started:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait()
+
+
+@pytest.fixture
+def daemon(db: Db, daemon_factory: Callable[..., Daemon]) -> Daemon:
+    """A running daemon with the embedded defaults on a fresh database."""
+    return daemon_factory().start()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
