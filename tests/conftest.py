@@ -56,8 +56,9 @@ class Db:
         job_id = extra.pop("id", None) or str(uuid.uuid4())
         if "env" in extra and isinstance(extra["env"], dict):
             extra["env"] = json.dumps(extra["env"])
+        created_at = extra.pop("created_at", None) or now_ms()
         columns = ["id", "node_id", "tool", "command", "status", "created_at", *extra]
-        values = [job_id, node_id, tool, command, "queued", extra.pop("created_at", now_ms()), *extra.values()]
+        values = [job_id, node_id, tool, command, "queued", created_at, *extra.values()]
         placeholders = ", ".join("?" for _ in columns)
         self.conn.execute(f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({placeholders})", values)
         return job_id

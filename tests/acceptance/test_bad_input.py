@@ -1,0 +1,102 @@
+"""Bad rows fail with a reason in the row; the daemon never stops and good rows around them complete."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import NEXUS_JOBD, Daemon, Db, wait_for
+
+# (what is wrong, columns of the row, words the error must contain)
+BAD_ROWS: list[tuple[str, dict[str, Any], str]] = [
+    ("unknown tool", {"tool": "powershell", "command": "dir"}, "unknown tool 'powershell'"),
+    ("tool of the wrong type (TEXT affinity stores '7')", {"tool": 7, "command": "true"}, "unknown tool '7'"),
+    ("tool is a blob that is not UTF-8", {"tool": b"\xffbash", "command": "true"}, "tool is a blob"),
+    ("empty command", {"command": ""}, "command is empty"),
+    ("blank command", {"command": "   \n\t"}, "command is empty"),
+    ("command is a non-UTF-8 blob", {"command": b"\xff\xfe echo"}, "not valid UTF-8"),
+    ("command has a NUL byte", {"command": "echo a\x00b"}, "NUL byte"),
+    ("command too long for one argument", {"command": "echo " + "x" * 200_000}, "longer than"),
+    ("env is not JSON", {"command": "true", "env": "{nope"}, "env is not valid JSON"),
+    ("env is a JSON list", {"command": "true", "env": '["A=1"]'}, "env must be a JSON object"),
+    ("env value is an object", {"command": "true", "env": '{"A": {"b": 1}}'}, "env['A'] must be a string"),
+    ("env name has '='", {"command": "true", "env": '{"A=B": "1"}'}, "invalid variable name"),
+    ("cwd does not exist", {"command": "true", "cwd": "/no/such/dir"}, "working directory '/no/such/dir' does not"),
+    ("cwd is a file", {"command": "true", "cwd": "/etc/hostname"}, "not a directory"),
+    ("git args do not split", {"tool": "git", "command": "log 'unterminated"}, "cannot be split"),
+    ("git with no args", {"tool": "git", "command": "git"}, "no git arguments"),
+    ("priority is text", {"command": "true", "priority": "urgent"}, "priority must be an integer"),
+    ("unknown node", {"command": "true", "node_id": "ghost"}, "unknown node"),
+    ("node_id of the wrong type", {"command": "true", "node_id": 12}, "unknown node"),
+]
+
+
+def test_200_bad_rows_each_fail_with_a_reason_and_good_rows_complete(daemon: Daemon, db: Db) -> None:
+    expected: dict[str, str] = {}
+    good: list[str] = []
+    kinds = itertools.cycle(BAD_ROWS)
+    db.conn.execute("BEGIN")
+    for i in range(200):
+        _, columns, reason = next(kinds)
+        columns = dict(columns)
+        command = columns.pop("command")
+        expected[db.insert(command, **columns)] = reason
+        if i % 4 == 0:
+            good.append(db.insert(f"echo good {i}"))
+    db.conn.execute("COMMIT")
+    for job_id, reason in expected.items():
+        row = db.wait_status(job_id)
+        assert row["status"] == "failed", (reason, row)
+        assert reason in (row["error"] or ""), (reason, row["error"])
+        assert row["completed_at"] is not None and row["duration"] is not None
+    for job_id in good:
+        row = db.wait_status(job_id)
+        assert row["status"] == "completed" and row["stdout"].startswith("good"), row
+    assert daemon.proc is not None and daemon.proc.poll() is None
+    assert not daemon.events("job.internal_error")
+
+
+def test_invalid_config_stops_startup_naming_file_key_and_fix(db_path: Path,
+                                                              daemon_factory: Callable[..., Daemon]) -> None:
+    cases = {
+        "[daemon]\nmax_concurrent = 'eight'\n": ("[daemon] max_concurrent", "expected an integer >= 1"),
+        "[daemon]\nflush_intervl_ms = 100\n": ("unknown key 'flush_intervl_ms'", "did you mean 'flush_interval_ms'"),
+        "[daemon\nmax_concurrent = 2\n": ("not valid TOML", "line 1"),
+        "[daemon]\nlog_level = 'loud'\n": ("[daemon] log_level", "one of debug, info, warning, error"),
+    }
+    for text, fragments in cases.items():
+        daemon = daemon_factory(config=text).start(wait_ready=False)
+        assert daemon.proc is not None
+        assert daemon.proc.wait(15) == 2
+        log = daemon.log()
+        assert str(daemon.config_path) in log, log
+        for fragment in fragments:
+            assert fragment in log, (fragment, log)
+
+
+def test_daemon_survives_rows_deleted_or_edited_while_running(daemon: Daemon, db: Db, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    wait = f"while [ ! -e {gate} ]; do sleep 0.02; done; echo done"
+    deleted, edited = db.insert(wait), db.insert(wait)
+    wait_for(lambda: db.job(deleted)["status"] == "executing" and db.job(edited)["status"] == "executing",
+             message="both running")
+    db.conn.execute("DELETE FROM jobs WHERE id = ?", (deleted,))
+    db.conn.execute("UPDATE jobs SET status = 'queued', worker_id = 'someone-else' WHERE id = ?", (edited,))
+    gate.touch()
+    wait_for(lambda: len(daemon.events("job.claim_lost")) >= 1, message="claim loss noticed")
+    after = db.insert("echo still alive")
+    assert db.wait_status(after)["stdout"] == "still alive\n"
+
+
+def test_db_check_reports_a_missing_table(tmp_path: Path) -> None:
+    path = tmp_path / "empty.db"
+    subprocess.run(["sqlite3", str(path), "CREATE TABLE other (x);"], check=True)
+    result = subprocess.run([*NEXUS_JOBD, "--db", str(path), "db", "check"], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "table 'jobs' is missing" in result.stdout
+    subprocess.run([*NEXUS_JOBD, "--db", str(path), "db", "migrate"], check=True, capture_output=True)
+    result = subprocess.run([*NEXUS_JOBD, "--db", str(path), "db", "check"], capture_output=True, text=True)
+    assert (result.returncode, result.stdout.strip()) == (0, f"{path}: ok")

@@ -1,0 +1,132 @@
+"""Concurrency limits, priority order, cancel by another program, and a clean stop on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import Daemon, Db, wait_for
+
+
+def _concurrency_probe(slots: Path) -> str:
+    """A job that records how many jobs were inside the section at once (one file per running job)."""
+    return (f"touch {slots}/$$; sleep 0.3; ls {slots} | wc -l > {slots}.seen.$$; rm {slots}/$$; "
+            f"cat {slots}.seen.$$")
+
+
+def _max_seen(db: Db, job_ids: list[str]) -> int:
+    return max(int(db.wait_status(job_id)["stdout"]) for job_id in job_ids)
+
+
+def test_global_limit_caps_concurrent_jobs(db: Db, daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    daemon_factory(config="[daemon]\nmax_concurrent = 2\n").start()
+    slots = tmp_path / "slots"
+    slots.mkdir()
+    jobs = [db.insert(_concurrency_probe(slots)) for _ in range(6)]
+    assert _max_seen(db, jobs) == 2
+
+
+def test_per_node_limit_is_tighter_than_the_global_one(db: Db, daemon_factory: Callable[..., Daemon],
+                                                       tmp_path: Path) -> None:
+    daemon_factory(config="[daemon]\nmax_concurrent = 4\n[nodes.localhost]\nmax_concurrent = 1\n").start()
+    slots = tmp_path / "slots"
+    slots.mkdir()
+    jobs = [db.insert(_concurrency_probe(slots)) for _ in range(3)]
+    assert _max_seen(db, jobs) == 1
+
+
+def test_higher_priority_runs_first_then_oldest(db: Db, daemon_factory: Callable[..., Daemon],
+                                                tmp_path: Path) -> None:
+    daemon_factory(config="[daemon]\nmax_concurrent = 1\n").start()
+    gate = tmp_path / "gate"
+    blocker = db.insert(f"while [ ! -e {gate} ]; do sleep 0.02; done")
+    db.wait_status(blocker, ("executing",))
+    db.conn.execute("BEGIN")
+    low = db.insert("true", created_at=1)
+    high_old = db.insert("true", priority=5, created_at=2)
+    high_new = db.insert("true", priority=5, created_at=3)
+    db.conn.execute("COMMIT")
+    gate.touch()
+    order = sorted((low, high_old, high_new), key=lambda j: db.wait_status(j)["started_at"])
+    assert order == [high_old, high_new, low]
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_cancel_by_another_program_kills_the_whole_group_and_keeps_output(daemon: Daemon, db: Db) -> None:
+    job_id = db.insert("echo started; echo $$; sleep 1000 & sleep 1000; wait")
+    row = wait_for(lambda: (r := db.job(job_id))["stdout"] and len(r["stdout"].split()) == 2 and r,
+                   message="job printed its pid")
+    pgid = int(row["stdout"].split()[1])
+    assert _group_alive(pgid)
+    # NexusCLI's cancel, verbatim.
+    db.conn.execute("UPDATE jobs SET status = ?, completed_at = ? WHERE id = ?", ("cancelled", 1, job_id))
+    row = wait_for(lambda: (r := db.job(job_id))["duration"] is not None and r, message="cancel recorded")
+    assert (row["status"], row["exit_code"]) == ("cancelled", 128 + signal.SIGTERM)
+    assert row["stdout"].startswith("started\n")
+    assert row["completed_at"] - row["started_at"] == row["duration"] >= 0
+    wait_for(lambda: not _group_alive(pgid), timeout=5, message="process group gone")
+
+
+def test_cancel_kills_a_job_that_ignores_sigterm_after_the_grace(db: Db, daemon_factory: Callable[..., Daemon]
+                                                                 ) -> None:
+    daemon_factory(config="[daemon]\nkill_grace_ms = 300\n").start()
+    job_id = db.insert("trap '' TERM; echo ready; while true; do sleep 0.05; done")
+    wait_for(lambda: db.job(job_id)["stdout"] == "ready\n", message="job ready")
+    db.conn.execute("UPDATE jobs SET status = 'cancelled', completed_at = 1 WHERE id = ?", (job_id,))
+    row = wait_for(lambda: (r := db.job(job_id))["duration"] is not None and r, timeout=10, message="cancel")
+    assert (row["status"], row["exit_code"]) == ("cancelled", 128 + signal.SIGKILL)
+
+
+def test_cli_cancel_does_what_nexuscli_does(daemon: Daemon, db: Db) -> None:
+    job_id = db.insert("echo go; sleep 1000")
+    wait_for(lambda: db.job(job_id)["stdout"] == "go\n", message="running")
+    result = subprocess.run([*daemon_cmd(daemon), "cancel", job_id[:8]], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"{job_id}: cancelled" in result.stdout
+    row = wait_for(lambda: (r := db.job(job_id))["duration"] is not None and r, message="cancel")
+    assert row["status"] == "cancelled"
+
+
+def daemon_cmd(daemon: Daemon) -> list[str]:
+    from tests.conftest import NEXUS_JOBD
+
+    return [*NEXUS_JOBD, "--db", str(daemon.db_path)]
+
+
+def test_sigterm_lets_running_jobs_finish_then_exits_0(daemon: Daemon, db: Db, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    job_id = db.insert(f"echo working; while [ ! -e {gate} ]; do sleep 0.02; done; echo finished")
+    wait_for(lambda: db.job(job_id)["stdout"] == "working\n", message="running")
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: daemon.events("dispatch.draining"), message="draining")
+    queued = db.insert("echo too late")
+    gate.touch()
+    assert daemon.proc.wait(15) == 0
+    row = db.job(job_id)
+    assert (row["status"], row["stdout"]) == ("completed", "working\nfinished\n")
+    assert db.job(queued)["status"] == "queued"  # not claimed while draining
+
+
+def test_second_sigterm_stops_running_jobs_at_once(daemon: Daemon, db: Db) -> None:
+    job_id = db.insert("echo working; sleep 1000")
+    wait_for(lambda: db.job(job_id)["stdout"] == "working\n", message="running")
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: daemon.events("dispatch.draining"), message="draining")
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(15) == 0
+    row = db.job(job_id)
+    assert (row["status"], row["exit_code"]) == ("failed", 128 + signal.SIGTERM)
+    assert row["error"] == "daemon shut down while the job was running"
+    assert row["stdout"] == "working\n"
