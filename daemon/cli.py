@@ -59,8 +59,8 @@ class _Follower:
 
     def __init__(self, out: TextIO) -> None:
         self.out = out
-        self.chars = 0  # printed so far, while the column holds everything
-        self.total = 0  # bytes of the stream printed so far
+        self.chars = 0  # characters of the column printed, while it holds everything
+        self.position = 0  # bytes of the stream printed so far
 
     def update(self, text: str, total_bytes: int | None) -> None:
         total = total_bytes or 0
@@ -70,13 +70,20 @@ class _Follower:
         if match is None or int(match.group(1)) != total:
             self.out.write(text[self.chars:])
             self.chars = len(text)
+            self.position = total
         else:
+            head = text[: match.start()]
+            if self.chars < len(head):  # the head was not all printed before the cap cut in
+                self.out.write(head[self.chars:])
+                self.chars = len(head)
+                self.position = len(head.encode("utf-8", "surrogatepass"))
             tail = text[match.end():].encode("utf-8", "surrogatepass")
-            new = total - self.total
+            new = total - self.position
             if new > len(tail):
                 self.out.write(f"\n[nexus-jobd: {new - len(tail)} bytes not shown]\n")
-            self.out.write(tail[-new:].decode("utf-8", "replace") if new > 0 else "")
-        self.total = total
+            if new > 0:
+                self.out.write(tail[-new:].decode("utf-8", "replace"))
+            self.position = total
         self.out.flush()
 
 

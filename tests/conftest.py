@@ -135,10 +135,10 @@ class Daemon:
         self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as e:
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError(f"daemon did not stop within {timeout}s after SIGTERM:\n{self.log()[-4000:]}")
+            raise AssertionError(f"daemon did not stop within {timeout}s after SIGTERM:\n{self.log()[-4000:]}") from e
 
 
 @pytest.fixture

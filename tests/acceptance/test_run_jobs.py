@@ -14,11 +14,11 @@ from tests.conftest import FIXTURES, Daemon, Db, wait_for
 
 def test_row_inserted_by_another_process_runs_to_completion(daemon: Daemon, db: Db) -> None:
     script = (
-        "import sqlite3, time, uuid; c = sqlite3.connect(%r, isolation_level=None, timeout=10); "
+        f"import sqlite3, time, uuid; c = sqlite3.connect({str(db.path)!r}, isolation_level=None, timeout=10); "
         "i = str(uuid.uuid4()); c.execute(\"INSERT INTO jobs (id, conversation_id, message_id, node_id, tool, "
         "command, status, created_at) VALUES (?,?,?,?,?,?,'queued',?)\", "
         "(i, None, None, 'localhost', 'bash', 'echo out; echo err >&2', int(time.time()*1000))); print(i)"
-    ) % str(db.path)
+    )
     job_id = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout.strip()
     row = db.wait_status(job_id)
     assert row["status"] == "completed"
