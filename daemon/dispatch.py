@@ -11,7 +11,7 @@ import asyncio
 import signal
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import anyio
 from anyio.abc import TaskGroup
@@ -35,12 +35,8 @@ class RunningJob:
     tool: str
     output: JobOutput
     stop_reason: str | None = None  # set when the daemon decides to end the job (cancel, shutdown)
-    stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def request_stop(self, reason: str) -> None:
-        if self.stop_reason is None:
-            self.stop_reason = reason
-            self.stop_requested.set()
+    process: Process | None = None  # once started
+    holds_slot: bool = True
 
 
 class Dispatcher:
@@ -49,8 +45,10 @@ class Dispatcher:
         self._store = store
         self._executors = executors
         self.worker_id = worker_id
-        self.running: dict[str, RunningJob] = {}
+        self.running: dict[str, RunningJob] = {}  # claimed and not yet recorded as finished
+        self._slots_used = 0  # jobs whose process has not ended: what the limits count
         self._per_node = dict.fromkeys(config.nodes, 0)
+        self._tg: TaskGroup | None = None
         self._backlog: set[str] = set()  # nodes whose last claim was cut short by a limit
         self._wake = asyncio.Event()
         self._check_db = True
@@ -86,6 +84,7 @@ class Dispatcher:
         logger.info("dispatch.started", worker_id=self.worker_id, inotify=self._watcher.uses_inotify,
                     nodes=list(self._config.nodes), max_concurrent=self._config.max_concurrent)
         async with anyio.create_task_group() as tg:
+            self._tg = tg
             tg.start_soon(self._flush_loop)
             while not stop.is_set():
                 await self._step(tg)
@@ -119,11 +118,11 @@ class Dispatcher:
             job = self.running.get(job_id)
             if job is not None and job.stop_reason is None:
                 logger.info("job.cancel_requested", job_id=job_id, node=job.node_id)
-                job.request_stop("cancelled")
+                self._request_stop(job, "cancelled")
 
     async def _claim(self, tg: TaskGroup) -> None:
         for node in self._config.nodes.values():
-            free = min(node.max_concurrent - self._per_node[node.id], self._config.max_concurrent - len(self.running))
+            free = min(node.max_concurrent - self._per_node[node.id], self._config.max_concurrent - self._slots_used)
             if free <= 0:
                 self._backlog.add(node.id)
                 continue
@@ -141,6 +140,7 @@ class Dispatcher:
                              JobOutput(self._config.output_cap_bytes))
         self.running[job.id] = running
         self._per_node[node_id] += 1
+        self._slots_used += 1
         self._idle.clear()
         logger.info("job.claimed", job_id=job.id, node=node_id, tool=job.tool, attempt=job.attempt)
         tg.start_soon(self._run_job, job, running, name=f"job {job.id}")
@@ -154,8 +154,18 @@ class Dispatcher:
             logger.exception("job.internal_error", job_id=job.id)
             result = JobResult(JobStatus.FAILED, None, f"internal error in nexus-jobd: {e!r}",
                                running.output.snapshot(final=True))
+        self._release_slot(running)
         with anyio.CancelScope(shield=True):
             await self._record(job, running, result)
+
+    def _release_slot(self, running: RunningJob) -> None:
+        """The process has ended: its slot can take the next job while the row is being written."""
+        running.holds_slot = False
+        self._slots_used -= 1
+        self._per_node[running.node_id] -= 1
+        if running.node_id in self._backlog:
+            self._claim_due = True
+            self.wake()
 
     async def _execute(self, job: ClaimedJob, running: RunningJob) -> JobResult:
         node = self._config.nodes[running.node_id]
@@ -168,24 +178,31 @@ class Dispatcher:
                 command, self._feeder(running.output.stdout.feed), self._feeder(running.output.stderr.feed))
         except SpawnError as e:
             return JobResult(JobStatus.FAILED, 127, str(e), running.output.snapshot(final=True))
-        status = await self._wait(process, running)
+        running.process = process
+        if running.stop_reason is not None:  # asked to stop while it was starting
+            self._start_terminator(running)
+        status = await process.wait()
         return JobResult(JobStatus.COMPLETED if status.code == 0 else JobStatus.FAILED, status.code,
                          self._error_for(status, running), running.output.snapshot(final=True))
 
-    async def _wait(self, process: Process, running: RunningJob) -> ExitStatus:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._terminate_on_request, process, running)
-            status = await process.wait()
-            tg.cancel_scope.cancel()
-        return status
+    def _request_stop(self, running: RunningJob, reason: str) -> None:
+        if running.stop_reason is None:
+            running.stop_reason = reason
+            if running.process is not None:
+                self._start_terminator(running)
 
-    async def _terminate_on_request(self, process: Process, running: RunningJob) -> None:
-        """TERM the whole group when asked, KILL it if it is still there after the grace period."""
-        await running.stop_requested.wait()
-        process.signal_group(signal.SIGTERM)
+    def _start_terminator(self, running: RunningJob) -> None:
+        assert self._tg is not None
+        self._tg.start_soon(self._terminate, running, name=f"terminate {running.claim.job_id}")
+
+    async def _terminate(self, running: RunningJob) -> None:
+        """TERM the whole group, KILL it if the job has not ended after the grace period."""
+        assert running.process is not None
+        running.process.signal_group(signal.SIGTERM)
         await anyio.sleep(self._config.kill_grace_ms / 1000)
-        logger.warning("job.killed", job_id=running.claim.job_id, reason=running.stop_reason)
-        process.signal_group(signal.SIGKILL)
+        if running.holds_slot:
+            logger.warning("job.killed", job_id=running.claim.job_id, reason=running.stop_reason)
+            running.process.signal_group(signal.SIGKILL)
 
     @staticmethod
     def _error_for(status: ExitStatus, running: RunningJob) -> str | None:
@@ -205,10 +222,6 @@ class Dispatcher:
     async def _record(self, job: ClaimedJob, running: RunningJob, result: JobResult) -> None:
         final = await self._store.finish(running.claim, result)
         self.running.pop(job.id, None)
-        self._per_node[running.node_id] -= 1
-        if running.node_id in self._backlog:
-            self._claim_due = True
-            self.wake()
         if not self.running:
             self._idle.set()
         if final is None:  # someone else's claim now: we must not, and did not, touch the row
@@ -252,5 +265,5 @@ class Dispatcher:
         await self._idle.wait()
 
     def stop_all(self, reason: str) -> None:
-        for job in self.running.values():
-            job.request_stop(reason)
+        for job in list(self.running.values()):
+            self._request_stop(job, reason)

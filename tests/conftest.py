@@ -129,6 +129,20 @@ class Daemon:
                 found.append(event)
         return found
 
+    def stop_now(self) -> None:
+        """Two SIGTERMs (the second once the first is seen): stop, and take the jobs' process groups down too."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            wait_for(lambda: self.proc is None or self.proc.poll() is not None or self.events("daemon.stopping"),
+                     5, message="daemon.stopping")
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(15)
+        except (AssertionError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
@@ -171,8 +185,7 @@ def daemon_factory(db_path: Path) -> Iterator[Callable[..., Daemon]]:
     yield make
     for daemon in started:
         if daemon.proc is not None and daemon.proc.poll() is None:
-            daemon.proc.kill()
-            daemon.proc.wait()
+            daemon.stop_now()
 
 
 @pytest.fixture

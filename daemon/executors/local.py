@@ -15,10 +15,13 @@ import subprocess
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import anyio
+
 from daemon.executors.base import ExitStatus, OutputCallback, SpawnError
 from daemon.tools import Command
 
 READ_SIZE = 256 * 1024
+SPAWN_THREADS = 4
 
 
 class _SigchldReaper:
@@ -115,6 +118,7 @@ class LocalExecutor:
         self._drain_timeout_s = drain_timeout_s
         self._reaper: _SigchldReaper | None = None
         self._use_pidfd = hasattr(os, "pidfd_open")
+        self._spawn_limiter = anyio.CapacityLimiter(SPAWN_THREADS)
 
     def _environment(self, command: Command) -> dict[str, str]:
         env = dict(self._base_env)
@@ -165,7 +169,8 @@ class LocalExecutor:
 
     async def start(self, command: Command, on_stdout: OutputCallback, on_stderr: OutputCallback) -> LocalProcess:
         loop = asyncio.get_running_loop()
-        popen = self._spawn(command)
+        # fork+exec blocks the calling thread for about a millisecond; in a thread, the loop goes on meanwhile.
+        popen = await anyio.to_thread.run_sync(self._spawn, command, limiter=self._spawn_limiter)
         process = LocalProcess(popen, loop, on_stdout, on_stderr, self._drain_timeout_s)
         self._watch_exit(popen, process, loop)
         return process

@@ -1,0 +1,450 @@
+"""daemon.store.Store on a real SQLite file: migrations, NexusCLI compatibility, claims, finishing, look-ups."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import stat
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.errors import DatabaseError, JobdError
+from daemon.store import Claim, JobResult, JobStatus, OutputSnapshot, Store
+
+pytestmark = pytest.mark.anyio
+
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+MIGRATIONS = ["0001_job_columns"]
+DAEMON_COLUMNS = {"error", "cwd", "env", "priority", "stdout_bytes", "stderr_bytes", "worker_id", "attempt"}
+NEXUSCLI_INSERT = ("INSERT INTO jobs (id, conversation_id, message_id, node_id, tool, command, status, created_at) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Other:
+    """Another program's connection to the same file: plain sqlite3, autocommit."""
+
+    def __init__(self, path: Path) -> None:
+        self.conn = sqlite3.connect(path, isolation_level=None, timeout=10)
+        self.conn.row_factory = sqlite3.Row
+
+    def insert(self, job_id: str, *, node_id: str = "localhost", created_at: int | None = None,
+               priority: int | None = None, command: str = "echo hi") -> str:
+        self.conn.execute(NEXUSCLI_INSERT, (job_id, None, None, node_id, "bash", command, "queued",
+                                            created_at if created_at is not None else now_ms()))
+        if priority is not None:
+            self.conn.execute("UPDATE jobs SET priority = ? WHERE id = ?", (priority, job_id))
+        return job_id
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        row = self.conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        assert row is not None
+        return dict(row)
+
+    def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        return [tuple(row) for row in self.conn.execute(sql, params)]
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "nexuscli.db"
+
+
+@pytest.fixture
+async def store(path: Path) -> AsyncIterator[Store]:
+    store = await Store.open(path)
+    await store.migrate()
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+def other(path: Path, store: Store) -> Iterator[Other]:
+    handle = Other(path)
+    yield handle
+    handle.conn.close()
+
+
+def result(status: JobStatus = JobStatus.COMPLETED, exit_code: int | None = 0, error: str | None = None,
+           stdout: str | None = "out\n", stderr: str | None = "err\n") -> JobResult:
+    return JobResult(status, exit_code, error, OutputSnapshot(stdout, stderr, 4, 4))
+
+
+# -- opening and migrating ------------------------------------------------------------------------------------
+
+
+async def test_a_new_database_is_private(tmp_path: Path) -> None:
+    path = tmp_path / "fresh" / "jobs.db"
+    store = await Store.open(path)
+    try:
+        await store.migrate()
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        for side in (Path(f"{path}-wal"), Path(f"{path}-shm")):
+            if side.exists():
+                assert stat.S_IMODE(side.stat().st_mode) == 0o600, side.name
+    finally:
+        await store.close()
+
+
+async def test_migrate_is_idempotent(path: Path) -> None:
+    store = await Store.open(path)
+    try:
+        assert await store.migrate() == MIGRATIONS
+        assert await store.migrate() == []
+        assert await store.check() == []
+    finally:
+        await store.close()
+    reopened = await Store.open(path)
+    try:
+        assert await reopened.migrate() == []
+    finally:
+        await reopened.close()
+    conn = sqlite3.connect(path)
+    assert [row[0] for row in conn.execute("SELECT name FROM jobd_migrations")] == MIGRATIONS
+    conn.close()
+
+
+async def test_concurrent_migrations_apply_once(path: Path) -> None:
+    first, second = await Store.open(path), await Store.open(path)
+    try:
+        results = await asyncio.gather(first.migrate(), second.migrate())
+        assert sorted(results) == [[], MIGRATIONS]
+        assert await first.check() == []
+    finally:
+        await first.close()
+        await second.close()
+
+
+@pytest.fixture
+def garbage(tmp_path: Path) -> Path:
+    path = tmp_path / "garbage.db"
+    path.write_bytes(b"this is not SQLite" * 100)
+    return path
+
+
+async def test_a_file_that_is_not_a_database_is_refused(garbage: Path) -> None:
+    with pytest.raises(DatabaseError, match="not a usable SQLite database"):
+        await Store.open(garbage)
+
+
+async def test_check_reports_missing_tables_on_an_empty_database(path: Path) -> None:
+    store = await Store.open(path)
+    try:
+        problems = await store.check()
+        for table in ("conversations", "messages", "jobs", "nodes"):
+            assert any(f"table {table!r} is missing" in p for p in problems), problems
+        assert any("migrations table is missing" in p for p in problems), problems
+    finally:
+        await store.close()
+
+
+async def test_check_reports_a_table_dropped_after_migrate(store: Store, other: Other) -> None:
+    assert await store.check() == []
+    other.conn.execute("DROP TABLE nodes")
+    problems = await store.check()
+    assert problems == ["table 'nodes' is missing (run `nexus-jobd db migrate`)"]
+
+
+async def test_open_without_create_refuses_a_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(JobdError, match="no such database"):
+        await Store.open(tmp_path / "missing.db", create=False)
+    assert not (tmp_path / "missing.db").exists()
+
+
+def schema_objects(conn: sqlite3.Connection) -> set[tuple[Any, ...]]:
+    return set(conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"))
+
+
+async def test_migrate_on_a_nexuscli_database(path: Path) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript((FIXTURES / "nexuscli_schema.sql").read_text())
+    conn.execute("INSERT INTO conversations (id, title, created_at, updated_at) VALUES ('c1', 'chat', 1, 2)")
+    conn.execute("INSERT INTO messages (id, conversation_id, role, content, created_at) "
+                 "VALUES ('m1', 'c1', 'user', 'hi', 3)")
+    conn.execute(NEXUSCLI_INSERT, ("old", "c1", "m1", "localhost", "bash", "echo old", "completed", 4))
+    before_objects = {o for o in schema_objects(conn) if o[:2] != ("table", "jobs")}
+    before_migrations = conn.execute("SELECT * FROM _migrations ORDER BY id").fetchall()
+    before_jobs_columns = conn.execute("PRAGMA table_info(jobs)").fetchall()
+    before_jobs_keys = conn.execute("PRAGMA foreign_key_list(jobs)").fetchall()
+    before_data = {t: conn.execute(f"SELECT * FROM {t}").fetchall() for t in ("conversations", "messages", "users")}
+    conn.close()
+
+    store = await Store.open(path)
+    try:
+        assert await store.migrate() == MIGRATIONS
+        assert await store.check() == []
+        assert await store.migrate() == []
+    finally:
+        await store.close()
+
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        after = schema_objects(conn)
+        assert before_objects <= after, "an existing table or index was changed"
+        added = {o[1] for o in after - before_objects if o[:2] != ("table", "jobs")}
+        assert added == {"jobd_migrations", "sqlite_autoindex_jobd_migrations_1", "jobd_jobs_claim"}
+        jobs_sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'jobs'").fetchone()[0]
+        assert "CHECK(status IN ('queued', 'executing', 'completed', 'failed', 'cancelled'))" in jobs_sql
+        columns = conn.execute("PRAGMA table_info(jobs)").fetchall()
+        assert columns[: len(before_jobs_columns)] == before_jobs_columns, "a base column of jobs was changed"
+        assert {c[1] for c in columns[len(before_jobs_columns):]} == DAEMON_COLUMNS
+        assert conn.execute("PRAGMA foreign_key_list(jobs)").fetchall() == before_jobs_keys
+        assert conn.execute("SELECT * FROM _migrations ORDER BY id").fetchall() == before_migrations
+        assert {t: conn.execute(f"SELECT * FROM {t}").fetchall() for t in before_data} == before_data
+
+        # NexusCLI's own INSERT of the base columns still works; the daemon's columns take their defaults.
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute(NEXUSCLI_INSERT, ("new", "c1", "m1", "localhost", "bash", "echo new", "queued", now_ms()))
+        row = conn.execute("SELECT priority, attempt, worker_id, error FROM jobs WHERE id = 'new'").fetchone()
+        assert row == (0, 0, None, None)
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK constraint failed"):
+            conn.execute(NEXUSCLI_INSERT, ("bad", None, None, "localhost", "bash", "x", "running", now_ms()))
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK constraint failed"):
+            conn.execute("UPDATE jobs SET status = 'done' WHERE id = 'new'")
+    finally:
+        conn.close()
+
+    store = await Store.open(path)
+    try:
+        claimed = await store.claim("localhost", 10, "w1")
+        assert [(job.id, job.attempt, job.priority) for job in claimed] == [("new", 1, 0)]
+    finally:
+        await store.close()
+
+
+# -- claiming -------------------------------------------------------------------------------------------------
+
+
+def insert_mixed(other: Other) -> list[str]:
+    """Rows in insertion order; returns their ids in the order they must be claimed."""
+    other.insert("p0-old", priority=0, created_at=1000)
+    other.insert("p5-new", priority=5, created_at=3000)
+    other.insert("p5-old", priority=5, created_at=2000)
+    other.insert("p1", priority=1, created_at=500)
+    other.insert("p5-tie-b", priority=5, created_at=2500)
+    other.insert("p5-tie-a", priority=5, created_at=2500)  # same time: inserted later, claimed later
+    other.insert("neg", priority=-1, created_at=1)
+    return ["p5-old", "p5-tie-b", "p5-tie-a", "p5-new", "p1", "p0-old", "neg"]
+
+
+async def test_claim_takes_rows_by_priority_then_age(store: Store, other: Other) -> None:
+    expected = insert_mixed(other)
+    order = []
+    for _ in expected:
+        claimed = await store.claim("localhost", 1, "w1")
+        assert len(claimed) == 1
+        order.append(claimed[0].id)
+    assert order == expected
+    assert await store.claim("localhost", 1, "w1") == []
+
+
+async def test_claim_respects_the_limit(store: Store, other: Other) -> None:
+    expected = insert_mixed(other)
+    first = await store.claim("localhost", 3, "w1")
+    assert {job.id for job in first} == set(expected[:3])
+    second = await store.claim("localhost", 3, "w1")
+    assert {job.id for job in second} == set(expected[3:6])
+    assert {job.id for job in await store.claim("localhost", 3, "w1")} == set(expected[6:])
+
+
+async def test_claim_returns_the_batch_in_claim_order(store: Store, other: Other) -> None:
+    # The dispatcher starts a claimed batch in list order, so the list should be highest priority first.
+    expected = insert_mixed(other)
+    assert [job.id for job in await store.claim("localhost", len(expected), "w1")] == expected
+
+
+async def test_claim_only_takes_queued_rows_of_its_node(store: Store, other: Other) -> None:
+    other.insert("here")
+    other.insert("there", node_id="phone")
+    other.insert("done")
+    other.conn.execute("UPDATE jobs SET status = 'cancelled' WHERE id = 'done'")
+    claimed = await store.claim("localhost", 10, "w1")
+    assert [job.id for job in claimed] == ["here"]
+    assert other.job("there")["status"] == "queued"
+    assert other.job("done")["status"] == "cancelled"
+
+
+async def test_claim_marks_the_row_as_ours(store: Store, other: Other) -> None:
+    other.insert("j1", command="echo one")
+    other.conn.execute("UPDATE jobs SET cwd = '/srv', env = '{\"A\": \"1\"}' WHERE id = 'j1'")
+    before = now_ms()
+    (job,) = await store.claim("localhost", 5, "w1")
+    after = now_ms()
+    assert (job.id, job.node_id, job.tool, job.command, job.cwd, job.env, job.priority, job.attempt) == (
+        "j1", "localhost", "bash", "echo one", "/srv", '{"A": "1"}', 0, 1)
+    assert before - 5 <= job.started_at <= after + 5
+    row = other.job("j1")
+    assert (row["status"], row["worker_id"], row["attempt"], row["started_at"]) == (
+        "executing", "w1", 1, job.started_at)
+
+
+async def test_a_requeued_row_is_claimed_afresh(store: Store, other: Other) -> None:
+    other.insert("j1")
+    (first,) = await store.claim("localhost", 1, "w1")
+    await store.finish(Claim("j1", "w1", first.attempt), result(JobStatus.FAILED, 1, "boom"))
+    other.conn.execute("UPDATE jobs SET status = 'queued' WHERE id = 'j1'")
+    (second,) = await store.claim("localhost", 1, "w2")
+    assert second.attempt == 2
+    row = other.job("j1")
+    assert (row["worker_id"], row["exit_code"], row["error"], row["stdout"], row["duration"]) == (
+        "w2", None, None, None, None)
+
+
+async def test_concurrent_claims_from_two_connections_are_disjoint(path: Path, store: Store, other: Other) -> None:
+    ids = {other.insert(f"job-{i:03d}", created_at=i) for i in range(120)}
+    second = await Store.open(path)
+    try:
+        claimed: dict[str, list[str]] = {"a": [], "b": []}
+        while True:
+            batches = await asyncio.gather(*(s.claim("localhost", 7, w) for _ in range(3)
+                                             for s, w in ((store, "a"), (second, "b"))))
+            if not any(batches):
+                break
+            for index, batch in enumerate(batches):
+                claimed["a" if index % 2 == 0 else "b"].extend(job.id for job in batch)
+    finally:
+        await second.close()
+    everything = claimed["a"] + claimed["b"]
+    assert len(everything) == len(set(everything)), "a row was claimed twice"
+    assert set(everything) == ids
+    assert claimed["a"] and claimed["b"], "both connections should have won some claims"
+    for worker, job_ids in claimed.items():
+        rows = other.rows(f"SELECT DISTINCT worker_id, attempt FROM jobs WHERE id IN ({','.join('?' * len(job_ids))})",
+                          *job_ids)
+        assert rows == [(worker, 1)]
+
+
+# -- finishing ------------------------------------------------------------------------------------------------
+
+
+async def claim_one(store: Store, other: Other, job_id: str = "j1") -> Claim:
+    other.insert(job_id)
+    (job,) = await store.claim("localhost", 1, "w1")
+    return Claim(job.id, "w1", job.attempt)
+
+
+async def test_finish_records_the_result(store: Store, other: Other) -> None:
+    claim = await claim_one(store, other)
+    finished = await store.finish(claim, result(JobStatus.COMPLETED, 0))
+    row = other.job("j1")
+    assert finished == (JobStatus.COMPLETED, row["duration"])
+    assert (row["status"], row["exit_code"], row["error"], row["stdout"], row["stderr"]) == (
+        "completed", 0, None, "out\n", "err\n")
+    assert (row["stdout_bytes"], row["stderr_bytes"]) == (4, 4)
+    assert row["duration"] is not None and row["duration"] >= 0
+    assert row["duration"] == row["completed_at"] - row["started_at"]
+
+
+async def test_finish_keeps_cancelled_and_still_records_the_end(store: Store, other: Other) -> None:
+    claim = await claim_one(store, other)
+    other.conn.execute("UPDATE jobs SET status = ?, completed_at = ? WHERE id = ?", ("cancelled", now_ms(), "j1"))
+    finished = await store.finish(claim, result(JobStatus.FAILED, 143, "killed by SIGTERM", stdout="partial\n"))
+    row = other.job("j1")
+    assert finished == (JobStatus.CANCELLED, row["duration"])
+    assert (row["status"], row["exit_code"], row["error"], row["stdout"]) == (
+        "cancelled", 143, "killed by SIGTERM", "partial\n")
+    assert row["duration"] is not None and row["duration"] == row["completed_at"] - row["started_at"]
+
+
+@pytest.mark.parametrize(("worker_id", "attempt_delta"), [("someone-else", 0), ("w1", 1), ("w1", -1)])
+async def test_finish_with_a_claim_that_is_not_ours_changes_nothing(store: Store, other: Other, worker_id: str,
+                                                                     attempt_delta: int) -> None:
+    claim = await claim_one(store, other)
+    before = other.job("j1")
+    wrong = Claim(claim.job_id, worker_id, claim.attempt + attempt_delta)
+    assert await store.finish(wrong, result(JobStatus.COMPLETED, 0)) is None
+    assert other.job("j1") == before
+
+
+async def test_finish_twice_is_refused(store: Store, other: Other) -> None:
+    claim = await claim_one(store, other)
+    finished = await store.finish(claim, result(JobStatus.FAILED, 2))
+    before = other.job("j1")
+    assert finished == (JobStatus.FAILED, before["duration"])
+    assert await store.finish(claim, result(JobStatus.COMPLETED, 0)) is None
+    assert other.job("j1") == before
+
+
+async def test_output_flush_follows_the_claim_and_never_lands_after_finish(store: Store, other: Other) -> None:
+    claim = await claim_one(store, other)
+    await store.write_outputs([(claim, OutputSnapshot("live", None, 4, 0))])
+    await store.write_outputs([(claim, OutputSnapshot(None, "e", 4, 1))])
+    row = other.job("j1")
+    assert (row["stdout"], row["stderr"], row["stdout_bytes"], row["stderr_bytes"]) == ("live", "e", 4, 1)
+    await store.write_outputs([(Claim("j1", "w2", claim.attempt), OutputSnapshot("intruder", None, 8, 1))])
+    assert other.job("j1")["stdout"] == "live"
+    await store.finish(claim, result(stdout="final"))
+    await store.write_outputs([(claim, OutputSnapshot("late", None, 9, 1))])
+    assert other.job("j1")["stdout"] == "final"
+
+
+# -- nodes, cancels, look-ups ---------------------------------------------------------------------------------
+
+
+async def test_fail_unknown_nodes(store: Store, other: Other) -> None:
+    other.insert("home")
+    other.insert("mars-queued", node_id="mars")
+    other.insert("venus", node_id="venus")
+    other.insert("mars-running", node_id="mars")
+    other.conn.execute("UPDATE jobs SET status = 'executing' WHERE id = 'mars-running'")
+    failed = await store.fail_unknown_nodes(["localhost", "phone"])
+    assert sorted(failed) == [("mars-queued", "mars"), ("venus", "venus")]
+    for job_id in ("mars-queued", "venus"):
+        row = other.job(job_id)
+        assert row["status"] == "failed"
+        assert "localhost, phone" in row["error"]
+        assert "unknown node" in row["error"]
+        assert row["duration"] == 0
+        assert row["started_at"] is not None and row["completed_at"] == row["started_at"]
+    assert other.job("home")["status"] == "queued"
+    assert other.job("mars-running")["status"] == "executing"
+    assert await store.fail_unknown_nodes(["localhost", "phone"]) == []
+
+
+async def test_cancel_and_cancelled_among(store: Store, other: Other) -> None:
+    claim = await claim_one(store, other, "run")
+    other.insert("wait")
+    other.insert("over")
+    other.conn.execute("UPDATE jobs SET status = 'completed' WHERE id = 'over'")
+    assert sorted(await store.cancel(["run", "wait", "over", "missing"])) == ["run", "wait"]
+    assert other.job("over")["status"] == "completed"
+    assert await store.cancelled_among(["run", "wait"], claim.worker_id) == ["run"]
+    assert await store.cancelled_among(["run"], "someone-else") == []
+
+
+async def test_insert_job_and_reads(store: Store, other: Other) -> None:
+    job_id = await store.insert_job(node_id="localhost", tool="git", command="status", cwd="/srv",
+                                    env={"A": "1"}, priority=3)
+    row = await store.get_job(job_id)
+    assert row is not None
+    assert (row["status"], row["tool"], row["command"], row["cwd"], row["env"], row["priority"]) == (
+        "queued", "git", "status", "/srv", '{"A": "1"}', 3)
+    assert await store.get_job("nope") is None
+    listed = await store.list_jobs(status="queued", node_id=None, limit=10)
+    assert [r["id"] for r in listed] == [job_id]
+    assert "stdout" not in listed[0]
+    assert await store.list_jobs(status="failed", node_id=None, limit=10) == []
+    assert await store.job_progress(job_id) == ("queued", "", "", None)
+
+
+async def test_resolve_id(store: Store, other: Other) -> None:
+    for job_id in ("abc-1", "abc-2", "a_c", "xyz", "ab"):
+        other.insert(job_id)
+    assert await store.resolve_id("xy") == "xyz"
+    assert await store.resolve_id("abc-1") == "abc-1"
+    assert await store.resolve_id("ab") == "ab"  # a full id wins over being a prefix of others
+    assert await store.resolve_id("a_") == "a_c"  # '_' is not a wildcard
+    with pytest.raises(JobdError, match="'abc' names more than one job"):
+        await store.resolve_id("abc")
+    with pytest.raises(JobdError, match="no job with an id starting with 'zz'"):
+        await store.resolve_id("zz")
+    with pytest.raises(JobdError, match="no job"):
+        await store.resolve_id("%")
