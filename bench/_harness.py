@@ -75,9 +75,10 @@ def run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentPars
 
 
 def machine(workspace: Path | None = None) -> str:
-    """One line about where the figures were measured."""
-    parts = [f"{os.cpu_count()} CPUs", f"Linux {platform.release()}", f"Python {platform.python_version()}",
-             f"SQLite {sqlite3.sqlite_version}"]
+    """One line about where the figures were measured (a busy machine makes every figure worse)."""
+    load = Path("/proc/loadavg").read_text().split()[0]
+    parts = [f"{os.cpu_count()} CPUs (load {load})", f"Linux {platform.release()}",
+             f"Python {platform.python_version()}", f"SQLite {sqlite3.sqlite_version}"]
     if workspace is not None:
         parts.append(f"workspace on {fs_type(workspace)} ({workspace})")
     return ", ".join(parts)
@@ -165,6 +166,14 @@ def memory_kib(pid: int) -> dict[str, int]:
         if name.startswith(("Vm", "Rss")) and rest.strip().endswith("kB"):
             values[name] = int(rest.split()[0])
     return values
+
+
+def cpu_share(pid: int, seconds: float) -> tuple[float, float]:
+    """Percent of one core `pid` used over the next `seconds`: (from utime+stime ticks, from schedstat)."""
+    before, started = cpu(pid), time.monotonic()
+    time.sleep(seconds)
+    used, elapsed = cpu(pid) - before, time.monotonic() - started
+    return used.own / elapsed * 100, used.own_precise / elapsed * 100
 
 
 def mapped_files(pid: int) -> set[str]:
@@ -277,9 +286,14 @@ class Workspace:
         path.write_text("\n".join(lines) + "\n")
         return path
 
-    def database(self, name: str = "jobs.db") -> Path:
-        """A new database with the schema, made the documented way: `nexus-jobd db migrate`."""
-        path = self.path / name
+    def database(self, name: str = "jobs") -> Path:
+        """A new database NAME/NAME.db with the schema, made the documented way: `nexus-jobd db migrate`.
+
+        Each database has a directory of its own: the daemon watches that directory with inotify, and the logs
+        and other files of the benchmark must not wake it.
+        """
+        (self.path / name).mkdir(mode=0o700)
+        path = self.path / name / f"{name}.db"
         done = subprocess.run([NEXUS_JOBD, "--db", str(path), "db", "migrate"], env=self.env, cwd=self.path,
                               capture_output=True, text=True, check=False)
         if done.returncode != 0:

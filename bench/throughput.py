@@ -46,7 +46,7 @@ def parse_args() -> argparse.ArgumentParser:
 # -- nexus-jobd -------------------------------------------------------------------------------------------
 
 def run_daemon(ws: h.Workspace, jobs: int, concurrency: int, name: str) -> Result:
-    db = ws.database(f"{name}.db")
+    db = ws.database(name)
     config = ws.config(f"{name}.toml", max_concurrent=concurrency)
     with h.Daemon(ws, db, config, name) as daemon, h.Db(db) as conn:
         time.sleep(0.5)  # idle: start-up work is over

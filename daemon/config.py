@@ -98,8 +98,8 @@ class _Section:
         value = self.get(key)
         if value is None:
             return default
-        if not isinstance(value, list) or not all(isinstance(v, str) and v in choices for v in value):
-            raise self._err(key, f"a list drawn from {', '.join(choices)}", value)
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v in choices for v in value):
+            raise self._err(key, f"a non-empty list drawn from {', '.join(choices)}", value)
         return tuple(value)
 
     def table(self, key: str) -> Mapping[str, Any]:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
+from typing import TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -26,6 +28,7 @@ from daemon.store import Claim, ClaimedJob, JobResult, JobStatus, Store
 from daemon.wakeup import ChangeWatcher
 
 logger = log.get("dispatch")
+T = TypeVar("T")
 
 
 @dataclass
@@ -55,6 +58,8 @@ class Dispatcher:
         self._claim_due = True
         self._version: int | None = None
         self._dirty = asyncio.Event()
+        self._to_record: list[tuple[ClaimedJob, RunningJob, JobResult]] = []
+        self._record_ready = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._watcher = ChangeWatcher(config.db_path, self._on_db_change)
@@ -86,6 +91,7 @@ class Dispatcher:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(self._flush_loop)
+            tg.start_soon(self._record_loop)
             while not stop.is_set():
                 await self._step(tg)
                 await self._sleep(poll_s)
@@ -155,8 +161,7 @@ class Dispatcher:
             result = JobResult(JobStatus.FAILED, None, f"internal error in nexus-jobd: {e!r}",
                                running.output.snapshot(final=True))
         self._release_slot(running)
-        with anyio.CancelScope(shield=True):
-            await self._record(job, running, result)
+        self._enqueue_record(job, running, result)
 
     def _release_slot(self, running: RunningJob) -> None:
         """The process has ended: its slot can take the next job while the row is being written."""
@@ -166,6 +171,10 @@ class Dispatcher:
         if running.node_id in self._backlog:
             self._claim_due = True
             self.wake()
+
+    def _enqueue_record(self, job: ClaimedJob, running: RunningJob, result: JobResult) -> None:
+        self._to_record.append((job, running, result))
+        self._record_ready.set()
 
     async def _execute(self, job: ClaimedJob, running: RunningJob) -> JobResult:
         node = self._config.nodes[running.node_id]
@@ -219,17 +228,41 @@ class Dispatcher:
 
         return on_data
 
-    async def _record(self, job: ClaimedJob, running: RunningJob, result: JobResult) -> None:
-        final = await self._store.finish(running.claim, result)
-        self.running.pop(job.id, None)
-        if not self.running:
-            self._idle.set()
-        if final is None:  # someone else's claim now: we must not, and did not, touch the row
+    async def _record_loop(self) -> None:
+        """Write finished jobs in batches: whatever ended while the last batch was being written goes next."""
+        while True:
+            await self._record_ready.wait()
+            self._record_ready.clear()
+            batch, self._to_record = self._to_record, []
+            items = [(running.claim, result) for _, running, result in batch]
+            with anyio.CancelScope(shield=True):
+                outcomes = await self._retry_write("finish", partial(self._store.finish_many, items))
+            for job, running, result in batch:
+                self.running.pop(job.id, None)
+                self._log_finished(job, running, result, outcomes.get(job.id))
+            if not self.running:
+                self._idle.set()
+
+    @staticmethod
+    def _log_finished(job: ClaimedJob, running: RunningJob, result: JobResult,
+                      outcome: tuple[JobStatus, int] | None) -> None:
+        if outcome is None:  # someone else's claim now: we must not, and did not, touch the row
             logger.warning("job.claim_lost", job_id=job.id, node=running.node_id, exit_code=result.exit_code)
             return
-        logger.info("job.finished", job_id=job.id, node=running.node_id, tool=running.tool, status=final[0].value,
-                    exit_code=result.exit_code, duration_ms=final[1], error=result.error,
+        logger.info("job.finished", job_id=job.id, node=running.node_id, tool=running.tool, status=outcome[0].value,
+                    exit_code=result.exit_code, duration_ms=outcome[1], error=result.error,
                     stdout_bytes=result.output.stdout_bytes, stderr_bytes=result.output.stderr_bytes)
+
+    async def _retry_write(self, what: str, write: Callable[[], Awaitable[T]]) -> T:
+        """A write that must not be lost: on an error (disk full, I/O), log it and try again with backoff."""
+        delay = 0.1
+        while True:
+            try:
+                return await write()
+            except Exception as e:
+                logger.error("db.write_failed", what=what, error=str(e), retry_in_s=delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     # -- output flushing ----------------------------------------------------------------------------------
 
@@ -250,7 +283,8 @@ class Dispatcher:
     async def _flush_once(self) -> None:
         self._dirty.clear()
         batch = [(job.claim, job.output.snapshot()) for job in list(self.running.values()) if job.output.dirty]
-        await self._store.write_outputs(batch)
+        if batch:
+            await self._retry_write("output", partial(self._store.write_outputs, batch))
 
     # -- shutdown -----------------------------------------------------------------------------------------
 

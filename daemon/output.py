@@ -1,6 +1,6 @@
 """Per-stream output capture: incremental UTF-8 decoding and a cap that keeps the head and the latest tail.
 
-Memory per stream is bounded by about 1.25x the cap, however much the job writes.
+Memory per stream stays below 1.75x the cap (the tail is trimmed lazily), however much the job writes.
 """
 
 from __future__ import annotations

@@ -216,7 +216,8 @@ class Store:
 
     async def claim(self, node_id: str, limit: int, worker_id: str) -> list[ClaimedJob]:
         rows = await self._write("claim_jobs", {"node_id": node_id, "limit": limit, "worker_id": worker_id})
-        return [ClaimedJob(*row) for row in rows]
+        ordered = sorted(rows, key=_claim_order)
+        return [ClaimedJob(*row[:-2]) for row in ordered]
 
     async def write_outputs(self, updates: Iterable[tuple[Claim, OutputSnapshot]]) -> None:
         """Flush live output of several running jobs in one transaction (one commit, however many jobs)."""
@@ -229,12 +230,31 @@ class Store:
 
         await self._transaction(work)
 
-    async def finish(self, claim: Claim, result: JobResult) -> tuple[JobStatus, int] | None:
-        """Record the end of a job: (the row's status, duration ms), or None if it is no longer our claim."""
-        params = _output_params(claim, result.output)
-        params.update(status=result.status.value, exit_code=result.exit_code, error=result.error)
-        rows = await self._write("finish_job", params)
-        return (JobStatus(rows[0][0]), int(rows[0][1])) if rows else None
+    async def finish_many(self, items: Sequence[tuple[Claim, JobResult]]) -> dict[str, tuple[JobStatus, int]]:
+        """Record the end of several jobs in one transaction (a group commit).
+
+        Returns job id -> (the row's status now, duration ms) for the writes that took; a job missing from it
+        is no longer ours (another program deleted or re-queued it) and its row was left untouched.
+        """
+        if not items:
+            return {}
+        params = []
+        for claim, result in items:
+            p = _output_params(claim, result.output)
+            p.update(status=result.status.value, exit_code=result.exit_code, error=result.error)
+            params.append(p)
+        worker_id = items[0][0].worker_id
+        claims = json.dumps([[claim.job_id, claim.attempt] for claim, _ in items])
+
+        args = {"claims": claims, "worker_id": worker_id}
+
+        async def work() -> dict[str, tuple[JobStatus, int]]:
+            ours = {row[0] for row in await self._conn.execute_fetchall(Q["unfinished_claims"], args)}
+            await self._conn.executemany(Q["finish_job"], params)
+            rows = await self._conn.execute_fetchall(Q["finished_claims"], args)
+            return {row[0]: (JobStatus(row[1]), int(row[2])) for row in rows if row[0] in ours}
+
+        return await self._transaction(work)
 
     async def cancelled_among(self, job_ids: Sequence[str], worker_id: str) -> list[str]:
         rows = await self._conn.execute_fetchall(Q["cancelled_among"], {"ids": json.dumps(list(job_ids)),
@@ -257,6 +277,8 @@ class Store:
 
     async def resolve_id(self, prefix: str) -> str:
         """A full id, or a unique prefix of one."""
+        if not prefix:
+            raise JobdError("an empty job id names no job")
         if await self.get_job(prefix) is not None:
             return prefix
         rows = list(await self._conn.execute_fetchall(Q["find_job_ids"], {"prefix": prefix}))
@@ -285,6 +307,14 @@ class Store:
             return None
         status, stdout, stderr, exit_code = rows[0]
         return str(status), stdout or "", stderr or "", exit_code
+
+
+def _claim_order(row: sqlite3.Row) -> tuple[int, int, int]:
+    """priority DESC, created_at, rowid; a non-integer (a bad row) sorts first so it fails fast."""
+    priority, created_at, rowid = row[6], row[-2], row[-1]
+    if not isinstance(priority, int) or not isinstance(created_at, int):
+        return (-(2**63), 0, rowid)
+    return (-priority, created_at, rowid)
 
 
 def _output_params(claim: Claim, out: OutputSnapshot) -> dict[str, Any]:

@@ -24,7 +24,8 @@ UPDATE jobs
                ORDER BY priority DESC, created_at, rowid
                LIMIT :limit)
    AND status = 'queued'
-RETURNING id, node_id, tool, command, cwd, env, priority, attempt, started_at;
+RETURNING id, node_id, tool, command, cwd, env, priority, attempt, started_at, created_at, rowid;
+-- RETURNING gives rows in no promised order: Store.claim sorts them as the ORDER BY above.
 
 -- name: write_output
 -- Live output of a running job; a NULL stream parameter keeps that column as it is.
@@ -44,7 +45,22 @@ UPDATE jobs
        completed_at = CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER),
        duration = CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) - started_at
  WHERE id = :id AND worker_id = :worker_id AND attempt = :attempt AND status IN ('executing', 'cancelled')
-RETURNING status, duration;
+   AND duration IS NULL;
+
+-- name: unfinished_claims
+-- Which of :claims (a JSON array of [id, attempt]) finish_job will take: the same predicate, read first in the
+-- same transaction, so nothing can change in between.
+SELECT j.id
+  FROM jobs AS j JOIN json_each(:claims) AS c
+    ON j.id = json_extract(c.value, '$[0]') AND j.attempt = json_extract(c.value, '$[1]')
+ WHERE j.worker_id = :worker_id AND j.status IN ('executing', 'cancelled') AND j.duration IS NULL;
+
+-- name: finished_claims
+-- The status and duration finish_job left on the rows of :claims.
+SELECT j.id, j.status, j.duration
+  FROM jobs AS j JOIN json_each(:claims) AS c
+    ON j.id = json_extract(c.value, '$[0]') AND j.attempt = json_extract(c.value, '$[1]')
+ WHERE j.worker_id = :worker_id;
 
 -- name: cancelled_among
 -- Which of our running jobs (:ids, a JSON array) another program has cancelled.

@@ -24,6 +24,11 @@ NEXUSCLI_INSERT = ("INSERT INTO jobs (id, conversation_id, message_id, node_id, 
                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 
 
+async def finish(store: Store, claim: Claim, result: JobResult) -> tuple[JobStatus, int] | None:
+    """One job through the group-commit path the dispatcher uses."""
+    return (await store.finish_many([(claim, result)])).get(claim.job_id)
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -289,7 +294,7 @@ async def test_claim_marks_the_row_as_ours(store: Store, other: Other) -> None:
 async def test_a_requeued_row_is_claimed_afresh(store: Store, other: Other) -> None:
     other.insert("j1")
     (first,) = await store.claim("localhost", 1, "w1")
-    await store.finish(Claim("j1", "w1", first.attempt), result(JobStatus.FAILED, 1, "boom"))
+    await finish(store, Claim("j1", "w1", first.attempt), result(JobStatus.FAILED, 1, "boom"))
     other.conn.execute("UPDATE jobs SET status = 'queued' WHERE id = 'j1'")
     (second,) = await store.claim("localhost", 1, "w2")
     assert second.attempt == 2
@@ -333,7 +338,7 @@ async def claim_one(store: Store, other: Other, job_id: str = "j1") -> Claim:
 
 async def test_finish_records_the_result(store: Store, other: Other) -> None:
     claim = await claim_one(store, other)
-    finished = await store.finish(claim, result(JobStatus.COMPLETED, 0))
+    finished = await finish(store, claim, result(JobStatus.COMPLETED, 0))
     row = other.job("j1")
     assert finished == (JobStatus.COMPLETED, row["duration"])
     assert (row["status"], row["exit_code"], row["error"], row["stdout"], row["stderr"]) == (
@@ -346,7 +351,7 @@ async def test_finish_records_the_result(store: Store, other: Other) -> None:
 async def test_finish_keeps_cancelled_and_still_records_the_end(store: Store, other: Other) -> None:
     claim = await claim_one(store, other)
     other.conn.execute("UPDATE jobs SET status = ?, completed_at = ? WHERE id = ?", ("cancelled", now_ms(), "j1"))
-    finished = await store.finish(claim, result(JobStatus.FAILED, 143, "killed by SIGTERM", stdout="partial\n"))
+    finished = await finish(store, claim, result(JobStatus.FAILED, 143, "killed by SIGTERM", stdout="partial\n"))
     row = other.job("j1")
     assert finished == (JobStatus.CANCELLED, row["duration"])
     assert (row["status"], row["exit_code"], row["error"], row["stdout"]) == (
@@ -360,16 +365,16 @@ async def test_finish_with_a_claim_that_is_not_ours_changes_nothing(store: Store
     claim = await claim_one(store, other)
     before = other.job("j1")
     wrong = Claim(claim.job_id, worker_id, claim.attempt + attempt_delta)
-    assert await store.finish(wrong, result(JobStatus.COMPLETED, 0)) is None
+    assert await finish(store, wrong, result(JobStatus.COMPLETED, 0)) is None
     assert other.job("j1") == before
 
 
 async def test_finish_twice_is_refused(store: Store, other: Other) -> None:
     claim = await claim_one(store, other)
-    finished = await store.finish(claim, result(JobStatus.FAILED, 2))
+    finished = await finish(store, claim, result(JobStatus.FAILED, 2))
     before = other.job("j1")
     assert finished == (JobStatus.FAILED, before["duration"])
-    assert await store.finish(claim, result(JobStatus.COMPLETED, 0)) is None
+    assert await finish(store, claim, result(JobStatus.COMPLETED, 0)) is None
     assert other.job("j1") == before
 
 
@@ -381,7 +386,7 @@ async def test_output_flush_follows_the_claim_and_never_lands_after_finish(store
     assert (row["stdout"], row["stderr"], row["stdout_bytes"], row["stderr_bytes"]) == ("live", "e", 4, 1)
     await store.write_outputs([(Claim("j1", "w2", claim.attempt), OutputSnapshot("intruder", None, 8, 1))])
     assert other.job("j1")["stdout"] == "live"
-    await store.finish(claim, result(stdout="final"))
+    await finish(store, claim, result(stdout="final"))
     await store.write_outputs([(claim, OutputSnapshot("late", None, 9, 1))])
     assert other.job("j1")["stdout"] == "final"
 
