@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
@@ -130,8 +132,6 @@ def test_unknown_node_fails_at_once_listing_the_configured_nodes(daemon: Daemon,
 
 def test_nexuscli_database_keeps_working_for_both_programs(db_path: Path, daemon_factory: Callable[..., Daemon]
                                                           ) -> None:
-    import sqlite3
-
     conn = sqlite3.connect(db_path, isolation_level=None)
     conn.executescript((FIXTURES / "nexuscli_schema.sql").read_text())
     migrations_before = conn.execute("SELECT * FROM _migrations ORDER BY id").fetchall()
@@ -180,3 +180,30 @@ def test_logs_are_json_lines_with_one_event_per_state_change(daemon: Daemon, db:
 
 def test_database_file_is_private(daemon: Daemon, db: Db) -> None:
     assert os.stat(db.path).st_mode & 0o777 == 0o600
+
+
+def test_embedded_default_needs_no_config_and_no_flags(tmp_path: Path) -> None:
+    """`nexus-jobd run` alone: ~/.nexuscli/nexuscli.db (created private) and the local node `localhost`."""
+    from tests.conftest import NEXUS_JOBD
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_JOBD")} | {"HOME": str(tmp_path)}
+    proc = subprocess.Popen([*NEXUS_JOBD, "run"], env=env, stderr=subprocess.DEVNULL)
+    try:
+        db_file = tmp_path / ".nexuscli" / "nexuscli.db"
+
+        def migrated() -> bool:
+            if not db_file.exists():
+                return False
+            with contextlib.closing(sqlite3.connect(db_file)) as conn:
+                return bool(conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobd_migrations'").fetchone())
+
+        wait_for(migrated, message="database created")
+        assert os.stat(db_file.parent).st_mode & 0o777 == 0o700
+        assert os.stat(db_file).st_mode & 0o777 == 0o600
+        db = Db(db_file)
+        row = db.wait_status(db.insert("echo default"))
+        assert (row["status"], row["stdout"]) == ("completed", "default\n")
+        db.close()
+    finally:
+        proc.terminate()
+        assert proc.wait(15) == 0
