@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -118,7 +119,8 @@ def cmd_run(cfg: config.Config, args: argparse.Namespace) -> int:
 
 
 def cmd_submit(cfg: config.Config, args: argparse.Namespace) -> int:
-    command = " ".join(args.command) if len(args.command) > 1 else (args.command[0] if args.command else "")
+    # One argument is the command as written; several are argv the shell already split: quote them back.
+    command = shlex.join(args.command) if len(args.command) > 1 else (args.command[0] if args.command else "")
     if not command.strip():
         raise JobdError("nothing to run: give the command after --, e.g. `nexus-jobd submit -- echo hi`")
     env: dict[str, str] = {}

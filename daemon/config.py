@@ -169,8 +169,6 @@ def load(overrides: Overrides | None = None, environ: Mapping[str, str] | None =
     top = _Section(source, "top level", data)
     db = _Section(source, "database", top.table("database"))
     dm = _Section(source, "daemon", top.table("daemon"))
-    top.table("nodes")
-    top.reject_unknown()
 
     max_concurrent = dm.positive_int("max_concurrent", 8)
     local = dm.string("local_node", "localhost")
@@ -192,6 +190,7 @@ def load(overrides: Overrides | None = None, environ: Mapping[str, str] | None =
         log_format=dm.string("log_format", "auto", choices=LOG_FORMATS),
         nodes=_nodes(source, top, local, max_concurrent),
     )
+    top.reject_unknown()
     db.reject_unknown()
     dm.reject_unknown()
     return _apply_overrides(config, overrides, environ)

@@ -28,6 +28,7 @@ from daemon.store import Claim, ClaimedJob, JobResult, JobStatus, Store
 from daemon.wakeup import ChangeWatcher
 
 logger = log.get("dispatch")
+RECHECKS = 4
 T = TypeVar("T")
 
 
@@ -55,30 +56,38 @@ class Dispatcher:
         self._backlog: set[str] = set()  # nodes whose last claim was cut short by a limit
         self._wake = asyncio.Event()
         self._check_db = True
+        self._rechecks = 0
         self._claim_due = True
         self._version: int | None = None
         self._dirty = asyncio.Event()
         self._to_record: list[tuple[ClaimedJob, RunningJob, JobResult]] = []
         self._record_ready = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._watcher = ChangeWatcher(config.db_path, self._on_db_change)
 
     # -- wake-ups -----------------------------------------------------------------------------------------
 
     def _on_db_change(self) -> None:
+        # The -wal write that woke us comes just before the commit is published in the shared-memory index,
+        # so `data_version` may not have moved yet: look again a few times over the next ~15 ms.
         self._check_db = True
+        self._rechecks = RECHECKS
         self._wake.set()
 
     def wake(self) -> None:
         self._wake.set()
 
-    async def _sleep(self, poll_s: float) -> None:
-        with anyio.move_on_after(poll_s) as scope:
+    def _sleep_timeout(self, poll_s: float) -> float:
+        if self._rechecks:  # 1, 2, 4, 8 ms after a change notification
+            return 0.001 * float(2 ** (RECHECKS - self._rechecks))
+        return poll_s
+
+    async def _sleep(self, timeout_s: float) -> None:
+        with anyio.move_on_after(timeout_s) as scope:
             await self._wake.wait()
         self._wake.clear()
         if scope.cancelled_caught:
             self._check_db = True
+            self._rechecks = max(0, self._rechecks - 1)
 
     # -- the loop -----------------------------------------------------------------------------------------
 
@@ -93,23 +102,24 @@ class Dispatcher:
             tg.start_soon(self._flush_loop)
             tg.start_soon(self._record_loop)
             while not stop.is_set():
-                await self._step(tg)
-                await self._sleep(poll_s)
+                await self._step(tg, claim=True)
+                await self._sleep(self._sleep_timeout(poll_s))
+            await self._drain(tg, poll_s)
             self._watcher.close()
-            await self._drain()
             tg.cancel_scope.cancel()
-        await self._flush_once()
 
-    async def _step(self, tg: TaskGroup) -> None:
+    async def _step(self, tg: TaskGroup, *, claim: bool) -> None:
         if self._check_db:
             self._check_db = False
             version = await self._store.data_version()
             if version != self._version:
                 self._version = version
-                self._claim_due = True
-                await self._fail_unknown_nodes()
+                self._rechecks = 0
+                self._claim_due = claim
                 await self._notice_cancels()
-        if self._claim_due:
+                if claim:
+                    await self._fail_unknown_nodes()
+        if self._claim_due and claim:
             self._claim_due = False
             await self._claim(tg)
 
@@ -147,7 +157,6 @@ class Dispatcher:
         self.running[job.id] = running
         self._per_node[node_id] += 1
         self._slots_used += 1
-        self._idle.clear()
         logger.info("job.claimed", job_id=job.id, node=node_id, tool=job.tool, attempt=job.attempt)
         tg.start_soon(self._run_job, job, running, name=f"job {job.id}")
 
@@ -191,7 +200,9 @@ class Dispatcher:
         if running.stop_reason is not None:  # asked to stop while it was starting
             self._start_terminator(running)
         status = await process.wait()
-        return JobResult(JobStatus.COMPLETED if status.code == 0 else JobStatus.FAILED, status.code,
+        # A job stopped by shutdown did not finish its work, even if it exits 0 on SIGTERM.
+        ok = status.code == 0 and running.stop_reason != "shutdown"
+        return JobResult(JobStatus.COMPLETED if ok else JobStatus.FAILED, status.code,
                          self._error_for(status, running), running.output.snapshot(final=True))
 
     def _request_stop(self, running: RunningJob, reason: str) -> None:
@@ -241,7 +252,7 @@ class Dispatcher:
                 self.running.pop(job.id, None)
                 self._log_finished(job, running, result, outcomes.get(job.id))
             if not self.running:
-                self._idle.set()
+                self.wake()  # a draining loop is waiting for this
 
     @staticmethod
     def _log_finished(job: ClaimedJob, running: RunningJob, result: JobResult,
@@ -288,16 +299,21 @@ class Dispatcher:
 
     # -- shutdown -----------------------------------------------------------------------------------------
 
-    async def _drain(self) -> None:
-        """Stop claiming; give running jobs `shutdown_grace`, then TERM/KILL what is left."""
-        if self.running:
-            logger.info("dispatch.draining", running=len(self.running),
-                        grace_s=self._config.shutdown_grace_ms / 1000)
-            with anyio.move_on_after(self._config.shutdown_grace_ms / 1000):
-                await self._idle.wait()
-        self.stop_all("shutdown")
-        await self._idle.wait()
+    async def _drain(self, tg: TaskGroup, poll_s: float) -> None:
+        """Stop claiming but keep noticing cancels; after `shutdown_grace`, TERM/KILL what is still running."""
+        if not self.running:
+            return
+        grace_s = self._config.shutdown_grace_ms / 1000
+        logger.info("dispatch.draining", running=len(self.running), grace_s=grace_s)
+        deadline = time.monotonic() + grace_s
+        while self.running:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.stop_all("shutdown")
+            await self._step(tg, claim=False)
+            await self._sleep(min(self._sleep_timeout(poll_s), remaining if remaining > 0 else poll_s))
 
     def stop_all(self, reason: str) -> None:
         for job in list(self.running.values()):
             self._request_stop(job, reason)
+        self.wake()

@@ -15,6 +15,7 @@ import socket
 from daemon import logging as log
 from daemon.config import Config
 from daemon.dispatch import Dispatcher
+from daemon.errors import ConfigError
 from daemon.executors.base import Executor
 from daemon.executors.local import LocalExecutor
 from daemon.store import Store
@@ -33,8 +34,17 @@ def _executors(config: Config) -> dict[str, Executor]:
     return {config.local_node: local}
 
 
+def _check_paths(config: Config) -> None:
+    if not config.default_cwd.is_dir():
+        raise ConfigError(
+            f"{config.source}: [daemon] default_cwd = {str(config.default_cwd)!r} is not a directory; "
+            "create it or set default_cwd to an existing directory (jobs without a cwd run there)"
+        )
+
+
 async def serve(config: Config, *, install_signals: bool = True, stop: asyncio.Event | None = None) -> int:
     """Run until stopped; returns the process exit code (0 after a clean drain)."""
+    _check_paths(config)
     store = await Store.open(config.db_path, busy_timeout_ms=config.busy_timeout_ms)
     try:
         await store.migrate()

@@ -301,12 +301,6 @@ class Store:
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
 
-    async def job_progress(self, job_id: str) -> tuple[str, str, str, int | None] | None:
-        rows = list(await self._conn.execute_fetchall(Q["job_progress"], {"id": job_id}))
-        if not rows:
-            return None
-        status, stdout, stderr, exit_code = rows[0]
-        return str(status), stdout or "", stderr or "", exit_code
 
 
 def _claim_order(row: sqlite3.Row) -> tuple[int, int, int]:

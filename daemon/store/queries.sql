@@ -93,10 +93,6 @@ SELECT id, node_id, tool, command, status, exit_code, error, duration, created_a
  ORDER BY created_at DESC, rowid DESC
  LIMIT :limit;
 
--- name: job_progress
--- What `logs -f` polls: the status and how much of each stream the row holds.
-SELECT status, stdout, stderr, exit_code FROM jobs WHERE id = :id;
-
 -- name: data_version
 PRAGMA data_version;
 

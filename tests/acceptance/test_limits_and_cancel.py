@@ -120,7 +120,8 @@ def test_sigterm_lets_running_jobs_finish_then_exits_0(daemon: Daemon, db: Db, t
 
 def test_second_sigterm_stops_running_jobs_at_once(daemon: Daemon, db: Db) -> None:
     job_id = db.insert("echo working; sleep 1000")
-    wait_for(lambda: db.job(job_id)["stdout"] == "working\n", message="running")
+    polite = db.insert("trap 'echo bye; exit 0' TERM; echo working; while true; do sleep 0.05; done")
+    wait_for(lambda: db.job(job_id)["stdout"] == "working\n" == db.job(polite)["stdout"], message="running")
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGTERM)
     wait_for(lambda: daemon.events("dispatch.draining"), message="draining")
@@ -130,3 +131,19 @@ def test_second_sigterm_stops_running_jobs_at_once(daemon: Daemon, db: Db) -> No
     assert (row["status"], row["exit_code"]) == ("failed", 128 + signal.SIGTERM)
     assert row["error"] == "daemon shut down while the job was running"
     assert row["stdout"] == "working\n"
+    # Exiting 0 on SIGTERM is not finishing the work: the row says it was cut short.
+    row = db.job(polite)
+    assert (row["status"], row["exit_code"], row["stdout"]) == ("failed", 0, "working\nbye\n")
+    assert row["error"] == "daemon shut down while the job was running"
+
+
+def test_cancel_while_draining_still_kills_the_job(daemon: Daemon, db: Db) -> None:
+    job_id = db.insert("echo working; sleep 1000")
+    wait_for(lambda: db.job(job_id)["stdout"] == "working\n", message="running")
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: daemon.events("dispatch.draining"), message="draining")
+    db.conn.execute("UPDATE jobs SET status = 'cancelled', completed_at = 1 WHERE id = ?", (job_id,))
+    assert daemon.proc.wait(15) == 0
+    row = db.job(job_id)
+    assert (row["status"], row["exit_code"]) == ("cancelled", 128 + signal.SIGTERM)
