@@ -176,6 +176,15 @@ def cpu_share(pid: int, seconds: float) -> tuple[float, float]:
     return used.own / elapsed * 100, used.own_precise / elapsed * 100
 
 
+def io_counters(pid: int) -> dict[str, int]:
+    """/proc/PID/io: rchar/wchar count every read/write syscall's bytes, write_bytes what reached the disk layer."""
+    values = {}
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        name, _, value = line.partition(":")
+        values[name] = int(value)
+    return values
+
+
 def mapped_files(pid: int) -> set[str]:
     """Files mapped into the process (shared libraries, extension modules)."""
     files = set()

@@ -131,9 +131,9 @@ def report(daemon: Result, poller: Result, idle_seconds: float) -> bool:
         (r.name, *(f"{r.pct(p):.0f}" for p in (50, 95, 99, 100)), f"{r.idle_pct[1]:.3f} ({r.idle_pct[0]:.1f})")
         for r in (daemon, poller)])
     print(f"  idle CPU over {idle_seconds:.0f} s with no jobs, from schedstat (from utime+stime in 10 ms ticks)")
-    slow = sum(1 for v in daemon.latencies_ms if v > 100)
-    if slow:
-        print(f"  nexus-jobd: {slow} of {len(daemon.latencies_ms)} rows waited more than 100 ms")
+    for r in (daemon, poller):
+        slow = sum(1 for v in r.latencies_ms if v > P99_TARGET_MS)
+        print(f"  {r.name}: {slow} of {len(r.latencies_ms)} rows waited more than {P99_TARGET_MS} ms")
     ok_p50 = daemon.pct(50) <= P50_TARGET_MS
     ok_p99 = daemon.pct(99) <= P99_TARGET_MS
     ok_idle = daemon.idle_pct[1] <= IDLE_TARGET_PCT
