@@ -22,6 +22,7 @@ P50_TARGET_MS = 5
 P99_TARGET_MS = 20
 IDLE_TARGET_PCT = 0.5
 POLL_INTERVAL_S = 0.02
+SCRIPT = str(Path(__file__).resolve())
 
 
 @dataclass
@@ -36,7 +37,7 @@ class Result:
 
 def parse_args() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=200, help="rows to insert (default 200)")
+    p.add_argument("--rows", type=h.positive_int, default=200, help="rows to insert (default 200)")
     p.add_argument("--gap-ms", type=int, nargs=2, default=(20, 100), metavar=("MIN", "MAX"),
                    help="random pause before each insert (default 20 100)")
     p.add_argument("--idle-seconds", type=float, default=10, help="idle CPU sampling window (default 10)")
@@ -82,7 +83,7 @@ def role_poller(args: argparse.Namespace) -> int:
 
 def insert_rows(ws: h.Workspace, db: Path, args: argparse.Namespace, watched: h.Proc | h.Daemon) -> list[int]:
     """Run the inserter against `db`; wait until every row is picked up; the latencies in ms."""
-    argv = [h.PYTHON, __file__, "--role", "inserter", "--db", str(db), "--rows", str(args.rows),
+    argv = [h.PYTHON, SCRIPT, "--role", "inserter", "--db", str(db), "--rows", str(args.rows),
             "--gap-ms", *map(str, args.gap_ms), "--seed", str(args.seed), "--synchronous", args.synchronous]
     with h.Proc(argv, cwd=ws.path) as proc:
         expected = args.rows * (sum(args.gap_ms) / 2000) + 30
@@ -111,7 +112,7 @@ def run_daemon(ws: h.Workspace, args: argparse.Namespace) -> Result:
 
 def run_poller(ws: h.Workspace, args: argparse.Namespace) -> Result:
     db = ws.database("poller")
-    argv = [h.PYTHON, __file__, "--role", "poller", "--db", str(db)]
+    argv = [h.PYTHON, SCRIPT, "--role", "poller", "--db", str(db)]
     with h.Proc(argv, stdout=subprocess.PIPE, cwd=ws.path) as proc:
         assert proc.popen.stdout is not None
         if proc.popen.stdout.readline() != b"ready\n":
