@@ -5,7 +5,6 @@ Only this module reads `os.environ` for settings; every error names the file, th
 
 from __future__ import annotations
 
-import difflib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -113,6 +112,8 @@ class _Section:
     def reject_unknown(self) -> None:
         for key in self.data:
             if key not in self.used:
+                import difflib  # only on this error path: it is slow to import
+
                 close = difflib.get_close_matches(key, sorted(self.used), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 known = ", ".join(sorted(self.used))

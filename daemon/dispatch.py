@@ -111,9 +111,7 @@ class Dispatcher:
     async def _step(self, tg: TaskGroup, *, claim: bool) -> None:
         if self._check_db:
             self._check_db = False
-            version = await self._store.data_version()
-            if version != self._version:
-                self._version = version
+            if await self._another_program_wrote():
                 self._rechecks = 0
                 self._claim_due = claim
                 await self._notice_cancels()
@@ -122,6 +120,15 @@ class Dispatcher:
         if self._claim_due and claim:
             self._claim_due = False
             await self._claim(tg)
+
+    async def _another_program_wrote(self) -> bool:
+        """The cheap probe first (any commit, ours too), then the connection that does not count its own."""
+        if not self._store.anyone_committed():
+            return False
+        version = await self._store.data_version()
+        changed = version != self._version
+        self._version = version
+        return changed
 
     async def _fail_unknown_nodes(self) -> None:
         for job_id, node_id in await self._store.fail_unknown_nodes(self._config.node_ids):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import signal
 import socket
 
@@ -25,7 +24,7 @@ logger = log.get("service")
 
 def new_worker_id() -> str:
     """Unique per daemon process, and readable: which host and pid hold a claim."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
 
 
 def _executors(config: Config) -> dict[str, Executor]:
@@ -45,6 +44,7 @@ def _check_paths(config: Config) -> None:
 async def serve(config: Config, *, install_signals: bool = True, stop: asyncio.Event | None = None) -> int:
     """Run until stopped; returns the process exit code (0 after a clean drain)."""
     _check_paths(config)
+
     store = await Store.open(config.db_path, busy_timeout_ms=config.busy_timeout_ms)
     try:
         await store.migrate()

@@ -10,18 +10,16 @@ import asyncio
 import contextlib
 import errno
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import anyio
-
 from daemon.executors.base import ExitStatus, OutputCallback, SpawnError
 from daemon.tools import Command
 
 READ_SIZE = 256 * 1024
-SPAWN_THREADS = 4
 
 
 class _SigchldReaper:
@@ -118,7 +116,7 @@ class LocalExecutor:
         self._drain_timeout_s = drain_timeout_s
         self._reaper: _SigchldReaper | None = None
         self._use_pidfd = hasattr(os, "pidfd_open")
-        self._spawn_limiter = anyio.CapacityLimiter(SPAWN_THREADS)
+        self._programs: dict[tuple[str, str], str | None] = {}  # (name, PATH) -> absolute path
 
     def _environment(self, command: Command) -> dict[str, str]:
         env = dict(self._base_env)
@@ -129,17 +127,32 @@ class LocalExecutor:
                 env[name] = value
         return env
 
+    def _program(self, name: str, env: Mapping[str, str]) -> str:
+        """The absolute path of `name` on the job's PATH, looked up once: the child then execs it directly
+        instead of trying every PATH entry (Termux has no /bin/bash; bash is wherever PATH says)."""
+        search = env.get("PATH", os.defpath)
+        key = (name, search)
+        if key not in self._programs:
+            self._programs[key] = shutil.which(name, path=search)
+        found = self._programs[key]
+        if found is None:
+            raise SpawnError(f"{name!r} was not found on PATH ({search}); install it or fix PATH")
+        return found
+
     def _spawn(self, command: Command) -> subprocess.Popen[bytes]:
         cwd = command.cwd if command.cwd is not None else str(self._default_cwd)
         if not os.path.isdir(cwd):
             raise SpawnError(f"working directory {cwd!r} does not exist or is not a directory")
+        env = self._environment(command)
+        argv = (self._program(command.argv[0], env), *command.argv[1:])
         try:
             return subprocess.Popen(
-                command.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                cwd=cwd, env=self._environment(command), process_group=0, close_fds=True,
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                cwd=cwd, env=env, process_group=0, close_fds=True,
             )
-        except FileNotFoundError as e:
-            raise SpawnError(f"{command.argv[0]!r} was not found on PATH; install it or fix PATH") from e
+        except FileNotFoundError as e:  # removed since it was looked up
+            self._programs.clear()
+            raise SpawnError(f"{argv[0]!r} cannot be found any more; install it or fix PATH") from e
         except PermissionError as e:
             raise SpawnError(f"permission denied starting {command.argv[0]!r} in {cwd!r}: {e.strerror}") from e
         except OSError as e:
@@ -169,8 +182,8 @@ class LocalExecutor:
 
     async def start(self, command: Command, on_stdout: OutputCallback, on_stderr: OutputCallback) -> LocalProcess:
         loop = asyncio.get_running_loop()
-        # fork+exec blocks the calling thread for about a millisecond; in a thread, the loop goes on meanwhile.
-        popen = await anyio.to_thread.run_sync(self._spawn, command, limiter=self._spawn_limiter)
+        # Spawning inline measured faster than in a worker thread on 3.11: fork_exec holds the GIL throughout.
+        popen = self._spawn(command)
         process = LocalProcess(popen, loop, on_stdout, on_stderr, self._drain_timeout_s)
         self._watch_exit(popen, process, loop)
         return process

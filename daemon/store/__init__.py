@@ -12,9 +12,7 @@ import os
 import re
 import sqlite3
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,7 +21,7 @@ import anyio
 
 from daemon import logging as log
 from daemon.errors import DatabaseError, JobdError
-from daemon.store.queries import Q, read_sql, split_statements
+from daemon.store.queries import HERE, Q, read_sql, split_statements
 from daemon.store.rows import Claim, ClaimedJob, JobResult, JobStatus, OutputSnapshot
 
 __all__ = ["Claim", "ClaimedJob", "JobResult", "JobStatus", "OutputSnapshot", "Store", "now_ms"]
@@ -48,9 +46,7 @@ def now_ms() -> int:
 
 
 def _migrations() -> list[tuple[str, str]]:
-    folder = resources.files("daemon.store").joinpath("migrations")
-    names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".sql"))
-    return [(name[: -len(".sql")], folder.joinpath(name).read_text(encoding="utf-8")) for name in names]
+    return [(path.stem, path.read_text(encoding="utf-8")) for path in sorted((HERE / "migrations").glob("*.sql"))]
 
 
 def _is_locked(error: sqlite3.OperationalError) -> bool:
@@ -70,6 +66,8 @@ class Store:
     def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
         self._conn = conn
         self.path = path
+        self._probe: sqlite3.Connection | None = None
+        self._probe_version: int | None = None
         # Writes take this lock in the order their data was rendered, so a transaction of several statements
         # never interleaves with another write and an older output snapshot never lands after a newer one.
         self._write_lock = asyncio.Lock()
@@ -105,6 +103,8 @@ class Store:
         await self._conn.execute("PRAGMA foreign_keys = ON")
 
     async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.close()
         await self._conn.close()
 
     async def migrate(self) -> list[str]:
@@ -203,6 +203,22 @@ class Store:
 
     # -- the daemon's side --------------------------------------------------------------------------------
 
+    def anyone_committed(self) -> bool:
+        """Has any connection, ours included, committed since the last call? Cheap enough to ask often.
+
+        It runs in the caller's thread on a connection of its own (reading the WAL index in shared memory takes
+        microseconds), so a wake-up that finds nothing new costs no round trip to the database thread.
+        """
+        try:
+            if self._probe is None:
+                self._probe = sqlite3.connect(self.path, timeout=0.05, isolation_level=None)
+            version = int(self._probe.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.Error:
+            return True  # let the full check decide
+        changed = version != self._probe_version
+        self._probe_version = version
+        return changed
+
     async def data_version(self) -> int:
         """Changes whenever another connection commits (our own commits do not move it)."""
         rows = await self._conn.execute_fetchall(Q["data_version"])
@@ -265,6 +281,8 @@ class Store:
 
     async def insert_job(self, *, node_id: str, tool: str, command: str, cwd: str | None,
                          env: dict[str, str] | None, priority: int) -> str:
+        import uuid  # the CLI's path only: the daemon never creates ids
+
         job_id = str(uuid.uuid4())
         await self._write("insert_job", {"id": job_id, "node_id": node_id, "tool": tool, "command": command,
                                          "now": now_ms(), "cwd": cwd, "priority": priority,

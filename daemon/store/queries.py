@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from importlib import resources
+from pathlib import Path
 
+HERE = Path(__file__).parent  # the package data (schema, queries, migrations) lives beside this module
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
 
 
 def read_sql(name: str) -> str:
-    return resources.files("daemon.store").joinpath(name).read_text(encoding="utf-8")
+    return (HERE / name).read_text(encoding="utf-8")
 
 
 def parse_named(text: str) -> dict[str, str]:
