@@ -28,7 +28,7 @@ from daemon.store import Claim, ClaimedJob, JobResult, JobStatus, Store
 from daemon.wakeup import ChangeWatcher
 
 logger = log.get("dispatch")
-RECHECKS = 4
+RECHECKS = 8
 T = TypeVar("T")
 
 
@@ -68,7 +68,8 @@ class Dispatcher:
 
     def _on_db_change(self) -> None:
         # The -wal write that woke us comes just before the commit is published in the shared-memory index,
-        # so `data_version` may not have moved yet: look again a few times over the next ~15 ms.
+        # (after the writer's fsync, which can take tens of ms on phone or SD storage), so `data_version` may not
+        # have moved yet: look again 1, 2, 4 ... 128 ms later. Each look is the cheap in-thread probe.
         self._check_db = True
         self._rechecks = RECHECKS
         self._wake.set()
@@ -77,7 +78,7 @@ class Dispatcher:
         self._wake.set()
 
     def _sleep_timeout(self, poll_s: float) -> float:
-        if self._rechecks:  # 1, 2, 4, 8 ms after a change notification
+        if self._rechecks:
             return 0.001 * float(2 ** (RECHECKS - self._rechecks))
         return poll_s
 
