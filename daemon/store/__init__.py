@@ -101,6 +101,8 @@ class Store:
         # NORMAL is durable across a crash of any process in WAL mode; only a power cut can lose a last commit.
         await self._conn.execute("PRAGMA synchronous = NORMAL")
         await self._conn.execute("PRAGMA foreign_keys = ON")
+        # A burst of output can grow the WAL to hundreds of MB; give the space back after checkpoints.
+        await self._conn.execute("PRAGMA journal_size_limit = 67108864")
 
     async def close(self) -> None:
         if self._probe is not None:
