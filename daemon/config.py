@@ -41,6 +41,10 @@ class Config:
     drain_timeout_ms: int = 2000
     kill_grace_ms: int = 5000
     shutdown_grace_ms: int = 30000
+    default_timeout_ms: int | None = None  # None: jobs without timeout_ms run as long as they like
+    lease_ttl_ms: int = 10000
+    retry_backoff_ms: int = 1000
+    retry_backoff_max_ms: int = 300000
     job_environment: Mapping[str, str] = field(default_factory=dict)
     default_cwd: Path = field(default_factory=Path.home)
     log_level: str = "info"
@@ -185,6 +189,10 @@ def load(overrides: Overrides | None = None, environ: Mapping[str, str] | None =
         drain_timeout_ms=dm.positive_int("drain_timeout_ms", 2000, minimum=0),
         kill_grace_ms=dm.positive_int("kill_grace_ms", 5000, minimum=0),
         shutdown_grace_ms=dm.positive_int("shutdown_grace_ms", 30000, minimum=0),
+        default_timeout_ms=dm.positive_int("default_timeout_ms", 0, minimum=0) or None,
+        lease_ttl_ms=dm.positive_int("lease_ttl_ms", 10000, minimum=1000),
+        retry_backoff_ms=dm.positive_int("retry_backoff_ms", 1000, minimum=0),
+        retry_backoff_max_ms=dm.positive_int("retry_backoff_max_ms", 300000, minimum=0),
         job_environment=dict(environ),
         default_cwd=_expand(dm.string("default_cwd", str(Path.home()))),
         log_level=dm.string("log_level", "info", choices=LOG_LEVELS),

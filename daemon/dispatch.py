@@ -1,17 +1,16 @@
-"""The dispatcher: wake on change, claim within the concurrency limits, run each job, flush output.
+"""The dispatcher: wake on change, claim within the concurrency limits, run each job, record it, flush output.
 
 Main loop, in order: (1) if the database may have changed, check `data_version`; if another program wrote,
-fail rows for unknown nodes, notice cancels and claim; (2) if a slot freed while rows were waiting, claim;
-(3) sleep until woken (inotify, a finished job, stop) or the poll interval passes.
+notice cancels, fail rows that can never run (unknown node, failed dependency) and claim; (2) claim when a slot
+freed while rows were waiting, a dependency completed or a `run_after` came due; (3) sleep until woken (inotify,
+a finished job, stop) or the next poll or due time.
 """
 
 from __future__ import annotations
 
 import asyncio
-import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
@@ -19,12 +18,11 @@ import anyio
 from anyio.abc import TaskGroup
 
 from daemon import logging as log
-from daemon import tools
 from daemon.config import Config
-from daemon.errors import BadJob
-from daemon.executors.base import Executor, ExitStatus, Process, SpawnError
-from daemon.output import JobOutput
-from daemon.store import Claim, ClaimedJob, JobResult, JobStatus, Store
+from daemon.executors.base import Executor
+from daemon.lease import Lease
+from daemon.runner import JobRunner, RunningJob
+from daemon.store import ClaimedJob, JobResult, JobStatus, Store, now_ms
 from daemon.wakeup import ChangeWatcher
 
 logger = log.get("dispatch")
@@ -32,23 +30,13 @@ RECHECKS = 8
 T = TypeVar("T")
 
 
-@dataclass
-class RunningJob:
-    claim: Claim
-    node_id: str
-    tool: str
-    output: JobOutput
-    stop_reason: str | None = None  # set when the daemon decides to end the job (cancel, shutdown)
-    process: Process | None = None  # once started
-    holds_slot: bool = True
-
-
 class Dispatcher:
-    def __init__(self, config: Config, store: Store, executors: Mapping[str, Executor], worker_id: str) -> None:
+    def __init__(self, config: Config, store: Store, executors: Mapping[str, Executor], lease: Lease) -> None:
         self._config = config
         self._store = store
-        self._executors = executors
-        self.worker_id = worker_id
+        self._lease = lease
+        self.worker_id = lease.me.worker_id
+        self._runner = JobRunner(config, executors, self._note_output)
         self.running: dict[str, RunningJob] = {}  # claimed and not yet recorded as finished
         self._slots_used = 0  # jobs whose process has not ended: what the limits count
         self._per_node = dict.fromkeys(config.nodes, 0)
@@ -59,6 +47,10 @@ class Dispatcher:
         self._rechecks = 0
         self._claim_due = True
         self._version: int | None = None
+        self._next_due: int | None = None  # epoch ms when the earliest run_after comes due
+        self._schedule_changed = True
+        self._unrunnable_due = True
+        self._dependents = False  # queued rows with depends_on exist: finishing a job may unblock or fail them
         self._dirty = asyncio.Event()
         self._to_record: list[tuple[ClaimedJob, RunningJob, JobResult]] = []
         self._record_ready = asyncio.Event()
@@ -77,9 +69,14 @@ class Dispatcher:
     def wake(self) -> None:
         self._wake.set()
 
+    def _note_output(self) -> None:
+        self._dirty.set()
+
     def _sleep_timeout(self, poll_s: float) -> float:
         if self._rechecks:
             return 0.001 * float(2 ** (RECHECKS - self._rechecks))
+        if self._next_due is not None:
+            return max(0.0, min(poll_s, (self._next_due - now_ms()) / 1000))
         return poll_s
 
     async def _sleep(self, timeout_s: float) -> None:
@@ -89,6 +86,9 @@ class Dispatcher:
         if scope.cancelled_caught:
             self._check_db = True
             self._rechecks = max(0, self._rechecks - 1)
+        if self._next_due is not None and now_ms() >= self._next_due:
+            self._next_due = None
+            self._claim_due = True
 
     # -- the loop -----------------------------------------------------------------------------------------
 
@@ -100,8 +100,10 @@ class Dispatcher:
                     nodes=list(self._config.nodes), max_concurrent=self._config.max_concurrent)
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            self._runner.bind(tg)
             tg.start_soon(self._flush_loop)
             tg.start_soon(self._record_loop)
+            tg.start_soon(self._lease.run)
             while not stop.is_set():
                 await self._step(tg, claim=True)
                 await self._sleep(self._sleep_timeout(poll_s))
@@ -114,13 +116,19 @@ class Dispatcher:
             self._check_db = False
             if await self._another_program_wrote():
                 self._rechecks = 0
-                self._claim_due = claim
                 await self._notice_cancels()
-                if claim:
-                    await self._fail_unknown_nodes()
-        if self._claim_due and claim:
+                self._claim_due = self._schedule_changed = self._unrunnable_due = True
+        if not claim:
+            return
+        if self._unrunnable_due:
+            self._unrunnable_due = False
+            await self._fail_unrunnable()
+        if self._claim_due:
             self._claim_due = False
             await self._claim(tg)
+        if self._schedule_changed:
+            self._schedule_changed = False
+            self._next_due = await self._store.next_run_after()
 
     async def _another_program_wrote(self) -> bool:
         """The cheap probe first (any commit, ours too), then the connection that does not count its own."""
@@ -131,9 +139,13 @@ class Dispatcher:
         self._version = version
         return changed
 
-    async def _fail_unknown_nodes(self) -> None:
+    async def _fail_unrunnable(self) -> None:
+        """Rows that can never run fail at once with the reason: an unknown node, a dependency that failed."""
         for job_id, node_id in await self._store.fail_unknown_nodes(self._config.node_ids):
             logger.warning("job.failed", job_id=job_id, node=node_id, reason="unknown node")
+        for job_id, depends_on in await self._store.fail_blocked_dependencies():
+            logger.warning("job.failed", job_id=job_id, depends_on=depends_on, reason="dependency did not complete")
+        self._dependents = await self._store.has_dependents()
 
     async def _notice_cancels(self) -> None:
         if not self.running:
@@ -142,7 +154,7 @@ class Dispatcher:
             job = self.running.get(job_id)
             if job is not None and job.stop_reason is None:
                 logger.info("job.cancel_requested", job_id=job_id, node=job.node_id)
-                self._request_stop(job, "cancelled")
+                self._runner.request_stop(job, "cancelled")
 
     async def _claim(self, tg: TaskGroup) -> None:
         for node in self._config.nodes.values():
@@ -159,20 +171,18 @@ class Dispatcher:
                 self._start(tg, job)
 
     def _start(self, tg: TaskGroup, job: ClaimedJob) -> None:
-        node_id = str(job.node_id)
-        running = RunningJob(Claim(job.id, self.worker_id, job.attempt), node_id, str(job.tool),
-                             JobOutput(self._config.output_cap_bytes))
+        running = self._runner.new(job, self.worker_id)
         self.running[job.id] = running
-        self._per_node[node_id] += 1
+        self._per_node[running.node_id] += 1
         self._slots_used += 1
-        logger.info("job.claimed", job_id=job.id, node=node_id, tool=job.tool, attempt=job.attempt)
+        logger.info("job.claimed", job_id=job.id, node=running.node_id, tool=job.tool, attempt=job.attempt)
         tg.start_soon(self._run_job, job, running, name=f"job {job.id}")
 
     # -- one job ------------------------------------------------------------------------------------------
 
     async def _run_job(self, job: ClaimedJob, running: RunningJob) -> None:
         try:
-            result = await self._execute(job, running)
+            result = await self._runner.run(job, running)
         except Exception as e:  # the per-job boundary: record it in the row, never take the daemon down
             logger.exception("job.internal_error", job_id=job.id)
             result = JobResult(JobStatus.FAILED, None, f"internal error in nexus-jobd: {e!r}",
@@ -193,60 +203,6 @@ class Dispatcher:
         self._to_record.append((job, running, result))
         self._record_ready.set()
 
-    async def _execute(self, job: ClaimedJob, running: RunningJob) -> JobResult:
-        node = self._config.nodes[running.node_id]
-        try:
-            command = tools.build(job, node.tools)
-        except BadJob as e:
-            return JobResult(JobStatus.FAILED, None, str(e), running.output.snapshot(final=True))
-        try:
-            process = await self._executors[running.node_id].start(
-                command, self._feeder(running.output.stdout.feed), self._feeder(running.output.stderr.feed))
-        except SpawnError as e:
-            return JobResult(JobStatus.FAILED, 127, str(e), running.output.snapshot(final=True))
-        running.process = process
-        if running.stop_reason is not None:  # asked to stop while it was starting
-            self._start_terminator(running)
-        status = await process.wait()
-        # A job stopped by shutdown did not finish its work, even if it exits 0 on SIGTERM.
-        ok = status.code == 0 and running.stop_reason != "shutdown"
-        return JobResult(JobStatus.COMPLETED if ok else JobStatus.FAILED, status.code,
-                         self._error_for(status, running), running.output.snapshot(final=True))
-
-    def _request_stop(self, running: RunningJob, reason: str) -> None:
-        if running.stop_reason is None:
-            running.stop_reason = reason
-            if running.process is not None:
-                self._start_terminator(running)
-
-    def _start_terminator(self, running: RunningJob) -> None:
-        assert self._tg is not None
-        self._tg.start_soon(self._terminate, running, name=f"terminate {running.claim.job_id}")
-
-    async def _terminate(self, running: RunningJob) -> None:
-        """TERM the whole group, KILL it if the job has not ended after the grace period."""
-        assert running.process is not None
-        running.process.signal_group(signal.SIGTERM)
-        await anyio.sleep(self._config.kill_grace_ms / 1000)
-        if running.holds_slot:
-            logger.warning("job.killed", job_id=running.claim.job_id, reason=running.stop_reason)
-            running.process.signal_group(signal.SIGKILL)
-
-    @staticmethod
-    def _error_for(status: ExitStatus, running: RunningJob) -> str | None:
-        if running.stop_reason == "shutdown":
-            return "daemon shut down while the job was running"
-        if status.signal is not None and running.stop_reason is None:
-            return f"killed by signal {status.signal} ({signal.Signals(status.signal).name})"
-        return None
-
-    def _feeder(self, feed: Callable[[bytes], None]) -> Callable[[bytes], None]:
-        def on_data(data: bytes) -> None:
-            feed(data)
-            self._dirty.set()
-
-        return on_data
-
     async def _record_loop(self) -> None:
         """Write finished jobs in batches: whatever ended while the last batch was being written goes next."""
         while True:
@@ -259,18 +215,27 @@ class Dispatcher:
             for job, running, result in batch:
                 self.running.pop(job.id, None)
                 self._log_finished(job, running, result, outcomes.get(job.id))
-            if not self.running:
-                self.wake()  # a draining loop is waiting for this
+            self._after_record(batch)
+
+    def _after_record(self, batch: list[tuple[ClaimedJob, RunningJob, JobResult]]) -> None:
+        if any(result.run_after is not None for _, _, result in batch):
+            self._schedule_changed = True
+        if self._dependents:  # a job that just ended may be what queued rows wait for
+            self._claim_due = self._unrunnable_due = True
+        if not self.running or self._claim_due or self._schedule_changed:
+            self.wake()  # a draining loop waits for the last one
 
     @staticmethod
     def _log_finished(job: ClaimedJob, running: RunningJob, result: JobResult,
-                      outcome: tuple[JobStatus, int] | None) -> None:
+                      outcome: tuple[JobStatus, int | None] | None) -> None:
         if outcome is None:  # someone else's claim now: we must not, and did not, touch the row
             logger.warning("job.claim_lost", job_id=job.id, node=running.node_id, exit_code=result.exit_code)
             return
-        logger.info("job.finished", job_id=job.id, node=running.node_id, tool=running.tool, status=outcome[0].value,
-                    exit_code=result.exit_code, duration_ms=outcome[1], error=result.error,
-                    stdout_bytes=result.output.stdout_bytes, stderr_bytes=result.output.stderr_bytes)
+        event = "job.requeued" if outcome[0] == JobStatus.QUEUED else "job.finished"
+        logger.info(event, job_id=job.id, node=running.node_id, tool=running.tool, status=outcome[0].value,
+                    exit_code=result.exit_code, duration_ms=outcome[1], error=result.error, attempt=job.attempt,
+                    run_after=result.run_after, stdout_bytes=result.output.stdout_bytes,
+                    stderr_bytes=result.output.stderr_bytes)
 
     async def _retry_write(self, what: str, write: Callable[[], Awaitable[T]]) -> T:
         """A write that must not be lost: on an error (disk full, I/O), log it and try again with backoff."""
@@ -300,10 +265,15 @@ class Dispatcher:
             await anyio.sleep(max(0.0, 3 * (time.monotonic() - started) - half))
 
     async def _flush_once(self) -> None:
+        """Output that changed, and where each new job runs (what crash recovery kills)."""
         self._dirty.clear()
-        batch = [(job.claim, job.output.snapshot()) for job in list(self.running.values()) if job.output.dirty]
+        jobs = [job for job in list(self.running.values())
+                if job.holds_slot and (job.output.dirty or (job.process_ref and not job.pid_recorded))]
+        batch = [(job.claim, job.output.snapshot(), None if job.pid_recorded else job.process_ref) for job in jobs]
         if batch:
             await self._retry_write("output", partial(self._store.write_outputs, batch))
+            for job in jobs:
+                job.pid_recorded = job.pid_recorded or job.process_ref is not None
 
     # -- shutdown -----------------------------------------------------------------------------------------
 
@@ -323,5 +293,5 @@ class Dispatcher:
 
     def stop_all(self, reason: str) -> None:
         for job in list(self.running.values()):
-            self._request_stop(job, reason)
+            self._runner.request_stop(job, reason)
         self.wake()

@@ -17,6 +17,7 @@ from daemon.dispatch import Dispatcher
 from daemon.errors import ConfigError
 from daemon.executors.base import Executor
 from daemon.executors.local import LocalExecutor
+from daemon.lease import Identity, Lease
 from daemon.store import Store
 
 logger = log.get("service")
@@ -44,21 +45,35 @@ def _check_paths(config: Config) -> None:
 async def serve(config: Config, *, install_signals: bool = True, stop: asyncio.Event | None = None) -> int:
     """Run until stopped; returns the process exit code (0 after a clean drain)."""
     _check_paths(config)
-
     store = await Store.open(config.db_path, busy_timeout_ms=config.busy_timeout_ms)
     try:
         await store.migrate()
-        executors = _executors(config)
-        dispatcher = Dispatcher(config, store, executors, new_worker_id())
         stop = stop or asyncio.Event()
+        lost = asyncio.Event()
+
+        def on_lease_lost() -> None:  # another daemon took our jobs: stop them and exit loudly
+            lost.set()
+            stop.set()
+            dispatcher.stop_all("lease lost")
+
+        lease = Lease(store, Identity.of_this_process(new_worker_id()), ttl_ms=config.lease_ttl_ms,
+                      on_lost=on_lease_lost)
+        await lease.register()  # also recovers the jobs of daemons that died (our own previous run included)
+        executors = _executors(config)
+        dispatcher = Dispatcher(config, store, executors, lease)
         if install_signals:
             _install_signals(stop, dispatcher)
-        logger.info("daemon.started", db=str(config.db_path), config=config.source, pid=os.getpid())
+        logger.info("daemon.started", db=str(config.db_path), config=config.source, pid=os.getpid(),
+                    worker_id=dispatcher.worker_id)
         try:
             await dispatcher.run(stop)
         finally:
             for executor in executors.values():
                 await executor.aclose()
+        if lost.is_set():
+            logger.error("daemon.stopped", worker_id=dispatcher.worker_id, reason="lease lost")
+            return 1
+        await lease.release()
         logger.info("daemon.stopped", worker_id=dispatcher.worker_id)
         return 0
     finally:

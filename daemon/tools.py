@@ -113,3 +113,26 @@ def build(job: ClaimedJob, allowed_tools: tuple[str, ...]) -> Command:
     cwd = None if job.cwd is None else _text(job, "cwd", job.cwd)
     argv = ("bash", "-c", command) if tool == "bash" else _args(tool, command)
     return Command(argv=argv, cwd=cwd, env=parse_env(job.env))
+
+
+@dataclass(frozen=True)
+class RunPolicy:
+    """How long one attempt may run and how many attempts the row allows."""
+
+    timeout_ms: int | None
+    max_attempts: int
+
+
+MAX_TIMEOUT_MS = 366 * 24 * 3600 * 1000  # a year: anything longer is a mistake, not a timeout
+
+
+def policy(job: ClaimedJob, default_timeout_ms: int | None) -> RunPolicy:
+    """The row's timeout_ms (NULL: the configured default) and max_attempts; raises BadJob when malformed."""
+    timeout = job.timeout_ms if job.timeout_ms is not None else default_timeout_ms
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int)
+                                or not 0 < timeout <= MAX_TIMEOUT_MS):
+        raise BadJob(f"timeout_ms must be NULL or an integer from 1 to {MAX_TIMEOUT_MS} (a year), got {timeout!r:.60}")
+    attempts = job.max_attempts
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 1000:
+        raise BadJob(f"max_attempts must be an integer from 1 to 1000, got {attempts!r:.60}")
+    return RunPolicy(timeout, attempts)

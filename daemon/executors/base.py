@@ -33,6 +33,11 @@ class SpawnError(Exception):
 class Process(Protocol):
     """A started job: its output goes to the callbacks given to `Executor.start` as it arrives."""
 
+    @property
+    def pid(self) -> int | None:
+        """The process group id on this host, for crash recovery; None where it is not a local pid."""
+        ...
+
     async def wait(self) -> ExitStatus:
         """Wait for the process to end and its output to drain."""
         ...

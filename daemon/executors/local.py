@@ -60,6 +60,10 @@ class LocalProcess:
             self._open[fd] = callback
             loop.add_reader(fd, self._read, fd)
 
+    @property
+    def pid(self) -> int | None:
+        return self._popen.pid
+
     def _read(self, fd: int) -> None:
         try:
             data = os.read(fd, READ_SIZE)

@@ -22,9 +22,19 @@ import anyio
 from daemon import logging as log
 from daemon.errors import DatabaseError, JobdError
 from daemon.store.queries import HERE, Q, read_sql, split_statements
-from daemon.store.rows import Claim, ClaimedJob, JobResult, JobStatus, OutputSnapshot
+from daemon.store.rows import (
+    Claim,
+    ClaimedJob,
+    JobResult,
+    JobStatus,
+    OrphanedJob,
+    OutputSnapshot,
+    ProcessRef,
+    Worker,
+)
 
-__all__ = ["Claim", "ClaimedJob", "JobResult", "JobStatus", "OutputSnapshot", "Store", "now_ms"]
+__all__ = ["Claim", "ClaimedJob", "JobResult", "JobStatus", "OrphanedJob", "OutputSnapshot", "ProcessRef", "Store",
+           "Worker", "now_ms"]
 
 T = TypeVar("T")
 _ADD_COLUMN = re.compile(r"ALTER\s+TABLE\s+(\w+)\s+ADD\s+COLUMN\s+(\w+)", re.IGNORECASE)
@@ -237,9 +247,11 @@ class Store:
         ordered = sorted(rows, key=_claim_order)
         return [ClaimedJob(*row[:-2]) for row in ordered]
 
-    async def write_outputs(self, updates: Iterable[tuple[Claim, OutputSnapshot]]) -> None:
-        """Flush live output of several running jobs in one transaction (one commit, however many jobs)."""
-        params = [_output_params(claim, out) for claim, out in updates]
+    async def write_outputs(self, updates: Iterable[tuple[Claim, OutputSnapshot, ProcessRef | None]]) -> None:
+        """Flush live output (and where it runs) of several jobs in one transaction, however many jobs."""
+        params = [_output_params(claim, out) | {"pid": proc.pid if proc else None,
+                                                  "pid_start": proc.start if proc else None}
+                  for claim, out, proc in updates]
         if not params:
             return
 
@@ -248,10 +260,12 @@ class Store:
 
         await self._transaction(work)
 
-    async def finish_many(self, items: Sequence[tuple[Claim, JobResult]]) -> dict[str, tuple[JobStatus, int]]:
+    async def finish_many(self, items: Sequence[tuple[Claim, JobResult]]
+                          ) -> dict[str, tuple[JobStatus, int | None]]:
         """Record the end of several jobs in one transaction (a group commit).
 
-        Returns job id -> (the row's status now, duration ms) for the writes that took; a job missing from it
+        Returns job id -> (the row's status now, duration ms or None if re-queued) for the writes that took; a job
+        missing from it
         is no longer ours (another program deleted or re-queued it) and its row was left untouched.
         """
         if not items:
@@ -259,20 +273,73 @@ class Store:
         params = []
         for claim, result in items:
             p = _output_params(claim, result.output)
-            p.update(status=result.status.value, exit_code=result.exit_code, error=result.error)
+            p.update(status=result.status.value, exit_code=result.exit_code, error=result.error,
+                     run_after=result.run_after)
             params.append(p)
+        requeues = [p for p, (_, result) in zip(params, items, strict=True) if result.requeue]
         worker_id = items[0][0].worker_id
         claims = json.dumps([[claim.job_id, claim.attempt] for claim, _ in items])
-
         args = {"claims": claims, "worker_id": worker_id}
 
-        async def work() -> dict[str, tuple[JobStatus, int]]:
+        async def work() -> dict[str, tuple[JobStatus, int | None]]:
             ours = {row[0] for row in await self._conn.execute_fetchall(Q["unfinished_claims"], args)}
+            if requeues:  # first: a requeue that does not take (the row was cancelled) is then finished
+                await self._conn.executemany(Q["requeue_job"], requeues)
             await self._conn.executemany(Q["finish_job"], params)
             rows = await self._conn.execute_fetchall(Q["finished_claims"], args)
-            return {row[0]: (JobStatus(row[1]), int(row[2])) for row in rows if row[0] in ours}
+            return {row[0]: (JobStatus(row[1]), row[2]) for row in rows if row[0] in ours}
 
         return await self._transaction(work)
+
+    async def fail_blocked_dependencies(self) -> list[tuple[str, Any]]:
+        """Fail queued rows whose dependency can no longer complete; repeated so chains fail in one call."""
+        failed: list[tuple[str, Any]] = []
+        while rows := await self._write("fail_blocked_dependencies", {}):
+            failed += [(row[0], row[1]) for row in rows]
+        return failed
+
+    async def has_dependents(self) -> bool:
+        rows = list(await self._conn.execute_fetchall(Q["has_dependents"]))
+        return bool(rows[0][0])
+
+    async def next_run_after(self) -> int | None:
+        rows = list(await self._conn.execute_fetchall(Q["next_run_after"]))
+        return int(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    # -- leases and recovery ------------------------------------------------------------------------------
+
+    async def register_worker(self, *, worker_id: str, host: str, boot_id: str | None, pid: int,
+                              pid_start: int | None) -> None:
+        await self._write("register_worker", {"id": worker_id, "host": host, "boot_id": boot_id, "pid": pid,
+                                              "pid_start": pid_start})
+
+    async def heartbeat(self, worker_id: str) -> bool:
+        """Renew our lease; False means another daemon declared us dead and took our jobs."""
+        return bool(await self._write("heartbeat", {"id": worker_id}))
+
+    async def other_workers(self, worker_id: str) -> list[Worker]:
+        rows = await self._conn.execute_fetchall(Q["other_workers"], {"id": worker_id})
+        return [Worker(*row) for row in rows]
+
+    async def stop_worker(self, worker_id: str, reason: str) -> bool:
+        """Mark a worker stopped; True for the one caller that did it (and so recovers its jobs)."""
+        return bool(await self._write("stop_worker", {"id": worker_id, "reason": reason}))
+
+    async def orphaned_jobs(self, worker_id: str) -> list[OrphanedJob]:
+        rows = await self._conn.execute_fetchall(Q["orphaned_jobs"], {"worker_id": worker_id})
+        return [OrphanedJob(*row) for row in rows]
+
+    async def resolve_orphan(self, worker_id: str, job: OrphanedJob, *, requeue: bool, error: str) -> bool:
+        """Re-queue or fail a dead daemon's job: a compare-and-set on its claim, so a late finisher cannot win."""
+        query = "requeue_orphan" if requeue else "fail_orphan"
+        params = {"id": job.id, "worker_id": worker_id, "attempt": job.attempt, "error": error}
+
+        async def op() -> int:
+            cursor = await self._conn.execute(Q[query], params)
+            return int(cursor.rowcount)
+
+        async with self._write_lock:
+            return await self._retry_locked(op) == 1
 
     async def cancelled_among(self, job_ids: Sequence[str], worker_id: str) -> list[str]:
         rows = await self._conn.execute_fetchall(Q["cancelled_among"], {"ids": json.dumps(list(job_ids)),
@@ -281,15 +348,26 @@ class Store:
 
     # -- the CLI's side -----------------------------------------------------------------------------------
 
-    async def insert_job(self, *, node_id: str, tool: str, command: str, cwd: str | None,
-                         env: dict[str, str] | None, priority: int) -> str:
+    async def insert_job(self, *, node_id: str, tool: str, command: str, cwd: str | None = None,
+                         env: dict[str, str] | None = None, priority: int = 0, timeout_ms: int | None = None,
+                         max_attempts: int = 1, run_after: int | None = None, depends_on: str | None = None) -> str:
         import uuid  # the CLI's path only: the daemon never creates ids
 
         job_id = str(uuid.uuid4())
         await self._write("insert_job", {"id": job_id, "node_id": node_id, "tool": tool, "command": command,
                                          "now": now_ms(), "cwd": cwd, "priority": priority,
+                                         "timeout_ms": timeout_ms, "max_attempts": max_attempts,
+                                         "run_after": run_after, "depends_on": depends_on,
                                          "env": json.dumps(env) if env else None})
         return job_id
+
+    async def retry(self, job_id: str) -> bool:
+        return bool(await self._write("retry_job", {"id": job_id}))
+
+    async def workers(self) -> list[dict[str, Any]]:
+        async with self._conn.execute(Q["workers"]) as cursor:
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
 
     async def cancel(self, job_ids: Sequence[str]) -> list[str]:
         rows = await self._write("cancel_jobs", {"ids": json.dumps(list(job_ids)), "now": now_ms()})

@@ -6,6 +6,8 @@ import re
 import sqlite3
 from pathlib import Path
 
+# SQLite's clock in epoch milliseconds, evaluated once per statement.
+NOW_MS = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
 HERE = Path(__file__).parent  # the package data (schema, queries, migrations) lives beside this module
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
 
@@ -21,7 +23,7 @@ def parse_named(text: str) -> dict[str, str]:
     for name, body in zip(parts[1::2], parts[2::2], strict=True):
         if name in queries:
             raise ValueError(f"queries.sql: query {name!r} is defined twice")
-        queries[name] = body.strip()
+        queries[name] = body.strip().replace("NOW_MS", NOW_MS)
     return queries
 
 

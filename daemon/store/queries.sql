@@ -1,13 +1,13 @@
 -- Named queries: `-- name: NAME` then one statement. Parsed once at import by daemon.store.queries.
--- Times the daemon records are read from SQLite's clock inside the statement, in epoch milliseconds, so they
--- are taken when the write happens, not when it was queued behind another program's lock.
+-- NOW_MS stands for SQLite's clock in epoch milliseconds, read inside the statement (the parser expands it), so
+-- recorded times are taken when the write happens, not when it was queued behind another program's lock.
 
 -- name: fail_unknown_nodes
 -- Fail queued rows whose node_id names no configured node; :nodes is a JSON array of node ids.
 UPDATE jobs
    SET status = 'failed', error = :error, duration = 0,
-       started_at = CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER),
-       completed_at = CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)
+       started_at = NOW_MS,
+       completed_at = NOW_MS
  WHERE status = 'queued'
    AND (node_id IS NULL OR node_id NOT IN (SELECT value FROM json_each(:nodes)))
 RETURNING id, node_id;
@@ -16,22 +16,27 @@ RETURNING id, node_id;
 -- One atomic compare-and-set from queued to executing, highest priority first, then oldest.
 UPDATE jobs
    SET status = 'executing', worker_id = :worker_id, attempt = attempt + 1,
-       started_at = CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER),
+       started_at = NOW_MS,
        error = NULL, exit_code = NULL, completed_at = NULL, duration = NULL,
-       stdout = NULL, stderr = NULL, stdout_bytes = NULL, stderr_bytes = NULL
+       stdout = NULL, stderr = NULL, stdout_bytes = NULL, stderr_bytes = NULL, pid = NULL, pid_start = NULL
  WHERE id IN (SELECT id FROM jobs
                WHERE status = 'queued' AND node_id = :node_id
+                 AND (run_after IS NULL OR run_after <= NOW_MS)
+                 AND (depends_on IS NULL
+                      OR EXISTS (SELECT 1 FROM jobs AS d WHERE d.id = jobs.depends_on AND d.status = 'completed'))
                ORDER BY priority DESC, created_at, rowid
                LIMIT :limit)
    AND status = 'queued'
-RETURNING id, node_id, tool, command, cwd, env, priority, attempt, started_at, created_at, rowid;
+RETURNING id, node_id, tool, command, cwd, env, priority, attempt, started_at, timeout_ms, max_attempts,
+          created_at, rowid;
 -- RETURNING gives rows in no promised order: Store.claim sorts them as the ORDER BY above.
 
 -- name: write_output
 -- Live output of a running job; a NULL stream parameter keeps that column as it is.
 UPDATE jobs
    SET stdout = COALESCE(:stdout, stdout), stderr = COALESCE(:stderr, stderr),
-       stdout_bytes = :stdout_bytes, stderr_bytes = :stderr_bytes
+       stdout_bytes = :stdout_bytes, stderr_bytes = :stderr_bytes,
+       pid = COALESCE(:pid, pid), pid_start = COALESCE(:pid_start, pid_start)
  WHERE id = :id AND worker_id = :worker_id AND attempt = :attempt AND status IN ('executing', 'cancelled')
    AND duration IS NULL;  -- set by finish_job: a late flush never overwrites a cancelled row's final output
 
@@ -42,8 +47,8 @@ UPDATE jobs
        exit_code = :exit_code, error = :error,
        stdout = COALESCE(:stdout, stdout), stderr = COALESCE(:stderr, stderr),
        stdout_bytes = :stdout_bytes, stderr_bytes = :stderr_bytes,
-       completed_at = CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER),
-       duration = CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) - started_at
+       completed_at = NOW_MS,
+       duration = NOW_MS - started_at
  WHERE id = :id AND worker_id = :worker_id AND attempt = :attempt AND status IN ('executing', 'cancelled')
    AND duration IS NULL;
 
@@ -56,11 +61,90 @@ SELECT j.id
  WHERE j.worker_id = :worker_id AND j.status IN ('executing', 'cancelled') AND j.duration IS NULL;
 
 -- name: finished_claims
--- The status and duration finish_job left on the rows of :claims.
+-- The status and duration finish_job or requeue_job left on the rows of :claims.
 SELECT j.id, j.status, j.duration
   FROM jobs AS j JOIN json_each(:claims) AS c
-    ON j.id = json_extract(c.value, '$[0]') AND j.attempt = json_extract(c.value, '$[1]')
- WHERE j.worker_id = :worker_id;
+    ON j.id = json_extract(c.value, '$[0]') AND j.attempt = json_extract(c.value, '$[1]');
+
+-- name: requeue_job
+-- A failed attempt of a job that may try again: back to queued (not before :run_after), its output kept until the
+-- next attempt starts. A row another program cancelled meanwhile is not touched (finish_job records it).
+UPDATE jobs
+   SET status = 'queued', run_after = :run_after, exit_code = :exit_code, error = :error,
+       stdout = COALESCE(:stdout, stdout), stderr = COALESCE(:stderr, stderr),
+       stdout_bytes = :stdout_bytes, stderr_bytes = :stderr_bytes,
+       completed_at = NULL, duration = NULL, worker_id = NULL, pid = NULL, pid_start = NULL
+ WHERE id = :id AND worker_id = :worker_id AND attempt = :attempt AND status = 'executing' AND duration IS NULL;
+
+-- name: fail_blocked_dependencies
+-- Queued rows that can never start because the job they depend on ended another way than completed, does not
+-- exist, or is the row itself.
+UPDATE jobs
+   SET status = 'failed', duration = 0, started_at = NOW_MS, completed_at = NOW_MS,
+       error = 'depends_on ' || quote(depends_on) || ' ' || CASE
+           WHEN depends_on = id THEN 'is this job itself'
+           ELSE COALESCE('ended ' || (SELECT d.status FROM jobs AS d WHERE d.id = jobs.depends_on), 'is no job')
+       END || '; this job runs only after that job completed'
+ WHERE status = 'queued' AND depends_on IS NOT NULL
+   AND (depends_on = id
+        OR NOT EXISTS (SELECT 1 FROM jobs AS d WHERE d.id = jobs.depends_on)
+        OR EXISTS (SELECT 1 FROM jobs AS d WHERE d.id = jobs.depends_on AND d.status IN ('failed', 'cancelled')))
+RETURNING id, depends_on;
+
+-- name: has_dependents
+SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND depends_on IS NOT NULL);
+
+-- name: next_run_after
+-- When the earliest row waiting for its run_after becomes due (NULL: none waits).
+SELECT min(run_after) FROM jobs WHERE status = 'queued' AND run_after > NOW_MS;
+
+-- name: retry_job
+-- `nexus-jobd retry`: a finished job back to queued as a new attempt (the claim clears the old output).
+UPDATE jobs
+   SET status = 'queued', run_after = NULL, exit_code = NULL, error = NULL, started_at = NULL,
+       completed_at = NULL, duration = NULL, worker_id = NULL, pid = NULL, pid_start = NULL
+ WHERE id = :id AND status IN ('completed', 'failed', 'cancelled')
+RETURNING id;
+
+-- name: register_worker
+INSERT INTO jobd_workers (id, host, boot_id, pid, pid_start, started_at, heartbeat_at)
+VALUES (:id, :host, :boot_id, :pid, :pid_start, NOW_MS, NOW_MS);
+
+-- name: heartbeat
+-- Renew this daemon's lease on all its running jobs at once; no row back means another daemon declared it dead.
+UPDATE jobd_workers SET heartbeat_at = NOW_MS WHERE id = :id AND stopped_at IS NULL RETURNING id;
+
+-- name: other_workers
+SELECT id, host, boot_id, pid, pid_start, heartbeat_at, NOW_MS FROM jobd_workers
+ WHERE stopped_at IS NULL AND id != :id;
+
+-- name: stop_worker
+-- Only one daemon wins this: the one that then recovers the stopped daemon's jobs.
+UPDATE jobd_workers SET stopped_at = NOW_MS, stop_reason = :reason WHERE id = :id AND stopped_at IS NULL
+RETURNING id;
+
+-- name: orphaned_jobs
+SELECT id, attempt, max_attempts, pid, pid_start FROM jobs
+ WHERE worker_id = :worker_id AND status IN ('executing', 'cancelled') AND duration IS NULL;
+
+-- name: fail_orphan
+-- A job whose daemon died: it ends failed (or stays cancelled), its output up to the last flush kept.
+UPDATE jobs
+   SET status = CASE status WHEN 'cancelled' THEN 'cancelled' ELSE 'failed' END, error = :error,
+       completed_at = NOW_MS, duration = NOW_MS - started_at
+ WHERE id = :id AND worker_id = :worker_id AND attempt = :attempt AND status IN ('executing', 'cancelled')
+   AND duration IS NULL;
+
+-- name: requeue_orphan
+UPDATE jobs
+   SET status = 'queued', error = :error, completed_at = NULL, duration = NULL, worker_id = NULL, pid = NULL,
+       pid_start = NULL
+ WHERE id = :id AND worker_id = :worker_id AND attempt = :attempt AND status = 'executing' AND duration IS NULL;
+
+-- name: workers
+SELECT w.id, w.host, w.pid, w.started_at, w.heartbeat_at, w.stopped_at, w.stop_reason, NOW_MS AS now,
+       (SELECT count(*) FROM jobs WHERE worker_id = w.id AND status = 'executing') AS running
+  FROM jobd_workers AS w ORDER BY w.started_at DESC;
 
 -- name: cancelled_among
 -- Which of our running jobs (:ids, a JSON array) another program has cancelled.
@@ -74,8 +158,10 @@ UPDATE jobs SET status = 'cancelled', completed_at = :now
 RETURNING id;
 
 -- name: insert_job
-INSERT INTO jobs (id, node_id, tool, command, status, created_at, cwd, env, priority)
-VALUES (:id, :node_id, :tool, :command, 'queued', :now, :cwd, :env, :priority);
+INSERT INTO jobs (id, node_id, tool, command, status, created_at, cwd, env, priority, timeout_ms, max_attempts,
+                  run_after, depends_on)
+VALUES (:id, :node_id, :tool, :command, 'queued', :now, :cwd, :env, :priority, :timeout_ms, :max_attempts,
+        :run_after, :depends_on);
 
 -- name: get_job
 SELECT * FROM jobs WHERE id = :id;
@@ -87,7 +173,7 @@ SELECT id FROM jobs WHERE substr(id, 1, length(:prefix)) = :prefix LIMIT 2;
 -- name: list_jobs
 -- Everything but the output itself, which can be megabytes a row.
 SELECT id, node_id, tool, command, status, exit_code, error, duration, created_at, started_at, completed_at,
-       priority, attempt, worker_id, stdout_bytes, stderr_bytes
+       priority, attempt, max_attempts, run_after, depends_on, timeout_ms, worker_id, stdout_bytes, stderr_bytes
   FROM jobs
  WHERE (:status IS NULL OR status = :status) AND (:node_id IS NULL OR node_id = :node_id)
  ORDER BY created_at DESC, rowid DESC

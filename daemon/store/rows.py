@@ -33,6 +33,8 @@ class ClaimedJob:
     priority: Any
     attempt: int
     started_at: int
+    timeout_ms: Any
+    max_attempts: Any
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,40 @@ class OutputSnapshot:
 
 
 @dataclass(frozen=True)
+class ProcessRef:
+    """A job's process group on the daemon's host; `start` (clock ticks after boot) tells a reused pid apart."""
+
+    pid: int
+    start: int | None
+
+
+@dataclass(frozen=True)
 class JobResult:
     status: JobStatus
     exit_code: int | None
     error: str | None
     output: OutputSnapshot
+    requeue: bool = False  # try again: back to queued instead of `status`
+    run_after: int | None = None  # with requeue: not before this epoch ms
+
+
+@dataclass(frozen=True)
+class Worker:
+    """A daemon process registered on the database, as another daemon sees it."""
+
+    id: str
+    host: str
+    boot_id: str | None
+    pid: int
+    pid_start: int | None
+    heartbeat_at: int
+    now: int  # the database clock when read
+
+
+@dataclass(frozen=True)
+class OrphanedJob:
+    id: str
+    attempt: int
+    max_attempts: Any
+    pid: int | None
+    pid_start: int | None

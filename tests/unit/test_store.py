@@ -18,8 +18,9 @@ from daemon.store import Claim, JobResult, JobStatus, OutputSnapshot, Store
 pytestmark = pytest.mark.anyio
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
-MIGRATIONS = ["0001_job_columns"]
-DAEMON_COLUMNS = {"error", "cwd", "env", "priority", "stdout_bytes", "stderr_bytes", "worker_id", "attempt"}
+MIGRATIONS = ["0001_job_columns", "0002_lifecycle"]
+DAEMON_COLUMNS = {"error", "cwd", "env", "priority", "stdout_bytes", "stderr_bytes", "worker_id", "attempt",
+                  "timeout_ms", "max_attempts", "run_after", "depends_on", "pid", "pid_start"}
 NEXUSCLI_INSERT = ("INSERT INTO jobs (id, conversation_id, message_id, node_id, tool, command, status, created_at) "
                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 
@@ -195,7 +196,8 @@ async def test_migrate_on_a_nexuscli_database(path: Path) -> None:
         after = schema_objects(conn)
         assert before_objects <= after, "an existing table or index was changed"
         added = {o[1] for o in after - before_objects if o[:2] != ("table", "jobs")}
-        assert added == {"jobd_migrations", "sqlite_autoindex_jobd_migrations_1", "jobd_jobs_claim"}
+        assert added == {"jobd_migrations", "sqlite_autoindex_jobd_migrations_1", "jobd_jobs_claim",
+                         "jobd_workers", "sqlite_autoindex_jobd_workers_1", "jobd_jobs_worker"}
         jobs_sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'jobs'").fetchone()[0]
         assert "CHECK(status IN ('queued', 'executing', 'completed', 'failed', 'cancelled'))" in jobs_sql
         columns = conn.execute("PRAGMA table_info(jobs)").fetchall()
@@ -380,14 +382,14 @@ async def test_finish_twice_is_refused(store: Store, other: Other) -> None:
 
 async def test_output_flush_follows_the_claim_and_never_lands_after_finish(store: Store, other: Other) -> None:
     claim = await claim_one(store, other)
-    await store.write_outputs([(claim, OutputSnapshot("live", None, 4, 0))])
-    await store.write_outputs([(claim, OutputSnapshot(None, "e", 4, 1))])
+    await store.write_outputs([(claim, OutputSnapshot("live", None, 4, 0), None)])
+    await store.write_outputs([(claim, OutputSnapshot(None, "e", 4, 1), None)])
     row = other.job("j1")
     assert (row["stdout"], row["stderr"], row["stdout_bytes"], row["stderr_bytes"]) == ("live", "e", 4, 1)
-    await store.write_outputs([(Claim("j1", "w2", claim.attempt), OutputSnapshot("intruder", None, 8, 1))])
+    await store.write_outputs([(Claim("j1", "w2", claim.attempt), OutputSnapshot("intruder", None, 8, 1), None)])
     assert other.job("j1")["stdout"] == "live"
     await finish(store, claim, result(stdout="final"))
-    await store.write_outputs([(claim, OutputSnapshot("late", None, 9, 1))])
+    await store.write_outputs([(claim, OutputSnapshot("late", None, 9, 1), None)])
     assert other.job("j1")["stdout"] == "final"
 
 

@@ -9,12 +9,14 @@ import pytest
 from daemon.config import TOOLS
 from daemon.errors import BadJob
 from daemon.store.rows import ClaimedJob
-from daemon.tools import MAX_COMMAND_BYTES, Command, build, parse_env, strip_metadata
+from daemon.tools import MAX_COMMAND_BYTES, Command, RunPolicy, build, parse_env, policy, strip_metadata
 
 
-def job(command: Any, tool: Any = "bash", *, cwd: Any = None, env: Any = None, priority: Any = 0) -> ClaimedJob:
+def job(command: Any, tool: Any = "bash", *, cwd: Any = None, env: Any = None, priority: Any = 0,
+        timeout_ms: Any = None, max_attempts: Any = 1) -> ClaimedJob:
     return ClaimedJob(id="job-1", node_id="localhost", tool=tool, command=command, cwd=cwd, env=env,
-                      priority=priority, attempt=1, started_at=1_700_000_000_000)
+                      priority=priority, attempt=1, started_at=1_700_000_000_000, timeout_ms=timeout_ms,
+                      max_attempts=max_attempts)
 
 
 def argv(command: Any, tool: Any = "bash") -> tuple[str, ...]:
@@ -188,3 +190,23 @@ def test_bad_env_raises_badjob(raw: Any, message: str) -> None:
         parse_env(raw)
     with pytest.raises(BadJob, match=message):
         build(job("ls", env=raw), TOOLS)
+
+
+def test_policy_takes_the_row_then_the_default() -> None:
+    assert policy(job("true"), None) == RunPolicy(None, 1)
+    assert policy(job("true"), 5000) == RunPolicy(5000, 1)
+    assert policy(job("true", timeout_ms=250, max_attempts=3), 5000) == RunPolicy(250, 3)
+
+
+@pytest.mark.parametrize(("columns", "message"), [
+    ({"timeout_ms": 0}, "timeout_ms must be NULL or an integer from 1"),
+    ({"timeout_ms": -5}, "timeout_ms must be NULL or an integer from 1"),
+    ({"timeout_ms": "soon"}, "timeout_ms must be NULL or an integer from 1"),
+    ({"timeout_ms": 10**15}, "timeout_ms must be NULL or an integer from 1"),
+    ({"max_attempts": 0}, "max_attempts must be an integer from 1 to 1000"),
+    ({"max_attempts": "3"}, "max_attempts must be an integer from 1 to 1000"),
+    ({"max_attempts": 10**6}, "max_attempts must be an integer from 1 to 1000"),
+])
+def test_policy_rejects_absurd_values(columns: dict[str, Any], message: str) -> None:
+    with pytest.raises(BadJob, match=message):
+        policy(job("true", **columns), None)

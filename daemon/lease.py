@@ -1,0 +1,101 @@
+"""Leases and crash recovery: each daemon registers itself and renews one lease for all its running jobs.
+
+A daemon whose lease expired, or whose process is gone from this host, is dead: the first daemon to notice marks
+it stopped (only one can), kills what is left of its jobs' process groups on this host, and re-queues each job
+that may try again or fails it with 'daemon stopped while the job was running'.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio
+
+from daemon import logging as log
+from daemon import procs
+from daemon.store import OrphanedJob, Store, Worker
+
+logger = log.get("lease")
+ORPHAN_ERROR = "daemon stopped while the job was running"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who this daemon is, in terms another daemon on the same host can check."""
+
+    worker_id: str
+    host: str
+    boot_id: str | None
+    pid: int
+    pid_start: int | None
+
+    @classmethod
+    def of_this_process(cls, worker_id: str) -> Identity:
+        pid = os.getpid()
+        return cls(worker_id, socket.gethostname(), procs.boot_id(), pid, procs.start_time(pid))
+
+    def same_boot(self, worker: Worker) -> bool:
+        return worker.host == self.host and worker.boot_id is not None and worker.boot_id == self.boot_id
+
+
+def why_dead(me: Identity, worker: Worker, ttl_ms: int) -> str | None:
+    """The reason `worker` is dead, or None while it may be alive."""
+    if worker.host == me.host and worker.boot_id != me.boot_id and worker.boot_id and me.boot_id:
+        return "its host rebooted"
+    if me.same_boot(worker) and not procs.is_alive(worker.pid, worker.pid_start):
+        return f"its process {worker.pid} is gone"
+    if worker.heartbeat_at + ttl_ms < worker.now:
+        return f"its lease expired {(worker.now - worker.heartbeat_at) / 1000:.1f}s after its last heartbeat"
+    return None
+
+
+class Lease:
+    def __init__(self, store: Store, me: Identity, *, ttl_ms: int, on_lost: Callable[[], None]) -> None:
+        self._store = store
+        self.me = me
+        self._ttl_ms = ttl_ms
+        self._on_lost = on_lost
+
+    async def register(self) -> None:
+        await self._store.register_worker(worker_id=self.me.worker_id, host=self.me.host, boot_id=self.me.boot_id,
+                                          pid=self.me.pid, pid_start=self.me.pid_start)
+        await self.recover()
+
+    async def run(self) -> None:
+        """Renew the lease and look for dead daemons, four times per lease period."""
+        while True:
+            await anyio.sleep(self._ttl_ms / 4000)
+            if not await self._store.heartbeat(self.me.worker_id):
+                logger.error("lease.lost", worker_id=self.me.worker_id,
+                             reason="another daemon declared this one dead and recovered its jobs")
+                self._on_lost()
+                return
+            await self.recover()
+
+    async def release(self) -> None:
+        await self._store.stop_worker(self.me.worker_id, "clean shutdown")
+
+    async def recover(self) -> None:
+        for worker in await self._store.other_workers(self.me.worker_id):
+            reason = why_dead(self.me, worker, self._ttl_ms)
+            if reason is not None and await self._store.stop_worker(worker.id, f"declared dead: {reason}"):
+                await self._recover_jobs(worker, reason)
+
+    async def _recover_jobs(self, worker: Worker, reason: str) -> None:
+        jobs = await self._store.orphaned_jobs(worker.id)
+        logger.warning("lease.recovering", dead_worker=worker.id, reason=reason, jobs=len(jobs))
+        for job in jobs:
+            killed = self._kill_leftovers(worker, job)
+            requeue = isinstance(job.max_attempts, int) and job.attempt < job.max_attempts
+            if await self._store.resolve_orphan(worker.id, job, requeue=requeue, error=ORPHAN_ERROR):
+                logger.warning("job.recovered", job_id=job.id, dead_worker=worker.id, killed_leftovers=killed,
+                               outcome="requeued" if requeue else "failed")
+
+    def _kill_leftovers(self, worker: Worker, job: OrphanedJob) -> bool:
+        """Only on the dead daemon's own host and boot can its pids be trusted (and reached)."""
+        if job.pid is None or not self.me.same_boot(worker):
+            return False
+        return procs.kill_group(job.pid, job.pid_start)

@@ -1,0 +1,62 @@
+"""How an attempt ended -> what the row records: status, exit code, error, and whether to try again when.
+
+Conventions: a timeout records 124 (as coreutils `timeout`), a signal 128+N; retries back off exponentially
+with jitter; jobs interrupted by the daemon itself (shutdown) go back to the queue at once.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+from dataclasses import dataclass
+
+from daemon.executors.base import ExitStatus
+from daemon.store import JobResult, JobStatus, OutputSnapshot
+
+TIMEOUT_EXIT_CODE = 124
+SHUTDOWN_ERROR = "daemon shut down while the job was running"
+LEASE_LOST_ERROR = "this daemon lost its lease (another daemon took the job over)"
+
+
+@dataclass(frozen=True)
+class Backoff:
+    base_ms: int
+    max_ms: int
+
+    def delay_ms(self, attempt: int, rng: random.Random | None = None) -> int:
+        """Attempt 1 failed -> about base, then 2x each time, capped; a random half to full, so retries of
+        many jobs that failed together do not come back together."""
+        ceiling = min(self.max_ms, self.base_ms * 2 ** min(attempt - 1, 40))
+        return int(ceiling * (rng or random).uniform(0.5, 1.0))
+
+
+def _signal_error(status: ExitStatus) -> str | None:
+    if status.signal is None:
+        return None
+    try:
+        name = signal.Signals(status.signal).name
+    except ValueError:
+        name = "unknown"
+    return f"killed by signal {status.signal} ({name})"
+
+
+def result_for(status: ExitStatus, *, stop_reason: str | None, timeout_ms: int | None, output: OutputSnapshot,
+               attempt: int, max_attempts: int, backoff: Backoff, now_ms: int) -> JobResult:
+    """The row's record of an attempt whose process ran and ended with `status`."""
+    may_retry = attempt < max_attempts
+    if stop_reason == "timeout":
+        error = f"timed out after {(timeout_ms or 0) / 1000:g}s (timeout_ms={timeout_ms}) and was killed"
+        return _failed(TIMEOUT_EXIT_CODE, error, output, may_retry, now_ms + backoff.delay_ms(attempt))
+    if stop_reason == "shutdown":  # interrupted by us: not the job's fault, so no back-off
+        return _failed(status.code, SHUTDOWN_ERROR, output, may_retry, None)
+    if stop_reason == "lease lost":
+        return _failed(status.code, LEASE_LOST_ERROR, output, False, None)
+    if stop_reason == "cancelled":  # the row stays `cancelled` whatever status we pass
+        return JobResult(JobStatus.FAILED, status.code, None, output)
+    if status.code == 0:
+        return JobResult(JobStatus.COMPLETED, 0, None, output)
+    return _failed(status.code, _signal_error(status), output, may_retry, now_ms + backoff.delay_ms(attempt))
+
+
+def _failed(code: int, error: str | None, output: OutputSnapshot, retry: bool, run_after: int | None) -> JobResult:
+    return JobResult(JobStatus.FAILED, code, error, output, requeue=retry, run_after=run_after if retry else None)

@@ -1,0 +1,133 @@
+"""One attempt of one job: validate the row, start the process, enforce timeout and stop requests, and say how it
+ended. Dispatch decides what runs when; this module only runs it.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+import anyio
+from anyio.abc import TaskGroup
+
+from daemon import logging as log
+from daemon import outcome, procs, tools
+from daemon.config import Config
+from daemon.errors import BadJob
+from daemon.executors.base import Executor, Process, SpawnError
+from daemon.output import JobOutput
+from daemon.store import Claim, ClaimedJob, JobResult, JobStatus, ProcessRef, now_ms
+
+logger = log.get("runner")
+
+
+@dataclass
+class RunningJob:
+    claim: Claim
+    node_id: str
+    tool: str
+    output: JobOutput
+    stop_reason: str | None = None  # why the daemon is ending it: cancelled, timeout, shutdown, lease lost
+    process: Process | None = None  # once started
+    process_ref: ProcessRef | None = None  # once known; recorded in the row with the next flush
+    pid_recorded: bool = False
+    holds_slot: bool = True  # until its process ends
+    ended: bool = False
+    _timers: list[anyio.CancelScope] = field(default_factory=list)
+
+    def end_timers(self) -> None:
+        """Timers of a job die with its process: no sleeping task outlives the job it was for."""
+        self.ended = True
+        for scope in self._timers:
+            scope.cancel()
+
+    def timer_scope(self) -> anyio.CancelScope:
+        scope = anyio.CancelScope()
+        if self.ended:
+            scope.cancel()
+        self._timers.append(scope)
+        return scope
+
+
+class JobRunner:
+    def __init__(self, config: Config, executors: Mapping[str, Executor], on_output: Callable[[], None]) -> None:
+        self._config = config
+        self._executors = executors
+        self._on_output = on_output
+        self._backoff = outcome.Backoff(config.retry_backoff_ms, config.retry_backoff_max_ms)
+        self._tg: TaskGroup | None = None
+
+    def bind(self, tg: TaskGroup) -> None:
+        """The task group that owns timers and terminators (the dispatcher's)."""
+        self._tg = tg
+
+    def new(self, job: ClaimedJob, worker_id: str) -> RunningJob:
+        return RunningJob(Claim(job.id, worker_id, job.attempt), str(job.node_id), str(job.tool),
+                          JobOutput(self._config.output_cap_bytes))
+
+    async def run(self, job: ClaimedJob, running: RunningJob) -> JobResult:
+        """Run one attempt to its end; a malformed row or a failed start is a result too, never an exception."""
+        node = self._config.nodes[running.node_id]
+        try:
+            command = tools.build(job, node.tools)
+            policy = tools.policy(job, self._config.default_timeout_ms)
+        except BadJob as e:
+            return JobResult(JobStatus.FAILED, None, str(e), running.output.snapshot(final=True))
+        try:
+            process = await self._executors[running.node_id].start(
+                command, self._feeder(running.output.stdout.feed), self._feeder(running.output.stderr.feed))
+        except SpawnError as e:
+            return JobResult(JobStatus.FAILED, 127, str(e), running.output.snapshot(final=True))
+        self._started(running, process, policy.timeout_ms)
+        status = await process.wait()
+        running.end_timers()
+        return outcome.result_for(status, stop_reason=running.stop_reason, timeout_ms=policy.timeout_ms,
+                                  output=running.output.snapshot(final=True), attempt=job.attempt,
+                                  max_attempts=policy.max_attempts, backoff=self._backoff, now_ms=now_ms())
+
+    def _started(self, running: RunningJob, process: Process, timeout_ms: int | None) -> None:
+        running.process = process
+        if process.pid is not None:
+            running.process_ref = ProcessRef(process.pid, procs.start_time(process.pid))
+        self._on_output()  # the flusher records where it runs
+        if running.stop_reason is not None:  # asked to stop while it was starting
+            self._spawn(self._terminate, running)
+        if timeout_ms is not None:
+            self._spawn(self._expire, running, timeout_ms)
+
+    def request_stop(self, running: RunningJob, reason: str) -> None:
+        if running.stop_reason is None:
+            running.stop_reason = reason
+            if running.process is not None:
+                self._spawn(self._terminate, running)
+
+    def _spawn(self, fn: Callable[..., Awaitable[None]], running: RunningJob, *args: object) -> None:
+        assert self._tg is not None
+        self._tg.start_soon(self._in_timers, fn, running, *args)
+
+    @staticmethod
+    async def _in_timers(fn: Callable[..., Awaitable[None]], running: RunningJob, *args: object) -> None:
+        with running.timer_scope():
+            await fn(running, *args)
+
+    async def _expire(self, running: RunningJob, timeout_ms: int) -> None:
+        await anyio.sleep(timeout_ms / 1000)
+        logger.warning("job.timed_out", job_id=running.claim.job_id, timeout_ms=timeout_ms)
+        self.request_stop(running, "timeout")
+
+    async def _terminate(self, running: RunningJob) -> None:
+        """TERM the whole group, KILL it if the job has not ended after the grace period."""
+        assert running.process is not None
+        running.process.signal_group(signal.SIGTERM)
+        await anyio.sleep(self._config.kill_grace_ms / 1000)
+        if running.holds_slot:
+            logger.warning("job.killed", job_id=running.claim.job_id, reason=running.stop_reason)
+            running.process.signal_group(signal.SIGKILL)
+
+    def _feeder(self, feed: Callable[[bytes], None]) -> Callable[[bytes], None]:
+        def on_data(data: bytes) -> None:
+            feed(data)
+            self._on_output()
+
+        return on_data
