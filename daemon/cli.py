@@ -16,7 +16,7 @@ import anyio
 from daemon import __version__, config, service
 from daemon import logging as log
 from daemon.errors import ConfigError, JobdError
-from daemon.store import JobStatus, Store
+from daemon.store import JobStatus, Store, now_ms
 
 _MARKER = re.compile(r"\n\[nexus-jobd: \d+ bytes of \w+ omitted; (\d+) bytes in all\]\n")
 _FOLLOW_POLL_S = 0.1
@@ -131,8 +131,13 @@ def cmd_submit(cfg: config.Config, args: argparse.Namespace) -> int:
         env[name] = value
 
     async def action(store: Store) -> int:
+        run_after = now_ms() + int(args.delay * 1000) if args.delay else None
+        depends_on = await store.resolve_id(args.depends_on) if args.depends_on else None
         job_id = await store.insert_job(node_id=args.node or cfg.local_node, tool=args.tool, command=command,
-                                        cwd=args.cwd, env=env or None, priority=args.priority)
+                                        cwd=args.cwd, env=env or None, priority=args.priority,
+                                        timeout_ms=int(args.timeout * 1000) if args.timeout else None,
+                                        max_attempts=args.max_attempts, run_after=run_after,
+                                        depends_on=depends_on)
         print(job_id, file=sys.stderr if args.follow else sys.stdout, flush=True)
         if not args.follow:
             return 0
@@ -142,13 +147,15 @@ def cmd_submit(cfg: config.Config, args: argparse.Namespace) -> int:
 
 
 def _ps_table(rows: Sequence[dict[str, Any]]) -> str:
-    header = ("ID", "STATUS", "NODE", "TOOL", "EXIT", "DURATION", "AGE", "COMMAND")
+    header = ("ID", "STATUS", "NODE", "TOOL", "EXIT", "TRY", "DURATION", "AGE", "COMMAND / ERROR")
     lines = [header]
     for row in rows:
-        command = str(row["command"]).replace("\n", " ")
+        text = str(row["error"] if row["error"] and row["status"] != JobStatus.COMPLETED else row["command"])
+        text = text.replace("\n", " ")
         lines.append((str(row["id"])[:8], str(row["status"]), str(row["node_id"]), str(row["tool"]),
-                      "-" if row["exit_code"] is None else str(row["exit_code"]), _duration(row["duration"]),
-                      _age(row["created_at"]), command[:50] + ("…" if len(command) > 50 else "")))
+                      "-" if row["exit_code"] is None else str(row["exit_code"]),
+                      f"{row['attempt']}/{row['max_attempts']}", _duration(row["duration"]),
+                      _age(row["created_at"]), text[:60] + ("…" if len(text) > 60 else "")))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)) + "  " + line[-1]
                      for line in lines)
@@ -170,12 +177,37 @@ def cmd_show(cfg: config.Config, args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(row, indent=2))
             return 0
+        lease = await _lease_holder(store, row.get("worker_id"))
         for key, value in row.items():
+            if key == "worker_id" and value is not None:
+                value = f"{value} ({lease})"
             if key in ("stdout", "stderr"):
                 value = f"{len(value or '')} characters (`nexus-jobd logs {str(row['id'])[:8]}`)"
-            elif key in ("created_at", "started_at", "completed_at") and isinstance(value, int):
+            elif key in ("created_at", "started_at", "completed_at", "run_after") and isinstance(value, int):
                 value = f"{value}  ({_age(value)} ago)"
             print(f"{key:>14}: {'-' if value is None else value}")
+        return 0
+
+    return _with_store(cfg, action)
+
+
+async def _lease_holder(store: Store, worker_id: Any) -> str:
+    """How the daemon holding a job's claim is doing: its heartbeat age, or how it stopped."""
+    for worker in await store.workers():
+        if worker["id"] == worker_id:
+            if worker["stopped_at"] is not None:
+                return f"stopped: {worker['stop_reason']}"
+            age_s = (worker["now"] - worker["heartbeat_at"]) / 1000
+            return f"pid {worker['pid']} on {worker['host']}, heartbeat {age_s:.1f}s ago"
+    return "unknown daemon"
+
+
+def cmd_retry(cfg: config.Config, args: argparse.Namespace) -> int:
+    async def action(store: Store) -> int:
+        job_id = await store.resolve_id(args.id)
+        if not await store.retry(job_id):
+            raise JobdError(f"job {job_id} has not ended: only completed, failed or cancelled jobs can be retried")
+        print(f"{job_id}: queued again (attempt {(await store.get_job(job_id) or {}).get('attempt', 0) + 1})")
         return 0
 
     return _with_store(cfg, action)
@@ -239,6 +271,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--cwd", help="working directory (default: the daemon's default_cwd)")
     s.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra variable (repeatable)")
     s.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+    s.add_argument("--timeout", type=float, metavar="SECONDS", help="fail with exit code 124 after this long")
+    s.add_argument("--max-attempts", type=int, default=1, metavar="N", help="retry failures up to N attempts in all")
+    s.add_argument("--delay", type=float, metavar="SECONDS", help="do not start before this many seconds from now")
+    s.add_argument("--depends-on", metavar="ID", help="start only after this job completed (fail if it does not)")
     s.add_argument("--follow", "-f", action="store_true", help="stream the output; exit with the job's code")
     s.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND...")
     s.set_defaults(func=cmd_submit)
@@ -259,6 +295,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("id", help="job id or a unique prefix")
     s.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
     s.set_defaults(func=cmd_logs)
+
+    s = sub.add_parser("retry", help="queue a finished job again as a new attempt")
+    s.add_argument("id", help="job id or a unique prefix")
+    s.set_defaults(func=cmd_retry)
 
     s = sub.add_parser("cancel", help="cancel queued or running jobs (as NexusCLI does)")
     s.add_argument("ids", nargs="+", metavar="ID", help="job id or a unique prefix")

@@ -37,6 +37,7 @@ class Dispatcher:
         self._lease = lease
         self.worker_id = lease.me.worker_id
         self._runner = JobRunner(config, executors, self._note_output)
+        lease.on_requeued = self._claim_soon
         self.running: dict[str, RunningJob] = {}  # claimed and not yet recorded as finished
         self._slots_used = 0  # jobs whose process has not ended: what the limits count
         self._per_node = dict.fromkeys(config.nodes, 0)
@@ -67,6 +68,10 @@ class Dispatcher:
         self._wake.set()
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def _claim_soon(self) -> None:
+        self._claim_due = True
         self._wake.set()
 
     def _note_output(self) -> None:

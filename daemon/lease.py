@@ -58,6 +58,7 @@ class Lease:
         self.me = me
         self._ttl_ms = ttl_ms
         self._on_lost = on_lost
+        self.on_requeued: Callable[[], None] = lambda: None  # the dispatcher claims what recovery re-queued
 
     async def register(self) -> None:
         await self._store.register_worker(worker_id=self.me.worker_id, host=self.me.host, boot_id=self.me.boot_id,
@@ -93,6 +94,8 @@ class Lease:
             if await self._store.resolve_orphan(worker.id, job, requeue=requeue, error=ORPHAN_ERROR):
                 logger.warning("job.recovered", job_id=job.id, dead_worker=worker.id, killed_leftovers=killed,
                                outcome="requeued" if requeue else "failed")
+                if requeue:
+                    self.on_requeued()
 
     def _kill_leftovers(self, worker: Worker, job: OrphanedJob) -> bool:
         """Only on the dead daemon's own host and boot can its pids be trusted (and reached)."""

@@ -90,7 +90,8 @@ def test_prefix_must_be_unique(daemon: Daemon, db: Db) -> None:
     assert result.returncode == 1 and "no job with an id starting with 'zzz'" in result.stderr
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["submit"], ["ps"], ["show"], ["logs"], ["cancel"], ["db"]])
+@pytest.mark.parametrize(
+    "command", [[], ["run"], ["submit"], ["ps"], ["show"], ["logs"], ["cancel"], ["retry"], ["db"]])
 def test_help_on_every_command(command: list[str]) -> None:
     result = subprocess.run([*NEXUS_JOBD, *command, "--help"], capture_output=True, text=True)
     assert result.returncode == 0

@@ -1,0 +1,226 @@
+"""Lifecycle guarantees with real processes and real signals: timeouts, crash recovery, exactly once, retries,
+scheduling and dependencies."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import NEXUS_JOBD, Daemon, Db, now_ms, wait_for
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is not alive
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return False
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                members.append(int(entry.name))
+    return members
+
+
+def test_timeout_fails_with_124_and_says_how_long(db: Db, daemon_factory: Callable[..., Daemon]) -> None:
+    daemon_factory(config="[daemon]\nkill_grace_ms = 300\n").start()
+    polite = db.insert("echo start; sleep 30", timeout_ms=300)
+    stubborn = db.insert("trap '' TERM; echo start; while true; do sleep 0.05; done", timeout_ms=300)
+    for job_id in (polite, stubborn):
+        row = db.wait_status(job_id, timeout=15)
+        assert (row["status"], row["exit_code"], row["stdout"]) == ("failed", 124, "start\n")
+        assert row["error"] == "timed out after 0.3s (timeout_ms=300) and was killed"
+        assert row["duration"] >= 300
+
+
+def test_default_timeout_applies_to_rows_without_one(db: Db, daemon_factory: Callable[..., Daemon]) -> None:
+    daemon_factory(config="[daemon]\ndefault_timeout_ms = 200\n").start()
+    row = db.wait_status(db.insert("sleep 30"), timeout=15)
+    assert (row["status"], row["exit_code"]) == ("failed", 124)
+
+
+def test_kill_9_then_restart_recovers_every_job_and_leaves_no_orphan(
+        db: Db, daemon_factory: Callable[..., Daemon]) -> None:
+    first = daemon_factory().start()
+    jobs = [db.insert(f"echo out-{i}; echo $$; sleep 1000", max_attempts=2 if i % 2 else 1) for i in range(5)]
+    rows = [wait_for(lambda j=j: (r := db.job(j))["pid"] and r["stdout"].count("\n") == 2 and r,
+                     message="pid and output recorded") for j in jobs]
+    pgids = [int(r["stdout"].split()[1]) for r in rows]
+    assert [r["pid"] for r in rows] == pgids
+    assert first.proc is not None
+    first.proc.kill()
+    first.proc.wait()
+    assert all(_group_members(pgid) for pgid in pgids)  # the orphans are still running
+
+    killed_at = time.monotonic()
+    daemon_factory().start()
+
+    def recovered() -> bool:
+        return all(db.job(j)["worker_id"] != rows[0]["worker_id"] or db.job(j)["status"] != "executing"
+                   for j in jobs)
+
+    wait_for(recovered, timeout=5, message="recovery of the dead daemon's jobs")
+    recovery_s = time.monotonic() - killed_at
+    wait_for(lambda: not any(_group_members(pgid) for pgid in pgids), timeout=5, message="orphans killed")
+    for i, job_id in enumerate(jobs):
+        row = db.job(job_id)
+        if i % 2:  # may try again: re-queued and running again under the new daemon
+            assert row["attempt"] == 2 and row["status"] in ("queued", "executing"), row
+        else:
+            assert (row["status"], row["error"]) == ("failed", "daemon stopped while the job was running")
+            assert row["stdout"].startswith(f"out-{i}\n")  # output written before the kill is kept
+    print(f"recovery after kill -9 and restart: {recovery_s:.2f}s")
+
+
+def test_two_daemons_run_1000_jobs_exactly_once(db: Db, daemon_factory: Callable[..., Daemon],
+                                                tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger"
+    daemon_factory().start()
+    daemon_factory().start()
+    db.conn.execute("BEGIN")
+    jobs = [db.insert(f"echo {i} >> {ledger}") for i in range(1000)]
+    db.conn.execute("COMMIT")
+
+    def all_final() -> bool:
+        return db.conn.execute("SELECT count(*) FROM jobs WHERE duration IS NOT NULL").fetchone()[0] == 1000
+
+    wait_for(all_final, timeout=120, interval=0.1, message="1000 jobs final")
+    runs = Counter(ledger.read_text().split())
+    assert len(runs) == 1000 and set(runs.values()) == {1}, [k for k, v in runs.items() if v != 1][:10]
+    statuses = Counter(r[0] for r in db.conn.execute("SELECT status FROM jobs"))
+    assert statuses == {"completed": 1000}
+    workers = {r[0] for r in db.conn.execute("SELECT DISTINCT worker_id FROM jobs")}
+    assert len(workers) == 2  # both daemons took part
+    assert len(jobs) == 1000
+
+
+def test_a_stalled_daemon_loses_its_lease_and_cannot_finish_late(
+        db: Db, daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    config = "[daemon]\nlease_ttl_ms = 1000\nkill_grace_ms = 200\n"
+    stalled = daemon_factory(config=config).start()
+    job_id = db.insert("echo $$; sleep 1000", max_attempts=2)
+    row = wait_for(lambda: (r := db.job(job_id))["pid"] and r, message="running")
+    assert stalled.proc is not None
+    stalled.proc.send_signal(signal.SIGSTOP)  # alive, but no heartbeat
+    try:
+        rescuer = daemon_factory(config=config).start()
+        # The rescuer declares the stalled daemon dead once its lease expires, kills the job's group and runs
+        # the job again as attempt 2.
+        again = wait_for(lambda: (r := db.job(job_id))["attempt"] == 2 and r["status"] == "executing" and r,
+                         timeout=10, message="rescued")
+        assert again["worker_id"] != row["worker_id"]
+        wait_for(lambda: not _group_members(row["pid"]), timeout=5, message="stalled job's group killed")
+    finally:
+        stalled.proc.send_signal(signal.SIGCONT)
+    # The stalled daemon wakes, finds its lease gone and stops loudly without touching the row.
+    assert stalled.proc.wait(15) == 1
+    assert stalled.events("lease.lost")
+    row = db.job(job_id)
+    assert (row["attempt"], row["status"], row["worker_id"]) == (2, "executing", again["worker_id"])
+    assert rescuer.proc is not None and rescuer.proc.poll() is None
+
+
+def test_retries_back_off_until_max_attempts(db: Db, daemon_factory: Callable[..., Daemon],
+                                             tmp_path: Path) -> None:
+    daemon_factory(config="[daemon]\nretry_backoff_ms = 200\n").start()
+    ledger = tmp_path / "runs"
+    job_id = db.insert(f"date +%s%N >> {ledger}; echo attempt; exit 3", max_attempts=4)
+    row = wait_for(lambda: (r := db.job(job_id))["status"] == "failed" and r["duration"] is not None and r,
+                   timeout=20, message="all attempts")
+    assert (row["attempt"], row["exit_code"], row["stdout"]) == (4, 3, "attempt\n")  # the last attempt's output
+    starts = [int(line) / 1e9 for line in ledger.read_text().split()]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert len(starts) == 4
+    # The n-th retry waits between half and all of 200 ms * 2^(n-1).
+    for n, gap in enumerate(gaps, start=1):
+        assert 0.2 * 2 ** (n - 1) * 0.5 <= gap, gaps
+    assert gaps[2] > gaps[0], gaps
+
+
+def test_a_job_that_succeeds_on_a_retry_completes(daemon: Daemon, db: Db, tmp_path: Path) -> None:
+    marker = tmp_path / "second-time"
+    job_id = db.insert(f"if [ -e {marker} ]; then echo ok; else touch {marker}; exit 1; fi", max_attempts=3)
+    row = db.wait_status(job_id, ("completed",), timeout=15)
+    assert (row["attempt"], row["stdout"], row["error"]) == (2, "ok\n", None)
+
+
+def test_run_after_holds(daemon: Daemon, db: Db) -> None:
+    due = now_ms() + 800
+    job_id = db.insert("true", run_after=due)
+    row = db.wait_status(job_id, timeout=15)
+    assert row["status"] == "completed"
+    assert row["started_at"] >= due
+
+
+def test_depends_on_waits_for_completion_and_fails_when_it_cannot(daemon: Daemon, db: Db, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    first = db.insert(f"while [ ! -e {gate} ]; do sleep 0.02; done")
+    second = db.insert("echo after", depends_on=first)
+    doomed = db.insert("exit 1")
+    blocked = db.insert("echo never", depends_on=doomed)
+    chained = db.insert("echo never", depends_on=blocked)
+    orphan = db.insert("echo never", depends_on="no-such-job")
+    db.wait_status(first, ("executing",))
+    assert db.job(second)["status"] == "queued"
+    gate.touch()
+    row = db.wait_status(second)
+    assert row["status"] == "completed" and row["started_at"] >= db.job(first)["completed_at"]
+    row = db.wait_status(blocked)
+    assert (row["status"], row["error"]) == (
+        "failed", f"depends_on '{doomed}' ended failed; this job runs only after that job completed")
+    assert db.wait_status(chained)["status"] == "failed"
+    assert "is no job" in db.wait_status(orphan)["error"]
+
+
+def test_shutdown_requeues_a_job_that_may_try_again(daemon: Daemon, db: Db) -> None:
+    job_id = db.insert("echo working; sleep 1000", max_attempts=2)
+    wait_for(lambda: db.job(job_id)["stdout"] == "working\n", message="running")
+    daemon.stop_now()
+    row = db.job(job_id)
+    assert (row["status"], row["attempt"], row["error"]) == (
+        "queued", 1, "daemon shut down while the job was running")
+    assert row["stdout"] == "working\n"
+
+
+def test_sigterm_drains_five_jobs_and_a_second_one_stops_them(daemon: Daemon, db: Db, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    quick = [db.insert(f"while [ ! -e {gate} ]; do sleep 0.02; done; echo done") for _ in range(5)]
+    for job_id in quick:
+        db.wait_status(job_id, ("executing",))
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: daemon.events("dispatch.draining"), message="draining")
+    gate.touch()
+    assert daemon.proc.wait(15) == 0
+    assert {db.job(j)["status"] for j in quick} == {"completed"}
+
+
+def test_retry_command_runs_a_finished_job_again_without_its_old_output(daemon: Daemon, db: Db) -> None:
+    job_id = db.insert("echo run-$RANDOM; exit 1")
+    first = db.wait_status(job_id)
+    result = subprocess.run([*NEXUS_JOBD, "--db", str(db.path), "retry", job_id[:8]], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    second = wait_for(lambda: (r := db.job(job_id))["attempt"] == 2 and r["duration"] is not None and r,
+                      message="second attempt")
+    assert first["stdout"].count("run-") == 1
+    assert second["stdout"].count("run-") == 1  # the old attempt's output is not carried into the new one
+    again = subprocess.run([*NEXUS_JOBD, "--db", str(db.path), "retry", "nope"], capture_output=True, text=True)
+    assert again.returncode == 1
