@@ -272,13 +272,16 @@ class Dispatcher:
     async def _flush_once(self) -> None:
         """Output that changed, and where each new job runs (what crash recovery kills)."""
         self._dirty.clear()
-        jobs = [job for job in list(self.running.values())
-                if job.holds_slot and (job.output.dirty or (job.process_ref and not job.pid_recorded))]
-        batch = [(job.claim, job.output.snapshot(), None if job.pid_recorded else job.process_ref) for job in jobs]
+        batch = []
+        for job in list(self.running.values()):
+            ref = None if job.pid_recorded else self._runner.process_ref(job)
+            if job.holds_slot and (job.output.dirty or ref is not None):
+                batch.append((job, job.output.snapshot(), ref))
         if batch:
-            await self._retry_write("output", partial(self._store.write_outputs, batch))
-            for job in jobs:
-                job.pid_recorded = job.pid_recorded or job.process_ref is not None
+            rows = [(job.claim, out, ref) for job, out, ref in batch]
+            await self._retry_write("output", partial(self._store.write_outputs, rows))
+            for job, _, ref in batch:
+                job.pid_recorded = job.pid_recorded or ref is not None
 
     # -- shutdown -----------------------------------------------------------------------------------------
 

@@ -30,8 +30,7 @@ class RunningJob:
     output: JobOutput
     stop_reason: str | None = None  # why the daemon is ending it: cancelled, timeout, shutdown, lease lost
     process: Process | None = None  # once started
-    process_ref: ProcessRef | None = None  # once known; recorded in the row with the next flush
-    pid_recorded: bool = False
+    pid_recorded: bool = False  # where it runs is in the row (for crash recovery)
     holds_slot: bool = True  # until its process ends
     ended: bool = False
     _timers: list[anyio.CancelScope] = field(default_factory=list)
@@ -88,13 +87,18 @@ class JobRunner:
 
     def _started(self, running: RunningJob, process: Process, timeout_ms: int | None) -> None:
         running.process = process
-        if process.pid is not None:
-            running.process_ref = ProcessRef(process.pid, procs.start_time(process.pid))
-        self._on_output()  # the flusher records where it runs
+        self._on_output()  # the flusher records where it runs, if it still runs by then
         if running.stop_reason is not None:  # asked to stop while it was starting
             self._spawn(self._terminate, running)
         if timeout_ms is not None:
             self._spawn(self._expire, running, timeout_ms)
+
+    @staticmethod
+    def process_ref(running: RunningJob) -> ProcessRef | None:
+        """Where a running job runs, read when first needed: most short jobs are gone before anyone asks."""
+        if running.process is None or running.process.pid is None or not running.holds_slot:
+            return None
+        return ProcessRef(running.process.pid, procs.start_time(running.process.pid))
 
     def request_stop(self, running: RunningJob, reason: str) -> None:
         if running.stop_reason is None:
