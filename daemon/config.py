@@ -6,6 +6,7 @@ Only this module reads `os.environ` for settings; every error names the file, th
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -26,6 +27,8 @@ class NodeConfig:
     id: str
     max_concurrent: int
     tools: tuple[str, ...] = TOOLS
+    docker_host: str | None = None  # DOCKER_HOST for this node's jobs; None: the docker CLI's default
+    allowed_commands: tuple[re.Pattern[str], ...] = ()  # bash commands must match one (a convenience, not security)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,6 +75,20 @@ class _Section:
     def __init__(self, source: str, prefix: str, data: Mapping[str, Any]) -> None:
         self.source, self.prefix, self.data = source, prefix, data
         self.used: set[str] = set()
+
+    def error(self, key: str, expected: str, value: object) -> ConfigError:
+        return self._err(key, expected, value)
+
+    def patterns(self, key: str) -> tuple[re.Pattern[str], ...]:
+        value = self.get(key)
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self._err(key, "a list of regular expressions (strings)", value)
+        try:
+            return tuple(re.compile(v, re.DOTALL) for v in value)
+        except re.error as e:
+            raise self._err(key, f"valid regular expressions ({e.msg} in {e.pattern!r})", value) from e
 
     def _err(self, key: str, expected: str, value: object) -> ConfigError:
         return ConfigError(f"{self.source}: [{self.prefix}] {key} = {value!r}: expected {expected}")
@@ -144,10 +161,15 @@ def _nodes(source: str, top: _Section, local: str, default_max: int) -> dict[str
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: [nodes] {node_id} = {data!r}: expected a table [nodes.{node_id}]")
         section = _Section(source, f"nodes.{node_id}", data)
+        docker_host = section.get("docker_host")
+        if docker_host is not None and (not isinstance(docker_host, str) or "://" not in docker_host):
+            raise section.error("docker_host", "a Docker endpoint like 'unix:///run/docker.sock'", docker_host)
         nodes[node_id] = NodeConfig(
             id=node_id,
             max_concurrent=section.positive_int("max_concurrent", default_max),
             tools=section.string_list("tools", TOOLS, choices=TOOLS),
+            docker_host=docker_host,
+            allowed_commands=section.patterns("allowed_commands"),
         )
         section.reject_unknown()
     for node_id in nodes:

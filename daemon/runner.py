@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 import anyio
 from anyio.abc import TaskGroup
 
+from daemon import docker, outcome, procs, tools
 from daemon import logging as log
-from daemon import outcome, procs, tools
 from daemon.config import Config
 from daemon.errors import BadJob
 from daemon.executors.base import Executor, Process, SpawnError
 from daemon.output import JobOutput
 from daemon.store import Claim, ClaimedJob, JobResult, JobStatus, ProcessRef, now_ms
+from daemon.tools import Command
 
 logger = log.get("runner")
 
@@ -30,6 +31,7 @@ class RunningJob:
     output: JobOutput
     stop_reason: str | None = None  # why the daemon is ending it: cancelled, timeout, shutdown, lease lost
     process: Process | None = None  # once started
+    command: Command | None = None
     pid_recorded: bool = False  # where it runs is in the row (for crash recovery)
     holds_slot: bool = True  # until its process ends
     ended: bool = False
@@ -55,6 +57,7 @@ class JobRunner:
         self._executors = executors
         self._on_output = on_output
         self._backoff = outcome.Backoff(config.retry_backoff_ms, config.retry_backoff_max_ms)
+        self._docker = docker.EngineProbe()
         self._tg: TaskGroup | None = None
 
     def bind(self, tg: TaskGroup) -> None:
@@ -69,10 +72,14 @@ class JobRunner:
         """Run one attempt to its end; a malformed row or a failed start is a result too, never an exception."""
         node = self._config.nodes[running.node_id]
         try:
-            command = tools.build(job, node.tools)
+            command = tools.build(job, node.tools, allowed_commands=node.allowed_commands,
+                                  docker_host=node.docker_host)
             policy = tools.policy(job, self._config.default_timeout_ms)
         except BadJob as e:
             return JobResult(JobStatus.FAILED, None, str(e), running.output.snapshot(final=True))
+        if command.argv[0] == "docker" and (problem := await self._docker.error(node.docker_host)):
+            return JobResult(JobStatus.FAILED, None, problem, running.output.snapshot(final=True))
+        running.command = command
         try:
             process = await self._executors[running.node_id].start(
                 command, self._feeder(running.output.stdout.feed), self._feeder(running.output.stderr.feed))
@@ -81,6 +88,8 @@ class JobRunner:
         self._started(running, process, policy.timeout_ms)
         status = await process.wait()
         running.end_timers()
+        if running.stop_reason is not None and command.container_label is not None:
+            await docker.remove_leftovers(command.container_label, command.environment(self._config.job_environment))
         return outcome.result_for(status, stop_reason=running.stop_reason, timeout_ms=policy.timeout_ms,
                                   output=running.output.snapshot(final=True), attempt=job.attempt,
                                   max_attempts=policy.max_attempts, backoff=self._backoff, now_ms=now_ms())
@@ -121,8 +130,13 @@ class JobRunner:
         self.request_stop(running, "timeout")
 
     async def _terminate(self, running: RunningJob) -> None:
-        """TERM the whole group, KILL it if the job has not ended after the grace period."""
+        """TERM the whole group, KILL it if the job has not ended after the grace period. A container the job
+        started is stopped first (TERM, KILL after the same grace): its client's death would not stop it."""
         assert running.process is not None
+        label = running.command.container_label if running.command else None
+        if label is not None and running.command is not None:
+            grace_s = self._config.kill_grace_ms / 1000
+            await docker.stop_containers(label, running.command.environment(self._config.job_environment), grace_s)
         running.process.signal_group(signal.SIGTERM)
         await anyio.sleep(self._config.kill_grace_ms / 1000)
         if running.holds_slot:

@@ -28,6 +28,17 @@ class Command:
     argv: tuple[str, ...]
     cwd: str | None  # None: the node's default working directory
     env: Mapping[str, str | None]  # None as a value unsets the variable
+    container_label: str | None = None  # `docker run/create`: the label its container carries, to stop it by
+
+    def environment(self, base: Mapping[str, str]) -> dict[str, str]:
+        """`base` (the daemon's job environment) with this command's variables set or unset."""
+        env = dict(base)
+        for name, value in self.env.items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
+        return env
 
 
 def strip_metadata(command: str) -> str:
@@ -96,7 +107,8 @@ def _args(tool: str, command: str) -> tuple[str, ...]:
     return (tool, *args)
 
 
-def build(job: ClaimedJob, allowed_tools: tuple[str, ...]) -> Command:
+def build(job: ClaimedJob, allowed_tools: tuple[str, ...], *, allowed_commands: tuple[re.Pattern[str], ...] = (),
+          docker_host: str | None = None) -> Command:
     """Validate a claimed row and turn it into a Command; raises BadJob with the reason for the row."""
     tool = _text(job, "tool", job.tool)
     if tool not in allowed_tools:
@@ -110,9 +122,45 @@ def build(job: ClaimedJob, allowed_tools: tuple[str, ...]) -> Command:
     command = _text(job, "command", command)
     if not isinstance(job.priority, int):
         raise BadJob(f"priority must be an integer, got {job.priority!r:.60}")
+    if tool == "bash" and allowed_commands and not any(p.fullmatch(command) for p in allowed_commands):
+        raise BadJob(f"command is not allowed on node {job.node_id!r}: it matches none of its allowed_commands")
     cwd = None if job.cwd is None else _text(job, "cwd", job.cwd)
-    argv = ("bash", "-c", command) if tool == "bash" else _args(tool, command)
-    return Command(argv=argv, cwd=cwd, env=parse_env(job.env))
+    env = _tool_env(docker_host) | parse_env(job.env)
+    if tool == "bash":
+        return Command(argv=("bash", "-c", command), cwd=cwd, env=env)
+    argv = _args(tool, command)
+    if tool == "docker":
+        label = f"nexus-jobd.job={job.id}"
+        labelled = label_container(argv, label)
+        return Command(argv=labelled, cwd=cwd, env=env, container_label=label if labelled != argv else None)
+    return Command(argv=argv, cwd=cwd, env=env)
+
+
+def _tool_env(docker_host: str | None) -> dict[str, str | None]:
+    """What every job gets unless its row's env says otherwise: no credential prompt can hang a job (git gives
+    up instead of asking; no askpass helper pops up), and the node's Docker engine."""
+    env: dict[str, str | None] = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": None, "SSH_ASKPASS": None}
+    if docker_host is not None:
+        env["DOCKER_HOST"] = docker_host
+    return env
+
+
+# docker's global options that take a value as the next argument (`docker --context ci run ...`).
+_DOCKER_VALUE_OPTIONS = {"-c", "--context", "--config", "-H", "--host", "-l", "--log-level", "--tlscacert",
+                         "--tlscert", "--tlskey"}
+
+
+def label_container(argv: tuple[str, ...], label: str) -> tuple[str, ...]:
+    """`docker [global options] [container] run|create ...` gets `--label LABEL` right after the subcommand, so
+    the container can be found and stopped: killing the docker client alone leaves the container running."""
+    i = 1
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 2 if argv[i] in _DOCKER_VALUE_OPTIONS else 1
+    if i < len(argv) and argv[i] == "container":
+        i += 1
+    if i < len(argv) and argv[i] in ("run", "create"):
+        return (*argv[: i + 1], "--label", label, *argv[i + 1 :])
+    return argv
 
 
 @dataclass(frozen=True)

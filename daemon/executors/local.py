@@ -1,4 +1,5 @@
-"""Run a Command on this machine: its own process group, stdin from /dev/null, output read by the event loop.
+"""Run a Command on this machine: its own session and process group (so no controlling terminal: nothing can
+stop to prompt on /dev/tty), stdin from /dev/null, output read by the event loop.
 
 Exit is noticed through a pidfd (no thread, no SIGCHLD race); where the kernel has no pidfd_open
 (older Android kernels), a SIGCHLD handler reaps our children instead.
@@ -122,15 +123,6 @@ class LocalExecutor:
         self._use_pidfd = hasattr(os, "pidfd_open")
         self._programs: dict[tuple[str, str], str | None] = {}  # (name, PATH) -> absolute path
 
-    def _environment(self, command: Command) -> dict[str, str]:
-        env = dict(self._base_env)
-        for name, value in command.env.items():
-            if value is None:
-                env.pop(name, None)
-            else:
-                env[name] = value
-        return env
-
     def _program(self, name: str, env: Mapping[str, str]) -> str:
         """The absolute path of `name` on the job's PATH, looked up once: the child then execs it directly
         instead of trying every PATH entry (Termux has no /bin/bash; bash is wherever PATH says)."""
@@ -147,12 +139,12 @@ class LocalExecutor:
         cwd = command.cwd if command.cwd is not None else str(self._default_cwd)
         if not os.path.isdir(cwd):
             raise SpawnError(f"working directory {cwd!r} does not exist or is not a directory")
-        env = self._environment(command)
+        env = command.environment(self._base_env)
         argv = (self._program(command.argv[0], env), *command.argv[1:])
         try:
             return subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                cwd=cwd, env=env, process_group=0, close_fds=True,
+                cwd=cwd, env=env, start_new_session=True, close_fds=True,
             )
         except FileNotFoundError as e:  # removed since it was looked up
             self._programs.clear()

@@ -19,6 +19,9 @@ def job(command: Any, tool: Any = "bash", *, cwd: Any = None, env: Any = None, p
                       max_attempts=max_attempts)
 
 
+NO_PROMPTS = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": None, "SSH_ASKPASS": None}
+
+
 def argv(command: Any, tool: Any = "bash") -> tuple[str, ...]:
     return build(job(command, tool), TOOLS).argv
 
@@ -28,7 +31,7 @@ def argv(command: Any, tool: Any = "bash") -> tuple[str, ...]:
 
 def test_bash_runs_the_command_as_one_script() -> None:
     script = "echo 'a b' | tr a-z A-Z; exit 3"
-    assert build(job(script), TOOLS) == Command(argv=("bash", "-c", script), cwd=None, env={})
+    assert build(job(script), TOOLS) == Command(argv=("bash", "-c", script), cwd=None, env=NO_PROMPTS)
 
 
 def test_bash_keeps_a_multiline_script_whole() -> None:
@@ -49,7 +52,7 @@ def test_a_leading_tool_name_is_dropped(tool: str) -> None:
 def test_quoted_arguments_are_kept_whole() -> None:
     assert argv('commit -m "fix: a; b | c"', "git") == ("git", "commit", "-m", "fix: a; b | c")
     assert argv("run --rm alpine sh -c 'echo a && echo b'", "docker") == (
-        "docker", "run", "--rm", "alpine", "sh", "-c", "echo a && echo b")
+        "docker", "run", "--label", "nexus-jobd.job=job-1", "--rm", "alpine", "sh", "-c", "echo a && echo b")
 
 
 def test_git_and_docker_never_go_through_a_shell() -> None:
@@ -62,7 +65,30 @@ def test_git_and_docker_never_go_through_a_shell() -> None:
 def test_cwd_and_env_are_passed_on() -> None:
     command = build(job("pwd", cwd="/srv/app", env='{"A": "1", "B": null}'), TOOLS)
     assert command.cwd == "/srv/app"
-    assert command.env == {"A": "1", "B": None}
+    assert command.env == {**NO_PROMPTS, "A": "1", "B": None}
+
+
+def test_the_row_env_wins_over_the_defaults_and_docker_host_is_set() -> None:
+    command = build(job("pwd", env='{"GIT_TERMINAL_PROMPT": "1"}'), TOOLS, docker_host="unix:///d.sock")
+    assert command.env == {**NO_PROMPTS, "GIT_TERMINAL_PROMPT": "1", "DOCKER_HOST": "unix:///d.sock"}
+
+
+@pytest.mark.parametrize(("command", "expected"), [
+    ("run --rm img true", ("docker", "run", "--label", "L", "--rm", "img", "true")),
+    ("--context ci -H unix:///x container create img", ("docker", "--context", "ci", "-H", "unix:///x",
+                                                        "container", "create", "--label", "L", "img")),
+    ("ps -a", ("docker", "ps", "-a")),
+    ("image ls", ("docker", "image", "ls")),
+])
+def test_docker_run_and_create_get_the_job_label(command: str, expected: tuple[str, ...]) -> None:
+    from daemon.tools import label_container
+
+    assert label_container(("docker", *command.split()), "L") == expected
+
+
+def test_only_containers_started_by_the_job_are_labelled() -> None:
+    assert build(job("run img true", "docker"), TOOLS).container_label == "nexus-jobd.job=job-1"
+    assert build(job("ps -a", "docker"), TOOLS).container_label is None
 
 
 def test_a_blob_command_that_is_valid_utf8_is_decoded() -> None:

@@ -1,0 +1,81 @@
+"""The Docker engine as jobs see it: is it answering, and stopping the containers a job started.
+
+Killing a `docker run` client leaves its container running, so cancel and timeout stop the container itself,
+found by the label the daemon gave it (see tools.label_container).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Mapping
+
+import anyio
+from anyio.abc import ByteStream
+
+from daemon import logging as log
+
+logger = log.get("docker")
+DEFAULT_HOST = "unix:///var/run/docker.sock"
+PING_CACHE_S = 2.0
+
+
+class EngineProbe:
+    """`GET /_ping` on the engine's socket; an answer is remembered for a moment, a failure is not."""
+
+    def __init__(self) -> None:
+        self._ok_until: dict[str, float] = {}
+
+    async def error(self, docker_host: str | None) -> str | None:
+        host = docker_host or DEFAULT_HOST
+        if self._ok_until.get(host, 0.0) > time.monotonic():
+            return None
+        problem = await _ping(host)
+        if problem is None:
+            self._ok_until[host] = time.monotonic() + PING_CACHE_S
+        return problem
+
+
+async def _ping(host: str) -> str | None:
+    try:
+        with anyio.fail_after(2):
+            stream: ByteStream
+            if host.startswith("unix://"):
+                stream = await anyio.connect_unix(host.removeprefix("unix://"))
+            elif host.startswith("tcp://"):
+                address, _, port = host.removeprefix("tcp://").rpartition(":")
+                stream = await anyio.connect_tcp(address, int(port))
+            else:
+                return None  # ssh:// and others: let the docker CLI speak for itself
+            async with stream:
+                await stream.send(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+                reply = await stream.receive(256)
+    except (OSError, TimeoutError, ValueError) as e:
+        return f"the Docker engine at {host} does not answer ({e}); start it or fix docker_host"
+    status_line = reply.split(b"\r\n", 1)[0]
+    if not status_line.startswith(b"HTTP/1.") or b" 200 " not in status_line + b" ":
+        return f"the Docker engine at {host} answered {status_line!r} to /_ping"
+    return None
+
+
+async def _docker(args: list[str], env: Mapping[str, str]) -> str:
+    result = await anyio.run_process(["docker", *args], env=dict(env), check=False)
+    return result.stdout.decode(errors="replace")
+
+
+async def stop_containers(label: str, env: Mapping[str, str], grace_s: float) -> list[str]:
+    """`docker stop` (TERM, then KILL after the grace) every container carrying `label`; their ids."""
+    ids = (await _docker(["ps", "-aq", "--filter", f"label={label}"], env)).split()
+    if ids:
+        await _docker(["stop", "-t", str(max(0, round(grace_s))), *ids], env)
+        logger.info("docker.stopped", label=label, containers=ids)
+    return ids
+
+
+async def remove_leftovers(label: str, env: Mapping[str, str]) -> None:
+    """After the job ended: a container of it that still runs (its client was killed) goes too."""
+    with contextlib.suppress(OSError):
+        ids = (await _docker(["ps", "-q", "--filter", f"label={label}"], env)).split()
+        if ids:
+            await _docker(["rm", "-f", *ids], env)
+            logger.warning("docker.removed_leftovers", label=label, containers=ids)
