@@ -115,7 +115,7 @@ def _exit_code_of(row: dict[str, Any]) -> int:
 # -- commands ---------------------------------------------------------------------------------------------
 
 def cmd_run(cfg: config.Config, args: argparse.Namespace) -> int:
-    return anyio.run(service.serve, cfg)
+    return anyio.run(service.serve, cfg, args.overrides)
 
 
 def cmd_submit(cfg: config.Config, args: argparse.Namespace) -> int:
@@ -315,8 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "submit" and args.command[:1] == ["--"]:
         args.command = args.command[1:]
     try:
-        cfg = config.load(config.Overrides(config_path=args.config, db_path=args.db,
-                                           log_level=args.log_level, log_format=args.log_format))
+        args.overrides = config.Overrides(config_path=args.config, db_path=args.db, log_level=args.log_level,
+                                          log_format=args.log_format)
+        cfg = config.load(args.overrides)
         log.configure(cfg.log_level if args.cmd == "run" else "warning", cfg.log_format)
         code: int = args.func(cfg, args)
         return code

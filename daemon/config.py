@@ -49,6 +49,9 @@ class Config:
     retry_backoff_ms: int = 1000
     retry_backoff_max_ms: int = 300000
     job_environment: Mapping[str, str] = field(default_factory=dict)
+    retention_days: int = 0  # finished jobs older than this are deleted by the daemon; 0 keeps them
+    notify_socket: str | None = None  # systemd's NOTIFY_SOCKET
+    watchdog_usec: int | None = None  # systemd's WATCHDOG_USEC, when meant for this process
     default_cwd: Path = field(default_factory=Path.home)
     log_level: str = "info"
     log_format: str = "auto"
@@ -216,6 +219,9 @@ def load(overrides: Overrides | None = None, environ: Mapping[str, str] | None =
         retry_backoff_ms=dm.positive_int("retry_backoff_ms", 1000, minimum=0),
         retry_backoff_max_ms=dm.positive_int("retry_backoff_max_ms", 300000, minimum=0),
         job_environment=dict(environ),
+        retention_days=db.positive_int("retention_days", 0, minimum=0),
+        notify_socket=environ.get("NOTIFY_SOCKET") or None,
+        watchdog_usec=_watchdog_usec(environ),
         default_cwd=_expand(dm.string("default_cwd", str(Path.home()))),
         log_level=dm.string("log_level", "info", choices=LOG_LEVELS),
         log_format=dm.string("log_format", "auto", choices=LOG_FORMATS),
@@ -225,6 +231,14 @@ def load(overrides: Overrides | None = None, environ: Mapping[str, str] | None =
     db.reject_unknown()
     dm.reject_unknown()
     return _apply_overrides(config, overrides, environ)
+
+
+def _watchdog_usec(environ: Mapping[str, str]) -> int | None:
+    """systemd's watchdog, if it is meant for this process (WATCHDOG_PID, when set, must be ours)."""
+    usec, pid = environ.get("WATCHDOG_USEC", ""), environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec)
 
 
 def _apply_overrides(config: Config, overrides: Overrides, environ: Mapping[str, str]) -> Config:

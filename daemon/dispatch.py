@@ -97,12 +97,26 @@ class Dispatcher:
 
     # -- the loop -----------------------------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Claim and run jobs until `stop` is set; then return, leaving running jobs to `drain`."""
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    def reload(self, config: Config) -> None:
+        """New limits, nodes and settings for what is claimed from now on; running jobs go on untouched."""
+        self._config = config
+        self._runner.reconfigure(config)
+        for node_id in config.nodes:
+            self._per_node.setdefault(node_id, 0)
+        self._claim_due = self._unrunnable_due = True
+        self.wake()
+
+    async def run(self, stop: asyncio.Event, on_ready: Callable[[], None] = lambda: None) -> None:
+        """Claim and run jobs until `stop` is set; then drain: stop claiming, let running jobs end."""
         self._watcher.start()
         poll_s = self._watcher.poll_interval_s(self._config.poll_interval_ms / 1000)
         logger.info("dispatch.started", worker_id=self.worker_id, inotify=self._watcher.uses_inotify,
                     nodes=list(self._config.nodes), max_concurrent=self._config.max_concurrent)
+        on_ready()
         async with anyio.create_task_group() as tg:
             self._tg = tg
             self._runner.bind(tg)

@@ -60,6 +60,10 @@ class JobRunner:
         self._docker = docker.EngineProbe()
         self._tg: TaskGroup | None = None
 
+    def reconfigure(self, config: Config) -> None:
+        self._config = config
+        self._backoff = outcome.Backoff(config.retry_backoff_ms, config.retry_backoff_max_ms)
+
     def bind(self, tg: TaskGroup) -> None:
         """The task group that owns timers and terminators (the dispatcher's)."""
         self._tg = tg

@@ -1,26 +1,37 @@
-"""Lifecycle of the daemon: open and migrate the database, run the dispatcher, drain on SIGTERM/SIGINT.
+"""Lifecycle of the daemon: open and migrate the database, run the dispatcher, talk to the supervisor.
 
-The first signal stops claiming and lets running jobs finish (up to shutdown_grace); a second one
-terminates them at once. Signal handlers only set flags; the loop does the work.
+SIGTERM/SIGINT: stop claiming and let running jobs finish (up to shutdown_grace); a second one terminates them at
+once. SIGHUP: reload the config file (limits, node settings, log level) without touching running jobs. Signal
+handlers only set flags or swap the config; the loop does the work. Under systemd: READY=1 once the database is
+ready and the dispatcher runs, STATUS= lines, WATCHDOG=1 from the event loop, STOPPING=1.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import socket
+from collections.abc import Callable
 
+import anyio
+
+from daemon import config as config_module
 from daemon import logging as log
-from daemon.config import Config
+from daemon.config import Config, Overrides
 from daemon.dispatch import Dispatcher
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, JobdError
 from daemon.executors.base import Executor
 from daemon.executors.local import LocalExecutor
 from daemon.lease import Identity, Lease
+from daemon.notify import Notifier
 from daemon.store import Store
 
 logger = log.get("service")
+STATUS_INTERVAL_S = 5.0
+RETENTION_INTERVAL_S = 3600.0
+DAY_MS = 86_400_000
 
 
 def new_worker_id() -> str:
@@ -42,50 +53,121 @@ def _check_paths(config: Config) -> None:
         )
 
 
-async def serve(config: Config, *, install_signals: bool = True, stop: asyncio.Event | None = None) -> int:
-    """Run until stopped; returns the process exit code (0 after a clean drain)."""
+async def serve(config: Config, overrides: Overrides | None = None, *, install_signals: bool = True) -> int:
+    """Run until stopped; returns the process exit code (0 after a clean drain, 1 after losing the lease)."""
     _check_paths(config)
     store = await Store.open(config.db_path, busy_timeout_ms=config.busy_timeout_ms)
+    notifier = Notifier(config.notify_socket, config.watchdog_usec)
     try:
         await store.migrate()
-        stop = stop or asyncio.Event()
-        lost = asyncio.Event()
-
-        def on_lease_lost() -> None:  # another daemon took our jobs: stop them and exit loudly
-            lost.set()
-            stop.set()
-            dispatcher.stop_all("lease lost")
-
-        lease = Lease(store, Identity.of_this_process(new_worker_id()), ttl_ms=config.lease_ttl_ms,
-                      on_lost=on_lease_lost)
-        await lease.register()  # also recovers the jobs of daemons that died (our own previous run included)
-        executors = _executors(config)
-        dispatcher = Dispatcher(config, store, executors, lease)
-        if install_signals:
-            _install_signals(stop, dispatcher)
-        logger.info("daemon.started", db=str(config.db_path), config=config.source, pid=os.getpid(),
-                    worker_id=dispatcher.worker_id)
-        try:
-            await dispatcher.run(stop)
-        finally:
-            for executor in executors.values():
-                await executor.aclose()
-        if lost.is_set():
-            logger.error("daemon.stopped", worker_id=dispatcher.worker_id, reason="lease lost")
-            return 1
-        await lease.release()
-        logger.info("daemon.stopped", worker_id=dispatcher.worker_id)
-        return 0
+        return await _run(config, overrides or Overrides(), store, notifier, install_signals)
     finally:
+        notifier.close()
         await store.close()
 
 
-def _install_signals(stop: asyncio.Event, dispatcher: Dispatcher) -> None:
+async def _run(config: Config, overrides: Overrides, store: Store, notifier: Notifier, install_signals: bool) -> int:
+    stop = asyncio.Event()
+    lost = asyncio.Event()
+
+    def on_lease_lost() -> None:  # another daemon took our jobs: stop them and exit loudly
+        lost.set()
+        stop.set()
+        dispatcher.stop_all("lease lost")
+
+    lease = Lease(store, Identity.of_this_process(new_worker_id()), ttl_ms=config.lease_ttl_ms,
+                  on_lost=on_lease_lost)
+    await lease.register()  # also recovers the jobs of daemons that died (our own previous run included)
+    executors = _executors(config)
+    dispatcher = Dispatcher(config, store, executors, lease)
+    if install_signals:
+        _install_signals(stop, dispatcher, notifier, _Reloader(config, overrides, dispatcher))
+    logger.info("daemon.started", db=str(config.db_path), config=config.source, pid=os.getpid(),
+                worker_id=dispatcher.worker_id, systemd=notifier.enabled)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_watchdog, notifier)
+            tg.start_soon(_status, notifier, store, dispatcher)
+            tg.start_soon(_retention, store, dispatcher)
+            await dispatcher.run(stop, on_ready=lambda: notifier.send(READY=1, STATUS="ready"))
+            tg.cancel_scope.cancel()
+    finally:
+        for executor in executors.values():
+            await executor.aclose()
+    if lost.is_set():
+        logger.error("daemon.stopped", worker_id=dispatcher.worker_id, reason="lease lost")
+        return 1
+    await lease.release()
+    logger.info("daemon.stopped", worker_id=dispatcher.worker_id)
+    return 0
+
+
+async def _watchdog(notifier: Notifier) -> None:
+    """WATCHDOG=1 from the event loop itself: if the loop wedges, the pings stop and systemd restarts us."""
+    if notifier.watchdog_interval_s is None:
+        return
+    while True:
+        notifier.send(WATCHDOG=1)
+        await anyio.sleep(notifier.watchdog_interval_s)
+
+
+async def _status(notifier: Notifier, store: Store, dispatcher: Dispatcher) -> None:
+    if not notifier.enabled:
+        return
+    while True:
+        await anyio.sleep(STATUS_INTERVAL_S)
+        counts = await store.job_counts()
+        notifier.send(STATUS=f"{len(dispatcher.running)} running, {counts['queued']} queued, "
+                             f"{counts['finished_last_hour']} finished in the last hour")
+
+
+async def _retention(store: Store, dispatcher: Dispatcher) -> None:
+    """[database] retention_days: finished jobs older than that are deleted, hourly (0 keeps everything)."""
+    while True:
+        days = dispatcher.config.retention_days
+        if days:
+            deleted = await store.prune(older_than_ms=days * DAY_MS, statuses=("completed", "failed", "cancelled"))
+            if deleted:
+                logger.info("db.pruned", deleted=deleted, older_than_days=days)
+        await anyio.sleep(RETENTION_INTERVAL_S)
+
+
+class _Reloader:
+    """SIGHUP: read the config again; apply what can change live, log what changed, keep the old on error."""
+
+    RESTART_ONLY = ("db_path", "busy_timeout_ms", "local_node", "default_cwd", "job_environment")
+
+    def __init__(self, config: Config, overrides: Overrides, dispatcher: Dispatcher) -> None:
+        self.config, self._overrides, self._dispatcher = config, overrides, dispatcher
+
+    def __call__(self) -> None:
+        try:
+            new = config_module.load(self._overrides)
+            _check_paths(new)
+        except JobdError as e:
+            logger.error("config.reload_failed", error=str(e), kept=self.config.source)
+            return
+        kept = {name: getattr(self.config, name) for name in self.RESTART_ONLY
+                if getattr(new, name) != getattr(self.config, name)}
+        new = dataclasses.replace(new, **kept, notify_socket=self.config.notify_socket,
+                                  watchdog_usec=self.config.watchdog_usec)
+        changed = {f.name: str(getattr(new, f.name)) for f in dataclasses.fields(new)
+                   if getattr(new, f.name) != getattr(self.config, f.name)}
+        log.configure(new.log_level, new.log_format)
+        self._dispatcher.reload(new)
+        self.config = new
+        logger.info("config.reloaded", source=new.source, changed=changed,
+                    needs_restart=sorted(k for k in kept if k != "job_environment"))
+
+
+def _install_signals(stop: asyncio.Event, dispatcher: Dispatcher, notifier: Notifier,
+                     reload: Callable[[], None]) -> None:
     loop = asyncio.get_running_loop()
 
-    def on_signal(signum: int) -> None:
+    def on_stop(signum: int) -> None:
         if not stop.is_set():
             logger.info("daemon.stopping", signal=signal.Signals(signum).name, running=len(dispatcher.running))
+            notifier.send(STOPPING=1, STATUS=f"stopping: draining {len(dispatcher.running)} running jobs")
             stop.set()
             dispatcher.wake()
         else:
@@ -94,4 +176,5 @@ def _install_signals(stop: asyncio.Event, dispatcher: Dispatcher) -> None:
             dispatcher.stop_all("shutdown")
 
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
+        loop.add_signal_handler(signum, on_stop, signum)
+    loop.add_signal_handler(signal.SIGHUP, reload)

@@ -361,6 +361,37 @@ class Store:
                                          "env": json.dumps(env) if env else None})
         return job_id
 
+    async def job_counts(self) -> dict[str, int]:
+        rows = list(await self._conn.execute_fetchall(Q["job_counts"]))
+        queued, executing, last_minute, last_hour = rows[0]
+        return {"queued": queued, "executing": executing, "finished_last_minute": last_minute,
+                "finished_last_hour": last_hour}
+
+    async def prune(self, *, older_than_ms: int, statuses: Sequence[str]) -> int:
+        """Delete finished jobs that ended more than `older_than_ms` ago; how many."""
+        params = {"before": now_ms() - older_than_ms, "statuses": json.dumps(list(statuses))}
+
+        async def op() -> int:
+            cursor = await self._conn.execute(Q["prune_jobs"], params)
+            return int(cursor.rowcount)
+
+        async with self._write_lock:
+            return await self._retry_locked(op)
+
+    async def backup(self, target: Path) -> None:
+        """A consistent copy through SQLite's online backup API: safe while the daemon and others write."""
+        try:
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            raise JobdError(f"{target} exists; give a new file name (a backup never overwrites)") from None
+        except OSError as e:
+            raise JobdError(f"{target}: cannot create the backup file: {e.strerror}") from e
+        dest = await aiosqlite.connect(target)
+        try:
+            await self._conn.backup(dest)
+        finally:
+            await dest.close()
+
     async def retry(self, job_id: str) -> bool:
         return bool(await self._write("retry_job", {"id": job_id}))
 

@@ -179,6 +179,21 @@ SELECT id, node_id, tool, command, status, exit_code, error, duration, created_a
  ORDER BY created_at DESC, rowid DESC
  LIMIT :limit;
 
+-- name: job_counts
+-- For STATUS= lines and `nexus-jobd status`: what waits, and what ended lately.
+SELECT (SELECT count(*) FROM jobs WHERE status = 'queued'),
+       (SELECT count(*) FROM jobs WHERE status = 'executing'),
+       (SELECT count(*) FROM jobs WHERE status IN ('completed', 'failed', 'cancelled')
+                                    AND completed_at >= NOW_MS - 60000),
+       (SELECT count(*) FROM jobs WHERE status IN ('completed', 'failed', 'cancelled')
+                                    AND completed_at >= NOW_MS - 3600000);
+
+-- name: prune_jobs
+-- Finished jobs that ended before :before (epoch ms), of the statuses in :statuses (a JSON array).
+DELETE FROM jobs
+ WHERE status IN (SELECT value FROM json_each(:statuses)) AND completed_at < :before
+   AND status IN ('completed', 'failed', 'cancelled');
+
 -- name: data_version
 PRAGMA data_version;
 
