@@ -9,6 +9,7 @@ import shlex
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 import anyio
@@ -213,6 +214,62 @@ def cmd_retry(cfg: config.Config, args: argparse.Namespace) -> int:
     return _with_store(cfg, action)
 
 
+def cmd_status(cfg: config.Config, args: argparse.Namespace) -> int:
+    """Every daemon registered on the database: alive or not, and what the queue looks like."""
+
+    async def action(store: Store) -> int:
+        workers, counts = await store.workers(), await store.job_counts()
+        if args.json:
+            print(json.dumps({"workers": workers, "jobs": counts}, indent=2))
+            return 0
+        print(f"{cfg.db_path}: {counts['executing']} running, {counts['queued']} queued, "
+              f"{counts['finished_last_minute']} finished in the last minute, "
+              f"{counts['finished_last_hour']} in the last hour")
+        for w in workers:
+            if w["stopped_at"] is not None:
+                state = f"stopped {_age(w['stopped_at'])} ago ({w['stop_reason']})"
+            elif w["now"] - w["heartbeat_at"] > cfg.lease_ttl_ms:
+                state = f"NOT ANSWERING: last heartbeat {_age(w['heartbeat_at'])} ago"
+            else:
+                state = f"alive, up {_age(w['started_at'])}, {w['running']} running"
+            print(f"  {w['id']}  pid {w['pid']} on {w['host']}: {state}")
+        return 0
+
+    return _with_store(cfg, action)
+
+
+def cmd_backup(cfg: config.Config, args: argparse.Namespace) -> int:
+    target = Path(args.path).expanduser()
+
+    async def action(store: Store) -> int:
+        await store.backup(target)
+        print(f"{cfg.db_path} -> {args.path}")
+        return 0
+
+    return _with_store(cfg, action)
+
+
+_UNITS_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def _age_ms(text: str) -> int:
+    match = re.fullmatch(r"(\d+)([smhd])", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number and a unit, e.g. 30d, 12h, 90m")
+    return int(match.group(1)) * _UNITS_MS[match.group(2)]
+
+
+def cmd_prune(cfg: config.Config, args: argparse.Namespace) -> int:
+    statuses = args.status or ["completed", "failed", "cancelled"]
+
+    async def action(store: Store) -> int:
+        deleted = await store.prune(older_than_ms=args.older_than, statuses=statuses)
+        print(f"deleted {deleted} {'/'.join(statuses)} jobs that ended more than {args.older_than_raw} ago")
+        return 0
+
+    return _with_store(cfg, action)
+
+
 def cmd_logs(cfg: config.Config, args: argparse.Namespace) -> int:
     async def action(store: Store) -> int:
         await _follow(store, await store.resolve_id(args.id), follow=args.follow)
@@ -304,6 +361,20 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("ids", nargs="+", metavar="ID", help="job id or a unique prefix")
     s.set_defaults(func=cmd_cancel)
 
+    s = sub.add_parser("status", help="the daemons on this database and the state of the queue")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("backup", help="copy the database safely while it is in use (SQLite online backup)")
+    s.add_argument("path", help="the new file to write")
+    s.set_defaults(func=cmd_backup)
+
+    s = sub.add_parser("prune", help="delete finished jobs older than an age")
+    s.add_argument("--older-than", dest="older_than_raw", required=True, metavar="AGE", help="e.g. 30d, 12h, 90m")
+    s.add_argument("--status", action="append", choices=["completed", "failed", "cancelled"],
+                   help="only jobs with this status (repeatable; default: all finished ones)")
+    s.set_defaults(func=cmd_prune)
+
     s = sub.add_parser("db", help="database maintenance")
     s.add_argument("action", choices=["migrate", "check"], help="migrate: create/upgrade; check: verify")
     s.set_defaults(func=cmd_db)
@@ -314,6 +385,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "submit" and args.command[:1] == ["--"]:
         args.command = args.command[1:]
+    if args.cmd == "prune":
+        try:
+            args.older_than = _age_ms(args.older_than_raw)
+        except argparse.ArgumentTypeError as e:
+            print(f"nexus-jobd prune: --older-than {e}", file=sys.stderr)
+            return 2
     try:
         args.overrides = config.Overrides(config_path=args.config, db_path=args.db, log_level=args.log_level,
                                           log_format=args.log_format)

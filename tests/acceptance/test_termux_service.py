@@ -1,0 +1,116 @@
+"""The termux-services unit under real runit: runsv starts the project's run script, svlogd keeps JSON lines,
+`sv down` drains, and after kill -9 runsv restarts the daemon, which recovers the dead one's jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import VENV_BIN, Db, wait_for
+from tests.integration.conftest import require
+
+ROOT = Path(__file__).parent.parent.parent
+SERVICE = ROOT / "termux-services" / "nexus-jobd"
+TERMUX_SHEBANG = "#!/data/data/com.termux/files/usr/bin/sh\n"
+
+
+def _install(src: Path, dest: Path) -> None:
+    """The project's script, with the one change a non-Termux host needs: its Termux shebang points at /bin/sh."""
+    text = src.read_text()
+    assert text.startswith(TERMUX_SHEBANG)
+    dest.write_text("#!/bin/sh\n" + text[len(TERMUX_SHEBANG):])
+    dest.chmod(0o755)
+
+
+class Runit:
+    def __init__(self, tmp: Path) -> None:
+        self.prefix, self.home = tmp / "usr", tmp / "home"
+        self.logdir = self.prefix / "var" / "log"
+        self.service = self.prefix / "var" / "service" / "nexus-jobd"
+        (self.service / "log").mkdir(parents=True)
+        (self.prefix / "bin").mkdir(parents=True)
+        self.home.mkdir()
+        (self.prefix / "bin" / "nexus-jobd").symlink_to(VENV_BIN / "nexus-jobd")  # pip's $PREFIX/bin script
+        _install(SERVICE / "run", self.service / "run")
+        _install(SERVICE / "log" / "run", self.service / "log" / "run")
+        self.env = {"PREFIX": str(self.prefix), "HOME": str(self.home), "LOGDIR": str(self.logdir),
+                    "PATH": f"{self.prefix / 'bin'}:/usr/bin:/bin:/usr/sbin:/sbin"}
+        self.runsv = subprocess.Popen(["runsv", str(self.service)], env=self.env, start_new_session=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.db_path = self.home / ".nexuscli" / "nexuscli.db"
+
+    def sv(self, *args: str) -> str:
+        return subprocess.run(["sv", *args, str(self.service)], env=self.env, capture_output=True, text=True,
+                              timeout=60).stdout
+
+    def daemon_pid(self) -> int | None:
+        status = self.sv("status")
+        if status.startswith("run:"):
+            return int(status.split("(pid ")[1].split(")")[0])
+        return None
+
+    def log_lines(self) -> list[dict[str, object]]:
+        current = self.logdir / "sv" / "nexus-jobd" / "current"
+        if not current.exists():
+            return []
+        events = []
+        for line in current.read_text().splitlines():
+            _stamp, _, payload = line.partition(" ")  # svlogd -tt: "2026-11-26_10:00:00.12345 {json}"
+            events.append(json.loads(payload))
+        return events
+
+    def events(self, name: str) -> list[dict[str, object]]:
+        return [e for e in self.log_lines() if e.get("event") == name]
+
+    def close(self) -> None:
+        subprocess.run(["sv", "exit", str(self.service), str(self.service / "log")], env=self.env,
+                       capture_output=True, timeout=60)
+        try:
+            self.runsv.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.runsv.pid, signal.SIGKILL)
+            self.runsv.wait()
+
+
+@pytest.fixture
+def runit(tmp_path: Path) -> Iterator[Runit]:
+    require(all(shutil.which(p) for p in ("runsv", "sv", "svlogd")), "runit is not installed (Debian: runit)")
+    service = Runit(tmp_path)
+    yield service
+    service.close()
+
+
+def test_termux_service_under_runsv(runit: Runit) -> None:
+    first_pid = wait_for(runit.daemon_pid, timeout=20, message="runsv to start the daemon")
+    wait_for(lambda: runit.events("dispatch.started"), timeout=20, message="daemon ready (svlogd log)")
+    db = Db(runit.db_path)
+    try:
+        assert db.wait_status(db.insert("echo from runit"))["stdout"] == "from runit\n"
+        # svlogd stored the daemon's JSON lines as they are, behind its timestamp.
+        wait_for(lambda: runit.events("job.finished"), message="job.finished in the svlogd log")
+
+        # kill -9: runsv restarts the daemon, and the new one recovers the job the dead one held.
+        job_id = db.insert("echo started; sleep 1000")
+        wait_for(lambda: db.job(job_id)["pid"], message="job running")
+        os.kill(first_pid, signal.SIGKILL)
+        second_pid = wait_for(lambda: (p := runit.daemon_pid()) != first_pid and p, timeout=20,
+                              message="runsv to restart the daemon")
+        row = db.wait_status(job_id, ("failed",), timeout=20)
+        assert row["error"] == "daemon stopped while the job was running"
+        assert runit.events("lease.recovering")
+
+        # sv down: SIGTERM, a clean drain, and runsv records a normal exit.
+        runit.sv("down")
+        wait_for(lambda: runit.sv("status").startswith("down:"), timeout=40, message="sv down")
+        stopped = [e for e in runit.events("daemon.stopped") if str(second_pid) in str(e.get("worker_id"))]
+        assert stopped, runit.log_lines()[-5:]
+        assert db.conn.execute("SELECT count(*) FROM jobs WHERE status = 'executing'").fetchone()[0] == 0
+    finally:
+        db.close()
