@@ -3,6 +3,7 @@ reload, and the operations commands (status, backup, prune)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -81,7 +82,7 @@ def test_sd_notify_ready_watchdog_status_stopping(db: Db, daemon_factory: Callab
     wait_for(lambda: len([t for t in receiver.with_field("WATCHDOG=1") if t > ready_at]) >= 6, timeout=10,
              message="six watchdog pings")
     pings = [t for t in receiver.with_field("WATCHDOG=1") if t > ready_at]
-    gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
     assert all(0.1 <= gap <= 0.5 for gap in gaps), gaps  # half of WATCHDOG_USEC (0.4 s), with slack
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGTERM)
