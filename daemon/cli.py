@@ -26,8 +26,9 @@ _FOLLOW_POLL_S = 0.1
 # -- helpers ----------------------------------------------------------------------------------------------
 
 async def _open(cfg: config.Config) -> Store:
-    store = await Store.open(cfg.db_path, busy_timeout_ms=cfg.busy_timeout_ms)
-    await store.migrate()
+    """An existing database only: a typo in --db must not create an empty one that no daemon reads."""
+    store = await Store.open(cfg.db_path, busy_timeout_ms=cfg.busy_timeout_ms, create=False)
+    await store.migrate()  # a database NexusCLI made and no daemon opened yet gets the daemon's columns
     return store
 
 
@@ -89,17 +90,30 @@ class _Follower:
         self.out.flush()
 
 
+def _ended(row: dict[str, Any]) -> bool:
+    """Final, and nothing more will be written: the daemon recorded it, or no daemon holds it (cancelled while
+    queued, or while waiting for a retry)."""
+    if row["status"] not in {s.value for s in JobStatus if s.is_final}:
+        return False
+    return row.get("duration") is not None or row.get("worker_id") is None
+
+
 async def _follow(store: Store, job_id: str, *, follow: bool) -> dict[str, Any]:
     out, err = _Follower(sys.stdout), _Follower(sys.stderr)
+    attempt = None
     while True:
         row = await store.get_job(job_id)
         if row is None:
             raise JobdError(f"job {job_id} was deleted while being followed")
+        if attempt is not None and row.get("attempt") != attempt and row["status"] != JobStatus.QUEUED:
+            # A new attempt starts with empty output: follow it from its beginning.
+            print(f"[nexus-jobd: attempt {row.get('attempt')}]", file=sys.stderr, flush=True)
+            out, err = _Follower(sys.stdout), _Follower(sys.stderr)
+        if row["status"] != JobStatus.QUEUED:
+            attempt = row.get("attempt")
         out.update(row["stdout"] or "", row.get("stdout_bytes"))
         err.update(row["stderr"] or "", row.get("stderr_bytes"))
-        final = row["status"] in {s.value for s in JobStatus if s.is_final} and row.get("duration") is not None
-        cancelled_unrun = row["status"] == JobStatus.CANCELLED and row.get("started_at") is None
-        if not follow or final or cancelled_unrun:
+        if not follow or _ended(row):
             return row
         await anyio.sleep(_FOLLOW_POLL_S)
 

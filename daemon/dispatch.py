@@ -22,7 +22,7 @@ from daemon.config import Config
 from daemon.executors.base import Executor
 from daemon.lease import Lease
 from daemon.runner import JobRunner, RunningJob
-from daemon.store import ClaimedJob, JobResult, JobStatus, Store, now_ms
+from daemon.store import ClaimedJob, DbError, JobResult, JobStatus, Store, now_ms
 from daemon.wakeup import ChangeWatcher
 
 logger = log.get("dispatch")
@@ -53,6 +53,7 @@ class Dispatcher:
         self._unrunnable_due = True
         self._dependents = False  # queued rows with depends_on exist: finishing a job may unblock or fail them
         self._dirty = asyncio.Event()
+        self._error_backoff_s = 0.1
         self._to_record: list[tuple[ClaimedJob, RunningJob, JobResult]] = []
         self._record_ready = asyncio.Event()
         self._watcher = ChangeWatcher(config.db_path, self._on_db_change)
@@ -93,7 +94,7 @@ class Dispatcher:
             self._rechecks = max(0, self._rechecks - 1)
         if self._next_due is not None and now_ms() >= self._next_due:
             self._next_due = None
-            self._claim_due = True
+            self._claim_due = self._schedule_changed = True  # and look for the next due time after the claim
 
     # -- the loop -----------------------------------------------------------------------------------------
 
@@ -124,11 +125,24 @@ class Dispatcher:
             tg.start_soon(self._record_loop)
             tg.start_soon(self._lease.run)
             while not stop.is_set():
-                await self._step(tg, claim=True)
+                await self._guarded_step(tg, claim=True)
                 await self._sleep(self._sleep_timeout(poll_s))
             await self._drain(tg, poll_s)
             self._watcher.close()
             tg.cancel_scope.cancel()
+
+    async def _guarded_step(self, tg: TaskGroup, *, claim: bool) -> None:
+        """A database error (disk full, I/O, a lock held too long) must not take the daemon and its running jobs
+        down: log it, wait a little, and try again on the next pass."""
+        try:
+            await self._step(tg, claim=claim)
+        except DbError as e:
+            logger.error("dispatch.db_error", error=str(e), retry_in_s=self._error_backoff_s)
+            self._check_db = self._claim_due = True
+            await anyio.sleep(self._error_backoff_s)
+            self._error_backoff_s = min(self._error_backoff_s * 2, 5.0)
+        else:
+            self._error_backoff_s = 0.1
 
     async def _step(self, tg: TaskGroup, *, claim: bool) -> None:
         if self._check_db:
@@ -160,6 +174,8 @@ class Dispatcher:
 
     async def _fail_unrunnable(self) -> None:
         """Rows that can never run fail at once with the reason: an unknown node, a dependency that failed."""
+        for job_id, reason in await self._store.fail_malformed():
+            logger.warning("job.failed", job_id=job_id, reason=reason)
         for job_id, node_id in await self._store.fail_unknown_nodes(self._config.node_ids):
             logger.warning("job.failed", job_id=job_id, node=node_id, reason="unknown node")
         for job_id, depends_on in await self._store.fail_blocked_dependencies():
@@ -257,12 +273,13 @@ class Dispatcher:
                     stderr_bytes=result.output.stderr_bytes)
 
     async def _retry_write(self, what: str, write: Callable[[], Awaitable[T]]) -> T:
-        """A write that must not be lost: on an error (disk full, I/O), log it and try again with backoff."""
+        """A write that must not be lost: on a database error (disk full, I/O), log it and try again with backoff.
+        Anything else is a bug: it propagates and stops the daemon loudly (a restart recovers its jobs)."""
         delay = 0.1
         while True:
             try:
                 return await write()
-            except Exception as e:
+            except DbError as e:
                 logger.error("db.write_failed", what=what, error=str(e), retry_in_s=delay)
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -306,11 +323,13 @@ class Dispatcher:
         grace_s = self._config.shutdown_grace_ms / 1000
         logger.info("dispatch.draining", running=len(self.running), grace_s=grace_s)
         deadline = time.monotonic() + grace_s
+        stopped = False
         while self.running:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 and not stopped:
+                stopped = True
                 self.stop_all("shutdown")
-            await self._step(tg, claim=False)
+            await self._guarded_step(tg, claim=False)
             await self._sleep(min(self._sleep_timeout(poll_s), remaining if remaining > 0 else poll_s))
 
     def stop_all(self, reason: str) -> None:

@@ -114,6 +114,8 @@ class JobRunner:
         return ProcessRef(running.process.pid, procs.start_time(running.process.pid))
 
     def request_stop(self, running: RunningJob, reason: str) -> None:
+        if running.process is not None and running.process.exited:
+            return  # it ended on its own: its exit status stands, whatever is asked now
         if running.stop_reason is None:
             running.stop_reason = reason
             if running.process is not None:

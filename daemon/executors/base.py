@@ -38,6 +38,11 @@ class Process(Protocol):
         """The process group id on this host, for crash recovery; None where it is not a local pid."""
         ...
 
+    @property
+    def exited(self) -> bool:
+        """The main process has ended (its output may still be draining): a stop request comes too late."""
+        ...
+
     async def wait(self) -> ExitStatus:
         """Wait for the process to end and its output to drain."""
         ...

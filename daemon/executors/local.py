@@ -23,6 +23,15 @@ from daemon.tools import Command
 READ_SIZE = 256 * 1024
 
 
+def has_exited(pid: int) -> bool:
+    """Has our child `pid` exited? It stays a zombie (WNOWAIT): its pid, which is also its process group's id,
+    cannot be reused until we reap it, so signalling the group until then never hits a stranger."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
 class _SigchldReaper:
     """Fallback exit detection: on SIGCHLD, poll each of our live children."""
 
@@ -36,8 +45,8 @@ class _SigchldReaper:
         self._reap()  # it may have exited before we registered
 
     def _reap(self) -> None:
-        for pid, (popen, on_exit) in list(self._children.items()):
-            if popen.poll() is not None:
+        for pid, (_popen, on_exit) in list(self._children.items()):
+            if has_exited(pid):
                 del self._children[pid]
                 on_exit()
 
@@ -95,21 +104,28 @@ class LocalProcess:
         if not self._exited.done():
             self._exited.set_result(None)
 
+    @property
+    def exited(self) -> bool:
+        return self._exited.done()
+
     async def wait(self) -> ExitStatus:
         await asyncio.shield(self._exited)
         # Children left in the group may hold the pipes open: wait a little for them to finish writing.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._drained), self._drain_timeout_s)
-        # The job ends with its main process; nothing it started in its group outlives it unrecorded.
+        # The job ends with its main process; nothing it started in its group outlives it unrecorded. The leader
+        # is still an unreaped zombie here, so the group id cannot have been reused.
         self.signal_group(signal.SIGKILL)
+        returncode = self._popen.wait()  # reaps the zombie: from now on signal_group does nothing
         self._read_rest()
         for pipe in (self._popen.stdout, self._popen.stderr):
             if pipe is not None:
                 pipe.close()
-        assert self._popen.returncode is not None
-        return ExitStatus.from_returncode(self._popen.returncode)
+        return ExitStatus.from_returncode(returncode)
 
     def signal_group(self, signum: int) -> None:
+        if self._popen.returncode is not None:
+            return  # reaped: the pid may belong to someone else by now
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._popen.pid, signum)
 
@@ -165,7 +181,7 @@ class LocalExecutor:
                 self._use_pidfd = False  # e.g. an Android kernel or seccomp policy without pidfd_open
             else:
                 def exited() -> None:
-                    if popen.poll() is not None:
+                    if has_exited(popen.pid):
                         loop.remove_reader(pidfd)
                         os.close(pidfd)
                         process.on_exit()

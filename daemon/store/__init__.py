@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import re
 import sqlite3
@@ -33,10 +34,12 @@ from daemon.store.rows import (
     Worker,
 )
 
-__all__ = ["Claim", "ClaimedJob", "JobResult", "JobStatus", "OrphanedJob", "OutputSnapshot", "ProcessRef", "Store",
-           "Worker", "now_ms"]
+__all__ = ["Claim", "ClaimedJob", "DbError", "JobResult", "JobStatus", "OrphanedJob", "OutputSnapshot", "ProcessRef",
+           "Store", "Worker", "now_ms"]
 
 T = TypeVar("T")
+# What callers outside the store may catch: the database said no (transient or not).
+DbError = sqlite3.Error
 _ADD_COLUMN = re.compile(r"ALTER\s+TABLE\s+(\w+)\s+ADD\s+COLUMN\s+(\w+)", re.IGNORECASE)
 _BASE_COLUMNS = {
     "jobs": ("id", "conversation_id", "message_id", "node_id", "tool", "command", "status", "exit_code",
@@ -63,6 +66,15 @@ def _is_locked(error: sqlite3.OperationalError) -> bool:
     return "locked" in str(error) or "busy" in str(error)
 
 
+def _text_or_bytes(data: bytes) -> str | bytes:
+    """TEXT that is not valid UTF-8 (another program wrote raw bytes) stays bytes instead of failing the whole
+    query: the row it is in then fails alone, with a reason (daemon.tools)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data
+
+
 def _create_private(path: Path) -> None:
     """A new database is readable and writable by its owner only: writing it means running commands."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -87,13 +99,15 @@ class Store:
     @classmethod
     async def open(cls, path: Path, *, busy_timeout_ms: int = 5000, create: bool = True) -> Store:
         if not create and not os.path.exists(path):  # noqa: ASYNC240 -- one stat at start-up
-            raise DatabaseError(f"{path}: no such database; start the daemon once or run `nexus-jobd db migrate`")
+            raise DatabaseError(f"{path}: no such database; check --db / NEXUS_JOBD_DB, or create it with "
+                                "`nexus-jobd run` or `nexus-jobd db migrate`")
         try:
             if create:
                 _create_private(path)
             conn = await aiosqlite.connect(path, isolation_level=None)
         except (OSError, sqlite3.Error) as e:
             raise DatabaseError(f"{path}: cannot open the database: {e}") from e
+        conn.text_factory = _text_or_bytes
         store = cls(conn, path)
         try:
             await store._configure(busy_timeout_ms)
@@ -236,6 +250,11 @@ class Store:
         rows = await self._conn.execute_fetchall(Q["data_version"])
         return int(next(iter(rows))[0])
 
+    async def fail_malformed(self) -> list[tuple[Any, str]]:
+        """Queued rows whose id, run_after or depends_on no program could mean: failed at once, with why."""
+        rows = await self._write("fail_malformed", {})
+        return [(row[0], row[1]) for row in rows]
+
     async def fail_unknown_nodes(self, node_ids: Sequence[str]) -> list[tuple[str, Any]]:
         known = ", ".join(node_ids)
         error = f"unknown node: this daemon serves only these nodes: {known}; set node_id to one of them"
@@ -304,7 +323,7 @@ class Store:
 
     async def next_run_after(self) -> int | None:
         rows = list(await self._conn.execute_fetchall(Q["next_run_after"]))
-        return int(rows[0][0]) if rows and rows[0][0] is not None else None
+        return math.ceil(rows[0][0]) if rows and rows[0][0] is not None else None
 
     # -- leases and recovery ------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import sqlite3
 from pathlib import Path
 
 # SQLite's clock in epoch milliseconds, evaluated once per statement.
-NOW_MS = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
+NOW_MS = "CAST(ROUND((julianday('now') - 2440587.5) * 86400000) AS INTEGER)"  # ROUND: the float is x.999...
 HERE = Path(__file__).parent  # the package data (schema, queries, migrations) lives beside this module
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
 

@@ -12,6 +12,23 @@ UPDATE jobs
    AND (node_id IS NULL OR node_id NOT IN (SELECT value FROM json_each(:nodes)))
 RETURNING id, node_id;
 
+-- name: fail_malformed
+-- Queued rows that can never be claimed as they are: an id that is not text (or NULL), a run_after that is no
+-- number, a depends_on that is no text. Found by rowid, since the id itself may be the problem.
+UPDATE jobs
+   SET status = 'failed', duration = 0, started_at = NOW_MS, completed_at = NOW_MS,
+       error = CASE
+           WHEN typeof(id) != 'text' THEN 'id must be text, got ' || typeof(id)
+           WHEN typeof(run_after) NOT IN ('integer', 'real', 'null')
+               THEN 'run_after must be epoch milliseconds (a number), got ' || typeof(run_after) || ' '
+                    || quote(substr(run_after, 1, 40))
+           ELSE 'depends_on must be the text id of a job, got ' || typeof(depends_on)
+       END
+ WHERE status = 'queued'
+   AND (typeof(id) != 'text' OR typeof(run_after) NOT IN ('integer', 'real', 'null')
+        OR typeof(depends_on) NOT IN ('text', 'null'))
+RETURNING quote(id), error;
+
 -- name: claim_jobs
 -- One atomic compare-and-set from queued to executing, highest priority first, then oldest.
 UPDATE jobs
@@ -20,7 +37,7 @@ UPDATE jobs
        error = NULL, exit_code = NULL, completed_at = NULL, duration = NULL,
        stdout = NULL, stderr = NULL, stdout_bytes = NULL, stderr_bytes = NULL, pid = NULL, pid_start = NULL
  WHERE id IN (SELECT id FROM jobs
-               WHERE status = 'queued' AND node_id = :node_id
+               WHERE status = 'queued' AND node_id = :node_id AND typeof(id) = 'text'
                  AND (run_after IS NULL OR run_after <= NOW_MS)
                  AND (depends_on IS NULL
                       OR EXISTS (SELECT 1 FROM jobs AS d WHERE d.id = jobs.depends_on AND d.status = 'completed'))
@@ -96,7 +113,8 @@ SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND depends_on IS NOT 
 
 -- name: next_run_after
 -- When the earliest row waiting for its run_after becomes due (NULL: none waits).
-SELECT min(run_after) FROM jobs WHERE status = 'queued' AND run_after > NOW_MS;
+SELECT min(run_after) FROM jobs
+ WHERE status = 'queued' AND typeof(run_after) IN ('integer', 'real') AND run_after > NOW_MS;
 
 -- name: retry_job
 -- `nexus-jobd retry`: a finished job back to queued as a new attempt (the claim clears the old output).
@@ -104,6 +122,7 @@ UPDATE jobs
    SET status = 'queued', run_after = NULL, exit_code = NULL, error = NULL, started_at = NULL,
        completed_at = NULL, duration = NULL, worker_id = NULL, pid = NULL, pid_start = NULL
  WHERE id = :id AND status IN ('completed', 'failed', 'cancelled')
+   AND (duration IS NOT NULL OR worker_id IS NULL)  -- a cancelled job whose process is still being stopped waits
 RETURNING id;
 
 -- name: register_worker
