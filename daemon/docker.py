@@ -6,7 +6,6 @@ found by the label the daemon gave it (see tools.label_container).
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Mapping
 
@@ -59,7 +58,12 @@ async def _ping(host: str) -> str | None:
 
 
 async def _docker(args: list[str], env: Mapping[str, str]) -> str:
-    result = await anyio.run_process(["docker", *args], env=dict(env), check=False)
+    """The docker CLI's stdout; empty when it cannot be run at all (the job's own stop goes on regardless)."""
+    try:
+        result = await anyio.run_process(["docker", *args], env=dict(env), check=False)
+    except OSError as e:
+        logger.warning("docker.cli_failed", args=args, error=str(e))
+        return ""
     return result.stdout.decode(errors="replace")
 
 
@@ -74,8 +78,7 @@ async def stop_containers(label: str, env: Mapping[str, str], grace_s: float) ->
 
 async def remove_leftovers(label: str, env: Mapping[str, str]) -> None:
     """After the job ended: a container of it that still runs (its client was killed) goes too."""
-    with contextlib.suppress(OSError):
-        ids = (await _docker(["ps", "-q", "--filter", f"label={label}"], env)).split()
-        if ids:
-            await _docker(["rm", "-f", *ids], env)
-            logger.warning("docker.removed_leftovers", label=label, containers=ids)
+    ids = (await _docker(["ps", "-q", "--filter", f"label={label}"], env)).split()
+    if ids:
+        await _docker(["rm", "-f", *ids], env)
+        logger.warning("docker.removed_leftovers", label=label, containers=ids)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import anyio
@@ -53,8 +53,10 @@ def why_dead(me: Identity, worker: Worker, ttl_ms: int) -> str | None:
 
 
 class Lease:
-    def __init__(self, store: Store, me: Identity, *, ttl_ms: int, on_lost: Callable[[], None]) -> None:
+    def __init__(self, store: Store, me: Identity, *, ttl_ms: int, on_lost: Callable[[], None],
+                 nodes: Sequence[str]) -> None:
         self._store = store
+        self._nodes = nodes
         self.me = me
         self._ttl_ms = ttl_ms
         self._on_lost = on_lost
@@ -62,7 +64,7 @@ class Lease:
 
     async def register(self) -> None:
         await self._store.register_worker(worker_id=self.me.worker_id, host=self.me.host, boot_id=self.me.boot_id,
-                                          pid=self.me.pid, pid_start=self.me.pid_start)
+                                          pid=self.me.pid, pid_start=self.me.pid_start, nodes=self._nodes)
         await self.recover()
 
     async def run(self) -> None:

@@ -93,7 +93,9 @@ class JobRunner:
         status = await process.wait()
         running.end_timers()
         if running.stop_reason is not None and command.container_label is not None:
-            await docker.remove_leftovers(command.container_label, command.environment(self._config.job_environment))
+            with anyio.move_on_after(15):
+                await docker.remove_leftovers(command.container_label,
+                                              command.environment(self._config.job_environment))
         return outcome.result_for(status, stop_reason=running.stop_reason, timeout_ms=policy.timeout_ms,
                                   output=running.output.snapshot(final=True), attempt=job.attempt,
                                   max_attempts=policy.max_attempts, backoff=self._backoff, now_ms=now_ms())
@@ -142,7 +144,9 @@ class JobRunner:
         label = running.command.container_label if running.command else None
         if label is not None and running.command is not None:
             grace_s = self._config.kill_grace_ms / 1000
-            await docker.stop_containers(label, running.command.environment(self._config.job_environment), grace_s)
+            env = running.command.environment(self._config.job_environment)
+            with anyio.move_on_after(grace_s + 15):  # an engine that hangs must not keep the client alive
+                await docker.stop_containers(label, env, grace_s)
         running.process.signal_group(signal.SIGTERM)
         await anyio.sleep(self._config.kill_grace_ms / 1000)
         if running.holds_slot:

@@ -76,7 +76,7 @@ async def _run(config: Config, overrides: Overrides, store: Store, notifier: Not
         dispatcher.stop_all("lease lost")
 
     lease = Lease(store, Identity.of_this_process(new_worker_id()), ttl_ms=config.lease_ttl_ms,
-                  on_lost=on_lease_lost)
+                  on_lost=on_lease_lost, nodes=config.node_ids)
     await lease.register()  # also recovers the jobs of daemons that died (our own previous run included)
     executors = _executors(config)
     dispatcher = Dispatcher(config, store, executors, lease)

@@ -257,7 +257,8 @@ class Store:
 
     async def fail_unknown_nodes(self, node_ids: Sequence[str]) -> list[tuple[str, Any]]:
         known = ", ".join(node_ids)
-        error = f"unknown node: this daemon serves only these nodes: {known}; set node_id to one of them"
+        error = (f"unknown node: no daemon on this database serves it (this one serves {known}); set node_id to "
+                 "a configured node")
         rows = await self._write("fail_unknown_nodes", {"nodes": json.dumps(list(node_ids)), "error": error})
         return [(row[0], row[1]) for row in rows]
 
@@ -328,9 +329,9 @@ class Store:
     # -- leases and recovery ------------------------------------------------------------------------------
 
     async def register_worker(self, *, worker_id: str, host: str, boot_id: str | None, pid: int,
-                              pid_start: int | None) -> None:
+                              pid_start: int | None, nodes: Sequence[str]) -> None:
         await self._write("register_worker", {"id": worker_id, "host": host, "boot_id": boot_id, "pid": pid,
-                                              "pid_start": pid_start})
+                                              "pid_start": pid_start, "nodes": json.dumps(list(nodes))})
 
     async def heartbeat(self, worker_id: str) -> bool:
         """Renew our lease; False means another daemon declared us dead and took our jobs."""

@@ -3,13 +3,17 @@
 -- recorded times are taken when the write happens, not when it was queued behind another program's lock.
 
 -- name: fail_unknown_nodes
--- Fail queued rows whose node_id names no configured node; :nodes is a JSON array of node ids.
+-- Fail queued rows whose node_id names no node that this daemon (:nodes, a JSON array) or another live daemon
+-- on the database serves.
 UPDATE jobs
    SET status = 'failed', error = :error, duration = 0,
        started_at = NOW_MS,
        completed_at = NOW_MS
  WHERE status = 'queued'
-   AND (node_id IS NULL OR node_id NOT IN (SELECT value FROM json_each(:nodes)))
+   AND (node_id IS NULL
+        OR (node_id NOT IN (SELECT value FROM json_each(:nodes))
+            AND node_id NOT IN (SELECT n.value FROM jobd_workers AS w, json_each(w.nodes) AS n
+                                 WHERE w.stopped_at IS NULL AND json_valid(w.nodes))))
 RETURNING id, node_id;
 
 -- name: fail_malformed
@@ -126,8 +130,8 @@ UPDATE jobs
 RETURNING id;
 
 -- name: register_worker
-INSERT INTO jobd_workers (id, host, boot_id, pid, pid_start, started_at, heartbeat_at)
-VALUES (:id, :host, :boot_id, :pid, :pid_start, NOW_MS, NOW_MS);
+INSERT INTO jobd_workers (id, host, boot_id, pid, pid_start, started_at, heartbeat_at, nodes)
+VALUES (:id, :host, :boot_id, :pid, :pid_start, NOW_MS, NOW_MS, :nodes);
 
 -- name: heartbeat
 -- Renew this daemon's lease on all its running jobs at once; no row back means another daemon declared it dead.

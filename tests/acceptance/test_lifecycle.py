@@ -224,3 +224,14 @@ def test_retry_command_runs_a_finished_job_again_without_its_old_output(daemon: 
     assert second["stdout"].count("run-") == 1  # the old attempt's output is not carried into the new one
     again = subprocess.run([*NEXUS_JOBD, "--db", str(db.path), "retry", "nope"], capture_output=True, text=True)
     assert again.returncode == 1
+
+
+def test_daemons_serving_different_nodes_share_a_database(db: Db, daemon_factory: Callable[..., Daemon]) -> None:
+    daemon_factory().start()  # serves localhost
+    daemon_factory(config='[daemon]\nlocal_node = "phone"\n').start()
+    here, there = db.insert("echo here"), db.insert("echo there", node_id="phone")
+    nowhere = db.insert("echo nowhere", node_id="ghost")
+    assert db.wait_status(here)["stdout"] == "here\n"
+    row = db.wait_status(there)
+    assert (row["status"], row["stdout"]) == ("completed", "there\n")  # not failed as unknown by localhost's
+    assert "unknown node" in db.wait_status(nowhere)["error"]

@@ -16,6 +16,7 @@ CREATE TABLE IF NOT EXISTS jobd_workers (
     started_at INTEGER NOT NULL,
     heartbeat_at INTEGER NOT NULL,
     stopped_at INTEGER,        -- set on a clean exit, or by the daemon that recovered its jobs
-    stop_reason TEXT
+    stop_reason TEXT,
+    nodes TEXT                 -- JSON array of the node ids it serves: rows for them are not "unknown"
 );
 CREATE INDEX IF NOT EXISTS jobd_jobs_worker ON jobs(worker_id, status);
