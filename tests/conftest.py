@@ -39,6 +39,20 @@ def wait_for(predicate: Callable[[], T | None], timeout: float = 10.0, interval:
         time.sleep(interval)
 
 
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group `pgid`: init reaps orphaned zombies on its own schedule."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                members.append(int(entry.name))
+    return members
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 

@@ -4,7 +4,6 @@ scheduling and dependencies."""
 from __future__ import annotations
 
 import itertools
-import os
 import signal
 import subprocess
 import time
@@ -12,31 +11,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import NEXUS_JOBD, Daemon, Db, now_ms, wait_for
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is not alive
-        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
-    except OSError:
-        return False
-
-
-def _group_members(pgid: int) -> list[int]:
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                members.append(int(entry.name))
-    return members
+from tests.conftest import NEXUS_JOBD, Daemon, Db, group_members, now_ms, wait_for
 
 
 def test_timeout_fails_with_124_and_says_how_long(db: Db, daemon_factory: Callable[..., Daemon]) -> None:
@@ -67,7 +42,7 @@ def test_kill_9_then_restart_recovers_every_job_and_leaves_no_orphan(
     assert first.proc is not None
     first.proc.kill()
     first.proc.wait()
-    assert all(_group_members(pgid) for pgid in pgids)  # the orphans are still running
+    assert all(group_members(pgid) for pgid in pgids)  # the orphans are still running
 
     killed_at = time.monotonic()
     daemon_factory().start()
@@ -78,7 +53,7 @@ def test_kill_9_then_restart_recovers_every_job_and_leaves_no_orphan(
 
     wait_for(recovered, timeout=5, message="recovery of the dead daemon's jobs")
     recovery_s = time.monotonic() - killed_at
-    wait_for(lambda: not any(_group_members(pgid) for pgid in pgids), timeout=5, message="orphans killed")
+    wait_for(lambda: not any(group_members(pgid) for pgid in pgids), timeout=5, message="orphans killed")
     for i, job_id in enumerate(jobs):
         row = db.job(job_id)
         if i % 2:  # may try again: re-queued and running again under the new daemon
@@ -126,7 +101,7 @@ def test_a_stalled_daemon_loses_its_lease_and_cannot_finish_late(
         again = wait_for(lambda: (r := db.job(job_id))["attempt"] == 2 and r["status"] == "executing" and r,
                          timeout=10, message="rescued")
         assert again["worker_id"] != row["worker_id"]
-        wait_for(lambda: not _group_members(row["pid"]), timeout=5, message="stalled job's group killed")
+        wait_for(lambda: not group_members(row["pid"]), timeout=5, message="stalled job's group killed")
     finally:
         stalled.proc.send_signal(signal.SIGCONT)
     # The stalled daemon wakes, finds its lease gone and stops loudly without touching the row.

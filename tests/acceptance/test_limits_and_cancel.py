@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import Daemon, Db, wait_for
+from tests.conftest import Daemon, Db, group_members, wait_for
 
 
 def _concurrency_probe(slots: Path) -> str:
@@ -55,16 +55,7 @@ def test_higher_priority_runs_first_then_oldest(db: Db, daemon_factory: Callable
 
 
 def _group_alive(pgid: int) -> bool:
-    """Any process of the group that is not a zombie (init reaps orphaned zombies on its own schedule)."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                return True
-    return False
+    return bool(group_members(pgid))
 
 
 def test_cancel_by_another_program_kills_the_whole_group_and_keeps_output(daemon: Daemon, db: Db) -> None:
