@@ -29,6 +29,22 @@ class NodeConfig:
     tools: tuple[str, ...] = TOOLS
     docker_host: str | None = None  # DOCKER_HOST for this node's jobs; None: the docker CLI's default
     allowed_commands: tuple[re.Pattern[str], ...] = ()  # bash commands must match one (a convenience, not security)
+    ssh: SshTarget | None = None  # None: the local node
+    offline_after: int = 3  # missed probes in a row before the node is marked offline (hysteresis)
+    queue_timeout_ms: int | None = None  # fail jobs that waited this long for an offline node; None: wait
+
+
+@dataclass(frozen=True, kw_only=True)
+class SshTarget:
+    host: str
+    port: int = 22
+    user: str | None = None  # None: the daemon's user name
+    key: Path | None = None  # None: the SSH agent
+    known_hosts: Path | None = None  # None with insecure_skip_host_key_check only
+    max_sessions: int = 10  # channels at once on the one connection (OpenSSH's MaxSessions)
+    keepalive_interval_s: float = 5.0
+    keepalive_count_max: int = 3
+    connect_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +62,7 @@ class Config:
     shutdown_grace_ms: int = 30000
     default_timeout_ms: int | None = None  # None: jobs without timeout_ms run as long as they like
     lease_ttl_ms: int = 10000
+    heartbeat_interval_ms: int = 15000
     retry_backoff_ms: int = 1000
     retry_backoff_max_ms: int = 300000
     job_environment: Mapping[str, str] = field(default_factory=dict)
@@ -167,22 +184,61 @@ def _nodes(source: str, top: _Section, local: str, default_max: int) -> dict[str
         docker_host = section.get("docker_host")
         if docker_host is not None and (not isinstance(docker_host, str) or "://" not in docker_host):
             raise section.error("docker_host", "a Docker endpoint like 'unix:///run/docker.sock'", docker_host)
+        ssh = _ssh_target(section, node_id, local) if node_id != local else None
+        queue_timeout = section.positive_int("queue_timeout_ms", 0, minimum=0)
         nodes[node_id] = NodeConfig(
             id=node_id,
             max_concurrent=section.positive_int("max_concurrent", default_max),
             tools=section.string_list("tools", TOOLS, choices=TOOLS),
             docker_host=docker_host,
             allowed_commands=section.patterns("allowed_commands"),
+            ssh=ssh,
+            offline_after=section.positive_int("offline_after", 3),
+            queue_timeout_ms=queue_timeout or None,
         )
         section.reject_unknown()
-    for node_id in nodes:
-        if node_id != local:
-            raise ConfigError(
-                f"{source}: [nodes.{node_id}]: only the local node ({local!r}) can be configured in this version; "
-                f"remove the table or rename it to [nodes.{local}]"
-            )
     nodes.setdefault(local, NodeConfig(id=local, max_concurrent=default_max))
     return nodes
+
+
+def _ssh_target(section: _Section, node_id: str, local: str) -> SshTarget:
+    """A node other than the local one is reached over SSH: host keys checked, a key file or the agent."""
+    host = section.get("host")
+    if not isinstance(host, str) or not host:
+        raise section.error("host", f"the SSH host of node {node_id!r} (every node but the local one, {local!r}, "
+                            "is reached over SSH)", host)
+    if section.get("password") is not None:
+        raise section.error("password", "no password in the config: use a key file (key = ...) or the SSH agent",
+                            "...")
+    key = section.get("key")
+    if key is not None:
+        key_path = _expand(section.string("key", ""))
+        _check_private_file(section, "key", key_path)
+    skip = section.get("insecure_skip_host_key_check")
+    if skip not in (None, True, False):
+        raise section.error("insecure_skip_host_key_check", "true or false", skip)
+    known_hosts = None if skip else _expand(section.string("known_hosts", "~/.ssh/known_hosts"))
+    return SshTarget(
+        host=host,
+        port=section.positive_int("port", 22),
+        user=section.string("user", "") or None,
+        key=_expand(key) if isinstance(key, str) else None,
+        known_hosts=known_hosts,
+        max_sessions=section.positive_int("max_sessions", 10),
+        keepalive_interval_s=section.positive_int("keepalive_interval_ms", 5000, minimum=100) / 1000,
+        keepalive_count_max=section.positive_int("keepalive_count_max", 3),
+        connect_timeout_s=section.positive_int("connect_timeout_ms", 10000, minimum=100) / 1000,
+    )
+
+
+def _check_private_file(section: _Section, key: str, path: Path) -> None:
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise section.error(key, f"a readable private key file ({e.strerror})", str(path)) from e
+    if mode & 0o077:
+        raise section.error(key, f"a private key only its owner can read (it is {oct(mode & 0o777)}: "
+                            f"chmod 600 {path})", str(path))
 
 
 def load(overrides: Overrides | None = None, environ: Mapping[str, str] | None = None) -> Config:
@@ -216,6 +272,7 @@ def load(overrides: Overrides | None = None, environ: Mapping[str, str] | None =
         shutdown_grace_ms=dm.positive_int("shutdown_grace_ms", 30000, minimum=0),
         default_timeout_ms=dm.positive_int("default_timeout_ms", 0, minimum=0) or None,
         lease_ttl_ms=dm.positive_int("lease_ttl_ms", 10000, minimum=1000),
+        heartbeat_interval_ms=dm.positive_int("heartbeat_interval_ms", 15000, minimum=100),
         retry_backoff_ms=dm.positive_int("retry_backoff_ms", 1000, minimum=0),
         retry_backoff_max_ms=dm.positive_int("retry_backoff_max_ms", 300000, minimum=0),
         job_environment=dict(environ),

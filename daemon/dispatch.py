@@ -20,6 +20,7 @@ from anyio.abc import TaskGroup
 from daemon import logging as log
 from daemon.config import Config
 from daemon.executors.base import Executor
+from daemon.health import Health
 from daemon.lease import Lease
 from daemon.runner import JobRunner, RunningJob
 from daemon.store import ClaimedJob, DbError, JobResult, JobStatus, Store, now_ms
@@ -31,13 +32,16 @@ T = TypeVar("T")
 
 
 class Dispatcher:
-    def __init__(self, config: Config, store: Store, executors: Mapping[str, Executor], lease: Lease) -> None:
+    def __init__(self, config: Config, store: Store, executors: Mapping[str, Executor], lease: Lease,
+                 health: Health) -> None:
         self._config = config
         self._store = store
         self._lease = lease
+        self._health = health
         self.worker_id = lease.me.worker_id
         self._runner = JobRunner(config, executors, self._note_output)
         lease.on_requeued = self._claim_soon
+        health.changed = self.recheck_nodes
         self.running: dict[str, RunningJob] = {}  # claimed and not yet recorded as finished
         self._slots_used = 0  # jobs whose process has not ended: what the limits count
         self._per_node = dict.fromkeys(config.nodes, 0)
@@ -69,6 +73,11 @@ class Dispatcher:
         self._wake.set()
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def recheck_nodes(self) -> None:
+        """A node's health changed (or a heartbeat passed): claim for it, or fail what can no longer run there."""
+        self._claim_due = self._unrunnable_due = True
         self._wake.set()
 
     def _claim_soon(self) -> None:
@@ -106,6 +115,7 @@ class Dispatcher:
         """New limits, nodes and settings for what is claimed from now on; running jobs go on untouched."""
         self._config = config
         self._runner.reconfigure(config)
+        self._health.reconfigure(config)
         for node_id in config.nodes:
             self._per_node.setdefault(node_id, 0)
         self._claim_due = self._unrunnable_due = True
@@ -180,7 +190,23 @@ class Dispatcher:
             logger.warning("job.failed", job_id=job_id, node=node_id, reason="unknown node")
         for job_id, depends_on in await self._store.fail_blocked_dependencies():
             logger.warning("job.failed", job_id=job_id, depends_on=depends_on, reason="dependency did not complete")
+        await self._fail_for_node_health()
         self._dependents = await self._store.has_dependents()
+
+    async def _fail_for_node_health(self) -> None:
+        """A node in `error` fails its queued jobs at once; an offline one after its queue_timeout, if it has one."""
+        for node in self._config.nodes.values():
+            error = self._health.error_of(node.id)
+            before = None
+            if error is not None:
+                reason = f"node {node.id} is in error: {error}"
+            elif node.queue_timeout_ms and self._health.nodes[node.id].status in ("offline", "pending"):
+                reason = f"node {node.id} was offline for longer than its queue_timeout_ms ({node.queue_timeout_ms})"
+                before = now_ms() - node.queue_timeout_ms
+            else:
+                continue
+            for job_id in await self._store.fail_node_jobs(node.id, reason, queued_before=before):
+                logger.warning("job.failed", job_id=job_id, node=node.id, reason=reason)
 
     async def _notice_cancels(self) -> None:
         if not self.running:
@@ -193,6 +219,8 @@ class Dispatcher:
 
     async def _claim(self, tg: TaskGroup) -> None:
         for node in self._config.nodes.values():
+            if not self._health.can_claim(node.id):
+                continue  # offline or in error: its rows wait (or fail, see _fail_for_node_health)
             free = min(node.max_concurrent - self._per_node[node.id], self._config.max_concurrent - self._slots_used)
             if free <= 0:
                 self._backlog.add(node.id)

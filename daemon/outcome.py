@@ -58,5 +58,11 @@ def result_for(status: ExitStatus, *, stop_reason: str | None, timeout_ms: int |
     return _failed(status.code, _signal_error(status), output, may_retry, now_ms + backoff.delay_ms(attempt))
 
 
-def _failed(code: int, error: str | None, output: OutputSnapshot, retry: bool, run_after: int | None) -> JobResult:
+def lost(error: str, output: OutputSnapshot, *, attempt: int, max_attempts: int) -> JobResult:
+    """The node's connection dropped mid-job: failed (no exit code is known), or back to the queue at once."""
+    return _failed(None, error, output, attempt < max_attempts, None)
+
+
+def _failed(code: int | None, error: str | None, output: OutputSnapshot, retry: bool,
+            run_after: int | None) -> JobResult:
     return JobResult(JobStatus.FAILED, code, error, output, requeue=retry, run_after=run_after if retry else None)

@@ -15,7 +15,7 @@ from daemon import docker, outcome, procs, tools
 from daemon import logging as log
 from daemon.config import Config
 from daemon.errors import BadJob
-from daemon.executors.base import Executor, Process, SpawnError
+from daemon.executors.base import ConnectionLost, Executor, Process, SpawnError
 from daemon.output import JobOutput
 from daemon.store import Claim, ClaimedJob, JobResult, JobStatus, ProcessRef, now_ms
 from daemon.tools import Command
@@ -90,7 +90,12 @@ class JobRunner:
         except SpawnError as e:
             return JobResult(JobStatus.FAILED, 127, str(e), running.output.snapshot(final=True))
         self._started(running, process, policy.timeout_ms)
-        status = await process.wait()
+        try:
+            status = await process.wait()
+        except ConnectionLost as e:
+            running.end_timers()
+            return outcome.lost(str(e), running.output.snapshot(final=True), attempt=job.attempt,
+                                max_attempts=policy.max_attempts)
         running.end_timers()
         if running.stop_reason is not None and command.container_label is not None:
             with anyio.move_on_after(15):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import shlex
 import signal
 import socket
 from collections.abc import Callable
@@ -19,11 +20,12 @@ import anyio
 
 from daemon import config as config_module
 from daemon import logging as log
-from daemon.config import Config, Overrides
+from daemon.config import Config, NodeConfig, Overrides
 from daemon.dispatch import Dispatcher
 from daemon.errors import ConfigError, JobdError
 from daemon.executors.base import Executor
 from daemon.executors.local import LocalExecutor
+from daemon.health import Health, NodeRefused, Prober, capabilities_json
 from daemon.lease import Identity, Lease
 from daemon.notify import Notifier
 from daemon.store import Store
@@ -42,7 +44,51 @@ def new_worker_id() -> str:
 def _executors(config: Config) -> dict[str, Executor]:
     local = LocalExecutor(base_env=config.job_environment, default_cwd=config.default_cwd,
                           drain_timeout_s=config.drain_timeout_ms / 1000)
-    return {config.local_node: local}
+    executors: dict[str, Executor] = {config.local_node: local}
+    remote = [node for node in config.nodes.values() if node.ssh is not None]
+    if remote:
+        from daemon.executors import ssh  # asyncssh costs ~18 MB: only when a node needs it
+
+        for node in remote:
+            assert node.ssh is not None
+            if node.ssh.known_hosts is None:
+                logger.warning("ssh.host_key_check_disabled", node=node.id, host=node.ssh.host,
+                               reason="insecure_skip_host_key_check = true: anyone on the path can impersonate it")
+            executors[node.id] = ssh.SshExecutor(node)
+    return executors
+
+
+def _prober(config: Config, executors: dict[str, Executor]) -> Prober:
+    async def probe(node: NodeConfig, script: str) -> str:
+        if node.docker_host:
+            script = f"DOCKER_HOST={shlex.quote(node.docker_host)}; export DOCKER_HOST\n{script}"
+        if node.ssh is None:
+            result = await anyio.run_process(["sh", "-c", script], check=False)
+            return result.stdout.decode(errors="replace")
+        from daemon.executors import ssh
+
+        executor = executors[node.id]
+        assert isinstance(executor, ssh.SshExecutor)
+        try:
+            completed = await executor.run(script, timeout_s=max(5.0, config.heartbeat_interval_ms / 1000))
+        except ssh.HostKeyError as e:
+            raise NodeRefused(str(e)) from e
+        return str(completed.stdout)
+
+    return probe
+
+
+async def _heartbeats(config: Config, store: Store, health: Health, dispatcher: Dispatcher) -> None:
+    """Probe every node each heartbeat_interval and write the `nodes` table; the first round at once."""
+    await store.upsert_nodes([(n.id, n.ssh.host if n.ssh else socket.gethostname(), None)
+                              for n in config.nodes.values()])
+    while True:
+        results = await health.probe_all()
+        beats = {node_id: (status, capabilities_json(caps)) for node_id, (status, caps) in results.items()}
+        for node_id in await store.node_heartbeats(beats, served=dispatcher.config.node_ids):
+            logger.info("node.unserved", node=node_id, status="offline")
+        dispatcher.recheck_nodes()
+        await anyio.sleep(dispatcher.config.heartbeat_interval_ms / 1000)
 
 
 def _check_paths(config: Config) -> None:
@@ -79,7 +125,8 @@ async def _run(config: Config, overrides: Overrides, store: Store, notifier: Not
                   on_lost=on_lease_lost, nodes=config.node_ids)
     await lease.register()  # also recovers the jobs of daemons that died (our own previous run included)
     executors = _executors(config)
-    dispatcher = Dispatcher(config, store, executors, lease)
+    health = Health(config, _prober(config, executors))
+    dispatcher = Dispatcher(config, store, executors, lease, health)
     if install_signals:
         _install_signals(stop, dispatcher, notifier, _Reloader(config, overrides, dispatcher))
     logger.info("daemon.started", db=str(config.db_path), config=config.source, pid=os.getpid(),
@@ -89,6 +136,7 @@ async def _run(config: Config, overrides: Overrides, store: Store, notifier: Not
             tg.start_soon(_watchdog, notifier)
             tg.start_soon(_status, notifier, store, dispatcher)
             tg.start_soon(_retention, store, dispatcher)
+            tg.start_soon(_heartbeats, config, store, health, dispatcher)
             await dispatcher.run(stop, on_ready=lambda: notifier.send(READY=1, STATUS="ready"))
             tg.cancel_scope.cancel()
     finally:
@@ -149,6 +197,8 @@ class _Reloader:
             return
         kept = {name: getattr(self.config, name) for name in self.RESTART_ONLY
                 if getattr(new, name) != getattr(self.config, name)}
+        if {i: n.ssh for i, n in new.nodes.items()} != {i: n.ssh for i, n in self.config.nodes.items()}:
+            kept["nodes"] = self.config.nodes  # adding, removing or re-addressing nodes needs a restart
         new = dataclasses.replace(new, **kept, notify_socket=self.config.notify_socket,
                                   watchdog_usec=self.config.watchdog_usec)
         changed = {f.name: str(getattr(new, f.name)) for f in dataclasses.fields(new)

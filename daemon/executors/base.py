@@ -26,6 +26,10 @@ class ExitStatus:
         return cls(returncode)
 
 
+class ConnectionLost(Exception):
+    """The link to the node dropped while the job ran: it did not succeed, whatever the remote side did."""
+
+
 class SpawnError(Exception):
     """The command could not be started (exit code 127); the message says why."""
 

@@ -13,7 +13,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -380,6 +380,37 @@ class Store:
                                          "run_after": run_after, "depends_on": depends_on,
                                          "env": json.dumps(env) if env else None})
         return job_id
+
+    # -- nodes --------------------------------------------------------------------------------------------
+
+    async def upsert_nodes(self, nodes: Sequence[tuple[str, str, str | None]]) -> None:
+        """(id, hostname, ip_address) of each configured node, in one transaction."""
+        params = [{"id": i, "hostname": h, "ip_address": ip} for i, h, ip in nodes]
+
+        async def work() -> None:
+            await self._conn.executemany(Q["upsert_node"], params)
+
+        await self._transaction(work)
+
+    async def node_heartbeats(self, beats: Mapping[str, tuple[str, str]], served: Sequence[str]) -> list[str]:
+        """node id -> (status, capabilities JSON); then nodes nobody serves go offline (their ids returned)."""
+        params = [{"id": i, "status": s, "capabilities": c} for i, (s, c) in beats.items()]
+
+        async def work() -> list[str]:
+            await self._conn.executemany(Q["node_heartbeat"], params)
+            rows = await self._conn.execute_fetchall(Q["unserved_nodes_offline"], {"nodes": json.dumps(list(served))})
+            return [row[0] for row in rows]
+
+        return await self._transaction(work)
+
+    async def fail_node_jobs(self, node_id: str, error: str, *, queued_before: int | None = None) -> list[str]:
+        rows = await self._write("fail_node_jobs", {"node_id": node_id, "error": error, "before": queued_before})
+        return [row[0] for row in rows]
+
+    async def nodes_overview(self) -> list[dict[str, Any]]:
+        async with self._conn.execute(Q["nodes_overview"]) as cursor:
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
 
     async def job_counts(self) -> dict[str, int]:
         rows = list(await self._conn.execute_fetchall(Q["job_counts"]))

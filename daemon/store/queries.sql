@@ -217,6 +217,37 @@ DELETE FROM jobs
  WHERE status IN (SELECT value FROM json_each(:statuses)) AND completed_at < :before
    AND status IN ('completed', 'failed', 'cancelled');
 
+-- name: upsert_node
+-- A configured node: created if new (status offline until its first probe), its address kept current.
+INSERT INTO nodes (id, hostname, ip_address, status, capabilities, last_heartbeat, created_at)
+VALUES (:id, :hostname, :ip_address, 'offline', NULL, NULL, NOW_MS)
+ON CONFLICT (id) DO UPDATE SET hostname = excluded.hostname, ip_address = excluded.ip_address;
+
+-- name: node_heartbeat
+UPDATE nodes SET status = :status, capabilities = :capabilities, last_heartbeat = NOW_MS WHERE id = :id;
+
+-- name: unserved_nodes_offline
+-- Nodes no live daemon serves any more (removed from every config) are marked offline, never deleted.
+UPDATE nodes SET status = 'offline'
+ WHERE status != 'offline'
+   AND id NOT IN (SELECT value FROM json_each(:nodes))
+   AND id NOT IN (SELECT n.value FROM jobd_workers AS w, json_each(w.nodes) AS n
+                   WHERE w.stopped_at IS NULL AND json_valid(w.nodes))
+RETURNING id;
+
+-- name: fail_node_jobs
+-- Queued rows of a node that cannot take jobs: all of them (:before NULL), or those queued before :before.
+UPDATE jobs
+   SET status = 'failed', error = :error, duration = 0, started_at = NOW_MS, completed_at = NOW_MS
+ WHERE status = 'queued' AND node_id = :node_id AND (:before IS NULL OR created_at < :before)
+RETURNING id;
+
+-- name: nodes_overview
+SELECT n.id, n.hostname, n.ip_address, n.status, n.capabilities, n.last_heartbeat, NOW_MS AS now,
+       (SELECT count(*) FROM jobs WHERE node_id = n.id AND status = 'executing') AS running,
+       (SELECT count(*) FROM jobs WHERE node_id = n.id AND status = 'queued') AS queued
+  FROM nodes AS n ORDER BY n.id;
+
 -- name: data_version
 PRAGMA data_version;
 

@@ -175,8 +175,12 @@ def test_an_explicit_config_path_that_does_not_exist(tmp_path: Path, via: str) -
     ('[nodes.localhost]\ntools = ["bash", "perl"]\n', "[nodes.localhost] tools",
      "a non-empty list drawn from bash, git"),
     ("[nodes]\nlocalhost = 1\n", "[nodes] localhost", "expected a table [nodes.localhost]"),
-    ("[nodes.other]\nmax_concurrent = 1\n", "[nodes.other]", "only the local node ('localhost')"),
-    ('[daemon]\nlocal_node = "phone"\n[nodes.localhost]\n', "[nodes.localhost]", "rename it to [nodes.phone]"),
+    ("[nodes.other]\nmax_concurrent = 1\n", "[nodes.other] host", "the SSH host of node 'other'"),
+    ("[nodes.other]\nhost = 'h'\npassword = 'x'\n", "[nodes.other] password", "no password in the config"),
+    ("[nodes.other]\nhost = 'h'\nkey = '/no/such/key'\n", "[nodes.other] key", "a readable private key file"),
+    ("[nodes.other]\nhost = 'h'\nport = 'ssh'\n", "[nodes.other] port", "an integer >= 1"),
+    ('[daemon]\nlocal_node = "phone"\n[nodes.localhost]\n', "[nodes.localhost] host",
+     "the local one, 'phone', is reached over SSH"),
 ])
 def test_bad_values_name_the_file_and_the_key(tmp_path: Path, toml: str, key: str, detail: str) -> None:
     path = write(tmp_path, toml)

@@ -1,0 +1,184 @@
+"""Run a Command on a node reached over SSH: one pooled connection per node, one channel per job.
+
+The remote command records its process group (sshd makes each session's shell a session leader, so its pid is
+the group id) in a file, and cancel/timeout kill that whole group over a second channel: SSH signal requests are
+ignored by older OpenSSH and would reach only the shell. Imported only when an SSH node is configured: asyncssh
+costs about 18 MB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import shlex
+import signal
+import time
+from typing import Any
+
+import asyncssh
+
+from daemon import logging as log
+from daemon.config import NodeConfig, SshTarget
+from daemon.executors.base import ConnectionLost, ExitStatus, OutputCallback, SpawnError
+from daemon.tools import Command
+
+logger = log.get("ssh")
+PID_DIR = "$HOME/.cache/nexus-jobd"
+BACKOFF_MAX_S = 30.0
+
+
+class HostKeyError(SpawnError):
+    """The node's host key is unknown or changed: the node is refused until its known_hosts entry is right."""
+
+
+def remote_script(command: Command, pid_file: str) -> str:
+    """One POSIX sh command line: record the group, go to the directory, set the environment, run argv, clean up.
+
+    Everything from the row is quoted, so the remote shell passes it through untouched.
+    """
+    env_args = []
+    for name, value in command.env.items():
+        env_args += ["-u", name] if value is None else [f"{name}={value}"]
+    run = shlex.join(["env", *env_args, *command.argv])
+    cd = f"cd {shlex.quote(command.cwd)} || exit 127; " if command.cwd else ""
+    return (f'mkdir -p "{PID_DIR}" && echo $$ > "{PID_DIR}/{pid_file}"; {cd}{run} </dev/null; rc=$?; '
+            f'rm -f "{PID_DIR}/{pid_file}"; exit $rc')
+
+
+def _signal_number(name: str | None) -> int:
+    try:
+        return int(signal.Signals[f"SIG{name}"]) if name else 0
+    except KeyError:
+        return 0
+
+
+class _Session(asyncssh.SSHClientSession[bytes]):
+    def __init__(self, on_stdout: OutputCallback, on_stderr: OutputCallback) -> None:
+        self._on_stdout, self._on_stderr = on_stdout, on_stderr
+        self.exit_status: int | None = None
+        self.exit_signal: int | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes, datatype: int | None) -> None:
+        (self._on_stderr if datatype == asyncssh.EXTENDED_DATA_STDERR else self._on_stdout)(data)
+
+    def exit_status_received(self, status: int) -> None:
+        self.exit_status = status
+
+    def exit_signal_received(self, signal: str, core_dumped: bool, msg: str, lang: str) -> None:
+        self.exit_signal = _signal_number(signal)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(exc)
+
+
+class SshProcess:
+    def __init__(self, node: str, conn: asyncssh.SSHClientConnection, session: _Session, pid_file: str,
+                 release: asyncio.Semaphore) -> None:
+        self._node, self._conn, self._session, self._pid_file = node, conn, session, pid_file
+        self._release = release
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    pid = None  # not a pid of this host: crash recovery cannot kill it from here
+
+    @property
+    def exited(self) -> bool:
+        return self._session.closed.done()
+
+    async def wait(self) -> ExitStatus:
+        try:
+            await asyncio.shield(self._session.closed)
+        finally:
+            self._release.release()
+        status, sig = self._session.exit_status, self._session.exit_signal
+        if sig:
+            return ExitStatus(128 + sig, sig)
+        if status is None:  # asyncssh reports a dropped connection as no exit status at all
+            raise ConnectionLost(f"connection to node {self._node} lost while the job ran")
+        return ExitStatus(status)
+
+    def signal_group(self, signum: int) -> None:
+        """Kill the job's process group on the node, over a channel of its own."""
+        script = (f'f="{PID_DIR}/{self._pid_file}"; [ -s "$f" ] && kill -{int(signum)} -- -"$(cat "$f")" '
+                  "2>/dev/null; true")
+        task = asyncio.get_running_loop().create_task(self._run_quietly(script))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_quietly(self, script: str) -> None:
+        try:
+            await asyncio.wait_for(self._conn.run(script, check=False), 15)
+        except (OSError, asyncssh.Error, TimeoutError) as e:
+            logger.warning("ssh.signal_failed", node=self._node, error=str(e))
+
+
+class SshExecutor:
+    """The pooled connection to one node, opened on first use, reopened with back-off after a failure."""
+
+    def __init__(self, node: NodeConfig) -> None:
+        assert node.ssh is not None
+        self.node, self._target = node.id, node.ssh
+        self._conn: asyncssh.SSHClientConnection | None = None
+        self._lock = asyncio.Lock()
+        self._failures = 0
+        self._retry_at = 0.0
+        self._last_error = ""
+        # One channel stays free for kills and probes.
+        self._channels = asyncio.Semaphore(max(1, self._target.max_sessions - 1))
+
+    def _options(self) -> dict[str, Any]:
+        t: SshTarget = self._target
+        return {"host": t.host, "port": t.port, "username": t.user,
+                "known_hosts": str(t.known_hosts) if t.known_hosts else None,
+                "client_keys": [str(t.key)] if t.key else (),
+                "agent_path": None if t.key else (),
+                "keepalive_interval": t.keepalive_interval_s, "keepalive_count_max": t.keepalive_count_max,
+                "connect_timeout": t.connect_timeout_s, "agent_forwarding": False}
+
+    async def connection(self) -> asyncssh.SSHClientConnection:
+        async with self._lock:
+            if self._conn is not None and not self._conn.is_closed():
+                return self._conn
+            if time.monotonic() < self._retry_at:
+                raise SpawnError(f"node {self.node} is unreachable ({self._last_error}); "
+                                 f"next try in {self._retry_at - time.monotonic():.0f}s")
+            options = {k: v for k, v in self._options().items() if v != ()}
+            try:
+                self._conn = await asyncssh.connect(**options)
+            except asyncssh.HostKeyNotVerifiable as e:
+                raise HostKeyError(f"host key of node {self.node} ({self._target.host}) not verified: {e}; fix its "
+                                   f"entry in {self._target.known_hosts}") from e
+            except (OSError, asyncssh.Error, TimeoutError) as e:
+                self._failures += 1
+                self._last_error = str(e) or type(e).__name__
+                self._retry_at = time.monotonic() + min(BACKOFF_MAX_S, 0.5 * 2 ** self._failures)
+                raise SpawnError(f"cannot connect to node {self.node}: {self._last_error}") from e
+            self._failures = 0
+            logger.info("ssh.connected", node=self.node, host=self._target.host, port=self._target.port)
+            return self._conn
+
+    async def start(self, command: Command, on_stdout: OutputCallback, on_stderr: OutputCallback) -> SshProcess:
+        conn = await self.connection()
+        pid_file = hashlib.sha256(repr((command.argv, time.time_ns())).encode()).hexdigest()[:20]
+        await self._channels.acquire()
+        try:
+            channel, session = await conn.create_session(
+                lambda: _Session(on_stdout, on_stderr), remote_script(command, pid_file), encoding=None)
+        except (OSError, asyncssh.Error) as e:
+            self._channels.release()
+            raise SpawnError(f"cannot start the job on node {self.node}: {e}") from e
+        channel.write_eof()  # stdin: nothing
+        assert isinstance(session, _Session)
+        return SshProcess(self.node, conn, session, pid_file, self._channels)
+
+    async def run(self, script: str, timeout_s: float) -> asyncssh.SSHCompletedProcess:
+        """A short command of the daemon's own (the heartbeat probe)."""
+        conn = await self.connection()
+        return await asyncio.wait_for(conn.run(script, check=False, encoding="utf-8", errors="replace"),
+                                      timeout_s)
+
+    async def aclose(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            await self._conn.wait_closed()

@@ -1,0 +1,138 @@
+"""Node heartbeats: probe every node (the local one too), keep the `nodes` table current, and say which nodes
+may take jobs. One missed probe is not enough to go offline (hysteresis); a refused host key is an error at once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from daemon import logging as log
+from daemon.config import Config, NodeConfig
+
+logger = log.get("health")
+
+# One POSIX sh line per fact, `name=value`; a missing tool prints nothing.
+PROBE = r"""
+echo "os=$(uname -s)"; echo "arch=$(uname -m)"; echo "kernel=$(uname -r)"; echo "hostname=$(uname -n)"
+echo "cpus=$(getconf _NPROCESSORS_ONLN 2>/dev/null || nproc 2>/dev/null)"
+echo "mem_total_kb=$(awk '/^MemTotal:/{print $2}' /proc/meminfo 2>/dev/null)"
+echo "mem_available_kb=$(awk '/^MemAvailable:/{print $2}' /proc/meminfo 2>/dev/null)"
+echo "load=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)"
+for t in bash git docker; do
+  command -v "$t" >/dev/null 2>&1 && echo "$t=$("$t" --version 2>/dev/null | head -n 1)"
+done
+if command -v docker >/dev/null 2>&1; then
+  if v=$(docker version --format '{{.Server.Version}}' 2>/dev/null); then echo "docker_engine=$v"
+  else echo "docker_engine="; fi
+fi
+"""
+
+Prober = Callable[[NodeConfig, str], Awaitable[str]]  # (node, script) -> its stdout; raises when unreachable
+
+
+class NodeRefused(Exception):
+    """The node must not be used until someone fixes it (e.g. a changed host key): status `error`."""
+
+
+def parse_probe(text: str, rtt_ms: float) -> dict[str, Any]:
+    facts: dict[str, Any] = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition("=")
+        if sep:
+            facts[name.strip()] = value.strip()
+    caps: dict[str, Any] = {
+        "tools": {t: facts[t] for t in ("bash", "git", "docker") if t in facts},
+        "docker_engine": facts.get("docker_engine") or None,
+        "os": facts.get("os"), "arch": facts.get("arch"), "kernel": facts.get("kernel"),
+        "hostname": facts.get("hostname"), "rtt_ms": round(rtt_ms, 1),
+    }
+    for name in ("cpus", "mem_total_kb", "mem_available_kb"):
+        caps[name] = int(facts[name]) if facts.get(name, "").isdigit() else None
+    load = facts.get("load", "").split()
+    caps["load"] = [float(x) for x in load] if len(load) == 3 else None
+    return caps
+
+
+@dataclass
+class NodeHealth:
+    status: str = "pending"  # pending (not probed yet) | online | offline | error
+    error: str | None = None
+    missed: int = 0
+    capabilities: dict[str, Any] = field(default_factory=dict)
+    offline_since: float | None = None
+
+
+class Health:
+    def __init__(self, config: Config, probe: Prober) -> None:
+        self._config = config
+        self._probe = probe
+        self.nodes: dict[str, NodeHealth] = {
+            node_id: NodeHealth(status="online" if node.ssh is None else "pending") for node_id, node in
+            config.nodes.items()}
+        self.changed: Callable[[], None] = lambda: None  # the dispatcher looks again at what it may claim
+
+    def reconfigure(self, config: Config) -> None:
+        self._config = config
+        for node_id, node in config.nodes.items():
+            self.nodes.setdefault(node_id, NodeHealth(status="online" if node.ssh is None else "pending"))
+
+    def can_claim(self, node_id: str) -> bool:
+        state = self.nodes.get(node_id)
+        return state is not None and state.status == "online"
+
+    def error_of(self, node_id: str) -> str | None:
+        state = self.nodes.get(node_id)
+        return state.error if state is not None and state.status == "error" else None
+
+    async def probe_all(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """Probe every node at once; node id -> (status for the table, capabilities JSON)."""
+        results: dict[str, tuple[str, dict[str, Any]]] = {}
+
+        async def one(node: NodeConfig) -> None:
+            results[node.id] = await self._probe_one(node)
+
+        async with anyio.create_task_group() as tg:
+            for node in self._config.nodes.values():
+                tg.start_soon(one, node)
+        return results
+
+    async def _probe_one(self, node: NodeConfig) -> tuple[str, dict[str, Any]]:
+        state = self.nodes.setdefault(node.id, NodeHealth())
+        before = state.status
+        started = time.monotonic()
+        try:
+            with anyio.fail_after(max(5.0, self._config.heartbeat_interval_ms / 1000)):
+                text = await self._probe(node, PROBE)
+        except NodeRefused as e:
+            state.status, state.error = "error", str(e)
+        except Exception as e:  # unreachable: offline only after `offline_after` misses in a row
+            state.missed += 1
+            state.error = str(e) or type(e).__name__
+            if state.missed >= node.offline_after:
+                state.status = "offline"
+        else:
+            state.status, state.error, state.missed = "online", None, 0
+            state.capabilities = parse_probe(text, (time.monotonic() - started) * 1000)
+        if state.status == "offline" and state.offline_since is None:
+            state.offline_since = time.monotonic()
+        elif state.status != "offline":
+            state.offline_since = None
+        if state.status != before:
+            logger.warning("node.status", node=node.id, status=state.status, was=before, error=state.error)
+            self.changed()
+        caps = dict(state.capabilities)
+        if state.error:
+            caps["error"] = state.error
+        caps["missed_probes"] = state.missed
+        table_status = state.status if state.status in ("online", "offline", "error") else "offline"
+        return table_status, caps
+
+
+def capabilities_json(caps: Mapping[str, Any]) -> str:
+    return json.dumps(caps, sort_keys=True)
