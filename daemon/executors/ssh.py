@@ -36,9 +36,9 @@ def remote_script(command: Command, pid_file: str) -> str:
 
     Everything from the row is quoted, so the remote shell passes it through untouched.
     """
-    env_args = []
-    for name, value in command.env.items():
-        env_args += ["-u", name] if value is None else [f"{name}={value}"]
+    unset = [arg for name, value in command.env.items() if value is None for arg in ("-u", name)]
+    assign = [f"{name}={value}" for name, value in command.env.items() if value is not None]
+    env_args = unset + assign  # env takes its options before the assignments
     run = shlex.join(["env", *env_args, *command.argv])
     cd = f"cd {shlex.quote(command.cwd)} || exit 127; " if command.cwd else ""
     return (f'mkdir -p "{PID_DIR}" && echo $$ > "{PID_DIR}/{pid_file}"; {cd}{run} </dev/null; rc=$?; '

@@ -5,9 +5,11 @@ A component missing on a developer's machine skips these tests with the reason; 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tarfile
 import tempfile
@@ -82,3 +84,115 @@ def docker_ps(host: str, *args: str) -> list[str]:
     result = subprocess.run(["docker", "ps", "-q", *args], env={**os.environ, "DOCKER_HOST": host},
                             capture_output=True, text=True, check=True)
     return result.stdout.split()
+
+
+SSH_USER = "nexusjobd-t"
+
+
+class Sshd:
+    """A real OpenSSH sshd on a free loopback port with its own host key, config and authorized_keys, for a test
+    user with a clean home (root's ~/.bashrc here runs pyenv init, which would slow every remote command)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.home = root, root / "home"
+        self.host_key, self.client_key = root / "host_key", root / "client_key"
+        self.known_hosts, self.log = root / "known_hosts", root / "sshd.log"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        for key in (self.host_key, self.client_key):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+        self._user()
+        host_pub = (root / "host_key.pub").read_text().split()
+        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_pub[0]} {host_pub[1]}\n")
+        self.config = root / "sshd_config"
+        self.config.write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {self.host_key}\nPidFile {root / 'sshd.pid'}\n"
+            "AuthorizedKeysFile .ssh/authorized_keys\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+            f"UsePAM no\nStrictModes no\nMaxSessions 100\nMaxStartups 100\nAllowUsers {SSH_USER}\n"
+            "LogLevel VERBOSE\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def _user(self) -> None:
+        if subprocess.run(["id", SSH_USER], capture_output=True).returncode != 0:
+            subprocess.run(["useradd", "--home-dir", str(self.home), "--shell", "/bin/bash", SSH_USER], check=True)
+        else:
+            subprocess.run(["usermod", "--home", str(self.home), SSH_USER], check=True)
+        subprocess.run(["usermod", "-p", "*", SSH_USER], check=True)  # unlocked: sshd without PAM refuses locked
+        ssh_dir = self.home / ".ssh"
+        ssh_dir.mkdir(parents=True)
+        (ssh_dir / "authorized_keys").write_text((self.root / "client_key.pub").read_text())
+        subprocess.run(["chown", "-R", f"{SSH_USER}:", str(self.home)], check=True)
+        self.home.chmod(0o755)
+        self.root.chmod(0o755)
+
+    def start(self) -> None:
+        Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(self.config)], stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+        def listening() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_for(listening, timeout=15, message="sshd listening")
+
+    def sshd_processes(self) -> list[int]:
+        """The listener's descendants that are sshd itself (each connection's monitor and network processes);
+        they call setsid(), so they are not in the listener's process group."""
+        assert self.proc is not None
+        children: dict[int, list[int]] = {}
+        names: dict[int, bytes] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                    names[int(entry.name)] = (entry / "cmdline").read_bytes()
+                except OSError:
+                    continue
+                children.setdefault(ppid, []).append(int(entry.name))
+        found, todo = [], list(children.get(self.proc.pid, []))
+        while todo:
+            pid = todo.pop()
+            if b"sshd" in names.get(pid, b""):
+                found.append(pid)
+                todo += children.get(pid, [])
+        return found
+
+    def stop(self) -> None:
+        """The listener and every connection it serves: the node is down."""
+        if self.proc is not None and self.proc.poll() is None:
+            for pid in self.sshd_processes():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def accepted(self) -> int:
+        return self.log.read_text(errors="replace").count("Accepted publickey")
+
+    def node_config(self, node: str = "box", **extra: object) -> str:
+        lines = [f"[nodes.{node}]", 'host = "127.0.0.1"', f"port = {self.port}", f'user = "{SSH_USER}"',
+                 f'key = "{self.client_key}"', f'known_hosts = "{self.known_hosts}"', "max_sessions = 100"]
+        lines += [f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {str(v).lower() if isinstance(v, bool) else v}"
+                  for k, v in extra.items()]
+        return "\n".join(lines) + "\n"
+
+    def remote_pgrep(self, pattern: str) -> list[str]:
+        result = subprocess.run(["pgrep", "-u", SSH_USER, "-f", pattern], capture_output=True, text=True)
+        return result.stdout.split()
+
+
+@pytest.fixture(scope="session")
+def sshd() -> Iterator[Sshd]:
+    require(shutil.which("/usr/sbin/sshd") is not None and shutil.which("ssh-keygen") is not None,
+            "OpenSSH server not installed (Debian: openssh-server)")
+    require(os.geteuid() == 0, "the sshd fixture creates a test user: it needs root")
+    root = Path(tempfile.mkdtemp(prefix="njd-sshd-"))
+    server = Sshd(root)
+    yield server
+    server.stop()
+    subprocess.run(["pkill", "-KILL", "-u", SSH_USER], capture_output=True)
+    shutil.rmtree(root, ignore_errors=True)

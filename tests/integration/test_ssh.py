@@ -1,0 +1,113 @@
+"""Jobs on an SSH node: a real OpenSSH sshd on loopback, the real daemon, real remote processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import Daemon, Db, wait_for
+from tests.integration.conftest import Sshd
+
+FAST = "[daemon]\nheartbeat_interval_ms = 200\nkill_grace_ms = 500\n"
+
+
+def _node(db: Db, node: str = "box") -> dict[str, object]:
+    row = db.conn.execute("SELECT * FROM nodes WHERE id = ?", (node,)).fetchone()
+    return dict(row) if row else {}
+
+
+def test_a_job_on_an_ssh_node_streams_both_outputs_and_records_the_exit_code(
+        sshd: Sshd, db: Db, daemon_factory: Callable[..., Daemon]) -> None:
+    daemon_factory(config=FAST + sshd.node_config()).start()
+    job_id = db.insert("echo out; echo err >&2; echo $GREETING in $(pwd); exit 3", node_id="box",
+                       env={"GREETING": "hi there"}, cwd="/tmp")
+    row = db.wait_status(job_id, timeout=30)
+    assert (row["status"], row["exit_code"]) == ("failed", 3)
+    assert (row["stdout"], row["stderr"]) == ("out\nhi there in /tmp\n", "err\n")
+    git = db.wait_status(db.insert("git --version", tool="git", node_id="box"), timeout=30)
+    assert (git["status"], git["stdout"].split()[:2]) == ("completed", ["git", "version"])
+    quoted = db.wait_status(db.insert("rev-parse --sq-quote 'a;b $HOME' \"c d\"", tool="git", node_id="box"))
+    assert quoted["stdout"].strip() == "'a;b $HOME' 'c d'"  # the remote shell passed the arguments untouched
+    node = wait_for(lambda: (n := _node(db)).get("status") == "online" and n, message="node online")
+    caps = json.loads(str(node["capabilities"]))
+    assert caps["tools"]["bash"].startswith("GNU bash") and caps["os"] == "Linux" and caps["cpus"] >= 1
+    assert caps["rtt_ms"] > 0 and isinstance(caps["load"], list) and caps["mem_total_kb"] > 0
+
+
+def test_200_jobs_run_over_one_connection(sshd: Sshd, db: Db, daemon_factory: Callable[..., Daemon]) -> None:
+    before = sshd.accepted()
+    daemon_factory(config=FAST + sshd.node_config(max_concurrent=16)).start()
+    db.conn.execute("BEGIN")
+    jobs = [db.insert(f"echo {i}", node_id="box") for i in range(200)]
+    db.conn.execute("COMMIT")
+    for i, job_id in enumerate(jobs):
+        assert db.wait_status(job_id, timeout=60)["stdout"] == f"{i}\n"
+    assert sshd.accepted() - before == 1
+
+
+def test_an_unknown_host_key_is_refused(sshd: Sshd, db: Db, daemon_factory: Callable[..., Daemon],
+                                        tmp_path: Path) -> None:
+    wrong = tmp_path / "known_hosts"
+    other = (sshd.root / "client_key.pub").read_text().split()  # some other key than the host's
+    wrong.write_text(f"[127.0.0.1]:{sshd.port} {other[0]} {other[1]}\n")
+    config = FAST + sshd.node_config().replace(str(sshd.known_hosts), str(wrong))
+    daemon_factory(config=config).start()
+    node = wait_for(lambda: (n := _node(db)).get("status") == "error" and n, timeout=20, message="node error")
+    assert "host key" in json.loads(str(node["capabilities"]))["error"]
+    row = db.wait_status(db.insert("echo never", node_id="box"), timeout=20)
+    assert row["status"] == "failed" and "node box is in error" in row["error"] and "host key" in row["error"]
+
+
+def test_a_node_goes_offline_after_missed_probes_and_its_jobs_wait(
+        sshd: Sshd, db: Db, daemon_factory: Callable[..., Daemon]) -> None:
+    daemon_factory(config=FAST + sshd.node_config(offline_after=3, keepalive_interval_ms=300)).start()
+    wait_for(lambda: _node(db).get("status") == "online", timeout=20, message="online")
+    sshd.stop()
+    try:
+        node = wait_for(lambda: (n := _node(db)).get("status") == "offline" and n, timeout=20, message="offline")
+        assert json.loads(str(node["capabilities"]))["missed_probes"] >= 3  # one missed probe is not enough
+        job_id = db.insert("echo back", node_id="box")
+        assert db.wait_status(job_id, ("queued",))["status"] == "queued"
+    finally:
+        sshd.start()
+    wait_for(lambda: _node(db).get("status") == "online", timeout=30, message="online again")
+    assert db.wait_status(job_id, timeout=30)["stdout"] == "back\n"
+
+
+def test_cancel_and_timeout_leave_no_remote_process(sshd: Sshd, db: Db,
+                                                    daemon_factory: Callable[..., Daemon]) -> None:
+    daemon_factory(config=FAST + sshd.node_config()).start()
+    cancelled = db.insert("echo up; sleep 1001 & sleep 1002; wait", node_id="box")
+    wait_for(lambda: db.job(cancelled)["stdout"] == "up\n", timeout=30, message="running remotely")
+    assert sshd.remote_pgrep("sleep 100[12]")
+    db.conn.execute("UPDATE jobs SET status = 'cancelled', completed_at = 1 WHERE id = ?", (cancelled,))
+    wait_for(lambda: not sshd.remote_pgrep("sleep 100[12]"), timeout=10, message="remote group killed")
+    row = wait_for(lambda: (r := db.job(cancelled))["duration"] is not None and r, timeout=20, message="recorded")
+    assert row["status"] == "cancelled"
+
+    timed = db.insert("trap '' TERM; sleep 1003 & sleep 1004; wait", node_id="box", timeout_ms=1000)
+    row = db.wait_status(timed, timeout=30)
+    assert (row["status"], row["exit_code"]) == ("failed", 124)
+    wait_for(lambda: not sshd.remote_pgrep("sleep 100[34]"), timeout=10, message="remote group killed")
+
+
+def test_a_dropped_connection_fails_the_job_with_connection_lost(
+        sshd: Sshd, db: Db, daemon_factory: Callable[..., Daemon]) -> None:
+    daemon_factory(config=FAST + sshd.node_config(keepalive_interval_ms=300, keepalive_count_max=3)).start()
+    job_id = db.insert("echo up; sleep 1005", node_id="box")
+    wait_for(lambda: db.job(job_id)["stdout"] == "up\n", timeout=30, message="running remotely")
+    # Freeze the sshd processes serving the connection: no keepalive answer, as on a cut link.
+    session_sshd = sshd.sshd_processes()
+    assert session_sshd
+    for pid in session_sshd:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        row = db.wait_status(job_id, timeout=20)
+        assert (row["status"], row["error"]) == ("failed", "connection to node box lost while the job ran")
+    finally:
+        for pid in session_sshd:
+            os.kill(pid, signal.SIGCONT)
+
