@@ -13,7 +13,7 @@ import socket
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -93,49 +93,53 @@ class Sshd:
     """A real OpenSSH sshd on a free loopback port with its own host key, config and authorized_keys, for a test
     user with a clean home (root's ~/.bashrc here runs pyenv init, which would slow every remote command)."""
 
-    def __init__(self, root: Path) -> None:
-        self.root, self.home = root, root / "home"
+    def __init__(self, root: Path, listen: str = "127.0.0.1", netns: str | None = None, user: str = SSH_USER) -> None:
+        self.root, self.home, self.listen, self.netns, self.user = root, root / "home", listen, netns, user
         self.host_key, self.client_key = root / "host_key", root / "client_key"
         self.known_hosts, self.log = root / "known_hosts", root / "sshd.log"
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+            self.port = s.getsockname()[1]  # free here; inside a namespace of our own any port is free
         for key in (self.host_key, self.client_key):
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
         self._user()
         host_pub = (root / "host_key.pub").read_text().split()
-        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_pub[0]} {host_pub[1]}\n")
+        self.known_hosts.write_text(f"[{listen}]:{self.port} {host_pub[0]} {host_pub[1]}\n")
         self.config = root / "sshd_config"
         self.config.write_text(
-            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {self.host_key}\nPidFile {root / 'sshd.pid'}\n"
+            f"Port {self.port}\nListenAddress {listen}\nHostKey {self.host_key}\nPidFile {root / 'sshd.pid'}\n"
             "AuthorizedKeysFile .ssh/authorized_keys\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-            f"UsePAM no\nStrictModes no\nMaxSessions 100\nMaxStartups 100\nAllowUsers {SSH_USER}\n"
+            f"UsePAM no\nStrictModes no\nMaxSessions 100\nMaxStartups 100\nAllowUsers {user}\n"
             "LogLevel VERBOSE\n")
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
     def _user(self) -> None:
-        if subprocess.run(["id", SSH_USER], capture_output=True).returncode != 0:
-            subprocess.run(["useradd", "--home-dir", str(self.home), "--shell", "/bin/bash", SSH_USER], check=True)
-        else:
-            subprocess.run(["usermod", "--home", str(self.home), SSH_USER], check=True)
-        subprocess.run(["usermod", "-p", "*", SSH_USER], check=True)  # unlocked: sshd without PAM refuses locked
+        if subprocess.run(["id", self.user], capture_output=True).returncode != 0:
+            subprocess.run(["useradd", "--home-dir", str(self.home), "--shell", "/bin/bash", self.user], check=True)
+        else:  # left from an earlier run: point it at this run's clean home
+            subprocess.run(["pkill", "-KILL", "-u", self.user], capture_output=True)
+            wait_for(lambda: subprocess.run(["usermod", "--home", str(self.home), self.user],
+                                            capture_output=True).returncode == 0, message=f"usermod {self.user}")
+        subprocess.run(["usermod", "-p", "*", self.user], check=True)  # unlocked: sshd without PAM refuses locked
         ssh_dir = self.home / ".ssh"
         ssh_dir.mkdir(parents=True)
         (ssh_dir / "authorized_keys").write_text((self.root / "client_key.pub").read_text())
-        subprocess.run(["chown", "-R", f"{SSH_USER}:", str(self.home)], check=True)
+        subprocess.run(["chown", "-R", f"{self.user}:", str(self.home)], check=True)
         self.home.chmod(0o755)
         self.root.chmod(0o755)
 
     def start(self) -> None:
         Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(self.config)], stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+            self.proc = subprocess.Popen([*prefix, "/usr/sbin/sshd", "-D", "-e", "-f", str(self.config)],
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
         def listening() -> bool:
             with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", self.port)) == 0
+                s.settimeout(1)
+                return s.connect_ex((self.listen, self.port)) == 0
 
         wait_for(listening, timeout=15, message="sshd listening")
 
@@ -174,14 +178,14 @@ class Sshd:
         return self.log.read_text(errors="replace").count("Accepted publickey")
 
     def node_config(self, node: str = "box", **extra: object) -> str:
-        lines = [f"[nodes.{node}]", 'host = "127.0.0.1"', f"port = {self.port}", f'user = "{SSH_USER}"',
+        lines = [f"[nodes.{node}]", f'host = "{self.listen}"', f"port = {self.port}", f'user = "{self.user}"',
                  f'key = "{self.client_key}"', f'known_hosts = "{self.known_hosts}"', "max_sessions = 100"]
         lines += [f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {str(v).lower() if isinstance(v, bool) else v}"
                   for k, v in extra.items()]
         return "\n".join(lines) + "\n"
 
     def remote_pgrep(self, pattern: str) -> list[str]:
-        result = subprocess.run(["pgrep", "-u", SSH_USER, "-f", pattern], capture_output=True, text=True)
+        result = subprocess.run(["pgrep", "-u", self.user, "-f", pattern], capture_output=True, text=True)
         return result.stdout.split()
 
 
@@ -196,3 +200,29 @@ def sshd() -> Iterator[Sshd]:
     server.stop()
     subprocess.run(["pkill", "-KILL", "-u", SSH_USER], capture_output=True)
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def sshd_behind_a_link() -> Iterator[tuple[Sshd, Callable[[], None]]]:
+    """An sshd in a network namespace of the test's own, reached over a veth pair; the callable cuts the link."""
+    require(shutil.which("ip") is not None, "iproute2 is not installed (Debian: iproute2)")
+    require(os.geteuid() == 0, "network namespaces need root")
+    ns, host_if, ns_if = f"njd{os.getpid()}", f"njdh{os.getpid() % 100000}", f"njdn{os.getpid() % 100000}"
+    setup = [["ip", "netns", "add", ns], ["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if],
+             ["ip", "link", "set", ns_if, "netns", ns], ["ip", "addr", "add", "10.231.7.1/30", "dev", host_if],
+             ["ip", "link", "set", host_if, "up"],
+             ["ip", "netns", "exec", ns, "ip", "addr", "add", "10.231.7.2/30", "dev", ns_if],
+             ["ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "up"],
+             ["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"]]
+    root = Path(tempfile.mkdtemp(prefix="njd-sshd-ns-"))
+    try:
+        for command in setup:
+            subprocess.run(command, check=True, capture_output=True)
+        server = Sshd(root, listen="10.231.7.2", netns=ns, user="nexusjobd-n")
+        yield server, lambda: subprocess.run(["ip", "link", "set", host_if, "down"], check=True)
+        server.stop()
+        subprocess.run(["pkill", "-KILL", "-u", server.user], capture_output=True)
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)

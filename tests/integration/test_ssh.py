@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -111,3 +112,18 @@ def test_a_dropped_connection_fails_the_job_with_connection_lost(
         for pid in session_sshd:
             os.kill(pid, signal.SIGCONT)
 
+
+
+def test_cutting_the_link_mid_job_fails_it_with_connection_lost_within_seconds(
+        sshd_behind_a_link: tuple[Sshd, Callable[[], None]], db: Db,
+        daemon_factory: Callable[..., Daemon]) -> None:
+    server, cut = sshd_behind_a_link
+    config = FAST + server.node_config(node="far", keepalive_interval_ms=1000, keepalive_count_max=3)
+    daemon_factory(config=config).start()
+    job_id = db.insert("echo up; sleep 1006", node_id="far")
+    wait_for(lambda: db.job(job_id)["stdout"] == "up\n", timeout=30, message="running behind the link")
+    cut_at = time.monotonic()
+    cut()
+    row = db.wait_status(job_id, timeout=20)
+    assert (row["status"], row["error"]) == ("failed", "connection to node far lost while the job ran")
+    print(f"link cut to job failed: {time.monotonic() - cut_at:.1f}s")
