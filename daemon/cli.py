@@ -252,6 +252,61 @@ def cmd_status(cfg: config.Config, args: argparse.Namespace) -> int:
     return _with_store(cfg, action)
 
 
+def cmd_nodes(cfg: config.Config, args: argparse.Namespace) -> int:
+    if args.action == "check":
+        if not args.id:
+            raise JobdError("nodes check: which node? e.g. `nexus-jobd nodes check localhost`")
+        return _check_node(cfg, args.id)
+
+    async def action(store: Store) -> int:
+        rows = await store.nodes_overview()
+        for row in rows:
+            caps = json.loads(row["capabilities"]) if row["capabilities"] else {}
+            row["capabilities"] = caps
+            row["heartbeat_age_s"] = (row["now"] - row["last_heartbeat"]) / 1000 if row["last_heartbeat"] else None
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        header = ("NODE", "STATUS", "HEARTBEAT", "RUNNING", "QUEUED", "TOOLS", "HOST / ERROR")
+        lines = [header]
+        for row in rows:
+            caps = row["capabilities"]
+            age = "-" if row["heartbeat_age_s"] is None else f"{row['heartbeat_age_s']:.0f}s ago"
+            lines.append((str(row["id"]), str(row["status"]), age, str(row["running"]), str(row["queued"]),
+                          ",".join(caps.get("tools", {})) or "-", str(caps.get("error") or row["hostname"])))
+        widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+        print("\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)) + "  " + line[-1]
+                        for line in lines))
+        return 0
+
+    return _with_store(cfg, action)
+
+
+def _check_node(cfg: config.Config, node_id: str) -> int:
+    """Connect and probe one configured node now, without a daemon: its capabilities, or why it cannot be used."""
+    from daemon import health, service
+
+    node = cfg.nodes.get(node_id)
+    if node is None:
+        raise JobdError(f"no node {node_id!r} in {cfg.source}; configured: {', '.join(cfg.nodes)}")
+
+    async def main() -> int:
+        executors = service.executors_for(cfg)
+        probe = health.Health(cfg, service.prober(cfg, executors))
+        try:
+            status, caps = (await probe.probe_all())[node_id]
+        finally:
+            for executor in executors.values():
+                await executor.aclose()
+        print(json.dumps({"node": node_id, "status": status, "capabilities": caps}, indent=2))
+        if status != "online":
+            print(f"nexus-jobd: node {node_id} is not usable: {caps.get('error')}", file=sys.stderr)
+            return 1
+        return 0
+
+    return anyio.run(main)
+
+
 def cmd_backup(cfg: config.Config, args: argparse.Namespace) -> int:
     target = Path(args.path).expanduser()
 
@@ -374,6 +429,12 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("cancel", help="cancel queued or running jobs (as NexusCLI does)")
     s.add_argument("ids", nargs="+", metavar="ID", help="job id or a unique prefix")
     s.set_defaults(func=cmd_cancel)
+
+    s = sub.add_parser("nodes", help="nodes: status, heartbeat, jobs, tools; `nodes check ID` probes one now")
+    s.add_argument("action", nargs="?", choices=["list", "check"], default="list")
+    s.add_argument("id", nargs="?", help="with check: the node to probe")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_nodes)
 
     s = sub.add_parser("status", help="the daemons on this database and the state of the queue")
     s.add_argument("--json", action="store_true")

@@ -41,7 +41,7 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
 
 
-def _executors(config: Config) -> dict[str, Executor]:
+def executors_for(config: Config) -> dict[str, Executor]:
     local = LocalExecutor(base_env=config.job_environment, default_cwd=config.default_cwd,
                           drain_timeout_s=config.drain_timeout_ms / 1000)
     executors: dict[str, Executor] = {config.local_node: local}
@@ -58,7 +58,7 @@ def _executors(config: Config) -> dict[str, Executor]:
     return executors
 
 
-def _prober(config: Config, executors: dict[str, Executor]) -> Prober:
+def prober(config: Config, executors: dict[str, Executor]) -> Prober:
     async def probe(node: NodeConfig, script: str) -> str:
         if node.docker_host:
             script = f"DOCKER_HOST={shlex.quote(node.docker_host)}; export DOCKER_HOST\n{script}"
@@ -124,8 +124,8 @@ async def _run(config: Config, overrides: Overrides, store: Store, notifier: Not
     lease = Lease(store, Identity.of_this_process(new_worker_id()), ttl_ms=config.lease_ttl_ms,
                   on_lost=on_lease_lost, nodes=config.node_ids)
     await lease.register()  # also recovers the jobs of daemons that died (our own previous run included)
-    executors = _executors(config)
-    health = Health(config, _prober(config, executors))
+    executors = executors_for(config)
+    health = Health(config, prober(config, executors))
     dispatcher = Dispatcher(config, store, executors, lease, health)
     if install_signals:
         _install_signals(stop, dispatcher, notifier, _Reloader(config, overrides, dispatcher))

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import Daemon, Db, wait_for
+from tests.conftest import NEXUS_JOBD, Daemon, Db, wait_for
 from tests.integration.conftest import Sshd
 
 FAST = "[daemon]\nheartbeat_interval_ms = 200\nkill_grace_ms = 500\n"
@@ -127,3 +128,28 @@ def test_cutting_the_link_mid_job_fails_it_with_connection_lost_within_seconds(
     row = db.wait_status(job_id, timeout=20)
     assert (row["status"], row["error"]) == ("failed", "connection to node far lost while the job ran")
     print(f"link cut to job failed: {time.monotonic() - cut_at:.1f}s")
+
+
+def test_nodes_command_and_a_removed_node_going_offline(sshd: Sshd, db: Db, daemon_factory: Callable[..., Daemon],
+                                                        tmp_path: Path) -> None:
+    db.conn.execute("INSERT INTO nodes (id, hostname, status, created_at) VALUES ('retired', 'old-box', 'online', 1)")
+    daemon = daemon_factory(config=FAST + sshd.node_config())
+    daemon.start()
+    wait_for(lambda: _node(db).get("status") == "online", timeout=20, message="online")
+    assert wait_for(lambda: _node(db, "retired").get("status") == "offline", message="retired node offline")
+    db.insert("sleep 30", node_id="box")
+    cli = [*NEXUS_JOBD, "--db", str(db.path), "--config", str(daemon.config_path)]
+    listing = wait_for(lambda: (rows := {r["id"]: r for r in json.loads(subprocess.run(
+        [*cli, "nodes", "--json"], capture_output=True, text=True, check=True).stdout)})["box"]["running"] == 1
+        and rows, message="nodes --json")
+    assert listing["box"]["status"] == "online" and "bash" in listing["box"]["capabilities"]["tools"]
+    assert listing["localhost"]["status"] == "online" and listing["box"]["heartbeat_age_s"] < 5
+    table = subprocess.run([*cli, "nodes"], capture_output=True, text=True, check=True).stdout
+    assert table.splitlines()[0].split()[:3] == ["NODE", "STATUS", "HEARTBEAT"]
+    check = subprocess.run([*cli, "nodes", "check", "box"], capture_output=True, text=True)
+    assert check.returncode == 0 and json.loads(check.stdout)["capabilities"]["os"] == "Linux"
+    bad = tmp_path / "bad.toml"
+    bad.write_text(sshd.node_config().replace(f"port = {sshd.port}", "port = 1"))  # nothing listens there
+    refused = subprocess.run([*NEXUS_JOBD, "--config", str(bad), "nodes", "check", "box"], capture_output=True,
+                             text=True)
+    assert refused.returncode == 1 and "node box is not usable" in refused.stderr

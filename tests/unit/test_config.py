@@ -200,3 +200,13 @@ def test_unknown_key_without_a_close_match_lists_the_known_keys(tmp_path: Path) 
     assert "unknown key 'zzz'; known keys:" in message
     assert "did you mean" not in message
     assert "max_concurrent" in message
+
+
+def test_importing_the_daemon_does_not_import_asyncssh() -> None:
+    """asyncssh costs ~18 MB of RSS: only a config with an SSH node may load it."""
+    import subprocess
+    import sys
+
+    code = "import sys, daemon.cli, daemon.service, daemon.dispatch; print('asyncssh' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
