@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 
@@ -61,6 +62,8 @@ class Lease:
         self._ttl_ms = ttl_ms
         self._on_lost = on_lost
         self.on_requeued: Callable[[], None] = lambda: None  # the dispatcher claims what recovery re-queued
+        # Kills a dead daemon's job on a remote node (job id, attempt, node id): set when SSH nodes exist.
+        self.kill_remote: Callable[[str, int, Any], Awaitable[bool]] | None = None
 
     async def register(self) -> None:
         await self._store.register_worker(worker_id=self.me.worker_id, host=self.me.host, boot_id=self.me.boot_id,
@@ -91,13 +94,22 @@ class Lease:
         jobs = await self._store.orphaned_jobs(worker.id)
         logger.warning("lease.recovering", dead_worker=worker.id, reason=reason, jobs=len(jobs))
         for job in jobs:
-            killed = self._kill_leftovers(worker, job)
+            killed = self._kill_leftovers(worker, job) or await self._kill_remote(job)
             requeue = isinstance(job.max_attempts, int) and job.attempt < job.max_attempts
             if await self._store.resolve_orphan(worker.id, job, requeue=requeue, error=ORPHAN_ERROR):
                 logger.warning("job.recovered", job_id=job.id, dead_worker=worker.id, killed_leftovers=killed,
                                outcome="requeued" if requeue else "failed")
                 if requeue:
                     self.on_requeued()
+
+    async def _kill_remote(self, job: OrphanedJob) -> bool:
+        if self.kill_remote is None:
+            return False
+        try:
+            return await self.kill_remote(job.id, job.attempt, job.node_id)
+        except Exception as e:  # the node may be down too: its job dies with it, or at the next recovery
+            logger.warning("lease.remote_kill_failed", job_id=job.id, node=job.node_id, error=str(e))
+            return False
 
     def _kill_leftovers(self, worker: Worker, job: OrphanedJob) -> bool:
         """Only on the dead daemon's own host and boot can its pids be trusted (and reached)."""

@@ -14,7 +14,7 @@ import os
 import shlex
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import anyio
 
@@ -78,6 +78,18 @@ def prober(config: Config, executors: dict[str, Executor]) -> Prober:
     return probe
 
 
+def _remote_killer(executors: dict[str, Executor]) -> Callable[[str, int, object], Awaitable[bool]]:
+    async def kill(job_id: str, attempt: int, node_id: object) -> bool:
+        executor = executors.get(str(node_id))
+        kill_orphan = getattr(executor, "kill_orphan", None)  # only SSH executors have remote orphans
+        if kill_orphan is None:
+            return False
+        await kill_orphan(f"{job_id}:{attempt}")
+        return True
+
+    return kill
+
+
 async def _heartbeats(config: Config, store: Store, health: Health, dispatcher: Dispatcher) -> None:
     """Probe every node each heartbeat_interval and write the `nodes` table; the first round at once."""
     await store.upsert_nodes([(n.id, n.ssh.host if n.ssh else socket.gethostname(), None)
@@ -123,8 +135,9 @@ async def _run(config: Config, overrides: Overrides, store: Store, notifier: Not
 
     lease = Lease(store, Identity.of_this_process(new_worker_id()), ttl_ms=config.lease_ttl_ms,
                   on_lost=on_lease_lost, nodes=config.node_ids)
-    await lease.register()  # also recovers the jobs of daemons that died (our own previous run included)
     executors = executors_for(config)
+    lease.kill_remote = _remote_killer(executors)
+    await lease.register()  # also recovers the jobs of daemons that died (our own previous run included)
     health = Health(config, prober(config, executors))
     dispatcher = Dispatcher(config, store, executors, lease, health)
     if install_signals:

@@ -29,6 +29,7 @@ class Command:
     cwd: str | None  # None: the node's default working directory
     env: Mapping[str, str | None]  # None as a value unsets the variable
     container_label: str | None = None  # `docker run/create`: the label its container carries, to stop it by
+    key: str = ""  # "<job id>:<attempt>": names what the attempt leaves on a node (its remote pid file)
 
     def environment(self, base: Mapping[str, str]) -> dict[str, str]:
         """`base` (the daemon's job environment) with this command's variables set or unset."""
@@ -126,14 +127,16 @@ def build(job: ClaimedJob, allowed_tools: tuple[str, ...], *, allowed_commands: 
         raise BadJob(f"command is not allowed on node {job.node_id!r}: it matches none of its allowed_commands")
     cwd = None if job.cwd is None else _text(job, "cwd", job.cwd)
     env = _tool_env(docker_host) | parse_env(job.env)
+    key = f"{job.id}:{job.attempt}"
     if tool == "bash":
-        return Command(argv=("bash", "-c", command), cwd=cwd, env=env)
+        return Command(argv=("bash", "-c", command), cwd=cwd, env=env, key=key)
     argv = _args(tool, command)
     if tool == "docker":
         label = f"nexus-jobd.job={job.id}"
         labelled = label_container(argv, label)
-        return Command(argv=labelled, cwd=cwd, env=env, container_label=label if labelled != argv else None)
-    return Command(argv=argv, cwd=cwd, env=env)
+        return Command(argv=labelled, cwd=cwd, env=env, key=key,
+                       container_label=label if labelled != argv else None)
+    return Command(argv=argv, cwd=cwd, env=env, key=key)
 
 
 def _tool_env(docker_host: str | None) -> dict[str, str | None]:

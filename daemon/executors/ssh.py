@@ -31,6 +31,16 @@ class HostKeyError(SpawnError):
     """The node's host key is unknown or changed: the node is refused until its known_hosts entry is right."""
 
 
+def pid_file_for(key: str) -> str:
+    """The remote pid file of one attempt: found again from the row alone, by whichever daemon recovers it."""
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def kill_script(pid_file: str, signum: int) -> str:
+    return (f'f="{PID_DIR}/{pid_file}"; [ -s "$f" ] && kill -{int(signum)} -- -"$(cat "$f")" 2>/dev/null; '
+            "true")
+
+
 def remote_script(command: Command, pid_file: str) -> str:
     """One POSIX sh command line: record the group, go to the directory, set the environment, run argv, clean up.
 
@@ -100,9 +110,7 @@ class SshProcess:
 
     def signal_group(self, signum: int) -> None:
         """Kill the job's process group on the node, over a channel of its own."""
-        script = (f'f="{PID_DIR}/{self._pid_file}"; [ -s "$f" ] && kill -{int(signum)} -- -"$(cat "$f")" '
-                  "2>/dev/null; true")
-        task = asyncio.get_running_loop().create_task(self._run_quietly(script))
+        task = asyncio.get_running_loop().create_task(self._run_quietly(kill_script(self._pid_file, signum)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -160,7 +168,7 @@ class SshExecutor:
 
     async def start(self, command: Command, on_stdout: OutputCallback, on_stderr: OutputCallback) -> SshProcess:
         conn = await self.connection()
-        pid_file = hashlib.sha256(repr((command.argv, time.time_ns())).encode()).hexdigest()[:20]
+        pid_file = pid_file_for(command.key or repr((command.argv, time.time_ns())))
         await self._channels.acquire()
         try:
             channel, session = await conn.create_session(
@@ -171,6 +179,11 @@ class SshExecutor:
         channel.write_eof()  # stdin: nothing
         assert isinstance(session, _Session)
         return SshProcess(self.node, conn, session, pid_file, self._channels)
+
+    async def kill_orphan(self, key: str) -> None:
+        """A dead daemon's job on this node: kill its process group (it records it at start), if it still runs."""
+        script = kill_script(pid_file_for(key), signal.SIGKILL) + f'; rm -f "{PID_DIR}/{pid_file_for(key)}"'
+        await self.run(script, timeout_s=15)
 
     async def run(self, script: str, timeout_s: float) -> asyncssh.SSHCompletedProcess:
         """A short command of the daemon's own (the heartbeat probe)."""

@@ -147,7 +147,7 @@ UPDATE jobd_workers SET stopped_at = NOW_MS, stop_reason = :reason WHERE id = :i
 RETURNING id;
 
 -- name: orphaned_jobs
-SELECT id, attempt, max_attempts, pid, pid_start FROM jobs
+SELECT id, attempt, max_attempts, pid, pid_start, node_id FROM jobs
  WHERE worker_id = :worker_id AND status IN ('executing', 'cancelled') AND duration IS NULL;
 
 -- name: fail_orphan

@@ -94,3 +94,4 @@ class OrphanedJob:
     max_attempts: Any
     pid: int | None
     pid_start: int | None
+    node_id: Any

@@ -153,3 +153,18 @@ def test_nodes_command_and_a_removed_node_going_offline(sshd: Sshd, db: Db, daem
     refused = subprocess.run([*NEXUS_JOBD, "--config", str(bad), "nodes", "check", "box"], capture_output=True,
                              text=True)
     assert refused.returncode == 1 and "node box is not usable" in refused.stderr
+
+
+def test_kill_9_then_restart_kills_the_remote_job_too(sshd: Sshd, db: Db,
+                                                     daemon_factory: Callable[..., Daemon]) -> None:
+    first = daemon_factory(config=FAST + sshd.node_config()).start()
+    job_id = db.insert("echo up; sleep 1007", node_id="box")
+    wait_for(lambda: db.job(job_id)["stdout"] == "up\n", timeout=30, message="running remotely")
+    assert first.proc is not None
+    first.proc.kill()
+    first.proc.wait()
+    assert sshd.remote_pgrep("sleep 1007")  # the daemon's death alone does not end a remote job
+    daemon_factory(config=FAST + sshd.node_config()).start()
+    row = db.wait_status(job_id, ("failed",), timeout=20)
+    assert row["error"] == "daemon stopped while the job was running"
+    wait_for(lambda: not sshd.remote_pgrep("sleep 1007"), timeout=10, message="remote orphan killed")
