@@ -31,7 +31,7 @@ def argv(command: Any, tool: Any = "bash") -> tuple[str, ...]:
 
 def test_bash_runs_the_command_as_one_script() -> None:
     script = "echo 'a b' | tr a-z A-Z; exit 3"
-    assert build(job(script), TOOLS) == Command(argv=("bash", "-c", script), cwd=None, env=NO_PROMPTS)
+    assert build(job(script), TOOLS) == Command(argv=("bash", "-c", script), cwd=None, env=NO_PROMPTS, key="job-1:1")
 
 
 def test_bash_keeps_a_multiline_script_whole() -> None:
