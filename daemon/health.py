@@ -5,6 +5,8 @@ may take jobs. One missed probe is not enough to go offline (hysteresis); a refu
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -12,6 +14,7 @@ from typing import Any
 
 import anyio
 
+from daemon import docker
 from daemon import logging as log
 from daemon.config import Config, NodeConfig
 
@@ -33,11 +36,59 @@ if command -v docker >/dev/null 2>&1; then
 fi
 """
 
+TOOL_VERSIONS_TTL_S = 3600.0
+
 Prober = Callable[[NodeConfig, str], Awaitable[str]]  # (node, script) -> its stdout; raises when unreachable
 
 
 class NodeRefused(Exception):
     """The node must not be used until someone fixes it (e.g. a changed host key): status `error`."""
+
+
+class LocalProbe:
+    """The local node's facts without starting a dozen processes every heartbeat (idle CPU matters on a phone):
+    /proc and os for the live figures, the tools' versions asked once an hour, the Docker engine pinged."""
+
+    def __init__(self) -> None:
+        self._versions: dict[str, str] = {}
+        self._versions_at = -TOOL_VERSIONS_TTL_S
+        self._engine = docker.EngineProbe()
+
+    async def text(self, node: NodeConfig) -> str:
+        uname = os.uname()
+        facts = {"os": uname.sysname, "arch": uname.machine, "kernel": uname.release, "hostname": uname.nodename,
+                 "cpus": str(os.cpu_count() or ""), "load": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+        facts |= _meminfo()
+        if time.monotonic() - self._versions_at > TOOL_VERSIONS_TTL_S:
+            self._versions = await _tool_versions()
+            self._versions_at = time.monotonic()
+        facts |= self._versions
+        if "docker" in self._versions:
+            facts["docker_engine"] = "" if await self._engine.error(node.docker_host) else "answering"
+        return "\n".join(f"{k}={v}" for k, v in facts.items())
+
+
+def _meminfo() -> dict[str, str]:
+    facts = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name in ("MemTotal", "MemAvailable"):
+                    facts[f"mem_{name[3:].lower()}_kb"] = rest.split()[0]
+    except OSError:
+        pass
+    return facts
+
+
+async def _tool_versions() -> dict[str, str]:
+    versions = {}
+    for tool in ("bash", "git", "docker"):
+        if shutil.which(tool):
+            with anyio.move_on_after(5):
+                result = await anyio.run_process([tool, "--version"], check=False)
+                versions[tool] = result.stdout.decode(errors="replace").partition("\n")[0].strip()
+    return versions
 
 
 def parse_probe(text: str, rtt_ms: float) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from daemon.dispatch import Dispatcher
 from daemon.errors import ConfigError, JobdError
 from daemon.executors.base import Executor
 from daemon.executors.local import LocalExecutor
-from daemon.health import Health, NodeRefused, Prober, capabilities_json
+from daemon.health import Health, LocalProbe, NodeRefused, Prober, capabilities_json
 from daemon.lease import Identity, Lease
 from daemon.notify import Notifier
 from daemon.store import Store
@@ -59,12 +59,13 @@ def executors_for(config: Config) -> dict[str, Executor]:
 
 
 def prober(config: Config, executors: dict[str, Executor]) -> Prober:
+    local = LocalProbe()
+
     async def probe(node: NodeConfig, script: str) -> str:
+        if node.ssh is None:
+            return await local.text(node)
         if node.docker_host:
             script = f"DOCKER_HOST={shlex.quote(node.docker_host)}; export DOCKER_HOST\n{script}"
-        if node.ssh is None:
-            result = await anyio.run_process(["sh", "-c", script], check=False)
-            return result.stdout.decode(errors="replace")
         from daemon.executors import ssh
 
         executor = executors[node.id]

@@ -84,10 +84,10 @@ class _Session(asyncssh.SSHClientSession[bytes]):
 
 
 class SshProcess:
-    def __init__(self, node: str, conn: asyncssh.SSHClientConnection, session: _Session, pid_file: str,
-                 release: asyncio.Semaphore) -> None:
-        self._node, self._conn, self._session, self._pid_file = node, conn, session, pid_file
-        self._release = release
+    def __init__(self, executor: SshExecutor, conn: asyncssh.SSHClientConnection, session: _Session,
+                 pid_file: str) -> None:
+        self._executor, self._conn, self._session, self._pid_file = executor, conn, session, pid_file
+        self._node = executor.node
         self._tasks: set[asyncio.Task[None]] = set()
 
     pid = None  # not a pid of this host: crash recovery cannot kill it from here
@@ -100,11 +100,12 @@ class SshProcess:
         try:
             await asyncio.shield(self._session.closed)
         finally:
-            self._release.release()
+            self._executor.channels.release()
         status, sig = self._session.exit_status, self._session.exit_signal
         if sig:
             return ExitStatus(128 + sig, sig)
         if status is None:  # asyncssh reports a dropped connection as no exit status at all
+            self._executor.kill_when_back(self._pid_file)  # the job may still run over there
             raise ConnectionLost(f"connection to node {self._node} lost while the job ran")
         return ExitStatus(status)
 
@@ -133,7 +134,8 @@ class SshExecutor:
         self._retry_at = 0.0
         self._last_error = ""
         # One channel stays free for kills and probes.
-        self._channels = asyncio.Semaphore(max(1, self._target.max_sessions - 1))
+        self.channels = asyncio.Semaphore(max(1, self._target.max_sessions - 1))
+        self._cleanups: set[asyncio.Task[None]] = set()
 
     def _options(self) -> dict[str, Any]:
         t: SshTarget = self._target
@@ -169,16 +171,34 @@ class SshExecutor:
     async def start(self, command: Command, on_stdout: OutputCallback, on_stderr: OutputCallback) -> SshProcess:
         conn = await self.connection()
         pid_file = pid_file_for(command.key or repr((command.argv, time.time_ns())))
-        await self._channels.acquire()
+        await self.channels.acquire()
         try:
             channel, session = await conn.create_session(
                 lambda: _Session(on_stdout, on_stderr), remote_script(command, pid_file), encoding=None)
         except (OSError, asyncssh.Error) as e:
-            self._channels.release()
+            self.channels.release()
             raise SpawnError(f"cannot start the job on node {self.node}: {e}") from e
         channel.write_eof()  # stdin: nothing
         assert isinstance(session, _Session)
-        return SshProcess(self.node, conn, session, pid_file, self._channels)
+        return SshProcess(self, conn, session, pid_file)
+
+    def kill_when_back(self, pid_file: str) -> None:
+        """A job whose connection dropped may run on: kill its group as soon as the node answers again."""
+        task = asyncio.get_running_loop().create_task(self._kill_when_back(pid_file))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def _kill_when_back(self, pid_file: str) -> None:
+        delay = 1.0
+        for _ in range(40):  # about half an hour of trying
+            try:
+                await self.run(kill_script(pid_file, signal.SIGKILL) + f'; rm -f "{PID_DIR}/{pid_file}"', 15)
+            except (OSError, asyncssh.Error, SpawnError, TimeoutError):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+            else:
+                logger.info("ssh.orphan_killed", node=self.node, pid_file=pid_file)
+                return
 
     async def kill_orphan(self, key: str) -> None:
         """A dead daemon's job on this node: kill its process group (it records it at start), if it still runs."""
@@ -192,6 +212,8 @@ class SshExecutor:
                                       timeout_s)
 
     async def aclose(self) -> None:
+        for task in list(self._cleanups):
+            task.cancel()
         if self._conn is not None:
             self._conn.close()
             await self._conn.wait_closed()

@@ -203,8 +203,9 @@ def sshd() -> Iterator[Sshd]:
 
 
 @pytest.fixture
-def sshd_behind_a_link() -> Iterator[tuple[Sshd, Callable[[], None]]]:
-    """An sshd in a network namespace of the test's own, reached over a veth pair; the callable cuts the link."""
+def sshd_behind_a_link() -> Iterator[tuple[Sshd, Callable[[bool], None]]]:
+    """An sshd in a network namespace of the test's own, reached over a veth pair; the callable takes the link
+    down (False) or up again (True)."""
     require(shutil.which("ip") is not None, "iproute2 is not installed (Debian: iproute2)")
     require(os.geteuid() == 0, "network namespaces need root")
     ns, host_if, ns_if = f"njd{os.getpid()}", f"njdh{os.getpid() % 100000}", f"njdn{os.getpid() % 100000}"
@@ -219,7 +220,7 @@ def sshd_behind_a_link() -> Iterator[tuple[Sshd, Callable[[], None]]]:
         for command in setup:
             subprocess.run(command, check=True, capture_output=True)
         server = Sshd(root, listen="10.231.7.2", netns=ns, user="nexusjobd-n")
-        yield server, lambda: subprocess.run(["ip", "link", "set", host_if, "down"], check=True)
+        yield server, lambda up: subprocess.run(["ip", "link", "set", host_if, "up" if up else "down"], check=True)
         server.stop()
         subprocess.run(["pkill", "-KILL", "-u", server.user], capture_output=True)
     finally:

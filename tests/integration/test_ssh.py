@@ -116,18 +116,22 @@ def test_a_dropped_connection_fails_the_job_with_connection_lost(
 
 
 def test_cutting_the_link_mid_job_fails_it_with_connection_lost_within_seconds(
-        sshd_behind_a_link: tuple[Sshd, Callable[[], None]], db: Db,
+        sshd_behind_a_link: tuple[Sshd, Callable[[bool], None]], db: Db,
         daemon_factory: Callable[..., Daemon]) -> None:
-    server, cut = sshd_behind_a_link
+    server, link = sshd_behind_a_link
     config = FAST + server.node_config(node="far", keepalive_interval_ms=1000, keepalive_count_max=3)
     daemon_factory(config=config).start()
     job_id = db.insert("echo up; sleep 1006", node_id="far")
     wait_for(lambda: db.job(job_id)["stdout"] == "up\n", timeout=30, message="running behind the link")
     cut_at = time.monotonic()
-    cut()
+    link(False)
     row = db.wait_status(job_id, timeout=20)
     assert (row["status"], row["error"]) == ("failed", "connection to node far lost while the job ran")
     print(f"link cut to job failed: {time.monotonic() - cut_at:.1f}s")
+    # The job may still run over there: once the link is back, the daemon kills it.
+    assert server.remote_pgrep("sleep 1006")
+    link(True)
+    wait_for(lambda: not server.remote_pgrep("sleep 1006"), timeout=30, message="remote orphan killed")
 
 
 def test_nodes_command_and_a_removed_node_going_offline(sshd: Sshd, db: Db, daemon_factory: Callable[..., Daemon],
