@@ -56,12 +56,12 @@ class Config:
     max_concurrent: int = 8
     flush_interval_ms: int = 250
     output_cap_bytes: int = 4 * 1024 * 1024
-    poll_interval_ms: int = 1000
+    poll_interval_ms: int = 5000
     drain_timeout_ms: int = 2000
     kill_grace_ms: int = 5000
     shutdown_grace_ms: int = 30000
     default_timeout_ms: int | None = None  # None: jobs without timeout_ms run as long as they like
-    lease_ttl_ms: int = 10000
+    lease_ttl_ms: int = 15000
     heartbeat_interval_ms: int = 15000
     retry_backoff_ms: int = 1000
     retry_backoff_max_ms: int = 300000
@@ -266,12 +266,12 @@ def load(overrides: Overrides | None = None, environ: Mapping[str, str] | None =
         max_concurrent=max_concurrent,
         flush_interval_ms=dm.positive_int("flush_interval_ms", 250, minimum=10),
         output_cap_bytes=dm.positive_int("output_cap_bytes", 4 * 1024 * 1024, minimum=1024),
-        poll_interval_ms=dm.positive_int("poll_interval_ms", 1000, minimum=10),
+        poll_interval_ms=dm.positive_int("poll_interval_ms", 5000, minimum=10),
         drain_timeout_ms=dm.positive_int("drain_timeout_ms", 2000, minimum=0),
         kill_grace_ms=dm.positive_int("kill_grace_ms", 5000, minimum=0),
         shutdown_grace_ms=dm.positive_int("shutdown_grace_ms", 30000, minimum=0),
         default_timeout_ms=dm.positive_int("default_timeout_ms", 0, minimum=0) or None,
-        lease_ttl_ms=dm.positive_int("lease_ttl_ms", 10000, minimum=1000),
+        lease_ttl_ms=dm.positive_int("lease_ttl_ms", 15000, minimum=1000),
         heartbeat_interval_ms=dm.positive_int("heartbeat_interval_ms", 15000, minimum=100),
         retry_backoff_ms=dm.positive_int("retry_backoff_ms", 1000, minimum=0),
         retry_backoff_max_ms=dm.positive_int("retry_backoff_max_ms", 300000, minimum=0),

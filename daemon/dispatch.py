@@ -95,10 +95,21 @@ class Dispatcher:
         return poll_s
 
     async def _sleep(self, timeout_s: float) -> None:
-        with anyio.move_on_after(timeout_s) as scope:
+        # A timer handle rather than a cancel scope: this runs at every wake-up, and idle CPU counts on a phone.
+        timed_out = False
+
+        def timeout() -> None:
+            nonlocal timed_out
+            timed_out = True
+            self._wake.set()
+
+        handle = asyncio.get_running_loop().call_later(timeout_s, timeout)
+        try:
             await self._wake.wait()
+        finally:
+            handle.cancel()
         self._wake.clear()
-        if scope.cancelled_caught:
+        if timed_out:
             self._check_db = True
             self._rechecks = max(0, self._rechecks - 1)
         if self._next_due is not None and now_ms() >= self._next_due:
@@ -177,6 +188,7 @@ class Dispatcher:
         """The cheap probe first (any commit, ours too), then the connection that does not count its own."""
         if not self._store.anyone_committed():
             return False
+        self._rechecks = 0  # what the notification announced is visible now (ours or not): no need to look again
         version = await self._store.data_version()
         changed = version != self._version
         self._version = version

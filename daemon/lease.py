@@ -71,9 +71,9 @@ class Lease:
         await self.recover()
 
     async def run(self) -> None:
-        """Renew the lease and look for dead daemons, four times per lease period."""
+        """Renew the lease and look for dead daemons, three times per lease period."""
         while True:
-            await anyio.sleep(self._ttl_ms / 4000)
+            await anyio.sleep(self._ttl_ms / 3000)
             if not await self._store.heartbeat(self.me.worker_id):
                 logger.error("lease.lost", worker_id=self.me.worker_id,
                              reason="another daemon declared this one dead and recovered its jobs")
