@@ -20,6 +20,10 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 DEFAULT_CONFIG_PATH = "~/.config/nexus-jobd/config.toml"
 DEFAULT_DB_PATH = "~/.nexuscli/nexuscli.db"
+# What jobs inherit from the daemon's environment by default: enough to behave like a login, not the daemon's
+# secrets (tokens, passwords in variables). A trailing * matches a prefix.
+DEFAULT_JOB_ENV = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "LC_*", "TZ", "TERM", "TMPDIR",
+                   "PREFIX", "ANDROID_*", "LD_PRELOAD", "XDG_RUNTIME_DIR")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,7 +69,9 @@ class Config:
     heartbeat_interval_ms: int = 15000
     retry_backoff_ms: int = 1000
     retry_backoff_max_ms: int = 300000
-    job_environment: Mapping[str, str] = field(default_factory=dict)
+    job_environment: Mapping[str, str] = field(default_factory=dict)  # the allowlisted part of the daemon's
+    job_env_allowlist: tuple[str, ...] = DEFAULT_JOB_ENV
+    allow_shared_database: bool = False  # accept a database others can write (they could run commands as us)
     retention_days: int = 0  # finished jobs older than this are deleted by the daemon; 0 keeps them
     notify_socket: str | None = None  # systemd's NOTIFY_SOCKET
     watchdog_usec: int | None = None  # systemd's WATCHDOG_USEC, when meant for this process
@@ -134,13 +140,25 @@ class _Section:
             raise self._err(key, expected, value)
         return value
 
-    def string_list(self, key: str, default: tuple[str, ...], *, choices: tuple[str, ...]) -> tuple[str, ...]:
+    def string_list(self, key: str, default: tuple[str, ...], *, choices: tuple[str, ...] = ()) -> tuple[str, ...]:
         value = self.get(key)
         if value is None:
             return default
+        if not choices:
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise self._err(key, "a list of names (a trailing * matches a prefix)", value)
+            return tuple(value)
         if not isinstance(value, list) or not value or not all(isinstance(v, str) and v in choices for v in value):
             raise self._err(key, f"a non-empty list drawn from {', '.join(choices)}", value)
         return tuple(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self._err(key, "true or false", value)
+        return value
 
     def table(self, key: str) -> Mapping[str, Any]:
         value = self.get(key)
@@ -275,7 +293,9 @@ def load(overrides: Overrides | None = None, environ: Mapping[str, str] | None =
         heartbeat_interval_ms=dm.positive_int("heartbeat_interval_ms", 15000, minimum=100),
         retry_backoff_ms=dm.positive_int("retry_backoff_ms", 1000, minimum=0),
         retry_backoff_max_ms=dm.positive_int("retry_backoff_max_ms", 300000, minimum=0),
-        job_environment=dict(environ),
+        job_environment=_allowed_env(environ, allowlist := dm.string_list("job_env_allowlist", DEFAULT_JOB_ENV)),
+        job_env_allowlist=allowlist,
+        allow_shared_database=db.boolean("allow_shared_database", False),
         retention_days=db.positive_int("retention_days", 0, minimum=0),
         notify_socket=environ.get("NOTIFY_SOCKET") or None,
         watchdog_usec=_watchdog_usec(environ),
@@ -288,6 +308,12 @@ def load(overrides: Overrides | None = None, environ: Mapping[str, str] | None =
     db.reject_unknown()
     dm.reject_unknown()
     return _apply_overrides(config, overrides, environ)
+
+
+def _allowed_env(environ: Mapping[str, str], allowlist: tuple[str, ...]) -> dict[str, str]:
+    exact = {name for name in allowlist if not name.endswith("*")}
+    prefixes = tuple(name[:-1] for name in allowlist if name.endswith("*"))
+    return {k: v for k, v in environ.items() if k in exact or (prefixes and k.startswith(prefixes))}
 
 
 def _watchdog_usec(environ: Mapping[str, str]) -> int | None:

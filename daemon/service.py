@@ -110,6 +110,31 @@ def _check_paths(config: Config) -> None:
             f"{config.source}: [daemon] default_cwd = {str(config.default_cwd)!r} is not a directory; "
             "create it or set default_cwd to an existing directory (jobs without a cwd run there)"
         )
+    _check_database_access(config)
+
+
+def _check_database_access(config: Config) -> None:
+    """Writing the database means running commands as this daemon's user: refuse one that others can write."""
+    for path in (config.db_path, config.db_path.parent):
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue  # created private (0600 in 0700) on first use
+        shared = st.st_mode & 0o022  # a world-writable /tmp too: others could plant the -wal file there
+        foreign = st.st_uid != os.getuid()
+        if not (shared or foreign):
+            continue
+        what = f"owned by uid {st.st_uid}" if foreign else f"writable by others (mode {oct(st.st_mode & 0o777)})"
+        if config.allow_shared_database:
+            logger.warning("db.shared", path=str(path), problem=what,
+                           reason="allow_shared_database = true: whoever can write it can run commands here")
+            continue
+        kind = "directory" if path.is_dir() else "database"
+        raise ConfigError(
+            f"{path}: the {kind} is {what}; anyone who can write the database can run commands as this daemon's "
+            f"user. Fix it (chown to this user; chmod {'700' if kind == 'directory' else '600'} {path}) or set "
+            f"[database] allow_shared_database = true in {config.source} to accept the risk"
+        )
 
 
 async def serve(config: Config, overrides: Overrides | None = None, *, install_signals: bool = True) -> int:

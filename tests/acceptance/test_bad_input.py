@@ -100,3 +100,29 @@ def test_db_check_reports_a_missing_table(tmp_path: Path) -> None:
     subprocess.run([*NEXUS_JOBD, "--db", str(path), "db", "migrate"], check=True, capture_output=True)
     result = subprocess.run([*NEXUS_JOBD, "--db", str(path), "db", "check"], capture_output=True, text=True)
     assert (result.returncode, result.stdout.strip()) == (0, f"{path}: ok")
+
+
+def test_a_database_others_can_write_is_refused_unless_allowed(db: Db, daemon_factory: Callable[..., Daemon]
+                                                               ) -> None:
+    db.path.chmod(0o666)
+    refused = daemon_factory().start(wait_ready=False)
+    assert refused.proc is not None and refused.proc.wait(15) == 2
+    assert "writable by others (mode 0o666)" in refused.log() and "allow_shared_database" in refused.log()
+    allowed = daemon_factory(config="[database]\nallow_shared_database = true\n").start()
+    assert allowed.events("db.shared")
+    assert db.wait_status(db.insert("echo ok"))["stdout"] == "ok\n"
+
+
+def test_jobs_get_only_the_allowlisted_environment(db: Db, daemon_factory: Callable[..., Daemon]) -> None:
+    env = {"API_TOKEN": "s3cret", "LC_ALL": "C.UTF-8", "DEPLOY_KEY": "k"}
+    daemon_factory(env=env).start()
+    row = db.wait_status(db.insert("echo ${API_TOKEN-unset} ${DEPLOY_KEY-unset} $LC_ALL; command -v bash"))
+    assert row["stdout"].splitlines()[0] == "unset unset C.UTF-8"  # the daemon's secrets stay out; LC_* passes
+    assert row["stdout"].splitlines()[1].endswith("/bash")  # PATH passes
+
+
+def test_the_environment_allowlist_is_configurable(db: Db, daemon_factory: Callable[..., Daemon]) -> None:
+    daemon_factory(config='[daemon]\njob_env_allowlist = ["PATH", "DEPLOY_*"]\ndefault_cwd = "/"\n',
+                   env={"DEPLOY_KEY": "k", "HOME": "/nowhere-in-jobs"}).start()
+    row = db.wait_status(db.insert("echo $DEPLOY_KEY ${HOME-unset}", cwd="/"))
+    assert row["stdout"] == "k unset\n"
