@@ -1,0 +1,129 @@
+"""Faults with figures: kill -9 at random moments, a database locked by another program, an output bomb, jobs
+that misbehave with their descriptors and children. Each prints its figures (run with -s to see them)."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import Daemon, Db, group_members, wait_for
+
+
+def _rss_hwm_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_kill_9_twenty_times_during_a_stream_of_jobs(db: Db, daemon_factory: Callable[..., Daemon],
+                                                     tmp_path: Path) -> None:
+    """Nothing stuck, nothing run twice, no output written before a flush lost: all must be 0."""
+    ledger = tmp_path / "ledger"
+    rng = random.Random(7)
+    jobs: list[str] = []
+    for round_no in range(20):
+        daemon = daemon_factory().start()
+        db.conn.execute("BEGIN")
+        # Each job writes its id first (the side effect to count), prints, and may take a little while.
+        jobs += [db.insert(f"echo {round_no}-{i} >> {ledger}; echo out-{round_no}-{i}; "
+                           f"sleep 0.0{rng.randint(0, 9)}", max_attempts=1) for i in range(10)]
+        db.conn.execute("COMMIT")
+        time.sleep(rng.uniform(0.02, 0.3))  # the random moment of the crash is the point here
+        assert daemon.proc is not None
+        daemon.proc.kill()
+        daemon.proc.wait()
+    final = daemon_factory().start()
+    wait_for(lambda: db.conn.execute("SELECT count(*) FROM jobs WHERE duration IS NULL").fetchone()[0] == 0,
+             timeout=60, message="every row final")
+    rows = {r["id"]: dict(r) for r in db.conn.execute("SELECT * FROM jobs")}
+    runs = Counter(ledger.read_text().split()) if ledger.exists() else Counter()
+    stuck = sum(1 for r in rows.values() if r["status"] in ("queued", "executing"))
+    twice = sum(1 for n in runs.values() if n > 1)
+    # A completed job has its whole output; a recovered one keeps what was flushed (here: all or nothing).
+    lost = sum(1 for r in rows.values() if r["status"] == "completed" and not (r["stdout"] or "").startswith("out-"))
+    statuses = Counter(r["status"] for r in rows.values())
+    print(f"kill -9 x20: {len(jobs)} jobs, {dict(statuses)}; stuck {stuck}, run twice {twice}, output lost {lost}")
+    assert (stuck, twice, lost) == (0, 0, 0)
+    assert final.proc is not None and final.proc.poll() is None
+
+
+def test_a_write_lock_held_for_10_s_loses_nothing(daemon: Daemon, db: Db, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    job_id = db.insert(f"echo before; while [ ! -e {gate} ]; do sleep 0.02; done; echo after")
+    wait_for(lambda: db.job(job_id)["stdout"] == "before\n", message="first output")
+    locker = sqlite3.connect(db.path, isolation_level=None, timeout=30)
+    locker.execute("BEGIN IMMEDIATE")  # another program holds the write lock
+    locked_at = time.monotonic()
+    gate.touch()
+    time.sleep(10)  # the fault itself: a lock held for 10 s
+    locker.execute("COMMIT")
+    locker.close()
+    row = db.wait_status(job_id, timeout=30)
+    caught_up = time.monotonic() - locked_at - 10
+    print(f"write lock 10 s: job recorded {caught_up:.2f}s after the lock was released; "
+          f"db.locked warnings: {len(daemon.events('db.locked'))}")
+    assert (row["status"], row["stdout"]) == ("completed", "before\nafter\n")
+    assert daemon.proc is not None and daemon.proc.poll() is None
+    assert db.wait_status(db.insert("echo later"))["stdout"] == "later\n"
+
+
+def test_an_output_bomb_is_capped_with_bounded_memory_and_others_keep_their_latency(
+        daemon: Daemon, db: Db) -> None:
+    bomb = db.insert("head -c 1000000000 /dev/zero | tr '\\0' x")
+    wait_for(lambda: (db.job(bomb)["stdout_bytes"] or 0) > 50_000_000, timeout=60, message="the bomb going")
+    latencies = []
+    for _ in range(5):
+        row = db.wait_status(db.insert("true"), timeout=30)
+        latencies.append(row["started_at"] - row["created_at"])
+    row = db.wait_status(bomb, timeout=120)
+    assert daemon.proc is not None
+    hwm_mib = _rss_hwm_kib(daemon.proc.pid) / 1024
+    print(f"output bomb: 1 GB in {row['duration'] / 1000:.1f}s, row {len(row['stdout'])} chars, daemon peak RSS "
+          f"{hwm_mib:.0f} MiB; other jobs' pickup during it: {latencies} ms")
+    assert row["stdout_bytes"] == 1_000_000_000
+    assert len(row["stdout"].encode()) < 4 * 1024 * 1024 + 200
+    assert hwm_mib < 120
+    assert max(latencies) < 1000
+
+
+def test_a_job_that_closes_its_output_early_is_waited_for(daemon: Daemon, db: Db) -> None:
+    row = db.wait_status(db.insert("echo bye; exec >&- 2>&-; sleep 1; exit 3"))
+    assert (row["status"], row["exit_code"], row["stdout"]) == ("failed", 3, "bye\n")
+    assert row["duration"] >= 1000
+
+
+def test_a_fork_heavy_job_runs_and_leaves_nothing(daemon: Daemon, db: Db) -> None:
+    row = db.wait_status(db.insert("for i in $(seq 300); do (echo $i > /dev/null) & done; wait; echo $$"),
+                         timeout=60)
+    assert row["status"] == "completed"
+    assert not group_members(int(row["stdout"].split()[-1]))
+
+
+def test_many_lock_holders_and_writers_at_once(daemon: Daemon, db: Db) -> None:
+    """Other programs writing hard while jobs run: every job still ends, nothing crashes."""
+    stop = threading.Event()
+
+    def writer() -> None:
+        conn = sqlite3.connect(db.path, isolation_level=None, timeout=30)
+        while not stop.is_set():
+            conn.execute("INSERT INTO conversations (id, title, created_at, updated_at) VALUES (?, 't', 1, 1)",
+                         (f"c{time.time_ns()}",))
+        conn.close()
+
+    threads = [threading.Thread(target=writer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        jobs = [db.insert(f"echo {i}") for i in range(100)]
+        for i, job_id in enumerate(jobs):
+            assert db.wait_status(job_id, timeout=60)["stdout"] == f"{i}\n"
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
