@@ -16,6 +16,10 @@ from typing import Any
 from daemon.errors import ConfigError
 
 TOOLS = ("bash", "git", "docker")
+# [nodes.<id>.limits] keys -> (RLIMIT name, `ulimit` flag and the unit it counts in, for SSH nodes)
+LIMITS = {"cpu_seconds": ("RLIMIT_CPU", "-t", 1), "file_size_bytes": ("RLIMIT_FSIZE", "-f", 1024),
+          "processes": ("RLIMIT_NPROC", "-u", 1), "open_files": ("RLIMIT_NOFILE", "-n", 1),
+          "memory_bytes": ("RLIMIT_AS", "-v", 1024)}
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 DEFAULT_CONFIG_PATH = "~/.config/nexus-jobd/config.toml"
@@ -35,6 +39,7 @@ class NodeConfig:
     allowed_commands: tuple[re.Pattern[str], ...] = ()  # bash commands must match one (a convenience, not security)
     ssh: SshTarget | None = None  # None: the local node
     offline_after: int = 3  # missed probes in a row before the node is marked offline (hysteresis)
+    limits: Mapping[str, int] = field(default_factory=dict)  # resource limits per job: LIMITS keys -> value
     queue_timeout_ms: int | None = None  # fail jobs that waited this long for an offline node; None: wait
 
 
@@ -212,11 +217,19 @@ def _nodes(source: str, top: _Section, local: str, default_max: int) -> dict[str
             allowed_commands=section.patterns("allowed_commands"),
             ssh=ssh,
             offline_after=section.positive_int("offline_after", 3),
+            limits=_limits(source, node_id, section.table("limits")),
             queue_timeout_ms=queue_timeout or None,
         )
         section.reject_unknown()
     nodes.setdefault(local, NodeConfig(id=local, max_concurrent=default_max))
     return nodes
+
+
+def _limits(source: str, node_id: str, data: Mapping[str, Any]) -> dict[str, int]:
+    section = _Section(source, f"nodes.{node_id}.limits", data)
+    limits = {key: section.positive_int(key, 0) for key in LIMITS if section.get(key) is not None}
+    section.reject_unknown()
+    return limits
 
 
 def _ssh_target(section: _Section, node_id: str, local: str) -> SshTarget:

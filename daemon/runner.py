@@ -4,6 +4,7 @@ ended. Dispatch decides what runs when; this module only runs it.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -76,8 +77,9 @@ class JobRunner:
         """Run one attempt to its end; a malformed row or a failed start is a result too, never an exception."""
         node = self._config.nodes[running.node_id]
         try:
-            command = tools.build(job, node.tools, allowed_commands=node.allowed_commands,
-                                  docker_host=node.docker_host)
+            command = dataclasses.replace(
+                tools.build(job, node.tools, allowed_commands=node.allowed_commands, docker_host=node.docker_host),
+                limits=node.limits)
             policy = tools.policy(job, self._config.default_timeout_ms)
         except BadJob as e:
             return JobResult(JobStatus.FAILED, None, str(e), running.output.snapshot(final=True))

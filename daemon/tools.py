@@ -9,7 +9,7 @@ import json
 import re
 import shlex
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.errors import BadJob
@@ -30,6 +30,7 @@ class Command:
     env: Mapping[str, str | None]  # None as a value unsets the variable
     container_label: str | None = None  # `docker run/create`: the label its container carries, to stop it by
     key: str = ""  # "<job id>:<attempt>": names what the attempt leaves on a node (its remote pid file)
+    limits: Mapping[str, int] = field(default_factory=dict)  # config.LIMITS keys -> value, for the executor
 
     def environment(self, base: Mapping[str, str]) -> dict[str, str]:
         """`base` (the daemon's job environment) with this command's variables set or unset."""

@@ -18,7 +18,7 @@ from typing import Any
 import asyncssh
 
 from daemon import logging as log
-from daemon.config import NodeConfig, SshTarget
+from daemon.config import LIMITS, NodeConfig, SshTarget
 from daemon.executors.base import ConnectionLost, ExitStatus, OutputCallback, SpawnError
 from daemon.tools import Command
 
@@ -51,6 +51,7 @@ def remote_script(command: Command, pid_file: str) -> str:
     env_args = unset + assign  # env takes its options before the assignments
     run = shlex.join(["env", *env_args, *command.argv])
     cd = f"cd {shlex.quote(command.cwd)} || exit 127; " if command.cwd else ""
+    cd += "".join(f"ulimit {LIMITS[k][1]} {max(1, v // LIMITS[k][2])} 2>/dev/null; " for k, v in command.limits.items())
     return (f'mkdir -p "{PID_DIR}" && echo $$ > "{PID_DIR}/{pid_file}"; {cd}{run} </dev/null; rc=$?; '
             f'rm -f "{PID_DIR}/{pid_file}"; exit $rc')
 

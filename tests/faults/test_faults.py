@@ -127,3 +127,13 @@ def test_many_lock_holders_and_writers_at_once(daemon: Daemon, db: Db) -> None:
         stop.set()
         for t in threads:
             t.join()
+
+
+def test_per_node_resource_limits(db: Db, daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    daemon_factory(config="[nodes.localhost.limits]\ncpu_seconds = 1\nfile_size_bytes = 4096\n").start()
+    spinner = db.wait_status(db.insert("while :; do :; done"), timeout=30)
+    assert (spinner["status"], spinner["exit_code"]) == ("failed", 128 + 24)  # SIGXCPU after 1 s of CPU
+    assert "SIGXCPU" in spinner["error"]
+    writer = db.wait_status(db.insert(f"head -c 100000 /dev/zero > {tmp_path}/big; echo $?"))
+    assert writer["stdout"] == f"{128 + 25}\n"  # SIGXFSZ: the file may not grow past 4096 bytes
+    assert (tmp_path / "big").stat().st_size == 4096
