@@ -109,6 +109,7 @@ class Daemon:
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    log_dir: Path | None = None  # default: beside the database
 
     def start(self, wait_ready: bool = True) -> Daemon:
         args = [*NEXUS_JOBD, "--db", str(self.db_path), "--log-format", "json"]
@@ -117,7 +118,8 @@ class Daemon:
         # HOME is the test's directory: no user config file is picked up, and it is the default cwd.
         env = {**os.environ, "HOME": str(self.db_path.parent), **self.env}
         env.pop("NEXUS_JOBD_CONFIG", None)
-        self.log_path = self.db_path.parent / f"daemon-{len(list(self.db_path.parent.glob('daemon-*.log')))}.log"
+        log_dir = self.log_dir or self.db_path.parent
+        self.log_path = log_dir / f"daemon-{len(list(log_dir.glob('daemon-*.log')))}.log"
         log = self.log_path.open("wb")
         self.proc = subprocess.Popen([*args, *self.extra_args, "run"], stdout=log, stderr=subprocess.STDOUT,
                                      env=env, cwd=self.db_path.parent)

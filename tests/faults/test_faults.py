@@ -137,3 +137,47 @@ def test_per_node_resource_limits(db: Db, daemon_factory: Callable[..., Daemon],
     writer = db.wait_status(db.insert(f"head -c 100000 /dev/zero > {tmp_path}/big; echo $?"))
     assert writer["stdout"] == f"{128 + 25}\n"  # SIGXFSZ: the file may not grow past 4096 bytes
     assert (tmp_path / "big").stat().st_size == 4096
+
+
+def test_a_full_filesystem_is_survived_and_work_resumes_when_space_returns(
+        daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    import os
+    import shutil
+    import subprocess
+
+    from tests.conftest import NEXUS_JOBD
+    from tests.integration.conftest import require
+
+    require(os.geteuid() == 0 and shutil.which("mount") is not None, "mounting a small tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir(mode=0o700)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mnt)], check=True)
+    try:
+        db_path = mnt / "nexuscli.db"
+        subprocess.run([*NEXUS_JOBD, "--db", str(db_path), "db", "migrate"], check=True, capture_output=True)
+        daemon = Daemon(db_path, env={"HOME": str(tmp_path)}, log_dir=tmp_path).start()
+        db = Db(db_path)
+        filler = mnt / "filler"
+        with filler.open("wb") as f:  # leave almost nothing
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        # Room for the row itself, not for the 3 MB of output the job will write.
+        os.truncate(filler, filler.stat().st_size - 300_000)
+        job_id = db.insert("head -c 3000000 /dev/zero | tr '\\0' y; echo; echo done")
+        wait_for(lambda: daemon.events("db.write_failed") or daemon.events("dispatch.db_error"), timeout=30,
+                 message="the daemon hitting the full disk")
+        assert daemon.proc is not None and daemon.proc.poll() is None  # it survives
+        filler.unlink()  # space returns
+        row = db.wait_status(job_id, timeout=60)
+        assert row["status"] == "completed" and row["stdout"].endswith("done\n")
+        assert row["stdout_bytes"] == 3_000_006
+        print(f"disk full: {len(daemon.events('db.write_failed'))} failed writes retried, job completed after")
+        db.close()
+        daemon.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
