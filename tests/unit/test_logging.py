@@ -1,0 +1,32 @@
+"""Logging must never take the daemon down: found when the disk filled up under a daemon logging to a file."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import pytest
+
+from daemon import logging as log
+
+
+class FullDisk(io.StringIO):
+    def write(self, text: str) -> int:
+        raise OSError(28, "No space left on device")
+
+    def flush(self) -> None:
+        raise OSError(28, "No space left on device")
+
+
+def test_a_log_line_that_cannot_be_written_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "stderr", FullDisk())
+    log.configure("info", "json")
+    log.get("test").error("db.write_failed", error="disk full")  # must not raise
+
+
+def test_json_lines_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    log.configure("info", "json")
+    log.get("test").info("job.claimed", job_id="j1")
+    assert '"event": "job.claimed"' in out.getvalue() and '"job_id": "j1"' in out.getvalue()
