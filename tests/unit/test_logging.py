@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import io
 import sys
+from collections.abc import Iterator
 
 import pytest
+import structlog
 
 from daemon import logging as log
+
+
+@pytest.fixture(autouse=True)
+def _restore_structlog() -> Iterator[None]:
+    yield
+    structlog.reset_defaults()
 
 
 class FullDisk(io.StringIO):
