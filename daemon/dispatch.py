@@ -45,7 +45,6 @@ class Dispatcher:
         self.running: dict[str, RunningJob] = {}  # claimed and not yet recorded as finished
         self._slots_used = 0  # jobs whose process has not ended: what the limits count
         self._per_node = dict.fromkeys(config.nodes, 0)
-        self._tg: TaskGroup | None = None
         self._backlog: set[str] = set()  # nodes whose last claim was cut short by a limit
         self._wake = asyncio.Event()
         self._check_db = True
@@ -140,7 +139,6 @@ class Dispatcher:
                     nodes=list(self._config.nodes), max_concurrent=self._config.max_concurrent)
         on_ready()
         async with anyio.create_task_group() as tg:
-            self._tg = tg
             self._runner.bind(tg)
             tg.start_soon(self._flush_loop)
             tg.start_soon(self._record_loop)
@@ -169,7 +167,6 @@ class Dispatcher:
         if self._check_db:
             self._check_db = False
             if await self._another_program_wrote():
-                self._rechecks = 0
                 await self._notice_cancels()
                 self._claim_due = self._schedule_changed = self._unrunnable_due = True
         if not claim:

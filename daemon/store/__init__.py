@@ -227,6 +227,16 @@ class Store:
         async with self._write_lock:
             return await self._retry_locked(op)
 
+    async def _write_count(self, query: str, params: dict[str, Any]) -> int:
+        """A write whose answer is how many rows it changed."""
+
+        async def op() -> int:
+            cursor = await self._conn.execute(Q[query], params)
+            return int(cursor.rowcount)
+
+        async with self._write_lock:
+            return await self._retry_locked(op)
+
     # -- the daemon's side --------------------------------------------------------------------------------
 
     def anyone_committed(self) -> bool:
@@ -353,13 +363,7 @@ class Store:
         """Re-queue or fail a dead daemon's job: a compare-and-set on its claim, so a late finisher cannot win."""
         query = "requeue_orphan" if requeue else "fail_orphan"
         params = {"id": job.id, "worker_id": worker_id, "attempt": job.attempt, "error": error}
-
-        async def op() -> int:
-            cursor = await self._conn.execute(Q[query], params)
-            return int(cursor.rowcount)
-
-        async with self._write_lock:
-            return await self._retry_locked(op) == 1
+        return await self._write_count(query, params) == 1
 
     async def cancelled_among(self, job_ids: Sequence[str], worker_id: str) -> list[str]:
         rows = await self._conn.execute_fetchall(Q["cancelled_among"], {"ids": json.dumps(list(job_ids)),
@@ -421,13 +425,7 @@ class Store:
     async def prune(self, *, older_than_ms: int, statuses: Sequence[str]) -> int:
         """Delete finished jobs that ended more than `older_than_ms` ago; how many."""
         params = {"before": now_ms() - older_than_ms, "statuses": json.dumps(list(statuses))}
-
-        async def op() -> int:
-            cursor = await self._conn.execute(Q["prune_jobs"], params)
-            return int(cursor.rowcount)
-
-        async with self._write_lock:
-            return await self._retry_locked(op)
+        return await self._write_count("prune_jobs", params)
 
     async def backup(self, target: Path) -> None:
         """A consistent copy through SQLite's online backup API: safe while the daemon and others write."""

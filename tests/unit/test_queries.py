@@ -15,7 +15,7 @@ from daemon.store.queries import Q, parse_named, read_sql, split_statements
 
 STORE_SOURCE = Path(daemon.store.__file__).read_text(encoding="utf-8")
 USED = sorted(set(re.findall(r"""Q\[["'](\w+)["']\]""", STORE_SOURCE))
-              | set(re.findall(r"""_write\(\s*["'](\w+)["']""", STORE_SOURCE)))
+              | set(re.findall(r"""_write(?:_count)?\(\s*["'](\w+)["']""", STORE_SOURCE)))
 PARAM = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 
 
