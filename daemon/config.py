@@ -16,10 +16,10 @@ from typing import Any
 from daemon.errors import ConfigError
 
 TOOLS = ("bash", "git", "docker")
-# [nodes.<id>.limits] keys -> (RLIMIT name, `ulimit` flag and the unit it counts in, for SSH nodes)
-LIMITS = {"cpu_seconds": ("RLIMIT_CPU", "-t", 1), "file_size_bytes": ("RLIMIT_FSIZE", "-f", 1024),
-          "processes": ("RLIMIT_NPROC", "-u", 1), "open_files": ("RLIMIT_NOFILE", "-n", 1),
-          "memory_bytes": ("RLIMIT_AS", "-v", 1024)}
+# [nodes.<id>.limits] keys -> (POSIX sh `ulimit` flag, the unit it counts in). Every `sh` a node may have (dash,
+# busybox ash, mksh, bash as sh) counts -f in 512-byte blocks and -v in KiB; only interactive bash differs.
+LIMITS = {"cpu_seconds": ("-t", 1), "file_size_bytes": ("-f", 512), "processes": ("-u", 1),
+          "open_files": ("-n", 1), "memory_bytes": ("-v", 1024)}
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 DEFAULT_CONFIG_PATH = "~/.config/nexus-jobd/config.toml"

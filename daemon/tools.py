@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from daemon.config import LIMITS
 from daemon.errors import BadJob
 from daemon.store import ClaimedJob
 
@@ -30,7 +31,17 @@ class Command:
     env: Mapping[str, str | None]  # None as a value unsets the variable
     container_label: str | None = None  # `docker run/create`: the label its container carries, to stop it by
     key: str = ""  # "<job id>:<attempt>": names what the attempt leaves on a node (its remote pid file)
-    limits: Mapping[str, int] = field(default_factory=dict)  # config.LIMITS keys -> value, for the executor
+    limits: Mapping[str, int] = field(default_factory=dict)  # config.LIMITS keys -> value, set as it starts
+
+    @property
+    def exec_argv(self) -> tuple[str, ...]:
+        """What an executor starts: argv itself, or, with resource limits, `sh` setting them and then exec-ing argv.
+
+        The limits are set inside the new process before the job's program runs, so not even its first write or
+        CPU second escapes them (the parent's prlimit after a vfork spawn came too late for a fast job), and the
+        same line works on a local and a remote node.
+        """
+        return with_limits(self.argv, self.limits)
 
     def environment(self, base: Mapping[str, str]) -> dict[str, str]:
         """`base` (the daemon's job environment) with this command's variables set or unset."""
@@ -41,6 +52,31 @@ class Command:
             else:
                 env[name] = value
         return env
+
+
+def with_limits(argv: tuple[str, ...], limits: Mapping[str, int]) -> tuple[str, ...]:
+    if not limits:
+        return argv
+    return ("sh", "-c", f"{ulimit_script(limits)}; exec \"$@\"", "nexus-jobd-limits", *argv)
+
+
+def ulimit_script(limits: Mapping[str, int]) -> str:
+    """POSIX sh that sets `limits` (config.LIMITS keys) or exits 125 saying so: a limit the host refuses (above
+    its hard limit, for a user that may not raise it) stops the job rather than let it run unlimited."""
+    steps = []
+    for key, value in limits.items():
+        flag, unit = LIMITS[key]
+        count = max(1, value // unit)
+        if key == "cpu_seconds":
+            # SIGXCPU at the soft limit names the reason in the row; the hard limit a second later kills a job
+            # that ignores it. Soft first: a hard limit below the current soft one is refused.
+            steps.append(f"ulimit -S -t {count} && ulimit -H -t {count + 1}")
+        elif key == "processes":
+            steps.append(f"{{ ulimit -u {count} 2>/dev/null || ulimit -p {count}; }}")  # dash and mksh say -p
+        else:
+            steps.append(f"ulimit {flag} {count}")
+    return (" && ".join(steps) + " || { echo 'nexus-jobd: this node refused a [limits] value "
+            "(above its hard limit?); the job did not run' >&2; exit 125; }")
 
 
 def strip_metadata(command: str) -> str:

@@ -26,6 +26,14 @@ NEXUS_JOBD = [str(VENV_BIN / "nexus-jobd")]  # the installed console script, as 
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+def require(condition: bool, reason: str) -> None:
+    """A component missing on a developer's machine skips the test with the reason; in CI (CI=true) it fails."""
+    if not condition:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason} (CI must have it: .ci/run installs it)")
+        pytest.skip(reason)
+
+
 def wait_for(predicate: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.01,
              message: str = "condition") -> T:
     """Poll until `predicate` returns something truthy; fail with `message` at the deadline."""

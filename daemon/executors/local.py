@@ -11,16 +11,14 @@ import asyncio
 import contextlib
 import errno
 import os
-import resource
 import shutil
 import signal
 import subprocess
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from daemon.config import LIMITS
 from daemon.executors.base import ExitStatus, OutputCallback, SpawnError
-from daemon.tools import Command
+from daemon.tools import Command, with_limits
 
 READ_SIZE = 256 * 1024
 
@@ -132,17 +130,6 @@ class LocalProcess:
             os.killpg(self._popen.pid, signum)
 
 
-def _apply_limits(pid: int, limits: Mapping[str, int]) -> None:
-    """The node's per-job resource limits, set on the new process (its children inherit them). Set right after
-    the spawn, as a vfork-based spawn cannot run code in the child: the first microseconds run unlimited."""
-    for key, value in limits.items():
-        name = LIMITS[key][0]
-        # CPU: SIGXCPU at the limit (a clear reason in the row), SIGKILL a second later if it is ignored.
-        hard = value + 1 if name == "RLIMIT_CPU" else value
-        with contextlib.suppress(OSError, ValueError):
-            resource.prlimit(pid, getattr(resource, name), (value, hard))
-
-
 class LocalExecutor:
     def __init__(self, *, base_env: Mapping[str, str], default_cwd: Path, drain_timeout_s: float) -> None:
         self._base_env = dict(base_env)
@@ -169,7 +156,9 @@ class LocalExecutor:
         if not os.path.isdir(cwd):
             raise SpawnError(f"working directory {cwd!r} does not exist or is not a directory")
         env = command.environment(self._base_env)
-        argv = (self._program(command.argv[0], env), *command.argv[1:])
+        # The job's program is looked up first, so a missing one is a clear SpawnError even under the limits' sh.
+        argv = with_limits((self._program(command.argv[0], env), *command.argv[1:]), command.limits)
+        argv = (self._program(argv[0], env), *argv[1:])
         try:
             return subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -209,7 +198,6 @@ class LocalExecutor:
         loop = asyncio.get_running_loop()
         # Spawning inline measured faster than in a worker thread on 3.11: fork_exec holds the GIL throughout.
         popen = self._spawn(command)
-        _apply_limits(popen.pid, command.limits)
         process = LocalProcess(popen, loop, on_stdout, on_stderr, self._drain_timeout_s)
         self._watch_exit(popen, process, loop)
         return process

@@ -18,7 +18,7 @@ from typing import Any
 import asyncssh
 
 from daemon import logging as log
-from daemon.config import LIMITS, NodeConfig, SshTarget
+from daemon.config import NodeConfig, SshTarget
 from daemon.executors.base import ConnectionLost, ExitStatus, OutputCallback, SpawnError
 from daemon.tools import Command
 
@@ -49,9 +49,8 @@ def remote_script(command: Command, pid_file: str) -> str:
     unset = [arg for name, value in command.env.items() if value is None for arg in ("-u", name)]
     assign = [f"{name}={value}" for name, value in command.env.items() if value is not None]
     env_args = unset + assign  # env takes its options before the assignments
-    run = shlex.join(["env", *env_args, *command.argv])
+    run = shlex.join(["env", *env_args, *command.exec_argv])
     cd = f"cd {shlex.quote(command.cwd)} || exit 127; " if command.cwd else ""
-    cd += "".join(f"ulimit {LIMITS[k][1]} {max(1, v // LIMITS[k][2])} 2>/dev/null; " for k, v in command.limits.items())
     return (f'mkdir -p "{PID_DIR}" && echo $$ > "{PID_DIR}/{pid_file}"; {cd}{run} </dev/null; rc=$?; '
             f'rm -f "{PID_DIR}/{pid_file}"; exit $rc')
 

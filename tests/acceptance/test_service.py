@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import NEXUS_JOBD, VENV_BIN, Daemon, Db, now_ms, wait_for
-from tests.integration.conftest import require
+from tests.conftest import NEXUS_JOBD, VENV_BIN, Daemon, Db, now_ms, require, wait_for
 
 ROOT = Path(__file__).parent.parent.parent
 

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import VENV_BIN, Db, wait_for
-from tests.integration.conftest import require
+from tests.conftest import VENV_BIN, Db, require, wait_for
 
 ROOT = Path(__file__).parent.parent.parent
 SERVICE = ROOT / "termux-services" / "nexus-jobd"

@@ -145,8 +145,7 @@ def test_a_full_filesystem_is_survived_and_work_resumes_when_space_returns(
     import shutil
     import subprocess
 
-    from tests.conftest import NEXUS_JOBD
-    from tests.integration.conftest import require
+    from tests.conftest import NEXUS_JOBD, require
 
     require(os.geteuid() == 0 and shutil.which("mount") is not None, "mounting a small tmpfs needs root")
     mnt = tmp_path / "small"

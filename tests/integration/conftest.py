@@ -18,17 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_for
+from tests.conftest import require, wait_for
 
 IMAGE = "nexus-busybox:test"
 BUSYBOX_APPLETS = ("sh", "echo", "sleep", "cat", "ls", "true", "false", "kill")
-
-
-def require(condition: bool, reason: str) -> None:
-    if not condition:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason} (CI must have it: .ci/run installs it)")
-        pytest.skip(reason)
 
 
 def _busybox_rootfs_tar(directory: Path) -> Path:

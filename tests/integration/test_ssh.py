@@ -172,3 +172,20 @@ def test_kill_9_then_restart_kills_the_remote_job_too(sshd: Sshd, db: Db,
     row = db.wait_status(job_id, ("failed",), timeout=20)
     assert row["error"] == "daemon stopped while the job was running"
     wait_for(lambda: not sshd.remote_pgrep("sleep 1007"), timeout=10, message="remote orphan killed")
+
+
+def test_node_limits_hold_on_an_ssh_node_from_the_jobs_first_instruction(
+        sshd: Sshd, db: Db, daemon_factory: Callable[..., Daemon]) -> None:
+    limits = "[nodes.box.limits]\ncpu_seconds = 1\nfile_size_bytes = 4096\nopen_files = 64\n"
+    daemon_factory(config=FAST + sshd.node_config() + limits).start()
+    # The remote login shell is bash, whose `ulimit -f` counts KiB: the limits' sh must have counted bytes right.
+    seen = db.wait_status(db.insert("cat /proc/self/limits", node_id="box"), timeout=30)
+    rows = {line[:26].strip(): line[26:].split()[:2] for line in seen["stdout"].splitlines()[1:]}
+    assert (rows["Max cpu time"], rows["Max file size"], rows["Max open files"]) == (["1", "2"], ["4096"] * 2,
+                                                                                    ["64"] * 2)
+    spinner = db.wait_status(db.insert("while :; do :; done", node_id="box"), timeout=30)
+    assert (spinner["status"], spinner["exit_code"]) == ("failed", 128 + 24)  # SIGXCPU after 1 s of CPU
+    writer = db.wait_status(db.insert("head -c 100000 /dev/zero > /tmp/nexus-jobd-limit-$$; echo $?; "
+                                      "stat -c %s /tmp/nexus-jobd-limit-$$; rm /tmp/nexus-jobd-limit-$$",
+                                      node_id="box"), timeout=30)
+    assert writer["stdout"] == f"{128 + 25}\n4096\n"  # SIGXFSZ: the file may not grow past 4096 bytes

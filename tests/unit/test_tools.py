@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from typing import Any
 
 import pytest
@@ -10,6 +12,7 @@ from daemon.config import TOOLS
 from daemon.errors import BadJob
 from daemon.store.rows import ClaimedJob
 from daemon.tools import MAX_COMMAND_BYTES, Command, RunPolicy, build, parse_env, policy, strip_metadata
+from tests.conftest import require
 
 
 def job(command: Any, tool: Any = "bash", *, cwd: Any = None, env: Any = None, priority: Any = 0,
@@ -236,3 +239,38 @@ def test_policy_takes_the_row_then_the_default() -> None:
 def test_policy_rejects_absurd_values(columns: dict[str, Any], message: str) -> None:
     with pytest.raises(BadJob, match=message):
         policy(job("true", **columns), None)
+
+
+# -- resource limits ------------------------------------------------------------------------------------------
+
+LIMITS = {"cpu_seconds": 7, "file_size_bytes": 1 << 20, "processes": 500, "open_files": 64, "memory_bytes": 1 << 31}
+
+
+def _limits_of(shell: list[str], limits: dict[str, int]) -> subprocess.CompletedProcess[str]:
+    wrapped = Command(argv=("cat", "/proc/self/limits"), cwd=None, env={}, limits=limits).exec_argv
+    assert wrapped[0] == "sh"
+    return subprocess.run([*shell, *wrapped[1:]], capture_output=True, text=True, timeout=10)
+
+
+@pytest.mark.parametrize("shell", [["dash"], ["busybox", "sh"], ["bash", "--posix"]], ids=lambda s: s[0])
+def test_every_sh_a_node_may_have_sets_the_limits_in_bytes_before_the_job_starts(shell: list[str]) -> None:
+    require(shutil.which(shell[0]) is not None, f"{shell[0]} not installed")
+    result = _limits_of(shell, LIMITS)
+    assert result.returncode == 0, result.stderr
+    # /proc/self/limits of the job's own process: "Max cpu time  <soft>  <hard>  <units>"
+    rows = {line[:26].strip(): line[26:].split()[:2] for line in result.stdout.splitlines()[1:]}
+    assert rows["Max cpu time"] == ["7", "8"]  # SIGXCPU at the soft limit, SIGKILL a second later
+    assert rows["Max file size"] == [str(1 << 20)] * 2
+    assert rows["Max processes"] == ["500"] * 2
+    assert rows["Max open files"] == ["64"] * 2
+    assert rows["Max address space"] == [str(1 << 31)] * 2
+
+
+def test_a_limit_the_host_refuses_stops_the_job_with_the_reason() -> None:
+    result = _limits_of(["sh"], {"open_files": 10**12})  # far above any hard limit, even root's nr_open
+    assert (result.returncode, result.stdout) == (125, "")
+    assert "refused a [limits] value" in result.stderr
+
+
+def test_no_limits_no_wrapper() -> None:
+    assert Command(argv=("bash", "-c", "true"), cwd=None, env={}).exec_argv == ("bash", "-c", "true")
