@@ -36,9 +36,20 @@ def pid_file_for(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
-def kill_script(pid_file: str, signum: int) -> str:
-    return (f'f="{PID_DIR}/{pid_file}"; [ -s "$f" ] && kill -{int(signum)} -- -"$(cat "$f")" 2>/dev/null; '
-            "true")
+# What the pid file holds besides the group id, so that a kill never hits a stranger that got the id later: the
+# leader's start time (field 22 of /proc/PID/stat; the login shell's name has no spaces) and the node's boot id.
+# On a node without /proc both are empty on both sides, and the check passes as before.
+_STARTED = "$(cut -d' ' -f22 /proc/{pid}/stat 2>/dev/null)"
+_BOOT_ID = "$(cat /proc/sys/kernel/random/boot_id 2>/dev/null)"
+
+
+def kill_script(pid_file: str, signum: int, *, remove: bool = False) -> str:
+    """Signal the recorded group: only in the same boot, and only if its leader is gone (the group id stays
+    reserved while members live) or is still the same process. `kill -N -PGID`: dash refuses `kill -N -- -PGID`."""
+    same_leader = f'{{ [ ! -e "/proc/$p" ] || [ "$s" = "{_STARTED.format(pid="$p")}" ]; }}'
+    script = (f'f="{PID_DIR}/{pid_file}"; if [ -s "$f" ]; then read -r p s b < "$f"; '
+              f'[ "$b" = "{_BOOT_ID}" ] && {same_leader} && kill -{int(signum)} -"$p" 2>/dev/null; fi; ')
+    return script + ('rm -f "$f"; true' if remove else "true")
 
 
 def remote_script(command: Command, pid_file: str) -> str:
@@ -51,7 +62,8 @@ def remote_script(command: Command, pid_file: str) -> str:
     env_args = unset + assign  # env takes its options before the assignments
     run = shlex.join(["env", *env_args, *command.exec_argv])
     cd = f"cd {shlex.quote(command.cwd)} || exit 127; " if command.cwd else ""
-    return (f'mkdir -p "{PID_DIR}" && echo $$ > "{PID_DIR}/{pid_file}"; {cd}{run} </dev/null; rc=$?; '
+    record = f'echo "$$ {_STARTED.format(pid="$$")} {_BOOT_ID}" > "{PID_DIR}/{pid_file}"'
+    return (f'mkdir -p "{PID_DIR}" && {record}; {cd}{run} </dev/null; rc=$?; '
             f'rm -f "{PID_DIR}/{pid_file}"; exit $rc')
 
 
@@ -192,7 +204,7 @@ class SshExecutor:
         delay = 1.0
         for _ in range(40):  # about half an hour of trying
             try:
-                await self.run(kill_script(pid_file, signal.SIGKILL) + f'; rm -f "{PID_DIR}/{pid_file}"', 15)
+                await self.run(kill_script(pid_file, signal.SIGKILL, remove=True), 15)
             except (OSError, asyncssh.Error, SpawnError, TimeoutError):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
@@ -202,8 +214,7 @@ class SshExecutor:
 
     async def kill_orphan(self, key: str) -> None:
         """A dead daemon's job on this node: kill its process group (it records it at start), if it still runs."""
-        script = kill_script(pid_file_for(key), signal.SIGKILL) + f'; rm -f "{PID_DIR}/{pid_file_for(key)}"'
-        await self.run(script, timeout_s=15)
+        await self.run(kill_script(pid_file_for(key), signal.SIGKILL, remove=True), timeout_s=15)
 
     async def run(self, script: str, timeout_s: float) -> asyncssh.SSHCompletedProcess:
         """A short command of the daemon's own (the heartbeat probe)."""

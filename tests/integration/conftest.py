@@ -80,6 +80,9 @@ def docker_ps(host: str, *args: str) -> list[str]:
 
 
 SSH_USER = "nexusjobd-t"
+# The node's login shell runs the daemon's scripts: Debian's /bin/sh (dash), the strictest POSIX shell a node is
+# likely to have (useradd's default there), so nothing bash-only slips in.
+LOGIN_SHELL = "/bin/sh"
 
 
 class Sshd:
@@ -109,10 +112,10 @@ class Sshd:
 
     def _user(self) -> None:
         if subprocess.run(["id", self.user], capture_output=True).returncode != 0:
-            subprocess.run(["useradd", "--home-dir", str(self.home), "--shell", "/bin/bash", self.user], check=True)
+            subprocess.run(["useradd", "--home-dir", str(self.home), "--shell", LOGIN_SHELL, self.user], check=True)
         else:  # left from an earlier run: point it at this run's clean home
             subprocess.run(["pkill", "-KILL", "-u", self.user], capture_output=True)
-            wait_for(lambda: subprocess.run(["usermod", "--home", str(self.home), self.user],
+            wait_for(lambda: subprocess.run(["usermod", "--home", str(self.home), "--shell", LOGIN_SHELL, self.user],
                                             capture_output=True).returncode == 0, message=f"usermod {self.user}")
         subprocess.run(["usermod", "-p", "*", self.user], check=True)  # unlocked: sshd without PAM refuses locked
         ssh_dir = self.home / ".ssh"

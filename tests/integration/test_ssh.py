@@ -178,7 +178,7 @@ def test_node_limits_hold_on_an_ssh_node_from_the_jobs_first_instruction(
         sshd: Sshd, db: Db, daemon_factory: Callable[..., Daemon]) -> None:
     limits = "[nodes.box.limits]\ncpu_seconds = 1\nfile_size_bytes = 4096\nopen_files = 64\n"
     daemon_factory(config=FAST + sshd.node_config() + limits).start()
-    # The remote login shell is bash, whose `ulimit -f` counts KiB: the limits' sh must have counted bytes right.
+    # Reads the limits from the job's own process: the bytes configured, whatever shell set them.
     seen = db.wait_status(db.insert("cat /proc/self/limits", node_id="box"), timeout=30)
     rows = {line[:26].strip(): line[26:].split()[:2] for line in seen["stdout"].splitlines()[1:]}
     assert (rows["Max cpu time"], rows["Max file size"], rows["Max open files"]) == (["1", "2"], ["4096"] * 2,
