@@ -17,7 +17,7 @@ import anyio
 
 from daemon import logging as log
 from daemon import procs
-from daemon.store import OrphanedJob, Store, Worker
+from daemon.store import OrphanedJob, Store, Worker, survive_db_errors
 
 logger = log.get("lease")
 ORPHAN_ERROR = "daemon stopped while the job was running"
@@ -74,15 +74,17 @@ class Lease:
         """Renew the lease and look for dead daemons, three times per lease period."""
         while True:
             await anyio.sleep(self._ttl_ms / 3000)
-            if not await self._store.heartbeat(self.me.worker_id):
-                logger.error("lease.lost", worker_id=self.me.worker_id,
-                             reason="another daemon declared this one dead and recovered its jobs")
-                self._on_lost()
-                return
-            await self.recover()
+            async with survive_db_errors("lease heartbeat"):  # missed for a whole ttl, others declare us dead
+                if not await self._store.heartbeat(self.me.worker_id):
+                    logger.error("lease.lost", worker_id=self.me.worker_id,
+                                 reason="another daemon declared this one dead and recovered its jobs")
+                    self._on_lost()
+                    return
+                await self.recover()
 
     async def release(self) -> None:
-        await self._store.stop_worker(self.me.worker_id, "clean shutdown")
+        async with survive_db_errors("lease release"):  # unreleased, it expires: others recover nothing of ours
+            await self._store.stop_worker(self.me.worker_id, "clean shutdown")
 
     async def recover(self) -> None:
         for worker in await self._store.other_workers(self.me.worker_id):

@@ -28,7 +28,7 @@ from daemon.executors.local import LocalExecutor
 from daemon.health import Health, LocalProbe, NodeRefused, Prober, capabilities_json
 from daemon.lease import Identity, Lease
 from daemon.notify import Notifier
-from daemon.store import Store
+from daemon.store import Store, survive_db_errors
 
 logger = log.get("service")
 STATUS_INTERVAL_S = 5.0
@@ -98,8 +98,9 @@ async def _heartbeats(config: Config, store: Store, health: Health, dispatcher: 
     while True:
         results = await health.probe_all()
         beats = {node_id: (status, capabilities_json(caps)) for node_id, (status, caps) in results.items()}
-        for node_id in await store.node_heartbeats(beats, served=dispatcher.config.node_ids):
-            logger.info("node.unserved", node=node_id, status="offline")
+        async with survive_db_errors("node heartbeats"):
+            for node_id in await store.node_heartbeats(beats, served=dispatcher.config.node_ids):
+                logger.info("node.unserved", node=node_id, status="offline")
         dispatcher.recheck_nodes()
         await anyio.sleep(dispatcher.config.heartbeat_interval_ms / 1000)
 
@@ -203,9 +204,10 @@ async def _status(notifier: Notifier, store: Store, dispatcher: Dispatcher) -> N
         return
     while True:
         await anyio.sleep(STATUS_INTERVAL_S)
-        counts = await store.job_counts()
-        notifier.send(STATUS=f"{len(dispatcher.running)} running, {counts['queued']} queued, "
-                             f"{counts['finished_last_hour']} finished in the last hour")
+        async with survive_db_errors("status"):
+            counts = await store.job_counts()
+            notifier.send(STATUS=f"{len(dispatcher.running)} running, {counts['queued']} queued, "
+                                 f"{counts['finished_last_hour']} finished in the last hour")
 
 
 async def _retention(store: Store, dispatcher: Dispatcher) -> None:
@@ -213,9 +215,11 @@ async def _retention(store: Store, dispatcher: Dispatcher) -> None:
     while True:
         days = dispatcher.config.retention_days
         if days:
-            deleted = await store.prune(older_than_ms=days * DAY_MS, statuses=("completed", "failed", "cancelled"))
-            if deleted:
-                logger.info("db.pruned", deleted=deleted, older_than_days=days)
+            async with survive_db_errors("retention"):
+                deleted = await store.prune(older_than_ms=days * DAY_MS,
+                                            statuses=("completed", "failed", "cancelled"))
+                if deleted:
+                    logger.info("db.pruned", deleted=deleted, older_than_days=days)
         await anyio.sleep(RETENTION_INTERVAL_S)
 
 

@@ -13,7 +13,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,7 +35,7 @@ from daemon.store.rows import (
 )
 
 __all__ = ["Claim", "ClaimedJob", "DbError", "JobResult", "JobStatus", "OrphanedJob", "OutputSnapshot", "ProcessRef",
-           "Store", "Worker", "now_ms"]
+           "Store", "Worker", "now_ms", "survive_db_errors"]
 
 T = TypeVar("T")
 # What callers outside the store may catch: the database said no (transient or not).
@@ -56,6 +56,16 @@ logger = log.get("store")
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+@contextlib.asynccontextmanager
+async def survive_db_errors(what: str) -> AsyncIterator[None]:
+    """For a periodic duty (heartbeats, status, retention): a database error (disk full, I/O) skips this round,
+    logged, instead of taking the daemon and its running jobs down. The next round tries again."""
+    try:
+        yield
+    except DbError as e:
+        logger.error("db.write_failed", what=what, error=str(e))
 
 
 def _migrations() -> list[tuple[str, str]]:

@@ -3,15 +3,20 @@ that misbehave with their descriptors and children. Each prints its figures (run
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import sqlite3
+import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tests.conftest import Daemon, Db, group_members, wait_for
+import pytest
+
+from tests.conftest import NEXUS_JOBD, Daemon, Db, group_members, require, wait_for
 
 
 def _rss_hwm_kib(pid: int) -> int:
@@ -139,33 +144,40 @@ def test_per_node_resource_limits(db: Db, daemon_factory: Callable[..., Daemon],
     assert (tmp_path / "big").stat().st_size == 4096
 
 
-def test_a_full_filesystem_is_survived_and_work_resumes_when_space_returns(
-        daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
-    import os
-    import shutil
-    import subprocess
-
-    from tests.conftest import NEXUS_JOBD, require
-
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MB tmpfs holding a migrated database, to fill up; `fill(leave)` leaves `leave` bytes free."""
     require(os.geteuid() == 0 and shutil.which("mount") is not None, "mounting a small tmpfs needs root")
     mnt = tmp_path / "small"
     mnt.mkdir(mode=0o700)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mnt)], check=True)
     try:
-        db_path = mnt / "nexuscli.db"
-        subprocess.run([*NEXUS_JOBD, "--db", str(db_path), "db", "migrate"], check=True, capture_output=True)
-        daemon = Daemon(db_path, env={"HOME": str(tmp_path)}, log_dir=tmp_path).start()
-        db = Db(db_path)
-        filler = mnt / "filler"
-        with filler.open("wb") as f:  # leave almost nothing
-            try:
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
-            except OSError:
-                pass
-        # Room for the row itself, not for the 3 MB of output the job will write.
-        os.truncate(filler, filler.stat().st_size - 300_000)
+        subprocess.run([*NEXUS_JOBD, "--db", str(mnt / "nexuscli.db"), "db", "migrate"], check=True,
+                       capture_output=True)
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(mnt: Path, leave: int) -> Path:
+    filler = mnt / "filler"
+    with filler.open("wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    if leave:
+        os.truncate(filler, filler.stat().st_size - leave)
+    return filler
+
+
+def test_a_full_filesystem_is_survived_and_work_resumes_when_space_returns(small_fs: Path, tmp_path: Path) -> None:
+    daemon = Daemon(small_fs / "nexuscli.db", env={"HOME": str(tmp_path)}, log_dir=tmp_path).start()
+    try:
+        db = Db(small_fs / "nexuscli.db")
+        filler = _fill(small_fs, leave=300_000)  # room for the row itself, not for the 3 MB of output
         job_id = db.insert("head -c 3000000 /dev/zero | tr '\\0' y; echo; echo done")
         wait_for(lambda: daemon.events("db.write_failed") or daemon.events("dispatch.db_error"), timeout=30,
                  message="the daemon hitting the full disk")
@@ -176,7 +188,25 @@ def test_a_full_filesystem_is_survived_and_work_resumes_when_space_returns(
         assert row["stdout_bytes"] == 3_000_006
         print(f"disk full: {len(daemon.events('db.write_failed'))} failed writes retried, job completed after")
         db.close()
-        daemon.stop()
     finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        daemon.stop()
+
+
+def test_heartbeats_on_a_full_disk_skip_a_round_and_never_stop_the_daemon(small_fs: Path, tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("[daemon]\nlease_ttl_ms = 1000\nheartbeat_interval_ms = 100\n")
+    daemon = Daemon(small_fs / "nexuscli.db", config_path=config, env={"HOME": str(tmp_path)},
+                    log_dir=tmp_path).start()
+    try:
+        filler = _fill(small_fs, leave=0)
+        duties = {"lease heartbeat", "node heartbeats"}
+        wait_for(lambda: duties <= {e.get("what") for e in daemon.events("db.write_failed")}, timeout=30,
+                 message="both heartbeats failing on the full disk")
+        assert daemon.proc is not None and daemon.proc.poll() is None
+        filler.unlink()
+        db = Db(small_fs / "nexuscli.db")
+        assert db.wait_status(db.insert("echo still here"), timeout=30)["stdout"] == "still here\n"
+        db.close()
+    finally:
+        daemon.stop()
 
