@@ -7,7 +7,7 @@ found by the label the daemon gave it (see tools.label_container).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable
 
 import anyio
 from anyio.abc import ByteStream
@@ -57,28 +57,23 @@ async def _ping(host: str) -> str | None:
     return None
 
 
-async def _docker(args: list[str], env: Mapping[str, str]) -> str:
-    """The docker CLI's stdout; empty when it cannot be run at all (the job's own stop goes on regardless)."""
-    try:
-        result = await anyio.run_process(["docker", *args], env=dict(env), check=False)
-    except OSError as e:
-        logger.warning("docker.cli_failed", args=args, error=str(e))
-        return ""
-    return result.stdout.decode(errors="replace")
+# Runs the docker CLI with these arguments on the job's node, with the job's DOCKER_HOST; its stdout.
+DockerCli = Callable[[list[str]], Awaitable[str]]
 
 
-async def stop_containers(label: str, env: Mapping[str, str], grace_s: float) -> list[str]:
+async def stop_containers(label: str, docker: DockerCli, grace_s: float) -> list[str]:
     """`docker stop` (TERM, then KILL after the grace) every container carrying `label`; their ids."""
-    ids = (await _docker(["ps", "-aq", "--filter", f"label={label}"], env)).split()
+    ids = (await docker(["ps", "-aq", "--filter", f"label={label}"])).split()
     if ids:
-        await _docker(["stop", "-t", str(max(0, round(grace_s))), *ids], env)
+        await docker(["stop", "-t", str(max(0, round(grace_s))), *ids])
         logger.info("docker.stopped", label=label, containers=ids)
     return ids
 
 
-async def remove_leftovers(label: str, env: Mapping[str, str]) -> None:
-    """After the job ended: a container of it that still runs (its client was killed) goes too."""
-    ids = (await _docker(["ps", "-q", "--filter", f"label={label}"], env)).split()
+async def remove_leftovers(label: str, docker: DockerCli) -> None:
+    """After the job ended: a container of it that is left (its client was killed, maybe while the container was
+    still being created) goes too, running or not."""
+    ids = (await docker(["ps", "-aq", "--filter", f"label={label}"])).split()
     if ids:
-        await _docker(["rm", "-f", *ids], env)
+        await docker(["rm", "-f", *ids])
         logger.warning("docker.removed_leftovers", label=label, containers=ids)

@@ -58,6 +58,16 @@ def result_for(status: ExitStatus, *, stop_reason: str | None, timeout_ms: int |
     return _failed(status.code, _signal_error(status), output, may_retry, now_ms + backoff.delay_ms(attempt))
 
 
+def not_started(stop_reason: str, output: OutputSnapshot) -> JobResult:
+    """Stopped before its process was started (while the engine was checked): nothing ran. A cancelled row stays
+    cancelled; on shutdown it goes back to the queue whatever its attempts, as it never had its turn."""
+    if stop_reason == "shutdown":
+        return _failed(None, SHUTDOWN_ERROR, output, True, None)
+    if stop_reason == "lease lost":
+        return _failed(None, LEASE_LOST_ERROR, output, False, None)
+    return JobResult(JobStatus.FAILED, None, None, output)
+
+
 def lost(error: str, output: OutputSnapshot, *, attempt: int, max_attempts: int) -> JobResult:
     """The node's connection dropped mid-job: failed (no exit code is known), or back to the queue at once."""
     return _failed(None, error, output, attempt < max_attempts, None)

@@ -22,6 +22,7 @@ from daemon.store import Claim, ClaimedJob, JobResult, JobStatus, ProcessRef, no
 from daemon.tools import Command
 
 logger = log.get("runner")
+DOCKER_CLI_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -83,8 +84,11 @@ class JobRunner:
             policy = tools.policy(job, self._config.default_timeout_ms)
         except BadJob as e:
             return JobResult(JobStatus.FAILED, None, str(e), running.output.snapshot(final=True))
-        if command.argv[0] == "docker" and (problem := await self._docker.error(node.docker_host)):
+        # The engine answers for a local node here; on an SSH node docker_host is the node's, and its CLI speaks.
+        if command.argv[0] == "docker" and node.ssh is None and (problem := await self._docker.error(node.docker_host)):
             return JobResult(JobStatus.FAILED, None, problem, running.output.snapshot(final=True))
+        if running.stop_reason is not None:  # cancelled (or the daemon stopping) while the engine was checked
+            return outcome.not_started(running.stop_reason, running.output.snapshot(final=True))
         running.command = command
         try:
             process = await self._executors[running.node_id].start(
@@ -101,8 +105,7 @@ class JobRunner:
         running.end_timers()
         if running.stop_reason is not None and command.container_label is not None:
             with anyio.move_on_after(15):
-                await docker.remove_leftovers(command.container_label,
-                                              command.environment(self._config.job_environment))
+                await docker.remove_leftovers(command.container_label, self._docker_cli(running.node_id, command))
         return outcome.result_for(status, stop_reason=running.stop_reason, timeout_ms=policy.timeout_ms,
                                   output=running.output.snapshot(final=True), attempt=job.attempt,
                                   max_attempts=policy.max_attempts, backoff=self._backoff, now_ms=now_ms())
@@ -151,14 +154,22 @@ class JobRunner:
         label = running.command.container_label if running.command else None
         if label is not None and running.command is not None:
             grace_s = self._config.kill_grace_ms / 1000
-            env = running.command.environment(self._config.job_environment)
             with anyio.move_on_after(grace_s + 15):  # an engine that hangs must not keep the client alive
-                await docker.stop_containers(label, env, grace_s)
+                await docker.stop_containers(label, self._docker_cli(running.node_id, running.command), grace_s)
         running.process.signal_group(signal.SIGTERM)
         await anyio.sleep(self._config.kill_grace_ms / 1000)
         if running.holds_slot:
             logger.warning("job.killed", job_id=running.claim.job_id, reason=running.stop_reason)
             running.process.signal_group(signal.SIGKILL)
+
+    def _docker_cli(self, node_id: str, job: Command) -> docker.DockerCli:
+        """The docker CLI on the job's node, with the job's variables (DOCKER_HOST among them)."""
+        executor = self._executors[node_id]
+
+        async def run(args: list[str]) -> str:
+            return await executor.output(Command(argv=("docker", *args), cwd=None, env=job.env), DOCKER_CLI_TIMEOUT_S)
+
+        return run
 
     def _feeder(self, feed: Callable[[bytes], None]) -> Callable[[bytes], None]:
         def on_data(data: bytes) -> None:

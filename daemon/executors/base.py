@@ -61,4 +61,9 @@ class Executor(Protocol):
         """Start `command`; raises SpawnError when it cannot be started."""
         ...
 
+    async def output(self, command: Command, timeout_s: float) -> str:
+        """A short command of the daemon's own on the node (e.g. `docker stop`): its stdout, or "" if it could
+        not be run; the reason is logged."""
+        ...
+
     async def aclose(self) -> None: ...

@@ -17,10 +17,14 @@ import subprocess
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import anyio
+
+from daemon import logging as log
 from daemon.executors.base import ExitStatus, OutputCallback, SpawnError
 from daemon.tools import Command, with_limits
 
 READ_SIZE = 256 * 1024
+logger = log.get("local")
 
 
 def has_exited(pid: int) -> bool:
@@ -201,6 +205,17 @@ class LocalExecutor:
         process = LocalProcess(popen, loop, on_stdout, on_stderr, self._drain_timeout_s)
         self._watch_exit(popen, process, loop)
         return process
+
+    async def output(self, command: Command, timeout_s: float) -> str:
+        env = command.environment(self._base_env)
+        try:
+            with anyio.fail_after(timeout_s):
+                argv = [self._program(command.argv[0], env), *command.argv[1:]]
+                result = await anyio.run_process(argv, env=env, check=False)
+        except (OSError, SpawnError, TimeoutError) as e:
+            logger.warning("command.failed", argv=list(command.argv), error=str(e) or type(e).__name__)
+            return ""
+        return result.stdout.decode(errors="replace")
 
     async def aclose(self) -> None:
         if self._reaper is not None:

@@ -52,15 +52,19 @@ def kill_script(pid_file: str, signum: int, *, remove: bool = False) -> str:
     return script + ('rm -f "$f"; true' if remove else "true")
 
 
+def _env_argv(command: Command, argv: tuple[str, ...]) -> list[str]:
+    """`env` setting and unsetting the command's variables, then argv: quoted, it passes any shell untouched."""
+    unset = [arg for name, value in command.env.items() if value is None for arg in ("-u", name)]
+    assign = [f"{name}={value}" for name, value in command.env.items() if value is not None]
+    return ["env", *unset, *assign, *argv]  # env takes its options before the assignments
+
+
 def remote_script(command: Command, pid_file: str) -> str:
     """One POSIX sh command line: record the group, go to the directory, set the environment, run argv, clean up.
 
     Everything from the row is quoted, so the remote shell passes it through untouched.
     """
-    unset = [arg for name, value in command.env.items() if value is None for arg in ("-u", name)]
-    assign = [f"{name}={value}" for name, value in command.env.items() if value is not None]
-    env_args = unset + assign  # env takes its options before the assignments
-    run = shlex.join(["env", *env_args, *command.exec_argv])
+    run = shlex.join(_env_argv(command, command.exec_argv))
     cd = f"cd {shlex.quote(command.cwd)} || exit 127; " if command.cwd else ""
     record = f'echo "$$ {_STARTED.format(pid="$$")} {_BOOT_ID}" > "{PID_DIR}/{pid_file}"'
     return (f'mkdir -p "{PID_DIR}" && {record}; {cd}{run} </dev/null; rc=$?; '
@@ -129,9 +133,9 @@ class SshProcess:
 
     async def _run_quietly(self, script: str) -> None:
         try:
-            await asyncio.wait_for(self._conn.run(script, check=False), 15)
-        except (OSError, asyncssh.Error, TimeoutError) as e:
-            logger.warning("ssh.signal_failed", node=self._node, error=str(e))
+            await self._executor.run(script, 15)
+        except (OSError, asyncssh.Error, SpawnError, TimeoutError) as e:
+            logger.warning("ssh.signal_failed", node=self._node, error=str(e) or type(e).__name__)
 
 
 class SshExecutor:
@@ -145,8 +149,11 @@ class SshExecutor:
         self._failures = 0
         self._retry_at = 0.0
         self._last_error = ""
-        # One channel stays free for kills and probes.
-        self.channels = asyncio.Semaphore(max(1, self._target.max_sessions - 1))
+        # Kills, probes and the daemon's own commands have channels of their own, and queue for them rather than
+        # fail when a bulk cancel asks for more than the node allows: the jobs never take the last ones.
+        control = min(2, max(1, self._target.max_sessions - 1))
+        self.channels = asyncio.Semaphore(max(1, self._target.max_sessions - control))
+        self._control = asyncio.Semaphore(control)
         self._cleanups: set[asyncio.Task[None]] = set()
 
     def _options(self) -> dict[str, Any]:
@@ -217,10 +224,20 @@ class SshExecutor:
         await self.run(kill_script(pid_file_for(key), signal.SIGKILL, remove=True), timeout_s=15)
 
     async def run(self, script: str, timeout_s: float) -> asyncssh.SSHCompletedProcess:
-        """A short command of the daemon's own (the heartbeat probe)."""
+        """A short shell line of the daemon's own (a probe, a kill), on a control channel."""
         conn = await self.connection()
-        return await asyncio.wait_for(conn.run(script, check=False, encoding="utf-8", errors="replace"),
-                                      timeout_s)
+        async with self._control:
+            return await asyncio.wait_for(conn.run(script, check=False, encoding="utf-8", errors="replace"),
+                                          timeout_s)
+
+    async def output(self, command: Command, timeout_s: float) -> str:
+        try:
+            result = await self.run(shlex.join(_env_argv(command, command.argv)), timeout_s)
+        except (OSError, asyncssh.Error, SpawnError, TimeoutError) as e:
+            logger.warning("ssh.command_failed", node=self.node, argv=list(command.argv),
+                           error=str(e) or type(e).__name__)
+            return ""
+        return str(result.stdout or "")
 
     async def aclose(self) -> None:
         for task in list(self._cleanups):
