@@ -27,7 +27,10 @@ from daemon.store import ClaimedJob, DbError, JobResult, JobStatus, Store, now_m
 from daemon.wakeup import ChangeWatcher
 
 logger = log.get("dispatch")
-RECHECKS = 8
+# After a notification, look again 1, 2, 4 ... 256 ms later, then every 256 ms: about 2 s in all, for a writer
+# whose fsync between the -wal write and the commit is slow (SD cards, phones).
+RECHECK_DOUBLINGS = 8
+RECHECKS = 15
 T = TypeVar("T")
 
 
@@ -66,7 +69,7 @@ class Dispatcher:
     def _on_db_change(self) -> None:
         # The -wal write that woke us comes just before the commit is published in the shared-memory index,
         # (after the writer's fsync, which can take tens of ms on phone or SD storage), so `data_version` may not
-        # have moved yet: look again 1, 2, 4 ... 128 ms later. Each look is the cheap in-thread probe.
+        # have moved yet: look again (RECHECKS). Each look is the cheap in-thread probe.
         self._check_db = True
         self._rechecks = RECHECKS
         self._wake.set()
@@ -88,7 +91,7 @@ class Dispatcher:
 
     def _sleep_timeout(self, poll_s: float) -> float:
         if self._rechecks:
-            return 0.001 * float(2 ** (RECHECKS - self._rechecks))
+            return 0.001 * float(2 ** min(RECHECK_DOUBLINGS, RECHECKS - self._rechecks))
         if self._next_due is not None:
             return max(0.0, min(poll_s, (self._next_due - now_ms()) / 1000))
         return poll_s
@@ -185,10 +188,11 @@ class Dispatcher:
         """The cheap probe first (any commit, ours too), then the connection that does not count its own."""
         if not self._store.anyone_committed():
             return False
-        self._rechecks = 0  # what the notification announced is visible now (ours or not): no need to look again
         version = await self._store.data_version()
         changed = version != self._version
         self._version = version
+        if changed:  # what the notification announced is visible now; a commit of ours proves nothing of that
+            self._rechecks = 0
         return changed
 
     async def _fail_unrunnable(self) -> None:
@@ -267,7 +271,7 @@ class Dispatcher:
         running.holds_slot = False
         self._slots_used -= 1
         self._per_node[running.node_id] -= 1
-        if running.node_id in self._backlog:
+        if self._backlog:  # this node's rows, or another's held back by the global limit
             self._claim_due = True
             self.wake()
 

@@ -34,7 +34,8 @@ UPDATE jobs
 RETURNING quote(id), error;
 
 -- name: claim_jobs
--- One atomic compare-and-set from queued to executing, highest priority first, then oldest.
+-- One atomic compare-and-set from queued to executing, highest priority first, then oldest. Only while this
+-- daemon's lease is live: a daemon stalled long enough for another to recover it claims nothing on waking.
 UPDATE jobs
    SET status = 'executing', worker_id = :worker_id, attempt = attempt + 1,
        started_at = NOW_MS,
@@ -48,6 +49,7 @@ UPDATE jobs
                ORDER BY priority DESC, created_at, rowid
                LIMIT :limit)
    AND status = 'queued'
+   AND EXISTS (SELECT 1 FROM jobd_workers WHERE id = :worker_id AND stopped_at IS NULL)
 RETURNING id, node_id, tool, command, cwd, env, priority, attempt, started_at, timeout_ms, max_attempts,
           created_at, rowid;
 -- RETURNING gives rows in no promised order: Store.claim sorts them as the ORDER BY above.

@@ -63,10 +63,20 @@ def path(tmp_path: Path) -> Path:
     return tmp_path / "nexuscli.db"
 
 
+WORKERS = ("w1", "w2", "a", "b")  # the claimants these tests use: a claim needs a live lease
+
+
+async def register(store: Store, *workers: str) -> None:
+    for worker in workers or WORKERS:
+        await store.register_worker(worker_id=worker, host="test", boot_id=None, pid=1, pid_start=None,
+                                    nodes=["localhost"])
+
+
 @pytest.fixture
 async def store(path: Path) -> AsyncIterator[Store]:
     store = await Store.open(path)
     await store.migrate()
+    await register(store)
     yield store
     await store.close()
 
@@ -221,6 +231,7 @@ async def test_migrate_on_a_nexuscli_database(path: Path) -> None:
 
     store = await Store.open(path)
     try:
+        await register(store, "w1")
         claimed = await store.claim("localhost", 10, "w1")
         assert [(job.id, job.attempt, job.priority) for job in claimed] == [("new", 1, 0)]
     finally:
@@ -303,6 +314,14 @@ async def test_a_requeued_row_is_claimed_afresh(store: Store, other: Other) -> N
     row = other.job("j1")
     assert (row["worker_id"], row["exit_code"], row["error"], row["stdout"], row["duration"]) == (
         "w2", None, None, None, None)
+
+
+async def test_a_daemon_whose_lease_was_taken_claims_nothing(store: Store, other: Other) -> None:
+    other.insert("j1")
+    assert await store.stop_worker("w1", "declared dead: test")  # what another daemon's recovery does
+    assert await store.claim("localhost", 1, "w1") == []
+    assert other.job("j1")["status"] == "queued"
+    assert [job.id for job in await store.claim("localhost", 1, "w2")] == ["j1"]
 
 
 async def test_concurrent_claims_from_two_connections_are_disjoint(path: Path, store: Store, other: Other) -> None:
