@@ -45,7 +45,9 @@ class Dispatcher:
         self._runner = JobRunner(config, executors, self._note_output)
         lease.on_requeued = self._claim_soon
         health.changed = self.recheck_nodes
-        self.running: dict[str, RunningJob] = {}  # claimed and not yet recorded as finished
+        # Claimed and not yet recorded as finished, by (job id, attempt): a row another program re-queued while it
+        # ran may be claimed again before the first attempt has ended.
+        self.running: dict[tuple[str, int], RunningJob] = {}
         self._slots_used = 0  # jobs whose process has not ended: what the limits count
         self._per_node = dict.fromkeys(config.nodes, 0)
         self._backlog: set[str] = set()  # nodes whose last claim was cut short by a limit
@@ -224,8 +226,8 @@ class Dispatcher:
     async def _notice_cancels(self) -> None:
         if not self.running:
             return
-        for job_id in await self._store.cancelled_among(list(self.running), self.worker_id):
-            job = self.running.get(job_id)
+        for job_id, attempt in await self._store.cancelled_among((i for i, _ in self.running), self.worker_id):
+            job = self.running.get((job_id, attempt))
             if job is not None and job.stop_reason is None:
                 logger.info("job.cancel_requested", job_id=job_id, node=job.node_id)
                 self._runner.request_stop(job, "cancelled")
@@ -248,7 +250,7 @@ class Dispatcher:
 
     def _start(self, tg: TaskGroup, job: ClaimedJob) -> None:
         running = self._runner.new(job, self.worker_id)
-        self.running[job.id] = running
+        self.running[(job.id, job.attempt)] = running
         self._per_node[running.node_id] += 1
         self._slots_used += 1
         logger.info("job.claimed", job_id=job.id, node=running.node_id, tool=job.tool, attempt=job.attempt)
@@ -289,7 +291,7 @@ class Dispatcher:
             with anyio.CancelScope(shield=True):
                 outcomes = await self._retry_write("finish", partial(self._store.finish_many, items))
             for job, running, result in batch:
-                self.running.pop(job.id, None)
+                self.running.pop((job.id, job.attempt), None)
                 self._log_finished(job, running, result, outcomes.get(job.id))
             self._after_record(batch)
 

@@ -375,10 +375,10 @@ class Store:
         params = {"id": job.id, "worker_id": worker_id, "attempt": job.attempt, "error": error}
         return await self._write_count(query, params) == 1
 
-    async def cancelled_among(self, job_ids: Sequence[str], worker_id: str) -> list[str]:
-        rows = await self._conn.execute_fetchall(Q["cancelled_among"], {"ids": json.dumps(list(job_ids)),
+    async def cancelled_among(self, job_ids: Iterable[str], worker_id: str) -> list[tuple[str, int]]:
+        rows = await self._conn.execute_fetchall(Q["cancelled_among"], {"ids": json.dumps(sorted(set(job_ids))),
                                                                         "worker_id": worker_id})
-        return [row[0] for row in rows]
+        return [(row[0], row[1]) for row in rows]
 
     # -- the CLI's side -----------------------------------------------------------------------------------
 

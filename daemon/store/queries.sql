@@ -172,8 +172,8 @@ SELECT w.id, w.host, w.pid, w.started_at, w.heartbeat_at, w.stopped_at, w.stop_r
   FROM jobd_workers AS w ORDER BY w.started_at DESC;
 
 -- name: cancelled_among
--- Which of our running jobs (:ids, a JSON array) another program has cancelled.
-SELECT id FROM jobs
+-- Which of our running jobs (:ids, a JSON array) another program has cancelled, and in which attempt.
+SELECT id, attempt FROM jobs
  WHERE status = 'cancelled' AND worker_id = :worker_id AND id IN (SELECT value FROM json_each(:ids));
 
 -- name: cancel_jobs

@@ -126,3 +126,18 @@ def test_the_environment_allowlist_is_configurable(db: Db, daemon_factory: Calla
                    env={"DEPLOY_KEY": "k", "HOME": "/nowhere-in-jobs"}).start()
     row = db.wait_status(db.insert("echo $DEPLOY_KEY ${HOME-unset}", cwd="/"))
     assert row["stdout"] == "k unset\n"
+
+
+def test_a_row_requeued_while_running_is_tracked_per_attempt(daemon: Daemon, db: Db, tmp_path: Path) -> None:
+    gate, marker = tmp_path / "gate", tmp_path / "first"
+    job_id = db.insert(f"if mkdir {marker} 2>/dev/null; then while [ ! -e {gate} ]; do sleep 0.02; done; "
+                       "echo first; else echo second; sleep 1009; fi")
+    wait_for(lambda: marker.exists(), message="attempt 1 running")
+    db.conn.execute("UPDATE jobs SET status = 'queued' WHERE id = ?", (job_id,))  # another program re-queues it
+    wait_for(lambda: db.job(job_id)["stdout"] == "second\n", timeout=30, message="attempt 2 running beside 1")
+    gate.touch()
+    wait_for(lambda: daemon.events("job.claim_lost"), timeout=30, message="attempt 1 ended, its claim lost")
+    db.conn.execute("UPDATE jobs SET status = 'cancelled', completed_at = 1 WHERE id = ?", (job_id,))
+    # Attempt 1's end must not have made the daemon forget attempt 2: the cancel reaches it.
+    row = wait_for(lambda: (r := db.job(job_id))["duration"] is not None and r, timeout=30, message="recorded")
+    assert (row["status"], row["attempt"]) == ("cancelled", 2)

@@ -442,7 +442,7 @@ async def test_cancel_and_cancelled_among(store: Store, other: Other) -> None:
     other.conn.execute("UPDATE jobs SET status = 'completed' WHERE id = 'over'")
     assert sorted(await store.cancel(["run", "wait", "over", "missing"])) == ["run", "wait"]
     assert other.job("over")["status"] == "completed"
-    assert await store.cancelled_among(["run", "wait"], claim.worker_id) == ["run"]
+    assert await store.cancelled_among(["run", "wait"], claim.worker_id) == [("run", 1)]
     assert await store.cancelled_among(["run"], "someone-else") == []
 
 
