@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import signal
+import sqlite3
 import subprocess
 import time
 from collections import Counter
@@ -16,13 +17,14 @@ from tests.conftest import NEXUS_JOBD, Daemon, Db, group_members, now_ms, wait_f
 
 def test_timeout_fails_with_124_and_says_how_long(db: Db, daemon_factory: Callable[..., Daemon]) -> None:
     daemon_factory(config="[daemon]\nkill_grace_ms = 300\n").start()
-    polite = db.insert("echo start; sleep 30", timeout_ms=300)
-    stubborn = db.insert("trap '' TERM; echo start; while true; do sleep 0.05; done", timeout_ms=300)
+    # 1 s: time for bash to print and set its trap on a loaded box before the TERM comes.
+    polite = db.insert("echo start; sleep 30", timeout_ms=1000)
+    stubborn = db.insert("trap '' TERM; echo start; while true; do sleep 0.05; done", timeout_ms=1000)
     for job_id in (polite, stubborn):
         row = db.wait_status(job_id, timeout=15)
         assert (row["status"], row["exit_code"], row["stdout"]) == ("failed", 124, "start\n")
-        assert row["error"] == "timed out after 0.3s (timeout_ms=300) and was killed"
-        assert row["duration"] >= 300
+        assert row["error"] == "timed out after 1s (timeout_ms=1000) and was killed"
+        assert row["duration"] >= 1000
 
 
 def test_default_timeout_applies_to_rows_without_one(db: Db, daemon_factory: Callable[..., Daemon]) -> None:
@@ -88,6 +90,25 @@ def test_two_daemons_run_1000_jobs_exactly_once(db: Db, daemon_factory: Callable
     assert len(jobs) == 1000
 
 
+def _stop_outside_a_write(proc: subprocess.Popen[bytes], db_path: Path) -> None:
+    """SIGSTOP, but not in the middle of a write: stopped holding the write lock, the daemon would block the rescuer
+    (a real hazard of SIGSTOP, not what this test is about). Stopped for sure, then the lock must be free."""
+    for _ in range(50):
+        proc.send_signal(signal.SIGSTOP)
+        wait_for(lambda: Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T",
+                 message="stopped")
+        probe = sqlite3.connect(db_path, timeout=0.2)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.rollback()
+            return
+        except sqlite3.OperationalError:
+            proc.send_signal(signal.SIGCONT)
+        finally:
+            probe.close()
+    raise AssertionError("the daemon held the write lock at every stop")
+
+
 def test_a_stalled_daemon_loses_its_lease_and_cannot_finish_late(
         db: Db, daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
     config = "[daemon]\nlease_ttl_ms = 1000\nkill_grace_ms = 200\n"
@@ -95,7 +116,7 @@ def test_a_stalled_daemon_loses_its_lease_and_cannot_finish_late(
     job_id = db.insert("echo $$; sleep 1000", max_attempts=2)
     row = wait_for(lambda: (r := db.job(job_id))["pid"] and r, message="running")
     assert stalled.proc is not None
-    stalled.proc.send_signal(signal.SIGSTOP)  # alive, but no heartbeat
+    _stop_outside_a_write(stalled.proc, db.path)  # alive, but no heartbeat
     try:
         rescuer = daemon_factory(config=config).start()
         # The rescuer declares the stalled daemon dead once its lease expires, kills the job's group and runs
@@ -128,7 +149,6 @@ def test_retries_back_off_until_max_attempts(db: Db, daemon_factory: Callable[..
     # The n-th retry waits between half and all of 200 ms * 2^(n-1).
     for n, gap in enumerate(gaps, start=1):
         assert 0.2 * 2 ** (n - 1) * 0.5 <= gap, gaps
-    assert gaps[2] > gaps[0], gaps
 
 
 def test_a_job_that_succeeds_on_a_retry_completes(daemon: Daemon, db: Db, tmp_path: Path) -> None:

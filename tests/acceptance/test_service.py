@@ -73,7 +73,7 @@ def notify_socket(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tu
 def test_sd_notify_ready_watchdog_status_stopping(db: Db, daemon_factory: Callable[..., Daemon],
                                                  notify_socket: tuple[str, NotifySocket]) -> None:
     address, receiver = notify_socket
-    daemon = daemon_factory(env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000"}).start(wait_ready=False)
+    daemon = daemon_factory(env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "1000000"}).start(wait_ready=False)
     ready_at = wait_for(lambda: receiver.with_field("READY=1"), timeout=15, message="READY=1")[0]
     # READY comes only once the database is migrated and the dispatcher runs.
     tables = {r[0] for r in db.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -82,7 +82,9 @@ def test_sd_notify_ready_watchdog_status_stopping(db: Db, daemon_factory: Callab
              message="six watchdog pings")
     pings = [t for t in receiver.with_field("WATCHDOG=1") if t > ready_at]
     gaps = [b - a for a, b in itertools.pairwise(pings)]
-    assert all(0.1 <= gap <= 0.5 for gap in gaps), gaps  # half of WATCHDOG_USEC (0.4 s), with slack
+    # Every half WATCHDOG_USEC (0.5 s). The times are when this test read them, so one gap may shrink if the
+    # test stalls: systemd's real limit is the whole 1 s for each gap, and the average shows the pace.
+    assert all(gap < 1.0 for gap in gaps) and 0.3 <= sum(gaps) / len(gaps) <= 0.7, gaps
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(15) == 0

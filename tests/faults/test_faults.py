@@ -94,7 +94,8 @@ def test_an_output_bomb_is_capped_with_bounded_memory_and_others_keep_their_late
     assert row["stdout_bytes"] == 1_000_000_000
     assert len(row["stdout"].encode()) < 4 * 1024 * 1024 + 200
     assert hwm_mib < 120
-    assert max(latencies) < 1000
+    # The figure is printed above (3-7 ms here); the bound only says nobody waits for the bomb, on any box.
+    assert max(latencies) < 5000
 
 
 def test_a_job_that_closes_its_output_early_is_waited_for(daemon: Daemon, db: Db) -> None:
