@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -17,6 +18,7 @@ import anyio
 from daemon import docker
 from daemon import logging as log
 from daemon.config import Config, NodeConfig
+from daemon.tools import ulimit_script
 
 logger = log.get("health")
 
@@ -37,6 +39,15 @@ fi
 """
 
 TOOL_VERSIONS_TTL_S = 3600.0
+
+
+def probe_script(node: NodeConfig) -> str:
+    """PROBE, and for a node with [limits] whether its `sh` may set them: a node that refuses them is in error
+    (its jobs fail with the reason) rather than running jobs that each die with exit 125."""
+    if not node.limits:
+        return PROBE
+    check = shlex.quote(ulimit_script(node.limits) + "; exit 0")
+    return PROBE + f'if ! e=$(sh -c {check} 2>&1); then echo "limits_refused=$(echo "$e" | head -n 1)"; fi\n'
 
 Prober = Callable[[NodeConfig, str], Awaitable[str]]  # (node, script) -> its stdout; raises when unreachable
 
@@ -103,6 +114,8 @@ def parse_probe(text: str, rtt_ms: float) -> dict[str, Any]:
         "os": facts.get("os"), "arch": facts.get("arch"), "kernel": facts.get("kernel"),
         "hostname": facts.get("hostname"), "rtt_ms": round(rtt_ms, 1),
     }
+    if "limits_refused" in facts:
+        caps["limits_refused"] = facts["limits_refused"] or "refused"
     for name in ("cpus", "mem_total_kb", "mem_available_kb"):
         caps[name] = int(facts[name]) if facts.get(name, "").isdigit() else None
     load = facts.get("load", "").split()
@@ -159,7 +172,7 @@ class Health:
         started = time.monotonic()
         try:
             with anyio.fail_after(max(5.0, self._config.heartbeat_interval_ms / 1000)):
-                text = await self._probe(node, PROBE)
+                text = await self._probe(node, probe_script(node))
         except NodeRefused as e:
             state.status, state.error = "error", str(e)
         except Exception as e:  # unreachable: offline only after `offline_after` misses in a row
@@ -168,8 +181,14 @@ class Health:
             if state.missed >= node.offline_after:
                 state.status = "offline"
         else:
-            state.status, state.error, state.missed = "online", None, 0
             state.capabilities = parse_probe(text, (time.monotonic() - started) * 1000)
+            refused = state.capabilities.pop("limits_refused", None)
+            if refused is None:
+                state.status, state.error, state.missed = "online", None, 0
+            else:
+                state.status, state.missed = "error", 0
+                state.error = (f"the node refuses its [nodes.{node.id}.limits] ({refused}); lower them to what "
+                               "its hard limits allow (`ulimit -Ha` there)")
         if state.status == "offline" and state.offline_since is None:
             state.offline_since = time.monotonic()
         elif state.status != "offline":

@@ -12,8 +12,10 @@ import asyncio
 import dataclasses
 import os
 import shlex
+import shutil
 import signal
 import socket
+import subprocess
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -29,6 +31,7 @@ from daemon.health import Health, LocalProbe, NodeRefused, Prober, capabilities_
 from daemon.lease import Identity, Lease
 from daemon.notify import Notifier
 from daemon.store import Store, survive_db_errors
+from daemon.tools import ulimit_script
 
 logger = log.get("service")
 STATUS_INTERVAL_S = 5.0
@@ -105,13 +108,34 @@ async def _heartbeats(config: Config, store: Store, health: Health, dispatcher: 
         await anyio.sleep(dispatcher.config.heartbeat_interval_ms / 1000)
 
 
-def _check_paths(config: Config) -> None:
+def _check_host(config: Config) -> None:
+    """What the config asks of this host: a working directory, a private database, limits it can set."""
     if not config.default_cwd.is_dir():
         raise ConfigError(
             f"{config.source}: [daemon] default_cwd = {str(config.default_cwd)!r} is not a directory; "
             "create it or set default_cwd to an existing directory (jobs without a cwd run there)"
         )
     _check_database_access(config)
+    _check_local_limits(config)
+
+
+def _check_local_limits(config: Config) -> None:
+    """The local node's [limits], tried once by the same `sh` that sets them for every job: a value this host
+    refuses stops start-up (or a reload) with the reason, rather than fail each job with exit 125."""
+    limits = config.nodes[config.local_node].limits
+    if not limits:
+        return
+    sh = shutil.which("sh", path=config.job_environment.get("PATH", os.defpath))
+    if sh is None:
+        raise ConfigError(f"{config.source}: [nodes.{config.local_node}.limits] needs `sh` on the jobs' PATH "
+                          "to set them; install it or remove the limits")
+    result = subprocess.run([sh, "-c", ulimit_script(limits) + "; exit 0"], capture_output=True, text=True,
+                            env=config.job_environment, timeout=10, check=False)
+    if result.returncode != 0:
+        reason = (result.stderr.strip().splitlines() or ["refused"])[0]
+        raise ConfigError(f"{config.source}: [nodes.{config.local_node}.limits] cannot be set on this host "
+                          f"({reason}); lower the value to what `ulimit -Ha` allows this user, or run as a user "
+                          "that may raise it")
 
 
 def _check_database_access(config: Config) -> None:
@@ -140,7 +164,7 @@ def _check_database_access(config: Config) -> None:
 
 async def serve(config: Config, overrides: Overrides | None = None, *, install_signals: bool = True) -> int:
     """Run until stopped; returns the process exit code (0 after a clean drain, 1 after losing the lease)."""
-    _check_paths(config)
+    _check_host(config)
     store = await Store.open(config.db_path, busy_timeout_ms=config.busy_timeout_ms)
     notifier = Notifier(config.notify_socket, config.watchdog_usec)
     try:
@@ -234,7 +258,7 @@ class _Reloader:
     def __call__(self) -> None:
         try:
             new = config_module.load(self._overrides)
-            _check_paths(new)
+            _check_host(new)
         except JobdError as e:
             logger.error("config.reload_failed", error=str(e), kept=self.config.source)
             return

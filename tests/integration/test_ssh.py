@@ -189,3 +189,14 @@ def test_node_limits_hold_on_an_ssh_node_from_the_jobs_first_instruction(
                                       "stat -c %s /tmp/nexus-jobd-limit-$$; rm /tmp/nexus-jobd-limit-$$",
                                       node_id="box"), timeout=30)
     assert writer["stdout"] == f"{128 + 25}\n4096\n"  # SIGXFSZ: the file may not grow past 4096 bytes
+
+
+def test_an_ssh_node_that_refuses_its_limits_is_in_error_and_its_jobs_fail_with_the_reason(
+        sshd: Sshd, db: Db, daemon_factory: Callable[..., Daemon]) -> None:
+    limits = "[nodes.box.limits]\nopen_files = 1000000000000\n"  # above any hard limit, for a user that is not root
+    daemon_factory(config=FAST + sshd.node_config() + limits).start()
+    node = wait_for(lambda: (n := _node(db)).get("status") == "error" and n, timeout=20, message="node error")
+    assert "refuses its [nodes.box.limits]" in json.loads(str(node["capabilities"]))["error"]
+    row = db.wait_status(db.insert("echo never", node_id="box"), timeout=20)
+    assert (row["status"], row["stdout"]) == ("failed", None)
+    assert "refuses its [nodes.box.limits]" in row["error"] and "ulimit -Ha" in row["error"]
