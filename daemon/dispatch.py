@@ -31,6 +31,7 @@ logger = log.get("dispatch")
 # whose fsync between the -wal write and the commit is slow (SD cards, phones).
 RECHECK_DOUBLINGS = 8
 RECHECKS = 15
+OWN_COMMIT_RECHECKS = 3
 T = TypeVar("T")
 
 
@@ -53,7 +54,8 @@ class Dispatcher:
         self._backlog: set[str] = set()  # nodes whose last claim was cut short by a limit
         self._wake = asyncio.Event()
         self._check_db = True
-        self._rechecks = 0
+        self._rechecks = 0  # looks left after a notification
+        self._recheck_step = 0  # the next look comes 2**step ms later (step capped at RECHECK_DOUBLINGS)
         self._claim_due = True
         self._version: int | None = None
         self._next_due: int | None = None  # epoch ms when the earliest run_after comes due
@@ -73,7 +75,7 @@ class Dispatcher:
         # (after the writer's fsync, which can take tens of ms on phone or SD storage), so `data_version` may not
         # have moved yet: look again (RECHECKS). Each look is the cheap in-thread probe.
         self._check_db = True
-        self._rechecks = RECHECKS
+        self._rechecks, self._recheck_step = RECHECKS, 0
         self._wake.set()
 
     def wake(self) -> None:
@@ -93,7 +95,7 @@ class Dispatcher:
 
     def _sleep_timeout(self, poll_s: float) -> float:
         if self._rechecks:
-            return 0.001 * float(2 ** min(RECHECK_DOUBLINGS, RECHECKS - self._rechecks))
+            return 0.001 * float(2 ** min(RECHECK_DOUBLINGS, self._recheck_step))
         if self._next_due is not None:
             return max(0.0, min(poll_s, (self._next_due - now_ms()) / 1000))
         return poll_s
@@ -116,6 +118,7 @@ class Dispatcher:
         if timed_out:
             self._check_db = True
             self._rechecks = max(0, self._rechecks - 1)
+            self._recheck_step += 1
         if self._next_due is not None and now_ms() >= self._next_due:
             self._next_due = None
             self._claim_due = self._schedule_changed = True  # and look for the next due time after the claim
@@ -193,8 +196,14 @@ class Dispatcher:
         version = await self._store.data_version()
         changed = version != self._version
         self._version = version
-        if changed:  # what the notification announced is visible now; a commit of ours proves nothing of that
+        if changed:  # what the notification announced is visible now
             self._rechecks = 0
+        else:
+            # A commit of our own showed: most likely what notified us (the lease heartbeat, an output flush),
+            # so stop soon, as an idle daemon must; the few looks left catch another program's commit that
+            # landed with ours and is still being fsynced.
+            self._rechecks = min(self._rechecks, OWN_COMMIT_RECHECKS)  # looks left after a notification
+        self._recheck_step = 0  # the next look comes 2**step ms later (step capped at RECHECK_DOUBLINGS)
         return changed
 
     async def _fail_unrunnable(self) -> None:
