@@ -31,7 +31,7 @@ logger = log.get("dispatch")
 # whose fsync between the -wal write and the commit is slow (SD cards, phones).
 RECHECK_DOUBLINGS = 8
 RECHECKS = 15
-OWN_COMMIT_RECHECKS = 3
+OWN_COMMIT_RECHECKS = 6  # 1, 2, 4 ... 32 ms: about 60 ms, a phone's fsync
 T = TypeVar("T")
 
 
@@ -75,7 +75,12 @@ class Dispatcher:
         # (after the writer's fsync, which can take tens of ms on phone or SD storage), so `data_version` may not
         # have moved yet: look again (RECHECKS). Each look is the cheap in-thread probe.
         self._check_db = True
-        self._rechecks, self._recheck_step = RECHECKS, 0
+        if not self._store.wrote_just_now():
+            self._rechecks, self._recheck_step = RECHECKS, 0
+        elif self._rechecks < OWN_COMMIT_RECHECKS:
+            # Most likely our own commit (the lease heartbeat, an output flush): a few looks, for another
+            # program's commit landing with it, and never cutting short the looks for one that came before.
+            self._rechecks, self._recheck_step = OWN_COMMIT_RECHECKS, 0
         self._wake.set()
 
     def wake(self) -> None:
@@ -197,12 +202,7 @@ class Dispatcher:
         changed = version != self._version
         self._version = version
         if changed:  # what the notification announced is visible now
-            self._rechecks = 0
-        else:
-            # A commit of our own showed: most likely what notified us (the lease heartbeat, an output flush),
-            # so stop soon, as an idle daemon must; the few looks left catch another program's commit that
-            # landed with ours and is still being fsynced.
-            self._rechecks = min(self._rechecks, OWN_COMMIT_RECHECKS)  # looks left after a notification
+            self._rechecks = 0  # looks left after a notification
         self._recheck_step = 0  # the next look comes 2**step ms later (step capped at RECHECK_DOUBLINGS)
         return changed
 

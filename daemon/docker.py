@@ -70,10 +70,15 @@ async def stop_containers(label: str, docker: DockerCli, grace_s: float) -> list
     return ids
 
 
+# Not `exited` or `dead`: a stopped container stays for `docker logs`, as one whose client ended on its own would.
+_LEFT_RUNNING = [arg for status in ("created", "running", "paused", "restarting")
+                 for arg in ("--filter", f"status={status}")]
+
+
 async def remove_leftovers(label: str, docker: DockerCli) -> None:
-    """After the job ended: a container of it that is left (its client was killed, maybe while the container was
-    still being created) goes too, running or not."""
-    ids = (await docker(["ps", "-aq", "--filter", f"label={label}"])).split()
+    """After the job ended: a container of it that still runs, or was created but not yet started when its
+    client was killed (it would start later, unowned), goes too."""
+    ids = (await docker(["ps", "-aq", "--filter", f"label={label}", *_LEFT_RUNNING])).split()
     if ids:
         await docker(["rm", "-f", *ids])
         logger.warning("docker.removed_leftovers", label=label, containers=ids)

@@ -47,7 +47,7 @@ def probe_script(node: NodeConfig) -> str:
     if not node.limits:
         return PROBE
     check = shlex.quote(ulimit_script(node.limits) + "; exit 0")
-    return PROBE + f'if ! e=$(sh -c {check} 2>&1); then echo "limits_refused=$(echo "$e" | head -n 1)"; fi\n'
+    return PROBE + f'if ! e=$(sh -c {check} 2>&1); then echo "limits_refused=$(echo "$e" | tr "\\n" " ")"; fi\n'
 
 Prober = Callable[[NodeConfig, str], Awaitable[str]]  # (node, script) -> its stdout; raises when unreachable
 

@@ -31,7 +31,7 @@ from daemon.health import Health, LocalProbe, NodeRefused, Prober, capabilities_
 from daemon.lease import Identity, Lease
 from daemon.notify import Notifier
 from daemon.store import Store, survive_db_errors
-from daemon.tools import ulimit_script
+from daemon.tools import REFUSED, ulimit_script
 
 logger = log.get("service")
 STATUS_INTERVAL_S = 5.0
@@ -129,12 +129,18 @@ def _check_local_limits(config: Config) -> None:
     if sh is None:
         raise ConfigError(f"{config.source}: [nodes.{config.local_node}.limits] needs `sh` on the jobs' PATH "
                           "to set them; install it or remove the limits")
-    result = subprocess.run([sh, "-c", ulimit_script(limits) + "; exit 0"], capture_output=True, text=True,
-                            env=config.job_environment, timeout=10, check=False)
+    try:
+        result = subprocess.run([sh, "-c", ulimit_script(limits) + "; exit 0"], capture_output=True, text=True,
+                                env=config.job_environment, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ConfigError(f"{config.source}: [nodes.{config.local_node}.limits] could not be tried with {sh}: "
+                          f"{e}") from e
     if result.returncode != 0:
-        reason = (result.stderr.strip().splitlines() or ["refused"])[0]
-        raise ConfigError(f"{config.source}: [nodes.{config.local_node}.limits] cannot be set on this host "
-                          f"({reason}); lower the value to what `ulimit -Ha` allows this user, or run as a user "
+        lines = result.stderr.strip().splitlines()
+        refused = next((line.removeprefix(REFUSED).strip() for line in lines if line.startswith(REFUSED)), "")
+        shell_says = next((line for line in lines if not line.startswith(REFUSED)), "refused")
+        raise ConfigError(f"{config.source}: [nodes.{config.local_node}.limits] {refused} cannot be set on this "
+                          f"host ({shell_says}); lower it to what `ulimit -Ha` allows this user, or run as a user "
                           "that may raise it")
 
 

@@ -54,6 +54,9 @@ class Command:
         return env
 
 
+REFUSED = "nexus-jobd: this node refused [limits]"
+
+
 def with_limits(argv: tuple[str, ...], limits: Mapping[str, int]) -> tuple[str, ...]:
     if not limits:
         return argv
@@ -61,8 +64,8 @@ def with_limits(argv: tuple[str, ...], limits: Mapping[str, int]) -> tuple[str, 
 
 
 def ulimit_script(limits: Mapping[str, int]) -> str:
-    """POSIX sh that sets `limits` (config.LIMITS keys) or exits 125 saying so: a limit the host refuses (above
-    its hard limit, for a user that may not raise it) stops the job rather than let it run unlimited."""
+    """POSIX sh that sets `limits` (config.LIMITS keys), or exits 125 naming the key the host refused (above
+    its hard limit, for a user that may not raise it): the job stops rather than run unlimited."""
     steps = []
     for key, value in limits.items():
         flag, unit = LIMITS[key]
@@ -70,13 +73,13 @@ def ulimit_script(limits: Mapping[str, int]) -> str:
         if key == "cpu_seconds":
             # SIGXCPU at the soft limit names the reason in the row; the hard limit a second later kills a job
             # that ignores it. Soft first: a hard limit below the current soft one is refused.
-            steps.append(f"ulimit -S -t {count} && ulimit -H -t {count + 1}")
+            step = f"ulimit -S -t {count} && ulimit -H -t {count + 1}"
         elif key == "processes":
-            steps.append(f"{{ ulimit -u {count} 2>/dev/null || ulimit -p {count}; }}")  # dash and mksh say -p
+            step = f"{{ ulimit -u {count} 2>/dev/null || ulimit -p {count}; }}"  # dash and mksh say -p
         else:
-            steps.append(f"ulimit {flag} {count}")
-    return (" && ".join(steps) + " || { echo 'nexus-jobd: this node refused a [limits] value "
-            "(above its hard limit?); the job did not run' >&2; exit 125; }")
+            step = f"ulimit {flag} {count}"
+        steps.append(f"{{ {step} || {{ echo '{REFUSED} {key} = {value}' >&2; exit 125; }}; }}")
+    return "; ".join(steps)
 
 
 def strip_metadata(command: str) -> str:

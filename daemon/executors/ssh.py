@@ -46,9 +46,10 @@ _BOOT_ID = "$(cat /proc/sys/kernel/random/boot_id 2>/dev/null)"
 def kill_script(pid_file: str, signum: int, *, remove: bool = False) -> str:
     """Signal the recorded group: only in the same boot, and only if its leader is gone (the group id stays
     reserved while members live) or is still the same process. `kill -N -PGID`: dash refuses `kill -N -- -PGID`."""
-    same_leader = f'{{ [ ! -e "/proc/$p" ] || [ "$s" = "{_STARTED.format(pid="$p")}" ]; }}'
-    script = (f'f="{PID_DIR}/{pid_file}"; if [ -s "$f" ]; then read -r p s b < "$f"; '
-              f'[ "$b" = "{_BOOT_ID}" ] && {same_leader} && kill -{int(signum)} -"$p" 2>/dev/null; fi; ')
+    # "-" stands for a field the node could not give (no /proc), on both sides.
+    same_leader = f'{{ [ ! -e "/proc/$p" ] || {{ t={_STARTED.format(pid="$p")}; [ "$s" = "${{t:--}}" ]; }}; }}'
+    script = (f'f="{PID_DIR}/{pid_file}"; if [ -s "$f" ]; then read -r p s b < "$f"; c={_BOOT_ID}; '
+              f'[ "$b" = "${{c:--}}" ] && {same_leader} && kill -{int(signum)} -"$p" 2>/dev/null; fi; ')
     return script + ('rm -f "$f"; true' if remove else "true")
 
 
@@ -66,7 +67,8 @@ def remote_script(command: Command, pid_file: str) -> str:
     """
     run = shlex.join(_env_argv(command, command.exec_argv))
     cd = f"cd {shlex.quote(command.cwd)} || exit 127; " if command.cwd else ""
-    record = f'echo "$$ {_STARTED.format(pid="$$")} {_BOOT_ID}" > "{PID_DIR}/{pid_file}"'
+    record = (f's={_STARTED.format(pid="$$")}; b={_BOOT_ID}; echo "$$ ${{s:--}} ${{b:--}}" > '
+              f'"{PID_DIR}/{pid_file}"')
     return (f'mkdir -p "{PID_DIR}" && {record}; {cd}{run} </dev/null; rc=$?; '
             f'rm -f "{PID_DIR}/{pid_file}"; exit $rc')
 
@@ -149,11 +151,11 @@ class SshExecutor:
         self._failures = 0
         self._retry_at = 0.0
         self._last_error = ""
-        # Kills, probes and the daemon's own commands have channels of their own, and queue for them rather than
-        # fail when a bulk cancel asks for more than the node allows: the jobs never take the last ones.
-        control = min(2, max(1, self._target.max_sessions - 1))
-        self.channels = asyncio.Semaphore(max(1, self._target.max_sessions - control))
-        self._control = asyncio.Semaphore(control)
+        # Two channels stay out of the jobs' reach: one for kills and probes (short), one for the daemon's docker
+        # commands (`docker stop` may take the grace period), so neither waits behind the other. Past MaxSessions
+        # a request would fail; here it queues, within its timeout.
+        self.channels = asyncio.Semaphore(max(1, self._target.max_sessions - 2))
+        self._control, self._commands = asyncio.Semaphore(1), asyncio.Semaphore(1)
         self._cleanups: set[asyncio.Task[None]] = set()
 
     def _options(self) -> dict[str, Any]:
@@ -224,15 +226,19 @@ class SshExecutor:
         await self.run(kill_script(pid_file_for(key), signal.SIGKILL, remove=True), timeout_s=15)
 
     async def run(self, script: str, timeout_s: float) -> asyncssh.SSHCompletedProcess:
-        """A short shell line of the daemon's own (a probe, a kill), on a control channel."""
+        """A short shell line of the daemon's own (a probe, a kill) on the control channel; `timeout_s` covers the
+        wait for the channel too."""
+        return await asyncio.wait_for(self._run_on(self._control, script), timeout_s)
+
+    async def _run_on(self, channel: asyncio.Semaphore, script: str) -> asyncssh.SSHCompletedProcess:
         conn = await self.connection()
-        async with self._control:
-            return await asyncio.wait_for(conn.run(script, check=False, encoding="utf-8", errors="replace"),
-                                          timeout_s)
+        async with channel:
+            return await conn.run(script, check=False, encoding="utf-8", errors="replace")
 
     async def output(self, command: Command, timeout_s: float) -> str:
         try:
-            result = await self.run(shlex.join(_env_argv(command, command.argv)), timeout_s)
+            result = await asyncio.wait_for(self._run_on(self._commands, shlex.join(_env_argv(command, command.argv))),
+                                            timeout_s)
         except (OSError, asyncssh.Error, SpawnError, TimeoutError) as e:
             logger.warning("ssh.command_failed", node=self.node, argv=list(command.argv),
                            error=str(e) or type(e).__name__)

@@ -103,6 +103,8 @@ class Store:
         # Writes take this lock in the order their data was rendered, so a transaction of several statements
         # never interleaves with another write and an older output snapshot never lands after a newer one.
         self._write_lock = asyncio.Lock()
+        self._writing = False
+        self._wrote_at = -math.inf  # monotonic time our last write ended
 
     # -- opening and schema -------------------------------------------------------------------------------
 
@@ -214,8 +216,23 @@ class Store:
             await self._conn.execute("COMMIT")
             return result
 
-        async with self._write_lock:
+        async with self._writer():
             return await self._retry_locked(attempt)
+
+    @contextlib.asynccontextmanager
+    async def _writer(self) -> AsyncIterator[None]:
+        """One write at a time, and when it happened: what tells our own commits from other programs'."""
+        async with self._write_lock:
+            self._writing = True
+            try:
+                yield
+            finally:
+                self._writing = False
+                self._wrote_at = time.monotonic()
+
+    def wrote_just_now(self, within_s: float = 0.01) -> bool:
+        """Is a write of ours under way, or did one just end? A change notification now is most likely ours."""
+        return self._writing or time.monotonic() - self._wrote_at < within_s
 
     async def _retry_locked(self, op: Callable[[], Awaitable[T]]) -> T:
         """The busy timeout already waited; past it, keep retrying: a write we drop would lose a job's state."""
@@ -234,7 +251,7 @@ class Store:
         async def op() -> list[sqlite3.Row]:
             return list(await self._conn.execute_fetchall(Q[query], params))
 
-        async with self._write_lock:
+        async with self._writer():
             return await self._retry_locked(op)
 
     async def _write_count(self, query: str, params: dict[str, Any]) -> int:
@@ -244,7 +261,7 @@ class Store:
             cursor = await self._conn.execute(Q[query], params)
             return int(cursor.rowcount)
 
-        async with self._write_lock:
+        async with self._writer():
             return await self._retry_locked(op)
 
     # -- the daemon's side --------------------------------------------------------------------------------

@@ -200,3 +200,4 @@ def test_an_ssh_node_that_refuses_its_limits_is_in_error_and_its_jobs_fail_with_
     row = db.wait_status(db.insert("echo never", node_id="box"), timeout=20)
     assert (row["status"], row["stdout"]) == ("failed", None)
     assert "refuses its [nodes.box.limits]" in row["error"] and "ulimit -Ha" in row["error"]
+    assert "open_files = 1000000000000" in row["error"]  # which key

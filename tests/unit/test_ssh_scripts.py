@@ -3,6 +3,7 @@ against real process groups: the kill must reach the job's group and never a str
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -83,3 +84,23 @@ def test_the_remote_script_records_what_the_kill_checks(home: Path) -> None:
     pid, started, boot = proc.stdout.split()
     assert int(pid) > 0 and started.isdigit() and boot == BOOT_ID
     assert not (home / ".cache" / "nexus-jobd" / "f").exists()  # removed when the job ended
+
+
+def test_a_group_whose_leader_is_gone_is_still_killed(home: Path) -> None:
+    """The leader (the job's shell) may die first; the group id stays reserved while members live."""
+    leader = subprocess.Popen(["dash", "-c", "sleep 300 & echo $!"], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    assert leader.stdout is not None
+    member = int(leader.stdout.readline())
+    started = _start_time(leader.pid)
+    leader.wait()  # the leader has exited and is reaped; its child lives on in the group
+    try:
+        assert os.getpgid(member) == leader.pid
+        _record(home, f"{leader.pid} {started} {BOOT_ID}")
+        _dash(kill_script("f", signal.SIGKILL), home)
+        wait_for(lambda: not Path(f"/proc/{member}").exists() or
+                 Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z",
+                 message="the member killed")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGKILL)

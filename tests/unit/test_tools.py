@@ -269,7 +269,7 @@ def test_every_sh_a_node_may_have_sets_the_limits_in_bytes_before_the_job_starts
 def test_a_limit_the_host_refuses_stops_the_job_with_the_reason() -> None:
     result = _limits_of(["sh"], {"open_files": 10**12})  # far above any hard limit, even root's nr_open
     assert (result.returncode, result.stdout) == (125, "")
-    assert "refused a [limits] value" in result.stderr
+    assert "nexus-jobd: this node refused [limits] open_files = 1000000000000" in result.stderr
 
 
 def test_no_limits_no_wrapper() -> None:
