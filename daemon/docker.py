@@ -7,7 +7,7 @@ found by the label the daemon gave it (see tools.label_container).
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 from anyio.abc import ByteStream
@@ -61,12 +61,16 @@ async def _ping(host: str) -> str | None:
 DockerCli = Callable[[list[str]], Awaitable[str]]
 
 
-async def stop_containers(label: str, docker: DockerCli, grace_s: float) -> list[str]:
-    """`docker stop` (TERM, then KILL after the grace) every container carrying `label`; their ids."""
-    ids = (await docker(["ps", "-aq", "--filter", f"label={label}"])).split()
+def _carrying(labels: Sequence[str]) -> list[str]:
+    return [arg for label in labels for arg in ("--filter", f"label={label}")]  # docker ANDs label filters
+
+
+async def stop_containers(labels: Sequence[str], docker: DockerCli, grace_s: float) -> list[str]:
+    """`docker stop` (TERM, then KILL after the grace) every container carrying all `labels`; their ids."""
+    ids = (await docker(["ps", "-aq", *_carrying(labels)])).split()
     if ids:
         await docker(["stop", "-t", str(max(0, round(grace_s))), *ids])
-        logger.info("docker.stopped", label=label, containers=ids)
+        logger.info("docker.stopped", labels=list(labels), containers=ids)
     return ids
 
 
@@ -75,10 +79,10 @@ _LEFT_RUNNING = [arg for status in ("created", "running", "paused", "restarting"
                  for arg in ("--filter", f"status={status}")]
 
 
-async def remove_leftovers(label: str, docker: DockerCli) -> None:
+async def remove_leftovers(labels: Sequence[str], docker: DockerCli) -> None:
     """After the job ended: a container of it that still runs, or was created but not yet started when its
     client was killed (it would start later, unowned), goes too."""
-    ids = (await docker(["ps", "-aq", "--filter", f"label={label}", *_LEFT_RUNNING])).split()
+    ids = (await docker(["ps", "-aq", *_carrying(labels), *_LEFT_RUNNING])).split()
     if ids:
         await docker(["rm", "-f", *ids])
-        logger.warning("docker.removed_leftovers", label=label, containers=ids)
+        logger.warning("docker.removed_leftovers", labels=list(labels), containers=ids)

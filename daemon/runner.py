@@ -103,9 +103,9 @@ class JobRunner:
             return outcome.lost(str(e), running.output.snapshot(final=True), attempt=job.attempt,
                                 max_attempts=policy.max_attempts)
         running.end_timers()
-        if running.stop_reason is not None and command.container_label is not None:
+        if running.stop_reason is not None and command.container_labels:
             with anyio.move_on_after(15):
-                await docker.remove_leftovers(command.container_label, self._docker_cli(running.node_id, command))
+                await docker.remove_leftovers(command.container_labels, self._docker_cli(running.node_id, command))
         return outcome.result_for(status, stop_reason=running.stop_reason, timeout_ms=policy.timeout_ms,
                                   output=running.output.snapshot(final=True), attempt=job.attempt,
                                   max_attempts=policy.max_attempts, backoff=self._backoff, now_ms=now_ms())
@@ -151,11 +151,11 @@ class JobRunner:
         """TERM the whole group, KILL it if the job has not ended after the grace period. A container the job
         started is stopped first (TERM, KILL after the same grace): its client's death would not stop it."""
         assert running.process is not None
-        label = running.command.container_label if running.command else None
-        if label is not None and running.command is not None:
+        labels = running.command.container_labels if running.command else ()
+        if labels and running.command is not None:
             grace_s = self._config.kill_grace_ms / 1000
             with anyio.move_on_after(grace_s + 15):  # an engine that hangs must not keep the client alive
-                await docker.stop_containers(label, self._docker_cli(running.node_id, running.command), grace_s)
+                await docker.stop_containers(labels, self._docker_cli(running.node_id, running.command), grace_s)
         running.process.signal_group(signal.SIGTERM)
         await anyio.sleep(self._config.kill_grace_ms / 1000)
         if running.holds_slot:

@@ -29,7 +29,9 @@ class Command:
     argv: tuple[str, ...]
     cwd: str | None  # None: the node's default working directory
     env: Mapping[str, str | None]  # None as a value unsets the variable
-    container_label: str | None = None  # `docker run/create`: the label its container carries, to stop it by
+    # `docker run/create`: the labels its container carries, to stop it by (the job's and the attempt's: two
+    # attempts of a row another program re-queued mid-run may have containers at once). Empty: none.
+    container_labels: tuple[str, ...] = ()
     key: str = ""  # "<job id>:<attempt>": names what the attempt leaves on a node (its remote pid file)
     limits: Mapping[str, int] = field(default_factory=dict)  # config.LIMITS keys -> value, set as it starts
 
@@ -172,10 +174,9 @@ def build(job: ClaimedJob, allowed_tools: tuple[str, ...], *, allowed_commands: 
         return Command(argv=("bash", "-c", command), cwd=cwd, env=env, key=key)
     argv = _args(tool, command)
     if tool == "docker":
-        label = f"nexus-jobd.job={job.id}"
-        labelled = label_container(argv, label)
-        return Command(argv=labelled, cwd=cwd, env=env, key=key,
-                       container_label=label if labelled != argv else None)
+        labels = (f"nexus-jobd.job={job.id}", f"nexus-jobd.attempt={job.attempt}")
+        labelled = label_container(argv, *labels)
+        return Command(argv=labelled, cwd=cwd, env=env, key=key, container_labels=labels if labelled != argv else ())
     return Command(argv=argv, cwd=cwd, env=env, key=key)
 
 
@@ -193,16 +194,16 @@ _DOCKER_VALUE_OPTIONS = {"-c", "--context", "--config", "-H", "--host", "-l", "-
                          "--tlscert", "--tlskey"}
 
 
-def label_container(argv: tuple[str, ...], label: str) -> tuple[str, ...]:
-    """`docker [global options] [container] run|create ...` gets `--label LABEL` right after the subcommand, so
-    the container can be found and stopped: killing the docker client alone leaves the container running."""
+def label_container(argv: tuple[str, ...], *labels: str) -> tuple[str, ...]:
+    """`docker [global options] [container] run|create ...` gets `--label LABEL` for each label right after the
+    subcommand, so the container can be found and stopped: killing the docker client alone leaves it running."""
     i = 1
     while i < len(argv) and argv[i].startswith("-"):
         i += 2 if argv[i] in _DOCKER_VALUE_OPTIONS else 1
     if i < len(argv) and argv[i] == "container":
         i += 1
     if i < len(argv) and argv[i] in ("run", "create"):
-        return (*argv[: i + 1], "--label", label, *argv[i + 1 :])
+        return (*argv[: i + 1], *(arg for label in labels for arg in ("--label", label)), *argv[i + 1 :])
     return argv
 
 

@@ -55,7 +55,8 @@ def test_a_leading_tool_name_is_dropped(tool: str) -> None:
 def test_quoted_arguments_are_kept_whole() -> None:
     assert argv('commit -m "fix: a; b | c"', "git") == ("git", "commit", "-m", "fix: a; b | c")
     assert argv("run --rm alpine sh -c 'echo a && echo b'", "docker") == (
-        "docker", "run", "--label", "nexus-jobd.job=job-1", "--rm", "alpine", "sh", "-c", "echo a && echo b")
+        "docker", "run", "--label", "nexus-jobd.job=job-1", "--label", "nexus-jobd.attempt=1", "--rm", "alpine",
+        "sh", "-c", "echo a && echo b")
 
 
 def test_git_and_docker_never_go_through_a_shell() -> None:
@@ -87,11 +88,16 @@ def test_docker_run_and_create_get_the_job_label(command: str, expected: tuple[s
     from daemon.tools import label_container
 
     assert label_container(("docker", *command.split()), "L") == expected
+    if "L" in expected:
+        at = expected.index("L")
+        assert label_container(("docker", *command.split()), "L", "M") == (
+            *expected[: at + 1], "--label", "M", *expected[at + 1:])
 
 
 def test_only_containers_started_by_the_job_are_labelled() -> None:
-    assert build(job("run img true", "docker"), TOOLS).container_label == "nexus-jobd.job=job-1"
-    assert build(job("ps -a", "docker"), TOOLS).container_label is None
+    assert build(job("run img true", "docker"), TOOLS).container_labels == ("nexus-jobd.job=job-1",
+                                                                            "nexus-jobd.attempt=1")
+    assert build(job("ps -a", "docker"), TOOLS).container_labels == ()
 
 
 def test_a_blob_command_that_is_valid_utf8_is_decoded() -> None:
