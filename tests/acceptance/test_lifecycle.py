@@ -74,7 +74,10 @@ def test_two_daemons_run_1000_jobs_exactly_once(db: Db, daemon_factory: Callable
     daemon_factory().start()
     daemon_factory().start()
     db.conn.execute("BEGIN")
-    jobs = [db.insert(f"echo {i} >> {ledger}") for i in range(1000)]
+    # 50 ms each: with instant jobs the first daemon writes so often that SQLite's busy handler (a sleep-and-retry,
+    # not a queue) can keep the second one's writes, its claims among them, waiting until every job is done (seen
+    # once in CI: 1000 jobs, one worker). Exactly once across two daemons needs both to take part.
+    jobs = [db.insert(f"echo {i} >> {ledger}; sleep 0.05") for i in range(1000)]
     db.conn.execute("COMMIT")
 
     def all_final() -> bool:
