@@ -160,9 +160,10 @@ class LocalExecutor:
         if not os.path.isdir(cwd):
             raise SpawnError(f"working directory {cwd!r} does not exist or is not a directory")
         env = command.environment(self._base_env)
-        # The job's program is looked up first, so a missing one is a clear SpawnError even under the limits' sh.
-        argv = with_limits((self._program(command.argv[0], env), *command.argv[1:]), command.limits)
-        argv = (self._program(argv[0], env), *argv[1:])
+        argv = (self._program(command.argv[0], env), *command.argv[1:])
+        if command.limits:  # the job's program looked up first: a missing one is a clear SpawnError under sh too
+            wrapped = with_limits(argv, command.limits)
+            argv = (self._program(wrapped[0], env), *wrapped[1:])
         try:
             return subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -38,7 +38,7 @@ def pid_file_for(key: str) -> str:
 
 # What the pid file holds besides the group id, so that a kill never hits a stranger that got the id later: the
 # leader's start time (field 22 of /proc/PID/stat; the login shell's name has no spaces) and the node's boot id.
-# On a node without /proc both are empty on both sides, and the check passes as before.
+# On a node without /proc both are written and compared as "-", and the check passes as before.
 _STARTED = "$(cut -d' ' -f22 /proc/{pid}/stat 2>/dev/null)"
 _BOOT_ID = "$(cat /proc/sys/kernel/random/boot_id 2>/dev/null)"
 
@@ -46,7 +46,6 @@ _BOOT_ID = "$(cat /proc/sys/kernel/random/boot_id 2>/dev/null)"
 def kill_script(pid_file: str, signum: int, *, remove: bool = False) -> str:
     """Signal the recorded group: only in the same boot, and only if its leader is gone (the group id stays
     reserved while members live) or is still the same process. `kill -N -PGID`: dash refuses `kill -N -- -PGID`."""
-    # "-" stands for a field the node could not give (no /proc), on both sides.
     same_leader = f'{{ [ ! -e "/proc/$p" ] || {{ t={_STARTED.format(pid="$p")}; [ "$s" = "${{t:--}}" ]; }}; }}'
     script = (f'f="{PID_DIR}/{pid_file}"; if [ -s "$f" ]; then read -r p s b < "$f"; c={_BOOT_ID}; '
               f'[ "$b" = "${{c:--}}" ] && {same_leader} && kill -{int(signum)} -"$p" 2>/dev/null; fi; ')
