@@ -202,8 +202,7 @@ class Dispatcher:
         changed = version != self._version
         self._version = version
         if changed:  # what the notification announced is visible now
-            self._rechecks = 0  # looks left after a notification
-        self._recheck_step = 0  # the next look comes 2**step ms later (step capped at RECHECK_DOUBLINGS)
+            self._rechecks = 0
         return changed
 
     async def _fail_unrunnable(self) -> None:
