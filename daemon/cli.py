@@ -16,7 +16,7 @@ import anyio
 
 from daemon import __version__, config, service
 from daemon import logging as log
-from daemon.errors import ConfigError, JobdError
+from daemon.errors import ConfigError, DatabaseRewritten, JobdError
 from daemon.store import JobStatus, Store, now_ms
 
 _MARKER = re.compile(r"\n\[nexus-jobd: \d+ bytes of \w+ omitted; (\d+) bytes in all\]\n")
@@ -476,6 +476,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"nexus-jobd: configuration error: {e}", file=sys.stderr)
         return 2
+    except DatabaseRewritten as e:
+        print(f"nexus-jobd: {e}", file=sys.stderr)
+        return service.EXIT_DATABASE_REWRITTEN
     except JobdError as e:
         print(f"nexus-jobd: {e}", file=sys.stderr)
         return 1

@@ -9,21 +9,25 @@ a finished job, stop) or the next poll or due time.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
 
 from daemon import logging as log
 from daemon.config import Config
+from daemon.errors import DatabaseRewritten
 from daemon.executors.base import Executor
 from daemon.health import Health
 from daemon.lease import Lease
 from daemon.runner import JobRunner, RunningJob
-from daemon.store import ClaimedJob, DbError, JobResult, JobStatus, Store, now_ms
+from daemon.store import ClaimedJob, DbError, JobResult, JobStatus, Quarantine, Store, guard, now_ms
 from daemon.wakeup import ChangeWatcher
 
 logger = log.get("dispatch")
@@ -67,6 +71,10 @@ class Dispatcher:
         self._to_record: list[tuple[ClaimedJob, RunningJob, JobResult]] = []
         self._record_ready = asyncio.Event()
         self._watcher = ChangeWatcher(config.db_path, self._on_db_change)
+        # Another program rewrote the database file: what the daemon did about it, and where results now go.
+        self.quarantine: Quarantine | None = None
+        self.on_rewritten: Callable[[Quarantine], None] = lambda _: None
+        self._rewrite_suffix: str | None = None
 
     # -- wake-ups -----------------------------------------------------------------------------------------
 
@@ -158,6 +166,9 @@ class Dispatcher:
             tg.start_soon(self._lease.run)
             while not stop.is_set():
                 await self._guarded_step(tg, claim=True)
+                if self._store.rewritten is not None:
+                    await self._leave_rewritten_file(stop, poll_s)
+                    break
                 await self._sleep(self._sleep_timeout(poll_s))
             await self._drain(tg, poll_s)
             self._watcher.close()
@@ -168,6 +179,8 @@ class Dispatcher:
         down: log it, wait a little, and try again on the next pass."""
         try:
             await self._step(tg, claim=claim)
+        except DatabaseRewritten:
+            pass  # run() stops claiming and says so
         except DbError as e:
             logger.error("dispatch.db_error", error=str(e), retry_in_s=self._error_backoff_s)
             self._check_db = self._claim_due = True
@@ -177,6 +190,8 @@ class Dispatcher:
             self._error_backoff_s = 0.1
 
     async def _step(self, tg: TaskGroup, *, claim: bool) -> None:
+        if self._store.rewritten is not None:
+            return
         if self._check_db:
             self._check_db = False
             if await self._another_program_wrote():
@@ -195,7 +210,10 @@ class Dispatcher:
             self._next_due = await self._store.next_run_after()
 
     async def _another_program_wrote(self) -> bool:
-        """The cheap probe first (any commit, ours too), then the connection that does not count its own."""
+        """The cheap probe first (any commit, ours too), then the connection that does not count its own. Before
+        both, whether the file is still ours: a rewrite by another program shows on the same wake-up."""
+        if (problem := self._store.check_rewritten()) is not None:
+            raise DatabaseRewritten(problem)
         if not self._store.anyone_committed():
             return False
         version = await self._store.data_version()
@@ -296,8 +314,12 @@ class Dispatcher:
             self._record_ready.clear()
             batch, self._to_record = self._to_record, []
             items = [(running.claim, result) for _, running, result in batch]
-            with anyio.CancelScope(shield=True):
-                outcomes = await self._retry_write("finish", partial(self._store.finish_many, items))
+            try:
+                with anyio.CancelScope(shield=True):
+                    outcomes = await self._retry_write("finish", partial(self._store.finish_many, items))
+            except DatabaseRewritten:
+                self._keep_unrecorded(batch)
+                continue
             for job, running, result in batch:
                 self.running.pop((job.id, job.attempt), None)
                 self._log_finished(job, running, result, outcomes.get(job.id))
@@ -361,9 +383,67 @@ class Dispatcher:
                 batch.append((job, job.output.snapshot(), ref))
         if batch:
             rows = [(job.claim, out, ref) for job, out, ref in batch]
-            await self._retry_write("output", partial(self._store.write_outputs, rows))
+            try:
+                await self._retry_write("output", partial(self._store.write_outputs, rows))
+            except DatabaseRewritten:
+                self.wake()  # the loop notices and stops writing; the output stays in memory until the job ends
+                return
             for job, _, ref in batch:
                 job.pid_recorded = job.pid_recorded or ref is not None
+
+    # -- another program rewrote the database --------------------------------------------------------------
+
+    async def _leave_rewritten_file(self, stop: asyncio.Event, poll_s: float) -> None:
+        """Stop touching the file; set our WAL aside; let running jobs end, their results kept beside the file."""
+        reason = self._store.rewritten or ""
+        quarantine = await self._store.quarantine(self._suffix())
+        self.quarantine = quarantine
+        running = sorted(job.claim.job_id for job in self.running.values())
+        message = guard.rewritten_message(self._store.path, reason)
+        report = {"message": message, "reason": reason, "detected_at": now_ms(), "worker_id": self.worker_id,
+                  "wal_set_aside": [str(p) for p in quarantine.set_aside], "not_recorded": quarantine.unrecorded,
+                  "running": running, "results": str(self._results_path())}
+        _write_private(self._report_path(), json.dumps(report, indent=2) + "\n", append=False)
+        logger.error("db.rewritten", message=message, db=str(self._store.path), reason=reason,
+                     not_recorded=quarantine.unrecorded, running=running,
+                     wal_set_aside=[str(p) for p in quarantine.set_aside], results=str(self._results_path()),
+                     report=str(self._report_path()))
+        self.on_rewritten(quarantine)
+        while self.running and not stop.is_set():  # their work is worth keeping; SIGTERM stops them as usual
+            await self._sleep(poll_s)
+
+    def _suffix(self) -> str:
+        if self._rewrite_suffix is None:
+            self._rewrite_suffix = "rewritten-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        return self._rewrite_suffix
+
+    def _report_path(self) -> Path:
+        return Path(f"{self._store.path}.{self._suffix()}.json")
+
+    def _results_path(self) -> Path:
+        return Path(f"{self._store.path}.{self._suffix()}.jobs.jsonl")
+
+    def _keep_unrecorded(self, batch: list[tuple[ClaimedJob, RunningJob, JobResult]]) -> None:
+        """Jobs that ended after the rewrite: their results go to a file beside the database, never into it."""
+        lines = []
+        for job, running, result in batch:
+            self.running.pop((job.id, job.attempt), None)
+            out = result.output
+            row: dict[str, Any] = {"id": job.id, "node_id": running.node_id, "tool": running.tool,
+                                   "attempt": job.attempt, "status": result.status.value,
+                                   "exit_code": result.exit_code, "error": result.error, "started_at": job.started_at,
+                                   "ended_at": now_ms(), "stdout": out.stdout, "stderr": out.stderr,
+                                   "stdout_bytes": out.stdout_bytes, "stderr_bytes": out.stderr_bytes}
+            lines.append(json.dumps(row) + "\n")
+            logger.error("job.unrecorded", job_id=job.id, node=running.node_id, status=result.status.value,
+                         exit_code=result.exit_code, error=result.error, stdout_bytes=out.stdout_bytes,
+                         stderr_bytes=out.stderr_bytes, results=str(self._results_path()),
+                         reason="the database was rewritten by another program; the result is kept beside it")
+        try:
+            _write_private(self._results_path(), "".join(lines), append=True)
+        except OSError as e:
+            logger.error("job.results_not_kept", path=str(self._results_path()), error=str(e))
+        self.wake()
 
     # -- shutdown -----------------------------------------------------------------------------------------
 
@@ -387,3 +467,10 @@ class Dispatcher:
         for job in list(self.running.values()):
             self._runner.request_stop(job, reason)
         self.wake()
+
+
+def _write_private(path: Path, text: str, *, append: bool) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    with os.fdopen(fd, "a" if append else "w", encoding="utf-8") as f:
+        f.write(text)

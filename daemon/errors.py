@@ -17,3 +17,7 @@ class DatabaseError(JobdError):
 
 class BadJob(JobdError):
     """A row that cannot be run as written; the job fails with this message as its `error`."""
+
+
+class DatabaseRewritten(DatabaseError):
+    """Another program rewrote the database file outside SQLite's locking: nothing of ours may be written to it."""

@@ -34,6 +34,10 @@ from daemon.store import Store, survive_db_errors
 from daemon.tools import REFUSED, ulimit_script
 
 logger = log.get("service")
+# The exit status after another program rewrote the database (or left it in a state the daemon must not open):
+# the shipped units do not restart on it (systemd RestartPreventExitStatus=, runit's finish script), since a
+# restart cannot help until a person fixes the cause. EX_DATAERR from sysexits.h.
+EXIT_DATABASE_REWRITTEN = 65
 STATUS_INTERVAL_S = 5.0
 RETENTION_INTERVAL_S = 3600.0
 DAY_MS = 86_400_000
@@ -164,14 +168,14 @@ def _check_database_access(config: Config) -> None:
         raise ConfigError(
             f"{path}: the {kind} is {what}; anyone who can write the database can run commands as this daemon's "
             f"user. Fix it (chown to this user; chmod {'700' if kind == 'directory' else '600'} {path}) or set "
-            f"[database] allow_shared_database = true in {config.source} to accept the risk"
+            f"[database] allow_shared_database = true in {config.settings_file} to accept the risk"
         )
 
 
 async def serve(config: Config, overrides: Overrides | None = None, *, install_signals: bool = True) -> int:
     """Run until stopped; returns the process exit code (0 after a clean drain, 1 after losing the lease)."""
     _check_host(config)
-    store = await Store.open(config.db_path, busy_timeout_ms=config.busy_timeout_ms)
+    store = await Store.open(config.db_path, busy_timeout_ms=config.busy_timeout_ms, daemon=True)
     notifier = Notifier(config.notify_socket, config.watchdog_usec)
     try:
         await store.migrate()
@@ -197,6 +201,9 @@ async def _run(config: Config, overrides: Overrides, store: Store, notifier: Not
     await lease.register()  # also recovers the jobs of daemons that died (our own previous run included)
     health = Health(config, prober(config, executors))
     dispatcher = Dispatcher(config, store, executors, lease, health)
+    dispatcher.on_rewritten = lambda q: notifier.send(
+        STATUS=f"stopped claiming: {config.db_path} was rewritten by another program outside SQLite's locking "
+               f"(sql.js?); {len(dispatcher.running)} running jobs finish, results beside it; see the log")
     if install_signals:
         _install_signals(stop, dispatcher, notifier, _Reloader(config, overrides, dispatcher))
     logger.info("daemon.started", db=str(config.db_path), config=config.source, pid=os.getpid(),
@@ -215,6 +222,12 @@ async def _run(config: Config, overrides: Overrides, store: Store, notifier: Not
     if lost.is_set():
         logger.error("daemon.stopped", worker_id=dispatcher.worker_id, reason="lease lost")
         return 1
+    if dispatcher.quarantine is not None:
+        notifier.send(STOPPING=1, STATUS=f"stopped: {config.db_path} was rewritten by another program outside "
+                                         "SQLite's locking; see the log or `nexus-jobd status`")
+        logger.error("daemon.stopped", worker_id=dispatcher.worker_id, exit_code=EXIT_DATABASE_REWRITTEN,
+                     reason="the database was rewritten by another program; not restarting until it is fixed")
+        return EXIT_DATABASE_REWRITTEN
     await lease.release()
     logger.info("daemon.stopped", worker_id=dispatcher.worker_id)
     return 0
@@ -234,6 +247,8 @@ async def _status(notifier: Notifier, store: Store, dispatcher: Dispatcher) -> N
         return
     while True:
         await anyio.sleep(STATUS_INTERVAL_S)
+        if store.rewritten is not None:
+            continue  # the dispatcher set the line that says so
         async with survive_db_errors("status"):
             counts = await store.job_counts()
             notifier.send(STATUS=f"{len(dispatcher.running)} running, {counts['queued']} queued, "
@@ -254,7 +269,10 @@ async def _retention(store: Store, dispatcher: Dispatcher) -> None:
 
 
 class _Reloader:
-    """SIGHUP: read the config again; apply what can change live, log what changed, keep the old on error."""
+    """SIGHUP: read the config again; apply what can change live, log what changed, keep the old on error.
+
+    A bad file never stops the daemon: whatever reading it raises is logged as config.reload_failed.
+    """
 
     RESTART_ONLY = ("db_path", "busy_timeout_ms", "local_node", "default_cwd", "job_environment")
 
@@ -263,15 +281,39 @@ class _Reloader:
 
     def __call__(self) -> None:
         try:
-            new = config_module.load(self._overrides)
-            _check_host(new)
+            new = self._load()
         except JobdError as e:
             logger.error("config.reload_failed", error=str(e), kept=self.config.source)
             return
+        except Exception as e:  # a bug shown by a bad file: say so, keep the config, keep running
+            logger.error("config.reload_failed", error=f"{type(e).__name__}: {e}", kept=self.config.source,
+                         exc_info=True)
+            return
+        self._apply(new)
+
+    def _load(self) -> Config:
+        """The file as a restart would read it (so a reload accepts nothing a restart would refuse), with the
+        nodes seen from the local node this process keeps until then."""
+        new = config_module.load(self._overrides)
+        _check_host(new)
+        local = self.config.local_node
+        if new.local_node != local:
+            # The nodes (and which of them is local, and the limits they take from [daemon] max_concurrent)
+            # depend on the local node: read them for the one that keeps running, not the one a restart brings.
+            try:
+                nodes = config_module.load(self._overrides, local_node=local).nodes
+            except ConfigError:
+                nodes = self.config.nodes  # they make sense only with the new local node: all at the restart
+            new = dataclasses.replace(new, nodes=nodes)
+            _check_local_limits(dataclasses.replace(new, local_node=local))
+        return new
+
+    def _apply(self, new: Config) -> None:
         kept = {name: getattr(self.config, name) for name in self.RESTART_ONLY
                 if getattr(new, name) != getattr(self.config, name)}
-        if {i: n.ssh for i, n in new.nodes.items()} != {i: n.ssh for i, n in self.config.nodes.items()}:
-            kept["nodes"] = self.config.nodes  # adding, removing or re-addressing nodes needs a restart
+        nodes = self._live_nodes(new)
+        if nodes != new.nodes:
+            kept["nodes"] = nodes
         new = dataclasses.replace(new, **kept, notify_socket=self.config.notify_socket,
                                   watchdog_usec=self.config.watchdog_usec)
         changed = {f.name: str(getattr(new, f.name)) for f in dataclasses.fields(new)
@@ -281,6 +323,12 @@ class _Reloader:
         self.config = new
         logger.info("config.reloaded", source=new.source, changed=changed,
                     needs_restart=sorted(k for k in kept if k != "job_environment"))
+
+    def _live_nodes(self, new: Config) -> dict[str, NodeConfig]:
+        """The running nodes with their new settings: a node keeps its old ones only where applying them needs
+        a restart (added, removed or re-addressed: its executor and connection are made at start-up)."""
+        return {node_id: new.nodes[node_id] if node_id in new.nodes and new.nodes[node_id].ssh == old.ssh else old
+                for node_id, old in self.config.nodes.items()}
 
 
 def _install_signals(stop: asyncio.Event, dispatcher: Dispatcher, notifier: Notifier,

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import os
+import pwd
 import re
 import sqlite3
+import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -21,7 +24,8 @@ import aiosqlite
 import anyio
 
 from daemon import logging as log
-from daemon.errors import DatabaseError, JobdError
+from daemon.errors import DatabaseError, DatabaseRewritten, JobdError
+from daemon.store import guard
 from daemon.store.queries import HERE, Q, read_sql, split_statements
 from daemon.store.rows import (
     Claim,
@@ -35,7 +39,7 @@ from daemon.store.rows import (
 )
 
 __all__ = ["Claim", "ClaimedJob", "DbError", "JobResult", "JobStatus", "OrphanedJob", "OutputSnapshot", "ProcessRef",
-           "Store", "Worker", "now_ms", "survive_db_errors"]
+           "Quarantine", "Store", "Worker", "guard", "now_ms", "survive_db_errors"]
 
 T = TypeVar("T")
 # What callers outside the store may catch: the database said no (transient or not).
@@ -48,6 +52,7 @@ _BASE_COLUMNS = {
     "conversations": ("id", "title", "created_at", "updated_at", "metadata"),
     "messages": ("id", "conversation_id", "role", "content", "created_at", "metadata"),
 }
+CHECKPOINT_FRAMES = 1000  # SQLite's own wal_autocheckpoint default, done by the daemon after checking the file
 _LOCK_RETRY_S = 0.05
 _LOCK_RETRY_MAX_S = 2.0
 
@@ -66,6 +71,8 @@ async def survive_db_errors(what: str) -> AsyncIterator[None]:
         yield
     except DbError as e:
         logger.error("db.write_failed", what=what, error=str(e))
+    except DatabaseRewritten:
+        pass  # the dispatcher says so, once, with what to do; nothing more is written
 
 
 def _migrations() -> list[tuple[str, str]]:
@@ -83,6 +90,25 @@ def _text_or_bytes(data: bytes) -> str | bytes:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         return data
+
+
+def _connector(path: Path) -> Callable[[], sqlite3.Connection]:
+    def connect() -> sqlite3.Connection:  # in aiosqlite's thread, which then owns the connection
+        conn = sqlite3.connect(path, isolation_level=None)
+        guard.no_checkpoint_on_close(conn)
+        return conn
+
+    return connect
+
+
+@dataclasses.dataclass(frozen=True)
+class Quarantine:
+    """What the daemon did when it found the file rewritten: where its WAL went, and which jobs' latest writes
+    were only in that WAL (so the file as it is now does not have them)."""
+
+    reason: str
+    set_aside: list[Path]
+    unrecorded: list[str]
 
 
 def _create_private(path: Path) -> None:
@@ -105,27 +131,52 @@ class Store:
         self._write_lock = asyncio.Lock()
         self._writing = False
         self._wrote_at = -math.inf  # monotonic time our last write ended
+        self._guard: guard.RewriteGuard | None = None  # set once the file is ours in WAL mode
+        self._rewritten: str | None = None  # why the file is no longer ours: from then on nothing is written
+        self._closed = False
+        self._daemon = False  # the daemon checkpoints by itself (after checking the file), not at each commit
+        self._pending_frames: int | None = None  # WAL frames not yet in the main file, after our last write
+        self._unsaved: set[str] = set()  # jobs written since the WAL was last wholly copied into the main file
 
     # -- opening and schema -------------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, path: Path, *, busy_timeout_ms: int = 5000, create: bool = True) -> Store:
+    async def open(cls, path: Path, *, busy_timeout_ms: int = 5000, create: bool = True,
+                   daemon: bool = False, read_only_ok: bool = False) -> Store:
+        """`daemon`: the long-lived connection of `nexus-jobd run`, which also watches the file for rewrites.
+        `read_only_ok`: a file this user may not write is opened read-only (`read_only` then says so); without it,
+        such a file is refused as the permissions problem it is. A table of the contract that is something else
+        (another program's `jobs`, a view) is refused either way: no migration can fix it."""
         if not create and not os.path.exists(path):  # noqa: ASYNC240 -- one stat at start-up
             raise DatabaseError(f"{path}: no such database; check --db / NEXUS_JOBD_DB, or create it with "
                                 "`nexus-jobd run` or `nexus-jobd db migrate`")
+        if denied := cls._write_denied(path):
+            if read_only_ok and os.access(path, os.R_OK):
+                return await cls._open_read_only(path, busy_timeout_ms, denied)
+            raise DatabaseError(cls._permissions_problem(path, denied))
+        if problem := guard.stale_wal(path):
+            raise DatabaseRewritten(f"{problem}. {guard.stale_wal_way_out(path)}")
         try:
             if create:
                 _create_private(path)
-            conn = await aiosqlite.connect(path, isolation_level=None)
+            conn = await aiosqlite.Connection(_connector(path), iter_chunk_size=64)
         except (OSError, sqlite3.Error) as e:
             raise DatabaseError(f"{path}: cannot open the database: {e}") from e
         conn.text_factory = _text_or_bytes
         store = cls(conn, path)
         try:
             await store._configure(busy_timeout_ms)
+            problems = await store._contract_problems()
+            if daemon:
+                store._daemon = True
+                await conn.execute("PRAGMA wal_autocheckpoint = 0")
         except sqlite3.Error as e:
             await conn.close()
-            raise DatabaseError(f"{path}: not a usable SQLite database: {e}") from e
+            raise DatabaseError(f"{path}: not a usable SQLite database: {e}{cls._readonly_hint(e)}") from e
+        if problems:
+            await conn.close()
+            raise DatabaseError(cls._unusable(path, problems))
+        store._guard = guard.RewriteGuard(path)
         return store
 
     async def _configure(self, busy_timeout_ms: int) -> None:
@@ -141,9 +192,63 @@ class Store:
         await self._conn.execute("PRAGMA journal_size_limit = 67108864")
 
     async def close(self) -> None:
+        """Copy the WAL into the main file first, if the file is still ours; SQLite's own checkpoint on close is
+        off (guard.no_checkpoint_on_close), since it cannot know."""
+        if self._closed:
+            return
+        if self.check_rewritten() is None:
+            with contextlib.suppress(sqlite3.Error):
+                await self._conn.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if self._daemon else 'PASSIVE'})")
+        self._closed = True
         if self._probe is not None:
             self._probe.close()
         await self._conn.close()
+        if self._guard is not None:
+            self._guard.close()  # last: closing its descriptors would drop SQLite's locks
+
+    # -- another program rewriting the file -----------------------------------------------------------------
+
+    @property
+    def rewritten(self) -> str | None:
+        """Why the file is no longer ours, as last found by check_rewritten (no new look)."""
+        return self._rewritten
+
+    def check_rewritten(self) -> str | None:
+        """Why the file is no longer the one we hold (another program rewrote it), or None. A stat and a 100-byte
+        read: cheap enough for every wake-up. Once it says so, every write of ours raises DatabaseRewritten."""
+        if self._rewritten is None and self._guard is not None and (problem := self._guard.problem()):
+            self._rewritten = problem
+        return self._rewritten
+
+    async def quarantine(self, suffix: str) -> Quarantine:
+        """Leave the rewritten file exactly as the other program wrote it: close without checkpointing, then move
+        our WAL aside (`<db>-wal.<suffix>`) so that no program replays it onto the new file."""
+        reason = self._rewritten or "quarantined"
+        self._rewritten = reason
+        pending = self._guard.frames_not_checkpointed() if self._guard else None
+        unrecorded = sorted(self._unsaved) if pending != 0 else []
+        # Our connections stay open (reads are harmless; closing checkpoints nothing: no_checkpoint_on_close).
+        return Quarantine(reason, guard.set_aside(self.path, suffix), unrecorded)
+
+    def _note(self, job_ids: Iterable[Any]) -> None:
+        """Jobs our last write touched: until the WAL is wholly in the main file, a rewrite would lose them."""
+        if self._pending_frames == 0:
+            self._unsaved.clear()
+        else:
+            self._unsaved.update(i for i in job_ids if isinstance(i, str))
+
+    async def _checkpoint_if_due(self) -> None:
+        """The daemon's checkpoint, in place of SQLite's automatic one at commit: only into a file still ours."""
+        self._pending_frames = self._guard.frames_not_checkpointed() if self._guard else None
+        if not self._daemon or self._pending_frames is None or self._pending_frames < CHECKPOINT_FRAMES:
+            return
+        if self.check_rewritten() is not None:
+            return
+        rows = list(await self._conn.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)"))
+        _busy, log_frames, copied = rows[0]
+        if log_frames == copied:
+            self._pending_frames = 0
+            self._unsaved.clear()
 
     async def migrate(self) -> list[str]:
         """Create the base schema where missing and apply the daemon's pending migrations; idempotent."""
@@ -201,6 +306,135 @@ class Store:
             problems.append(f"integrity: {'; '.join(verdict[:5])}")
         return problems
 
+    # -- opening: what no migration can fix, permissions, read-only ---------------------------------------
+
+    read_only = False  # opened read-only (open's read_only_ok, for a file this user may not write): nothing is written
+
+    async def _contract_problems(self, *, migrated: bool = False) -> list[str]:
+        """Tables of the contract (or the daemon's own) that exist as something else, or lack the contract's
+        columns: another program's database, which no migration can fix. A missing table is no problem (migrate
+        creates it) unless `migrated`: a read-only open needs the daemon's migrations already applied."""
+        kinds = {str(name).lower(): kind for name, kind in await self._conn.execute_fetchall(Q["schema_objects"])}
+        problems = [f"{name!r} is a {kinds[name]}, not a table"
+                    for name in (*_BASE_COLUMNS, "jobd_migrations", "jobd_workers")
+                    if kinds.get(name, "table") != "table"]
+        for table, columns in _BASE_COLUMNS.items():
+            if kinds.get(table) == "table":
+                have = await self._columns(table)
+                if missing := [c for c in columns if c not in have]:
+                    problems.append(f"table {table!r} lacks the contract's columns {', '.join(missing)}")
+        if migrated and not problems:
+            if absent := [table for table in _BASE_COLUMNS if table not in kinds]:
+                problems.append(f"tables {', '.join(absent)} are missing")
+            done: set[Any] = set()
+            if kinds.get("jobd_migrations") == "table":
+                done = {row[0] for row in await self._conn.execute_fetchall(Q["applied_migrations"])}
+            if pending := [name for name, _ in _migrations() if name not in done]:
+                problems.append(f"the daemon's migrations {', '.join(pending)} are not applied (its columns are "
+                                "missing)")
+        return problems
+
+    @staticmethod
+    def _unusable(path: Path, problems: Sequence[str]) -> str:
+        return (f"{path}: not a usable database: {'; '.join(problems)}. It is not the jobs database of NexusCLI or "
+                "nexus-jobd (nothing was changed): check --db / NEXUS_JOBD_DB")
+
+    @staticmethod
+    def _user(uid: int) -> str:
+        try:
+            return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+        except KeyError:
+            return f"uid {uid}"
+
+    @classmethod
+    def _write_denied(cls, path: Path) -> str | None:
+        """What this user may not write or read: the file, a -wal/-shm beside it, or the directory SQLite creates
+        those in. None when nothing stands in the way, or when there is no file yet (creating it says why not)."""
+        path = Path(path)
+
+        def described(p: Path) -> str:
+            st = p.stat()
+            return f"{p} (owner {cls._user(st.st_uid)}, mode {stat.S_IMODE(st.st_mode):04o})"
+
+        if not path.exists():
+            return None
+        try:
+            me = cls._user(os.geteuid())
+            if not os.access(path, os.R_OK):
+                return f"user {me} may not read {described(path)}"
+            if not os.access(path, os.W_OK):
+                return f"user {me} may not write {described(path)}"
+            sidecars = [Path(f"{path}-wal"), Path(f"{path}-shm")]
+            for sidecar in sidecars:
+                if sidecar.exists() and not os.access(sidecar, os.W_OK):
+                    return f"user {me} may not write {described(sidecar)}, which SQLite keeps beside the database"
+            directory = path.absolute().parent
+            if not os.access(directory, os.W_OK | os.X_OK) and not all(s.exists() for s in sidecars):
+                return (f"user {me} may not write the directory {described(directory)}, where SQLite creates "
+                        f"{path.name}-wal and {path.name}-shm beside the database")
+        except FileNotFoundError:
+            return None
+        return None
+
+    @classmethod
+    def _permissions_problem(cls, path: Path, denied: str) -> str:
+        try:
+            owner = pwd.getpwuid(os.stat(path).st_uid).pw_name
+        except (KeyError, OSError):
+            owner = "the database's owner"
+        return (f"{path}: a permissions problem: {denied}. Run nexus-jobd as {owner} (e.g. `sudo -u {owner} "
+                f"nexus-jobd ...`), or give this user access (chown/chmod); commands that only read (ps, show, logs, "
+                "status, nodes, backup, db check) need only read access to the file")
+
+    @staticmethod
+    def _readonly_hint(error: sqlite3.Error) -> str:
+        if "readonly" not in str(error) and "unable to open" not in str(error):
+            return ""
+        return (" (a permissions problem: this user may not write the file, or the directory SQLite keeps its -wal "
+                "and -shm in)")
+
+    @classmethod
+    async def _open_read_only(cls, path: Path, busy_timeout_ms: int, denied: str) -> Store:
+        """For commands that only read a file this user may not write: no switch to WAL, no migration. SQLite's
+        read-only mode still needs the -shm beside the file (or a directory to create it in); failing that, and
+        while no -wal shows a writer at work, the file is read as it stands (immutable)."""
+        uri = Path(path).absolute().as_uri()  # noqa: ASYNC240 -- no I/O: the working directory
+        error: sqlite3.Error | None = None
+        for flags in ("mode=ro", "immutable=1"):
+            if flags == "immutable=1" and os.path.exists(f"{path}-wal"):  # noqa: ASYNC240 -- one stat
+                break
+            try:
+                conn = await aiosqlite.connect(f"{uri}?{flags}", uri=True, isolation_level=None)
+            except sqlite3.Error as e:
+                error = e
+                continue
+            conn.text_factory = _text_or_bytes
+            store = cls(conn, path)
+            store.read_only = True
+            try:
+                await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+                problems = await store._contract_problems(migrated=True)
+            except sqlite3.Error as e:
+                await conn.close()
+                error = e
+                continue
+            if not problems:
+                return store
+            await conn.close()
+            if any("lacks the contract's" in p or "not a table" in p for p in problems):
+                raise DatabaseError(cls._unusable(path, problems))
+            raise DatabaseError(f"{path}: opened read-only, since {denied}; but {'; '.join(problems)}, and only a "
+                                "writable open adds them: run `nexus-jobd db migrate` (or start the daemon) once as "
+                                "a user who may write it")
+        raise DatabaseError(f"{cls._permissions_problem(path, denied)}. Reading it without writing failed too: "
+                            f"{error}")
+
+    async def live_daemons_serving(self, node_id: Any, *, lease_ttl_ms: int) -> int:
+        """How many daemons are alive (not stopped, heartbeat within the lease ttl) and serve this node."""
+        rows = list(await self._conn.execute_fetchall(Q["live_daemons_serving"],
+                                                      {"node_id": node_id, "ttl_ms": lease_ttl_ms}))
+        return int(rows[0][0])
+
     # -- plumbing -----------------------------------------------------------------------------------------
 
     async def _transaction(self, work: Callable[[], Awaitable[T]]) -> T:
@@ -223,9 +457,12 @@ class Store:
     async def _writer(self) -> AsyncIterator[None]:
         """One write at a time, and when it happened: what tells our own commits from other programs'."""
         async with self._write_lock:
+            if self.check_rewritten() is not None:
+                raise DatabaseRewritten(f"{self.path}: {self._rewritten}; nothing more is written to it")
             self._writing = True
             try:
                 yield
+                await self._checkpoint_if_due()
             finally:
                 self._writing = False
                 self._wrote_at = time.monotonic()
@@ -275,6 +512,7 @@ class Store:
         try:
             if self._probe is None:
                 self._probe = sqlite3.connect(self.path, timeout=0.05, isolation_level=None)
+                guard.no_checkpoint_on_close(self._probe)
             version = int(self._probe.execute("PRAGMA data_version").fetchone()[0])
         except sqlite3.Error:
             return True  # let the full check decide
@@ -290,17 +528,19 @@ class Store:
     async def fail_malformed(self) -> list[tuple[Any, str]]:
         """Queued rows whose id, run_after or depends_on no program could mean: failed at once, with why."""
         rows = await self._write("fail_malformed", {})
-        return [(row[0], row[1]) for row in rows]
+        return [(row[0], row[1]) for row in rows]  # quote(id): no job id to note
 
     async def fail_unknown_nodes(self, node_ids: Sequence[str]) -> list[tuple[str, Any]]:
         known = ", ".join(node_ids)
         error = (f"unknown node: no daemon on this database serves it (this one serves {known}); set node_id to "
                  "a configured node")
         rows = await self._write("fail_unknown_nodes", {"nodes": json.dumps(list(node_ids)), "error": error})
+        self._note(row[0] for row in rows)
         return [(row[0], row[1]) for row in rows]
 
     async def claim(self, node_id: str, limit: int, worker_id: str) -> list[ClaimedJob]:
         rows = await self._write("claim_jobs", {"node_id": node_id, "limit": limit, "worker_id": worker_id})
+        self._note(row[0] for row in rows)
         ordered = sorted(rows, key=_claim_order)
         return [ClaimedJob(*row[:-2]) for row in ordered]
 
@@ -316,6 +556,7 @@ class Store:
             await self._conn.executemany(Q["write_output"], params)
 
         await self._transaction(work)
+        self._note(p["id"] for p in params)
 
     async def finish_many(self, items: Sequence[tuple[Claim, JobResult]]
                           ) -> dict[str, tuple[JobStatus, int | None]]:
@@ -346,13 +587,16 @@ class Store:
             rows = await self._conn.execute_fetchall(Q["finished_claims"], args)
             return {row[0]: (JobStatus(row[1]), row[2]) for row in rows if row[0] in ours}
 
-        return await self._transaction(work)
+        finished = await self._transaction(work)
+        self._note(claim.job_id for claim, _ in items)
+        return finished
 
     async def fail_blocked_dependencies(self) -> list[tuple[str, Any]]:
         """Fail queued rows whose dependency can no longer complete; repeated so chains fail in one call."""
         failed: list[tuple[str, Any]] = []
         while rows := await self._write("fail_blocked_dependencies", {}):
             failed += [(row[0], row[1]) for row in rows]
+            self._note(row[0] for row in rows)
         return failed
 
     async def has_dependents(self) -> bool:
@@ -390,7 +634,9 @@ class Store:
         """Re-queue or fail a dead daemon's job: a compare-and-set on its claim, so a late finisher cannot win."""
         query = "requeue_orphan" if requeue else "fail_orphan"
         params = {"id": job.id, "worker_id": worker_id, "attempt": job.attempt, "error": error}
-        return await self._write_count(query, params) == 1
+        done = await self._write_count(query, params) == 1
+        self._note([job.id])
+        return done
 
     async def cancelled_among(self, job_ids: Iterable[str], worker_id: str) -> list[tuple[str, int]]:
         rows = await self._conn.execute_fetchall(Q["cancelled_among"], {"ids": json.dumps(sorted(set(job_ids))),
@@ -436,6 +682,7 @@ class Store:
 
     async def fail_node_jobs(self, node_id: str, error: str, *, queued_before: int | None = None) -> list[str]:
         rows = await self._write("fail_node_jobs", {"node_id": node_id, "error": error, "before": queued_before})
+        self._note(row[0] for row in rows)
         return [row[0] for row in rows]
 
     async def nodes_overview(self) -> list[dict[str, Any]]:
