@@ -258,3 +258,14 @@ SELECT name FROM jobd_migrations;
 
 -- name: record_migration
 INSERT INTO jobd_migrations (name, applied_at) VALUES (:name, :now);
+
+-- name: schema_objects
+-- What each name in the schema is (table, view, index, trigger): Store.open refuses a `jobs` that is no table.
+SELECT name, type FROM sqlite_master;
+
+-- name: live_daemons_serving
+-- Daemons alive now (not stopped, heartbeat within :ttl_ms) that serve node :node_id (in their JSON `nodes`).
+SELECT count(*) FROM jobd_workers AS w
+ WHERE w.stopped_at IS NULL AND w.heartbeat_at >= NOW_MS - :ttl_ms
+   AND EXISTS (SELECT 1 FROM json_each(CASE WHEN json_valid(w.nodes) THEN w.nodes ELSE '[]' END)
+                WHERE value = :node_id);
