@@ -30,7 +30,8 @@ __all__ = ["DatabaseRewritten", "RewriteGuard", "no_checkpoint_on_close",
 HEADER_BYTES = 100
 _MAGIC = b"SQLite format 3\x00"
 _WAL_MAGICS = (0x377F0682, 0x377F0683)
-_WAL_HEADER = struct.Struct(">IIIIII")  # magic, version, page size, checkpoint seq, salt-1, salt-2
+_WAL_HEADER = struct.Struct(">IIIIII")  # magic, version, page size, checkpoint seq, salt-1, salt-2 (+ checksums)
+_FIRST_FRAME = 32  # the WAL header's size
 _FRAME_SALTS = struct.Struct(">II")  # at byte 8 of each 24-byte frame header
 _SHM_MXFRAME = struct.Struct("=I")  # native byte order: the WAL index lives in shared memory
 _SHM_NBACKFILL_AT = 96
@@ -153,13 +154,13 @@ def stale_wal(path: Path) -> str | None:
     try:
         header = read_header(path)
         with open(wal, "rb") as f:
-            head = f.read(_WAL_HEADER.size + 24)
+            head = f.read(_FIRST_FRAME + 24)
     except FileNotFoundError:
         return None
-    if header.says_wal or len(head) < _WAL_HEADER.size + 24:
+    if header.says_wal or len(head) < _FIRST_FRAME + 24:
         return None
     magic, _version, _page, _seq, salt1, salt2 = _WAL_HEADER.unpack_from(head)
-    if magic not in _WAL_MAGICS or _FRAME_SALTS.unpack_from(head, _WAL_HEADER.size + 8) != (salt1, salt2):
+    if magic not in _WAL_MAGICS or _FRAME_SALTS.unpack_from(head, _FIRST_FRAME + 8) != (salt1, salt2):
         return None
     return (f"{path} says rollback journal in its header, but {wal} holds WAL frames written before: another "
             f"program rewrote the file outside SQLite's locking, most likely {WHY}. "

@@ -1,0 +1,175 @@
+"""Another program rewriting the database outside SQLite's locking: the real sql.js, driven as NexusCLI 0.10's driver
+does it (read the file whole, run the statement in memory, writeFileSync the whole database back), and `mv`.
+
+The daemon notices at once, stops touching the file (no write, no checkpoint, none on close either), sets its WAL
+aside, lets running jobs finish with their results kept beside the file, and exits 65, which the units do not
+restart. A daemon started again on the dangerous state (a rollback header next to a WAL with frames) refuses it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import NEXUS_JOBD, Daemon, Db, require, wait_for
+
+NODE_DIR = Path(__file__).parent.parent / "nodejs"
+EXIT_REWRITTEN = 65
+
+
+def sqljs_insert(db_path: Path, job_id: str, command: str = "echo from-sqljs") -> float:
+    """NexusCLI 0.10 queues a job: returns the time its last whole-file write ended."""
+    require(shutil.which("node") is not None and (NODE_DIR / "node_modules" / "sql.js").is_dir(),
+            "Node.js and sql.js are not installed (scripts/install-test-deps installs them)")
+    subprocess.run(["node", str(NODE_DIR / "sqljs_writer.js"), str(db_path), job_id, command], check=True,
+                   timeout=60, capture_output=True)
+    return time.time()
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def integrity(path: Path) -> tuple[str, list[tuple[str, str]]]:
+    """Read-only, without the daemon's WAL (which it set aside): what any program now finds in the file."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        check = conn.execute("PRAGMA integrity_check").fetchone()[0]
+        return check, conn.execute("SELECT id, status FROM jobs ORDER BY id").fetchall()
+    finally:
+        conn.close()
+
+
+def event_time(event: dict[str, object]) -> float:
+    return dt.datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00")).timestamp()
+
+
+def test_a_sqljs_rewrite_is_noticed_and_the_file_is_left_as_it_wrote_it(daemon: Daemon, db: Db) -> None:
+    running = db.insert("echo started; sleep 1.5; echo done")
+    wait_for(lambda: "started" in (db.job(running)["stdout"] or ""), message="the job to run")
+    db.close()  # our test connection must not be the one that keeps SQLite's view of the file alive
+
+    written_at = sqljs_insert(db.path, "from-nexuscli-0.10")
+    after_rewrite = digest(db.path)
+
+    rewritten = wait_for(lambda: daemon.events("db.rewritten"), timeout=5, message="db.rewritten")[0]
+    assert event_time(rewritten) - written_at < 1.0, "noticed within a second of the rewrite"
+    message = str(rewritten["message"])
+    assert "rewritten by another program outside SQLite's locking" in message
+    assert "sql.js" in message and "better-sqlite3" in message
+    assert rewritten["running"] == [running]
+
+    assert daemon.proc is not None
+    assert daemon.proc.wait(30) == EXIT_REWRITTEN
+    # Nothing of the daemon's reached the file: byte for byte what sql.js wrote, whole, with its row.
+    assert digest(db.path) == after_rewrite
+    check, rows = integrity(db.path)
+    assert check == "ok"
+    assert ("from-nexuscli-0.10", "queued") in rows
+    # Its WAL is set aside (no program can replay it onto the new file), and the running job's result is kept.
+    assert not Path(f"{db.path}-wal").exists()
+    assert [Path(p).exists() for p in rewritten["wal_set_aside"]] == [True, True]  # type: ignore[union-attr]
+    results = [json.loads(line) for line in Path(str(rewritten["results"])).read_text().splitlines()]
+    assert [(r["id"], r["exit_code"], r["stdout"]) for r in results] == [(running, 0, "started\ndone\n")]
+    assert daemon.events("job.unrecorded")[0]["job_id"] == running
+    assert os.stat(str(rewritten["results"])).st_mode & 0o077 == 0
+
+
+def _kill9_with_frames_in_the_wal(daemon: Daemon, db: Db) -> None:
+    """A daemon dies with its last writes only in the WAL (it checkpoints only past 1000 frames)."""
+    job_id = db.insert("echo in-the-wal")
+    db.wait_status(job_id)
+    db.close()
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.proc.wait(10)
+    assert os.path.getsize(f"{db.path}-wal") > 32
+
+
+def test_a_daemon_started_on_a_rewritten_file_with_a_stale_wal_refuses_it(
+        daemon: Daemon, db: Db, daemon_factory: Callable[..., Daemon]) -> None:
+    _kill9_with_frames_in_the_wal(daemon, db)
+    sqljs_insert(db.path, "queued-by-sqljs")
+    before = digest(db.path)
+
+    again = daemon_factory().start(wait_ready=False)
+    assert again.proc is not None
+    assert again.proc.wait(15) == EXIT_REWRITTEN  # refused at once: no restart loop under the units either
+    assert "replay" in again.log() and "mv " in again.log()
+    ps = subprocess.run([*NEXUS_JOBD, "--db", str(db.path), "ps"], capture_output=True, text=True, timeout=60,
+                        env={**os.environ, "HOME": str(db.path.parent)})
+    assert ps.returncode == EXIT_REWRITTEN and "rewrote the file outside SQLite's locking" in ps.stderr
+    assert digest(db.path) == before
+    assert integrity(db.path)[0] == "ok"
+
+    # The way out the message gives: set the stale WAL aside; the file is then used as the other program left it.
+    for suffix in ("-wal", "-shm"):
+        os.rename(f"{db.path}{suffix}", f"{db.path}{suffix}.stale")
+    third = daemon_factory().start()
+    fresh = Db(db.path)
+    try:
+        assert fresh.wait_status("queued-by-sqljs")["stdout"] == "from-sqljs\n"
+    finally:
+        fresh.close()
+    third.stop()
+
+
+def test_a_file_replaced_with_mv_is_noticed(daemon: Daemon, db: Db, tmp_path: Path) -> None:
+    other = tmp_path / "other.db"
+    copy = sqlite3.connect(other)
+    db.conn.backup(copy)  # another, valid database file, in rollback mode
+    copy.execute("INSERT INTO jobs (id, node_id, tool, command, status, created_at) "
+                 "VALUES ('in-the-new-file', 'localhost', 'bash', 'true', 'completed', 1)")
+    copy.commit()
+    copy.close()
+    db.close()
+    os.rename(other, db.path)
+    moved_in = digest(db.path)
+
+    event = wait_for(lambda: daemon.events("db.rewritten"), timeout=5, message="db.rewritten")[0]
+    assert "new inode" in str(event["reason"])
+    assert daemon.proc is not None and daemon.proc.wait(30) == EXIT_REWRITTEN
+    assert digest(db.path) == moved_in
+    check, rows = integrity(db.path)
+    assert check == "ok" and ("in-the-new-file", "completed") in rows
+
+
+def test_other_programs_closing_never_checkpoint_under_the_daemon(daemon: Daemon, db: Db) -> None:
+    """The daemon keeps SQLite's locks: its own checks never open and close the database files (closing any
+    descriptor drops a process's POSIX locks), so another program's close cannot take the WAL away under it."""
+    job_id = db.insert("echo kept")
+    db.wait_status(job_id)
+    other = sqlite3.connect(db.path, isolation_level=None)
+    other.execute("SELECT count(*) FROM jobs").fetchone()
+    other.close()
+    db.close()
+    assert Path(f"{db.path}-wal").exists(), "the last-connection checkpoint ran: the daemon lost its locks"
+
+
+def test_no_checkpoint_on_close_holds_on_this_python(tmp_path: Path) -> None:
+    """The setting that keeps a closing connection from writing the WAL into the main file, on the Python this
+    suite runs under (3.11 reaches SQLite's handle through ctypes, 3.12+ has setconfig), against a control."""
+    from daemon.store import guard
+
+    results = {}
+    for protect in (False, True):
+        path = tmp_path / f"db-{protect}.db"
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("CREATE TABLE t (x)")
+        if protect:
+            guard.no_checkpoint_on_close(conn)
+        before = digest(path)
+        conn.execute("INSERT INTO t VALUES (1)")
+        conn.close()
+        results[protect] = digest(path) == before
+    assert results == {False: False, True: True}
