@@ -6,6 +6,7 @@ Only this module reads `os.environ` for settings; every error names the file, th
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import tomllib
 from collections.abc import Mapping
@@ -20,9 +21,23 @@ TOOLS = ("bash", "git", "docker")
 # busybox ash, mksh, bash as sh) counts -f in 512-byte blocks and -v in KiB; only interactive bash differs.
 LIMITS = {"cpu_seconds": ("-t", 1), "file_size_bytes": ("-f", 512), "processes": ("-u", 1),
           "open_files": ("-n", 1), "memory_bytes": ("-v", 1024)}
+# The most each limit may be: the kernel's own ceilings (a pid count, a file descriptor count) or far beyond any
+# machine (a year of CPU, a PiB), so a number past it is a typo, not a wish. POSIX sh's ulimit counts in rlim_t.
+LIMIT_MAX = {"cpu_seconds": 366 * 24 * 3600, "file_size_bytes": 1 << 50, "processes": 1 << 22,
+             "open_files": 2**31 - 1, "memory_bytes": 1 << 50}
+# Upper bounds of numeric settings: a value past them is a typo, and a huge one would overflow SQLite (a signed
+# 64-bit integer) or a C int later, long after start-up said it was fine.
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+YEAR_MS = 366 * DAY_MS  # the longest job timeout: the same as tools.MAX_TIMEOUT_MS
+MAX_CONCURRENT = 10_000
+MAX_RETENTION_DAYS = 36_500
+MAX_OUTPUT_CAP_BYTES = 256 * 1024 * 1024  # even all-invalid UTF-8 (3 bytes per byte as U+FFFD) fits SQLite's 1e9
+_SPANS = {HOUR_MS: "an hour", DAY_MS: "a day", YEAR_MS: "a year"}
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 DEFAULT_CONFIG_PATH = "~/.config/nexus-jobd/config.toml"
+NO_FILE = "built-in defaults"  # Config.source when no config file was read
 DEFAULT_DB_PATH = "~/.nexuscli/nexuscli.db"
 # What jobs inherit from the daemon's environment by default: enough to behave like a login, not the daemon's
 # secrets (tokens, passwords in variables). A trailing * matches a prefix.
@@ -47,7 +62,7 @@ class NodeConfig:
 class SshTarget:
     host: str
     port: int = 22
-    user: str | None = None  # None: the daemon's user name
+    user: str  # [nodes.X] user; not set: the daemon's user name (of its effective uid), as ssh(1) does
     key: Path | None = None  # None: the SSH agent
     known_hosts: Path | None = None  # None with insecure_skip_host_key_check only
     max_sessions: int = 10  # channels at once on the one connection (OpenSSH's MaxSessions)
@@ -89,6 +104,13 @@ class Config:
     def node_ids(self) -> tuple[str, ...]:
         return tuple(self.nodes)
 
+    @property
+    def settings_file(self) -> str:
+        """Where a setting goes, for messages: the file read, or where one would be read from."""
+        if self.source != NO_FILE:
+            return self.source
+        return f"a config file ({DEFAULT_CONFIG_PATH}, or --config)"
+
 
 @dataclass(frozen=True)
 class Overrides:
@@ -116,24 +138,34 @@ class _Section:
             return ()
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise self._err(key, "a list of regular expressions (strings)", value)
-        try:
-            return tuple(re.compile(v, re.DOTALL) for v in value)
-        except re.error as e:
-            raise self._err(key, f"valid regular expressions ({e.msg} in {e.pattern!r})", value) from e
+        compiled = []
+        for pattern in value:
+            try:
+                compiled.append(re.compile(pattern, re.DOTALL))
+            except re.error as e:
+                raise self._err(key, f"valid regular expressions ({e.msg} in {pattern!r:.80})", value) from e
+            except RecursionError as e:
+                raise self._err(key, f"valid regular expressions (groups nested too deeply in {pattern!r:.80})",
+                                value) from e
+            except OverflowError as e:
+                raise self._err(key, f"valid regular expressions ({e} in {pattern!r:.80})", value) from e
+        return tuple(compiled)
 
     def _err(self, key: str, expected: str, value: object) -> ConfigError:
-        return ConfigError(f"{self.source}: [{self.prefix}] {key} = {value!r}: expected {expected}")
+        return ConfigError(f"{self.source}: [{self.prefix}] {key} = {value!r:.200}: expected {expected}")
 
     def get(self, key: str) -> Any:
         self.used.add(key)
         return self.data.get(key)
 
-    def positive_int(self, key: str, default: int, *, minimum: int = 1) -> int:
+    def integer(self, key: str, default: int, *, minimum: int, maximum: int) -> int:
+        """Every number has both bounds: one past them is refused here, not by SQLite or a C int much later."""
         value = self.get(key)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise self._err(key, f"an integer >= {minimum}", value)
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+            span = f" ({_SPANS[maximum]})" if key.endswith("_ms") and maximum in _SPANS else ""
+            raise self._err(key, f"an integer from {minimum} to {maximum}{span}", value)
         return value
 
     def string(self, key: str, default: str, *, choices: tuple[str, ...] = ()) -> str:
@@ -143,6 +175,8 @@ class _Section:
         if not isinstance(value, str) or not value or (choices and value not in choices):
             expected = f"one of {', '.join(choices)}" if choices else "a non-empty string"
             raise self._err(key, expected, value)
+        if "\0" in value:  # no path, host or name holds one; the OS would refuse it later, far from here
+            raise self._err(key, "a string without NUL characters (\\u0000)", value)
         return value
 
     def string_list(self, key: str, default: tuple[str, ...], *, choices: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -189,13 +223,28 @@ def _expand(path: str) -> Path:
 
 
 def _read_file(path: Path) -> dict[str, Any]:
+    """The file's TOML; whatever is wrong with the file (unreadable, not UTF-8, not TOML) is a ConfigError."""
     try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - raw.rfind(b"\n", 0, e.start)
+        raise ConfigError(
+            f"{path}: not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start} (line {line}, column {column}) "
+            "is not valid UTF-8, and TOML files must be; save the file as UTF-8 (if it is Latin-1: "
+            f"iconv -f latin1 -t utf-8 < {path} > {path}.new && mv {path}.new {path})"
+        ) from e
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}; fix the syntax at that line") from e
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the config file: {e.strerror}") from e
+    except RecursionError as e:
+        raise ConfigError(f"{path}: not valid TOML: arrays or inline tables nested too deeply; "
+                          "flatten them (a config needs no more than a few levels)") from e
 
 
 def _nodes(source: str, top: _Section, local: str, default_max: int) -> dict[str, NodeConfig]:
@@ -205,18 +254,19 @@ def _nodes(source: str, top: _Section, local: str, default_max: int) -> dict[str
             raise ConfigError(f"{source}: [nodes] {node_id} = {data!r}: expected a table [nodes.{node_id}]")
         section = _Section(source, f"nodes.{node_id}", data)
         docker_host = section.get("docker_host")
-        if docker_host is not None and (not isinstance(docker_host, str) or "://" not in docker_host):
+        if docker_host is not None and (not isinstance(docker_host, str) or "://" not in docker_host
+                                        or "\0" in docker_host):
             raise section.error("docker_host", "a Docker endpoint like 'unix:///run/docker.sock'", docker_host)
         ssh = _ssh_target(section, node_id, local) if node_id != local else None
-        queue_timeout = section.positive_int("queue_timeout_ms", 0, minimum=0)
+        queue_timeout = section.integer("queue_timeout_ms", 0, minimum=0, maximum=YEAR_MS)
         nodes[node_id] = NodeConfig(
             id=node_id,
-            max_concurrent=section.positive_int("max_concurrent", default_max),
+            max_concurrent=section.integer("max_concurrent", default_max, minimum=1, maximum=MAX_CONCURRENT),
             tools=section.string_list("tools", TOOLS, choices=TOOLS),
             docker_host=docker_host,
             allowed_commands=section.patterns("allowed_commands"),
             ssh=ssh,
-            offline_after=section.positive_int("offline_after", 3),
+            offline_after=section.integer("offline_after", 3, minimum=1, maximum=1000),
             limits=_limits(source, node_id, section.table("limits")),
             queue_timeout_ms=queue_timeout or None,
         )
@@ -227,7 +277,8 @@ def _nodes(source: str, top: _Section, local: str, default_max: int) -> dict[str
 
 def _limits(source: str, node_id: str, data: Mapping[str, Any]) -> dict[str, int]:
     section = _Section(source, f"nodes.{node_id}.limits", data)
-    limits = {key: section.positive_int(key, 0) for key in LIMITS if section.get(key) is not None}
+    limits = {key: section.integer(key, 0, minimum=1, maximum=LIMIT_MAX[key]) for key in LIMITS
+              if section.get(key) is not None}
     section.reject_unknown()
     return limits
 
@@ -235,7 +286,7 @@ def _limits(source: str, node_id: str, data: Mapping[str, Any]) -> dict[str, int
 def _ssh_target(section: _Section, node_id: str, local: str) -> SshTarget:
     """A node other than the local one is reached over SSH: host keys checked, a key file or the agent."""
     host = section.get("host")
-    if not isinstance(host, str) or not host:
+    if not isinstance(host, str) or not host or "\0" in host:
         raise section.error("host", f"the SSH host of node {node_id!r} (every node but the local one, {local!r}, "
                             "is reached over SSH)", host)
     if section.get("password") is not None:
@@ -251,15 +302,25 @@ def _ssh_target(section: _Section, node_id: str, local: str) -> SshTarget:
     known_hosts = None if skip else _expand(section.string("known_hosts", "~/.ssh/known_hosts"))
     return SshTarget(
         host=host,
-        port=section.positive_int("port", 22),
-        user=section.string("user", "") or None,
+        port=section.integer("port", 22, minimum=1, maximum=65535),
+        user=section.string("user", "") or _daemon_user(section),
         key=_expand(key) if isinstance(key, str) else None,
         known_hosts=known_hosts,
-        max_sessions=section.positive_int("max_sessions", 10),
-        keepalive_interval_s=section.positive_int("keepalive_interval_ms", 5000, minimum=100) / 1000,
-        keepalive_count_max=section.positive_int("keepalive_count_max", 3),
-        connect_timeout_s=section.positive_int("connect_timeout_ms", 10000, minimum=100) / 1000,
+        max_sessions=section.integer("max_sessions", 10, minimum=1, maximum=1000),
+        keepalive_interval_s=section.integer("keepalive_interval_ms", 5000, minimum=100, maximum=HOUR_MS) / 1000,
+        keepalive_count_max=section.integer("keepalive_count_max", 3, minimum=1, maximum=1000),
+        connect_timeout_s=section.integer("connect_timeout_ms", 10000, minimum=100, maximum=HOUR_MS) / 1000,
     )
+
+
+def _daemon_user(section: _Section) -> str:
+    """`user` not set: the name of this process's effective uid, the user ssh(1) would log in as."""
+    uid = os.geteuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError as e:
+        raise section.error("user", f"a user name to log in as: this daemon's uid {uid} has no name in the "
+                            "user database to default to", None) from e
 
 
 def _check_private_file(section: _Section, key: str, path: Path) -> None:
@@ -272,50 +333,57 @@ def _check_private_file(section: _Section, key: str, path: Path) -> None:
                             f"chmod 600 {path})", str(path))
 
 
-def load(overrides: Overrides | None = None, environ: Mapping[str, str] | None = None) -> Config:
-    """Build the config: built-in defaults < config file < environment < command-line flags."""
+def load(overrides: Overrides | None = None, environ: Mapping[str, str] | None = None, *,
+         local_node: str | None = None) -> Config:
+    """Build the config: built-in defaults < config file < environment < command-line flags.
+
+    `local_node`: the nodes as a daemon whose local node is that one sees them (a reload keeps the running one
+    until a restart); the file's own [daemon] local_node is still checked, and reported as `local_node`.
+    """
     overrides = overrides or Overrides()
     environ = os.environ if environ is None else environ
     explicit = overrides.config_path or environ.get("NEXUS_JOBD_CONFIG")
     path = _expand(explicit or DEFAULT_CONFIG_PATH)
     data: dict[str, Any] = {}
-    if explicit or path.exists():
+    exists = bool(explicit) or path.exists()
+    if exists:
         data = _read_file(path)
-    source = str(path) if data or explicit else "built-in defaults"
+    source = str(path) if exists else NO_FILE
 
     top = _Section(source, "top level", data)
     db = _Section(source, "database", top.table("database"))
     dm = _Section(source, "daemon", top.table("daemon"))
 
-    max_concurrent = dm.positive_int("max_concurrent", 8)
+    max_concurrent = dm.integer("max_concurrent", 8, minimum=1, maximum=MAX_CONCURRENT)
     local = dm.string("local_node", "localhost")
     config = Config(
         source=source,
         db_path=_expand(db.string("path", DEFAULT_DB_PATH)),
-        busy_timeout_ms=db.positive_int("busy_timeout_ms", 5000, minimum=0),
+        busy_timeout_ms=db.integer("busy_timeout_ms", 5000, minimum=0, maximum=HOUR_MS),  # SQLite: a C int
         local_node=local,
         max_concurrent=max_concurrent,
-        flush_interval_ms=dm.positive_int("flush_interval_ms", 250, minimum=10),
-        output_cap_bytes=dm.positive_int("output_cap_bytes", 4 * 1024 * 1024, minimum=1024),
-        poll_interval_ms=dm.positive_int("poll_interval_ms", 5000, minimum=10),
-        drain_timeout_ms=dm.positive_int("drain_timeout_ms", 2000, minimum=0),
-        kill_grace_ms=dm.positive_int("kill_grace_ms", 5000, minimum=0),
-        shutdown_grace_ms=dm.positive_int("shutdown_grace_ms", 30000, minimum=0),
-        default_timeout_ms=dm.positive_int("default_timeout_ms", 0, minimum=0) or None,
-        lease_ttl_ms=dm.positive_int("lease_ttl_ms", 15000, minimum=1000),
-        heartbeat_interval_ms=dm.positive_int("heartbeat_interval_ms", 15000, minimum=100),
-        retry_backoff_ms=dm.positive_int("retry_backoff_ms", 1000, minimum=0),
-        retry_backoff_max_ms=dm.positive_int("retry_backoff_max_ms", 300000, minimum=0),
+        flush_interval_ms=dm.integer("flush_interval_ms", 250, minimum=10, maximum=HOUR_MS),
+        output_cap_bytes=dm.integer("output_cap_bytes", 4 * 1024 * 1024, minimum=1024,
+                                    maximum=MAX_OUTPUT_CAP_BYTES),
+        poll_interval_ms=dm.integer("poll_interval_ms", 5000, minimum=10, maximum=HOUR_MS),
+        drain_timeout_ms=dm.integer("drain_timeout_ms", 2000, minimum=0, maximum=HOUR_MS),
+        kill_grace_ms=dm.integer("kill_grace_ms", 5000, minimum=0, maximum=HOUR_MS),
+        shutdown_grace_ms=dm.integer("shutdown_grace_ms", 30000, minimum=0, maximum=DAY_MS),
+        default_timeout_ms=dm.integer("default_timeout_ms", 0, minimum=0, maximum=YEAR_MS) or None,
+        lease_ttl_ms=dm.integer("lease_ttl_ms", 15000, minimum=1000, maximum=DAY_MS),
+        heartbeat_interval_ms=dm.integer("heartbeat_interval_ms", 15000, minimum=100, maximum=DAY_MS),
+        retry_backoff_ms=dm.integer("retry_backoff_ms", 1000, minimum=0, maximum=DAY_MS),
+        retry_backoff_max_ms=dm.integer("retry_backoff_max_ms", 300000, minimum=0, maximum=YEAR_MS),
         job_environment=_allowed_env(environ, allowlist := dm.string_list("job_env_allowlist", DEFAULT_JOB_ENV)),
         job_env_allowlist=allowlist,
         allow_shared_database=db.boolean("allow_shared_database", False),
-        retention_days=db.positive_int("retention_days", 0, minimum=0),
+        retention_days=db.integer("retention_days", 0, minimum=0, maximum=MAX_RETENTION_DAYS),
         notify_socket=environ.get("NOTIFY_SOCKET") or None,
         watchdog_usec=_watchdog_usec(environ),
         default_cwd=_expand(dm.string("default_cwd", str(Path.home()))),
         log_level=dm.string("log_level", "info", choices=LOG_LEVELS),
         log_format=dm.string("log_format", "auto", choices=LOG_FORMATS),
-        nodes=_nodes(source, top, local, max_concurrent),
+        nodes=_nodes(source, top, local if local_node is None else local_node, max_concurrent),
     )
     top.reject_unknown()
     db.reject_unknown()
@@ -332,7 +400,8 @@ def _allowed_env(environ: Mapping[str, str], allowlist: tuple[str, ...]) -> dict
 def _watchdog_usec(environ: Mapping[str, str]) -> int | None:
     """systemd's watchdog, if it is meant for this process (WATCHDOG_PID, when set, must be ours)."""
     usec, pid = environ.get("WATCHDOG_USEC", ""), environ.get("WATCHDOG_PID", "")
-    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+    if not (usec.isascii() and usec.isdigit()) or not 0 < int(usec) <= YEAR_MS * 1000 or (
+            pid and pid != str(os.getpid())):
         return None
     return int(usec)
 

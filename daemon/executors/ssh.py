@@ -183,7 +183,9 @@ class SshExecutor:
                 self._failures += 1
                 self._last_error = str(e) or type(e).__name__
                 self._retry_at = time.monotonic() + min(BACKOFF_MAX_S, 0.5 * 2 ** self._failures)
-                raise SpawnError(f"cannot connect to node {self.node}: {self._last_error}") from e
+                t = self._target
+                raise SpawnError(f"cannot connect to node {self.node} as {t.user}@{t.host}:{t.port}: "
+                                 f"{self._last_error}") from e
             self._failures = 0
             logger.info("ssh.connected", node=self.node, host=self._target.host, port=self._target.port)
             return self._conn

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
+import shutil
 import signal
+import socket
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tests.conftest import NEXUS_JOBD, Daemon, Db, wait_for
+import pytest
+
+from tests.conftest import NEXUS_JOBD, Daemon, Db, require, wait_for
 from tests.integration.conftest import Sshd
 
 FAST = "[daemon]\nheartbeat_interval_ms = 200\nkill_grace_ms = 500\n"
@@ -193,11 +199,89 @@ def test_node_limits_hold_on_an_ssh_node_from_the_jobs_first_instruction(
 
 def test_an_ssh_node_that_refuses_its_limits_is_in_error_and_its_jobs_fail_with_the_reason(
         sshd: Sshd, db: Db, daemon_factory: Callable[..., Daemon]) -> None:
-    limits = "[nodes.box.limits]\nopen_files = 1000000000000\n"  # above any hard limit, for a user that is not root
+    limits = "[nodes.box.limits]\nopen_files = 2147483647\n"  # the most the config takes; above any fs.nr_open
     daemon_factory(config=FAST + sshd.node_config() + limits).start()
     node = wait_for(lambda: (n := _node(db)).get("status") == "error" and n, timeout=20, message="node error")
     assert "refuses its [nodes.box.limits]" in json.loads(str(node["capabilities"]))["error"]
     row = db.wait_status(db.insert("echo never", node_id="box"), timeout=20)
     assert (row["status"], row["stdout"]) == ("failed", None)
     assert "refuses its [nodes.box.limits]" in row["error"] and "ulimit -Ha" in row["error"]
-    assert "open_files = 1000000000000" in row["error"]  # which key
+    assert "open_files = 2147483647" in row["error"]  # which key
+
+
+# `user` left out of [nodes.X]: the daemon logs in as its own user (the name of its effective uid), as ssh(1) does.
+# asyncssh used to be handed username=None and failed with "'NoneType' object is not iterable".
+def _without_user(node_config: str) -> str:
+    lines = [line for line in node_config.splitlines() if not line.startswith("user = ")]
+    assert len(lines) == len(node_config.splitlines()) - 1
+    return "\n".join(lines) + "\n"
+
+
+def test_a_node_without_user_is_refused_by_sshd_as_the_daemons_user(sshd: Sshd, tmp_path: Path) -> None:
+    """The shared sshd lets in only its test user: the daemon's own user (root here) gets to sshd, which says no,
+    and the error names who tried (no TypeError from the SSH library)."""
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    assert me != sshd.user
+    config = tmp_path / "no-user.toml"
+    config.write_text(_without_user(sshd.node_config()))
+    result = subprocess.run([*NEXUS_JOBD, "--config", str(config), "nodes", "check", "box"], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "HOME": str(tmp_path)})
+    assert result.returncode == 1, result.stderr
+    assert f"cannot connect to node box as {me}@{sshd.listen}:{sshd.port}: " in result.stderr, result.stderr
+    assert "Permission denied" in result.stderr and "NoneType" not in result.stderr
+
+
+@pytest.fixture
+def sshd_for_me() -> Iterator[tuple[str, int, Path, Path]]:
+    """A throwaway sshd on loopback that lets in this process's own user with a key of the test's (its
+    authorized_keys file lives in the test's directory: the user's own ~/.ssh is not touched). PAM on, as a
+    stock sshd has it: without PAM, sshd refuses an account whose password is locked, root's in a container."""
+    require(shutil.which("/usr/sbin/sshd") is not None, "OpenSSH server not installed (Debian: openssh-server)")
+    require(os.geteuid() == 0, "sshd can switch to the logged-in user only as root")
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    root = Path(tempfile.mkdtemp(prefix="njd-sshd-me-"))
+    try:
+        for key in ("host_key", "client_key"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / key)], check=True)
+        (root / "authorized_keys").write_text((root / "client_key.pub").read_text())
+        host_pub = (root / "host_key.pub").read_text().split()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        (root / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
+        (root / "sshd_config").write_text(
+            f"Port {port}\nListenAddress 127.0.0.1\nHostKey {root / 'host_key'}\nPidFile {root / 'sshd.pid'}\n"
+            f"AuthorizedKeysFile {root / 'authorized_keys'}\nPasswordAuthentication no\n"
+            f"KbdInteractiveAuthentication no\nUsePAM yes\nStrictModes no\nAllowUsers {me}\n"
+            "PermitRootLogin prohibit-password\n")
+        Path("/run/sshd").mkdir(exist_ok=True)
+        with (root / "sshd.log").open("wb") as log:
+            proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(root / "sshd_config")], stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            def listening() -> bool:
+                with socket.socket() as s:
+                    return proc.poll() is None and s.connect_ex(("127.0.0.1", port)) == 0
+
+            wait_for(lambda: listening() or proc.poll() is not None, timeout=15, message="sshd listening")
+            assert proc.poll() is None, (root / "sshd.log").read_text()
+            yield me, port, root / "client_key", root / "known_hosts"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_node_without_user_logs_in_as_the_daemons_user(sshd_for_me: tuple[str, int, Path, Path],
+                                                         tmp_path: Path) -> None:
+    me, port, key, known_hosts = sshd_for_me
+    config = tmp_path / "no-user.toml"
+    config.write_text(f'[nodes.self]\nhost = "127.0.0.1"\nport = {port}\nkey = "{key}"\n'
+                      f'known_hosts = "{known_hosts}"\n')
+    result = subprocess.run([*NEXUS_JOBD, "--config", str(config), "nodes", "check", "self"], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["status"] == "online"
+    log = (key.parent / "sshd.log").read_text()
+    assert f"Accepted publickey for {me} from 127.0.0.1" in log, log

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from daemon.config import TOOLS, Config, NodeConfig, Overrides, load
 from daemon.errors import ConfigError
+from tests.conftest import Daemon, Db, wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -154,13 +157,14 @@ def test_an_explicit_config_path_that_does_not_exist(tmp_path: Path, via: str) -
 
 
 @pytest.mark.parametrize(("toml", "key", "detail"), [
-    ('[daemon]\nmax_concurrent = "8"\n', "[daemon] max_concurrent", "expected an integer >= 1"),
-    ("[daemon]\nmax_concurrent = 0\n", "[daemon] max_concurrent", "expected an integer >= 1"),
-    ("[daemon]\nmax_concurrent = true\n", "[daemon] max_concurrent", "expected an integer >= 1"),
-    ("[daemon]\nmax_concurrent = 2.0\n", "[daemon] max_concurrent", "expected an integer >= 1"),
-    ("[daemon]\nflush_interval_ms = 5\n", "[daemon] flush_interval_ms", "expected an integer >= 10"),
-    ("[daemon]\noutput_cap_bytes = 1000\n", "[daemon] output_cap_bytes", "expected an integer >= 1024"),
-    ("[database]\nbusy_timeout_ms = -1\n", "[database] busy_timeout_ms", "expected an integer >= 0"),
+    ('[daemon]\nmax_concurrent = "8"\n', "[daemon] max_concurrent", "expected an integer from 1 to 10000"),
+    ("[daemon]\nmax_concurrent = 0\n", "[daemon] max_concurrent", "expected an integer from 1 to 10000"),
+    ("[daemon]\nmax_concurrent = true\n", "[daemon] max_concurrent", "expected an integer from 1 to 10000"),
+    ("[daemon]\nmax_concurrent = 2.0\n", "[daemon] max_concurrent", "expected an integer from 1 to 10000"),
+    ("[daemon]\nflush_interval_ms = 5\n", "[daemon] flush_interval_ms",
+     "expected an integer from 10 to 3600000 (an hour)"),
+    ("[daemon]\noutput_cap_bytes = 1000\n", "[daemon] output_cap_bytes", "expected an integer from 1024 to 268435456"),
+    ("[database]\nbusy_timeout_ms = -1\n", "[database] busy_timeout_ms", "expected an integer from 0 to 3600000"),
     ('[database]\npath = ""\n', "[database] path", "expected a non-empty string"),
     ("[database]\npath = 3\n", "[database] path", "expected a non-empty string"),
     ('[daemon]\nlog_level = "verbose"\n', "[daemon] log_level", "expected one of debug, info, warning, error"),
@@ -171,14 +175,15 @@ def test_an_explicit_config_path_that_does_not_exist(tmp_path: Path, via: str) -
     ('[database]\npaht = "/x.db"\n', "[database] unknown key 'paht'", "(did you mean 'path'?)"),
     ("[nodes.localhost]\nmax_concurent = 1\n", "[nodes.localhost] unknown key 'max_concurent'",
      "(did you mean 'max_concurrent'?)"),
-    ("[nodes.localhost]\nmax_concurrent = 0\n", "[nodes.localhost] max_concurrent", "expected an integer >= 1"),
+    ("[nodes.localhost]\nmax_concurrent = 0\n", "[nodes.localhost] max_concurrent",
+     "expected an integer from 1 to 10000"),
     ('[nodes.localhost]\ntools = ["bash", "perl"]\n', "[nodes.localhost] tools",
      "a non-empty list drawn from bash, git"),
     ("[nodes]\nlocalhost = 1\n", "[nodes] localhost", "expected a table [nodes.localhost]"),
     ("[nodes.other]\nmax_concurrent = 1\n", "[nodes.other] host", "the SSH host of node 'other'"),
     ("[nodes.other]\nhost = 'h'\npassword = 'x'\n", "[nodes.other] password", "no password in the config"),
     ("[nodes.other]\nhost = 'h'\nkey = '/no/such/key'\n", "[nodes.other] key", "a readable private key file"),
-    ("[nodes.other]\nhost = 'h'\nport = 'ssh'\n", "[nodes.other] port", "an integer >= 1"),
+    ("[nodes.other]\nhost = 'h'\nport = 'ssh'\n", "[nodes.other] port", "an integer from 1 to 65535"),
     ('[daemon]\nlocal_node = "phone"\n[nodes.localhost]\n', "[nodes.localhost] host",
      "the local one, 'phone', is reached over SSH"),
 ])
@@ -210,3 +215,258 @@ def test_importing_the_daemon_does_not_import_asyncssh() -> None:
     code = "import sys, daemon.cli, daemon.service, daemon.dispatch; print('asyncssh' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+# Every number has an upper bound, checked when the file is read: a value past it is a typo, and one that does not
+# fit SQLite's 64-bit INTEGER (or a C int) used to pass here and kill the daemon later, when jobs came.
+TOO_BIG = 99999999999999999999
+BOUNDS = [  # (table, key, lowest, highest)
+    ("database", "busy_timeout_ms", 0, 3_600_000),
+    ("database", "retention_days", 0, 36_500),
+    ("daemon", "max_concurrent", 1, 10_000),
+    ("daemon", "flush_interval_ms", 10, 3_600_000),
+    ("daemon", "output_cap_bytes", 1024, 256 * 1024 * 1024),
+    ("daemon", "poll_interval_ms", 10, 3_600_000),
+    ("daemon", "drain_timeout_ms", 0, 3_600_000),
+    ("daemon", "kill_grace_ms", 0, 3_600_000),
+    ("daemon", "shutdown_grace_ms", 0, 86_400_000),
+    ("daemon", "default_timeout_ms", 0, 366 * 86_400_000),
+    ("daemon", "lease_ttl_ms", 1000, 86_400_000),
+    ("daemon", "heartbeat_interval_ms", 100, 86_400_000),
+    ("daemon", "retry_backoff_ms", 0, 86_400_000),
+    ("daemon", "retry_backoff_max_ms", 0, 366 * 86_400_000),
+    ("nodes.localhost", "max_concurrent", 1, 10_000),
+    ("nodes.localhost", "offline_after", 1, 1000),
+    ("nodes.localhost", "queue_timeout_ms", 0, 366 * 86_400_000),
+    ("nodes.localhost.limits", "cpu_seconds", 1, 366 * 86_400),
+    ("nodes.localhost.limits", "file_size_bytes", 1, 1 << 50),
+    ("nodes.localhost.limits", "processes", 1, 1 << 22),
+    ("nodes.localhost.limits", "open_files", 1, 2**31 - 1),
+    ("nodes.localhost.limits", "memory_bytes", 1, 1 << 50),
+    ("nodes.far", "port", 1, 65535),
+    ("nodes.far", "max_sessions", 1, 1000),
+    ("nodes.far", "keepalive_interval_ms", 100, 3_600_000),
+    ("nodes.far", "keepalive_count_max", 1, 1000),
+    ("nodes.far", "connect_timeout_ms", 100, 3_600_000),
+]
+
+
+def _one_setting(table: str, key: str, value: int) -> str:
+    far = '\nhost = "127.0.0.1"\ninsecure_skip_host_key_check = true' if table == "nodes.far" else ""
+    return f"[{table}]{far}\n{key} = {value}\n"
+
+
+@pytest.mark.parametrize(("table", "key", "lowest", "highest"), BOUNDS, ids=[f"{t}.{k}" for t, k, *_ in BOUNDS])
+def test_every_number_has_an_upper_bound_named_in_the_error(tmp_path: Path, table: str, key: str, lowest: int,
+                                                            highest: int) -> None:
+    for value in (lowest, highest):
+        load_file(write(tmp_path, _one_setting(table, key, value)))  # the bounds themselves are fine
+    for value in (highest + 1, TOO_BIG, lowest - 1):
+        path = write(tmp_path, _one_setting(table, key, value))
+        with pytest.raises(ConfigError) as info:
+            load_file(path)
+        assert str(info.value).startswith(f"{path}: [{table}] {key} = {value}: expected an integer from "
+                                          f"{lowest} to {highest}"), info.value
+
+
+def test_every_numeric_setting_is_in_the_bounds_table() -> None:
+    """A numeric setting added without a bound would be missed by the test above: every int field of Config,
+    NodeConfig and SshTarget and every limit is listed there (or is not read from the file)."""
+    import dataclasses
+
+    from daemon.config import LIMITS, SshTarget
+
+    listed = {key for _, key, *_ in BOUNDS}
+    not_from_the_file = {"watchdog_usec", "limits"}  # systemd's; the limits are checked key by key below
+    for cls in (Config, NodeConfig, SshTarget):
+        for f in dataclasses.fields(cls):
+            if "int" in str(f.type) and f.name not in not_from_the_file:
+                assert f.name in listed, f"{cls.__name__}.{f.name} has no bound in BOUNDS"
+    assert set(LIMITS) <= listed
+    assert {"keepalive_interval_ms", "connect_timeout_ms"} <= listed  # read as ms, kept as float seconds
+
+
+def test_the_longest_timeout_agrees_with_what_a_row_may_ask() -> None:
+    """default_timeout_ms applies to rows without one: it may be as long as a row's own timeout_ms, no longer."""
+    from daemon.config import YEAR_MS
+    from daemon.tools import MAX_TIMEOUT_MS
+
+    assert YEAR_MS == MAX_TIMEOUT_MS
+
+
+def test_a_huge_number_stops_the_daemon_at_start_up_with_exit_2(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    from tests.conftest import NEXUS_JOBD
+
+    home = tmp_path / "cli-home"
+    home.mkdir()
+    for setting in ("[daemon]\nmax_concurrent = 99999999999999999999\n",
+                    "[database]\nretention_days = 9999999999999999999\n"):
+        path = write(tmp_path, setting, "huge.toml")
+        result = subprocess.run([*NEXUS_JOBD, "--config", str(path), "--db", str(tmp_path / "jobs.db"), "run"],
+                                capture_output=True, text=True, timeout=30, env={**os.environ, "HOME": str(home)},
+                                cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert f"{path}: [" in result.stderr and "expected an integer from" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_a_ssh_node_without_user_logs_in_as_the_daemons_user(tmp_path: Path) -> None:
+    """As ssh(1) does: the user name of the effective uid (asyncssh was handed None and failed with a TypeError)."""
+    import os
+    import pwd
+
+    config = load_file(write(tmp_path, '[nodes.pi]\nhost = "127.0.0.1"\ninsecure_skip_host_key_check = true\n'))
+    assert config.nodes["pi"].ssh is not None
+    assert config.nodes["pi"].ssh.user == pwd.getpwuid(os.geteuid()).pw_name
+    named = load_file(write(tmp_path, '[nodes.pi]\nhost = "h"\nuser = "builder"\n'
+                                      'insecure_skip_host_key_check = true\n'))
+    assert named.nodes["pi"].ssh is not None and named.nodes["pi"].ssh.user == "builder"
+
+
+# A file that is not UTF-8 (saved as Latin-1, say) is a configuration error naming the file and the byte.
+LATIN1 = "[daemon]\n# réglages du démon\nmax_concurrent = 2\n".encode("latin-1")
+
+
+def test_a_config_file_that_is_not_utf8_names_the_file_and_the_byte(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(LATIN1)
+    with pytest.raises(ConfigError) as info:
+        load_file(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: not UTF-8 text: byte 0xe9 at offset 12 (line 2, column 4)"), message
+    assert f"save the file as UTF-8 (if it is Latin-1: iconv -f latin1 -t utf-8 < {path} > " in message
+
+
+def test_a_config_file_that_is_not_utf8_stops_start_up_with_exit_2(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    from tests.conftest import NEXUS_JOBD
+
+    home = tmp_path / "cli-home"
+    home.mkdir()
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(LATIN1)
+    result = subprocess.run([*NEXUS_JOBD, "--config", str(path), "--db", str(tmp_path / "jobs.db"), "run"],
+                            capture_output=True, text=True, timeout=30, env={**os.environ, "HOME": str(home)},
+                            cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert f"configuration error: {path}: not UTF-8 text: byte 0xe9 at offset 12" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("text", "detail"), [
+    ("a = " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),  # tomllib hits the recursion limit
+    ('[database]\npath = "/tmp/jobs\\u0000.db"\n', "without NUL characters"),  # stat() would raise ValueError
+    ('[daemon]\ndefault_cwd = "/tmp\\u0000"\n', "without NUL characters"),
+    ("[nodes.localhost]\nallowed_commands = ['" + "(" * 2000 + ")" * 2000 + "']\n", "nested too deeply"),
+    ("[nodes.localhost]\nallowed_commands = ['a{99999999999999999999}']\n", "repetition number is too large"),
+])
+def test_other_bad_files_are_config_errors_not_crashes(tmp_path: Path, text: str, detail: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_file(path)
+    assert str(info.value).startswith(f"{path}: ") and detail in str(info.value)
+
+
+def test_the_shared_database_hint_names_a_config_file_when_none_was_read(home: Path, tmp_path: Path) -> None:
+    """Without a config file the fix must say where the setting goes, not 'in built-in defaults'."""
+    from dataclasses import replace
+
+    from daemon.service import _check_database_access
+
+    db = tmp_path / "private"
+    db.mkdir(mode=0o700)
+    (db / "jobs.db").touch(mode=0o600)
+    (db / "jobs.db").chmod(0o666)
+    config = replace(load(environ={}), db_path=db / "jobs.db")
+    assert config.source == "built-in defaults"
+    with pytest.raises(ConfigError) as info:
+        _check_database_access(config)
+    message = str(info.value)
+    assert "allow_shared_database = true in a config file (~/.config/nexus-jobd/config.toml, or --config) to " \
+           "accept the risk" in message, message
+    assert "built-in defaults" not in message
+    with_file = replace(config, source=str(tmp_path / "c.toml"))
+    with pytest.raises(ConfigError, match=f"allow_shared_database = true in {tmp_path / 'c.toml'} to accept"):
+        _check_database_access(with_file)
+
+
+# SIGHUP: a file that no longer loads is logged as config.reload_failed, and the daemon runs on with the old one.
+# These run the real daemon (tests/conftest.py), as users do.
+def test_sighup_with_a_bad_file_logs_reload_failed_and_the_daemon_runs_on(
+        db: Db, daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory(config="[daemon]\nmax_concurrent = 2\n").start()
+    assert daemon.config_path is not None and daemon.proc is not None
+    bad = [
+        (LATIN1, "not UTF-8 text: byte 0xe9 at offset 12 (line 2, column 4)"),
+        (b"[daemon]\nmax_concurrent = 99999999999999999999\n", "expected an integer from 1 to 10000"),
+        (b"[database]\nretention_days = 9999999999999999999\n", "expected an integer from 0 to 36500"),
+        (b"a = " + b"[" * 5000 + b"]" * 5000 + b"\n", "nested too deeply"),
+        (b'[database]\npath = "/tmp/x\\u0000.db"\n', "without NUL characters"),
+    ]
+    for count, (content, detail) in enumerate(bad, 1):
+        daemon.config_path.write_bytes(content)
+        daemon.proc.send_signal(signal.SIGHUP)
+        failed = wait_for(lambda n=count: len(events := daemon.events("config.reload_failed")) >= n and events,
+                          message=f"config.reload_failed for {detail!r}")
+        assert str(daemon.config_path) in failed[-1]["error"] and detail in failed[-1]["error"], failed[-1]
+        assert "exception" not in failed[-1]  # a ConfigError, not a bug caught by the last resort
+    assert not daemon.events("config.reloaded")
+    assert "Traceback" not in daemon.log()
+    row = db.wait_status(db.insert("echo still here"))
+    assert (row["status"], row["stdout"]) == ("completed", "still here\n")
+    assert daemon.proc.poll() is None
+
+
+def test_a_reload_that_fails_unexpectedly_keeps_the_config_and_says_why(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last resort: whatever a bad file makes the loader raise, SIGHUP's handler logs it and returns (the
+    asyncio signal callback must not raise: the reload would be lost with only a traceback to show for it)."""
+    import structlog
+
+    from daemon import config as config_module
+    from daemon.service import _Reloader
+
+    config = load_file(write(tmp_path, "[daemon]\nmax_concurrent = 2\n"))
+
+    def broken(*args: object, **kwargs: object) -> Config:
+        raise ValueError("embedded null byte")
+
+    monkeypatch.setattr(config_module, "load", broken)
+    reloader = _Reloader(config, Overrides(config_path=config.source), dispatcher=None)  # type: ignore[arg-type]
+    with structlog.testing.capture_logs() as logs:
+        reloader()
+    assert reloader.config is config
+    failed = [e for e in logs if e["event"] == "config.reload_failed"]
+    assert len(failed) == 1 and failed[0]["error"] == "ValueError: embedded null byte"
+    assert failed[0]["kept"] == config.source
+
+
+@pytest.mark.parametrize("also", [
+    'local_node = "phone"\n',  # needs a restart; the running local node takes the new max_concurrent now
+    '[nodes.far]\nhost = "127.0.0.1"\nport = 9\ninsecure_skip_host_key_check = true\n',  # a new node: the same
+], ids=["with-local_node", "with-a-new-node"])
+def test_a_reload_applies_the_new_limit_to_the_running_local_node(
+        db: Db, daemon_factory: Callable[..., Daemon], tmp_path: Path, also: str) -> None:
+    """The local node's limit defaults to [daemon] max_concurrent: it must follow it on the reload that changes
+    it, even when the same reload changes something that needs a restart (it used to keep the old limit)."""
+    daemon = daemon_factory(config="[daemon]\nmax_concurrent = 1\n").start()
+    assert daemon.config_path is not None and daemon.proc is not None
+    gate = tmp_path / "gate"
+    wait = f"while [ ! -e {gate} ]; do sleep 0.02; done; echo done"
+    first = db.insert(wait)
+    db.wait_status(first, ("executing",))
+    second = db.insert(wait)
+    daemon.config_path.write_text("[daemon]\nmax_concurrent = 2\n" + also)
+    daemon.proc.send_signal(signal.SIGHUP)
+    reloaded = wait_for(lambda: daemon.events("config.reloaded"), message="config.reloaded")[0]
+    assert reloaded["changed"]["max_concurrent"] == "2"
+    assert reloaded["needs_restart"] == (["local_node"] if "local_node" in also else ["nodes"])
+    assert db.wait_status(second, ("executing",))["status"] == "executing"
+    gate.touch()
+    for job_id in (first, second):
+        assert db.wait_status(job_id)["stdout"] == "done\n"
