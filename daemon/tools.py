@@ -14,7 +14,7 @@ from typing import Any
 
 from daemon.config import LIMITS
 from daemon.errors import BadJob
-from daemon.store import ClaimedJob
+from daemon.store import ClaimedJob, RawText
 
 # Linux's MAX_ARG_STRLEN: no single argument (bash -c's script included) may be longer, NUL included.
 MAX_COMMAND_BYTES = 128 * 1024 - 1
@@ -97,11 +97,11 @@ def strip_metadata(command: str) -> str:
 
 
 def _text(job: ClaimedJob, column: str, value: Any, *, allow_empty: bool = False) -> str:
+    if isinstance(value, RawText):
+        raise BadJob(f"{column} is not valid UTF-8 text (byte {value.bad_byte()}: {str(value)!r:.60}); "
+                     "store it as UTF-8 text")
     if isinstance(value, bytes):
-        try:
-            value = value.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise BadJob(f"{column} is a blob that is not valid UTF-8 (byte {e.start}); store it as TEXT") from e
+        raise BadJob(f"{column} must be text, got blob; store it as TEXT (UTF-8)")
     if not isinstance(value, str):
         raise BadJob(f"{column} must be text, got {type(value).__name__} {value!r:.60}")
     if "\x00" in value:
@@ -111,14 +111,21 @@ def _text(job: ClaimedJob, column: str, value: Any, *, allow_empty: bool = False
     return value
 
 
+def _env_text(raw: Any) -> str:
+    if isinstance(raw, RawText):
+        raise BadJob(f"env is not valid UTF-8 text (byte {raw.bad_byte()}); store it as UTF-8 JSON text")
+    if not isinstance(raw, str):
+        kind = "blob" if isinstance(raw, bytes) else f"{type(raw).__name__} {raw!r:.60}"
+        raise BadJob(f"env must be a JSON object in a TEXT column, got {kind}")
+    return raw
+
+
 def parse_env(raw: Any) -> dict[str, str | None]:
     """The row's `env` column: a JSON object of NAME -> string (numbers are converted; null unsets NAME)."""
     if raw is None or raw == "":
         return {}
-    if not isinstance(raw, str | bytes):
-        raise BadJob(f"env must be a JSON object in a TEXT column, got {type(raw).__name__} {raw!r:.60}")
     try:
-        value = json.loads(raw)
+        value = json.loads(_env_text(raw))
     except ValueError as e:
         raise BadJob(f"env is not valid JSON ({e}); expected an object like {{\"NAME\": \"value\"}}") from e
     if not isinstance(value, dict):

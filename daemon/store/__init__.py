@@ -35,11 +35,12 @@ from daemon.store.rows import (
     OrphanedJob,
     OutputSnapshot,
     ProcessRef,
+    RawText,
     Worker,
 )
 
 __all__ = ["Claim", "ClaimedJob", "DbError", "JobResult", "JobStatus", "OrphanedJob", "OutputSnapshot", "ProcessRef",
-           "Quarantine", "Store", "Worker", "guard", "now_ms", "survive_db_errors"]
+           "Quarantine", "RawText", "Store", "Worker", "guard", "now_ms", "survive_db_errors"]
 
 T = TypeVar("T")
 # What callers outside the store may catch: the database said no (transient or not).
@@ -83,13 +84,13 @@ def _is_locked(error: sqlite3.OperationalError) -> bool:
     return "locked" in str(error) or "busy" in str(error)
 
 
-def _text_or_bytes(data: bytes) -> str | bytes:
-    """TEXT that is not valid UTF-8 (another program wrote raw bytes) stays bytes instead of failing the whole
-    query: the row it is in then fails alone, with a reason (daemon.tools)."""
+def _text_or_bytes(data: bytes) -> str | RawText:
+    """TEXT that is not valid UTF-8 (another program wrote raw bytes) becomes RawText instead of failing the whole
+    query: the row it is in then fails alone, with a reason (claim, daemon.tools)."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        return data
+        return RawText(data)
 
 
 def _connector(path: Path) -> Callable[[], sqlite3.Connection]:
@@ -165,8 +166,7 @@ class Store:
         conn.text_factory = _text_or_bytes
         store = cls(conn, path)
         try:
-            await store._configure(busy_timeout_ms)
-            problems = await store._contract_problems()
+            problems = await store._configure(busy_timeout_ms)
             if daemon:
                 store._daemon = True
                 await conn.execute("PRAGMA wal_autocheckpoint = 0")
@@ -179,8 +179,12 @@ class Store:
         store._guard = guard.RewriteGuard(path)
         return store
 
-    async def _configure(self, busy_timeout_ms: int) -> None:
+    async def _configure(self, busy_timeout_ms: int) -> list[str]:
+        """Settings of our connection, and WAL for the file; first, what makes the file unusable (another program's
+        `jobs`), returned with nothing changed."""
         await self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        if problems := await self._contract_problems():
+            return problems
         rows = await self._conn.execute_fetchall("PRAGMA journal_mode = WAL")
         mode = next(iter(rows))[0]
         if mode != "wal":
@@ -541,8 +545,19 @@ class Store:
     async def claim(self, node_id: str, limit: int, worker_id: str) -> list[ClaimedJob]:
         rows = await self._write("claim_jobs", {"node_id": node_id, "limit": limit, "worker_id": worker_id})
         self._note(row[0] for row in rows)
-        ordered = sorted(rows, key=_claim_order)
+        if bad := [row for row in rows if isinstance(row[0], RawText)]:
+            await self._fail_raw_ids(bad, worker_id)
+        ordered = sorted((row for row in rows if not isinstance(row[0], RawText)), key=_claim_order)
         return [ClaimedJob(*row[:-2]) for row in ordered]
+
+    async def _fail_raw_ids(self, rows: Sequence[sqlite3.Row], worker_id: str) -> None:
+        """A claimed row whose id is not valid UTF-8 never becomes a running job: every later step names the job by
+        its id, in JSON and in logs. It fails at once, found by rowid."""
+        for row in rows:
+            raw = RawText(row[0])
+            error = (f"id is not valid UTF-8 text (byte {raw.bad_byte()}: {str(raw)!r}); store ids as UTF-8 text")
+            await self._write_count("fail_claimed_row", {"rowid": row[-1], "worker_id": worker_id, "error": error})
+            logger.warning("job.failed", job_id=str(raw), reason=error)
 
     async def write_outputs(self, updates: Iterable[tuple[Claim, OutputSnapshot, ProcessRef | None]]) -> None:
         """Flush live output (and where it runs) of several jobs in one transaction, however many jobs."""
@@ -594,6 +609,9 @@ class Store:
     async def fail_blocked_dependencies(self) -> list[tuple[str, Any]]:
         """Fail queued rows whose dependency can no longer complete; repeated so chains fail in one call."""
         failed: list[tuple[str, Any]] = []
+        for row in await self._write("fail_dependency_cycles", {}):
+            failed.append((row[0], row[1]))
+            self._note([row[0]])
         while rows := await self._write("fail_blocked_dependencies", {}):
             failed += [(row[0], row[1]) for row in rows]
             self._note(row[0] for row in rows)
@@ -647,7 +665,8 @@ class Store:
 
     async def insert_job(self, *, node_id: str, tool: str, command: str, cwd: str | None = None,
                          env: dict[str, str] | None = None, priority: int = 0, timeout_ms: int | None = None,
-                         max_attempts: int = 1, run_after: int | None = None, depends_on: str | None = None) -> str:
+                         max_attempts: int = 1, run_after: int | None = None,
+                         depends_on: str | RawText | None = None) -> str:
         import uuid  # the CLI's path only: the daemon never creates ids
 
         job_id = str(uuid.uuid4())
@@ -715,7 +734,7 @@ class Store:
         finally:
             await dest.close()
 
-    async def retry(self, job_id: str) -> bool:
+    async def retry(self, job_id: str | RawText) -> bool:
         return bool(await self._write("retry_job", {"id": job_id}))
 
     async def workers(self) -> list[dict[str, Any]]:
@@ -723,11 +742,19 @@ class Store:
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
 
-    async def cancel(self, job_ids: Sequence[str]) -> list[str]:
-        rows = await self._write("cancel_jobs", {"ids": json.dumps(list(job_ids)), "now": now_ms()})
-        return [row[0] for row in rows]
+    async def cancel(self, job_ids: Sequence[str | RawText]) -> list[str | RawText]:
+        """Cancel each job that has not ended, in one transaction; the ids of those cancelled."""
 
-    async def resolve_id(self, prefix: str) -> str:
+        async def work() -> list[str | RawText]:
+            done = []
+            for job_id in job_ids:
+                rows = await self._conn.execute_fetchall(Q["cancel_job"], {"id": job_id, "now": now_ms()})
+                done += [row[0] for row in rows]
+            return done
+
+        return await self._transaction(work)
+
+    async def resolve_id(self, prefix: str) -> str | RawText:
         """A full id, or a unique prefix of one."""
         if not prefix:
             raise JobdError("an empty job id names no job")
@@ -738,9 +765,10 @@ class Store:
             raise JobdError(f"no job with an id starting with {prefix!r}")
         if len(rows) > 1:
             raise JobdError(f"{prefix!r} names more than one job; give more characters of the id")
-        return str(rows[0][0])
+        found: str | RawText = rows[0][0]  # as stored: a RawText id still finds its row (get_job's CAST)
+        return found
 
-    async def get_job(self, job_id: str) -> dict[str, Any] | None:
+    async def get_job(self, job_id: str | RawText) -> dict[str, Any] | None:
         async with self._conn.execute(Q["get_job"], {"id": job_id}) as cursor:
             row = await cursor.fetchone()
             if row is None:

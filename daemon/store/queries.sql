@@ -54,6 +54,12 @@ RETURNING id, node_id, tool, command, cwd, env, priority, attempt, started_at, t
           created_at, rowid;
 -- RETURNING gives rows in no promised order: Store.claim sorts them as the ORDER BY above.
 
+-- name: fail_claimed_row
+-- A row claim_jobs just took that cannot even be named (its id is not valid UTF-8): failed by rowid.
+UPDATE jobs
+   SET status = 'failed', error = :error, completed_at = NOW_MS, duration = NOW_MS - started_at
+ WHERE rowid = :rowid AND worker_id = :worker_id AND status = 'executing' AND duration IS NULL;
+
 -- name: write_output
 -- Live output of a running job; a NULL stream parameter keeps that column as it is.
 UPDATE jobs
@@ -92,11 +98,13 @@ SELECT j.id, j.status, j.duration
 -- name: requeue_job
 -- A failed attempt of a job that may try again: back to queued (not before :run_after), its output kept until the
 -- next attempt starts. A row another program cancelled meanwhile is not touched (finish_job records it).
+-- started_at is cleared with completed_at and duration: a row cancelled while it waits is then final by the
+-- README's rule (cancelled with started_at NULL), like a row cancelled before its first attempt.
 UPDATE jobs
    SET status = 'queued', run_after = :run_after, exit_code = :exit_code, error = :error,
        stdout = COALESCE(:stdout, stdout), stderr = COALESCE(:stderr, stderr),
        stdout_bytes = :stdout_bytes, stderr_bytes = :stderr_bytes,
-       completed_at = NULL, duration = NULL, worker_id = NULL, pid = NULL, pid_start = NULL
+       started_at = NULL, completed_at = NULL, duration = NULL, worker_id = NULL, pid = NULL, pid_start = NULL
  WHERE id = :id AND worker_id = :worker_id AND attempt = :attempt AND status = 'executing' AND duration IS NULL;
 
 -- name: fail_blocked_dependencies
@@ -114,6 +122,26 @@ UPDATE jobs
         OR EXISTS (SELECT 1 FROM jobs AS d WHERE d.id = jobs.depends_on AND d.status IN ('failed', 'cancelled')))
 RETURNING id, depends_on;
 
+-- name: fail_dependency_cycles
+-- Queued rows whose depends_on chain, through queued rows, comes back to them: none of them can ever start.
+-- The chain keeps the ids it passed (between char(31)s), so a cycle it runs into without closing ends it too.
+WITH RECURSIVE chain (start, next, path, seen) AS (
+    SELECT id, depends_on, id, char(31) || id || char(31) FROM jobs
+     WHERE status = 'queued' AND typeof(id) = 'text' AND typeof(depends_on) = 'text' AND depends_on != id
+    UNION ALL
+    SELECT c.start, j.depends_on, c.path || ' -> ' || j.id, c.seen || j.id || char(31)
+      FROM chain AS c JOIN jobs AS j ON j.id = c.next
+     WHERE j.status = 'queued' AND typeof(j.depends_on) = 'text' AND c.next != c.start
+       AND instr(c.seen, char(31) || j.id || char(31)) = 0
+)
+UPDATE jobs
+   SET status = 'failed', duration = 0, started_at = NOW_MS, completed_at = NOW_MS,
+       error = 'dependency cycle: ' || (SELECT path || ' -> ' || start FROM chain
+                                         WHERE chain.start = jobs.id AND chain.next = chain.start LIMIT 1)
+               || '; none of these jobs can ever start'
+ WHERE status = 'queued' AND id IN (SELECT start FROM chain WHERE next = start)
+RETURNING id, depends_on;
+
 -- name: has_dependents
 SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND depends_on IS NOT NULL);
 
@@ -127,7 +155,7 @@ SELECT min(run_after) FROM jobs
 UPDATE jobs
    SET status = 'queued', run_after = NULL, exit_code = NULL, error = NULL, started_at = NULL,
        completed_at = NULL, duration = NULL, worker_id = NULL, pid = NULL, pid_start = NULL
- WHERE id = :id AND status IN ('completed', 'failed', 'cancelled')
+ WHERE id = CAST(:id AS TEXT) AND status IN ('completed', 'failed', 'cancelled')
    AND (duration IS NOT NULL OR worker_id IS NULL)  -- a cancelled job whose process is still being stopped waits
 RETURNING id;
 
@@ -157,14 +185,15 @@ SELECT id, attempt, max_attempts, pid, pid_start, node_id FROM jobs
 UPDATE jobs
    SET status = CASE status WHEN 'cancelled' THEN 'cancelled' ELSE 'failed' END, error = :error,
        completed_at = NOW_MS, duration = NOW_MS - started_at
- WHERE id = :id AND worker_id = :worker_id AND attempt = :attempt AND status IN ('executing', 'cancelled')
-   AND duration IS NULL;
+ WHERE id = CAST(:id AS TEXT) AND worker_id = :worker_id AND attempt = :attempt
+   AND status IN ('executing', 'cancelled') AND duration IS NULL;
 
 -- name: requeue_orphan
 UPDATE jobs
-   SET status = 'queued', error = :error, completed_at = NULL, duration = NULL, worker_id = NULL, pid = NULL,
-       pid_start = NULL
- WHERE id = :id AND worker_id = :worker_id AND attempt = :attempt AND status = 'executing' AND duration IS NULL;
+   SET status = 'queued', error = :error, started_at = NULL, completed_at = NULL, duration = NULL, worker_id = NULL,
+       pid = NULL, pid_start = NULL
+ WHERE id = CAST(:id AS TEXT) AND worker_id = :worker_id AND attempt = :attempt AND status = 'executing'
+   AND duration IS NULL;
 
 -- name: workers
 SELECT w.id, w.host, w.pid, w.started_at, w.heartbeat_at, w.stopped_at, w.stop_reason, NOW_MS AS now,
@@ -176,20 +205,21 @@ SELECT w.id, w.host, w.pid, w.started_at, w.heartbeat_at, w.stopped_at, w.stop_r
 SELECT id, attempt FROM jobs
  WHERE status = 'cancelled' AND worker_id = :worker_id AND id IN (SELECT value FROM json_each(:ids));
 
--- name: cancel_jobs
--- What `nexus-jobd cancel` does: exactly NexusCLI's cancel, limited to jobs that have not ended.
+-- name: cancel_job
+-- What `nexus-jobd cancel` does: exactly NexusCLI's cancel, limited to a job that has not ended.
 UPDATE jobs SET status = 'cancelled', completed_at = :now
- WHERE id IN (SELECT value FROM json_each(:ids)) AND status IN ('queued', 'executing')
+ WHERE id = CAST(:id AS TEXT) AND status IN ('queued', 'executing')
 RETURNING id;
 
 -- name: insert_job
 INSERT INTO jobs (id, node_id, tool, command, status, created_at, cwd, env, priority, timeout_ms, max_attempts,
                   run_after, depends_on)
 VALUES (:id, :node_id, :tool, :command, 'queued', :now, :cwd, :env, :priority, :timeout_ms, :max_attempts,
-        :run_after, :depends_on);
+        :run_after, CAST(:depends_on AS TEXT));  -- CAST: a RawText id (bound as a BLOB) back to its TEXT
 
 -- name: get_job
-SELECT * FROM jobs WHERE id = :id;
+-- CAST: an id read back as RawText (not valid UTF-8) is bound as a BLOB; this makes it the stored TEXT again.
+SELECT * FROM jobs WHERE id = CAST(:id AS TEXT);
 
 -- name: find_job_ids
 -- Ids starting with :prefix (a unique prefix names a job); LIKE would treat _ and % in ids as wildcards.
@@ -217,7 +247,9 @@ SELECT (SELECT count(*) FROM jobs WHERE status = 'queued'),
 -- Finished jobs that ended before :before (epoch ms), of the statuses in :statuses (a JSON array).
 DELETE FROM jobs
  WHERE status IN (SELECT value FROM json_each(:statuses)) AND completed_at < :before
-   AND status IN ('completed', 'failed', 'cancelled');
+   AND status IN ('completed', 'failed', 'cancelled')
+   AND NOT EXISTS (SELECT 1 FROM jobs AS q WHERE q.status = 'queued' AND q.depends_on = jobs.id);
+-- A row a queued row depends on stays: deleting it would fail that row ("depends_on ... is no job").
 
 -- name: upsert_node
 -- A configured node: created if new (status offline until its first probe), its address kept current.

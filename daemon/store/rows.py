@@ -7,6 +7,23 @@ from enum import StrEnum
 from typing import Any
 
 
+class RawText(bytes):
+    """TEXT that another program stored and that is not valid UTF-8 (e.g. `CAST(X'6a6f62ff' AS TEXT)`), kept as
+    its bytes: one value for every text column the daemon reads. A row holding one fails with the reason (never
+    the daemon); bound back as a parameter it is a BLOB, which `CAST(:id AS TEXT)` in a query turns back into the
+    stored TEXT, so the row can still be found; printed, it shows its bad bytes as \\x escapes."""
+
+    def __str__(self) -> str:
+        return self.decode("utf-8", "backslashreplace")
+
+    def bad_byte(self) -> int:
+        try:
+            self.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return e.start
+        return -1
+
+
 class JobStatus(StrEnum):
     QUEUED = "queued"
     EXECUTING = "executing"

@@ -14,10 +14,10 @@ from tests.conftest import NEXUS_JOBD, Daemon, Db, wait_for
 BAD_ROWS: list[tuple[str, dict[str, Any], str]] = [
     ("unknown tool", {"tool": "powershell", "command": "dir"}, "unknown tool 'powershell'"),
     ("tool of the wrong type (TEXT affinity stores '7')", {"tool": 7, "command": "true"}, "unknown tool '7'"),
-    ("tool is a blob that is not UTF-8", {"tool": b"\xffbash", "command": "true"}, "tool is a blob"),
+    ("tool is a blob", {"tool": b"\xffbash", "command": "true"}, "tool must be text, got blob"),
     ("empty command", {"command": ""}, "command is empty"),
     ("blank command", {"command": "   \n\t"}, "command is empty"),
-    ("command is a non-UTF-8 blob", {"command": b"\xff\xfe echo"}, "not valid UTF-8"),
+    ("command is a blob", {"command": b"\xff\xfe echo"}, "command must be text, got blob"),
     ("command has a NUL byte", {"command": "echo a\x00b"}, "NUL byte"),
     ("command too long for one argument", {"command": "echo " + "x" * 200_000}, "longer than"),
     ("env is not JSON", {"command": "true", "env": "{nope"}, "env is not valid JSON"),

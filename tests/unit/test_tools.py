@@ -10,7 +10,7 @@ import pytest
 
 from daemon.config import TOOLS
 from daemon.errors import BadJob
-from daemon.store.rows import ClaimedJob
+from daemon.store.rows import ClaimedJob, RawText
 from daemon.tools import MAX_COMMAND_BYTES, Command, RunPolicy, build, parse_env, policy, strip_metadata
 from tests.conftest import require
 
@@ -100,8 +100,10 @@ def test_only_containers_started_by_the_job_are_labelled() -> None:
     assert build(job("ps -a", "docker"), TOOLS).container_labels == ()
 
 
-def test_a_blob_command_that_is_valid_utf8_is_decoded() -> None:
-    assert argv("echo é".encode()) == ("bash", "-c", "echo é")
+def test_a_blob_is_refused_even_when_its_bytes_are_valid_utf8() -> None:
+    """Decided (issue 15): text columns hold TEXT; a BLOB fails the row like a BLOB id always did."""
+    with pytest.raises(BadJob, match=r"command must be text, got blob"):
+        argv("echo é".encode())
 
 
 # -- NexusCLI's metadata line ---------------------------------------------------------------------------------
@@ -146,7 +148,9 @@ def test_a_command_that_is_only_metadata_is_empty() -> None:
     (job("echo a\x00b"), r"command contains a NUL byte"),
     (job(42), r"command must be text, got int 42"),
     (job(None), r"command must be text, got NoneType"),
-    (job(b"echo \xff\xfe"), r"command is a blob that is not valid UTF-8 \(byte 5\)"),
+    (job(b"echo \xff\xfe"), r"command must be text, got blob"),
+    (job(RawText(b"echo \xff\xfe")), r"command is not valid UTF-8 text \(byte 5: 'echo \\\\xff\\\\xfe'\)"),
+    (job("ls", RawText(b"ba\xffsh")), r"tool is not valid UTF-8 text \(byte 2"),
     (job("commit -m 'unbalanced", "git"), r"command cannot be split into git arguments: No closing quotation"),
     (job('run "alpine', "docker"), r"command cannot be split into docker arguments"),
     (job("git", "git"), r"command has no git arguments"),
@@ -201,8 +205,11 @@ def test_env_values_strings_numbers_and_null() -> None:
                               "A B": "spaces ok"}
 
 
-def test_env_as_a_utf8_blob_is_accepted() -> None:
-    assert parse_env(b'{"A": "\xc3\xa9"}') == {"A": "é"}
+def test_env_as_a_blob_or_as_text_that_is_not_utf8_is_refused() -> None:
+    with pytest.raises(BadJob, match=r"env must be a JSON object in a TEXT column, got blob"):
+        parse_env(b'{"A": "\xc3\xa9"}')
+    with pytest.raises(BadJob, match=r"env is not valid UTF-8 text \(byte 7\)"):
+        parse_env(RawText(b'{"A": "\xff"}'))
 
 
 @pytest.mark.parametrize(("raw", "message"), [

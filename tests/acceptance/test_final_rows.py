@@ -1,0 +1,93 @@
+"""Every row ends final by the README's rule, on every path into `cancelled`; prune never breaks a waiting row;
+dependency cycles fail at once (issue 15 items 10 and 11, issue 13 item 4)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable
+from typing import Any
+
+from tests.conftest import NEXUS_JOBD, Daemon, Db, now_ms, wait_for
+
+GUARDED_CANCEL = ("UPDATE jobs SET status = 'cancelled', completed_at = ? "
+                  "WHERE id = ? AND status IN ('queued', 'executing')")
+
+
+def is_final(row: dict[str, Any]) -> bool:
+    """The README's rule, as a program polling the table applies it."""
+    return row["duration"] is not None or (row["status"] == "cancelled" and row["started_at"] is None)
+
+
+def cancel(db: Db, job_id: str) -> None:
+    assert db.conn.execute(GUARDED_CANCEL, (now_ms(), job_id)).rowcount == 1
+
+
+def test_cancelled_before_it_started_or_while_it_runs_is_final(daemon: Daemon, db: Db) -> None:
+    waiting = db.insert("true", run_after=now_ms() + 3_600_000)
+    cancel(db, waiting)
+    assert is_final(db.job(waiting))
+    running = db.insert("sleep 30")
+    wait_for(lambda: db.job(running)["pid"], message="job running")
+    cancel(db, running)
+    row = db.wait_status(running, ("cancelled",))
+    assert is_final(row) and row["duration"] is not None
+
+
+def test_cancelled_while_waiting_for_a_retry_is_final(daemon_factory: Callable[..., Daemon], db: Db) -> None:
+    daemon_factory("[daemon]\nretry_backoff_ms = 3600000\nretry_backoff_max_ms = 3600000\n").start()
+    job_id = db.insert("echo try; exit 3", max_attempts=3)
+    row = wait_for(lambda: (r := db.job(job_id))["status"] == "queued" and r["attempt"] == 1 and r, timeout=15,
+                   message="the first attempt failed and waits for its retry")
+    assert row["started_at"] is None and row["exit_code"] == 3 and row["stdout"] == "try\n"  # last attempt kept
+    cancel(db, job_id)
+    assert is_final(db.job(job_id))
+
+
+def test_cancelled_after_a_shutdown_requeue_is_final(daemon_factory: Callable[..., Daemon], db: Db) -> None:
+    first = daemon_factory("[daemon]\nshutdown_grace_ms = 0\nkill_grace_ms = 100\n").start()
+    job_id = db.insert("sleep 30", max_attempts=2)
+    wait_for(lambda: db.job(job_id)["pid"], message="job running")
+    assert first.stop() == 0
+    row = db.job(job_id)
+    assert row["status"] == "queued" and row["started_at"] is None, row
+    cancel(db, job_id)
+    assert is_final(db.job(job_id))
+
+
+def cli(db: Db, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_JOBD_")} | {"HOME": str(db.path.parent)}
+    return subprocess.run([*NEXUS_JOBD, "--db", str(db.path), *args], capture_output=True, text=True, timeout=60,
+                          env=env)
+
+
+def test_prune_keeps_a_row_that_a_queued_row_depends_on(daemon: Daemon, db: Db) -> None:
+    parent = db.insert("echo parent")
+    old = db.insert("echo old")
+    db.wait_status(parent)
+    db.wait_status(old)
+    child = db.insert("echo child", depends_on=parent, run_after=now_ms() + 3_000)
+    result = cli(db, "prune", "--older-than", "0s")
+    assert result.returncode == 0, result.stderr
+    ids = {r[0] for r in db.conn.execute("SELECT id FROM jobs")}
+    assert parent in ids and old not in ids
+    row = db.wait_status(child, timeout=20)
+    assert (row["status"], row["stdout"]) == ("completed", "child\n")
+
+
+def test_a_dependency_cycle_of_any_length_fails_at_once(daemon: Daemon, db: Db) -> None:
+    db.conn.execute("BEGIN")
+    a, b, c = "cycle-a", "cycle-b", "cycle-c"
+    db.insert("true", id=a, depends_on=b)
+    db.insert("true", id=b, depends_on=c)
+    db.insert("true", id=c, depends_on=a)
+    two_x = db.insert("true", id="cycle-x", depends_on="cycle-y")
+    two_y = db.insert("true", id="cycle-y", depends_on="cycle-x")
+    outside = db.insert("true", depends_on=a)
+    db.conn.execute("COMMIT")
+    for job_id in (a, b, c):
+        error = db.wait_status(job_id)["error"]
+        assert error.startswith("dependency cycle: ") and all(i in error for i in (a, b, c)), error
+    for job_id in (two_x, two_y):
+        assert "dependency cycle: " in db.wait_status(job_id)["error"]
+    assert "ended failed" in db.wait_status(outside)["error"]
