@@ -30,8 +30,9 @@ def sqljs_insert(db_path: Path, job_id: str, command: str = "echo from-sqljs") -
     """NexusCLI 0.10 queues a job: returns the time its last whole-file write ended."""
     require(shutil.which("node") is not None and (NODE_DIR / "node_modules" / "sql.js").is_dir(),
             "Node.js and sql.js are not installed (scripts/install-test-deps installs them)")
-    subprocess.run(["node", str(NODE_DIR / "sqljs_writer.js"), str(db_path), job_id, command], check=True,
-                   timeout=60, capture_output=True)
+    result = subprocess.run(["node", str(NODE_DIR / "sqljs_writer.js"), str(db_path), job_id, command],
+                            timeout=60, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
     return time.time()
 
 
@@ -173,3 +174,43 @@ def test_no_checkpoint_on_close_holds_on_this_python(tmp_path: Path) -> None:
         conn.close()
         results[protect] = digest(path) == before
     assert results == {False: False, True: True}
+
+
+def test_systemd_hears_it_on_the_status_line(db: Db, daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    from tests.acceptance.test_service import NotifySocket
+
+    receiver = NotifySocket(str(tmp_path / "notify.sock"))
+    try:
+        daemon = daemon_factory(env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")}).start()
+        wait_for(lambda: receiver.with_field("READY=1"), message="READY=1")
+        db.close()
+        sqljs_insert(db.path, "from-sqljs")
+        assert daemon.proc is not None and daemon.proc.wait(30) == EXIT_REWRITTEN
+        lines = [m for _, m in receiver.collect() if "STATUS=" in m]
+        assert any("was rewritten by another program outside SQLite's locking" in m for m in lines), lines
+        assert "STOPPING=1" in lines[-1]
+    finally:
+        receiver.sock.close()
+
+
+def test_runit_does_not_restart_it(tmp_path: Path) -> None:
+    """termux-services: the project's `finish` script takes the service down on exit 65, where runsv would
+    otherwise start the daemon again at once, on the same rewritten file."""
+    from tests.acceptance.test_termux_service import Runit
+
+    require(all(shutil.which(p) for p in ("runsv", "sv", "svlogd")), "runit is not installed (Debian: runit)")
+    runit = Runit(tmp_path)
+    try:
+        pid = wait_for(runit.daemon_pid, timeout=20, message="runsv to start the daemon")
+        wait_for(lambda: runit.events("dispatch.started"), timeout=20, message="daemon ready")
+        sqljs_insert(runit.db_path, "from-sqljs")
+        wait_for(lambda: runit.sv("status").startswith("down:"), timeout=30, message="the service down")
+        assert runit.events("db.rewritten")
+        status = runit.sv("status")
+        # Down and no longer wanted up: runsv will not start it again (without finish it says ", want up" while
+        # it waits to restart). "normally up": it was finish's doing, not a person's `sv down` before.
+        assert "normally up" in status and "want up" not in status, status
+        assert runit.events("daemon.stopped")[-1]["exit_code"] == EXIT_REWRITTEN
+        assert runit.daemon_pid() is None and pid > 0
+    finally:
+        runit.close()

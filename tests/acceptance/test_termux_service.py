@@ -38,6 +38,7 @@ class Runit:
         self.home.mkdir()
         (self.prefix / "bin" / "nexus-jobd").symlink_to(VENV_BIN / "nexus-jobd")  # pip's $PREFIX/bin script
         _install(SERVICE / "run", self.service / "run")
+        _install(SERVICE / "finish", self.service / "finish")
         _install(SERVICE / "log" / "run", self.service / "log" / "run")
         self.env = {"PREFIX": str(self.prefix), "HOME": str(self.home), "LOGDIR": str(self.logdir),
                     "PATH": f"{self.prefix / 'bin'}:/usr/bin:/bin:/usr/sbin:/sbin"}

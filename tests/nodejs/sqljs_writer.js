@@ -10,8 +10,15 @@ async function main() {
   const SQL = await initSqlJs();
   const db = new SQL.Database(fs.readFileSync(dbPath));
   const save = () => fs.writeFileSync(dbPath, Buffer.from(db.export()));
-  db.run('CREATE TABLE IF NOT EXISTS api_keys (provider TEXT PRIMARY KEY, api_key TEXT NOT NULL, '
-         + 'created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL)');  // initSchema() on every start
+  // initSchema() on every start (the jobs table and one of NexusCLI's own, abridged).
+  db.run(`CREATE TABLE IF NOT EXISTS jobs (
+      id TEXT PRIMARY KEY, conversation_id TEXT, message_id TEXT, node_id TEXT NOT NULL, tool TEXT NOT NULL,
+      command TEXT NOT NULL,
+      status TEXT NOT NULL CHECK(status IN ('queued', 'executing', 'completed', 'failed', 'cancelled')),
+      exit_code INTEGER, stdout TEXT, stderr TEXT, duration INTEGER, created_at INTEGER NOT NULL,
+      started_at INTEGER, completed_at INTEGER);
+    CREATE TABLE IF NOT EXISTS api_keys (provider TEXT PRIMARY KEY, api_key TEXT NOT NULL,
+      created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);`);
   save();
   const stmt = db.prepare('INSERT INTO jobs (id, conversation_id, message_id, node_id, tool, command, status, '
                           + 'created_at) VALUES (?, ?, ?, ?, ?, ?, \'queued\', ?)');
