@@ -187,7 +187,10 @@ def db_path(tmp_path: Path) -> Path:
 @pytest.fixture
 def db(db_path: Path) -> Iterator[Db]:
     """The database after the daemon's migrations, opened as another program would."""
-    subprocess.run([*NEXUS_JOBD, "--db", str(db_path), "db", "migrate"], check=True, capture_output=True)
+    # HOME is the test's directory and no NEXUS_JOBD_* setting leaks in: no user config file is picked up.
+    env = {k: v for k, v in os.environ.items() if k not in ("NEXUS_JOBD_CONFIG", "NEXUS_JOBD_DB")}
+    subprocess.run([*NEXUS_JOBD, "--db", str(db_path), "db", "migrate"], check=True, capture_output=True,
+                   env={**env, "HOME": str(db_path.parent)})
     handle = Db(db_path)
     yield handle
     handle.close()
