@@ -204,12 +204,12 @@ def test_runit_does_not_restart_it(tmp_path: Path) -> None:
         pid = wait_for(runit.daemon_pid, timeout=20, message="runsv to start the daemon")
         wait_for(lambda: runit.events("dispatch.started"), timeout=20, message="daemon ready")
         sqljs_insert(runit.db_path, "from-sqljs")
-        wait_for(lambda: runit.sv("status").startswith("down:"), timeout=30, message="the service down")
+        # Down and no longer wanted up: runsv will not start it again. Without finish, sv says ", want up" while
+        # runsv waits to restart it, and then it runs again.
+        status = wait_for(lambda: (st := runit.sv("status")).startswith("down:") and "want up" not in st and st,
+                          timeout=30, message="the service down and not wanted up")
+        assert "normally up" in status, status  # finish's doing, not a person's `sv down` before
         assert runit.events("db.rewritten")
-        status = runit.sv("status")
-        # Down and no longer wanted up: runsv will not start it again (without finish it says ", want up" while
-        # it waits to restart). "normally up": it was finish's doing, not a person's `sv down` before.
-        assert "normally up" in status and "want up" not in status, status
         assert runit.events("daemon.stopped")[-1]["exit_code"] == EXIT_REWRITTEN
         assert runit.daemon_pid() is None and pid > 0
     finally:
