@@ -116,7 +116,7 @@ def _check_host(config: Config) -> None:
     """What the config asks of this host: a working directory, a private database, limits it can set."""
     if not config.default_cwd.is_dir():
         raise ConfigError(
-            f"{config.source}: [daemon] default_cwd = {str(config.default_cwd)!r} is not a directory; "
+            f"[daemon] default_cwd = {str(config.default_cwd)!r} (in {config.settings_file}) is not a directory; "
             "create it or set default_cwd to an existing directory (jobs without a cwd run there)"
         )
     _check_database_access(config)

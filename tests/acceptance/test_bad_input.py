@@ -62,7 +62,7 @@ def test_200_bad_rows_each_fail_with_a_reason_and_good_rows_complete(daemon: Dae
 def test_invalid_config_stops_startup_naming_file_key_and_fix(db_path: Path,
                                                               daemon_factory: Callable[..., Daemon]) -> None:
     cases = {
-        "[daemon]\nmax_concurrent = 'eight'\n": ("[daemon] max_concurrent", "expected an integer >= 1"),
+        "[daemon]\nmax_concurrent = 'eight'\n": ("[daemon] max_concurrent", "expected an integer from 1 to 10000"),
         "[daemon]\nflush_intervl_ms = 100\n": ("unknown key 'flush_intervl_ms'", "did you mean 'flush_interval_ms'"),
         "[daemon\nmax_concurrent = 2\n": ("not valid TOML", "line 1"),
         "[daemon]\nlog_level = 'loud'\n": ("[daemon] log_level", "one of debug, info, warning, error"),

@@ -215,9 +215,10 @@ def test_heartbeats_on_a_full_disk_skip_a_round_and_never_stop_the_daemon(small_
 
 def test_limits_this_host_refuses_stop_start_up_with_the_key_and_the_fix(
         db: Db, daemon_factory: Callable[..., Daemon]) -> None:
-    refused = daemon_factory(config="[nodes.localhost.limits]\nopen_files = 1000000000000\n").start(wait_ready=False)
+    # The most the config takes, and above any host's fs.nr_open: refused by every host.
+    refused = daemon_factory(config="[nodes.localhost.limits]\nopen_files = 2147483647\n").start(wait_ready=False)
     assert refused.proc is not None and refused.proc.wait(15) == 2
     log = refused.log()
     assert str(refused.config_path) in log, log
-    assert "[nodes.localhost.limits] open_files = 1000000000000 cannot be set on this host" in log, log
+    assert "[nodes.localhost.limits] open_files = 2147483647 cannot be set on this host" in log, log
     assert "ulimit -Ha" in log
