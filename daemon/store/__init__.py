@@ -202,6 +202,8 @@ class Store:
             return
         if self.check_rewritten() is None:
             with contextlib.suppress(sqlite3.Error):
+                if self._daemon:  # leave a short WAL behind, but never hold a stop up behind another's reader
+                    await self._conn.execute("PRAGMA busy_timeout = 200")
                 await self._conn.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if self._daemon else 'PASSIVE'})")
         self._closed = True
         if self._probe is not None:
