@@ -4,43 +4,82 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import re
 import shlex
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 import anyio
 
 from daemon import __version__, config, service
 from daemon import logging as log
-from daemon.errors import ConfigError, DatabaseRewritten, JobdError
-from daemon.store import JobStatus, Store, now_ms
+from daemon.errors import ConfigError, DatabaseError, DatabaseRewritten, JobdError
+from daemon.store import DbError, JobStatus, Store, now_ms
+from daemon.tools import MAX_TIMEOUT_MS
 
 _MARKER = re.compile(r"\n\[nexus-jobd: \d+ bytes of \w+ omitted; (\d+) bytes in all\]\n")
 _FOLLOW_POLL_S = 0.1
+_DAEMON_CHECK_S = 1.0  # while following: how often to look for a live daemon that serves the job's node
+_NO_DAEMON_REPEAT_S = 15.0  # and how often to say again that there is none
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # SQLite's INTEGER
+_MAX_ATTEMPTS = 1000  # tools.policy's bound on max_attempts (tools.py has no constant of it to import)
+_UNITS_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_MAX_AGE_DAYS = 36500  # prune --older-than: a century; no job ended longer ago than that
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
 
-async def _open(cfg: config.Config) -> Store:
-    """An existing database only: a typo in --db must not create an empty one that no daemon reads."""
-    store = await Store.open(cfg.db_path, busy_timeout_ms=cfg.busy_timeout_ms, create=False)
-    await store.migrate()  # a database NexusCLI made and no daemon opened yet gets the daemon's columns
+async def _open(cfg: config.Config, *, writes: bool) -> Store:
+    """An existing database only: a typo in --db must not create an empty one that no daemon reads. A command
+    that only reads also works on a file this user may not write: opened read-only, and then not migrated."""
+    store = await Store.open(cfg.db_path, busy_timeout_ms=cfg.busy_timeout_ms, create=False,
+                             read_only_ok=not writes)
+    if store.read_only:
+        return store
+    try:
+        await store.migrate()  # a database NexusCLI made and no daemon opened yet gets the daemon's columns
+    except BaseException as e:
+        await store.close()  # else aiosqlite's thread (not a daemon thread) keeps the process alive for ever
+        if isinstance(e, DbError):
+            raise DatabaseError(f"{cfg.db_path}: not a usable database: adding the daemon's tables and columns "
+                                f"failed: {e}") from e
+        raise
     return store
 
 
-def _with_store(cfg: config.Config, action: Callable[[Store], Awaitable[int]]) -> int:
+def _with_store(cfg: config.Config, action: Callable[[Store], Awaitable[int]], *, writes: bool) -> int:
     async def main() -> int:
-        store = await _open(cfg)
+        store = await _open(cfg, writes=writes)
         try:
             return await action(store)
         finally:
             await store.close()
 
     return anyio.run(main)
+
+
+def _text(value: Any) -> str:
+    """A value as a person reads it. TEXT that is not valid UTF-8 comes from the store as bytes: shown with a
+    \\xNN escape for each byte that does not decode (`job\\xff`), never as Python's b'...'."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return str(value)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return _text(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, indent=2, default=_json_default)
 
 
 def _age(ms: int | None) -> str:
@@ -55,6 +94,13 @@ def _age(ms: int | None) -> str:
 
 def _duration(ms: Any) -> str:
     return f"{ms / 1000:.2f}s" if isinstance(ms, int) else "-"
+
+
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
+    lines = [header, *rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)) + "  " + line[-1]
+                     for line in lines)
 
 
 class _Follower:
@@ -98,29 +144,63 @@ def _ended(row: dict[str, Any]) -> bool:
     return row.get("duration") is not None or row.get("worker_id") is None
 
 
-async def _follow(store: Store, job_id: str, *, follow: bool) -> dict[str, Any]:
+@dataclass
+class _Watch:
+    """A followed job as last seen (what to say on Ctrl-C), and when we last said that no daemon serves it."""
+
+    job_id: Any = None
+    status: Any = None
+    checked_at: float = -math.inf  # monotonic time of the last look for a live daemon
+    warned_at: float | None = None  # when we last said there is none; None since one was seen
+
+
+async def _follow(store: Store, cfg: config.Config, job_id: Any, *, follow: bool,
+                  watch: _Watch | None = None) -> dict[str, Any]:
+    watch = watch or _Watch()
+    watch.job_id = job_id
     out, err = _Follower(sys.stdout), _Follower(sys.stderr)
     attempt = None
     while True:
         row = await store.get_job(job_id)
         if row is None:
-            raise JobdError(f"job {job_id} was deleted while being followed")
+            raise JobdError(f"job {_text(job_id)} was deleted while being followed")
+        watch.status = row["status"]
         if attempt is not None and row.get("attempt") != attempt and row["status"] != JobStatus.QUEUED:
             # A new attempt starts with empty output: follow it from its beginning.
             print(f"[nexus-jobd: attempt {row.get('attempt')}]", file=sys.stderr, flush=True)
             out, err = _Follower(sys.stdout), _Follower(sys.stderr)
         if row["status"] != JobStatus.QUEUED:
             attempt = row.get("attempt")
-        out.update(row["stdout"] or "", row.get("stdout_bytes"))
-        err.update(row["stderr"] or "", row.get("stderr_bytes"))
+        out.update(_text(row["stdout"] or ""), row.get("stdout_bytes"))
+        err.update(_text(row["stderr"] or ""), row.get("stderr_bytes"))
         if not follow or _ended(row):
             return row
+        await _say_if_unserved(store, cfg, row, watch)
         await anyio.sleep(_FOLLOW_POLL_S)
+
+
+async def _say_if_unserved(store: Store, cfg: config.Config, row: dict[str, Any], watch: _Watch) -> None:
+    """While a followed job has not ended and no live daemon serves its node, say so on stderr: at once, then
+    every _NO_DAEMON_REPEAT_S seconds (a follower would otherwise wait in silence for ever)."""
+    now = time.monotonic()
+    if now - watch.checked_at < _DAEMON_CHECK_S:
+        return
+    watch.checked_at = now
+    if await store.live_daemons_serving(row["node_id"], lease_ttl_ms=cfg.lease_ttl_ms):
+        watch.warned_at = None
+        return
+    if watch.warned_at is not None and now - watch.warned_at < _NO_DAEMON_REPEAT_S:
+        return
+    watch.warned_at = now
+    state = "queued" if row["status"] == JobStatus.QUEUED else str(row["status"])
+    print(f"nexus-jobd: no live daemon serves node '{_text(row['node_id'])}' on {cfg.db_path}: job "
+          f"{_text(row['id'])} stays {state} until one does (start one with `nexus-jobd run`; `nexus-jobd status` "
+          "lists the daemons)", file=sys.stderr, flush=True)
 
 
 def _exit_code_of(row: dict[str, Any]) -> int:
     if row.get("error"):
-        print(f"nexus-jobd: job {row['id']} {row['status']}: {row['error']}", file=sys.stderr)
+        print(f"nexus-jobd: job {_text(row['id'])} {row['status']}: {_text(row['error'])}", file=sys.stderr)
     code = row.get("exit_code")
     if isinstance(code, int):
         return min(code, 255)
@@ -134,76 +214,82 @@ def cmd_run(cfg: config.Config, args: argparse.Namespace) -> int:
 
 
 def cmd_submit(cfg: config.Config, args: argparse.Namespace) -> int:
-    # One argument is the command as written; several are argv the shell already split: quote them back.
-    command = shlex.join(args.command) if len(args.command) > 1 else (args.command[0] if args.command else "")
-    if not command.strip():
-        raise JobdError("nothing to run: give the command after --, e.g. `nexus-jobd submit -- echo hi`")
-    env: dict[str, str] = {}
-    for item in args.env:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise JobdError(f"--env {item!r}: expected NAME=VALUE")
-        env[name] = value
+    node = args.node or cfg.local_node
+    cwd = args.cwd
+    if cwd is not None and node == cfg.local_node:
+        # Relative to where the user typed it, not to the daemon's directory. A remote node's relative cwd stays
+        # relative: to the login directory there.
+        cwd = os.path.abspath(cwd)
+    watch = _Watch()
 
     async def action(store: Store) -> int:
-        run_after = now_ms() + int(args.delay * 1000) if args.delay else None
-        depends_on = await store.resolve_id(args.depends_on) if args.depends_on else None
-        job_id = await store.insert_job(node_id=args.node or cfg.local_node, tool=args.tool, command=command,
-                                        cwd=args.cwd, env=env or None, priority=args.priority,
-                                        timeout_ms=int(args.timeout * 1000) if args.timeout else None,
-                                        max_attempts=args.max_attempts, run_after=run_after,
-                                        depends_on=depends_on)
+        run_after = now_ms() + args.delay_ms if args.delay_ms else None
+        depends_on = await store.resolve_id(args.depends_on) if args.depends_on is not None else None
+        job_id = await store.insert_job(node_id=node, tool=args.tool, command=args.command_text, cwd=cwd,
+                                        env=dict(args.env) or None, priority=args.priority,
+                                        timeout_ms=args.timeout_ms, max_attempts=args.max_attempts,
+                                        run_after=run_after, depends_on=depends_on)
         print(job_id, file=sys.stderr if args.follow else sys.stdout, flush=True)
         if not args.follow:
             return 0
-        return _exit_code_of(await _follow(store, job_id, follow=True))
+        watch.job_id = job_id
+        return _exit_code_of(await _follow(store, cfg, job_id, follow=True, watch=watch))
 
-    return _with_store(cfg, action)
+    try:
+        return _with_store(cfg, action, writes=True)
+    except KeyboardInterrupt:
+        if watch.job_id is not None and watch.status in (JobStatus.QUEUED, JobStatus.EXECUTING, None):
+            state = "running" if watch.status == JobStatus.EXECUTING else "queued"
+            print(f"nexus-jobd: stopped following; job {watch.job_id} was left {state} (a daemon "
+                  f"{'still runs it' if state == 'running' else 'will run it'}): cancel it with "
+                  f"`nexus-jobd cancel {watch.job_id}`", file=sys.stderr, flush=True)
+        return 130
 
 
 def _ps_table(rows: Sequence[dict[str, Any]]) -> str:
     header = ("ID", "STATUS", "NODE", "TOOL", "EXIT", "TRY", "DURATION", "AGE", "COMMAND / ERROR")
-    lines = [header]
+    lines = []
     for row in rows:
-        text = str(row["error"] if row["error"] and row["status"] != JobStatus.COMPLETED else row["command"])
+        text = _text(row["error"] if row["error"] and row["status"] != JobStatus.COMPLETED else row["command"])
         text = text.replace("\n", " ")
-        lines.append((str(row["id"])[:8], str(row["status"]), str(row["node_id"]), str(row["tool"]),
-                      "-" if row["exit_code"] is None else str(row["exit_code"]),
-                      f"{row['attempt']}/{row['max_attempts']}", _duration(row["duration"]),
+        lines.append((_text(row["id"])[:8], _text(row["status"]), _text(row["node_id"]), _text(row["tool"]),
+                      "-" if row["exit_code"] is None else _text(row["exit_code"]),
+                      f"{_text(row['attempt'])}/{_text(row['max_attempts'])}", _duration(row["duration"]),
                       _age(row["created_at"]), text[:60] + ("…" if len(text) > 60 else "")))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)) + "  " + line[-1]
-                     for line in lines)
+    return _table(header, lines)
 
 
 def cmd_ps(cfg: config.Config, args: argparse.Namespace) -> int:
     async def action(store: Store) -> int:
         rows = await store.list_jobs(status=args.status, node_id=args.node, limit=args.limit)
-        print(json.dumps(rows, indent=2) if args.json else _ps_table(rows))
+        print(_dumps(rows) if args.json else _ps_table(rows))
         return 0
 
-    return _with_store(cfg, action)
+    return _with_store(cfg, action, writes=False)
 
 
 def cmd_show(cfg: config.Config, args: argparse.Namespace) -> int:
     async def action(store: Store) -> int:
-        row = await store.get_job(await store.resolve_id(args.id))
-        assert row is not None
+        job_id = await store.resolve_id(args.id)  # as the store has it: bytes for an id that is not UTF-8
+        row = await store.get_job(job_id)
+        if row is None:
+            raise JobdError(f"job {_text(job_id)} was deleted just now")
         if args.json:
-            print(json.dumps(row, indent=2))
+            print(_dumps(row))
             return 0
         lease = await _lease_holder(store, row.get("worker_id"))
         for key, value in row.items():
+            shown = "-" if value is None else _text(value)
             if key == "worker_id" and value is not None:
-                value = f"{value} ({lease})"
+                shown = f"{shown} ({lease})"
             if key in ("stdout", "stderr"):
-                value = f"{len(value or '')} characters (`nexus-jobd logs {str(row['id'])[:8]}`)"
+                shown = f"{len(_text(value or ''))} characters (`nexus-jobd logs {_text(row['id'])[:8]}`)"
             elif key in ("created_at", "started_at", "completed_at", "run_after") and isinstance(value, int):
-                value = f"{value}  ({_age(value)} ago)"
-            print(f"{key:>14}: {'-' if value is None else value}")
+                shown = f"{value}  ({_age(value)} ago)"
+            print(f"{key:>14}: {shown}")
         return 0
 
-    return _with_store(cfg, action)
+    return _with_store(cfg, action, writes=False)
 
 
 async def _lease_holder(store: Store, worker_id: Any) -> str:
@@ -211,9 +297,9 @@ async def _lease_holder(store: Store, worker_id: Any) -> str:
     for worker in await store.workers():
         if worker["id"] == worker_id:
             if worker["stopped_at"] is not None:
-                return f"stopped: {worker['stop_reason']}"
+                return f"stopped: {_text(worker['stop_reason'])}"
             age_s = (worker["now"] - worker["heartbeat_at"]) / 1000
-            return f"pid {worker['pid']} on {worker['host']}, heartbeat {age_s:.1f}s ago"
+            return f"pid {worker['pid']} on {_text(worker['host'])}, heartbeat {age_s:.1f}s ago"
     return "unknown daemon"
 
 
@@ -221,11 +307,13 @@ def cmd_retry(cfg: config.Config, args: argparse.Namespace) -> int:
     async def action(store: Store) -> int:
         job_id = await store.resolve_id(args.id)
         if not await store.retry(job_id):
-            raise JobdError(f"job {job_id} has not ended: only completed, failed or cancelled jobs can be retried")
-        print(f"{job_id}: queued again (attempt {(await store.get_job(job_id) or {}).get('attempt', 0) + 1})")
+            raise JobdError(f"job {_text(job_id)} has not ended: only completed, failed or cancelled jobs can be "
+                            "retried")
+        attempt = (await store.get_job(job_id) or {}).get("attempt", 0) + 1
+        print(f"{_text(job_id)}: queued again (attempt {attempt})")
         return 0
 
-    return _with_store(cfg, action)
+    return _with_store(cfg, action, writes=True)
 
 
 def cmd_status(cfg: config.Config, args: argparse.Namespace) -> int:
@@ -234,52 +322,58 @@ def cmd_status(cfg: config.Config, args: argparse.Namespace) -> int:
     async def action(store: Store) -> int:
         workers, counts = await store.workers(), await store.job_counts()
         if args.json:
-            print(json.dumps({"workers": workers, "jobs": counts}, indent=2))
+            print(_dumps({"workers": workers, "jobs": counts}))
             return 0
         print(f"{cfg.db_path}: {counts['executing']} running, {counts['queued']} queued, "
               f"{counts['finished_last_minute']} finished in the last minute, "
               f"{counts['finished_last_hour']} in the last hour")
         for w in workers:
             if w["stopped_at"] is not None:
-                state = f"stopped {_age(w['stopped_at'])} ago ({w['stop_reason']})"
+                state = f"stopped {_age(w['stopped_at'])} ago ({_text(w['stop_reason'])})"
             elif w["now"] - w["heartbeat_at"] > cfg.lease_ttl_ms:
                 state = f"NOT ANSWERING: last heartbeat {_age(w['heartbeat_at'])} ago"
             else:
                 state = f"alive, up {_age(w['started_at'])}, {w['running']} running"
-            print(f"  {w['id']}  pid {w['pid']} on {w['host']}: {state}")
+            print(f"  {_text(w['id'])}  pid {w['pid']} on {_text(w['host'])}: {state}")
         return 0
 
-    return _with_store(cfg, action)
+    return _with_store(cfg, action, writes=False)
+
+
+def _capabilities(text: Any) -> dict[str, Any]:
+    """A node's capabilities column (JSON written by a daemon); what another program put there is shown as such."""
+    try:
+        caps = json.loads(text) if text else {}
+    except ValueError:
+        return {"error": f"capabilities are not JSON: {_text(text)[:60]!r}"}
+    return caps if isinstance(caps, dict) else {"error": "capabilities are not a JSON object"}
 
 
 def cmd_nodes(cfg: config.Config, args: argparse.Namespace) -> int:
     if args.action == "check":
-        if not args.id:
-            raise JobdError("nodes check: which node? e.g. `nexus-jobd nodes check localhost`")
         return _check_node(cfg, args.id)
 
     async def action(store: Store) -> int:
         rows = await store.nodes_overview()
         for row in rows:
-            caps = json.loads(row["capabilities"]) if row["capabilities"] else {}
-            row["capabilities"] = caps
+            row["capabilities"] = _capabilities(row["capabilities"])
             row["heartbeat_age_s"] = (row["now"] - row["last_heartbeat"]) / 1000 if row["last_heartbeat"] else None
         if args.json:
-            print(json.dumps(rows, indent=2))
+            print(_dumps(rows))
             return 0
         header = ("NODE", "STATUS", "HEARTBEAT", "RUNNING", "QUEUED", "TOOLS", "HOST / ERROR")
-        lines = [header]
+        lines = []
         for row in rows:
             caps = row["capabilities"]
             age = "-" if row["heartbeat_age_s"] is None else f"{row['heartbeat_age_s']:.0f}s ago"
-            lines.append((str(row["id"]), str(row["status"]), age, str(row["running"]), str(row["queued"]),
-                          ",".join(caps.get("tools", {})) or "-", str(caps.get("error") or row["hostname"])))
-        widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
-        print("\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)) + "  " + line[-1]
-                        for line in lines))
+            tools = caps.get("tools")
+            lines.append((_text(row["id"]), _text(row["status"]), age, str(row["running"]), str(row["queued"]),
+                          ",".join(map(str, tools)) if isinstance(tools, dict | list) and tools else "-",
+                          _text(caps.get("error") or row["hostname"])))
+        print(_table(header, lines))
         return 0
 
-    return _with_store(cfg, action)
+    return _with_store(cfg, action, writes=False)
 
 
 def _check_node(cfg: config.Config, node_id: str) -> int:
@@ -315,36 +409,26 @@ def cmd_backup(cfg: config.Config, args: argparse.Namespace) -> int:
         print(f"{cfg.db_path} -> {args.path}")
         return 0
 
-    return _with_store(cfg, action)
-
-
-_UNITS_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
-
-
-def _age_ms(text: str) -> int:
-    match = re.fullmatch(r"(\d+)([smhd])", text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number and a unit, e.g. 30d, 12h, 90m")
-    return int(match.group(1)) * _UNITS_MS[match.group(2)]
+    return _with_store(cfg, action, writes=False)
 
 
 def cmd_prune(cfg: config.Config, args: argparse.Namespace) -> int:
     statuses = args.status or ["completed", "failed", "cancelled"]
 
     async def action(store: Store) -> int:
-        deleted = await store.prune(older_than_ms=args.older_than, statuses=statuses)
-        print(f"deleted {deleted} {'/'.join(statuses)} jobs that ended more than {args.older_than_raw} ago")
+        deleted = await store.prune(older_than_ms=args.older_than.ms, statuses=statuses)
+        print(f"deleted {deleted} {'/'.join(statuses)} jobs that ended more than {args.older_than.text} ago")
         return 0
 
-    return _with_store(cfg, action)
+    return _with_store(cfg, action, writes=True)
 
 
 def cmd_logs(cfg: config.Config, args: argparse.Namespace) -> int:
     async def action(store: Store) -> int:
-        await _follow(store, await store.resolve_id(args.id), follow=args.follow)
+        await _follow(store, cfg, await store.resolve_id(args.id), follow=args.follow)
         return 0
 
-    return _with_store(cfg, action)
+    return _with_store(cfg, action, writes=False)
 
 
 def cmd_cancel(cfg: config.Config, args: argparse.Namespace) -> int:
@@ -352,25 +436,31 @@ def cmd_cancel(cfg: config.Config, args: argparse.Namespace) -> int:
         ids = [await store.resolve_id(prefix) for prefix in args.ids]
         done = set(await store.cancel(ids))
         for job_id in ids:
-            print(f"{job_id}: {'cancelled' if job_id in done else 'already finished, left as it is'}")
+            print(f"{_text(job_id)}: {'cancelled' if job_id in done else 'already finished, left as it is'}")
         return 0 if len(done) == len(ids) else 1
 
-    return _with_store(cfg, action)
+    return _with_store(cfg, action, writes=True)
 
 
 def cmd_db(cfg: config.Config, args: argparse.Namespace) -> int:
     async def main() -> int:
-        store = await Store.open(cfg.db_path, busy_timeout_ms=cfg.busy_timeout_ms, create=args.action == "migrate")
+        migrate = args.action == "migrate"
+        store = await Store.open(cfg.db_path, busy_timeout_ms=cfg.busy_timeout_ms, create=migrate,
+                                 read_only_ok=not migrate)
         try:
-            if args.action == "migrate":
-                applied = await store.migrate()
+            if migrate:
+                try:
+                    applied = await store.migrate()
+                except DbError as e:
+                    raise DatabaseError(f"{cfg.db_path}: not a usable database: adding the daemon's tables and "
+                                        f"columns failed: {e}") from e
                 print(f"{cfg.db_path}: " + (f"applied {', '.join(applied)}" if applied else "up to date"))
                 return 0
             problems = await store.check()
             for problem in problems:
                 print(f"{cfg.db_path}: {problem}")
             if not problems:
-                print(f"{cfg.db_path}: ok")
+                print(f"{cfg.db_path}: ok" + (" (read-only for this user)" if store.read_only else ""))
             return 1 if problems else 0
         finally:
             await store.close()
@@ -378,98 +468,201 @@ def cmd_db(cfg: config.Config, args: argparse.Namespace) -> int:
     return anyio.run(main)
 
 
+# -- argument types: a bad value is a usage error (exit 2) that says what is expected --------------------
+
+def _nonempty(what: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"an empty {what} names nothing; give one")
+        return text
+
+    return parse
+
+
+def _integer(low: int, high: int, meaning: str = "") -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range: expected an integer from {low} to "
+                                             f"{high}{meaning}")
+        return value
+
+    return parse
+
+
+def _seconds_ms(low_ms: int, high_ms: int) -> Callable[[str], int]:
+    """Seconds as typed (a decimal number) -> whole milliseconds, within [low_ms, high_ms] after the rounding."""
+    expected = f"expected seconds from {low_ms / 1000:g} to {high_ms // 1000} (a year)"
+
+    def parse(text: str) -> int:
+        try:
+            seconds = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; {expected}") from None
+        if not math.isfinite(seconds):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; {expected}")
+        if not low_ms <= seconds * 1000 <= high_ms:
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range; {expected}")
+        ms = round(seconds * 1000)
+        if not low_ms <= ms <= high_ms:
+            raise argparse.ArgumentTypeError(f"{text!r} is {ms} ms once rounded to milliseconds; {expected}")
+        return ms
+
+    return parse
+
+
+def _env_item(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=VALUE")
+    return name, value
+
+
+class _Age(NamedTuple):
+    ms: int
+    text: str
+
+
+def _age_arg(text: str) -> _Age:
+    match = re.fullmatch(r"(-?\d+)([smhd])", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number and a unit, e.g. 30d, 12h, 90m")
+    number = int(match.group(1))
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: an age cannot be negative (30d: jobs that ended more than "
+                                         "30 days ago)")
+    ms = number * _UNITS_MS[match.group(2)]
+    if ms > _MAX_AGE_DAYS * _UNITS_MS["d"]:
+        raise argparse.ArgumentTypeError(f"{text!r}: at most {_MAX_AGE_DAYS}d (no job ended longer ago)")
+    return _Age(ms, text.strip())
+
+
 # -- parser -----------------------------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """An option's value that starts with '-' and a digit, '.', 'inf' or 'nan' (-5d, -1e3, -inf) is taken as its
+    value, so its check can say what is wrong with it, instead of argparse's "expected one argument"."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)
+
+
+def _global_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    """On the main parser (default None) and on every command (default SUPPRESS, so that not repeating an option
+    there keeps the value given before the command): `nexus-jobd ps --db X` as well as `nexus-jobd --db X ps`."""
+    path = _nonempty("path")
+    parser.add_argument("--config", type=path, default=default,
+                        help=f"config file (default: $NEXUS_JOBD_CONFIG or {config.DEFAULT_CONFIG_PATH})")
+    parser.add_argument("--db", type=path, default=default,
+                        help=f"database file (default: $NEXUS_JOBD_DB or {config.DEFAULT_DB_PATH})")
+    parser.add_argument("--log-level", choices=config.LOG_LEVELS, default=default)
+    parser.add_argument("--log-format", choices=config.LOG_FORMATS, default=default)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nexus-jobd", description="Run jobs queued in the SQLite `jobs` table.")
+    p = _Parser(prog="nexus-jobd", description="Run jobs queued in the SQLite `jobs` table.")
     p.add_argument("--version", action="version", version=f"nexus-jobd {__version__}")
-    p.add_argument("--config", help=f"config file (default: $NEXUS_JOBD_CONFIG or {config.DEFAULT_CONFIG_PATH})")
-    p.add_argument("--db", help=f"database file (default: $NEXUS_JOBD_DB or {config.DEFAULT_DB_PATH})")
-    p.add_argument("--log-level", choices=config.LOG_LEVELS)
-    p.add_argument("--log-format", choices=config.LOG_FORMATS)
+    _global_options(p, None)
+    common = _Parser(add_help=False)
+    _global_options(common, argparse.SUPPRESS)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    sub.add_parser("run", help="run the daemon in the foreground").set_defaults(func=cmd_run)
+    def command(name: str, help: str, func: Callable[[config.Config, argparse.Namespace], int]
+                ) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help, parents=[common])
+        s.set_defaults(func=func, usage_error=s.error)
+        return s
 
-    s = sub.add_parser("submit", help="queue a job; prints its id")
-    s.add_argument("--node", help="node id (default: the local node)")
+    job_id = _nonempty("job id")
+    command("run", "run the daemon in the foreground", cmd_run)
+
+    s = command("submit", "queue a job; prints its id", cmd_submit)
+    s.add_argument("--node", type=_nonempty("node id"), help="node id (default: the local node)")
     s.add_argument("--tool", default="bash", choices=config.TOOLS)
-    s.add_argument("--cwd", help="working directory (default: the daemon's default_cwd)")
-    s.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra variable (repeatable)")
-    s.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
-    s.add_argument("--timeout", type=float, metavar="SECONDS", help="fail with exit code 124 after this long")
-    s.add_argument("--max-attempts", type=int, default=1, metavar="N", help="retry failures up to N attempts in all")
-    s.add_argument("--delay", type=float, metavar="SECONDS", help="do not start before this many seconds from now")
-    s.add_argument("--depends-on", metavar="ID", help="start only after this job completed (fail if it does not)")
+    s.add_argument("--cwd", type=_nonempty("directory"),
+                   help="working directory, relative to this one (default: the daemon's default_cwd)")
+    s.add_argument("--env", action="append", default=[], type=_env_item, metavar="NAME=VALUE",
+                   help="extra variable (repeatable)")
+    s.add_argument("--priority", type=_integer(_INT64_MIN, _INT64_MAX, " (SQLite's INTEGER)"), default=0,
+                   help="higher runs first (default 0)")
+    s.add_argument("--timeout", dest="timeout_ms", type=_seconds_ms(1, MAX_TIMEOUT_MS), metavar="SECONDS",
+                   help="fail with exit code 124 after this long")
+    s.add_argument("--max-attempts", type=_integer(1, _MAX_ATTEMPTS), default=1, metavar="N",
+                   help="retry failures up to N attempts in all")
+    s.add_argument("--delay", dest="delay_ms", type=_seconds_ms(0, MAX_TIMEOUT_MS), metavar="SECONDS",
+                   help="do not start before this many seconds from now")
+    s.add_argument("--depends-on", type=job_id, metavar="ID",
+                   help="start only after this job completed (fail if it does not)")
     s.add_argument("--follow", "-f", action="store_true", help="stream the output; exit with the job's code")
-    s.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND...")
-    s.set_defaults(func=cmd_submit)
+    s.add_argument("command", nargs=argparse.REMAINDER,
+                   help="-- COMMAND...: everything after -- is the job's, options included")
 
-    s = sub.add_parser("ps", help="list jobs, newest first")
+    s = command("ps", "list jobs, newest first", cmd_ps)
     s.add_argument("--status", choices=[st.value for st in JobStatus])
-    s.add_argument("--node")
-    s.add_argument("--limit", type=int, default=20)
+    s.add_argument("--node", type=_nonempty("node id"))
+    s.add_argument("--limit", type=_integer(1, _INT64_MAX), default=20)
     s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_ps)
 
-    s = sub.add_parser("show", help="every column of one job")
-    s.add_argument("id", help="job id or a unique prefix")
+    s = command("show", "every column of one job", cmd_show)
+    s.add_argument("id", type=job_id, help="job id or a unique prefix")
     s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_show)
 
-    s = sub.add_parser("logs", help="print a job's stdout and stderr")
-    s.add_argument("id", help="job id or a unique prefix")
+    s = command("logs", "print a job's stdout and stderr", cmd_logs)
+    s.add_argument("id", type=job_id, help="job id or a unique prefix")
     s.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
-    s.set_defaults(func=cmd_logs)
 
-    s = sub.add_parser("retry", help="queue a finished job again as a new attempt")
-    s.add_argument("id", help="job id or a unique prefix")
-    s.set_defaults(func=cmd_retry)
+    s = command("retry", "queue a finished job again as a new attempt", cmd_retry)
+    s.add_argument("id", type=job_id, help="job id or a unique prefix")
 
-    s = sub.add_parser("cancel", help="cancel queued or running jobs (as NexusCLI does)")
-    s.add_argument("ids", nargs="+", metavar="ID", help="job id or a unique prefix")
-    s.set_defaults(func=cmd_cancel)
+    s = command("cancel", "cancel queued or running jobs (as NexusCLI does)", cmd_cancel)
+    s.add_argument("ids", nargs="+", type=job_id, metavar="ID", help="job id or a unique prefix")
 
-    s = sub.add_parser("nodes", help="nodes: status, heartbeat, jobs, tools; `nodes check ID` probes one now")
+    s = command("nodes", "nodes: status, heartbeat, jobs, tools; `nodes check ID` probes one now", cmd_nodes)
     s.add_argument("action", nargs="?", choices=["list", "check"], default="list")
-    s.add_argument("id", nargs="?", help="with check: the node to probe")
+    s.add_argument("id", nargs="?", type=_nonempty("node id"), help="with check: the node to probe")
     s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_nodes)
 
-    s = sub.add_parser("status", help="the daemons on this database and the state of the queue")
+    s = command("status", "the daemons on this database and the state of the queue", cmd_status)
     s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_status)
 
-    s = sub.add_parser("backup", help="copy the database safely while it is in use (SQLite online backup)")
-    s.add_argument("path", help="the new file to write")
-    s.set_defaults(func=cmd_backup)
+    s = command("backup", "copy the database safely while it is in use (SQLite online backup)", cmd_backup)
+    s.add_argument("path", type=_nonempty("path"), help="the new file to write")
 
-    s = sub.add_parser("prune", help="delete finished jobs older than an age")
-    s.add_argument("--older-than", dest="older_than_raw", required=True, metavar="AGE", help="e.g. 30d, 12h, 90m")
+    s = command("prune", "delete finished jobs older than an age", cmd_prune)
+    s.add_argument("--older-than", type=_age_arg, required=True, metavar="AGE", help="e.g. 30d, 12h, 90m")
     s.add_argument("--status", action="append", choices=["completed", "failed", "cancelled"],
                    help="only jobs with this status (repeatable; default: all finished ones)")
-    s.set_defaults(func=cmd_prune)
 
-    s = sub.add_parser("db", help="database maintenance")
+    s = command("db", "database maintenance", cmd_db)
     s.add_argument("action", choices=["migrate", "check"], help="migrate: create/upgrade; check: verify")
-    s.set_defaults(func=cmd_db)
     return p
+
+
+def _check_usage(args: argparse.Namespace) -> None:
+    """What argparse cannot check by itself; a usage error exits 2."""
+    if args.cmd == "submit":
+        words = args.command[1:] if args.command[:1] == ["--"] else args.command
+        # One word is the command as written; several are argv the shell already split: quote them back.
+        args.command_text = shlex.join(words) if len(words) > 1 else (words[0] if words else "")
+        if not args.command_text.strip():
+            args.usage_error("nothing to run: give the command after --, e.g. `nexus-jobd submit -- echo hi`")
+    if args.cmd == "nodes" and args.action == "check" and not args.id:
+        args.usage_error("nodes check: which node? e.g. `nexus-jobd nodes check localhost`")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.cmd == "submit" and args.command[:1] == ["--"]:
-        args.command = args.command[1:]
-    if args.cmd == "prune":
-        try:
-            args.older_than = _age_ms(args.older_than_raw)
-        except argparse.ArgumentTypeError as e:
-            print(f"nexus-jobd prune: --older-than {e}", file=sys.stderr)
-            return 2
+    _check_usage(args)
+    db = args.db or "the database"
     try:
         args.overrides = config.Overrides(config_path=args.config, db_path=args.db, log_level=args.log_level,
                                           log_format=args.log_format)
         cfg = config.load(args.overrides)
+        db = str(cfg.db_path)
         log.configure(cfg.log_level if args.cmd == "run" else "warning", cfg.log_format)
         code: int = args.func(cfg, args)
         return code
@@ -481,6 +674,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return service.EXIT_DATABASE_REWRITTEN
     except JobdError as e:
         print(f"nexus-jobd: {e}", file=sys.stderr)
+        return 1
+    except DbError as e:  # one the store did not put in words: still one line, not a traceback
+        print(f"nexus-jobd: {db}: database error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
