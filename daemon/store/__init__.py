@@ -349,7 +349,7 @@ class Store:
     @staticmethod
     def _user(uid: int) -> str:
         try:
-            return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+            return pwd.getpwuid(uid).pw_name
         except KeyError:
             return f"uid {uid}"
 
@@ -361,12 +361,12 @@ class Store:
 
         def described(p: Path) -> str:
             st = p.stat()
-            return f"{p} (owner {cls._user(st.st_uid)}, mode {stat.S_IMODE(st.st_mode):04o})"
+            return f"{p} (owned by {cls._user(st.st_uid)}, mode {stat.S_IMODE(st.st_mode):04o})"
 
         if not path.exists():
             return None
         try:
-            me = cls._user(os.geteuid())
+            me = f"{cls._user(os.geteuid())} (uid {os.geteuid()})"
             if not os.access(path, os.R_OK):
                 return f"user {me} may not read {described(path)}"
             if not os.access(path, os.W_OK):
@@ -386,12 +386,17 @@ class Store:
     @classmethod
     def _permissions_problem(cls, path: Path, denied: str) -> str:
         try:
-            owner = pwd.getpwuid(os.stat(path).st_uid).pw_name
-        except (KeyError, OSError):
-            owner = "the database's owner"
-        return (f"{path}: a permissions problem: {denied}. Run nexus-jobd as {owner} (e.g. `sudo -u {owner} "
-                f"nexus-jobd ...`), or give this user access (chown/chmod); commands that only read (ps, show, logs, "
-                "status, nodes, backup, db check) need only read access to the file")
+            owner_uid = os.stat(path).st_uid
+        except OSError:
+            owner_uid = -1
+        if owner_uid == os.geteuid():
+            fix = "Give this user write access there (chmod/chown), or move the database where it may write"
+        else:
+            owner = cls._user(owner_uid) if owner_uid >= 0 else "the database's owner"
+            fix = (f"Run nexus-jobd as {owner} (e.g. `sudo -u {owner} nexus-jobd ...`), or give this user write "
+                   "access (chown/chmod)")
+        return (f"{path}: a permissions problem: {denied}. {fix}; commands that only read (ps, show, logs, status, "
+                "nodes, backup, db check) need only read access to the file")
 
     @staticmethod
     def _readonly_hint(error: sqlite3.Error) -> str:
