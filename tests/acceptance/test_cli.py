@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -11,8 +13,24 @@ import pytest
 from tests.conftest import NEXUS_JOBD, Daemon, Db, wait_for
 
 
-def cli(db: Db, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([*NEXUS_JOBD, "--db", str(db.path), *args], capture_output=True, text=True, timeout=60)
+def cli_env(home: Path) -> dict[str, str]:
+    """The environment of a CLI call: its own HOME (no user config file), and no NEXUS_JOBD_CONFIG/_DB."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HOME": str(home)}
+    env.pop("NEXUS_JOBD_CONFIG", None)
+    env.pop("NEXUS_JOBD_DB", None)
+    return env
+
+
+def run(args: list[str], home: Path, *, cwd: Path | None = None, timeout: float = 60
+        ) -> subprocess.CompletedProcess[str]:
+    """`nexus-jobd ARGS` exactly as given (no --db added)."""
+    return subprocess.run([*NEXUS_JOBD, *args], capture_output=True, text=True, timeout=timeout, env=cli_env(home),
+                          cwd=cwd)
+
+
+def cli(db: Db, *args: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    result = run(["--db", str(db.path), *args], db.path.parent / "cli-home", cwd=cwd)
     if check:
         assert result.returncode == 0, (args, result.stdout, result.stderr)
     return result
@@ -62,7 +80,7 @@ def test_logs_follow_ends_when_the_job_ends(daemon: Daemon, db: Db, tmp_path: Pa
     job_id = db.insert(f"echo before; while [ ! -e {gate} ]; do sleep 0.02; done; echo after")
     wait_for(lambda: db.job(job_id)["stdout"] == "before\n", message="first line")
     follower = subprocess.Popen([*NEXUS_JOBD, "--db", str(db.path), "logs", "-f", job_id], stdout=subprocess.PIPE,
-                                text=True)
+                                text=True, env=cli_env(tmp_path / "cli-home"))
     assert follower.stdout is not None
     assert follower.stdout.readline() == "before\n"
     gate.touch()
@@ -92,11 +110,47 @@ def test_prefix_must_be_unique(daemon: Daemon, db: Db) -> None:
 
 @pytest.mark.parametrize(
     "command", [[], ["run"], ["submit"], ["ps"], ["show"], ["logs"], ["cancel"], ["retry"], ["db"]])
-def test_help_on_every_command(command: list[str]) -> None:
-    result = subprocess.run([*NEXUS_JOBD, *command, "--help"], capture_output=True, text=True)
+def test_help_on_every_command(command: list[str], tmp_path: Path) -> None:
+    result = run([*command, "--help"], tmp_path)
     assert result.returncode == 0
     assert result.stdout.startswith("usage: nexus-jobd")
 
 
 def test_db_migrate_is_idempotent(db: Db) -> None:
     assert cli(db, "db", "migrate").stdout.strip() == f"{db.path}: up to date"
+
+
+def test_global_options_before_or_after_the_command(db: Db, tmp_path: Path) -> None:
+    """`--db`, `--config`, `--log-level`, `--log-format` where users type them: after the command too. After
+    `submit ... --` every word is the job's, options included."""
+    home = tmp_path / "cli-home"
+    config = tmp_path / "jobd.toml"
+    config.write_text("[daemon]\n")
+    daemon = subprocess.Popen([*NEXUS_JOBD, "run", "--db", str(db.path), "--log-format", "json", "--log-level",
+                               "info", "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=cli_env(home), cwd=tmp_path)
+    try:
+        assert daemon.stdout is not None
+        for line in daemon.stdout:  # the log is JSON, as asked after the command
+            if json.loads(line).get("event") == "dispatch.started":
+                break
+        result = run(["submit", "--db", str(db.path), "--follow", "--", "echo", "--db", "elsewhere", "--json"], home)
+        assert (result.returncode, result.stdout) == (0, "--db elsewhere --json\n"), result.stderr
+        listed = run(["ps", "--db", str(db.path), "--json"], home)
+        assert listed.returncode == 0, listed.stderr
+        assert [row["command"] for row in json.loads(listed.stdout)] == ["echo --db elsewhere --json"]
+        # Given both before and after the command, the one after it wins.
+        again = run(["--db", str(tmp_path / "missing.db"), "ps", "--db", str(db.path), "--json"], home)
+        assert again.returncode == 0 and json.loads(again.stdout)[0]["status"] == "completed", again.stderr
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.communicate(timeout=30)
+
+
+def test_a_relative_cwd_is_resolved_from_the_callers_directory(daemon: Daemon, db: Db, tmp_path: Path) -> None:
+    caller = tmp_path / "caller"
+    (caller / "sub").mkdir(parents=True)
+    assert cli(db, "submit", "--cwd", ".", "-f", "--", "pwd", cwd=caller).stdout == f"{caller}\n"
+    assert cli(db, "submit", "--cwd", "sub", "-f", "--", "pwd", cwd=caller).stdout == f"{caller / 'sub'}\n"
+    job_id = cli(db, "submit", "--cwd", "sub/..", "--", "true", cwd=caller).stdout.strip()
+    assert db.job(job_id)["cwd"] == str(caller)  # stored absolute: any daemon finds the same directory
