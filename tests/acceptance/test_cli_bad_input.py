@@ -1,0 +1,347 @@
+"""The `nexus-jobd` command given what a new user gives it: another program's database, a read-only file, bad
+numbers, no daemon. Every answer is one line that says what to do, with the right exit code; never a traceback,
+never a hang."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import sqlite3
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.acceptance.test_cli import cli, cli_env, run
+from tests.conftest import FIXTURES, NEXUS_JOBD, Db, now_ms, require
+
+# Every command, as a user with a database that is not the contract's would try it (X: a job id prefix).
+EVERY_COMMAND = [["ps"], ["ps", "--json"], ["status"], ["submit", "--", "true"], ["show", "x"], ["logs", "x"],
+                 ["nodes"], ["backup", "BACKUP"], ["cancel", "x"], ["retry", "x"], ["prune", "--older-than", "1d"],
+                 ["run"], ["db", "migrate"], ["db", "check"]]
+
+
+def run_on(path: Path, command: list[str], home: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    command = [str(home / "backup.db") if word == "BACKUP" else word for word in command]
+    try:
+        return run(["--db", str(path), *command], home, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"`nexus-jobd {' '.join(command)}` hung for {timeout}s: {e.stderr!r}") from None
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], code: int = 1) -> str:
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nexus-jobd"), result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(("schema", "words"), [
+    ("CREATE TABLE jobs (id INTEGER PRIMARY KEY, foo TEXT);",
+     "table 'jobs' lacks the contract's columns conversation_id, message_id, node_id, tool, command, status"),
+    ("CREATE TABLE t (id TEXT, node_id TEXT, tool TEXT, command TEXT, status TEXT, created_at INTEGER);"
+     "CREATE VIEW jobs AS SELECT * FROM t;", "'jobs' is a view, not a table"),
+], ids=["foreign-table", "view"])
+def test_a_database_that_is_not_the_contracts_is_refused_by_every_command(tmp_path: Path, schema: str,
+                                                                          words: str) -> None:
+    """Before: a traceback, then most commands hung for ever; a view gave `views may not be indexed`."""
+    path = tmp_path / "other.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(schema)
+    conn.close()
+    before = path.read_bytes()
+    for command in EVERY_COMMAND:
+        line = one_line_error(run_on(path, command, tmp_path / "home"))
+        assert f"{path}: not a usable database: {words}" in line, (command, line)
+        assert "--db" in line, line  # what to do: the wrong file was given
+    assert path.read_bytes() == before  # not even switched to WAL
+    assert not (tmp_path / "home" / "backup.db").exists()
+
+
+def test_a_migration_that_fails_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    """The root cause of the hang: migrate raised before the CLI closed the store, and aiosqlite's thread (no
+    daemon thread) kept the process alive after the traceback. A daemon's table that is not what the daemon
+    made (here, a jobd_migrations without its columns) fails the migration itself."""
+    path = tmp_path / "odd.db"
+    conn = sqlite3.connect(path)
+    conn.executescript("CREATE TABLE jobd_migrations (x);")
+    conn.close()
+    for command in EVERY_COMMAND:
+        line = one_line_error(run_on(path, command, tmp_path / "home"))
+        assert str(path) in line and "no such column: name" in line, (command, line)
+
+
+def stderr_lines(proc: subprocess.Popen[str]) -> queue.Queue[str]:
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.put(line.rstrip("\n"))
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def next_line(lines: queue.Queue[str], timeout: float) -> str | None:
+    try:
+        return lines.get(timeout=timeout)
+    except queue.Empty:
+        return None
+
+
+def test_follow_without_a_live_daemon_says_so_and_ctrl_c_says_how_to_cancel(db: Db, tmp_path: Path) -> None:
+    """Before: `submit --follow` with no daemon waited in silence for ever."""
+    # A daemon that is alive for the lease (heartbeat now) and serves localhost: nothing to say.
+    db.conn.execute("INSERT INTO jobd_workers (id, host, pid, started_at, heartbeat_at, nodes) "
+                    "VALUES ('w1', 'h', 1, ?, ?, '[\"localhost\"]')", (now_ms(), now_ms()))
+    follower = subprocess.Popen([*NEXUS_JOBD, "--db", str(db.path), "submit", "-f", "--", "echo", "hi"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=cli_env(tmp_path / "home"))
+    try:
+        lines = stderr_lines(follower)
+        job_id = next_line(lines, 10)
+        assert job_id is not None and db.job(job_id)["status"] == "queued"
+        assert next_line(lines, 2.5) is None  # a live daemon serves the node: it only waits
+        # That daemon stops answering: its lease (15 s by default) runs out.
+        db.conn.execute("UPDATE jobd_workers SET heartbeat_at = ?", (now_ms() - 60_000,))
+        warning = next_line(lines, 5)
+        assert warning == (f"nexus-jobd: no live daemon serves node 'localhost' on {db.path}: job {job_id} stays "
+                           "queued until one does (start one with `nexus-jobd run`; `nexus-jobd status` lists the "
+                           "daemons)")
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(10) == 130
+        said = next_line(lines, 5)
+        assert said is not None and f"job {job_id} was left queued" in said, said
+        assert f"`nexus-jobd cancel {job_id}`" in said, said
+        assert db.job(job_id)["status"] == "queued"
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+
+
+def test_no_daemon_at_all_is_said_at_once(db: Db, tmp_path: Path) -> None:
+    follower = subprocess.Popen([*NEXUS_JOBD, "--db", str(db.path), "submit", "--node", "localhost", "-f", "--",
+                                 "true"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=cli_env(tmp_path / "home"))
+    try:
+        lines = stderr_lines(follower)
+        assert next_line(lines, 10) is not None  # the id
+        warning = next_line(lines, 5)
+        assert warning is not None and "no live daemon serves node 'localhost'" in warning
+    finally:
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(10) == 130
+
+
+# (arguments after `nexus-jobd --db DB`, words the error must contain)
+USAGE_ERRORS = [
+    (["submit", "--timeout", "nan", "--", "true"], "argument --timeout: 'nan' is not a finite number"),
+    (["submit", "--timeout", "inf", "--", "true"], "argument --timeout: 'inf' is not a finite number"),
+    (["submit", "--timeout", "1e20", "--", "true"], "'1e20' is out of range; expected seconds from 0.001 to 31622400"),
+    (["submit", "--timeout", "-1", "--", "true"], "'-1' is out of range"),
+    (["submit", "--timeout", "0.0001", "--", "true"], "'0.0001' is out of range"),
+    (["submit", "--timeout", "abc", "--", "true"], "'abc' is not a number"),
+    (["submit", "--delay", "nan", "--", "true"], "argument --delay: 'nan' is not a finite number"),
+    (["submit", "--delay", "inf", "--", "true"], "argument --delay: 'inf' is not a finite number"),
+    (["submit", "--delay", "1e30", "--", "true"], "'1e30' is out of range; expected seconds from 0 to 31622400"),
+    (["submit", "--delay", "-1e3", "--", "true"], "'-1e3' is out of range"),
+    (["submit", "--priority", "99999999999999999999", "--", "true"],
+     "expected an integer from -9223372036854775808 to 9223372036854775807"),
+    (["submit", "--priority", "high", "--", "true"], "'high' is not an integer"),
+    (["submit", "--max-attempts", "0", "--", "true"], "'0' is out of range: expected an integer from 1 to 1000"),
+    (["submit", "--max-attempts", "1001", "--", "true"], "'1001' is out of range: expected an integer from 1 to 1000"),
+    (["submit", "--depends-on", "", "--", "true"], "argument --depends-on: an empty job id"),
+    (["submit", "--node", "", "--", "true"], "argument --node: an empty node id"),
+    (["submit", "--cwd", "", "--", "true"], "argument --cwd: an empty directory"),
+    (["submit", "--env", "BAD", "--", "true"], "argument --env: 'BAD': expected NAME=VALUE"),
+    (["submit", "--env", "=x", "--", "true"], "argument --env: '=x': expected NAME=VALUE"),
+    (["submit"], "nothing to run: give the command after --"),
+    (["submit", "--", " "], "nothing to run"),
+    (["ps", "--limit", "99999999999999999999"], "argument --limit: '99999999999999999999' is out of range"),
+    (["ps", "--limit", "0"], "argument --limit: '0' is out of range"),
+    (["prune", "--older-than", "99999999999999999999d"], "at most 36500d"),
+    (["prune", "--older-than", "-5d"], "'-5d': an age cannot be negative"),
+    (["prune", "--older-than", "5"], "'5': expected a number and a unit"),
+    (["show", ""], "argument id: an empty job id"),
+    (["cancel", ""], "argument ID: an empty job id"),
+    (["nodes", "check"], "nodes check: which node?"),
+    (["--db", "", "ps"], "argument --db: an empty path"),
+    (["ps", "--db", ""], "argument --db: an empty path"),
+    (["ps", "--config", ""], "argument --config: an empty path"),
+]
+
+
+@pytest.mark.parametrize(("args", "words"), USAGE_ERRORS, ids=[" ".join(a) or "-" for a, _ in USAGE_ERRORS])
+def test_bad_values_are_usage_errors_that_say_what_is_expected(db: Db, tmp_path: Path, args: list[str],
+                                                               words: str) -> None:
+    """Before: tracebacks (nan, inf, numbers past SQLite's INTEGER), values the daemon then failed (a negative or
+    sub-millisecond timeout, 0 or 1001 attempts), a silent default (an empty --depends-on, --node or --db), exit 1
+    for usage errors, and argparse's "expected one argument" for -5d."""
+    result = run(["--db", str(db.path), *args], tmp_path / "home")
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert result.stderr.startswith("usage: nexus-jobd"), result.stderr
+    assert words in result.stderr, result.stderr
+    assert db.conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
+
+
+def test_values_at_the_bounds_are_taken(db: Db) -> None:
+    first = cli(db, "submit", "--timeout", "0.001", "--max-attempts", "1000", "--priority", str(2**63 - 1),
+                "--delay", "31622400", "--", "true").stdout.strip()
+    row = db.job(first)
+    assert (row["timeout_ms"], row["max_attempts"], row["priority"]) == (1, 1000, 2**63 - 1)
+    assert row["run_after"] >= row["created_at"] + 31622400 * 1000
+    second = cli(db, "submit", "--timeout", "31622400", "--max-attempts", "1", "--priority", str(-(2**63)),
+                 "--delay", "0", "--depends-on", first[:8], "--", "true").stdout.strip()
+    row = db.job(second)
+    assert (row["timeout_ms"], row["max_attempts"], row["priority"]) == (31622400 * 1000, 1, -(2**63))
+    assert (row["run_after"], row["depends_on"]) == (None, first)
+    assert cli(db, "prune", "--older-than", "36500d").stdout.startswith("deleted 0 ")
+    assert cli(db, "ps", "--limit", str(2**63 - 1), "--json").returncode == 0
+
+
+NOT_UTF8_ID = "CAST(X'6a6f62ff' AS TEXT)"  # 'job' then a byte that is no UTF-8, stored as TEXT
+
+
+def test_an_id_that_is_not_utf8_is_shown_readably(db: Db) -> None:
+    """Before: `ps` showed b'job\\xf, `ps --json` crashed, `show` raised AssertionError. No daemon runs: the row
+    stays as another program wrote it."""
+    db.conn.execute("INSERT INTO jobs (id, node_id, tool, command, status, created_at) "
+                    f"VALUES ({NOT_UTF8_ID}, 'localhost', 'bash', 'echo hi', 'queued', 0)")
+    table = cli(db, "ps").stdout.splitlines()
+    assert any(line.split()[:2] == ["job\\xff", "queued"] for line in table[1:]), table
+    listed = json.loads(cli(db, "ps", "--json").stdout)
+    assert [row["id"] for row in listed] == ["job\\xff"]
+    shown = cli(db, "show", "job").stdout
+    assert "            id: job\\xff\n" in shown and "   command: echo hi\n" in shown, shown
+    assert json.loads(cli(db, "show", "--json", "job").stdout)["id"] == "job\\xff"
+    assert cli(db, "cancel", "job").stdout == "job\\xff: cancelled\n"
+    assert db.conn.execute("SELECT status FROM jobs").fetchone()[0] == "cancelled"
+
+
+# -- a database this user may not write ----------------------------------------------------------------
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+READERS = [["ps"], ["ps", "--json"], ["show", "abc"], ["logs", "abc"], ["status"], ["nodes"], ["db", "check"],
+           ["backup", "BACKUP"]]
+WRITERS = [["submit", "--", "true"], ["cancel", "abc"], ["retry", "abc"], ["prune", "--older-than", "1d"],
+           ["db", "migrate"]]
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory user nobody can enter (pytest's tmp_path is private to root); nobody may write only `out/`."""
+    require(os.geteuid() == 0, "running the CLI as another user needs root")
+    require(shutil.which("setpriv") is not None, "setpriv (util-linux) is needed to run the CLI as user nobody")
+    probe = subprocess.run([*NOBODY, *NEXUS_JOBD, "--version"], capture_output=True, text=True)
+    require(probe.returncode == 0, f"user nobody cannot run {NEXUS_JOBD[0]}: {probe.stderr.strip()}")
+    path = Path(tempfile.mkdtemp(prefix="nexus-jobd-ro-"))
+    try:
+        path.chmod(0o755)
+        (path / "out").mkdir(mode=0o777)
+        (path / "out").chmod(0o777)
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def as_nobody(path: Path, command: list[str], home: Path) -> subprocess.CompletedProcess[str]:
+    command = [str(home / "out" / "backup.db") if word == "BACKUP" else word for word in command]
+    return subprocess.run([*NOBODY, *NEXUS_JOBD, "--db", str(path), *command], capture_output=True, text=True,
+                          timeout=60, env=cli_env(home / "out"), cwd=home)
+
+
+def make_database(path: Path, tmp_path: Path, *, migrated: bool = True) -> None:
+    """A database as the daemon leaves it when it is not running: WAL mode in its header, no -wal/-shm beside it."""
+    if migrated:
+        run(["--db", str(path), "db", "migrate"], tmp_path / "home").check_returncode()
+    conn = sqlite3.connect(path, isolation_level=None)
+    if not migrated:
+        conn.executescript((FIXTURES / "nexuscli_schema.sql").read_text())
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("INSERT INTO jobs (id, node_id, tool, command, status, exit_code, stdout, stderr, duration, "
+                 "created_at, started_at, completed_at) "
+                 "VALUES ('abc-1', 'localhost', 'bash', 'echo hi', 'completed', 0, 'hi\n', '', 5, 1, 1, 6)")
+    conn.close()  # the last connection: the WAL goes into the file, -wal and -shm are removed
+    assert not Path(f"{path}-wal").exists() and not Path(f"{path}-shm").exists()
+
+
+def check_readers_work(path: Path, home: Path) -> None:
+    for command in READERS:
+        result = as_nobody(path, command, home)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, (command, result.stderr)
+    assert "abc-1" in as_nobody(path, ["ps"], home).stdout
+    assert json.loads(as_nobody(path, ["show", "--json", "abc"], home).stdout)["stdout"] == "hi\n"
+    assert as_nobody(path, ["logs", "abc"], home).stdout == "hi\n"
+    assert as_nobody(path, ["db", "check"], home).stdout == f"{path}: ok (read-only for this user)\n"
+    backup = sqlite3.connect(home / "out" / "backup.db")
+    assert backup.execute("SELECT id FROM jobs").fetchall() == [("abc-1",)]
+    backup.close()
+
+
+def test_a_read_only_file_can_be_read_and_writers_say_it_is_a_permissions_problem(shared_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    """Before: every command, `ps` included, said "not a usable SQLite database: attempt to write a readonly
+    database". Here the file is 0444 and its directory is root's: nobody may only read."""
+    path = shared_dir / "jobs.db"
+    make_database(path, tmp_path)
+    path.chmod(0o444)
+    before = path.read_bytes()
+    check_readers_work(path, shared_dir)
+    for command in WRITERS:
+        line = one_line_error(as_nobody(path, command, shared_dir))
+        assert line == (f"nexus-jobd: {path}: a permissions problem: user nobody (uid 65534) may not write {path} "
+                        "(owned by root, mode 0444). Run nexus-jobd as root (e.g. `sudo -u root nexus-jobd ...`), "
+                        "or give this user write access (chown/chmod); commands that only read (ps, show, logs, "
+                        "status, nodes, backup, db check) need only read access to the file"), command
+    assert path.read_bytes() == before
+
+
+def test_a_directory_this_user_may_not_write_is_a_permissions_problem_too(shared_dir: Path, tmp_path: Path) -> None:
+    """nobody owns the file and may write it, but SQLite cannot create the -wal and -shm beside it."""
+    path = shared_dir / "jobs.db"
+    make_database(path, tmp_path)
+    os.chown(path, 65534, 65534)
+    check_readers_work(path, shared_dir)
+    line = one_line_error(as_nobody(path, ["submit", "--", "true"], shared_dir))
+    assert (f"user nobody (uid 65534) may not write the directory {shared_dir} (owned by root, mode 0755), where "
+            "SQLite creates jobs.db-wal and jobs.db-shm beside the database. Give this user write access there") in line
+
+
+def test_a_read_only_file_in_a_writable_directory_can_be_read(shared_dir: Path, tmp_path: Path) -> None:
+    """SQLite's read-only mode then keeps its -shm beside the file: no fall-back needed."""
+    path = shared_dir / "out" / "jobs.db"
+    make_database(path, tmp_path)
+    path.chmod(0o444)
+    for command in READERS[:-1]:
+        result = as_nobody(path, command, shared_dir)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, (command, result.stderr)
+    assert "permissions problem" in one_line_error(as_nobody(path, ["submit", "--", "true"], shared_dir))
+
+
+def test_a_read_only_file_without_the_daemons_columns_says_to_migrate(shared_dir: Path, tmp_path: Path) -> None:
+    path = shared_dir / "nexuscli.db"
+    make_database(path, tmp_path, migrated=False)
+    path.chmod(0o444)
+    for command in (["ps"], ["show", "abc"], ["status"]):
+        line = one_line_error(as_nobody(path, command, shared_dir))
+        assert (f"{path}: opened read-only, since user nobody (uid 65534) may not write {path}" in line
+                and "the daemon's migrations 0001_job_columns, 0002_lifecycle are not applied" in line
+                and "run `nexus-jobd db migrate` (or start the daemon) once as a user who may write it" in line), line
+
+
+def test_a_file_this_user_may_not_read_says_so(shared_dir: Path, tmp_path: Path) -> None:
+    path = shared_dir / "jobs.db"
+    make_database(path, tmp_path)
+    path.chmod(0o600)
+    line = one_line_error(as_nobody(path, ["ps"], shared_dir))
+    assert f"a permissions problem: user nobody (uid 65534) may not read {path} (owned by root, mode 0600)" in line
