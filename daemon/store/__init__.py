@@ -317,11 +317,14 @@ class Store:
 
     read_only = False  # opened read-only (open's read_only_ok, for a file this user may not write): nothing is written
 
-    async def _contract_problems(self, *, migrated: bool = False) -> list[str]:
+    async def _schema_kinds(self) -> dict[str, str]:
+        return {str(name).lower(): kind for name, kind in await self._conn.execute_fetchall(Q["schema_objects"])}
+
+    async def _contract_problems(self) -> list[str]:
         """Tables of the contract (or the daemon's own) that exist as something else, or lack the contract's
-        columns: another program's database, which no migration can fix. A missing table is no problem (migrate
-        creates it) unless `migrated`: a read-only open needs the daemon's migrations already applied."""
-        kinds = {str(name).lower(): kind for name, kind in await self._conn.execute_fetchall(Q["schema_objects"])}
+        columns: another program's database, which no migration can fix. A missing table is no problem here:
+        migrate creates it."""
+        kinds = await self._schema_kinds()
         problems = [f"{name!r} is a {kinds[name]}, not a table"
                     for name in (*_BASE_COLUMNS, "jobd_migrations", "jobd_workers")
                     if kinds.get(name, "table") != "table"]
@@ -330,15 +333,19 @@ class Store:
                 have = await self._columns(table)
                 if missing := [c for c in columns if c not in have]:
                     problems.append(f"table {table!r} lacks the contract's columns {', '.join(missing)}")
-        if migrated and not problems:
-            if absent := [table for table in _BASE_COLUMNS if table not in kinds]:
-                problems.append(f"tables {', '.join(absent)} are missing")
-            done: set[Any] = set()
-            if kinds.get("jobd_migrations") == "table":
-                done = {row[0] for row in await self._conn.execute_fetchall(Q["applied_migrations"])}
-            if pending := [name for name, _ in _migrations() if name not in done]:
-                problems.append(f"the daemon's migrations {', '.join(pending)} are not applied (its columns are "
-                                "missing)")
+        return problems
+
+    async def _not_migrated(self) -> list[str]:
+        """What only a writable open (migrate) adds: missing tables, the daemon's pending migrations."""
+        kinds = await self._schema_kinds()
+        problems = []
+        if absent := [table for table in _BASE_COLUMNS if table not in kinds]:
+            problems.append(f"tables {', '.join(absent)} are missing")
+        done: set[Any] = set()
+        if kinds.get("jobd_migrations") == "table":
+            done = {row[0] for row in await self._conn.execute_fetchall(Q["applied_migrations"])}
+        if pending := [name for name, _ in _migrations() if name not in done]:
+            problems.append(f"the daemon's migrations {', '.join(pending)} are not applied (its columns are missing)")
         return problems
 
     @staticmethod
@@ -407,39 +414,35 @@ class Store:
 
     @classmethod
     async def _open_read_only(cls, path: Path, busy_timeout_ms: int, denied: str) -> Store:
-        """For commands that only read a file this user may not write: no switch to WAL, no migration. SQLite's
-        read-only mode still needs the -shm beside the file (or a directory to create it in); failing that, and
-        while no -wal shows a writer at work, the file is read as it stands (immutable)."""
-        uri = Path(path).absolute().as_uri()  # noqa: ASYNC240 -- no I/O: the working directory
-        error: sqlite3.Error | None = None
-        for flags in ("mode=ro", "immutable=1"):
-            if flags == "immutable=1" and os.path.exists(f"{path}-wal"):  # noqa: ASYNC240 -- one stat
-                break
-            try:
-                conn = await aiosqlite.connect(f"{uri}?{flags}", uri=True, isolation_level=None)
-            except sqlite3.Error as e:
-                error = e
-                continue
-            conn.text_factory = _text_or_bytes
-            store = cls(conn, path)
-            store.read_only = True
-            try:
-                await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-                problems = await store._contract_problems(migrated=True)
-            except sqlite3.Error as e:
-                await conn.close()
-                error = e
-                continue
-            if not problems:
-                return store
-            await conn.close()
-            if any("lacks the contract's" in p or "not a table" in p for p in problems):
+        """For commands that only read a file this user may not write: no switch to WAL, no migration, and no file
+        created. With a -wal beside it (a writer at work), or for a file in rollback-journal mode, through SQLite's
+        read-only mode, which reads that WAL; a WAL-mode file without one has everything in it: read as it stands
+        (immutable), since read-only mode would create a -wal and -shm owned by this user, which the file's owner
+        then could not write."""
+        wal = os.path.exists(f"{path}-wal") or not guard.read_header(path).says_wal  # noqa: ASYNC240 -- one read
+        uri = Path(path).absolute().as_uri() + ("?mode=ro" if wal else "?immutable=1")  # noqa: ASYNC240 -- no I/O
+        try:
+            conn = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+        except sqlite3.Error as e:
+            raise DatabaseError(f"{cls._permissions_problem(path, denied)}. Reading it failed too: {e}") from e
+        conn.text_factory = _text_or_bytes
+        store = cls(conn, path)
+        store.read_only = True
+        try:
+            await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            if problems := await store._contract_problems():
                 raise DatabaseError(cls._unusable(path, problems))
-            raise DatabaseError(f"{path}: opened read-only, since {denied}; but {'; '.join(problems)}, and only a "
-                                "writable open adds them: run `nexus-jobd db migrate` (or start the daemon) once as "
-                                "a user who may write it")
-        raise DatabaseError(f"{cls._permissions_problem(path, denied)}. Reading it without writing failed too: "
-                            f"{error}")
+            if problems := await store._not_migrated():
+                raise DatabaseError(f"{path}: opened read-only, since {denied}; but {'; '.join(problems)}, and only "
+                                    "a writable open adds them: run `nexus-jobd db migrate` (or start the daemon) "
+                                    "once as a user who may write it")
+        except sqlite3.Error as e:
+            await conn.close()
+            raise DatabaseError(f"{cls._permissions_problem(path, denied)}. Reading it failed too: {e}") from e
+        except DatabaseError:
+            await conn.close()
+            raise
+        return store
 
     async def live_daemons_serving(self, node_id: Any, *, lease_ttl_ms: int) -> int:
         """How many daemons are alive (not stopped, heartbeat within the lease ttl) and serve this node."""
