@@ -317,15 +317,38 @@ def test_a_directory_this_user_may_not_write_is_a_permissions_problem_too(shared
             "SQLite creates jobs.db-wal and jobs.db-shm beside the database. Give this user write access there") in line
 
 
-def test_a_read_only_file_in_a_writable_directory_can_be_read(shared_dir: Path, tmp_path: Path) -> None:
-    """SQLite's read-only mode then keeps its -shm beside the file: no fall-back needed."""
-    path = shared_dir / "out" / "jobs.db"
+def test_reading_creates_no_file_that_the_owner_could_not_write(shared_dir: Path, tmp_path: Path) -> None:
+    """In a directory anyone may write, SQLite's read-only mode would leave a -wal and -shm owned by the reader
+    beside a WAL-mode file that has no -wal: the file is read as it stands instead. Before: the migration failed
+    on the read-only file and the command hung."""
+    shared = shared_dir / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    path = shared / "jobs.db"
     make_database(path, tmp_path)
     path.chmod(0o444)
-    for command in READERS[:-1]:
-        result = as_nobody(path, command, shared_dir)
-        assert result.returncode == 0 and "Traceback" not in result.stderr, (command, result.stderr)
+    check_readers_work(path, shared_dir)
+    assert sorted(p.name for p in shared.iterdir()) == ["jobs.db"]
     assert "permissions problem" in one_line_error(as_nobody(path, ["submit", "--", "true"], shared_dir))
+
+
+def test_a_reader_sees_what_a_running_writer_committed(shared_dir: Path, tmp_path: Path) -> None:
+    """With a -wal beside the file (its owner has it open), the read goes through SQLite's read-only mode and so
+    sees commits that are still only in that WAL."""
+    path = shared_dir / "jobs.db"
+    make_database(path, tmp_path)
+    path.chmod(0o644)
+    writer = sqlite3.connect(path, isolation_level=None)
+    try:
+        writer.execute("PRAGMA wal_autocheckpoint = 0")  # the new row stays in the WAL
+        writer.execute("INSERT INTO jobs (id, node_id, tool, command, status, created_at) "
+                       "VALUES ('new-1', 'localhost', 'bash', 'true', 'queued', 2)")
+        assert Path(f"{path}-wal").stat().st_size > 0
+        listed = as_nobody(path, ["ps", "--json"], shared_dir)
+        assert listed.returncode == 0, listed.stderr
+        assert [row["id"] for row in json.loads(listed.stdout)] == ["new-1", "abc-1"]
+    finally:
+        writer.close()
 
 
 def test_a_read_only_file_without_the_daemons_columns_says_to_migrate(shared_dir: Path, tmp_path: Path) -> None:
