@@ -20,7 +20,7 @@ import anyio
 from daemon import __version__, config, service
 from daemon import logging as log
 from daemon.errors import ConfigError, DatabaseError, DatabaseRewritten, JobdError
-from daemon.store import DbError, JobStatus, Store, now_ms
+from daemon.store import DbError, JobStatus, Store, guard, now_ms
 from daemon.tools import MAX_TIMEOUT_MS
 
 _MARKER = re.compile(r"\n\[nexus-jobd: \d+ bytes of \w+ omitted; (\d+) bytes in all\]\n")
@@ -316,14 +316,34 @@ def cmd_retry(cfg: config.Config, args: argparse.Namespace) -> int:
     return _with_store(cfg, action, writes=True)
 
 
+def _print_rewrite_report(report: dict[str, Any]) -> None:
+    """What the last daemon found when another program rewrote the database, and what it did (README: When another
+    program rewrites the database)."""
+    print(f"STOPPED {_age(report.get('detected_at'))} ago: {_text(report.get('message'))}")
+    for label, key in (("not recorded in the database", "not_recorded"), ("were running", "running")):
+        if report.get(key):
+            print(f"  jobs {label}: {', '.join(_text(i) for i in report[key])}")
+    if report.get("results"):
+        print(f"  their results: {_text(report['results'])}")
+    print(f"  the daemon's WAL, set aside: {', '.join(_text(p) for p in report.get('wal_set_aside') or []) or '-'}")
+    print(f"  report: {_text(report.get('report'))}")
+
+
 def cmd_status(cfg: config.Config, args: argparse.Namespace) -> int:
-    """Every daemon registered on the database: alive or not, and what the queue looks like."""
+    """Every daemon registered on the database: alive or not, and what the queue looks like; first, if the last
+    daemon stopped because another program rewrote the file, what it found (even when the file cannot be opened)."""
+    report = guard.latest_report(cfg.db_path)
 
     async def action(store: Store) -> int:
         workers, counts = await store.workers(), await store.job_counts()
+        nonlocal report
+        if report is not None and any(w["started_at"] > (report.get("detected_at") or 0) for w in workers):
+            report = None  # a daemon started since: that stop is history
         if args.json:
-            print(_dumps({"workers": workers, "jobs": counts}))
+            print(_dumps({"workers": workers, "jobs": counts, "rewritten": report}))
             return 0
+        if report is not None:
+            _print_rewrite_report(report)
         print(f"{cfg.db_path}: {counts['executing']} running, {counts['queued']} queued, "
               f"{counts['finished_last_minute']} finished in the last minute, "
               f"{counts['finished_last_hour']} in the last hour")
@@ -337,7 +357,12 @@ def cmd_status(cfg: config.Config, args: argparse.Namespace) -> int:
             print(f"  {_text(w['id'])}  pid {w['pid']} on {_text(w['host'])}: {state}")
         return 0
 
-    return _with_store(cfg, action, writes=False)
+    try:
+        return _with_store(cfg, action, writes=False)
+    except DatabaseRewritten:
+        if report is not None:  # the file cannot even be opened: the report is all there is to show
+            _print_rewrite_report(report)
+        raise
 
 
 def _capabilities(text: Any) -> dict[str, Any]:

@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import glob
+import json
 import os
 import sqlite3
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from daemon.errors import DatabaseRewritten
 
-__all__ = ["DatabaseRewritten", "RewriteGuard", "no_checkpoint_on_close",
+__all__ = ["DatabaseRewritten", "RewriteGuard", "latest_report", "no_checkpoint_on_close",
            "rewritten_message", "set_aside", "stale_wal"]
 
 HEADER_BYTES = 100
@@ -145,6 +148,19 @@ def rewritten_message(path: Path, reason: str) -> str:
             "such a writer cannot share the file with the daemon: each side overwrites the other's writes. The "
             "daemon stopped writing to the file and left it exactly as the other program wrote it. "
             f"Fix: {FIX}; then start the daemon again")
+
+
+def latest_report(path: Path) -> dict[str, Any] | None:
+    """The newest `<db>.rewritten-<time>.json` a daemon wrote when it found the file rewritten, or None."""
+    reports = sorted(path.parent.glob(f"{glob.escape(path.name)}.rewritten-*.json"))
+    for report in reversed(reports):
+        try:
+            data = json.loads(report.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            return data | {"report": str(report)}
+    return None
 
 
 def stale_wal(path: Path) -> str | None:

@@ -83,6 +83,12 @@ def test_a_sqljs_rewrite_is_noticed_and_the_file_is_left_as_it_wrote_it(daemon: 
     assert [(r["id"], r["exit_code"], r["stdout"]) for r in results] == [(running, 0, "started\ndone\n")]
     assert daemon.events("job.unrecorded")[0]["job_id"] == running
     assert os.stat(str(rewritten["results"])).st_mode & 0o077 == 0
+    # `nexus-jobd status` says it too, where a user looks first.
+    status = subprocess.run([*NEXUS_JOBD, "--db", str(db.path), "status"], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "HOME": str(db.path.parent)})
+    assert status.returncode == 0, status.stderr
+    assert "rewritten by another program outside SQLite's locking" in status.stdout
+    assert running in status.stdout and str(rewritten["results"]) in status.stdout
 
 
 def _kill9_with_frames_in_the_wal(daemon: Daemon, db: Db) -> None:
