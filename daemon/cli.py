@@ -21,14 +21,13 @@ from daemon import __version__, config, service
 from daemon import logging as log
 from daemon.errors import ConfigError, DatabaseError, DatabaseRewritten, JobdError
 from daemon.store import DbError, JobStatus, Store, guard, now_ms
-from daemon.tools import MAX_TIMEOUT_MS
+from daemon.tools import MAX_ATTEMPTS, MAX_TIMEOUT_MS
 
 _MARKER = re.compile(r"\n\[nexus-jobd: \d+ bytes of \w+ omitted; (\d+) bytes in all\]\n")
 _FOLLOW_POLL_S = 0.1
 _DAEMON_CHECK_S = 1.0  # while following: how often to look for a live daemon that serves the job's node
 _NO_DAEMON_REPEAT_S = 15.0  # and how often to say again that there is none
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # SQLite's INTEGER
-_MAX_ATTEMPTS = 1000  # tools.policy's bound on max_attempts (tools.py has no constant of it to import)
 _UNITS_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 _MAX_AGE_DAYS = 36500  # prune --older-than: a century; no job ended longer ago than that
 
@@ -616,7 +615,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="higher runs first (default 0)")
     s.add_argument("--timeout", dest="timeout_ms", type=_seconds_ms(1, MAX_TIMEOUT_MS), metavar="SECONDS",
                    help="fail with exit code 124 after this long")
-    s.add_argument("--max-attempts", type=_integer(1, _MAX_ATTEMPTS), default=1, metavar="N",
+    s.add_argument("--max-attempts", type=_integer(1, MAX_ATTEMPTS), default=1, metavar="N",
                    help="retry failures up to N attempts in all")
     s.add_argument("--delay", dest="delay_ms", type=_seconds_ms(0, MAX_TIMEOUT_MS), metavar="SECONDS",
                    help="do not start before this many seconds from now")

@@ -223,6 +223,7 @@ class RunPolicy:
 
 
 MAX_TIMEOUT_MS = 366 * 24 * 3600 * 1000  # a year: anything longer is a mistake, not a timeout
+MAX_ATTEMPTS = 1000
 
 
 def policy(job: ClaimedJob, default_timeout_ms: int | None) -> RunPolicy:
@@ -232,6 +233,6 @@ def policy(job: ClaimedJob, default_timeout_ms: int | None) -> RunPolicy:
                                 or not 0 < timeout <= MAX_TIMEOUT_MS):
         raise BadJob(f"timeout_ms must be NULL or an integer from 1 to {MAX_TIMEOUT_MS} (a year), got {timeout!r:.60}")
     attempts = job.max_attempts
-    if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 1000:
-        raise BadJob(f"max_attempts must be an integer from 1 to 1000, got {attempts!r:.60}")
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= MAX_ATTEMPTS:
+        raise BadJob(f"max_attempts must be an integer from 1 to {MAX_ATTEMPTS}, got {attempts!r:.60}")
     return RunPolicy(timeout, attempts)
