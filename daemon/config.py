@@ -59,6 +59,18 @@ class NodeConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MetricsConfig:
+    """[metrics]: where Prometheus finds the daemon's metrics. Neither set (the default): no metrics at all."""
+
+    listen: tuple[str, int] | None = None  # (host, port) serving GET /metrics
+    textfile: Path | None = None  # a *.prom file for node_exporter's textfile collector, rewritten every 15 s
+
+    @property
+    def enabled(self) -> bool:
+        return self.listen is not None or self.textfile is not None
+
+
+@dataclass(frozen=True, kw_only=True)
 class SshTarget:
     host: str
     port: int = 22
@@ -99,6 +111,7 @@ class Config:
     log_level: str = "info"
     log_format: str = "auto"
     nodes: Mapping[str, NodeConfig] = field(default_factory=dict)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
     def node_ids(self) -> tuple[str, ...]:
@@ -313,6 +326,37 @@ def _ssh_target(section: _Section, node_id: str, local: str) -> SshTarget:
     )
 
 
+def _metrics(section: _Section) -> MetricsConfig:
+    """[metrics] listen = "HOST:PORT" and/or textfile = PATH (a *.prom file node_exporter reads)."""
+    listen = section.get("listen")
+    textfile = section.get("textfile")
+    path = None
+    if textfile is not None:
+        path = _expand(section.string("textfile", ""))
+        if not path.name.endswith(".prom") or path.name == ".prom":
+            raise section.error("textfile", "a file name ending in .prom (node_exporter's textfile collector reads "
+                                "only *.prom files), e.g. '/var/lib/node_exporter/textfile/nexus-jobd.prom'",
+                                textfile)
+    section.reject_unknown()
+    return MetricsConfig(listen=None if listen is None else _host_port(section, "listen", listen), textfile=path)
+
+
+def _host_port(section: _Section, key: str, value: object) -> tuple[str, int]:
+    """"HOST:PORT" (an IPv6 address in brackets: "[::1]:9479") -> (host, port), port 1..65535."""
+    expected = ('"HOST:PORT" with a port from 1 to 65535, e.g. "127.0.0.1:9479" (this host only), '
+                '"0.0.0.0:9479" (every interface) or "[::1]:9479"')
+    if not isinstance(value, str) or "\0" in value:
+        raise section.error(key, expected, value)
+    host, _, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:  # an IPv6 address without brackets: where its port starts is a guess
+        raise section.error(key, f"{expected}; put an IPv6 address in brackets", value)
+    if not host.strip() or not (port.isascii() and port.isdigit() and len(port) <= 5) or not 1 <= int(port) <= 65535:
+        raise section.error(key, expected, value)
+    return host, int(port)
+
+
 def _daemon_user(section: _Section) -> str:
     """`user` not set: the name of this process's effective uid, the user ssh(1) would log in as."""
     uid = os.geteuid()
@@ -384,6 +428,7 @@ def load(overrides: Overrides | None = None, environ: Mapping[str, str] | None =
         log_level=dm.string("log_level", "info", choices=LOG_LEVELS),
         log_format=dm.string("log_format", "auto", choices=LOG_FORMATS),
         nodes=_nodes(source, top, local if local_node is None else local_node, max_concurrent),
+        metrics=_metrics(_Section(source, "metrics", top.table("metrics"))),
     )
     top.reject_unknown()
     db.reject_unknown()

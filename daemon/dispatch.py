@@ -26,6 +26,7 @@ from daemon.errors import DatabaseRewritten
 from daemon.executors.base import Executor
 from daemon.health import Health
 from daemon.lease import Lease
+from daemon.metrics import Hooks
 from daemon.runner import JobRunner, RunningJob
 from daemon.store import ClaimedJob, DbError, JobResult, JobStatus, Quarantine, Store, guard, now_ms
 from daemon.wakeup import ChangeWatcher
@@ -75,6 +76,7 @@ class Dispatcher:
         self.quarantine: Quarantine | None = None
         self.on_rewritten: Callable[[Quarantine], None] = lambda _: None
         self._rewrite_suffix: str | None = None
+        self.metrics = Hooks()  # [metrics]: the service sets its exporter
 
     # -- wake-ups -----------------------------------------------------------------------------------------
 
@@ -183,6 +185,7 @@ class Dispatcher:
             pass  # run() stops claiming and says so
         except DbError as e:
             logger.error("dispatch.db_error", error=str(e), retry_in_s=self._error_backoff_s)
+            self.metrics.db_write_error()
             self._check_db = self._claim_due = True
             await anyio.sleep(self._error_backoff_s)
             self._error_backoff_s = min(self._error_backoff_s * 2, 5.0)
@@ -280,6 +283,7 @@ class Dispatcher:
         self._per_node[running.node_id] += 1
         self._slots_used += 1
         logger.info("job.claimed", job_id=job.id, node=running.node_id, tool=job.tool, attempt=job.attempt)
+        self.metrics.job_claimed(job)
         tg.start_soon(self._run_job, job, running, name=f"job {job.id}")
 
     # -- one job ------------------------------------------------------------------------------------------
@@ -333,8 +337,7 @@ class Dispatcher:
         if not self.running or self._claim_due or self._schedule_changed:
             self.wake()  # a draining loop waits for the last one
 
-    @staticmethod
-    def _log_finished(job: ClaimedJob, running: RunningJob, result: JobResult,
+    def _log_finished(self, job: ClaimedJob, running: RunningJob, result: JobResult,
                       outcome: tuple[JobStatus, int | None] | None) -> None:
         if outcome is None:  # someone else's claim now: we must not, and did not, touch the row
             logger.warning("job.claim_lost", job_id=job.id, node=running.node_id, exit_code=result.exit_code)
@@ -344,6 +347,8 @@ class Dispatcher:
                     exit_code=result.exit_code, duration_ms=outcome[1], error=result.error, attempt=job.attempt,
                     run_after=result.run_after, stdout_bytes=result.output.stdout_bytes,
                     stderr_bytes=result.output.stderr_bytes)
+        if outcome[0].is_final:
+            self.metrics.job_finished(running.node_id, running.tool, outcome[0].value, outcome[1])
 
     async def _retry_write(self, what: str, write: Callable[[], Awaitable[T]]) -> T:
         """A write that must not be lost: on a database error (disk full, I/O), log it and try again with backoff.
@@ -354,6 +359,7 @@ class Dispatcher:
                 return await write()
             except DbError as e:
                 logger.error("db.write_failed", what=what, error=str(e), retry_in_s=delay)
+                self.metrics.db_write_error()
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 

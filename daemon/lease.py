@@ -64,6 +64,7 @@ class Lease:
         self.on_requeued: Callable[[], None] = lambda: None  # the dispatcher claims what recovery re-queued
         # Kills a dead daemon's job on a remote node (job id, attempt, node id): set when SSH nodes exist.
         self.kill_remote: Callable[[str, int, Any], Awaitable[bool]] | None = None
+        self.on_db_error: Callable[[], None] = lambda: None  # a write failed (the metrics count it)
 
     async def register(self) -> None:
         await self._store.register_worker(worker_id=self.me.worker_id, host=self.me.host, boot_id=self.me.boot_id,
@@ -74,7 +75,8 @@ class Lease:
         """Renew the lease and look for dead daemons, three times per lease period."""
         while True:
             await anyio.sleep(self._ttl_ms / 3000)
-            async with survive_db_errors("lease heartbeat"):  # missed for a whole ttl, others declare us dead
+            # Missed for a whole ttl, others declare us dead.
+            async with survive_db_errors("lease heartbeat", self.on_db_error):
                 if not await self._store.heartbeat(self.me.worker_id):
                     logger.error("lease.lost", worker_id=self.me.worker_id,
                                  reason="another daemon declared this one dead and recovered its jobs")
@@ -83,7 +85,8 @@ class Lease:
                 await self.recover()
 
     async def release(self) -> None:
-        async with survive_db_errors("lease release"):  # unreleased, it expires: others recover nothing of ours
+        # Unreleased, it expires: others recover nothing of ours.
+        async with survive_db_errors("lease release", self.on_db_error):
             await self._store.stop_worker(self.me.worker_id, "clean shutdown")
 
     async def recover(self) -> None:

@@ -29,6 +29,7 @@ from daemon.executors.base import Executor
 from daemon.executors.local import LocalExecutor
 from daemon.health import Health, LocalProbe, NodeRefused, Prober, capabilities_json
 from daemon.lease import Identity, Lease
+from daemon.metrics import Exporter, Hooks
 from daemon.notify import Notifier
 from daemon.store import Store, survive_db_errors
 from daemon.tools import REFUSED, ulimit_script
@@ -48,7 +49,7 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
 
 
-def executors_for(config: Config) -> dict[str, Executor]:
+def executors_for(config: Config, metrics: Hooks | None = None) -> dict[str, Executor]:
     local = LocalExecutor(base_env=config.job_environment, default_cwd=config.default_cwd,
                           drain_timeout_s=config.drain_timeout_ms / 1000)
     executors: dict[str, Executor] = {config.local_node: local}
@@ -61,7 +62,7 @@ def executors_for(config: Config) -> dict[str, Executor]:
             if node.ssh.known_hosts is None:
                 logger.warning("ssh.host_key_check_disabled", node=node.id, host=node.ssh.host,
                                reason="insecure_skip_host_key_check = true: anyone on the path can impersonate it")
-            executors[node.id] = ssh.SshExecutor(node)
+            executors[node.id] = ssh.SshExecutor(node, metrics)
     return executors
 
 
@@ -105,7 +106,7 @@ async def _heartbeats(config: Config, store: Store, health: Health, dispatcher: 
     while True:
         results = await health.probe_all()
         beats = {node_id: (status, capabilities_json(caps)) for node_id, (status, caps) in results.items()}
-        async with survive_db_errors("node heartbeats"):
+        async with survive_db_errors("node heartbeats", dispatcher.metrics.db_write_error):
             for node_id in await store.node_heartbeats(beats, served=dispatcher.config.node_ids):
                 logger.info("node.unserved", node=node_id, status="offline")
         dispatcher.recheck_nodes()
@@ -177,15 +178,32 @@ async def serve(config: Config, overrides: Overrides | None = None, *, install_s
     _check_host(config)
     store = await Store.open(config.db_path, busy_timeout_ms=config.busy_timeout_ms, daemon=True)
     notifier = Notifier(config.notify_socket, config.watchdog_usec)
+    exporter: Exporter | None = None
     try:
+        exporter = await _exporter(config)  # [metrics] listen is bound now: a port in use stops start-up (exit 2)
         await store.migrate()
-        return await _run(config, overrides or Overrides(), store, notifier, install_signals)
+        return await _run(config, overrides or Overrides(), store, notifier, install_signals, exporter)
     finally:
+        if exporter is not None:
+            await exporter.aclose()
         notifier.close()
         await store.close()
 
 
-async def _run(config: Config, overrides: Overrides, store: Store, notifier: Notifier, install_signals: bool) -> int:
+async def _exporter(config: Config) -> Exporter | None:
+    """[metrics] set: the exporter, its port bound and its textfile's directory checked. Not set: None, and
+    prometheus_client is never imported."""
+    if not config.metrics.enabled:
+        return None
+    try:
+        return await Exporter.open(config)
+    except ImportError as e:
+        raise ConfigError(f"{config.settings_file}: [metrics] needs the prometheus-client package ({e}); install "
+                          "it into nexus-jobd's environment (pip install prometheus-client)") from e
+
+
+async def _run(config: Config, overrides: Overrides, store: Store, notifier: Notifier, install_signals: bool,
+               exporter: Exporter | None = None) -> int:
     stop = asyncio.Event()
     lost = asyncio.Event()
 
@@ -194,13 +212,16 @@ async def _run(config: Config, overrides: Overrides, store: Store, notifier: Not
         stop.set()
         dispatcher.stop_all("lease lost")
 
+    metrics = exporter or Hooks()
     lease = Lease(store, Identity.of_this_process(new_worker_id()), ttl_ms=config.lease_ttl_ms,
                   on_lost=on_lease_lost, nodes=config.node_ids)
-    executors = executors_for(config)
+    lease.on_db_error = metrics.db_write_error
+    executors = executors_for(config, metrics)
     lease.kill_remote = _remote_killer(executors)
     await lease.register()  # also recovers the jobs of daemons that died (our own previous run included)
     health = Health(config, prober(config, executors))
     dispatcher = Dispatcher(config, store, executors, lease, health)
+    dispatcher.metrics = metrics
     dispatcher.on_rewritten = lambda q: notifier.send(
         STATUS=f"stopped claiming: {config.db_path} was rewritten by another program outside SQLite's locking "
                f"(sql.js?); {len(dispatcher.running)} running jobs finish, results beside it; see the log")
@@ -214,6 +235,8 @@ async def _run(config: Config, overrides: Overrides, store: Store, notifier: Not
             tg.start_soon(_status, notifier, store, dispatcher)
             tg.start_soon(_retention, store, dispatcher)
             tg.start_soon(_heartbeats, config, store, health, dispatcher)
+            if exporter is not None:
+                await tg.start(exporter.run, store, health)  # answering before READY and dispatch.started
             await dispatcher.run(stop, on_ready=lambda: notifier.send(READY=1, STATUS="ready"))
             tg.cancel_scope.cancel()
     finally:
@@ -249,7 +272,7 @@ async def _status(notifier: Notifier, store: Store, dispatcher: Dispatcher) -> N
         await anyio.sleep(STATUS_INTERVAL_S)
         if store.rewritten is not None:
             continue  # the dispatcher set the line that says so
-        async with survive_db_errors("status"):
+        async with survive_db_errors("status", dispatcher.metrics.db_write_error):
             counts = await store.job_counts()
             notifier.send(STATUS=f"{len(dispatcher.running)} running, {counts['queued']} queued, "
                                  f"{counts['finished_last_hour']} finished in the last hour")
@@ -260,7 +283,7 @@ async def _retention(store: Store, dispatcher: Dispatcher) -> None:
     while True:
         days = dispatcher.config.retention_days
         if days:
-            async with survive_db_errors("retention"):
+            async with survive_db_errors("retention", dispatcher.metrics.db_write_error):
                 deleted = await store.prune(older_than_ms=days * DAY_MS,
                                             statuses=("completed", "failed", "cancelled"))
                 if deleted:
@@ -274,7 +297,7 @@ class _Reloader:
     A bad file never stops the daemon: whatever reading it raises is logged as config.reload_failed.
     """
 
-    RESTART_ONLY = ("db_path", "busy_timeout_ms", "local_node", "default_cwd", "job_environment")
+    RESTART_ONLY = ("db_path", "busy_timeout_ms", "local_node", "default_cwd", "job_environment", "metrics")
 
     def __init__(self, config: Config, overrides: Overrides, dispatcher: Dispatcher) -> None:
         self.config, self._overrides, self._dispatcher = config, overrides, dispatcher

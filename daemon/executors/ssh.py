@@ -20,6 +20,7 @@ import asyncssh
 from daemon import logging as log
 from daemon.config import NodeConfig, SshTarget
 from daemon.executors.base import ConnectionLost, ExitStatus, OutputCallback, SpawnError
+from daemon.metrics import Hooks
 from daemon.tools import Command
 
 logger = log.get("ssh")
@@ -142,9 +143,11 @@ class SshProcess:
 class SshExecutor:
     """The pooled connection to one node, opened on first use, reopened with back-off after a failure."""
 
-    def __init__(self, node: NodeConfig) -> None:
+    def __init__(self, node: NodeConfig, metrics: Hooks | None = None) -> None:
         assert node.ssh is not None
         self.node, self._target = node.id, node.ssh
+        self._metrics = metrics or Hooks()
+        self._connected_before = False  # each connection after the first is a reconnect (metrics)
         self._conn: asyncssh.SSHClientConnection | None = None
         self._lock = asyncio.Lock()
         self._failures = 0
@@ -188,6 +191,9 @@ class SshExecutor:
                                  f"{self._last_error}") from e
             self._failures = 0
             logger.info("ssh.connected", node=self.node, host=self._target.host, port=self._target.port)
+            if self._connected_before:
+                self._metrics.ssh_reconnected(self.node)
+            self._connected_before = True
             return self._conn
 
     async def start(self, command: Command, on_stdout: OutputCallback, on_stderr: OutputCallback) -> SshProcess:

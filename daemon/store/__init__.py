@@ -65,13 +65,16 @@ def now_ms() -> int:
 
 
 @contextlib.asynccontextmanager
-async def survive_db_errors(what: str) -> AsyncIterator[None]:
+async def survive_db_errors(what: str, on_error: Callable[[], None] | None = None) -> AsyncIterator[None]:
     """For a periodic duty (heartbeats, status, retention): a database error (disk full, I/O) skips this round,
-    logged, instead of taking the daemon and its running jobs down. The next round tries again."""
+    logged (and `on_error` called: the metrics count it), instead of taking the daemon and its running jobs down.
+    The next round tries again."""
     try:
         yield
     except DbError as e:
         logger.error("db.write_failed", what=what, error=str(e))
+        if on_error is not None:
+            on_error()
     except DatabaseRewritten:
         pass  # the dispatcher says so, once, with what to do; nothing more is written
 
@@ -559,7 +562,7 @@ class Store:
         if bad := [row for row in rows if isinstance(row[0], RawText)]:
             await self._fail_raw_ids(bad, worker_id)
         ordered = sorted((row for row in rows if not isinstance(row[0], RawText)), key=_claim_order)
-        return [ClaimedJob(*row[:-2]) for row in ordered]
+        return [ClaimedJob(*row[:-1]) for row in ordered]  # all but the rowid
 
     async def _fail_raw_ids(self, rows: Sequence[sqlite3.Row], worker_id: str) -> None:
         """A claimed row whose id is not valid UTF-8 never becomes a running job: every later step names the job by
@@ -725,6 +728,16 @@ class Store:
         queued, executing, last_minute, last_hour = rows[0]
         return {"queued": queued, "executing": executing, "finished_last_minute": last_minute,
                 "finished_last_hour": last_hour}
+
+    async def queue_by_node(self) -> dict[tuple[str, str], int]:
+        """(node id, status) -> rows, for `queued` and `executing`: the queue as the database has it (metrics)."""
+        rows = await self._conn.execute_fetchall(Q["queue_by_node"])
+        return {(str(node_id), str(status)): count for node_id, status, count in rows}
+
+    async def heartbeat_ages(self) -> dict[str, int]:
+        """Node id -> ms since its last heartbeat by the database's clock, for nodes that had one (metrics)."""
+        rows = await self._conn.execute_fetchall(Q["heartbeat_ages"])
+        return {str(node_id): age for node_id, age in rows if isinstance(age, int)}
 
     async def prune(self, *, older_than_ms: int, statuses: Sequence[str]) -> int:
         """Delete finished jobs that ended more than `older_than_ms` ago; how many."""

@@ -301,3 +301,11 @@ SELECT count(*) FROM jobd_workers AS w
  WHERE w.stopped_at IS NULL AND w.heartbeat_at >= NOW_MS - :ttl_ms
    AND EXISTS (SELECT 1 FROM json_each(CASE WHEN json_valid(w.nodes) THEN w.nodes ELSE '[]' END)
                 WHERE value = :node_id);
+
+-- name: queue_by_node
+-- The metrics' queue gauges, read only when someone scrapes: queued and executing rows per node (the claim index).
+SELECT node_id, status, count(*) FROM jobs WHERE status IN ('queued', 'executing') GROUP BY node_id, status;
+
+-- name: heartbeat_ages
+-- The metrics' node_heartbeat_age_seconds: ms since each node's last heartbeat, by the clock that wrote it.
+SELECT id, NOW_MS - last_heartbeat FROM nodes WHERE last_heartbeat IS NOT NULL;

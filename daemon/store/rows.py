@@ -52,6 +52,7 @@ class ClaimedJob:
     started_at: int
     timeout_ms: Any
     max_attempts: Any
+    created_at: Any = None  # as the enqueuer wrote it: the metrics' pickup latency is started_at - created_at
 
 
 @dataclass(frozen=True)
