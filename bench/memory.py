@@ -1,4 +1,6 @@
-"""Memory: resident set (VmRSS) of the idle daemon with no SSH nodes configured, after start-up and after 500 jobs.
+"""Memory: resident set (VmRSS) of the idle daemon with no SSH nodes configured, after start-up, after 500 jobs, and
+after a job that wrote 20 MB (its row capped at output_cap_bytes, 4 MiB by default): right when its row is recorded,
+and idle a few seconds later, when what its output took must have been given back.
 
 Baselines in the same run, idle Python processes that import: only asyncio and sqlite3; those and the daemon's
 libraries (aiosqlite, anyio, structlog); those and the daemon's own modules (without running anything); asyncio,
@@ -16,6 +18,8 @@ import _harness as h
 
 TARGET_MIB = 30.0
 SETTLE_S = 1.0
+BIG_SETTLE_S = 3.0  # after the big job's row is recorded
+DEFAULT_CAP = 4 * 1024 * 1024  # output_cap_bytes when the config does not set it
 IDLE = """
 import asyncio
 async def main():
@@ -52,11 +56,15 @@ def parse_args() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jobs", type=h.positive_int, default=500,
                    help="jobs to run between the two readings (default 500)")
+    p.add_argument("--big-megabytes", type=h.positive_int, default=20,
+                   help="what the big job writes to stdout, in MB of 10^6 bytes (default 20)")
     h.add_common_args(p)
     return p
 
 
-def run_daemon(ws: h.Workspace, jobs: int) -> list[Sample]:
+def run_daemon(ws: h.Workspace, jobs: int, big_bytes: int) -> list[Sample]:
+    """Readings: [0] start-up, [1] after `jobs` jobs, [2] after twice as many, [3] right when the big job's row is
+    recorded, [4] idle BIG_SETTLE_S later."""
     db = ws.database("jobd")
     samples = []
     with h.Daemon(ws, db) as daemon, h.Db(db) as conn:  # no config file: built-in defaults, the local node only
@@ -67,7 +75,25 @@ def run_daemon(ws: h.Workspace, jobs: int) -> list[Sample]:
             conn.wait_completed(n * jobs, timeout=60 + jobs / 20, daemon=daemon)
             time.sleep(SETTLE_S)
             samples.append(Sample.of(f"nexus-jobd, idle after {n * jobs} jobs", daemon.pid))
+        [job_id] = conn.insert([f"yes | head -c {big_bytes}"])
+        conn.wait_completed(2 * jobs + 1, timeout=60 + big_bytes / 1e6, interval=0.005, daemon=daemon)
+        mb = big_bytes / 1e6
+        samples.append(Sample.of(f"nexus-jobd, {mb:g} MB job just recorded", daemon.pid))
+        time.sleep(BIG_SETTLE_S)
+        samples.append(Sample.of(f"nexus-jobd, idle {BIG_SETTLE_S:.0f} s after the {mb:g} MB job", daemon.pid))
+        check_capped(conn, job_id, big_bytes)
     return samples
+
+
+def check_capped(conn: h.Db, job_id: str, big_bytes: int) -> None:
+    """The big job's row holds what the daemon's default cap keeps (head, marker, tail), and counts every byte."""
+    stored, written = conn.conn.execute("SELECT length(CAST(stdout AS BLOB)), stdout_bytes FROM jobs WHERE id = ?",
+                                        (job_id,)).fetchone()
+    capped = big_bytes > DEFAULT_CAP
+    if written != big_bytes or not (DEFAULT_CAP <= stored <= DEFAULT_CAP + 200 if capped else stored == big_bytes):
+        expected = f"the default cap ({DEFAULT_CAP} bytes) and a marker line" if capped else "all"
+        raise h.BenchError(f"the big job's row holds {stored} bytes of stdout and counts {written} written; expected "
+                           f"{expected} of {big_bytes}")
 
 
 def run_baseline(ws: h.Workspace, name: str, imports: str) -> Sample:
@@ -91,7 +117,10 @@ def report(daemon: list[Sample], baselines: list[Sample], jobs: int) -> bool:
     print(f"  the daemon maps {'these: ' + ', '.join(sorted(ssh)) if ssh else 'none of them'}")
     grown = daemon[2].mib() - daemon[1].mib()
     print(f"  growth from {jobs} to {2 * jobs} jobs: {grown:+.1f} MiB")
-    checked = daemon[:2]
+    print(f"  the big job, against the reading before it: {daemon[3].mib() - daemon[2].mib():+.1f} MiB when its row "
+          f"is recorded (peak {daemon[3].mib('VmHWM'):.1f} MiB), {daemon[4].mib() - daemon[2].mib():+.1f} MiB "
+          f"{BIG_SETTLE_S:.0f} s later")
+    checked = [*daemon[:2], daemon[4]]
     print()
     h.print_table(("", "VmRSS", "target", ""), [
         (s.name, f"{s.mib():.1f} MiB", f"<= {TARGET_MIB:.0f} MiB", h.verdict(s.mib() <= TARGET_MIB))
@@ -102,9 +131,10 @@ def report(daemon: list[Sample], baselines: list[Sample], jobs: int) -> bool:
 def main(args: argparse.Namespace) -> int:
     with h.Workspace(args) as ws:
         print(f"memory: RSS of the idle daemon (no SSH nodes) after start-up and after {args.jobs} jobs, "
-              f"read {SETTLE_S:.0f} s after each step (1 MiB = 1024 KiB, as /proc reports)")
+              f"read {SETTLE_S:.0f} s after each step, then after a job that wrote {args.big_megabytes} MB "
+              f"(1 MiB = 1024 KiB, as /proc reports)")
         print(f"  {h.machine(ws.path)}")
-        daemon = run_daemon(ws, args.jobs)
+        daemon = run_daemon(ws, args.jobs, args.big_megabytes * 1_000_000)
         baselines = [run_baseline(ws, name, imports) for name, imports in BASELINES.items()]
         return 0 if report(daemon, baselines, args.jobs) else 1
 

@@ -9,6 +9,7 @@ a finished job, stop) or the next poll or due time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -21,6 +22,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from daemon import logging as log
+from daemon import output
 from daemon.config import Config
 from daemon.errors import DatabaseRewritten
 from daemon.executors.base import Executor
@@ -156,6 +158,7 @@ class Dispatcher:
 
     async def run(self, stop: asyncio.Event, on_ready: Callable[[], None] = lambda: None) -> None:
         """Claim and run jobs until `stop` is set; then drain: stop claiming, let running jobs end."""
+        output.map_big_blocks_apart()  # before the first job: big outputs must not fragment the heap
         self._watcher.start()
         poll_s = self._watcher.poll_interval_s(self._config.poll_interval_ms / 1000)
         logger.info("dispatch.started", worker_id=self.worker_id, inotify=self._watcher.uses_inotify,
@@ -312,22 +315,43 @@ class Dispatcher:
         self._record_ready.set()
 
     async def _record_loop(self) -> None:
-        """Write finished jobs in batches: whatever ended while the last batch was being written goes next."""
+        """Write finished jobs in batches: whatever ended while the last batch was being written goes next.
+
+        The batch lives only in `_record`'s frame: a local here would keep its last outputs (up to 2 x 4 MiB of
+        text per job, and the buffers behind them) alive while the daemon idles. After a batch with big outputs,
+        the memory they took is given back (`_give_back_memory`)."""
         while True:
             await self._record_ready.wait()
             self._record_ready.clear()
-            batch, self._to_record = self._to_record, []
-            items = [(running.claim, result) for _, running, result in batch]
-            try:
-                with anyio.CancelScope(shield=True):
-                    outcomes = await self._retry_write("finish", partial(self._store.finish_many, items))
-            except DatabaseRewritten:
-                self._keep_unrecorded(batch)
-                continue
-            for job, running, result in batch:
-                self.running.pop((job.id, job.attempt), None)
-                self._log_finished(job, running, result, outcomes.get(job.id))
-            self._after_record(batch)
+            if await self._record(self._take_batch()):
+                await self._give_back_memory()
+
+    def _take_batch(self) -> list[tuple[ClaimedJob, RunningJob, JobResult]]:
+        batch, self._to_record = self._to_record, []
+        return batch
+
+    async def _record(self, batch: list[tuple[ClaimedJob, RunningJob, JobResult]]) -> bool:
+        """Write one batch; True if it held big outputs (whose memory is worth giving back once they are gone)."""
+        items = [(running.claim, result) for _, running, result in batch]
+        try:
+            with anyio.CancelScope(shield=True):
+                outcomes = await self._retry_write("finish", partial(self._store.finish_many, items))
+        except DatabaseRewritten:
+            self._keep_unrecorded(batch)
+            return False
+        for job, running, result in batch:
+            self.running.pop((job.id, job.attempt), None)
+            self._log_finished(job, running, result, outcomes.get(job.id))
+        self._after_record(batch)
+        return any(output.is_big(result.output) for _, _, result in batch)
+
+    async def _give_back_memory(self) -> None:
+        """SQLite's page cache (up to 2 MiB, full of the rows just written), then the heap's free pages (2-3 MiB
+        after a 20 MB job): what big outputs left behind once nothing refers to them. About 1 ms, after big jobs
+        only."""
+        with contextlib.suppress(DbError):
+            await self._store.release_memory()
+        output.trim_heap()
 
     def _after_record(self, batch: list[tuple[ClaimedJob, RunningJob, JobResult]]) -> None:
         if any(result.run_after is not None for _, _, result in batch):

@@ -1,16 +1,25 @@
 """Per-stream output capture: incremental UTF-8 decoding and a cap that keeps the head and the latest tail.
 
-Memory per stream stays below 1.75x the cap (the tail is trimmed lazily), however much the job writes.
+Memory per stream stays below 1.75x the cap (the tail is trimmed lazily), however much the job writes. Big
+buffers get mappings of their own (`map_big_blocks_apart`), and once a big job is recorded, `trim_heap` gives
+the free heap pages back: the idle daemon returns to its size before the job.
 """
 
 from __future__ import annotations
 
 import codecs
+import ctypes
 from dataclasses import dataclass, field
 
 from daemon.store import OutputSnapshot
 
 HEAD_SHARE = 4  # the head keeps cap/4; the tail, where errors usually are, keeps the rest
+# After a job that wrote at least this much (both streams), the dispatcher gives memory back: SQLite's page cache
+# and the heap's free pages (its read buffers and renders leave them behind). Smaller jobs cost nothing extra.
+BIG_OUTPUT_BYTES = 1024 * 1024
+MMAP_THRESHOLD_BYTES = 1024 * 1024  # blocks this big or bigger get mappings of their own (glibc)
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_M_PURGE = -101  # bionic's mallopt(M_PURGE, 0): Android's malloc_trim (API level 28 and later)
 
 
 def _complete_prefix(data: bytes | bytearray) -> int:
@@ -111,3 +120,42 @@ class JobOutput:
         out = self.stdout.render(final=final) if self.stdout.dirty or final else None
         err = self.stderr.render(final=final) if self.stderr.dirty or final else None
         return OutputSnapshot(out, err, self.stdout.total, self.stderr.total)
+
+
+# -- giving memory back ---------------------------------------------------------------------------------------
+
+
+def is_big(snapshot: OutputSnapshot) -> bool:
+    """Did the job write enough that the memory it took is worth giving back once it is recorded?"""
+    return snapshot.stdout_bytes + snapshot.stderr_bytes >= BIG_OUTPUT_BYTES
+
+
+def map_big_blocks_apart() -> bool:
+    """glibc: every block of MMAP_THRESHOLD_BYTES or more gets a mapping of its own, unmapped when it is freed.
+
+    By default glibc raises that threshold (up to 32 MiB) each time such a block is freed, so from the first big job
+    on, its multi-MiB buffers (the capped text, its render, SQLite's copy of it) are carved out of the heaps, where
+    small blocks allocated meanwhile pin their pages: up to 10 MiB stayed resident that malloc_trim could not
+    return. Fixing the threshold keeps them apart; smaller blocks, and every small job, are unaffected. False
+    where the C library is not glibc (its mallopt has no such parameter)."""
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return False
+    if getattr(libc, "malloc_trim", None) is None:  # not glibc
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
+def trim_heap() -> bool:
+    """Return the C heap's free pages to the system: glibc's malloc_trim(0), or bionic's mallopt(M_PURGE). True if
+    it released some; False too where the C library has neither (musl, macOS): there freed memory stays, reused."""
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return False
+    if (malloc_trim := getattr(libc, "malloc_trim", None)) is not None:
+        return bool(malloc_trim(0))
+    if (mallopt := getattr(libc, "mallopt", None)) is not None:
+        return bool(mallopt(_M_PURGE, 0))
+    return False

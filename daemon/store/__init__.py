@@ -56,6 +56,9 @@ _BASE_COLUMNS = {
 CHECKPOINT_FRAMES = 1000  # SQLite's own wal_autocheckpoint default, done by the daemon after checking the file
 _LOCK_RETRY_S = 0.05
 _LOCK_RETRY_MAX_S = 2.0
+# SQLite keeps its own copy of each statement's last bound text until the statement is bound again (Python never
+# clears bindings): a finish that bound output this long binds its statements to NULLs before it commits.
+_BIG_TEXT = 256 * 1024
 
 logger = log.get("store")
 
@@ -614,11 +617,24 @@ class Store:
                 await self._conn.executemany(Q["requeue_job"], requeues)
             await self._conn.executemany(Q["finish_job"], params)
             rows = await self._conn.execute_fetchall(Q["finished_claims"], args)
+            if any(_is_big(p["stdout"]) or _is_big(p["stderr"]) for p in params):
+                await self._unbind("requeue_job", "finish_job", "write_output")  # the last flush's text too
             return {row[0]: (JobStatus(row[1]), row[2]) for row in rows if row[0] in ours}
 
         finished = await self._transaction(work)
         self._note(claim.job_id for claim, _ in items)
         return finished
+
+    async def _unbind(self, *queries: str) -> None:
+        """Run each named write with every parameter NULL: it matches no row (`id = NULL` is never true), and SQLite
+        lets go of the text the statement was last bound to. Inside the caller's transaction."""
+        for query in queries:
+            await self._conn.execute(Q[query], _Nulls())
+
+    async def release_memory(self) -> None:
+        """Give back what SQLite holds for our connection, its page cache above all (up to 2 MiB, full of the big
+        rows just written): after big outputs were recorded. Pages needed later are read again."""
+        await self._conn.execute("PRAGMA shrink_memory")
 
     async def fail_blocked_dependencies(self) -> list[tuple[str, Any]]:
         """Fail queued rows whose dependency can no longer complete; repeated so chains fail in one call."""
@@ -813,6 +829,17 @@ def _claim_order(row: sqlite3.Row) -> tuple[int, int, int]:
     if not isinstance(priority, int) or not isinstance(created_at, int):
         return (-(2**63), 0, rowid)
     return (-priority, created_at, rowid)
+
+
+class _Nulls(dict[str, Any]):
+    """Statement parameters that are all NULL, whatever their names."""
+
+    def __missing__(self, key: str) -> None:
+        return None
+
+
+def _is_big(text: str | None) -> bool:
+    return text is not None and len(text) >= _BIG_TEXT
 
 
 def _output_params(claim: Claim, out: OutputSnapshot) -> dict[str, Any]:

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import codecs
+import ctypes
 import itertools
 import random
 import re
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.output import HEAD_SHARE, JobOutput, StreamCapture
+from daemon.output import (
+    BIG_OUTPUT_BYTES,
+    HEAD_SHARE,
+    JobOutput,
+    StreamCapture,
+    is_big,
+    map_big_blocks_apart,
+    trim_heap,
+)
+from daemon.store import OutputSnapshot
 
 REPLACEMENT = "\ufffd"
 MARKER = re.compile(r"\n\[nexus-jobd: (\d+) bytes of (\w+) omitted; (\d+) bytes in all\]\n")
@@ -276,3 +288,63 @@ def test_final_snapshot_renders_both_streams_and_flushes_incomplete_bytes() -> N
     assert final.stdout == f"ok {REPLACEMENT}"
     assert final.stderr == ""
     assert (final.stdout_bytes, final.stderr_bytes) == (4, 0)
+
+
+# -- giving memory back -----------------------------------------------------------------------------------------
+
+
+def test_only_jobs_that_wrote_a_lot_count_as_big() -> None:
+    """What makes the dispatcher give memory back after recording a batch: both streams' totals, not the capped
+    text, so a job that wrote 100 MB into a 4 MiB row counts."""
+    assert not is_big(OutputSnapshot("x" * 1000, "", 1000, 0))
+    assert not is_big(OutputSnapshot(None, None, BIG_OUTPUT_BYTES // 2, BIG_OUTPUT_BYTES // 2 - 1))
+    assert is_big(OutputSnapshot(None, None, BIG_OUTPUT_BYTES // 2, BIG_OUTPUT_BYTES // 2))
+    assert is_big(OutputSnapshot("capped", None, 100 * BIG_OUTPUT_BYTES, 0))
+
+
+def test_trim_heap_returns_freed_heap_pages_where_malloc_trim_exists() -> None:
+    """Blocks below malloc's mmap threshold, every other one freed: holes inside the heap that free() cannot give
+    back by itself, and that malloc_trim(0) does. Where the C library has no malloc_trim, it says so and returns."""
+    if getattr(ctypes.CDLL(None), "malloc_trim", None) is None:
+        assert trim_heap() in (True, False)
+        pytest.skip("no malloc_trim in this C library (not glibc)")
+    blocks = [bytearray(64 * 1024) for _ in range(400)]
+    del blocks[::2]
+    assert trim_heap() is True
+
+
+BLOCK_PLACEMENT = """
+import ctypes, sys
+from daemon.output import map_big_blocks_apart
+if sys.argv[1] == "fixed":
+    assert map_big_blocks_apart()
+
+def mapping(address):
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if start <= address < end:
+            return fields[5] if len(fields) > 5 else "anonymous"
+    return "unmapped"
+
+bigger = bytearray(8 << 20)
+del bigger  # glibc raises its threshold past 8 MiB here, unless it is fixed
+block = bytearray(2 << 20)
+address = ctypes.addressof((ctypes.c_char * len(block)).from_buffer(block))
+print(mapping(address))
+del block
+print(mapping(address))
+"""
+
+
+def test_big_blocks_get_mappings_of_their_own_after_a_bigger_one_was_freed() -> None:
+    """In a fresh process (an old heap may hold a free chunk big enough, which malloc reuses whatever the
+    threshold). Without the fix glibc raises its mmap threshold when the 8 MiB block is freed and carves the next
+    2 MiB block out of the heap (run BLOCK_PLACEMENT with "default" to see `[heap]`, still mapped after the free);
+    with the threshold fixed, that block gets a mapping of its own, which free() unmaps."""
+    if getattr(ctypes.CDLL(None), "malloc_trim", None) is None:
+        assert map_big_blocks_apart() is False
+        pytest.skip("not glibc")
+    done = subprocess.run([sys.executable, "-c", BLOCK_PLACEMENT, "fixed"], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.split() == ["anonymous", "unmapped"]
