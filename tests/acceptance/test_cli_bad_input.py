@@ -11,6 +11,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -230,7 +231,23 @@ def test_an_id_that_is_not_utf8_is_shown_readably(db: Db) -> None:
 
 # -- a database this user may not write ----------------------------------------------------------------
 
-NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+def _as_nobody_prefix() -> list[str]:
+    """The command prefix that runs the rest as user nobody. Where this Python lives under a directory nobody may
+    not enter (pyenv under /root, mode 0700), the command runs in a mount namespace of its own where that
+    directory is an empty tmpfs with just this interpreter's tree bind-mounted back in: nobody then runs exactly
+    this Python, and nothing else of that directory is visible."""
+    setpriv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    base = Path(sys.base_prefix).resolve()
+    closed = next((d for d in reversed(base.parents) if d != Path("/") and not d.stat().st_mode & 0o001), None)
+    if closed is None:
+        return setpriv
+    script = ('mount --make-rprivate / && t=$(mktemp -d) && mount --bind "$1" "$t" && '
+              'mount -t tmpfs -o mode=0755 tmpfs "$2" && mkdir -p "$1" && mount --bind "$t" "$1" && shift 2 && '
+              f'exec {" ".join(setpriv)} "$@"')
+    return ["unshare", "-m", "sh", "-c", script, "sh", str(base), str(closed)]
+
+
+NOBODY = _as_nobody_prefix()
 READERS = [["ps"], ["ps", "--json"], ["show", "abc"], ["logs", "abc"], ["status"], ["nodes"], ["db", "check"],
            ["backup", "BACKUP"]]
 WRITERS = [["submit", "--", "true"], ["cancel", "abc"], ["retry", "abc"], ["prune", "--older-than", "1d"],
