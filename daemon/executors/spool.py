@@ -50,8 +50,9 @@ def kill_script(name: str, signum: int, *, remove: bool = False) -> str:
     return script + (f'rm -rf "{d}"; true' if remove else "true")
 
 
-def remove_script(name: str) -> str:
-    return f'rm -rf "{job_dir(name)}"'
+def remove_script(*names: str) -> str:
+    """Remove the directories of attempts whose rows are final (names are hex: nothing to quote)."""
+    return "rm -rf " + " ".join(f'"{job_dir(name)}"' for name in names) + " 2>/dev/null"
 
 
 def env_argv(command: Command, argv: tuple[str, ...]) -> list[str]:
@@ -68,12 +69,17 @@ def start_script(command: Command, name: str, tail_bytes: int) -> str:
     The wrapper subshell catches TERM/INT/HUP (a caught signal is reset to the default in the job, an ignored one
     would not be) so that it outlives a TERM of the group and records 128+N; after a KILL there is no status and
     the reader says the job is gone. The status is one short write of "N\\n": readers take an empty or
-    unterminated file for "not yet" (an mv would cost a process per job).
+    unterminated file for "not yet" (an mv would cost a process per job). Then the wrapper pokes the start
+    channel's stderr (fd 4, closed for the job itself), so the daemon asks at once instead of polling for the end
+    of a short job: "E N" when both spools are empty (status N, and nothing to read: no round trip at all), an
+    empty line otherwise. Over a dropped channel that write fails, after the status is safe.
     """
     run = shlex.join(env_argv(command, command.exec_argv))
-    cd = f'cd {shlex.quote(command.cwd)} 2>>"$d/err" || {{ echo 127 > "$d/rc"; exit; }}; ' if command.cwd else ""
-    wrapper = (f'( trap : TERM INT HUP; {cd}{run} </dev/null >>"$d/out" 2>>"$d/err"; echo $? > "$d/rc" ) '
-               "</dev/null >/dev/null 2>&1 & w=$!; ")
+    cd = (f'cd {shlex.quote(command.cwd)} 2>>"$d/err" || {{ echo 127 > "$d/rc"; echo >&4; exit; }}; '
+          if command.cwd else "")
+    wrapper = (f'( trap : TERM INT HUP; {cd}{run} </dev/null >>"$d/out" 2>>"$d/err" 4>&-; r=$?; echo $r > "$d/rc"; '
+               'if [ -s "$d/out" ] || [ -s "$d/err" ]; then echo >&4; else echo "E $r" >&4; fi '
+               ') 4>&2 </dev/null >/dev/null 2>&1 & w=$!; ')
     return (f'umask 077; J="{JOBS_DIR}"; d="$J/{name}"; '
             'mkdir "$d" 2>/dev/null || { mkdir -p "$J" 2>/dev/null && mkdir "$d" 2>/dev/null; } || '
             '{ echo "X the job directory $d exists already or cannot be created: the attempt is not started '
@@ -93,10 +99,12 @@ def reader_script(name: str, tail_bytes: int) -> str:
 
 
 def _reader_loop(tail: int) -> str:
-    """One reply per request line `O E CO CE F` (bytes received and recorded per stream, flags), or `bye` (the row
-    is final: remove the directory). The order is what makes it exact: is the wrapper alive, then is there a
-    status, then how big are the spools. A status found means everything before it is in the spools, so the reply
-    that carries it carries all the output; no status and no wrapper means the job was killed.
+    """One reply per request line `O E CO CE F` (bytes received and recorded per stream, flags), until the end
+    of its input (the daemon has what it needs, or the link dropped: either way the directory stays until the
+    row is final, and the daemon removes it then). The order is what makes it exact: is the wrapper alive,
+    then is there a status, then how big are the spools. A status found means everything before it is in the
+    spools, so the reply that carries it carries all the output; no status and no wrapper means the job was
+    killed.
 
     Flags: 1/2 stdout/stderr may skip to its last `tail` bytes (the daemon keeps only a head and a tail, and has
     its head); 4/8 the daemon has recorded past its head, so what no reader will ask for again can be discarded.
@@ -112,10 +120,11 @@ def _reader_loop(tail: int) -> str:
              f'if [ $((t - q)) -ge {PUNCH_STEP} ]; then fallocate -p -o 0 -l "$t" "$1" 2>/dev/null; q=$t; fi; }}; ')
     loop = ('trap "" TERM INT HUP; po=0; pe=0; '
             'while read -r o e co ce f; do '
-            'case "$o" in bye) cd / && rm -rf "$d"; exit 0;; esac; '
             'case "$o.$e.$co.$ce.$f" in *[!0-9.]*|*..*|.*|*.) echo "X bad request"; exit 0;; esac; '
             'a=0; alive && a=1; r=; [ -s rc ] && read -r r < rc; '
-            'set -- $(wc -c out err 2>/dev/null); so=$1; se=$3; '
+            # Empty spools need no `wc` (no process: most short jobs print little, and come here first).
+            'if [ "$o.$e" = 0.0 ] && [ -f out ] && [ -f err ] && [ ! -s out ] && [ ! -s err ]; then so=0; se=0; '
+            'else set -- $(wc -c out err 2>/dev/null); so=$1; se=$3; fi; '
             'case "$so.$se" in *[!0-9.]*|.*|*.) echo "X the spool files in $d are missing"; exit 0;; esac; '
             'send 1 out "$o" "$so" $((f & 1)) && send 2 err "$e" "$se" $((f & 2)) || exit 0; '
             'punch out "$co" "$so" $((f & 4)) "$po"; po=$q; punch err "$ce" "$se" $((f & 8)) "$pe"; pe=$q; '
@@ -197,3 +206,9 @@ def parse_status(value: str) -> int | None:
     if value.isascii() and value.isdigit() and len(value) <= 3 and int(value) <= 255:
         return int(value)
     return None
+
+
+def empty_end(line: bytes) -> int | None:
+    """The status in a start channel's "E N" poke (the job ended, both spools empty), or None."""
+    kind, _, value = line.strip().partition(b" ")
+    return parse_status(value.decode("ascii", "replace")) if kind == b"E" else None

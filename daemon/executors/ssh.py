@@ -11,6 +11,7 @@ OpenSSH and would reach only the shell. Imported only when an SSH node is config
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shlex
 import signal
 import time
@@ -28,11 +29,12 @@ from daemon.tools import Command
 
 logger = log.get("ssh")
 BACKOFF_MAX_S = 30.0
-POLL_MIN_S = 0.001  # the first looks after a start come fast (most jobs are short), then double
+POLL_MIN_S = 0.01  # the looks at a running job's spools start this often and double up to poll_max_s
 BUSY_BYTES = 64 * 1024  # a reply this big: ask again at once, so a fast writer's spool does not pile up
 REPLY_TIMEOUT_S = 120.0  # a reader that answers nothing for this long is taken for a lost link
 RECONNECT_STEP_S = 0.5
-BYE_GRACE_S = 30.0
+REMOVE_AFTER_S = 2.0  # directories of final rows go with the next start on the node, or after this long
+REMOVE_BATCH = 64
 
 
 class HostKeyError(SpawnError):
@@ -40,15 +42,23 @@ class HostKeyError(SpawnError):
 
 
 class _ReaderSession(asyncssh.SSHClientSession[bytes]):
-    """One reader channel: its stdout carries frames; the reader's own stderr is not the job's and is dropped."""
+    """One reader channel: its stdout carries frames; anything on its stderr (the job's wrapper writes a newline
+    there when the job ends; it is not the job's stderr) is a poke: look now."""
 
-    def __init__(self, parser: spool.FrameParser, replies: asyncio.Queue[spool.Reply | None]) -> None:
-        self._parser, self._replies = parser, replies
+    def __init__(self, parser: spool.FrameParser, replies: asyncio.Queue[spool.Reply | None],
+                 poke: asyncio.Event) -> None:
+        self._parser, self._replies, self._poke = parser, replies, poke
+        self.empty_end: int | None = None  # the wrapper said: ended with this status, spools empty
         self._broken = False
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def data_received(self, data: bytes, datatype: int | None) -> None:
-        if datatype == asyncssh.EXTENDED_DATA_STDERR or self._broken:
+        if datatype == asyncssh.EXTENDED_DATA_STDERR:
+            if self.empty_end is None and len(data) < 16:
+                self.empty_end = spool.empty_end(data)
+            self._poke.set()
+            return
+        if self._broken:
             return
         try:
             self._parser.feed(data)
@@ -76,13 +86,14 @@ class SshProcess:
         self._streams: dict[int, tuple[StreamCapture, OutputCallback]] = {
             1: (output.stdout, on_stdout), 2: (output.stderr, on_stderr)}
         self._channel: asyncssh.SSHClientChannel[bytes] | None = None
+        self._session: _ReaderSession | None = None
         self._replies: asyncio.Queue[spool.Reply | None] = asyncio.Queue()
         self._committed = (0, 0)
         self._signal = 0  # the strongest signal asked for and not yet delivered (KILL > TERM)
         self._killed = False  # a KILL was asked for: a job gone without status was killed by us
         self._reached = asyncio.Event()  # the node answered once: the pid file a kill reads exists
+        self._wake = asyncio.Event()  # a poke from the node, or the next look is due
         self._done = False
-        self._final = False  # ended with a status; the reader waits for `bye` to remove the directory
         self._lost_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -96,22 +107,23 @@ class SshProcess:
 
     # -- the reader channel ---------------------------------------------------------------------------------
 
-    async def open(self, script: str) -> None:
-        """Open a reader channel running `script`; the first request rides with it (no round trip first)."""
+    async def open(self, script: str, *, ask: bool = True) -> None:
+        """Open a reader channel running `script`; the first request rides with it unless not `ask`."""
         conn = await self._executor.connection()
         await self._executor.channels.acquire()
         replies: asyncio.Queue[spool.Reply | None] = asyncio.Queue()
         parser = spool.FrameParser(self._on_data, self._on_skip, replies.put_nowait)
         try:
-            channel, session = await conn.create_session(lambda: _ReaderSession(parser, replies), script,
+            channel, session = await conn.create_session(lambda: _ReaderSession(parser, replies, self._wake), script,
                                                          encoding=None)
         except (OSError, asyncssh.Error) as e:
             self._executor.channels.release()
             raise SpawnError(f"cannot open a channel to node {self._node}: {e}") from e
         assert isinstance(session, _ReaderSession)
         session.closed.add_done_callback(lambda _: self._executor.channels.release())
-        self._channel, self._replies = channel, replies
-        self._request()
+        self._channel, self._replies, self._session = channel, replies, session
+        if ask:
+            self._request()
 
     def _on_data(self, stream: int, data: bytes) -> None:
         self._streams[stream][1](data)
@@ -140,7 +152,10 @@ class SshProcess:
 
     def _close(self) -> None:
         if self._channel is not None:
-            self._channel.close()
+            try:
+                self._channel.write_eof()  # the reader ends; the channel closes from the node's side
+            except (OSError, asyncssh.Error):
+                self._channel.close()
             self._channel = None
 
     # -- following the job ----------------------------------------------------------------------------------
@@ -149,12 +164,16 @@ class SshProcess:
         try:
             return await self._follow()
         finally:
-            if not self._final:
-                self._close()
+            self._close()  # the reader ends at the end of its input; the directory stays until the row is final
             self._done = True
 
     async def _follow(self) -> ExitStatus:
         delay = POLL_MIN_S
+        if self._channel is not None:  # just started: the first look when it ends (a poke), or when due
+            await self._pause(self._executor.poll_max_s)
+            if (status := self._ended_empty()) is not None:
+                return status
+            self._request()
         while True:
             reply = await self._next_reply() if self._channel is not None else None
             if reply is None:  # the reader ended without a status: the link dropped (or never was)
@@ -166,15 +185,37 @@ class SshProcess:
             if reply.kind != "run":
                 return self._ended(reply)
             if reply.data_bytes < BUSY_BYTES:
-                await asyncio.sleep(delay)
                 delay = min(delay * 2, self._executor.poll_max_s)
+                await self._pause(delay)
             self._request()
 
-    async def _next_reply(self) -> spool.Reply | None:
-        try:
-            return await asyncio.wait_for(self._replies.get(), REPLY_TIMEOUT_S)
-        except TimeoutError:
+    def _ended_empty(self) -> ExitStatus | None:
+        """The wrapper said the job ended with empty spools, and nothing was read: the status is all there is
+        (the fast path of short quiet jobs: no request at all)."""
+        code = self._session.empty_end if self._session is not None else None
+        if code is None or self._output.stdout.total or self._output.stderr.total:
             return None
+        self._reached.set()
+        return ExitStatus(code)
+
+    async def _pause(self, delay: float) -> None:
+        """Until the next look is due, or the node pokes (the job ended)."""
+        handle = asyncio.get_running_loop().call_later(delay, self._wake.set)
+        try:
+            await self._wake.wait()
+        finally:
+            handle.cancel()
+            self._wake.clear()
+
+    async def _next_reply(self) -> spool.Reply | None:
+        if not self._replies.empty():
+            return self._replies.get_nowait()
+        # A timer handle rather than wait_for, which costs a task per reply (several per job on the fast path).
+        handle = asyncio.get_running_loop().call_later(REPLY_TIMEOUT_S, self._replies.put_nowait, None)
+        try:
+            return await self._replies.get()
+        finally:
+            handle.cancel()
 
     def _ended(self, reply: spool.Reply) -> ExitStatus:
         if reply.kind == "rc":
@@ -182,7 +223,6 @@ class SshProcess:
             if code is None:
                 raise JobLost(f"the job's status file on node {self._node} holds {reply.value[:40]!r}, not an "
                               "exit status")
-            self._final = True
             return ExitStatus(code)
         if reply.kind == "gone" and self._killed:
             return ExitStatus(128 + signal.SIGKILL, signal.SIGKILL)
@@ -253,16 +293,10 @@ class SshProcess:
         self._committed = (stdout_bytes, stderr_bytes)
 
     def forget(self, *, remove: bool) -> None:
-        """The row is final: the reader removes the directory and ends (`bye`); without a reader, a control
-        channel does it."""
-        channel = self._channel
-        if remove and self._final and channel is not None and self._write("bye\n"):
-            asyncio.get_running_loop().call_later(BYE_GRACE_S, channel.close)
-            self._channel = None
-            return
+        """The row is final: its directory is removed with the next start on the node (or soon by itself)."""
         self._close()
         if remove:
-            self._spawn(self._executor.remove(self._name))
+            self._executor.remove_later(self._name)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -291,6 +325,8 @@ class SshExecutor:
         self.channels = asyncio.Semaphore(max(1, self._target.max_sessions - 2))
         self._control, self._commands = asyncio.Semaphore(1), asyncio.Semaphore(1)
         self._cleanups: set[asyncio.Task[None]] = set()
+        self._to_remove: list[str] = []  # directories of final rows, not yet removed
+        self._remover: asyncio.Task[None] | None = None
 
     def _options(self) -> dict[str, Any]:
         t: SshTarget = self._target
@@ -329,9 +365,12 @@ class SshExecutor:
                     output: JobOutput) -> SshProcess:
         key = command.key or repr((command.argv, time.time_ns()))
         process = SshProcess(self, key, output, on_stdout, on_stderr)
+        removals = self._removals()
+        script = spool.start_script(command, spool.dir_name(key), output.stdout.tail_cap)
         try:
-            await process.open(spool.start_script(command, spool.dir_name(key), output.stdout.tail_cap))
+            await process.open(f"{spool.remove_script(*removals)}; {script}" if removals else script, ask=False)
         except SpawnError as e:
+            self._to_remove += removals
             raise SpawnError(f"cannot start the job on node {self.node}: {e}") from e
         return process
 
@@ -359,12 +398,27 @@ class SshExecutor:
                 logger.info("ssh.orphan_killed", node=self.node, dir=name)
                 return
 
-    async def remove(self, name: str) -> None:
-        """Remove an attempt's directory (its row is final); a failure leaves it to the next daemon's sweep."""
-        try:
-            await self.run(spool.remove_script(name), 15)
-        except (OSError, asyncssh.Error, SpawnError, TimeoutError) as e:
-            logger.warning("ssh.spool_not_removed", node=self.node, dir=name, error=str(e) or type(e).__name__)
+    def remove_later(self, name: str) -> None:
+        """An attempt's row is final: its directory goes with the next start on this node (no round trip of its
+        own), or after REMOVE_AFTER_S over the control channel. A daemon that dies first leaves it to the sweep."""
+        self._to_remove.append(name)
+        if self._remover is None or self._remover.done():
+            self._remover = asyncio.get_running_loop().create_task(self._remove_soon())
+
+    def _removals(self) -> list[str]:
+        names, self._to_remove = self._to_remove[:REMOVE_BATCH], self._to_remove[REMOVE_BATCH:]
+        return names
+
+    async def _remove_soon(self) -> None:
+        while self._to_remove:
+            await asyncio.sleep(REMOVE_AFTER_S)
+            names = self._removals()
+            if not names:
+                continue
+            try:
+                await self.run(spool.remove_script(*names), 15)
+            except (OSError, asyncssh.Error, SpawnError, TimeoutError) as e:
+                logger.warning("ssh.spool_not_removed", node=self.node, dirs=names, error=str(e) or type(e).__name__)
 
     async def sweep(self, running_attempts: Callable[[], Awaitable[list[tuple[str, int]]]]) -> None:
         """Kill and remove what attempts no longer running left on the node (rows final or gone, whose daemon
@@ -401,7 +455,10 @@ class SshExecutor:
         return str(result.stdout or "")
 
     async def aclose(self) -> None:
-        for task in list(self._cleanups):
+        if self._to_remove:  # a last batch, briefly: what is left the next daemon sweeps
+            with contextlib.suppress(OSError, asyncssh.Error, SpawnError, TimeoutError):
+                await self.run(spool.remove_script(*self._removals()), 5)
+        for task in [*self._cleanups, *([self._remover] if self._remover else [])]:
             task.cancel()
         if self._conn is not None:
             self._conn.close()
