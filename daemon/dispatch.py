@@ -429,10 +429,8 @@ class Dispatcher:
             except DatabaseRewritten:
                 self.wake()  # the loop notices and stops writing; the output stays in memory until the job ends
                 return
-            for job, out, ref in batch:
+            for job, _, ref in batch:
                 job.pid_recorded = job.pid_recorded or ref is not None
-                if job.process is not None:
-                    job.process.recorded(out.stdout_bytes, out.stderr_bytes)
 
     # -- another program rewrote the database --------------------------------------------------------------
 

@@ -66,10 +66,6 @@ class Process(Protocol):
         """It runs on without this daemon (a detached remote job): a stopping daemon may leave it to the next."""
         ...
 
-    def recorded(self, stdout_bytes: int, stderr_bytes: int) -> None:
-        """The row now holds the output up to these byte counts: what is before them need not be kept."""
-        ...
-
     def forget(self, *, remove: bool) -> None:
         """The row is final (or no longer ours): let go of the job; `remove` what it left where it ran."""
         ...

@@ -136,9 +136,6 @@ class LocalProcess:
 
     detachable = False  # its pipes die with this daemon (until the per-host keeper of the next issue)
 
-    def recorded(self, stdout_bytes: int, stderr_bytes: int) -> None:
-        pass  # nothing is kept beyond the pipes
-
     def forget(self, *, remove: bool) -> None:
         pass
 

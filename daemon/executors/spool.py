@@ -4,7 +4,7 @@ byte offset, and the frames the reader answers with.
 Each attempt has a private directory `$HOME/.cache/nexus-jobd/jobs/<name>` (0700, files 0600) holding `out` and
 `err` (the job's streams), `pid` (its process group, as the kill script reads it, and the wrapper's pid) and `rc`
 (its exit status, written when it ends). Nothing needs more than sh and coreutils/busybox; `fallocate` (util-linux)
-is used, where present, to give back the disk space of what the daemon has recorded.
+is used, where present, to give back the disk space of what no reader will ask for again (see _reader_loop).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from daemon.output import HEAD_SHARE
 from daemon.tools import Command
 
 JOBS_DIR = "$HOME/.cache/nexus-jobd/jobs"
@@ -62,7 +63,7 @@ def env_argv(command: Command, argv: tuple[str, ...]) -> list[str]:
     return ["env", *unset, *assign, *argv]  # env takes its options before the assignments
 
 
-def start_script(command: Command, name: str, tail_bytes: int) -> str:
+def start_script(command: Command, name: str, cap: int) -> str:
     """Create the directory (only once: a second start of the same attempt is refused, so it never runs twice),
     start the job in the background with its output in the spools, record where it runs, then read (reader_loop).
 
@@ -86,51 +87,57 @@ def start_script(command: Command, name: str, tail_bytes: int) -> str:
             'twice"; exit 0; }; cd "$d" || exit 0; : > out; : > err; '
             + wrapper + _ST_FN
             + 'st $$; s=${t:--}; st $w; ws=${t:--}; b=; read -r b 2>/dev/null < /proc/sys/kernel/random/boot_id; '
-            'echo "$$ $s ${b:--} $w $ws" > pid; ' + _reader_loop(tail_bytes))
+            'echo "$$ $s ${b:--} $w $ws" > pid; ' + _reader_loop(cap))
 
 
-def reader_script(name: str, tail_bytes: int) -> str:
+def reader_script(name: str, cap: int) -> str:
     """Attach to a started attempt again (after a dropped link or by another daemon)."""
     return (f'd="{job_dir(name)}"; cd "$d" 2>/dev/null || {{ echo "X the job directory $d is gone from the node"; '
             'exit 0; }; ' + _ST_FN
             + 'p=; s=; b=; w=; ws=; read -r p s b w ws 2>/dev/null < pid; c=; '
             'read -r c 2>/dev/null < /proc/sys/kernel/random/boot_id; [ "$b" = "${c:--}" ] || w=; '
-            + _reader_loop(tail_bytes))
+            + _reader_loop(cap))
 
 
-def _reader_loop(tail: int) -> str:
-    """One reply per request line `O E CO CE F` (bytes received and recorded per stream, flags), until the end
-    of its input (the daemon has what it needs, or the link dropped: either way the directory stays until the
-    row is final, and the daemon removes it then). The order is what makes it exact: is the wrapper alive,
-    then is there a status, then how big are the spools. A status found means everything before it is in the
-    spools, so the reply that carries it carries all the output; no status and no wrapper means the job was
-    killed.
+def _reader_loop(cap: int) -> str:
+    """One reply per request line `O E` (the bytes the daemon has of each stream), until the end of its input
+    (the daemon has what it needs, or the link dropped: either way the directory stays until the row is final,
+    and the daemon removes it then). The order is what makes it exact: is the wrapper alive, then is there a
+    status, then how big are the spools. A status found means everything before it is in the spools, so the reply
+    that carries it carries all the output; no status and no wrapper means the job was killed.
 
-    Flags: 1/2 stdout/stderr may skip to its last `tail` bytes (the daemon keeps only a head and a tail, and has
-    its head); 4/8 the daemon has recorded past its head, so what no reader will ask for again can be discarded.
+    The daemon keeps of each stream its first `cap` + 1 bytes (the head, frozen past the cap) and its last `tail`
+    (output.StreamCapture), so that is all a reader ever sends: past the head, a reader far behind skips to the
+    tail (`K` frame). What lies between no reader will ask for again, whichever daemon and whatever offsets: it is
+    given back to the filesystem (a hole punched, offsets unchanged), so the spool's disk use stays near the cap.
     """
+    head, tail = cap + 1, cap - cap // HEAD_SHARE
+    start = (head + 4095) // 4096 * 4096  # holes are punched whole blocks after the head
     alive = ('alive() { [ -n "$w" ] || return 1; if [ -d /proc/self ]; then st "$w"; [ -n "$t" ] && '
              '[ "$t" = "$ws" ] && [ "$z" != Z ]; else kill -0 "$w" 2>/dev/null; fi; }; ')
+    piece = ('piece() { n=$(($4 - $3)); [ "$n" -gt 0 ] || return 0; echo "D$1 $n"; '
+             'tail -c +$(($3 + 1)) "$2" | head -c "$n"; }; ')
     send = ('send() { [ "$4" -ge "$3" ] || { echo "X the $2 spool in $d holds $4 bytes, fewer than the $3 already '
-            'read: it shrank or was replaced"; return 1; }; n=$(($4 - $3)); [ "$n" -gt 0 ] || return 0; k=$3; '
-            f'if [ "$5" -ne 0 ] && [ "$n" -gt {tail} ]; then echo "K$1 $((n - {tail}))"; k=$(($4 - {tail})); '
-            f'n={tail}; fi; echo "D$1 $n"; tail -c +$((k + 1)) "$2" | head -c "$n"; }}; ')
-    punch = ('punch() { q=$5; [ "$4" -ne 0 ] || return 0; '
-             f't=$(($3 - {tail})); [ "$t" -gt "$2" ] || t=$2; t=$((t / 4096 * 4096)); '
-             f'if [ $((t - q)) -ge {PUNCH_STEP} ]; then fallocate -p -o 0 -l "$t" "$1" 2>/dev/null; q=$t; fi; }}; ')
-    loop = ('trap "" TERM INT HUP; po=0; pe=0; '
-            'while read -r o e co ce f; do '
-            'case "$o.$e.$co.$ce.$f" in *[!0-9.]*|*..*|.*|*.) echo "X bad request"; exit 0;; esac; '
+            f'read: it shrank or was replaced"; return 1; }}; k=$3; if [ "$k" -lt {head} ]; then m=$4; '
+            f'[ "$m" -le {head} ] || m={head}; piece $1 $2 "$k" "$m"; k=$m; fi; '
+            f'if [ $(($4 - k)) -gt {tail} ]; then echo "K$1 $(($4 - k - {tail}))"; k=$(($4 - {tail})); fi; '
+            'piece $1 $2 "$k" "$4"; }; ')
+    punch = (f'punch() {{ q=$3; t=$((($2 - {tail}) / 4096 * 4096)); '
+             f'if [ $((t - q)) -ge {PUNCH_STEP} ]; then fallocate -p -o {start} -l $((t - {start})) "$1" '
+             '2>/dev/null; q=$t; fi; }; ')
+    loop = (f'trap "" TERM INT HUP; po={start}; pe={start}; '
+            'while read -r o e; do '
+            'case "$o.$e" in *[!0-9.]*|.*|*.) echo "X bad request"; exit 0;; esac; '
             'a=0; alive && a=1; r=; [ -s rc ] && read -r r < rc; '
             # Empty spools need no `wc` (no process: most short jobs print little, and come here first).
             'if [ "$o.$e" = 0.0 ] && [ -f out ] && [ -f err ] && [ ! -s out ] && [ ! -s err ]; then so=0; se=0; '
-            'else set -- $(wc -c out err 2>/dev/null); so=$1; se=$3; fi; '
+            'else set -- $(wc -c out err 2>/dev/null); so=$1; se=$3; [ "$2.$4" = out.err ] || so=; fi; '
             'case "$so.$se" in *[!0-9.]*|.*|*.) echo "X the spool files in $d are missing"; exit 0;; esac; '
-            'send 1 out "$o" "$so" $((f & 1)) && send 2 err "$e" "$se" $((f & 2)) || exit 0; '
-            'punch out "$co" "$so" $((f & 4)) "$po"; po=$q; punch err "$ce" "$se" $((f & 8)) "$pe"; pe=$q; '
+            'send 1 out "$o" "$so" && send 2 err "$e" "$se" || exit 0; '
+            'punch out "$so" "$po"; po=$q; punch err "$se" "$pe"; pe=$q; '
             'if [ -n "$r" ]; then echo "Z rc $r"; elif [ $a = 0 ]; then echo "Z gone"; else echo "Z run"; fi; '
             'done')
-    return alive + send + punch + loop
+    return alive + piece + send + punch + loop
 
 
 @dataclass(frozen=True)

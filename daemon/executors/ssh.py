@@ -88,7 +88,6 @@ class SshProcess:
         self._channel: asyncssh.SSHClientChannel[bytes] | None = None
         self._session: _ReaderSession | None = None
         self._replies: asyncio.Queue[spool.Reply | None] = asyncio.Queue()
-        self._committed = (0, 0)
         self._signal = 0  # the strongest signal asked for and not yet delivered (KILL > TERM)
         self._killed = False  # a KILL was asked for: a job gone without status was killed by us
         self._reached = asyncio.Event()  # the node answered once: the pid file a kill reads exists
@@ -101,9 +100,6 @@ class SshProcess:
     def exited(self) -> bool:
         return self._done
 
-    @property
-    def _tail(self) -> int:
-        return self._output.stdout.tail_cap
 
     # -- the reader channel ---------------------------------------------------------------------------------
 
@@ -136,10 +132,7 @@ class SshProcess:
         notify(b"")
 
     def _request(self) -> None:
-        out, err = self._output.stdout, self._output.stderr
-        flags = ((1 if out.head_kept else 0) | (2 if err.head_kept else 0)
-                 | (4 if self._committed[0] > out.cap else 0) | (8 if self._committed[1] > err.cap else 0))
-        self._write(f"{out.total} {err.total} {self._committed[0]} {self._committed[1]} {flags}\n")
+        self._write(f"{self._output.stdout.total} {self._output.stderr.total}\n")
 
     def _write(self, line: str) -> bool:
         if self._channel is None:
@@ -243,7 +236,7 @@ class SshProcess:
                     raise ConnectionLost(f"connection to node {self._node} lost while the job ran, and not back "
                                          f"within reattach_timeout_ms ({self._executor.reattach_timeout_s * 1000:g})")
             try:
-                await self.open(spool.reader_script(self._name, self._tail))
+                await self.open(spool.reader_script(self._name, self._output.stdout.cap))
                 return
             except SpawnError as e:
                 self._lost(str(e))
@@ -288,9 +281,6 @@ class SshProcess:
             return
         if self._signal == signum:
             self._signal = 0
-
-    def recorded(self, stdout_bytes: int, stderr_bytes: int) -> None:
-        self._committed = (stdout_bytes, stderr_bytes)
 
     def forget(self, *, remove: bool) -> None:
         """The row is final: its directory is removed with the next start on the node (or soon by itself)."""
@@ -366,7 +356,7 @@ class SshExecutor:
         key = command.key or repr((command.argv, time.time_ns()))
         process = SshProcess(self, key, output, on_stdout, on_stderr)
         removals = self._removals()
-        script = spool.start_script(command, spool.dir_name(key), output.stdout.tail_cap)
+        script = spool.start_script(command, spool.dir_name(key), output.stdout.cap)
         try:
             await process.open(f"{spool.remove_script(*removals)}; {script}" if removals else script, ask=False)
         except SpawnError as e:
