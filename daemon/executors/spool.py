@@ -100,9 +100,10 @@ def reader_script(name: str, cap: int) -> str:
 
 
 def _reader_loop(cap: int) -> str:
-    """One reply per request line `O E` (the bytes the daemon has of each stream), until the end of its input
-    (the daemon has what it needs, or the link dropped: either way the directory stays until the row is final,
-    and the daemon removes it then). The order is what makes it exact: is the wrapper alive, then is there a
+    """One reply per request line `O E` (the bytes the daemon has of each stream; `O E 1`: only give back disk
+    space, send nothing and say "run", for a daemon that has a fresh tail of a job writing fast), until the end of
+    its input (the daemon has what it needs, or the link dropped: either way the directory stays until the row is
+    final, and the daemon removes it then). The order is what makes it exact: is the wrapper alive, then is there a
     status, then how big are the spools. A status found means everything before it is in the spools, so the reply
     that carries it carries all the output; no status and no wrapper means the job was killed.
 
@@ -123,18 +124,19 @@ def _reader_loop(cap: int) -> str:
             f'if [ $(($4 - k)) -gt {tail} ]; then echo "K$1 $(($4 - k - {tail}))"; k=$(($4 - {tail})); fi; '
             'piece $1 $2 "$k" "$4"; }; ')
     punch = (f'punch() {{ q=$3; t=$((($2 - {tail}) / 4096 * 4096)); '
-             f'if [ $((t - q)) -ge {PUNCH_STEP} ]; then fallocate -p -o {start} -l $((t - {start})) "$1" '
+             f'if [ $((t - q)) -ge {PUNCH_STEP} ]; then fallocate -p -o "$q" -l $((t - q)) "$1" '
              '2>/dev/null; q=$t; fi; }; ')
     loop = (f'trap "" TERM INT HUP; po={start}; pe={start}; '
-            'while read -r o e; do '
-            'case "$o.$e" in *[!0-9.]*|.*|*.) echo "X bad request"; exit 0;; esac; '
+            'while read -r o e p; do '
+            'case "$o.$e.$p" in *[!0-9.]*|.*|*..*) echo "X bad request"; exit 0;; esac; '
             'a=0; alive && a=1; r=; [ -s rc ] && read -r r < rc; '
             # Empty spools need no `wc` (no process: most short jobs print little, and come here first).
             'if [ "$o.$e" = 0.0 ] && [ -f out ] && [ -f err ] && [ ! -s out ] && [ ! -s err ]; then so=0; se=0; '
             'else set -- $(wc -c out err 2>/dev/null); so=$1; se=$3; [ "$2.$4" = out.err ] || so=; fi; '
             'case "$so.$se" in *[!0-9.]*|.*|*.) echo "X the spool files in $d are missing"; exit 0;; esac; '
-            'send 1 out "$o" "$so" && send 2 err "$e" "$se" || exit 0; '
             'punch out "$so" "$po"; po=$q; punch err "$se" "$pe"; pe=$q; '
+            'if [ -n "$p" ]; then echo "Z run"; continue; fi; '
+            'send 1 out "$o" "$so" && send 2 err "$e" "$se" || exit 0; '
             'if [ -n "$r" ]; then echo "Z rc $r"; elif [ $a = 0 ]; then echo "Z gone"; else echo "Z run"; fi; '
             'done')
     return alive + piece + send + punch + loop
