@@ -195,6 +195,7 @@ class Store:
         await self._conn.execute("PRAGMA foreign_keys = ON")
         # A burst of output can grow the WAL to hundreds of MB; give the space back after checkpoints.
         await self._conn.execute("PRAGMA journal_size_limit = 67108864")
+        return []
 
     async def close(self) -> None:
         """Copy the WAL into the main file first, if the file is still ours; SQLite's own checkpoint on close is
