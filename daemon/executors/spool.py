@@ -100,10 +100,9 @@ def reader_script(name: str, cap: int) -> str:
 
 
 def _reader_loop(cap: int) -> str:
-    """One reply per request line `O E` (the bytes the daemon has of each stream; `O E 1`: only give back disk
-    space, send nothing and say "run", for a daemon that has a fresh tail of a job writing fast), until the end of
-    its input (the daemon has what it needs, or the link dropped: either way the directory stays until the row is
-    final, and the daemon removes it then). The order is what makes it exact: is the wrapper alive, then is there a
+    """One reply per request line `O E` (the bytes the daemon has of each stream), until the end of its input
+    (the daemon has what it needs, or the link dropped: either way the directory stays until the row is final,
+    and the daemon removes it then). The order is what makes it exact: is the wrapper alive, then is there a
     status, then how big are the spools. A status found means everything before it is in the spools, so the reply
     that carries it carries all the output; no status and no wrapper means the job was killed.
 
@@ -111,6 +110,9 @@ def _reader_loop(cap: int) -> str:
     (output.StreamCapture), so that is all a reader ever sends: past the head, a reader far behind skips to the
     tail (`K` frame). What lies between no reader will ask for again, whichever daemon and whatever offsets: it is
     given back to the filesystem (a hole punched, offsets unchanged), so the spool's disk use stays near the cap.
+    A job whose spools grow past that gets a trimmer on the node (one per job, a `trim` file says it runs) that
+    punches every 20 ms (backing off to 1 s while there is nothing to punch) until the job ends: a fast writer
+    outruns any round trip to the daemon, and the spool stays bounded while no daemon reads too.
     """
     head, tail = cap + 1, cap - cap // HEAD_SHARE
     start = (head + 4095) // 4096 * 4096  # holes are punched whole blocks after the head
@@ -126,20 +128,29 @@ def _reader_loop(cap: int) -> str:
     punch = (f'punch() {{ q=$3; t=$((($2 - {tail}) / 4096 * 4096)); '
              f'if [ $((t - q)) -ge {PUNCH_STEP} ]; then fallocate -p -o "$q" -l $((t - q)) "$1" '
              '2>/dev/null; q=$t; fi; }; ')
+    # The trimmer's pause doubles (0.02 s to 1 s) while there is nothing to punch: a job that wrote much once
+    # and then runs quietly costs a few processes a second, not fifty.
+    trim = ('trim() { set -C; { : > trim; } 2>/dev/null || { set +C; return 0; }; set +C; '
+            '( exec </dev/null >/dev/null 2>&1; tp=$po; te=$pe; y=0.02; while alive && [ ! -s rc ]; do '
+            'set -- $(wc -c out err); punch out "$1" "$tp"; a1=$q; punch err "$3" "$te"; a2=$q; '
+            'if [ "$a1" != "$tp" ] || [ "$a2" != "$te" ]; then y=0.02; else case $y in 0.02) y=0.05;; '
+            '0.05) y=0.1;; 0.1) y=0.2;; 0.2) y=0.5;; *) y=1;; esac; fi; tp=$a1; te=$a2; '
+            'sleep $y || sleep 1; done; rm -f trim ) & }; ')
     loop = (f'trap "" TERM INT HUP; po={start}; pe={start}; '
-            'while read -r o e p; do '
-            'case "$o.$e.$p" in *[!0-9.]*|.*|*..*) echo "X bad request"; exit 0;; esac; '
+            'while read -r o e; do '
+            'case "$o.$e" in *[!0-9.]*|.*|*.) echo "X bad request"; exit 0;; esac; '
             'a=0; alive && a=1; r=; [ -s rc ] && read -r r < rc; '
             # Empty spools need no `wc` (no process: most short jobs print little, and come here first).
             'if [ "$o.$e" = 0.0 ] && [ -f out ] && [ -f err ] && [ ! -s out ] && [ ! -s err ]; then so=0; se=0; '
             'else set -- $(wc -c out err 2>/dev/null); so=$1; se=$3; [ "$2.$4" = out.err ] || so=; fi; '
             'case "$so.$se" in *[!0-9.]*|.*|*.) echo "X the spool files in $d are missing"; exit 0;; esac; '
             'punch out "$so" "$po"; po=$q; punch err "$se" "$pe"; pe=$q; '
-            'if [ -n "$p" ]; then echo "Z run"; continue; fi; '
+            f'if [ -z "$r" ] && [ ! -e trim ] && {{ [ "$so" -gt {head + tail + PUNCH_STEP} ] || '
+            f'[ "$se" -gt {head + tail + PUNCH_STEP} ]; }}; then trim; fi; '
             'send 1 out "$o" "$so" && send 2 err "$e" "$se" || exit 0; '
             'if [ -n "$r" ]; then echo "Z rc $r"; elif [ $a = 0 ]; then echo "Z gone"; else echo "Z run"; fi; '
             'done')
-    return alive + piece + send + punch + loop
+    return alive + piece + send + punch + trim + loop
 
 
 @dataclass(frozen=True)
@@ -150,6 +161,7 @@ class Reply:
     kind: str
     value: str = ""
     data_bytes: int = 0  # output bytes this reply carried
+    skipped: bool = False  # it skipped to the tail: the job writes faster than it is read
 
 
 class ProtocolError(Exception):
@@ -167,6 +179,7 @@ class FrameParser:
         self._stream = 0
         self._need = 0  # data bytes still to come for self._stream
         self._bytes = 0  # data bytes in the reply so far
+        self._skipped = False
 
     def feed(self, data: bytes) -> None:
         """Raises ProtocolError on anything that is not a frame."""
@@ -197,13 +210,14 @@ class FrameParser:
             if kind[0] == "D":
                 self._stream, self._need = stream, n
             else:
+                self._skipped = True
                 self._on_skip(stream, n)
         elif kind == "Z":
             what, _, value = rest.partition(" ")
             if what not in ("run", "rc", "gone"):
                 raise ProtocolError(f"an end of reply that does not parse: {line[:80]!r}")
-            self._on_reply(Reply(what, value, self._bytes))
-            self._bytes = 0
+            self._on_reply(Reply(what, value, self._bytes, self._skipped))
+            self._bytes, self._skipped = 0, False
         elif kind == "X":
             self._on_reply(Reply("error", rest))
         else:

@@ -94,8 +94,6 @@ class SshProcess:
         self._wake = asyncio.Event()  # a poke from the node, or the next look is due
         self._done = False
         self._lost_at: float | None = None
-        self._punch_only = False  # the request out asks only for space to be given back
-        self._data_at = 0.0  # when data was last asked for
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -133,11 +131,8 @@ class SshProcess:
         capture.skip(n)
         notify(b"")
 
-    def _request(self, *, punch_only: bool = False) -> None:
-        self._punch_only = punch_only
-        if not punch_only:
-            self._data_at = time.monotonic()
-        self._write(f"{self._output.stdout.total} {self._output.stderr.total}{' 1' if punch_only else ''}\n")
+    def _request(self) -> None:
+        self._write(f"{self._output.stdout.total} {self._output.stderr.total}\n")
 
     def _write(self, line: str) -> bool:
         if self._channel is None:
@@ -166,7 +161,7 @@ class SshProcess:
             self._done = True
 
     async def _follow(self) -> ExitStatus:
-        delay, busy = POLL_MIN_S, False
+        delay = POLL_MIN_S
         if self._channel is not None:  # just started: the first look when it ends (a poke), or when due
             await self._pause(self._executor.poll_max_s)
             if (status := self._ended_empty()) is not None:
@@ -184,13 +179,15 @@ class SshProcess:
             self._back()
             if reply.kind != "run":
                 return self._ended(reply)
-            busy = reply.data_bytes >= BUSY_BYTES or (self._punch_only and busy)
-            if not busy:
+            # Catching up under the cap: ask again at once. A reply that skipped to the tail: the job writes faster
+            # than any reader (the node's trimmer keeps its spool small): a new tail once per poll interval is all
+            # the row can show.
+            if reply.skipped:
+                delay = self._executor.poll_max_s
+            if reply.data_bytes < BUSY_BYTES or reply.skipped:
                 delay = min(delay * 2, self._executor.poll_max_s)
                 await self._pause(delay)
-            # A job writing fast: ask again at once so its spool's middle is given back as fast as it grows, but
-            # for data (a new tail) only once per poll interval: the rest of the time, only for the space.
-            self._request(punch_only=busy and time.monotonic() - self._data_at < self._executor.poll_max_s)
+            self._request()
 
     def _ended_empty(self) -> ExitStatus | None:
         """The wrapper said the job ended with empty spools, and nothing was read: the status is all there is

@@ -204,9 +204,10 @@ def test_a_1_gb_output_bomb_leaves_a_spool_near_the_output_cap(
     assert (row["status"], row["stdout_bytes"]) == ("completed", 2**30 + len("\ndone\n"))
     assert row["stdout"].startswith("x" * 1000) and row["stdout"].endswith("x\ndone\n")
     assert f"bytes of stdout omitted; {2**30 + 6} bytes in all]" in row["stdout"]
-    # The writer is far faster than a reader round trip: the spool holds the cap plus what it writes in one (a
-    # few MiB here), and more while the box is busy; never more than a small part of the gigabyte.
-    assert len(samples) > 10 and median < 16 * cap and worst < 128 * cap
+    # The writer (hundreds of MB/s) is far faster than a reader: the spool holds the cap plus what it writes
+    # between two punches of the node's trimmer (about 8 MiB here), more while the box is busy, and most before
+    # the first read starts the trimmer; never more than a small part of the gigabyte.
+    assert len(samples) > 10 and median < 32 * cap and worst < 256 * cap
 
 
 def test_a_spool_left_by_a_final_row_is_swept_by_the_next_daemon(

@@ -284,7 +284,7 @@ def test_skipped_bytes_count_in_the_total_and_the_tail_is_what_came_after() -> N
     data = bytes(random.Random(1).choice(b"abc\n") for _ in range(50_000))
     whole.feed(data)
     skipping.feed(data[:1001])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="head is kept"):
         StreamCapture("stdout", 1000).skip(5)  # only once the head is kept
     skipping.skip(50_000 - 1001 - 750)
     skipping.feed(data[-750:])
