@@ -144,11 +144,10 @@ class SshProcess:
         return True
 
     def _close(self) -> None:
+        """The reader ends at the end of its input; the job and its directory stay. One close, not an EOF and a
+        close: a packet is most of what a short job costs this daemon."""
         if self._channel is not None:
-            try:
-                self._channel.write_eof()  # the reader ends; the channel closes from the node's side
-            except (OSError, asyncssh.Error):
-                self._channel.close()
+            self._channel.close()
             self._channel = None
 
     # -- following the job ----------------------------------------------------------------------------------
