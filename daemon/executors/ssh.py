@@ -220,6 +220,7 @@ class SshProcess:
         if reply.kind == "rc":
             code = spool.parse_status(reply.value)
             if code is None:
+                self._give_up()
                 raise JobLost(f"the job's status file on node {self._node} holds {reply.value[:40]!r}, not an "
                               "exit status")
             return ExitStatus(code)
@@ -228,7 +229,13 @@ class SshProcess:
         if reply.kind == "gone":
             raise JobLost(f"the job's processes on node {self._node} are gone without an exit status (killed with "
                           "SIGKILL by someone else, or the node rebooted)")
+        self._give_up()
         raise JobLost(f"node {self._node}: {reply.value}")
+
+    def _give_up(self) -> None:
+        """What the node says cannot be trusted: whatever may still run of the job dies, and its directory goes
+        (the row fails with the reason)."""
+        self._executor.kill_when_back(self._name)
 
     async def _reopen(self) -> None:
         """Reconnect (the executor backs off) and read on from the offsets; after reattach_timeout_ms without the

@@ -221,3 +221,15 @@ def test_a_spool_left_by_a_final_row_is_swept_by_the_next_daemon(
     daemon.start()
     wait_for(lambda: not leftover.exists(), timeout=30, message="the leftover swept")
     assert daemon.events("ssh.spool_swept")
+
+
+def test_a_status_file_that_does_not_parse_fails_the_job_with_the_reason_and_kills_it(
+        sshd: Sshd, db: Db, daemon_factory: Callable[..., Daemon]) -> None:
+    daemon_factory(config=FAST + sshd.node_config()).start()
+    job_id = db.insert("echo up; sleep 1015", node_id="box")
+    wait_for(lambda: db.job(job_id)["stdout"] == "up\n", timeout=30, message="running remotely")
+    (_job_dir(sshd, job_id) / "rc").write_text("not a number\n")  # a hostile (or broken) node
+    row = db.wait_status(job_id, timeout=20)
+    assert (row["status"], row["exit_code"], row["stdout"]) == ("failed", None, "up\n")
+    assert row["error"] == "the job's status file on node box holds 'not a number', not an exit status"
+    wait_for(lambda: not sshd.remote_pgrep("sleep 1015"), timeout=20, message="the job killed")
