@@ -233,3 +233,23 @@ def test_a_status_file_that_does_not_parse_fails_the_job_with_the_reason_and_kil
     assert (row["status"], row["exit_code"], row["stdout"]) == ("failed", None, "up\n")
     assert row["error"] == "the job's status file on node box holds 'not a number', not an exit status"
     wait_for(lambda: not sshd.remote_pgrep("sleep 1015"), timeout=20, message="the job killed")
+
+
+def test_a_reattached_jobs_timeout_counts_from_its_start_and_kills_the_remote_group(
+        sshd: Sshd, db: Db, daemon_factory: Callable[..., Daemon]) -> None:
+    config = FAST + sshd.node_config()
+    first = daemon_factory(config=config).start()
+    job_id = db.insert("echo up; sleep 1016", node_id="box", timeout_ms=4000)
+    wait_for(lambda: db.job(job_id)["stdout"] == "up\n", timeout=30, message="running remotely")
+    assert first.proc is not None
+    first.proc.kill()
+    first.proc.wait()
+    started_at = db.job(job_id)["started_at"]
+    wait_for(lambda: time.time() * 1000 - started_at >= 2500, timeout=10, message="2.5 s into the job")
+    second = daemon_factory(config=config).start()
+    row = db.wait_status(job_id, timeout=30)
+    assert second.events("job.reattached") and second.events("job.timed_out")
+    assert (row["status"], row["exit_code"], row["stdout"]) == ("failed", 124, "up\n")
+    # Counted from the row's started_at: 4 s and the kill grace, not 4 s after the restart (2.5 s later).
+    assert 4000 <= row["duration"] < 6400, row["duration"]
+    wait_for(lambda: not sshd.remote_pgrep("sleep 1016"), timeout=20, message="the remote group killed")
