@@ -553,11 +553,8 @@ class Dispatcher:
         (its row is final or gone, its daemon could not remove them) are removed, their processes killed."""
         await anyio.sleep(SWEEP_DELAY_S)
         for node_id, executor in self._executors.items():
-            sweep = getattr(executor, "sweep", None)
-            if sweep is None:
-                continue
             try:
-                await sweep(partial(self._store.executing_attempts, node_id))
+                await executor.sweep(partial(self._store.executing_attempts, node_id))
             except Exception as e:  # a chore: whatever goes wrong, the next start tries again
                 logger.warning("ssh.sweep_failed", node=node_id, error=str(e) or type(e).__name__)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -86,6 +86,11 @@ class Executor(Protocol):
     async def reattach(self, key: str, on_stdout: OutputCallback, on_stderr: OutputCallback, *,
                        output: JobOutput) -> Process:
         """Follow again the attempt `key` ("<job id>:<attempt>") started earlier, from `output`'s byte counts."""
+        ...
+
+    async def sweep(self, running_attempts: Callable[[], Awaitable[list[tuple[str, int]]]]) -> None:
+        """Remove what attempts that no longer run left where they ran (`running_attempts`: the (job id, attempt)
+        pairs still running there, read after looking)."""
         ...
 
     async def output(self, command: Command, timeout_s: float) -> str:

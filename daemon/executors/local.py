@@ -14,7 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 import anyio
@@ -206,6 +206,9 @@ class LocalExecutor:
         self._reaper.watch(popen, process.on_exit)
 
     can_reattach = False
+
+    async def sweep(self, running_attempts: Callable[[], Awaitable[list[tuple[str, int]]]]) -> None:
+        pass  # nothing of a local job is left behind once its process group is gone
 
     async def reattach(self, key: str, on_stdout: OutputCallback, on_stderr: OutputCallback, *,
                        output: JobOutput) -> LocalProcess:

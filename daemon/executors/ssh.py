@@ -169,7 +169,7 @@ class SshProcess:
         while True:
             reply = await self._next_reply() if self._channel is not None else None
             if reply is None:  # the reader ended without a status: the link dropped (or never was)
-                if self._channel is not None:
+                if self._channel is not None and not self._killed:  # our KILL takes the start channel's shell too
                     self._lost("the job's reader channel closed (connection lost or the node's sshd gone)")
                 await self._reopen()
                 delay = POLL_MIN_S
