@@ -29,6 +29,7 @@ LIMIT_MAX = {"cpu_seconds": 366 * 24 * 3600, "file_size_bytes": 1 << 50, "proces
 # 64-bit integer) or a C int later, long after start-up said it was fine.
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
+WEEK_MS = 7 * DAY_MS
 YEAR_MS = 366 * DAY_MS  # the longest job timeout: the same as tools.MAX_TIMEOUT_MS
 MAX_CONCURRENT = 10_000
 MAX_RETENTION_DAYS = 36_500
@@ -36,6 +37,7 @@ MAX_OUTPUT_CAP_BYTES = 256 * 1024 * 1024  # even all-invalid UTF-8 (3 bytes per 
 _SPANS = {HOUR_MS: "an hour", DAY_MS: "a day", YEAR_MS: "a year"}
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
+ON_STOP = ("detach", "drain")
 DEFAULT_CONFIG_PATH = "~/.config/nexus-jobd/config.toml"
 NO_FILE = "built-in defaults"  # Config.source when no config file was read
 DEFAULT_DB_PATH = "~/.nexuscli/nexuscli.db"
@@ -81,6 +83,7 @@ class SshTarget:
     keepalive_interval_s: float = 5.0
     keepalive_count_max: int = 3
     connect_timeout_s: float = 10.0
+    reattach_timeout_ms: int = 3_600_000  # a running job survives the node being unreachable this long
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,6 +99,7 @@ class Config:
     drain_timeout_ms: int = 2000
     kill_grace_ms: int = 5000
     shutdown_grace_ms: int = 30000
+    on_stop: str = "detach"  # SIGTERM: leave remote jobs running for the next daemon ("detach") or "drain" them
     default_timeout_ms: int | None = None  # None: jobs without timeout_ms run as long as they like
     lease_ttl_ms: int = 15000
     heartbeat_interval_ms: int = 15000
@@ -323,6 +327,7 @@ def _ssh_target(section: _Section, node_id: str, local: str) -> SshTarget:
         keepalive_interval_s=section.integer("keepalive_interval_ms", 5000, minimum=100, maximum=HOUR_MS) / 1000,
         keepalive_count_max=section.integer("keepalive_count_max", 3, minimum=1, maximum=1000),
         connect_timeout_s=section.integer("connect_timeout_ms", 10000, minimum=100, maximum=HOUR_MS) / 1000,
+        reattach_timeout_ms=section.integer("reattach_timeout_ms", HOUR_MS, minimum=0, maximum=WEEK_MS),
     )
 
 
@@ -413,6 +418,7 @@ def load(overrides: Overrides | None = None, environ: Mapping[str, str] | None =
         drain_timeout_ms=dm.integer("drain_timeout_ms", 2000, minimum=0, maximum=HOUR_MS),
         kill_grace_ms=dm.integer("kill_grace_ms", 5000, minimum=0, maximum=HOUR_MS),
         shutdown_grace_ms=dm.integer("shutdown_grace_ms", 30000, minimum=0, maximum=DAY_MS),
+        on_stop=dm.string("on_stop", "detach", choices=ON_STOP),
         default_timeout_ms=dm.integer("default_timeout_ms", 0, minimum=0, maximum=YEAR_MS) or None,
         lease_ttl_ms=dm.integer("lease_ttl_ms", 15000, minimum=1000, maximum=DAY_MS),
         heartbeat_interval_ms=dm.integer("heartbeat_interval_ms", 15000, minimum=100, maximum=DAY_MS),

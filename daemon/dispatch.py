@@ -30,7 +30,7 @@ from daemon.health import Health
 from daemon.lease import Lease
 from daemon.metrics import Hooks
 from daemon.runner import JobRunner, RunningJob
-from daemon.store import ClaimedJob, DbError, JobResult, JobStatus, Quarantine, Store, guard, now_ms
+from daemon.store import ClaimedJob, DbError, JobResult, JobStatus, OrphanedJob, Quarantine, Store, guard, now_ms
 from daemon.wakeup import ChangeWatcher
 
 logger = log.get("dispatch")
@@ -39,7 +39,10 @@ logger = log.get("dispatch")
 RECHECK_DOUBLINGS = 8
 RECHECKS = 15
 OWN_COMMIT_RECHECKS = 6  # 1, 2, 4 ... 32 ms: about 60 ms, a phone's fsync
+DETACH_START_WAIT_S = 5.0  # on a detaching stop, remote jobs still starting get this long to be started
+SWEEP_DELAY_S = 10.0  # the leftover spools on each node are swept once, this long after start-up
 T = TypeVar("T")
+RunFn = Callable[[ClaimedJob, RunningJob], Awaitable[JobResult]]
 
 
 class Dispatcher:
@@ -50,8 +53,15 @@ class Dispatcher:
         self._lease = lease
         self._health = health
         self.worker_id = lease.me.worker_id
+        self._executors = executors
         self._runner = JobRunner(config, executors, self._note_output)
         lease.on_requeued = self._claim_soon
+        lease.adopt = self.adopt
+        lease.adoptable_nodes = tuple(n for n, e in executors.items() if e.can_reattach)
+        self._tg: TaskGroup | None = None
+        self._adopted: list[tuple[ClaimedJob, RunningJob]] = []  # before run(): started there
+        self.detached = 0  # remote jobs left running for the next daemon at the stop
+        self._abandon = False  # the lease was lost: another daemon follows our remote jobs now
         health.changed = self.recheck_nodes
         # Claimed and not yet recorded as finished, by (job id, attempt): a row another program re-queued while it
         # ran may be claimed again before the first attempt has ended.
@@ -166,6 +176,11 @@ class Dispatcher:
         on_ready()
         async with anyio.create_task_group() as tg:
             self._runner.bind(tg)
+            self._tg = tg
+            for job, running in self._adopted:
+                tg.start_soon(self._run_job, job, running, self._runner.reattach, name=f"job {job.id}")
+            self._adopted = []
+            tg.start_soon(self._sweep_spools)
             tg.start_soon(self._flush_loop)
             tg.start_soon(self._record_loop)
             tg.start_soon(self._lease.run)
@@ -287,18 +302,42 @@ class Dispatcher:
         self._slots_used += 1
         logger.info("job.claimed", job_id=job.id, node=running.node_id, tool=job.tool, attempt=job.attempt)
         self.metrics.job_claimed(job)
-        tg.start_soon(self._run_job, job, running, name=f"job {job.id}")
+        tg.start_soon(self._run_job, job, running, self._runner.run, name=f"job {job.id}")
+
+    async def adopt(self, old_worker_id: str, orphan: OrphanedJob) -> bool:
+        """Take over a dead or detached daemon's remote job (compare-and-set on its claim) and follow it."""
+        adopted = await self._store.adopt(old_worker_id, orphan, self.worker_id)
+        if adopted is None:
+            return False
+        job = adopted.job
+        running = self._runner.adopted(adopted, self.worker_id)
+        self.running[(job.id, job.attempt)] = running
+        self._per_node[running.node_id] = self._per_node.get(running.node_id, 0) + 1
+        self._slots_used += 1
+        logger.info("job.reattached", job_id=job.id, node=running.node_id, attempt=job.attempt,
+                    from_worker=old_worker_id, stdout_bytes=adopted.stdout_bytes, stderr_bytes=adopted.stderr_bytes,
+                    cancelled=adopted.cancelled)
+        if self._tg is None:
+            self._adopted.append((job, running))
+        else:
+            self._tg.start_soon(self._run_job, job, running, self._runner.reattach, name=f"job {job.id}")
+        return True
 
     # -- one job ------------------------------------------------------------------------------------------
 
-    async def _run_job(self, job: ClaimedJob, running: RunningJob) -> None:
-        try:
-            result = await self._runner.run(job, running)
-        except Exception as e:  # the per-job boundary: record it in the row, never take the daemon down
-            logger.exception("job.internal_error", job_id=job.id)
-            result = JobResult(JobStatus.FAILED, None, f"internal error in nexus-jobd: {e!r}",
-                               running.output.snapshot(final=True))
+    async def _run_job(self, job: ClaimedJob, running: RunningJob, run: RunFn) -> None:
+        with running.scope:  # cancelled when the daemon stops and leaves the job running (detach)
+            try:
+                result = await run(job, running)
+            except Exception as e:  # the per-job boundary: record it in the row, never take the daemon down
+                logger.exception("job.internal_error", job_id=job.id)
+                result = JobResult(JobStatus.FAILED, None, f"internal error in nexus-jobd: {e!r}",
+                                   running.output.snapshot(final=True))
         self._release_slot(running)
+        if running.scope.cancel_called:  # detached: the next daemon follows it from what the row holds
+            self.running.pop((job.id, job.attempt), None)
+            self.wake()
+            return
         self._enqueue_record(job, running, result)
 
     def _release_slot(self, running: RunningJob) -> None:
@@ -342,6 +381,8 @@ class Dispatcher:
         for job, running, result in batch:
             self.running.pop((job.id, job.attempt), None)
             self._log_finished(job, running, result, outcomes.get(job.id))
+            if running.process is not None:  # the row is final (or not ours): what it left can go
+                running.process.forget(remove=job.id in outcomes)
         self._after_record(batch)
         return any(output.is_big(result.output) for _, _, result in batch)
 
@@ -458,6 +499,8 @@ class Dispatcher:
         lines = []
         for job, running, result in batch:
             self.running.pop((job.id, job.attempt), None)
+            if running.process is not None:
+                running.process.forget(remove=False)
             out = result.output
             row: dict[str, Any] = {"id": job.id, "node_id": running.node_id, "tool": running.tool,
                                    "attempt": job.attempt, "status": result.status.value,
@@ -478,7 +521,10 @@ class Dispatcher:
     # -- shutdown -----------------------------------------------------------------------------------------
 
     async def _drain(self, tg: TaskGroup, poll_s: float) -> None:
-        """Stop claiming but keep noticing cancels; after `shutdown_grace`, TERM/KILL what is still running."""
+        """Stop claiming but keep noticing cancels; after `shutdown_grace`, TERM/KILL what is still running.
+        With on_stop = "detach" (or a lost lease), remote jobs are first left to run on (see _detach)."""
+        if self._config.on_stop == "detach" or self._abandon:
+            await self._detach()
         if not self.running:
             return
         grace_s = self._config.shutdown_grace_ms / 1000
@@ -494,9 +540,53 @@ class Dispatcher:
             await self._sleep(min(self._sleep_timeout(poll_s), remaining if remaining > 0 else poll_s))
 
     def stop_all(self, reason: str) -> None:
+        """Stop every running job; after a lost lease, remote jobs are left alone: the daemon that declared us
+        dead adopted them."""
+        if reason == "lease lost":
+            self._abandon = True
         for job in list(self.running.values()):
-            self._runner.request_stop(job, reason)
+            if not (self._abandon and job.process is not None and job.process.detachable):
+                self._runner.request_stop(job, reason)
         self.wake()
+
+    async def _detach(self) -> None:
+        """Leave remote jobs running for the next daemon: wait a little for those still starting, record the
+        output read so far, and stop following them (their rows stay `executing` under this daemon's id; the
+        next daemon, or any live one serving the node, adopts them)."""
+        for _ in range(int(DETACH_START_WAIT_S / 0.05)):
+            if not any(self._starting_remote(job) for job in self.running.values()):
+                break
+            await anyio.sleep(0.05)
+        leaving = [job for job in self.running.values()
+                   if job.process is not None and job.process.detachable and job.holds_slot]
+        if not leaving:
+            return
+        if not self._abandon:
+            with anyio.CancelScope(shield=True):
+                await self._flush_once()
+        for job in leaving:
+            job.end_timers()
+            job.scope.cancel()
+        self.detached = len(leaving)
+        logger.info("dispatch.detached", jobs=len(leaving), job_ids=sorted(j.claim.job_id for j in leaving))
+        for _ in range(500):  # their tasks end at the next turn of the loop
+            if not any(job in self.running.values() for job in leaving):
+                break
+            await anyio.sleep(0.01)
+
+    def _starting_remote(self, job: RunningJob) -> bool:
+        executor = self._executors.get(job.node_id)
+        return job.process is None and executor is not None and executor.can_reattach and job.holds_slot
+
+    async def _sweep_spools(self) -> None:
+        """Once, a while after start-up: directories on each remote node whose attempt is no longer running
+        (its row is final or gone, its daemon could not remove them) are removed, their processes killed."""
+        await anyio.sleep(SWEEP_DELAY_S)
+        for node_id, executor in self._executors.items():
+            try:
+                await executor.sweep(partial(self._store.executing_attempts, node_id))
+            except Exception as e:  # a chore: whatever goes wrong, the next start tries again
+                logger.warning("ssh.sweep_failed", node=node_id, error=str(e) or type(e).__name__)
 
 
 def _write_private(path: Path, text: str, *, append: bool) -> None:

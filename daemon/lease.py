@@ -1,8 +1,10 @@
 """Leases and crash recovery: each daemon registers itself and renews one lease for all its running jobs.
 
 A daemon whose lease expired, or whose process is gone from this host, is dead: the first daemon to notice marks
-it stopped (only one can), kills what is left of its jobs' process groups on this host, and re-queues each job
-that may try again or fails it with 'daemon stopped while the job was running'.
+it stopped (only one can). Its jobs on SSH nodes this daemon serves run on there: they are adopted (reattached).
+Of the others, what is left of their process groups on this host is killed, and each job that may try again is
+re-queued, the rest failed with 'daemon stopped while the job was running'. Remote jobs a daemon detached when it
+stopped (on_stop = "detach") are adopted the same way.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import anyio
 
@@ -62,9 +63,11 @@ class Lease:
         self._ttl_ms = ttl_ms
         self._on_lost = on_lost
         self.on_requeued: Callable[[], None] = lambda: None  # the dispatcher claims what recovery re-queued
-        # Kills a dead daemon's job on a remote node (job id, attempt, node id): set when SSH nodes exist.
-        self.kill_remote: Callable[[str, int, Any], Awaitable[bool]] | None = None
         self.on_db_error: Callable[[], None] = lambda: None  # a write failed (the metrics count it)
+        # Takes a dead or detached daemon's running job over (its worker id, the job): True when it now runs here.
+        # Only for jobs on `adoptable_nodes`, the SSH nodes this daemon serves. Set by the dispatcher.
+        self.adopt: Callable[[str, OrphanedJob], Awaitable[bool]] | None = None
+        self.adoptable_nodes: tuple[str, ...] = ()
 
     async def register(self) -> None:
         await self._store.register_worker(worker_id=self.me.worker_id, host=self.me.host, boot_id=self.me.boot_id,
@@ -84,22 +87,29 @@ class Lease:
                     return
                 await self.recover()
 
-    async def release(self) -> None:
+    async def release(self, reason: str = "clean shutdown") -> None:
+        """Mark this daemon stopped. Remote jobs it detached stay `executing` under its id: the next daemon (or
+        any live one serving their node) adopts them."""
         # Unreleased, it expires: others recover nothing of ours.
         async with survive_db_errors("lease release", self.on_db_error):
-            await self._store.stop_worker(self.me.worker_id, "clean shutdown")
+            await self._store.stop_worker(self.me.worker_id, reason)
 
     async def recover(self) -> None:
         for worker in await self._store.other_workers(self.me.worker_id):
             reason = why_dead(self.me, worker, self._ttl_ms)
             if reason is not None and await self._store.stop_worker(worker.id, f"declared dead: {reason}"):
                 await self._recover_jobs(worker, reason)
+        if self.adopt is not None and self.adoptable_nodes:
+            for old_worker_id, job in await self._store.detached_jobs(self.adoptable_nodes):
+                await self.adopt(old_worker_id, job)
 
     async def _recover_jobs(self, worker: Worker, reason: str) -> None:
         jobs = await self._store.orphaned_jobs(worker.id)
         logger.warning("lease.recovering", dead_worker=worker.id, reason=reason, jobs=len(jobs))
         for job in jobs:
-            killed = self._kill_leftovers(worker, job) or await self._kill_remote(job)
+            if await self._adopted(worker, job):
+                continue
+            killed = self._kill_leftovers(worker, job)
             requeue = isinstance(job.max_attempts, int) and job.attempt < job.max_attempts
             if await self._store.resolve_orphan(worker.id, job, requeue=requeue, error=ORPHAN_ERROR):
                 logger.warning("job.recovered", job_id=job.id, dead_worker=worker.id, killed_leftovers=killed,
@@ -107,14 +117,8 @@ class Lease:
                 if requeue:
                     self.on_requeued()
 
-    async def _kill_remote(self, job: OrphanedJob) -> bool:
-        if self.kill_remote is None:
-            return False
-        try:
-            return await self.kill_remote(job.id, job.attempt, job.node_id)
-        except Exception as e:  # the node may be down too: its job dies with it, or at the next recovery
-            logger.warning("lease.remote_kill_failed", job_id=job.id, node=job.node_id, error=str(e))
-            return False
+    async def _adopted(self, worker: Worker, job: OrphanedJob) -> bool:
+        return self.adopt is not None and job.node_id in self.adoptable_nodes and await self.adopt(worker.id, job)
 
     def _kill_leftovers(self, worker: Worker, job: OrphanedJob) -> bool:
         """Only on the dead daemon's own host and boot can its pids be trusted (and reached)."""

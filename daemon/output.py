@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import re
 from dataclasses import dataclass, field
 
 from daemon.store import OutputSnapshot
@@ -74,6 +75,42 @@ class StreamCapture:
         if len(self._tail) > 2 * tail_cap:  # trim lazily so a fast writer costs O(1) per byte, not O(cap)
             del self._tail[: len(self._tail) - tail_cap]
 
+    @property
+    def head_kept(self) -> bool:
+        """Past the cap: the head is fixed, and only the last `tail_cap` bytes of what follows matter."""
+        return self._head is not None
+
+    @property
+    def tail_cap(self) -> int:
+        return self.cap - self.cap // HEAD_SHARE
+
+    def skip(self, n: int) -> None:
+        """`n` bytes the job wrote that were not read (a remote reader sends only the tail when it is far behind):
+        counted in the total; at least `tail_cap` bytes follow, so the old tail is of no use any more."""
+        if n <= 0:
+            return
+        if self._head is None:
+            raise ValueError("bytes may be skipped only once the head is kept")
+        self.total += n
+        self._tail.clear()
+        self.dirty = True
+
+    def reseed(self, text: str | None, total: int) -> None:
+        """Continue from what a row holds (a daemon that adopts a running job): past the cap, its head and tail
+        are the row's text either side of the marker, and `total` the bytes already read. At or under the cap the
+        capture stays empty and the job's spool is read again from its start (nothing of it was discarded), which
+        is exact where the row's text could have held back a split character. Reading goes on from `self.total`."""
+        if total <= self.cap:
+            return
+        marker = re.compile(rf"\n\[nexus-jobd: \d+ bytes of {self.name} omitted; {total} bytes in all\]\n")
+        found = marker.search(text or "")
+        head, tail = (text[: found.start()], text[found.end():]) if text and found else ("", "")
+        self._parts = []
+        self._head = head.encode("utf-8", "surrogatepass")
+        self._tail = bytearray(tail.encode("utf-8", "surrogatepass"))
+        self.total = total
+        self.dirty = True
+
     def _overflow(self, data: bytes) -> None:
         """Past the cap for the first time: freeze the head as bytes, keep the rest as the tail."""
         text = "".join(self._parts)
@@ -114,6 +151,11 @@ class JobOutput:
     @property
     def dirty(self) -> bool:
         return self.stdout.dirty or self.stderr.dirty
+
+    def reseed(self, stdout: str | None, stderr: str | None, stdout_bytes: int, stderr_bytes: int) -> None:
+        """Continue from a row's output (see StreamCapture.reseed)."""
+        self.stdout.reseed(stdout, stdout_bytes)
+        self.stderr.reseed(stderr, stderr_bytes)
 
     def snapshot(self, *, final: bool = False) -> OutputSnapshot:
         """Render only what changed since the last snapshot (None leaves that column as it is)."""

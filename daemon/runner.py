@@ -16,10 +16,10 @@ from daemon import docker, outcome, procs, tools
 from daemon import logging as log
 from daemon.config import Config
 from daemon.errors import BadJob
-from daemon.executors.base import ConnectionLost, Executor, Process, SpawnError
+from daemon.executors.base import Executor, JobLost, Process, SpawnError
 from daemon.output import JobOutput
-from daemon.store import Claim, ClaimedJob, JobResult, JobStatus, ProcessRef, now_ms
-from daemon.tools import Command
+from daemon.store import AdoptedJob, Claim, ClaimedJob, JobResult, JobStatus, ProcessRef, now_ms
+from daemon.tools import Command, RunPolicy
 
 logger = log.get("runner")
 DOCKER_CLI_TIMEOUT_S = 30.0
@@ -38,6 +38,7 @@ class RunningJob:
     holds_slot: bool = True  # until its process ends
     ended: bool = False
     _timers: list[anyio.CancelScope] = field(default_factory=list)
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)  # the job's task: cancelled to detach it
 
     def end_timers(self) -> None:
         """Timers of a job die with its process: no sleeping task outlives the job it was for."""
@@ -74,6 +75,35 @@ class JobRunner:
         return RunningJob(Claim(job.id, worker_id, job.attempt), str(job.node_id), str(job.tool),
                           JobOutput(self._config.output_cap_bytes))
 
+    def adopted(self, adopted: AdoptedJob, worker_id: str) -> RunningJob:
+        """A running job taken over from another daemon: its output goes on from what the row holds."""
+        running = self.new(adopted.job, worker_id)
+        running.output.reseed(adopted.stdout, adopted.stderr, adopted.stdout_bytes, adopted.stderr_bytes)
+        if adopted.cancelled:
+            running.stop_reason = "cancelled"
+        return running
+
+    async def reattach(self, job: ClaimedJob, running: RunningJob) -> JobResult:
+        """Follow an adopted job to its end: cancel and timeout (counted from the row's started_at) as usual."""
+        node = self._config.nodes[running.node_id]
+        try:
+            command: Command | None = tools.build(job, node.tools, allowed_commands=node.allowed_commands,
+                                                  docker_host=node.docker_host)
+        except BadJob:
+            command = None  # the config changed since it started: it runs anyway, and can still be stopped
+        try:
+            policy = tools.policy(job, self._config.default_timeout_ms)
+        except BadJob:
+            policy = RunPolicy(None, 1)
+        running.command = command
+        executor = self._executors[running.node_id]
+        process = await executor.reattach(f"{job.id}:{job.attempt}", self._feeder(running.output.stdout.feed),
+                                          self._feeder(running.output.stderr.feed), output=running.output)
+        timeout_ms = policy.timeout_ms
+        left_ms = None if timeout_ms is None else max(1, timeout_ms - (now_ms() - job.started_at))
+        self._started(running, process, left_ms)
+        return await self._follow(job, running, process, policy)
+
     async def run(self, job: ClaimedJob, running: RunningJob) -> JobResult:
         """Run one attempt to its end; a malformed row or a failed start is a result too, never an exception."""
         node = self._config.nodes[running.node_id]
@@ -92,18 +122,25 @@ class JobRunner:
         running.command = command
         try:
             process = await self._executors[running.node_id].start(
-                command, self._feeder(running.output.stdout.feed), self._feeder(running.output.stderr.feed))
+                command, self._feeder(running.output.stdout.feed), self._feeder(running.output.stderr.feed),
+                output=running.output)
         except SpawnError as e:
             return JobResult(JobStatus.FAILED, 127, str(e), running.output.snapshot(final=True))
         self._started(running, process, policy.timeout_ms)
+        return await self._follow(job, running, process, policy)
+
+    async def _follow(self, job: ClaimedJob, running: RunningJob, process: Process,
+                      policy: RunPolicy) -> JobResult:
+        """Wait for a started job to end and say how it did."""
         try:
             status = await process.wait()
-        except ConnectionLost as e:
+        except JobLost as e:
             running.end_timers()
             return outcome.lost(str(e), running.output.snapshot(final=True), attempt=job.attempt,
                                 max_attempts=policy.max_attempts)
         running.end_timers()
-        if running.stop_reason is not None and command.container_labels:
+        command = running.command
+        if running.stop_reason is not None and command is not None and command.container_labels:
             with anyio.move_on_after(15):
                 await docker.remove_leftovers(command.container_labels, self._docker_cli(running.node_id, command))
         return outcome.result_for(status, stop_reason=running.stop_reason, timeout_ms=policy.timeout_ms,

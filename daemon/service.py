@@ -16,7 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import anyio
 
@@ -62,7 +62,7 @@ def executors_for(config: Config, metrics: Hooks | None = None) -> dict[str, Exe
             if node.ssh.known_hosts is None:
                 logger.warning("ssh.host_key_check_disabled", node=node.id, host=node.ssh.host,
                                reason="insecure_skip_host_key_check = true: anyone on the path can impersonate it")
-            executors[node.id] = ssh.SshExecutor(node, metrics)
+            executors[node.id] = ssh.SshExecutor(node, metrics, poll_max_s=config.flush_interval_ms / 2000)
     return executors
 
 
@@ -85,18 +85,6 @@ def prober(config: Config, executors: dict[str, Executor]) -> Prober:
         return str(completed.stdout)
 
     return probe
-
-
-def _remote_killer(executors: dict[str, Executor]) -> Callable[[str, int, object], Awaitable[bool]]:
-    async def kill(job_id: str, attempt: int, node_id: object) -> bool:
-        executor = executors.get(str(node_id))
-        kill_orphan = getattr(executor, "kill_orphan", None)  # only SSH executors have remote orphans
-        if kill_orphan is None:
-            return False
-        await kill_orphan(f"{job_id}:{attempt}")
-        return True
-
-    return kill
 
 
 async def _heartbeats(config: Config, store: Store, health: Health, dispatcher: Dispatcher) -> None:
@@ -217,11 +205,12 @@ async def _run(config: Config, overrides: Overrides, store: Store, notifier: Not
                   on_lost=on_lease_lost, nodes=config.node_ids)
     lease.on_db_error = metrics.db_write_error
     executors = executors_for(config, metrics)
-    lease.kill_remote = _remote_killer(executors)
-    await lease.register()  # also recovers the jobs of daemons that died (our own previous run included)
     health = Health(config, prober(config, executors))
     dispatcher = Dispatcher(config, store, executors, lease, health)
     dispatcher.metrics = metrics
+    # Registering also recovers the jobs of daemons that died (our own previous run included): their remote jobs
+    # are adopted by the dispatcher, which starts following them when it runs.
+    await lease.register()
     dispatcher.on_rewritten = lambda q: notifier.send(
         STATUS=f"stopped claiming: {config.db_path} was rewritten by another program outside SQLite's locking "
                f"(sql.js?); {len(dispatcher.running)} running jobs finish, results beside it; see the log")
@@ -251,8 +240,9 @@ async def _run(config: Config, overrides: Overrides, store: Store, notifier: Not
         logger.error("daemon.stopped", worker_id=dispatcher.worker_id, exit_code=EXIT_DATABASE_REWRITTEN,
                      reason="the database was rewritten by another program; not restarting until it is fixed")
         return EXIT_DATABASE_REWRITTEN
-    await lease.release()
-    logger.info("daemon.stopped", worker_id=dispatcher.worker_id)
+    detached = dispatcher.detached
+    await lease.release(f"detached {detached} remote jobs for the next daemon" if detached else "clean shutdown")
+    logger.info("daemon.stopped", worker_id=dispatcher.worker_id, detached=detached)
     return 0
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from daemon.output import JobOutput
 from daemon.tools import Command
 
 OutputCallback = Callable[[bytes], None]
@@ -26,8 +27,13 @@ class ExitStatus:
         return cls(returncode)
 
 
-class ConnectionLost(Exception):
-    """The link to the node dropped while the job ran: it did not succeed, whatever the remote side did."""
+class JobLost(Exception):
+    """The job can no longer be followed (its node stayed unreachable, its process vanished without an exit
+    status, its node sent what does not parse): it did not succeed, whatever it did; the message says why."""
+
+
+class ConnectionLost(JobLost):
+    """The link to the node dropped and did not come back in time while the job ran."""
 
 
 class SpawnError(Exception):
@@ -55,10 +61,36 @@ class Process(Protocol):
         """Send a signal to the job's whole process group (a no-op once it is gone)."""
         ...
 
+    @property
+    def detachable(self) -> bool:
+        """It runs on without this daemon (a detached remote job): a stopping daemon may leave it to the next."""
+        ...
+
+    def forget(self, *, remove: bool) -> None:
+        """The row is final (or no longer ours): let go of the job; `remove` what it left where it ran."""
+        ...
+
 
 class Executor(Protocol):
-    async def start(self, command: Command, on_stdout: OutputCallback, on_stderr: OutputCallback) -> Process:
-        """Start `command`; raises SpawnError when it cannot be started."""
+    async def start(self, command: Command, on_stdout: OutputCallback, on_stderr: OutputCallback, *,
+                    output: JobOutput) -> Process:
+        """Start `command`; raises SpawnError when it cannot be started. `output` is where the callbacks feed:
+        a remote reader asks it how much it has (its offsets) and whether it may send only the tail."""
+        ...
+
+    @property
+    def can_reattach(self) -> bool:
+        """Its jobs outlive this daemon and can be found again by `reattach`."""
+        ...
+
+    async def reattach(self, key: str, on_stdout: OutputCallback, on_stderr: OutputCallback, *,
+                       output: JobOutput) -> Process:
+        """Follow again the attempt `key` ("<job id>:<attempt>") started earlier, from `output`'s byte counts."""
+        ...
+
+    async def sweep(self, running_attempts: Callable[[], Awaitable[list[tuple[str, int]]]]) -> None:
+        """Remove what attempts that no longer run left where they ran (`running_attempts`: the (job id, attempt)
+        pairs still running there, read after looking)."""
         ...
 
     async def output(self, command: Command, timeout_s: float) -> str:

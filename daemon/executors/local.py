@@ -14,13 +14,14 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 import anyio
 
 from daemon import logging as log
 from daemon.executors.base import ExitStatus, OutputCallback, SpawnError
+from daemon.output import JobOutput
 from daemon.tools import Command, with_limits
 
 READ_SIZE = 256 * 1024
@@ -133,6 +134,11 @@ class LocalProcess:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._popen.pid, signum)
 
+    detachable = False  # its pipes die with this daemon (until the per-host keeper of the next issue)
+
+    def forget(self, *, remove: bool) -> None:
+        pass
+
 
 class LocalExecutor:
     def __init__(self, *, base_env: Mapping[str, str], default_cwd: Path, drain_timeout_s: float) -> None:
@@ -199,7 +205,17 @@ class LocalExecutor:
             self._reaper = _SigchldReaper(loop)
         self._reaper.watch(popen, process.on_exit)
 
-    async def start(self, command: Command, on_stdout: OutputCallback, on_stderr: OutputCallback) -> LocalProcess:
+    can_reattach = False
+
+    async def sweep(self, running_attempts: Callable[[], Awaitable[list[tuple[str, int]]]]) -> None:
+        pass  # nothing of a local job is left behind once its process group is gone
+
+    async def reattach(self, key: str, on_stdout: OutputCallback, on_stderr: OutputCallback, *,
+                       output: JobOutput) -> LocalProcess:
+        raise SpawnError("a local job cannot be found again after its daemon stopped")
+
+    async def start(self, command: Command, on_stdout: OutputCallback, on_stderr: OutputCallback, *,
+                    output: JobOutput | None = None) -> LocalProcess:
         loop = asyncio.get_running_loop()
         # Spawning inline measured faster than in a worker thread on 3.11: fork_exec holds the GIL throughout.
         popen = self._spawn(command)

@@ -28,6 +28,7 @@ from daemon.errors import DatabaseError, DatabaseRewritten, JobdError
 from daemon.store import guard
 from daemon.store.queries import HERE, Q, read_sql, split_statements
 from daemon.store.rows import (
+    AdoptedJob,
     Claim,
     ClaimedJob,
     JobResult,
@@ -39,8 +40,8 @@ from daemon.store.rows import (
     Worker,
 )
 
-__all__ = ["Claim", "ClaimedJob", "DbError", "JobResult", "JobStatus", "OrphanedJob", "OutputSnapshot", "ProcessRef",
-           "Quarantine", "RawText", "Store", "Worker", "guard", "now_ms", "survive_db_errors"]
+__all__ = ["AdoptedJob", "Claim", "ClaimedJob", "DbError", "JobResult", "JobStatus", "OrphanedJob", "OutputSnapshot",
+           "ProcessRef", "Quarantine", "RawText", "Store", "Worker", "guard", "now_ms", "survive_db_errors"]
 
 T = TypeVar("T")
 # What callers outside the store may catch: the database said no (transient or not).
@@ -685,6 +686,28 @@ class Store:
         done = await self._write_count(query, params) == 1
         self._note([job.id])
         return done
+
+    async def adopt(self, old_worker_id: str, job: OrphanedJob, worker_id: str) -> AdoptedJob | None:
+        """Take a dead or detached daemon's running job over for the same attempt; None if another daemon did,
+        or it ended meanwhile."""
+        rows = list(await self._write("adopt_job", {"id": job.id, "old_worker_id": old_worker_id,
+                                                    "attempt": job.attempt, "worker_id": worker_id}))
+        self._note([job.id])
+        if not rows:
+            return None
+        row = rows[0]
+        counts = [n if isinstance(n, int) and n >= 0 else 0 for n in (row[14], row[15])]
+        texts = [t if isinstance(t, str) else None for t in (row[12], row[13])]
+        return AdoptedJob(ClaimedJob(*row[:11]), row[11] == "cancelled", texts[0], texts[1], counts[0], counts[1])
+
+    async def detached_jobs(self, node_ids: Sequence[str]) -> list[tuple[str, OrphanedJob]]:
+        """(its stopped daemon, job) for each unfinished job on these nodes whose daemon stopped without ending it."""
+        rows = await self._conn.execute_fetchall(Q["detached_jobs"], {"nodes": json.dumps(list(node_ids))})
+        return [(row[0], OrphanedJob(*row[1:])) for row in rows]
+
+    async def executing_attempts(self, node_id: str) -> list[tuple[str, int]]:
+        rows = await self._conn.execute_fetchall(Q["executing_attempts"], {"node_id": node_id})
+        return [(row[0], row[1]) for row in rows]
 
     async def cancelled_among(self, job_ids: Iterable[str], worker_id: str) -> list[tuple[str, int]]:
         rows = await self._conn.execute_fetchall(Q["cancelled_among"], {"ids": json.dumps(sorted(set(job_ids))),

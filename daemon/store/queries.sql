@@ -188,6 +188,30 @@ UPDATE jobs
  WHERE id = CAST(:id AS TEXT) AND worker_id = :worker_id AND attempt = :attempt
    AND status IN ('executing', 'cancelled') AND duration IS NULL;
 
+-- name: adopt_job
+-- A dead (or detached) daemon's remote job moves to :worker_id for the same attempt: a compare-and-set on the old
+-- claim, so of two daemons adopting it one wins, and only while the adopter's own lease is live. Returns what
+-- running it again needs, and the output recorded so far (reading goes on from its byte counts).
+UPDATE jobs
+   SET worker_id = :worker_id
+ WHERE id = CAST(:id AS TEXT) AND worker_id = :old_worker_id AND attempt = :attempt
+   AND status IN ('executing', 'cancelled') AND duration IS NULL
+   AND EXISTS (SELECT 1 FROM jobd_workers WHERE id = :worker_id AND stopped_at IS NULL)
+RETURNING id, node_id, tool, command, cwd, env, priority, attempt, started_at, timeout_ms, max_attempts,
+          status, stdout, stderr, stdout_bytes, stderr_bytes;
+
+-- name: detached_jobs
+-- Unfinished jobs on the nodes in :nodes (a JSON array) whose daemon stopped without ending them: it detached
+-- them on SIGTERM (on_stop = "detach"), for the next daemon to adopt.
+SELECT j.worker_id, j.id, j.attempt, j.max_attempts, j.pid, j.pid_start, j.node_id FROM jobs AS j
+ WHERE j.status IN ('executing', 'cancelled') AND j.duration IS NULL
+   AND j.node_id IN (SELECT value FROM json_each(:nodes))
+   AND EXISTS (SELECT 1 FROM jobd_workers AS w WHERE w.id = j.worker_id AND w.stopped_at IS NOT NULL);
+
+-- name: executing_attempts
+-- The unfinished attempts on node :node_id, whoever runs them: what a sweep of the node's spools must keep.
+SELECT id, attempt FROM jobs WHERE node_id = :node_id AND status IN ('executing', 'cancelled') AND duration IS NULL;
+
 -- name: requeue_orphan
 UPDATE jobs
    SET status = 'queued', error = :error, started_at = NULL, completed_at = NULL, duration = NULL, worker_id = NULL,

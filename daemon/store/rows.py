@@ -113,3 +113,16 @@ class OrphanedJob:
     pid: int | None
     pid_start: int | None
     node_id: Any
+
+
+@dataclass(frozen=True)
+class AdoptedJob:
+    """A running job this daemon took over from a dead or detached one: the row as claimed, and what it recorded
+    (its output and true byte counts, where reading goes on; `cancelled` if cancelled meanwhile)."""
+
+    job: ClaimedJob
+    cancelled: bool
+    stdout: str | None
+    stderr: str | None
+    stdout_bytes: int
+    stderr_bytes: int

@@ -248,6 +248,7 @@ BOUNDS = [  # (table, key, lowest, highest)
     ("nodes.far", "keepalive_interval_ms", 100, 3_600_000),
     ("nodes.far", "keepalive_count_max", 1, 1000),
     ("nodes.far", "connect_timeout_ms", 100, 3_600_000),
+    ("nodes.far", "reattach_timeout_ms", 0, 7 * 86_400_000),
 ]
 
 
@@ -470,3 +471,14 @@ def test_a_reload_applies_the_new_limit_to_the_running_local_node(
     gate.touch()
     for job_id in (first, second):
         assert db.wait_status(job_id)["stdout"] == "done\n"
+
+
+def test_on_stop_and_reattach_timeout_default_and_are_checked(tmp_path: Path) -> None:
+    config = load_file(write(tmp_path, '[nodes.far]\nhost = "127.0.0.1"\ninsecure_skip_host_key_check = true\n'))
+    far = config.nodes["far"].ssh
+    assert config.on_stop == "detach" and far is not None and far.reattach_timeout_ms == 3_600_000
+    assert load_file(write(tmp_path, '[daemon]\non_stop = "drain"\n')).on_stop == "drain"
+    path = write(tmp_path, '[daemon]\non_stop = "kill"\n')
+    with pytest.raises(ConfigError) as info:
+        load_file(path)
+    assert str(info.value).startswith(f"{path}: [daemon] on_stop = 'kill': expected one of detach, drain")

@@ -348,3 +348,36 @@ def test_big_blocks_get_mappings_of_their_own_after_a_bigger_one_was_freed() -> 
     done = subprocess.run([sys.executable, "-c", BLOCK_PLACEMENT, "fixed"], capture_output=True, text=True,
                           check=True)
     assert done.stdout.split() == ["anonymous", "unmapped"]
+def test_skipped_bytes_count_in_the_total_and_the_tail_is_what_came_after() -> None:
+    """A remote reader far behind sends the head, then skips to the tail: the row is as if all had been fed."""
+    whole, skipping = StreamCapture("stdout", 1000), StreamCapture("stdout", 1000)
+    data = bytes(random.Random(1).choice(b"abc\n") for _ in range(50_000))
+    whole.feed(data)
+    skipping.feed(data[:1001])
+    with pytest.raises(ValueError, match="head is kept"):
+        StreamCapture("stdout", 1000).skip(5)  # only once the head is kept
+    skipping.skip(50_000 - 1001 - 750)
+    skipping.feed(data[-750:])
+    assert skipping.total == whole.total == 50_000
+    assert skipping.render(final=True) == whole.render(final=True)
+
+
+def test_reseeding_from_a_row_goes_on_as_if_never_interrupted() -> None:
+    data = "".join(f"line {i}\n" for i in range(3000)).encode()
+    whole, first = JobOutput(4096), JobOutput(4096)
+    whole.stdout.feed(data)
+    first.stdout.feed(data[:20_000])
+    row = first.snapshot()
+    assert row.stdout is not None
+    adopted = JobOutput(4096)
+    adopted.reseed(row.stdout, None, row.stdout_bytes, 0)
+    assert adopted.stdout.total == 20_000 and adopted.stdout.head_kept
+    adopted.stdout.feed(data[20_000:])
+    assert adopted.snapshot(final=True).stdout == whole.snapshot(final=True).stdout
+
+
+def test_reseeding_at_or_under_the_cap_starts_from_zero() -> None:
+    """Under the cap nothing of the spool was discarded: it is read again from its start, exactly."""
+    adopted = JobOutput(4096)
+    adopted.reseed("partial", "", 7, 0)
+    assert (adopted.stdout.total, adopted.stdout.head_kept) == (0, False)

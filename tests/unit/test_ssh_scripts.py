@@ -1,5 +1,7 @@
 """The shell lines the SSH executor sends, run here by a real dash (the strictest `sh` a node is likely to have)
-against real process groups: the kill must reach the job's group and never a stranger that got its id later."""
+against real process groups: the kill must reach the job's group and never a stranger that got its id later; the
+detached job's spools are read by offset, exactly, and whatever a hostile node leaves there fails the job with a
+reason."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.executors.ssh import kill_script, remote_script
+from daemon.executors import spool
+from daemon.executors.spool import kill_script
 from daemon.tools import Command
 from tests.conftest import require, wait_for
 
@@ -23,7 +26,7 @@ BOOT_ID = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     require(shutil.which("dash") is not None, "dash not installed")
-    (tmp_path / ".cache" / "nexus-jobd").mkdir(parents=True)
+    (tmp_path / ".cache" / "nexus-jobd" / "jobs" / "f").mkdir(parents=True)
     return tmp_path
 
 
@@ -50,8 +53,8 @@ def _alive(proc: subprocess.Popen[bytes]) -> bool:
 
 
 def _record(home: Path, line: str) -> Path:
-    pid_file = home / ".cache" / "nexus-jobd" / "f"
-    pid_file.write_text(line + "\n")
+    pid_file = home / ".cache" / "nexus-jobd" / "jobs" / "f" / "pid"
+    pid_file.write_text(line + " 1 1\n")  # the wrapper's pid and start time follow
     return pid_file
 
 
@@ -59,9 +62,9 @@ def test_the_recorded_group_is_killed_and_its_file_removed(home: Path, group: su
     pid_file = _record(home, f"{group.pid} {_start_time(group.pid)} {BOOT_ID}")
     _dash(kill_script("f", signal.SIGTERM), home)
     wait_for(lambda: not _alive(group), message="group killed")
-    assert pid_file.exists()  # TERM: the job's own shell removes it; the final KILL does
+    assert pid_file.exists()  # TERM: kept (the job may still write its status); the final KILL removes it all
     _dash(kill_script("f", signal.SIGKILL, remove=True), home)
-    assert not pid_file.exists()
+    assert not pid_file.parent.exists()
 
 
 @pytest.mark.parametrize("stale", ["another start time", "another boot"])
@@ -75,15 +78,6 @@ def test_a_stale_pid_file_never_kills_whoever_has_the_id_now(home: Path, group: 
     _record(home, f"{group.pid} {started} {boot}")
     _dash(kill_script("f", signal.SIGKILL), home)
     assert _alive(group)
-
-
-def test_the_remote_script_records_what_the_kill_checks(home: Path) -> None:
-    command = Command(argv=("cat", str(home / ".cache" / "nexus-jobd" / "f")), cwd=None, env={})
-    proc = subprocess.run(["dash", "-c", remote_script(command, "f")], env={"HOME": str(home), "PATH": os.defpath},
-                          capture_output=True, text=True, timeout=10, start_new_session=True)
-    pid, started, boot = proc.stdout.split()
-    assert int(pid) > 0 and started.isdigit() and boot == BOOT_ID
-    assert not (home / ".cache" / "nexus-jobd" / "f").exists()  # removed when the job ended
 
 
 def test_a_group_whose_leader_is_gone_is_still_killed(home: Path) -> None:
@@ -104,3 +98,152 @@ def test_a_group_whose_leader_is_gone_is_still_killed(home: Path) -> None:
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(member, signal.SIGKILL)
+
+
+class Node:
+    """The node's side of one reader channel: dash running a start or reader script, driven as the daemon drives
+    it (a request line per reply), its frames parsed by the daemon's own parser."""
+
+    def __init__(self, home: Path, script: str) -> None:
+        self.proc = subprocess.Popen(["dash", "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env={"HOME": str(home), "PATH": os.defpath},
+                                     start_new_session=True)
+        self.out, self.err = bytearray(), bytearray()
+        self.skipped = {1: 0, 2: 0}
+        self.replies: list[spool.Reply] = []
+        self.parser = spool.FrameParser(self._data, self._skip, self.replies.append)
+
+    def _data(self, stream: int, data: bytes) -> None:
+        (self.out if stream == 1 else self.err).extend(data)
+
+    def _skip(self, stream: int, n: int) -> None:
+        self.skipped[stream] += n
+
+    def offsets(self, base: tuple[int, int] = (0, 0)) -> tuple[int, int]:
+        return base[0] + len(self.out) + self.skipped[1], base[1] + len(self.err) + self.skipped[2]
+
+    def ask(self, offsets: tuple[int, int]) -> spool.Reply:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{offsets[0]} {offsets[1]}\n".encode())
+        self.proc.stdin.flush()
+        count = len(self.replies)
+        while len(self.replies) == count:
+            data = os.read(self.proc.stdout.fileno(), 1 << 20)
+            assert data, f"the reader ended: {self.proc.stderr.read() if self.proc.stderr else b''!r}"
+            self.parser.feed(data)
+        return self.replies[-1]
+
+    def until_end(self, base: tuple[int, int] = (0, 0), timeout: float = 20.0) -> spool.Reply:
+        return wait_for(lambda: (r := self.ask(self.offsets(base))).kind != "run" and r, timeout,
+                        interval=0.02, message="the job's end")
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(10)
+
+
+def _job_dir(home: Path, key: str) -> Path:
+    return home / ".cache" / "nexus-jobd" / "jobs" / spool.dir_name(key)
+
+
+def _start(home: Path, shell: str, key: str = "job:1", cap: int = 100_000, cwd: str | None = None) -> Node:
+    return Node(home, spool.start_script(Command(argv=("sh", "-c", shell), cwd=cwd, env={"X": "y z"}, key=key),
+                                         spool.dir_name(key), cap))
+
+
+def test_a_started_job_is_read_exactly_with_its_status_and_private_files(home: Path) -> None:
+    node = _start(home, 'printf "a\\0b"; echo "$X" >&2; sleep 0.3; head -c 3000 /dev/zero; exit 3', cwd="/tmp")
+    end = node.until_end()
+    assert (end.kind, spool.parse_status(end.value)) == ("rc", 3)
+    assert (bytes(node.out), bytes(node.err)) == (b"a\0b" + b"\0" * 3000, b"y z\n")
+    d = _job_dir(home, "job:1")
+    assert d.stat().st_mode & 0o777 == 0o700
+    assert {p.name: p.stat().st_mode & 0o777 for p in d.iterdir()} == dict.fromkeys(("out", "err", "rc", "pid"), 0o600)
+    pgid, started, boot, wrapper, _ = (d / "pid").read_text().split()
+    assert boot == BOOT_ID and int(pgid) == node.proc.pid and started == _start_time(node.proc.pid)
+    assert int(wrapper) != node.proc.pid
+    node.close()
+
+
+def test_a_second_start_of_the_same_attempt_is_refused_and_runs_nothing(home: Path) -> None:
+    first = _start(home, "echo ran >> $HOME/count")
+    assert first.until_end().kind == "rc"
+    first.close()
+    second = _start(home, "echo ran >> $HOME/count")
+    reply = second.ask((0, 0))
+    assert reply.kind == "error" and "exists already" in reply.value
+    second.close()
+    assert (home / "count").read_text() == "ran\n"
+
+
+def test_a_new_reader_goes_on_from_the_offsets_and_a_quiet_end_pokes_the_start_channel(home: Path) -> None:
+    first = _start(home, "echo one; echo two >&2; sleep 0.5; echo three; echo four >&2")
+    wait_for(lambda: first.ask(first.offsets()) and first.offsets() == (4, 4), message="the first lines")
+    base = first.offsets()
+    first.close()  # as a dropped link: the job runs on
+    again = Node(home, spool.reader_script(spool.dir_name("job:1"), 100_000))
+    end = again.until_end(base)
+    assert end.kind == "rc" and (bytes(again.out), bytes(again.err)) == (b"three\n", b"four\n")
+    again.close()
+    quiet = _start(home, "exit 7", key="job:2")
+    assert quiet.proc.stderr is not None
+    assert spool.empty_end(quiet.proc.stderr.readline()) == 7  # "E 7": no request needed
+    quiet.close()
+
+
+def test_term_records_128_plus_n_and_kill_leaves_the_job_gone(home: Path) -> None:
+    for key, signum, expected in (("job:t", signal.SIGTERM, ("rc", "143")), ("job:k", signal.SIGKILL, ("gone", ""))):
+        node = _start(home, "echo up; sleep 300", key=key)
+        wait_for(lambda n=node: n.ask(n.offsets()) and n.offsets() == (3, 0), message="running")  # type: ignore[misc]
+        node.close()  # the start channel's shell is the group leader: signal as over a separate channel
+        _dash(kill_script(spool.dir_name(key), signum), home)
+        reader = Node(home, spool.reader_script(spool.dir_name(key), 100_000))
+        end = reader.until_end((3, 0))
+        assert (end.kind, end.value) == expected
+        reader.close()
+
+
+@pytest.mark.parametrize("damage", ["status", "shrank", "gone", "spools"])
+def test_what_a_hostile_node_leaves_is_refused_with_a_reason(home: Path, damage: str) -> None:
+    node = _start(home, "echo hello")
+    assert node.until_end().kind == "rc"
+    node.close()
+    d = _job_dir(home, "job:1")
+    if damage == "status":
+        (d / "rc").write_text("not a number\n")
+    elif damage == "shrank":
+        (d / "out").write_text("")
+    elif damage == "gone":
+        shutil.rmtree(d)
+    else:
+        (d / "err").unlink()
+    reader = Node(home, spool.reader_script(spool.dir_name("job:1"), 100_000))
+    reply = reader.ask((6, 0))
+    reader.close()
+    if damage == "status":
+        assert reply.kind == "rc" and spool.parse_status(reply.value) is None
+    else:
+        assert reply.kind == "error"
+        why = {"shrank": "fewer than the 6 already read", "gone": "is gone", "spools": "missing"}[damage]
+        assert why in reply.value
+
+
+def test_a_far_behind_reader_sends_head_and_tail_only_and_the_middle_leaves_the_disk(home: Path) -> None:
+    node = _start(home, "head -c 20000000 /dev/zero | tr '\\0' x; echo end", cap=1000)
+    assert node.until_end().kind == "rc"
+    node.close()
+    # The daemon keeps the first cap + 1 bytes and the last cap - cap/4: a reader from 0 sends those and skips the
+    # rest; the middle is punched out of the file (offsets stay valid), for whichever reader comes next.
+    reader = Node(home, spool.reader_script(spool.dir_name("job:1"), 1000))
+    reply = reader.until_end()
+    assert reply.kind == "rc" and reader.skipped == {1: 20_000_004 - 1001 - 750, 2: 0}
+    assert bytes(reader.out) == b"x" * 1001 + b"x" * 746 + b"end\n"
+    reader.close()
+    again = Node(home, spool.reader_script(spool.dir_name("job:1"), 1000))
+    assert again.until_end((20_000_000, 0)).kind == "rc" and bytes(again.out) == b"end\n"
+    again.close()
+    out = _job_dir(home, "job:1") / "out"
+    assert out.stat().st_size == 20_000_004
+    if shutil.which("fallocate"):
+        assert out.stat().st_blocks * 512 < 2 * 1024 * 1024  # the 20 MB are no longer on disk

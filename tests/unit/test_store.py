@@ -473,3 +473,39 @@ async def test_resolve_id(store: Store, other: Other) -> None:
         await store.resolve_id("zz")
     with pytest.raises(JobdError, match="no job"):
         await store.resolve_id("%")
+
+
+async def test_a_dead_daemons_remote_job_is_adopted_by_one_daemon_only(store: Store, other: Other) -> None:
+    other.insert("j1", node_id="box")
+    other.conn.execute("UPDATE jobs SET timeout_ms = 60000 WHERE id = 'j1'")
+    (job,) = await store.claim("box", 1, "w1")
+    await store.write_outputs([(Claim("j1", "w1", 1), OutputSnapshot("so far\n", "", 7, 0), None)])
+    assert await store.stop_worker("w1", "declared dead: test")
+    (orphan,) = await store.orphaned_jobs("w1")
+    assert await store.detached_jobs(["box"]) == [("w1", orphan)]  # stopped, still executing: adoptable
+    adopted = await store.adopt("w1", orphan, "w2")
+    assert adopted is not None and not adopted.cancelled
+    assert (adopted.job.id, adopted.job.attempt, adopted.job.started_at, adopted.job.timeout_ms) == (
+        "j1", 1, job.started_at, 60000)
+    assert (adopted.stdout, adopted.stdout_bytes, adopted.stderr_bytes) == ("so far\n", 7, 0)
+    assert await store.adopt("w1", orphan, "a") is None  # the claim moved: one owner at a time
+    row = other.job("j1")
+    assert (row["status"], row["worker_id"], row["attempt"]) == ("executing", "w2", 1)
+    assert await store.detached_jobs(["box"]) == []
+    # The old claim can no longer write; the new one records the end.
+    assert await finish(store, Claim("j1", "w1", 1), result()) is None
+    assert (await finish(store, Claim("j1", "w2", 1), result()) or (None,))[0] == JobStatus.COMPLETED
+
+
+async def test_a_stopped_daemon_adopts_nothing_and_a_cancelled_row_is_adopted_as_cancelled(
+        store: Store, other: Other) -> None:
+    other.insert("j1", node_id="box")
+    await store.claim("box", 1, "w1")
+    await store.cancel(["j1"])
+    assert await store.stop_worker("w1", "detached 1 remote jobs for the next daemon")
+    (orphan,) = await store.orphaned_jobs("w1")
+    assert await store.stop_worker("b", "declared dead: test")
+    assert await store.adopt("w1", orphan, "b") is None  # its own lease is gone: it may not take jobs
+    adopted = await store.adopt("w1", orphan, "a")
+    assert adopted is not None and adopted.cancelled
+    assert other.job("j1")["status"] == "cancelled"
