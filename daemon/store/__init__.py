@@ -258,7 +258,11 @@ class Store:
             return
         if self.check_rewritten() is not None:
             return
-        rows = list(await self._conn.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)"))
+        try:
+            rows = list(await self._conn.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)"))
+        except sqlite3.Error as e:  # the write before it did land: a failed checkpoint must not look like its failure
+            logger.warning("db.checkpoint_failed", db=str(self.path), error=str(e))
+            return
         _busy, log_frames, copied = rows[0]
         if log_frames == copied:
             self._pending_frames = 0
