@@ -125,20 +125,24 @@ def _reader_loop(cap: int) -> str:
             f'[ "$m" -le {head} ] || m={head}; piece $1 $2 "$k" "$m"; k=$m; fi; '
             f'if [ $(($4 - k)) -gt {tail} ]; then echo "K$1 $(($4 - k - {tail}))"; k=$(($4 - {tail})); fi; '
             'piece $1 $2 "$k" "$4"; }; ')
-    punch = (f'punch() {{ q=$3; t=$((($2 - {tail}) / 4096 * 4096)); '
+    # `punch FILE SIZE FROM [LIMIT-FILE]`: the trimmer passes the file where a reader that is sending has put the
+    # offset it sends from (or nothing, while none sends), and never punches past it: the reader measured the spool
+    # before the trimmer's own measure or after it wrote that file, so it never reads a range being punched.
+    punch = (f'punch() {{ q=$3; t=$((($2 - {tail}) / 4096 * 4096)); l=; [ -n "$4" ] && [ -s "$4" ] && '
+             'read -r l < "$4"; [ -n "$l" ] && [ "$l" -lt "$t" ] 2>/dev/null && t=$((l / 4096 * 4096)); '
              f'if [ $((t - q)) -ge {PUNCH_STEP} ]; then fallocate -p -o "$q" -l $((t - q)) "$1" '
              '2>/dev/null; q=$t; fi; }; ')
     # The trimmer's pause doubles (0.02 s to 1 s) while there is nothing to punch: a job that wrote much once
     # and then runs quietly costs a few processes a second, not fifty.
     trim = ('trim() { set -C; { : > trim; } 2>/dev/null || { set +C; return 0; }; set +C; '
             '( exec </dev/null >/dev/null 2>&1; tp=$po; te=$pe; y=0.02; while alive && [ ! -s rc ]; do '
-            'set -- $(wc -c out err); punch out "$1" "$tp"; a1=$q; punch err "$3" "$te"; a2=$q; '
+            'set -- $(wc -c out err); punch out "$1" "$tp" lo; a1=$q; punch err "$3" "$te" le; a2=$q; '
             'if [ "$a1" != "$tp" ] || [ "$a2" != "$te" ]; then y=0.02; else case $y in 0.02) y=0.05;; '
             '0.05) y=0.1;; 0.1) y=0.2;; 0.2) y=0.5;; *) y=1;; esac; fi; tp=$a1; te=$a2; '
             'sleep $y || sleep 1; done; rm -f trim ) & }; ')
     loop = (f'trap "" TERM INT HUP; po={start}; pe={start}; '
             'while read -r o e; do '
-            'case "$o.$e" in *[!0-9.]*|.*|*.) echo "X bad request"; exit 0;; esac; '
+            'case "$o.$e" in *[!0-9.]*|.*|*.) echo "X bad request"; exit 0;; esac; echo "$o" > lo; echo "$e" > le; '
             'a=0; alive && a=1; r=; [ -s rc ] && read -r r < rc; '
             # Empty spools need no `wc` (no process: most short jobs print little, and come here first).
             'if [ "$o.$e" = 0.0 ] && [ -f out ] && [ -f err ] && [ ! -s out ] && [ ! -s err ]; then so=0; se=0; '
@@ -147,7 +151,7 @@ def _reader_loop(cap: int) -> str:
             'punch out "$so" "$po"; po=$q; punch err "$se" "$pe"; pe=$q; '
             f'if [ -z "$r" ] && [ ! -e trim ] && {{ [ "$so" -gt {head + tail + PUNCH_STEP} ] || '
             f'[ "$se" -gt {head + tail + PUNCH_STEP} ]; }}; then trim; fi; '
-            'send 1 out "$o" "$so" && send 2 err "$e" "$se" || exit 0; '
+            'send 1 out "$o" "$so" && send 2 err "$e" "$se" || exit 0; : > lo; : > le; '
             'if [ -n "$r" ]; then echo "Z rc $r"; elif [ $a = 0 ]; then echo "Z gone"; else echo "Z run"; fi; '
             'done')
     return alive + piece + send + punch + trim + loop

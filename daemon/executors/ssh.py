@@ -38,6 +38,12 @@ REMOVE_AFTER_S = 2.0  # directories of final rows go with the next start on the 
 REMOVE_BATCH = 64
 
 
+def in_sh(script: str) -> str:
+    """Every script of ours runs in the node's `sh`, whatever the login shell (zsh does not split words, fish is
+    not POSIX): `exec` keeps the login shell's pid, which sshd made a session and process-group leader."""
+    return f"exec sh -c {shlex.quote(script)}"
+
+
 class HostKeyError(SpawnError):
     """The node's host key is unknown or changed: the node is refused until its known_hosts entry is right."""
 
@@ -111,8 +117,8 @@ class SshProcess:
         replies: asyncio.Queue[spool.Reply | None] = asyncio.Queue()
         parser = spool.FrameParser(self._on_data, self._on_skip, replies.put_nowait)
         try:
-            channel, session = await conn.create_session(lambda: _ReaderSession(parser, replies, self._wake), script,
-                                                         encoding=None)
+            channel, session = await conn.create_session(lambda: _ReaderSession(parser, replies, self._wake),
+                                                         in_sh(script), encoding=None)
         except (OSError, asyncssh.Error) as e:
             self._executor.channels.release()
             raise SpawnError(f"cannot open a channel to node {self._node}: {e}") from e
@@ -451,7 +457,7 @@ class SshExecutor:
     async def _run_on(self, channel: asyncio.Semaphore, script: str) -> asyncssh.SSHCompletedProcess:
         conn = await self.connection()
         async with channel:
-            return await conn.run(script, check=False, encoding="utf-8", errors="replace")
+            return await conn.run(in_sh(script), check=False, encoding="utf-8", errors="replace")
 
     async def output(self, command: Command, timeout_s: float) -> str:
         try:

@@ -17,6 +17,7 @@ import pytest
 
 from daemon.executors import spool
 from daemon.executors.spool import kill_script
+from daemon.executors.ssh import in_sh
 from daemon.tools import Command
 from tests.conftest import require, wait_for
 
@@ -104,8 +105,9 @@ class Node:
     """The node's side of one reader channel: dash running a start or reader script, driven as the daemon drives
     it (a request line per reply), its frames parsed by the daemon's own parser."""
 
-    def __init__(self, home: Path, script: str) -> None:
-        self.proc = subprocess.Popen(["dash", "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    def __init__(self, home: Path, script: str, login_shell: tuple[str, ...] = ("dash",)) -> None:
+        # As sshd runs a command: the login shell with -c and the command line; ours is always in_sh(script).
+        self.proc = subprocess.Popen([*login_shell, "-c", in_sh(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env={"HOME": str(home), "PATH": os.defpath},
                                      start_new_session=True)
         self.out, self.err = bytearray(), bytearray()
@@ -159,7 +161,9 @@ def test_a_started_job_is_read_exactly_with_its_status_and_private_files(home: P
     assert (bytes(node.out), bytes(node.err)) == (b"a\0b" + b"\0" * 3000, b"y z\n")
     d = _job_dir(home, "job:1")
     assert d.stat().st_mode & 0o777 == 0o700
-    assert {p.name: p.stat().st_mode & 0o777 for p in d.iterdir()} == dict.fromkeys(("out", "err", "rc", "pid"), 0o600)
+    # lo, le: where the reader tells the trimmer which offsets it sends from (empty between requests).
+    private = dict.fromkeys(("out", "err", "rc", "pid", "lo", "le"), 0o600)
+    assert {p.name: p.stat().st_mode & 0o777 for p in d.iterdir()} == private
     pgid, started, boot, wrapper, _ = (d / "pid").read_text().split()
     assert boot == BOOT_ID and int(pgid) == node.proc.pid and started == _start_time(node.proc.pid)
     assert int(wrapper) != node.proc.pid
@@ -247,3 +251,18 @@ def test_a_far_behind_reader_sends_head_and_tail_only_and_the_middle_leaves_the_
     assert out.stat().st_size == 20_000_004
     if shutil.which("fallocate"):
         assert out.stat().st_blocks * 512 < 2 * 1024 * 1024  # the 20 MB are no longer on disk
+
+
+@pytest.mark.parametrize("login_shell", [("dash",), ("bash",), ("zsh",), ("busybox", "sh")])
+def test_jobs_run_and_are_read_whatever_the_login_shell(home: Path, login_shell: tuple[str, ...]) -> None:
+    """sshd hands the command to the user's login shell; zsh, unlike sh, does not split `$words`, which made every
+    remote job look gone. Each script runs in the node's sh whatever the login shell."""
+    require(shutil.which(login_shell[0]) is not None,
+            f"{login_shell[0]} is not installed (scripts/install-test-deps installs it)")
+    key = "job:1"
+    command = Command(argv=("sh", "-c", "echo hi; sleep 0.3; echo bye"), cwd=None, env={}, key=key)
+    node = Node(home, spool.start_script(command, spool.dir_name(key), 1000), login_shell)
+    end = node.until_end()
+    assert (end.kind, spool.parse_status(end.value), bytes(node.out)) == ("rc", 0, b"hi\nbye\n")
+    pgid, started, *_ = (_job_dir(home, key) / "pid").read_text().split()
+    assert int(pgid) == node.proc.pid and started != "-"
