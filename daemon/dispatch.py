@@ -88,6 +88,8 @@ class Dispatcher:
         self.quarantine: Quarantine | None = None
         self.on_rewritten: Callable[[Quarantine], None] = lambda _: None
         self._rewrite_suffix: str | None = None
+        self._stopping = False
+        self._cycles_due = True  # look for depends_on cycles (at start, then after another program wrote)
         self.metrics = Hooks()  # [metrics]: the service sets its exporter
 
     # -- wake-ups -----------------------------------------------------------------------------------------
@@ -217,6 +219,7 @@ class Dispatcher:
             self._check_db = False
             if await self._another_program_wrote():
                 await self._notice_cancels()
+                self._cycles_due = True
                 self._claim_due = self._schedule_changed = self._unrunnable_due = True
         if not claim:
             return
@@ -250,6 +253,10 @@ class Dispatcher:
             logger.warning("job.failed", job_id=job_id, reason=reason)
         for job_id, node_id in await self._store.fail_unknown_nodes(self._config.node_ids):
             logger.warning("job.failed", job_id=job_id, node=node_id, reason="unknown node")
+        if self._cycles_due:  # only another program's rows can make a cycle
+            for job_id, depends_on in await self._store.fail_dependency_cycles():
+                logger.warning("job.failed", job_id=job_id, depends_on=depends_on, reason="dependency cycle")
+            self._cycles_due = False
         for job_id, depends_on in await self._store.fail_blocked_dependencies():
             logger.warning("job.failed", job_id=job_id, depends_on=depends_on, reason="dependency did not complete")
         await self._fail_for_node_health()
@@ -305,7 +312,10 @@ class Dispatcher:
         tg.start_soon(self._run_job, job, running, self._runner.run, name=f"job {job.id}")
 
     async def adopt(self, old_worker_id: str, orphan: OrphanedJob) -> bool:
-        """Take over a dead or detached daemon's remote job (compare-and-set on its claim) and follow it."""
+        """Take over a dead or detached daemon's remote job (compare-and-set on its claim) and follow it; not once
+        this daemon is stopping, so that another (or the next) daemon adopts it instead."""
+        if self._stopping:
+            return False
         adopted = await self._store.adopt(old_worker_id, orphan, self.worker_id)
         if adopted is None:
             return False
@@ -376,6 +386,9 @@ class Dispatcher:
             with anyio.CancelScope(shield=True):
                 outcomes = await self._retry_write("finish", partial(self._store.finish_many, items))
         except DatabaseRewritten:
+            self._keep_unrecorded(batch)
+            return False
+        if self._store.rewritten is not None:  # written, but into the WAL that is now set aside: not in the file
             self._keep_unrecorded(batch)
             return False
         for job, running, result in batch:
@@ -523,6 +536,7 @@ class Dispatcher:
     async def _drain(self, tg: TaskGroup, poll_s: float) -> None:
         """Stop claiming but keep noticing cancels; after `shutdown_grace`, TERM/KILL what is still running.
         With on_stop = "detach" (or a lost lease), remote jobs are first left to run on (see _detach)."""
+        self._stopping = True  # no more adoptions: a job taken over now would only be stopped with the rest
         if self._config.on_stop == "detach" or self._abandon:
             await self._detach()
         if not self.running:

@@ -107,7 +107,10 @@ class Lease:
         jobs = await self._store.orphaned_jobs(worker.id)
         logger.warning("lease.recovering", dead_worker=worker.id, reason=reason, jobs=len(jobs))
         for job in jobs:
-            if await self._adopted(worker, job):
+            if self.adopt is not None and job.node_id in self.adoptable_nodes:
+                # Adopted here, or left `executing` for another daemon (or the next one) serving the node to
+                # adopt: never re-queued while it may still run there.
+                await self.adopt(worker.id, job)
                 continue
             killed = self._kill_leftovers(worker, job)
             requeue = isinstance(job.max_attempts, int) and job.attempt < job.max_attempts
@@ -116,9 +119,6 @@ class Lease:
                                outcome="requeued" if requeue else "failed")
                 if requeue:
                     self.on_requeued()
-
-    async def _adopted(self, worker: Worker, job: OrphanedJob) -> bool:
-        return self.adopt is not None and job.node_id in self.adoptable_nodes and await self.adopt(worker.id, job)
 
     def _kill_leftovers(self, worker: Worker, job: OrphanedJob) -> bool:
         """Only on the dead daemon's own host and boot can its pids be trusted (and reached)."""

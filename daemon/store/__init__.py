@@ -239,10 +239,11 @@ class Store:
         our WAL aside (`<db>-wal.<suffix>`) so that no program replays it onto the new file."""
         reason = self._rewritten or "quarantined"
         self._rewritten = reason
-        pending = self._guard.frames_not_checkpointed() if self._guard else None
-        unrecorded = sorted(self._unsaved) if pending != 0 else []
-        # Our connections stay open (reads are harmless; closing checkpoints nothing: no_checkpoint_on_close).
-        return Quarantine(reason, guard.set_aside(self.path, suffix), unrecorded)
+        async with self._write_lock:  # a write already under way lands (in the WAL set aside) and is noted first
+            pending = self._guard.frames_not_checkpointed() if self._guard else None
+            unrecorded = sorted(self._unsaved) if pending != 0 else []
+            # Our connections stay open (reads are harmless; closing checkpoints nothing: no_checkpoint_on_close).
+            return Quarantine(reason, guard.set_aside(self.path, suffix), unrecorded)
 
     def _note(self, job_ids: Iterable[Any]) -> None:
         """Jobs our last write touched: until the WAL is wholly in the main file, a rewrite would lose them."""
@@ -568,7 +569,10 @@ class Store:
         rows = await self._write("claim_jobs", {"node_id": node_id, "limit": limit, "worker_id": worker_id})
         self._note(row[0] for row in rows)
         if bad := [row for row in rows if isinstance(row[0], RawText)]:
-            await self._fail_raw_ids(bad, worker_id)
+            try:
+                await self._fail_raw_ids(bad, worker_id)
+            except (DbError, DatabaseRewritten) as e:  # the good rows are ours now: they must still run
+                logger.error("db.write_failed", what="fail rows with an undecodable id", error=str(e))
         ordered = sorted((row for row in rows if not isinstance(row[0], RawText)), key=_claim_order)
         return [ClaimedJob(*row[:-1]) for row in ordered]  # all but the rowid
 
@@ -644,12 +648,28 @@ class Store:
     async def fail_blocked_dependencies(self) -> list[tuple[str, Any]]:
         """Fail queued rows whose dependency can no longer complete; repeated so chains fail in one call."""
         failed: list[tuple[str, Any]] = []
-        for row in await self._write("fail_dependency_cycles", {}):
-            failed.append((row[0], row[1]))
-            self._note([row[0]])
         while rows := await self._write("fail_blocked_dependencies", {}):
             failed += [(row[0], row[1]) for row in rows]
             self._note(row[0] for row in rows)
+        return failed
+
+    async def fail_dependency_cycles(self) -> list[tuple[str, Any]]:
+        """Fail every queued row on a cycle of depends_on (of any length): none of them can ever start. Each row
+        depends on one job at most, so one walk over the queue finds every cycle, in time linear in its size; only
+        needed after another program wrote (the daemon never makes a cycle)."""
+
+        async def work() -> list[tuple[str, Any]]:
+            edges = {row[0]: row[1] for row in await self._conn.execute_fetchall(Q["queued_dependencies"])}
+            failed: list[tuple[str, Any]] = []
+            for cycle in _cycles(edges):
+                error = f"dependency cycle: {' -> '.join([*cycle, cycle[0]])}; none of these jobs can ever start"
+                for job_id in cycle:
+                    rows = await self._conn.execute_fetchall(Q["fail_in_cycle"], {"id": job_id, "error": error})
+                    failed += [(row[0], row[1]) for row in rows]
+            return failed
+
+        failed = await self._transaction(work)
+        self._note(job_id for job_id, _ in failed)
         return failed
 
     async def has_dependents(self) -> bool:
@@ -848,6 +868,24 @@ class Store:
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
 
+
+
+def _cycles(edges: Mapping[str, str]) -> list[list[str]]:
+    """The cycles of a graph in which each node has one edge at most, each in the order of its edges."""
+    state: dict[str, int] = {}  # absent: not seen; 1: on the current walk; 2: done
+    found = []
+    for start in edges:
+        walk: list[str] = []
+        node: str | None = start
+        while node is not None and node in edges and state.get(node) is None:
+            state[node] = 1
+            walk.append(node)
+            node = edges[node]
+        if node is not None and state.get(node) == 1:  # the walk came back to itself: a cycle from there
+            found.append(walk[walk.index(node):])
+        for visited in walk:
+            state[visited] = 2
+    return found
 
 
 def _claim_order(row: sqlite3.Row) -> tuple[int, int, int]:

@@ -122,24 +122,17 @@ UPDATE jobs
         OR EXISTS (SELECT 1 FROM jobs AS d WHERE d.id = jobs.depends_on AND d.status IN ('failed', 'cancelled')))
 RETURNING id, depends_on;
 
--- name: fail_dependency_cycles
--- Queued rows whose depends_on chain, through queued rows, comes back to them: none of them can ever start.
--- The chain keeps the ids it passed (between char(31)s), so a cycle it runs into without closing ends it too.
-WITH RECURSIVE chain (start, next, path, seen) AS (
-    SELECT id, depends_on, id, char(31) || id || char(31) FROM jobs
-     WHERE status = 'queued' AND typeof(id) = 'text' AND typeof(depends_on) = 'text' AND depends_on != id
-    UNION ALL
-    SELECT c.start, j.depends_on, c.path || ' -> ' || j.id, c.seen || j.id || char(31)
-      FROM chain AS c JOIN jobs AS j ON j.id = c.next
-     WHERE j.status = 'queued' AND typeof(j.depends_on) = 'text' AND c.next != c.start
-       AND instr(c.seen, char(31) || j.id || char(31)) = 0
-)
+-- name: queued_dependencies
+-- The dependency graph of the queue (each row depends on one job at most): Store.fail_dependency_cycles walks it.
+SELECT id, depends_on FROM jobs
+ WHERE status = 'queued' AND typeof(id) = 'text' AND typeof(depends_on) = 'text'
+   AND depends_on != id;  -- a row that depends on itself fails in fail_blocked_dependencies, with its own words
+
+-- name: fail_in_cycle
+-- One member of a dependency cycle, with the cycle in :error.
 UPDATE jobs
-   SET status = 'failed', duration = 0, started_at = NOW_MS, completed_at = NOW_MS,
-       error = 'dependency cycle: ' || (SELECT path || ' -> ' || start FROM chain
-                                         WHERE chain.start = jobs.id AND chain.next = chain.start LIMIT 1)
-               || '; none of these jobs can ever start'
- WHERE status = 'queued' AND id IN (SELECT start FROM chain WHERE next = start)
+   SET status = 'failed', duration = 0, started_at = NOW_MS, completed_at = NOW_MS, error = :error
+ WHERE id = :id AND status = 'queued'
 RETURNING id, depends_on;
 
 -- name: has_dependents
