@@ -598,7 +598,7 @@ class Dispatcher:
         await anyio.sleep(SWEEP_DELAY_S)
         for node_id, executor in self._executors.items():
             try:
-                await executor.sweep(partial(self._store.executing_attempts, node_id))
+                await executor.sweep(partial(self._store.finished_attempts, node_id))
             except Exception as e:  # a chore: whatever goes wrong, the next start tries again
                 logger.warning("ssh.sweep_failed", node=node_id, error=str(e) or type(e).__name__)
 

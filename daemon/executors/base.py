@@ -88,9 +88,9 @@ class Executor(Protocol):
         """Follow again the attempt `key` ("<job id>:<attempt>") started earlier, from `output`'s byte counts."""
         ...
 
-    async def sweep(self, running_attempts: Callable[[], Awaitable[list[tuple[str, int]]]]) -> None:
-        """Remove what attempts that no longer run left where they ran (`running_attempts`: the (job id, attempt)
-        pairs still running there, read after looking)."""
+    async def sweep(self, finished_attempts: Callable[[], Awaitable[list[tuple[str, int]]]]) -> None:
+        """Remove what attempts that no longer run left where they ran (`finished_attempts`: this database's
+        (job id, attempt) pairs there that can no longer be running, read after looking); nothing else."""
         ...
 
     async def output(self, command: Command, timeout_s: float) -> str:

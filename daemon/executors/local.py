@@ -207,7 +207,7 @@ class LocalExecutor:
 
     can_reattach = False
 
-    async def sweep(self, running_attempts: Callable[[], Awaitable[list[tuple[str, int]]]]) -> None:
+    async def sweep(self, finished_attempts: Callable[[], Awaitable[list[tuple[str, int]]]]) -> None:
         pass  # nothing of a local job is left behind once its process group is gone
 
     async def reattach(self, key: str, on_stdout: OutputCallback, on_stderr: OutputCallback, *,

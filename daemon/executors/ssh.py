@@ -435,17 +435,17 @@ class SshExecutor:
             except (OSError, asyncssh.Error, SpawnError, TimeoutError) as e:
                 logger.warning("ssh.spool_not_removed", node=self.node, dirs=names, error=str(e) or type(e).__name__)
 
-    async def sweep(self, running_attempts: Callable[[], Awaitable[list[tuple[str, int]]]]) -> None:
-        """Kill and remove what attempts no longer running left on the node (rows final or gone, whose daemon
-        could not remove it). The directories are listed before the rows are read: a directory is created only
-        after its row was claimed, so none that is listed can belong to a row claimed after the read."""
+    async def sweep(self, finished_attempts: Callable[[], Awaitable[list[tuple[str, int]]]]) -> None:
+        """Kill and remove what this database's finished attempts left on the node (their daemon could not remove
+        it). Only those: another installation logging in as the same user keeps its jobs in the same directory,
+        and what is not ours to know stays (a pruned row's leftover too)."""
         result = await self.run(f'cd "{spool.JOBS_DIR}" 2>/dev/null && ls', 15)
         names = [n for n in str(result.stdout or "").split() if len(n) == 24 and n.isalnum()]
         if not names:
             return
-        keep = {spool.dir_name(f"{job_id}:{attempt}") for job_id, attempt in await running_attempts()}
+        ours = {spool.dir_name(f"{job_id}:{attempt}") for job_id, attempt in await finished_attempts()}
         for name in names:
-            if name not in keep:
+            if name in ours:
                 await self.run(spool.kill_script(name, signal.SIGKILL, remove=True), 15)
                 logger.info("ssh.spool_swept", node=self.node, dir=name)
 

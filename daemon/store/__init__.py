@@ -729,9 +729,12 @@ class Store:
         rows = await self._conn.execute_fetchall(Q["detached_jobs"], {"nodes": json.dumps(list(node_ids))})
         return [(row[0], OrphanedJob(*row[1:])) for row in rows]
 
-    async def executing_attempts(self, node_id: str) -> list[tuple[str, int]]:
-        rows = await self._conn.execute_fetchall(Q["executing_attempts"], {"node_id": node_id})
-        return [(row[0], row[1]) for row in rows]
+    async def finished_attempts(self, node_id: str) -> list[tuple[str, int]]:
+        """(job id, attempt) of every attempt of this node's rows that can no longer be running: all but a row's
+        latest one, and that one too once the row is final or back in the queue."""
+        rows = await self._conn.execute_fetchall(Q["attempts_on_node"], {"node_id": node_id})
+        return [(row[0], n) for row in rows if isinstance(row[1], int)
+                for n in range(1, row[1] + (0 if row[2] else 1))]
 
     async def cancelled_among(self, job_ids: Iterable[str], worker_id: str) -> list[tuple[str, int]]:
         rows = await self._conn.execute_fetchall(Q["cancelled_among"], {"ids": json.dumps(sorted(set(job_ids))),

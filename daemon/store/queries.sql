@@ -201,9 +201,11 @@ SELECT j.worker_id, j.id, j.attempt, j.max_attempts, j.pid, j.pid_start, j.node_
    AND j.node_id IN (SELECT value FROM json_each(:nodes))
    AND EXISTS (SELECT 1 FROM jobd_workers AS w WHERE w.id = j.worker_id AND w.stopped_at IS NOT NULL);
 
--- name: executing_attempts
--- The unfinished attempts on node :node_id, whoever runs them: what a sweep of the node's spools must keep.
-SELECT id, attempt FROM jobs WHERE node_id = :node_id AND status IN ('executing', 'cancelled') AND duration IS NULL;
+-- name: attempts_on_node
+-- Every row of node :node_id with its latest attempt and whether that attempt may still run: a sweep of the
+-- node's spools removes only what this database's own finished attempts left.
+SELECT id, attempt, status IN ('executing', 'cancelled') AND duration IS NULL FROM jobs
+ WHERE node_id = :node_id AND typeof(id) = 'text' AND attempt > 0;
 
 -- name: requeue_orphan
 UPDATE jobs

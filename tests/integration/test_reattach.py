@@ -214,13 +214,20 @@ def test_a_spool_left_by_a_final_row_is_swept_by_the_next_daemon(
         sshd: Sshd, db: Db, daemon_factory: Callable[..., Daemon]) -> None:
     jobs_dir = sshd.home / ".cache" / "nexus-jobd" / "jobs"
     jobs_dir.mkdir(parents=True, exist_ok=True)
+    # A final row of this database whose daemon could not remove its spool; and a directory of another
+    # installation that logs in as the same user (not in this database): it must stay, with whatever runs there.
+    db.insert("true", id="gone-job", node_id="box", attempt=1)
+    db.conn.execute("UPDATE jobs SET status = 'failed', duration = 5, completed_at = 1 WHERE id = 'gone-job'")
     leftover = jobs_dir / spool.dir_name("gone-job:1")
     leftover.mkdir()
+    foreign = jobs_dir / spool.dir_name("another-installations-job:1")
+    foreign.mkdir()
     subprocess.run(["chown", "-R", f"{sshd.user}:", str(sshd.home / ".cache")], check=True)
     daemon = daemon_factory(config=FAST + sshd.node_config())
     daemon.start()
     wait_for(lambda: not leftover.exists(), timeout=30, message="the leftover swept")
-    assert daemon.events("ssh.spool_swept")
+    assert [e["dir"] for e in daemon.events("ssh.spool_swept")] == [leftover.name]
+    assert foreign.exists()
 
 
 def test_a_status_file_that_does_not_parse_fails_the_job_with_the_reason_and_kills_it(
