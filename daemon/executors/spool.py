@@ -131,7 +131,7 @@ def _reader_loop(cap: int) -> str:
     punch = (f'punch() {{ q=$3; t=$((($2 - {tail}) / 4096 * 4096)); l=; [ -n "$4" ] && [ -s "$4" ] && '
              'read -r l < "$4"; [ -n "$l" ] && [ "$l" -lt "$t" ] 2>/dev/null && t=$((l / 4096 * 4096)); '
              f'if [ $((t - q)) -ge {PUNCH_STEP} ]; then fallocate -p -o "$q" -l $((t - q)) "$1" '
-             '2>/dev/null; q=$t; fi; }; ')
+             '2>/dev/null && q=$t; fi; }; ')  # no hole punched (busybox: no -p): q stays, the trimmer backs off
     # The trimmer's pause doubles (0.02 s to 1 s) while there is nothing to punch: a job that wrote much once
     # and then runs quietly costs a few processes a second, not fifty.
     trim = ('trim() { set -C; { : > trim; } 2>/dev/null || { set +C; return 0; }; set +C; '
