@@ -498,14 +498,14 @@ class Dispatcher:
 
     def _suffix(self) -> str:
         if self._rewrite_suffix is None:
-            self._rewrite_suffix = "rewritten-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            self._rewrite_suffix = guard.rewrite_suffix()
         return self._rewrite_suffix
 
     def _report_path(self) -> Path:
-        return Path(f"{self._store.path}.{self._suffix()}.json")
+        return guard.report_path(self._store.path, self._suffix())
 
     def _results_path(self) -> Path:
-        return Path(f"{self._store.path}.{self._suffix()}.jobs.jsonl")
+        return guard.results_path(self._store.path, self._suffix())
 
     def _keep_unrecorded(self, batch: list[tuple[ClaimedJob, RunningJob, JobResult]]) -> None:
         """Jobs that ended after the rewrite: their results go to a file beside the database, never into it."""

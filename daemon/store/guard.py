@@ -21,13 +21,15 @@ import json
 import os
 import sqlite3
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from daemon.errors import DatabaseRewritten
 
-__all__ = ["DatabaseRewritten", "RewriteGuard", "latest_report", "no_checkpoint_on_close",
+__all__ = ["DatabaseRewritten", "RewriteGuard", "latest_report", "no_checkpoint_on_close", "report_path",
+           "results_path", "rewrite_suffix",
            "rewritten_message", "set_aside", "stale_wal"]
 
 HEADER_BYTES = 100
@@ -150,9 +152,27 @@ def rewritten_message(path: Path, reason: str) -> str:
             f"Fix: {FIX}; then start the daemon again")
 
 
+# What a daemon leaves beside a file it found rewritten, named `<db>.rewritten-<UTC time>...`: the WAL and SHM it
+# set aside (set_aside), a report (.json) that `nexus-jobd status` prints, and the results of jobs it could not
+# record (.jobs.jsonl).
+_REWRITTEN = "rewritten-"
+
+
+def rewrite_suffix() -> str:
+    return _REWRITTEN + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
+def report_path(path: Path, suffix: str) -> Path:
+    return Path(f"{path}.{suffix}.json")
+
+
+def results_path(path: Path, suffix: str) -> Path:
+    return Path(f"{path}.{suffix}.jobs.jsonl")
+
+
 def latest_report(path: Path) -> dict[str, Any] | None:
-    """The newest `<db>.rewritten-<time>.json` a daemon wrote when it found the file rewritten, or None."""
-    reports = sorted(path.parent.glob(f"{glob.escape(path.name)}.rewritten-*.json"))
+    """The newest report a daemon wrote when it found the file rewritten (report_path), or None."""
+    reports = sorted(path.parent.glob(f"{glob.escape(path.name)}.{_REWRITTEN}*.json"))
     for report in reversed(reports):
         try:
             data = json.loads(report.read_text(encoding="utf-8"))
