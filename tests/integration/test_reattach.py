@@ -226,7 +226,9 @@ def test_a_spool_left_by_a_final_row_is_swept_by_the_next_daemon(
     daemon = daemon_factory(config=FAST + sshd.node_config())
     daemon.start()
     wait_for(lambda: not leftover.exists(), timeout=30, message="the leftover swept")
-    assert [e["dir"] for e in daemon.events("ssh.spool_swept")] == [leftover.name]
+    # The event is logged once the node's kill script returns, a moment after the directory is gone.
+    swept = wait_for(lambda: daemon.events("ssh.spool_swept"), timeout=30, message="ssh.spool_swept")
+    assert [e["dir"] for e in swept] == [leftover.name]
     assert foreign.exists()
 
 
