@@ -126,8 +126,10 @@ class Node:
 
     def ask(self, offsets: tuple[int, int]) -> spool.Reply:
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(f"{offsets[0]} {offsets[1]}\n".encode())
-        self.proc.stdin.flush()
+        # Straight to the fd, not through the BufferedWriter: a reader that has already answered and exited (the
+        # job's directory is gone) closes the pipe, and a buffered write left pending would raise again at GC.
+        with contextlib.suppress(BrokenPipeError):
+            os.write(self.proc.stdin.fileno(), f"{offsets[0]} {offsets[1]}\n".encode())
         count = len(self.replies)
         while len(self.replies) == count:
             data = os.read(self.proc.stdout.fileno(), 1 << 20)
