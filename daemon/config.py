@@ -99,7 +99,8 @@ class Config:
     drain_timeout_ms: int = 2000
     kill_grace_ms: int = 5000
     shutdown_grace_ms: int = 30000
-    on_stop: str = "detach"  # SIGTERM: leave remote jobs running for the next daemon ("detach") or "drain" them
+    on_stop: str = "detach"  # SIGTERM: leave jobs running for the next daemon ("detach") or "drain" them
+    keeper: bool = True  # local jobs run under the host's job keeper (they outlive the daemon); False: our children
     default_timeout_ms: int | None = None  # None: jobs without timeout_ms run as long as they like
     lease_ttl_ms: int = 15000
     heartbeat_interval_ms: int = 15000
@@ -419,6 +420,7 @@ def load(overrides: Overrides | None = None, environ: Mapping[str, str] | None =
         kill_grace_ms=dm.integer("kill_grace_ms", 5000, minimum=0, maximum=HOUR_MS),
         shutdown_grace_ms=dm.integer("shutdown_grace_ms", 30000, minimum=0, maximum=DAY_MS),
         on_stop=dm.string("on_stop", "detach", choices=ON_STOP),
+        keeper=dm.boolean("keeper", True),
         default_timeout_ms=dm.integer("default_timeout_ms", 0, minimum=0, maximum=YEAR_MS) or None,
         lease_ttl_ms=dm.integer("lease_ttl_ms", 15000, minimum=1000, maximum=DAY_MS),
         heartbeat_interval_ms=dm.integer("heartbeat_interval_ms", 15000, minimum=100, maximum=DAY_MS),

@@ -26,6 +26,7 @@ from daemon import output
 from daemon.config import Config
 from daemon.errors import DatabaseRewritten
 from daemon.executors.base import Executor
+from daemon.executors.local import LocalExecutor
 from daemon.health import Health
 from daemon.lease import Lease
 from daemon.metrics import Hooks
@@ -58,6 +59,9 @@ class Dispatcher:
         lease.on_requeued = self._claim_soon
         lease.adopt = self.adopt
         lease.adoptable_nodes = tuple(n for n, e in executors.items() if e.can_reattach)
+        local = executors.get(config.local_node)
+        if isinstance(local, LocalExecutor) and local.can_reattach:
+            lease.local_node, lease.keeper_holds = config.local_node, local.holds
         self._tg: TaskGroup | None = None
         self._adopted: list[tuple[ClaimedJob, RunningJob]] = []  # before run(): started there
         self.detached = 0  # remote jobs left running for the next daemon at the stop

@@ -2,9 +2,9 @@
 
 A daemon whose lease expired, or whose process is gone from this host, is dead: the first daemon to notice marks
 it stopped (only one can). Its jobs on SSH nodes this daemon serves run on there: they are adopted (reattached).
-Of the others, what is left of their process groups on this host is killed, and each job that may try again is
-re-queued, the rest failed with 'daemon stopped while the job was running'. Remote jobs a daemon detached when it
-stopped (on_stop = "detach") are adopted the same way.
+So are its local jobs that this host's job keeper holds (they run on under the keeper). Of the others, what is
+left of their process groups on this host is killed, and each job that may try again is re-queued, the rest
+failed with the reason. Jobs a daemon detached when it stopped (on_stop = "detach") are adopted the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from daemon.store import OrphanedJob, Store, Worker, survive_db_errors
 
 logger = log.get("lease")
 ORPHAN_ERROR = "daemon stopped while the job was running"
+KEEPER_LOST_ERROR = ("daemon stopped while the job was running, and the job keeper that ran it is gone (killed, or "
+                     "the host rebooted)")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,9 @@ class Lease:
         # Only for jobs on `adoptable_nodes`, the SSH nodes this daemon serves. Set by the dispatcher.
         self.adopt: Callable[[str, OrphanedJob], Awaitable[bool]] | None = None
         self.adoptable_nodes: tuple[str, ...] = ()
+        # The local node, when its jobs run under this host's keeper: which attempt keys the keeper holds.
+        self.local_node: str | None = None
+        self.keeper_holds: Callable[[list[str]], Awaitable[set[str]]] | None = None
 
     async def register(self) -> None:
         await self._store.register_worker(worker_id=self.me.worker_id, host=self.me.host, boot_id=self.me.boot_id,
@@ -100,28 +105,53 @@ class Lease:
             if reason is not None and await self._store.stop_worker(worker.id, f"declared dead: {reason}"):
                 await self._recover_jobs(worker, reason)
         if self.adopt is not None and self.adoptable_nodes:
-            for old_worker_id, job in await self._store.detached_jobs(self.adoptable_nodes):
-                await self.adopt(old_worker_id, job)
+            detached = await self._store.detached_jobs(self.adoptable_nodes)
+            held = await self._held([job for *_, job in detached])
+            for old_worker_id, host, boot_id, job in detached:
+                same_boot = host == self.me.host and boot_id is not None and boot_id == self.me.boot_id
+                if job.node_id != self.local_node or f"{job.id}:{job.attempt}" in held:
+                    await self.adopt(old_worker_id, job)
+                elif same_boot:  # detached on this host, but its keeper is gone: nothing runs it any more
+                    killed = isinstance(job.pid, int) and job.pid > 1 and procs.kill_group(job.pid, job.pid_start)
+                    await self._resolve(old_worker_id, job, KEEPER_LOST_ERROR, killed)
+                # else: another host's keeper holds it, for that host's daemons
 
     async def _recover_jobs(self, worker: Worker, reason: str) -> None:
         jobs = await self._store.orphaned_jobs(worker.id)
         logger.warning("lease.recovering", dead_worker=worker.id, reason=reason, jobs=len(jobs))
+        held = await self._held(jobs) if self.me.same_boot(worker) else set()
         for job in jobs:
-            if self.adopt is not None and job.node_id in self.adoptable_nodes:
+            local = job.node_id == self.local_node
+            if self.adopt is not None and job.node_id in self.adoptable_nodes and (
+                    not local or f"{job.id}:{job.attempt}" in held):
                 # Adopted here, or left `executing` for another daemon (or the next one) serving the node to
                 # adopt: never re-queued while it may still run there.
                 await self.adopt(worker.id, job)
                 continue
-            killed = self._kill_leftovers(worker, job)
-            requeue = isinstance(job.max_attempts, int) and job.attempt < job.max_attempts
-            if await self._store.resolve_orphan(worker.id, job, requeue=requeue, error=ORPHAN_ERROR):
-                logger.warning("job.recovered", job_id=job.id, dead_worker=worker.id, killed_leftovers=killed,
-                               outcome="requeued" if requeue else "failed")
-                if requeue:
-                    self.on_requeued()
+            error = KEEPER_LOST_ERROR if local and self.keeper_holds is not None else ORPHAN_ERROR
+            await self._resolve(worker.id, job, error, self._kill_leftovers(worker, job))
+
+    async def _held(self, jobs: Sequence[OrphanedJob]) -> set[str]:
+        """Which of these local jobs this host's keeper holds (none if there is no keeper or it cannot start)."""
+        keys = [f"{job.id}:{job.attempt}" for job in jobs if job.node_id == self.local_node]
+        if not keys or self.keeper_holds is None:
+            return set()
+        try:
+            return await self.keeper_holds(keys)
+        except Exception as e:  # SpawnError: no keeper to ask, so none holds them
+            logger.error("lease.keeper_unreachable", error=str(e))
+            return set()
+
+    async def _resolve(self, worker_id: str, job: OrphanedJob, error: str, killed: bool) -> None:
+        requeue = isinstance(job.max_attempts, int) and job.attempt < job.max_attempts
+        if await self._store.resolve_orphan(worker_id, job, requeue=requeue, error=error):
+            logger.warning("job.recovered", job_id=job.id, dead_worker=worker_id, killed_leftovers=killed,
+                           outcome="requeued" if requeue else "failed", error=error)
+            if requeue:
+                self.on_requeued()
 
     def _kill_leftovers(self, worker: Worker, job: OrphanedJob) -> bool:
         """Only on the dead daemon's own host and boot can its pids be trusted (and reached)."""
-        if job.pid is None or not self.me.same_boot(worker):
+        if not isinstance(job.pid, int) or job.pid <= 1 or not self.me.same_boot(worker):
             return False
         return procs.kill_group(job.pid, job.pid_start)

@@ -28,6 +28,7 @@ from daemon.errors import ConfigError, JobdError
 from daemon.executors.base import Executor
 from daemon.executors.local import LocalExecutor
 from daemon.health import Health, LocalProbe, NodeRefused, Prober, capabilities_json
+from daemon.keeper.client import KeeperClient
 from daemon.lease import Identity, Lease
 from daemon.metrics import Exporter, Hooks
 from daemon.notify import Notifier
@@ -51,7 +52,8 @@ def new_worker_id() -> str:
 
 def executors_for(config: Config, metrics: Hooks | None = None) -> dict[str, Executor]:
     local = LocalExecutor(base_env=config.job_environment, default_cwd=config.default_cwd,
-                          drain_timeout_s=config.drain_timeout_ms / 1000)
+                          drain_timeout_s=config.drain_timeout_ms / 1000,
+                          keeper=KeeperClient(str(config.db_path)) if config.keeper else None)
     executors: dict[str, Executor] = {config.local_node: local}
     remote = [node for node in config.nodes.values() if node.ssh is not None]
     if remote:

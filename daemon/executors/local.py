@@ -1,8 +1,10 @@
 """Run a Command on this machine: its own session and process group (so no controlling terminal: nothing can
-stop to prompt on /dev/tty), stdin from /dev/null, output read by the event loop.
+stop to prompt on /dev/tty), stdin from /dev/null.
 
-Exit is noticed through a pidfd (no thread, no SIGCHLD race); where the kernel has no pidfd_open
-(older Android kernels), a SIGCHLD handler reaps our children instead.
+By default the host's job keeper (daemon.keeper) spawns it and reads its output: the job outlives this daemon,
+and spawning costs the event loop a message instead of a fork. With `[daemon] keeper = false` the daemon spawns
+it itself, as below: exit noticed through a pidfd (no thread, no SIGCHLD race), or where the kernel has no
+pidfd_open (older Android kernels) a SIGCHLD handler; such a job dies with its daemon.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from pathlib import Path
 import anyio
 
 from daemon import logging as log
-from daemon.executors.base import ExitStatus, OutputCallback, SpawnError
+from daemon.executors.base import ExitStatus, OutputCallback, Process, SpawnError
+from daemon.keeper.client import KeeperClient
 from daemon.output import JobOutput
 from daemon.tools import Command, with_limits
 
@@ -141,7 +144,9 @@ class LocalProcess:
 
 
 class LocalExecutor:
-    def __init__(self, *, base_env: Mapping[str, str], default_cwd: Path, drain_timeout_s: float) -> None:
+    def __init__(self, *, base_env: Mapping[str, str], default_cwd: Path, drain_timeout_s: float,
+                 keeper: KeeperClient | None = None) -> None:
+        self._keeper = keeper
         self._base_env = dict(base_env)
         self._default_cwd = default_cwd
         self._drain_timeout_s = drain_timeout_s
@@ -161,7 +166,8 @@ class LocalExecutor:
             raise SpawnError(f"{name!r} was not found on PATH ({search}); install it or fix PATH")
         return found
 
-    def _spawn(self, command: Command) -> subprocess.Popen[bytes]:
+    def _prepare(self, command: Command) -> tuple[tuple[str, ...], dict[str, str], str]:
+        """argv with its program's absolute path, the environment, the working directory: or a SpawnError."""
         cwd = command.cwd if command.cwd is not None else str(self._default_cwd)
         if not os.path.isdir(cwd):
             raise SpawnError(f"working directory {cwd!r} does not exist or is not a directory")
@@ -170,6 +176,10 @@ class LocalExecutor:
         if command.limits:  # the job's program looked up first: a missing one is a clear SpawnError under sh too
             wrapped = with_limits(argv, command.limits)
             argv = (self._program(wrapped[0], env), *wrapped[1:])
+        return argv, env, cwd
+
+    def _spawn(self, command: Command) -> subprocess.Popen[bytes]:
+        argv, env, cwd = self._prepare(command)
         try:
             return subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -205,17 +215,30 @@ class LocalExecutor:
             self._reaper = _SigchldReaper(loop)
         self._reaper.watch(popen, process.on_exit)
 
-    can_reattach = False
+    @property
+    def can_reattach(self) -> bool:
+        return self._keeper is not None
+
+    async def holds(self, keys: list[str]) -> set[str]:
+        """Which of these attempts this host's keeper holds (none without a keeper)."""
+        return await self._keeper.holds(keys) if self._keeper is not None else set()
 
     async def sweep(self, finished_attempts: Callable[[], Awaitable[list[tuple[str, int]]]]) -> None:
-        pass  # nothing of a local job is left behind once its process group is gone
+        pass  # nothing of a local job is left behind once its process group is gone (or its keeper forgot it)
 
     async def reattach(self, key: str, on_stdout: OutputCallback, on_stderr: OutputCallback, *,
-                       output: JobOutput) -> LocalProcess:
-        raise SpawnError("a local job cannot be found again after its daemon stopped")
+                       output: JobOutput) -> Process:
+        if self._keeper is None:
+            raise SpawnError("a local job cannot be found again after its daemon stopped (keeper = false)")
+        return await self._keeper.attach(key, output, on_stdout, on_stderr)
 
     async def start(self, command: Command, on_stdout: OutputCallback, on_stderr: OutputCallback, *,
-                    output: JobOutput | None = None) -> LocalProcess:
+                    output: JobOutput | None = None) -> Process:
+        if self._keeper is not None:
+            argv, env, cwd = self._prepare(command)
+            key = command.key or f"unnamed:{os.urandom(8).hex()}"
+            return await self._keeper.spawn(key, list(argv), env, cwd, output or JobOutput(1 << 20),
+                                            on_stdout, on_stderr, self._drain_timeout_s)
         loop = asyncio.get_running_loop()
         # Spawning inline measured faster than in a worker thread on 3.11: fork_exec holds the GIL throughout.
         popen = self._spawn(command)
@@ -235,6 +258,8 @@ class LocalExecutor:
         return result.stdout.decode(errors="replace")
 
     async def aclose(self) -> None:
+        if self._keeper is not None:
+            self._keeper.close()
         if self._reaper is not None:
             self._reaper.close()
             self._reaper = None

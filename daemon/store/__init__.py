@@ -724,10 +724,11 @@ class Store:
         texts = [t if isinstance(t, str) else None for t in (row[12], row[13])]
         return AdoptedJob(ClaimedJob(*row[:11]), row[11] == "cancelled", texts[0], texts[1], counts[0], counts[1])
 
-    async def detached_jobs(self, node_ids: Sequence[str]) -> list[tuple[str, OrphanedJob]]:
-        """(its stopped daemon, job) for each unfinished job on these nodes whose daemon stopped without ending it."""
+    async def detached_jobs(self, node_ids: Sequence[str]) -> list[tuple[str, str, str | None, OrphanedJob]]:
+        """(its stopped daemon, that daemon's host and boot id, job) for each unfinished job on these nodes whose
+        daemon stopped without ending it."""
         rows = await self._conn.execute_fetchall(Q["detached_jobs"], {"nodes": json.dumps(list(node_ids))})
-        return [(row[0], OrphanedJob(*row[1:])) for row in rows]
+        return [(row[0], row[1], row[2], OrphanedJob(*row[3:])) for row in rows]
 
     async def finished_attempts(self, node_id: str) -> list[tuple[str, int]]:
         """(job id, attempt) of every attempt of this node's rows that can no longer be running: all but a row's

@@ -196,10 +196,10 @@ RETURNING id, node_id, tool, command, cwd, env, priority, attempt, started_at, t
 -- name: detached_jobs
 -- Unfinished jobs on the nodes in :nodes (a JSON array) whose daemon stopped without ending them: it detached
 -- them on SIGTERM (on_stop = "detach"), for the next daemon to adopt.
-SELECT j.worker_id, j.id, j.attempt, j.max_attempts, j.pid, j.pid_start, j.node_id FROM jobs AS j
+SELECT j.worker_id, w.host, w.boot_id, j.id, j.attempt, j.max_attempts, j.pid, j.pid_start, j.node_id
+  FROM jobs AS j JOIN jobd_workers AS w ON w.id = j.worker_id
  WHERE j.status IN ('executing', 'cancelled') AND j.duration IS NULL
-   AND j.node_id IN (SELECT value FROM json_each(:nodes))
-   AND EXISTS (SELECT 1 FROM jobd_workers AS w WHERE w.id = j.worker_id AND w.stopped_at IS NOT NULL);
+   AND j.node_id IN (SELECT value FROM json_each(:nodes)) AND w.stopped_at IS NOT NULL;
 
 -- name: attempts_on_node
 -- Every row of node :node_id with its latest attempt and whether that attempt may still run: a sweep of the

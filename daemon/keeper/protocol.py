@@ -1,0 +1,83 @@
+"""What the daemon and its keeper say over their unix socket: frames of a 9-byte header (kind, job handle, payload
+length) and a payload. Requests carry JSON; output frames carry the job's bytes as they are.
+
+The keeper keeps of each stream what a daemon's capture keeps (output.StreamCapture): the first `cap` + 1 bytes
+and the last `cap - cap // 4`. A daemon that attaches says how many bytes of each stream it already has; the
+keeper sends the rest, or, if that fell between head and tail, a SKIP to the tail: the row ends exactly as if
+one daemon had read every byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from typing import Any
+
+VERSION = 1
+HEADER = struct.Struct("!BII")
+MAX_PAYLOAD = 64 * 1024 * 1024  # a request or output frame is far smaller: anything bigger is not our peer
+DATA_CHUNK = 256 * 1024
+HEAD_SHARE = 4  # as output.HEAD_SHARE (that module imports the store; the keeper must not)
+
+# daemon -> keeper
+HELLO = 1  # {"version"}: the keeper answers HELLO {"version", "pid", "jobs": [keys it holds]}
+SPAWN = 2  # {"key", "argv", "env", "cwd", "cap", "drain_s"}: STARTED or FAILED
+ATTACH = 3  # {"key", "offsets": [stdout, stderr]}: STARTED (then the output from there) or UNKNOWN
+SIGNAL = 4  # {"signum"}: to the job's process group
+FORGET = 5  # {"remove"}: the row is final (remove) or the daemon lets go of the job (it runs on)
+HOLDS = 6  # {"keys"}: the keeper answers HOLDS {"keys": those of them it holds}
+# keeper -> daemon
+STARTED = 11  # {"pid"}
+FAILED = 12  # {"error"}: the job could not be started
+DATA_OUT = 13  # raw stdout bytes
+DATA_ERR = 14  # raw stderr bytes
+SKIP = 15  # {"stream": 1|2, "n"}: n bytes not sent (they fell between head and tail)
+EXIT = 16  # {"code", "signal"}: the job ended and all its output was sent
+UNKNOWN = 17  # {"error"}: no such job here
+
+
+def frame(kind: int, handle: int, payload: bytes = b"") -> bytes:
+    return HEADER.pack(kind, handle, len(payload)) + payload
+
+
+def message(kind: int, handle: int, **fields: Any) -> bytes:
+    return frame(kind, handle, json.dumps(fields, separators=(",", ":")).encode())
+
+
+def fields(payload: bytes) -> dict[str, Any]:
+    value = json.loads(payload)
+    if not isinstance(value, dict):
+        raise ValueError("a request that is not a JSON object")
+    return value
+
+
+class ProtocolError(Exception):
+    """The peer sent what is not a frame of this protocol."""
+
+
+def split(buf: bytearray) -> list[tuple[int, int, bytes]]:
+    """Take the whole frames off the front of `buf`."""
+    frames: list[tuple[int, int, bytes]] = []
+    at = 0
+    while len(buf) - at >= HEADER.size:
+        kind, handle, size = HEADER.unpack_from(buf, at)
+        if size > MAX_PAYLOAD:
+            raise ProtocolError(f"a frame of {size} bytes")
+        end = at + HEADER.size + size
+        if end > len(buf):
+            break
+        frames.append((kind, handle, bytes(buf[at + HEADER.size:end])))
+        at = end
+    if at:
+        del buf[:at]
+    return frames
+
+
+def address(database: str) -> bytes:
+    """The keeper's socket for this user and database, in Linux's abstract namespace: nothing on disk to clean
+    up or to lose with a private /tmp, gone with the keeper, and bound by one keeper only (the bind is the lock).
+    Anyone may connect to an abstract socket: the keeper serves only its own user (SO_PEERCRED)."""
+    digest = hashlib.sha256(os.path.realpath(database).encode("utf-8", "surrogateescape")).hexdigest()[:20]
+    return f"\0nexus-jobd-keeper/v{VERSION}/{os.getuid()}/{digest}".encode()

@@ -1,0 +1,461 @@
+"""The keeper process: spawn local jobs, be their parent (a child subreaper), read their pipes, keep their exit
+status until a daemon has recorded it. One thread, one selector; standard library only (it runs with -I -S).
+
+A job never waits for a daemon: its pipes are read at once into a capped head and tail (Spool), whoever is
+connected, and sent to the daemon that owns the job as fast as its socket takes them. The keeper leaves when no
+daemon is connected and it holds no job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import time
+from typing import Any
+
+from daemon.keeper import protocol as p
+
+READ_SIZE = 256 * 1024
+SEND_BACKLOG = 1024 * 1024  # stop taking output off the spools for a daemon whose socket holds this much
+IDLE_EXIT_S = 2.0  # no daemon connected and no job held for this long: the keeper leaves
+_PR_SET_CHILD_SUBREAPER = 36
+_PR_SET_NAME = 15
+# Python ignores SIGPIPE and SIGXFSZ, the keeper SIGHUP and SIGINT: a job starts with the defaults.
+_RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGHUP, signal.SIGINT)
+
+
+class Spool:
+    """One stream of one job: the first `cap` + 1 bytes and (lazily trimmed) the last `cap - cap//4`."""
+
+    def __init__(self, cap: int) -> None:
+        self.head_len = cap + 1
+        self.tail_cap = cap - cap // p.HEAD_SHARE
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.total = 0
+
+    def feed(self, data: bytes) -> None:
+        self.total += len(data)
+        room = self.head_len - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        if data:
+            self.tail += data
+            if len(self.tail) > 2 * self.tail_cap:
+                del self.tail[: len(self.tail) - self.tail_cap]
+
+    def next_piece(self, offset: int) -> tuple[bytes, int]:
+        """What to send a reader that has `offset` bytes: (bytes, 0), or (b"", n) to skip n bytes to the tail."""
+        if offset < len(self.head):
+            return bytes(self.head[offset: offset + p.DATA_CHUNK]), 0
+        tail_start = self.total - len(self.tail)
+        if offset < tail_start:
+            return b"", tail_start - offset
+        at = offset - tail_start
+        return bytes(self.tail[at: at + p.DATA_CHUNK]), 0
+
+
+class Job:
+    def __init__(self, key: str, pid: int, cap: int, fds: tuple[int, int], drain_s: float) -> None:
+        self.key = key
+        self.pid = pid
+        self.spools = (Spool(cap), Spool(cap))
+        self.fds: dict[int, int] = {fds[0]: 0, fds[1]: 1}  # pipe fd -> stream index
+        self.drain_s = drain_s
+        self.status: tuple[int, int | None] | None = None  # (code as the shell says it, signal)
+        self.drain_deadline: float | None = None
+        self.done = False  # status known and output all read
+        self.owner: Conn | None = None
+        self.handle = 0  # the owner's name for it
+        self.sent = [0, 0]
+        self.exit_sent = False
+        self.removed = False  # its row is final: it goes as soon as it has ended
+
+
+class Conn:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.jobs: dict[int, Job] = {}  # by handle
+        self.hello = False
+
+
+class Keeper:
+    def __init__(self, listener: socket.socket) -> None:
+        self.sel = selectors.DefaultSelector()
+        self.listener = listener
+        self.jobs: dict[str, Job] = {}
+        self.by_pid: dict[int, Job] = {}
+        self.conns: set[Conn] = set()
+        self.dirty: set[Job] = set()  # output or status to send
+        self.draining: set[Job] = set()
+        self.uid = os.getuid()
+        self.can_setsid = True
+        listener.setblocking(False)
+        self.sel.register(listener, selectors.EVENT_READ, self._accept)
+        rsig, self.wsig = socket.socketpair()
+        rsig.setblocking(False)
+        self.wsig.setblocking(False)
+        self.rsig = rsig
+        signal.set_wakeup_fd(self.wsig.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.sel.register(rsig, selectors.EVENT_READ, self._reap)
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        idle_since = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if self.conns or self.jobs:
+                idle_since = now
+            elif now - idle_since >= IDLE_EXIT_S:
+                return
+            deadlines = [j.drain_deadline or now for j in self.draining]
+            if not (self.conns or self.jobs):
+                deadlines.append(idle_since + IDLE_EXIT_S)
+            timeout = max(0.0, min(deadlines) - now) if deadlines else None
+            for key, mask in self.sel.select(timeout):
+                key.data(key.fileobj, mask)
+            self._end_drains()
+            for job in list(self.dirty):
+                self._pump(job)
+            for conn in list(self.conns):
+                self._flush(conn)
+
+    # -- daemons ----------------------------------------------------------------------------------------------
+
+    def _accept(self, _obj: Any, _mask: int) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except BlockingIOError:
+                return
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            _pid, uid, _gid = struct.unpack("3i", creds)
+            if uid != self.uid:  # an abstract socket is open to every user: serve only ours
+                sock.close()
+                continue
+            sock.setblocking(False)
+            conn = Conn(sock)
+            self.conns.add(conn)
+            self.sel.register(sock, selectors.EVENT_READ, lambda _o, m, c=conn: self._on_conn(c, m))
+
+    def _on_conn(self, conn: Conn, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._flush(conn)
+        if not mask & selectors.EVENT_READ:
+            return
+        try:
+            data = conn.sock.recv(READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(conn)
+            return
+        conn.inbuf += data
+        try:
+            for kind, handle, payload in p.split(conn.inbuf):
+                self._request(conn, kind, handle, payload)
+        except (p.ProtocolError, ValueError, KeyError, TypeError) as e:
+            _log(f"a daemon sent what this keeper does not understand ({e}); closing its connection")
+            self._drop(conn)
+
+    def _drop(self, conn: Conn) -> None:
+        """The daemon stopped (or died): its jobs run on, owned by nobody until the next daemon attaches."""
+        for job in conn.jobs.values():
+            if job.owner is conn:
+                job.owner = None
+        conn.jobs.clear()
+        self.conns.discard(conn)
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(conn.sock)
+        conn.sock.close()
+
+    def _request(self, conn: Conn, kind: int, handle: int, payload: bytes) -> None:
+        if kind == p.HELLO:
+            conn.hello = True
+            self._send(conn, p.message(p.HELLO, 0, version=p.VERSION, pid=os.getpid(), jobs=sorted(self.jobs)))
+            return
+        if not conn.hello:
+            raise p.ProtocolError("no HELLO first")
+        args = p.fields(payload)
+        if kind == p.SPAWN:
+            self._spawn(conn, handle, args)
+        elif kind == p.ATTACH:
+            self._attach(conn, handle, str(args["key"]), args["offsets"])
+        elif kind == p.HOLDS:
+            self._send(conn, p.message(p.HOLDS, handle, keys=[k for k in args["keys"] if k in self.jobs]))
+        elif kind in (p.SIGNAL, p.FORGET):
+            self._about_job(conn, kind, handle, args)
+        else:
+            raise p.ProtocolError(f"a frame of kind {kind}")
+
+    def _about_job(self, conn: Conn, kind: int, handle: int, args: dict[str, Any]) -> None:
+        job = conn.jobs.get(handle)
+        if job is None or job.owner is not conn:
+            return
+        if kind == p.SIGNAL:
+            self._signal(job, int(args["signum"]))
+            return
+        del conn.jobs[handle]
+        job.owner = None
+        if args.get("remove"):
+            self._remove(job)
+
+    def _send(self, conn: Conn, data: bytes) -> None:
+        conn.outbuf += data
+
+    def _flush(self, conn: Conn) -> None:
+        if conn not in self.conns:
+            return
+        if conn.outbuf:
+            try:
+                sent = conn.sock.send(conn.outbuf)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._drop(conn)
+                return
+            del conn.outbuf[:sent]
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0)
+        if self.sel.get_key(conn.sock).events != events:
+            self.sel.modify(conn.sock, events, self.sel.get_key(conn.sock).data)
+        if len(conn.outbuf) < SEND_BACKLOG:  # room again: jobs held back for this daemon go on
+            for job in conn.jobs.values():
+                if job.owner is conn and not job.exit_sent:
+                    self.dirty.add(job)
+
+    # -- jobs ---------------------------------------------------------------------------------------------------
+
+    def _spawn(self, conn: Conn, handle: int, args: dict[str, Any]) -> None:
+        key = str(args["key"])
+        if key in self.jobs:
+            self._send(conn, p.message(p.FAILED, handle, error=f"attempt {key} was started already: not twice"))
+            return
+        argv = [str(a) for a in args["argv"]]
+        env = {str(k): str(v) for k, v in args["env"].items()}
+        cwd = str(args["cwd"])
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            pid = self._start(argv, env, cwd, out_w, err_w)
+        except OSError as e:
+            for fd in (out_r, err_r):
+                os.close(fd)
+            self._send(conn, p.message(p.FAILED, handle, error=_spawn_error(argv[0], cwd, e)))
+            return
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        job = Job(key, pid, int(args["cap"]), (out_r, err_r), float(args["drain_s"]))
+        self.jobs[key] = job
+        self.by_pid[pid] = job
+        for fd in (out_r, err_r):
+            os.set_blocking(fd, False)
+            self.sel.register(fd, selectors.EVENT_READ, lambda fd_, _m, j=job: self._read(j, fd_))
+        job.owner, job.handle = conn, handle
+        conn.jobs[handle] = job
+        self._send(conn, p.message(p.STARTED, handle, pid=pid))
+
+    def _start(self, argv: list[str], env: dict[str, str], cwd: str, out_w: int, err_w: int) -> int:
+        """posix_spawn (a vfork: its cost does not grow with this process), in the job's directory: this thread is
+        the only one, so it changes directory for the spawn and comes back."""
+        os.chdir(cwd)
+        try:
+            if self.can_setsid:
+                try:
+                    return os.posix_spawn(argv[0], argv, env, setsid=True, setsigdef=_RESET_SIGNALS,
+                                          file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                                                        (os.POSIX_SPAWN_DUP2, out_w, 1),
+                                                        (os.POSIX_SPAWN_DUP2, err_w, 2)])
+                except NotImplementedError:  # a C library without POSIX_SPAWN_SETSID
+                    self.can_setsid = False
+            import subprocess  # only where posix_spawn cannot start a session
+
+            return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+                                    start_new_session=True).pid
+        finally:
+            os.chdir("/")
+
+    def _read(self, job: Job, fd: int) -> None:
+        try:
+            data = os.read(fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            job.spools[job.fds[fd]].feed(data)
+            self.dirty.add(job)
+        else:
+            self._close_pipe(job, fd)
+
+    def _close_pipe(self, job: Job, fd: int) -> None:
+        self.sel.unregister(fd)
+        os.close(fd)
+        del job.fds[fd]
+        if not job.fds and job.status is not None:
+            self._finish(job)
+
+    def _reap(self, _obj: Any, _mask: int) -> None:
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while self.rsig.recv(4096):
+                pass
+        while True:
+            try:
+                pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            job = self.by_pid.pop(pid, None)
+            if job is None:
+                continue  # a job's child that was orphaned to us (we are the subreaper): reaped, nothing more
+            if os.WIFSIGNALED(wait_status):
+                sig = os.WTERMSIG(wait_status)
+                job.status = (128 + sig, sig)
+            else:
+                job.status = (os.waitstatus_to_exitcode(wait_status), None)
+            if not job.fds:
+                self._finish(job)
+            else:  # children left in its group may hold the pipes: they get drain_s to finish writing
+                job.drain_deadline = time.monotonic() + job.drain_s
+                self.draining.add(job)
+
+    def _end_drains(self) -> None:
+        now = time.monotonic()
+        for job in [j for j in self.draining if (j.drain_deadline or 0.0) <= now]:
+            self._kill_group(job)
+            for fd in list(job.fds):  # what is still in the pipes, without waiting
+                with contextlib.suppress(OSError):
+                    while data := os.read(fd, READ_SIZE):
+                        job.spools[job.fds[fd]].feed(data)
+                self._close_pipe(job, fd)
+
+    def _finish(self, job: Job) -> None:
+        """Status known, output all read. The job ends with its main process: nothing it left in its group
+        outlives it unrecorded. (The leader is reaped already; its group id is not reused while a member lives.)"""
+        self.draining.discard(job)
+        self._kill_group(job)
+        job.done = True
+        if job.removed:
+            self.jobs.pop(job.key, None)
+        else:
+            self.dirty.add(job)
+
+    def _kill_group(self, job: Job) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(job.pid, signal.SIGKILL)
+
+    def _signal(self, job: Job, signum: int) -> None:
+        if job.done:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(job.pid, signum)
+
+    def _attach(self, conn: Conn, handle: int, key: str, offsets: list[int]) -> None:
+        job = self.jobs.get(key)
+        if job is None:
+            self._send(conn, p.message(p.UNKNOWN, handle, error=f"the job keeper holds no attempt {key}"))
+            return
+        if job.owner is not None and job.owner is not conn:  # taken over: the old owner hears no more of it
+            job.owner.jobs.pop(job.handle, None)
+        job.owner, job.handle = conn, handle
+        job.sent = [int(offsets[0]), int(offsets[1])]
+        job.exit_sent = False
+        conn.jobs[handle] = job
+        self._send(conn, p.message(p.STARTED, handle, pid=job.pid))
+        self.dirty.add(job)
+
+    def _pump(self, job: Job) -> None:
+        """Send the owner what it does not have yet, as far as its socket takes it; then the exit status."""
+        conn = job.owner
+        if conn is None:
+            self.dirty.discard(job)
+            return
+        for stream, spool in enumerate(job.spools):
+            while job.sent[stream] < spool.total and len(conn.outbuf) < SEND_BACKLOG:
+                data, skip = spool.next_piece(job.sent[stream])
+                if skip:
+                    self._send(conn, p.message(p.SKIP, job.handle, stream=stream + 1, n=skip))
+                    job.sent[stream] += skip
+                else:
+                    self._send(conn, p.frame(p.DATA_OUT if stream == 0 else p.DATA_ERR, job.handle, data))
+                    job.sent[stream] += len(data)
+        if any(job.sent[s] < job.spools[s].total for s in (0, 1)):
+            return  # held back: the owner's socket is full; _flush puts it back
+        self.dirty.discard(job)
+        if job.done and not job.exit_sent:
+            assert job.status is not None
+            self._send(conn, p.message(p.EXIT, job.handle, code=job.status[0], signal=job.status[1]))
+            job.exit_sent = True
+
+    def _remove(self, job: Job) -> None:
+        if not job.done:  # the row is final while it runs (a daemon gave up on it): it is stopped, then goes
+            job.removed = True
+            self._kill_group(job)
+            return
+        self.jobs.pop(job.key, None)
+
+
+def _spawn_error(program: str, cwd: str, e: OSError) -> str:
+    if e.filename == cwd or (e.errno in (errno.ENOENT, errno.ENOTDIR) and not os.path.isdir(cwd)):
+        return f"working directory {cwd!r} does not exist or is not a directory"
+    if e.errno == errno.ENOENT:
+        return f"{program!r} cannot be found any more; install it or fix PATH"
+    if e.errno == errno.EACCES:
+        return f"permission denied starting {program!r} in {cwd!r}: {e.strerror}"
+    return f"cannot start {program!r}: {e.strerror or e}"
+
+
+def _log(message: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(2, f"nexus-jobd keeper[{os.getpid()}]: {message}\n".encode())
+
+
+def _prctl(option: int, value: int | bytes) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
+
+
+def main(address: bytes) -> int:
+    """Bind the keeper's socket (only one keeper can), tell the daemon that started us on stdout, and serve. The
+    daemon waits for that line; the keeper then leaves its parent (a second fork), so that no daemon has it as a
+    child to reap or to take down."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(address)
+    except OSError as e:
+        print("busy" if e.errno == errno.EADDRINUSE else f"error cannot bind the keeper's socket: {e}", flush=True)
+        return 0 if e.errno == errno.EADDRINUSE else 1
+    listener.listen(64)
+    if os.fork():
+        print("ready", flush=True)
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    _prctl(_PR_SET_NAME, b"nexus-jobd-keep")  # what ps -o comm and pgrep see: not one more "python"
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)  # a job's orphaned children come to us, not to init: we reap them
+    for signum in (signal.SIGHUP, signal.SIGINT):  # a terminal's or a service manager's, meant for the daemon
+        signal.signal(signum, signal.SIG_IGN)
+    os.chdir("/")
+    Keeper(listener).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(bytes.fromhex(sys.argv[1])))
