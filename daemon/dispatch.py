@@ -40,7 +40,7 @@ logger = log.get("dispatch")
 RECHECK_DOUBLINGS = 8
 RECHECKS = 15
 OWN_COMMIT_RECHECKS = 6  # 1, 2, 4 ... 32 ms: about 60 ms, a phone's fsync
-DETACH_START_WAIT_S = 5.0  # on a detaching stop, remote jobs still starting get this long to be started
+DETACH_START_WAIT_S = 5.0  # on a detaching stop, jobs still starting get this long to be started
 SWEEP_DELAY_S = 10.0  # the leftover spools on each node are swept once, this long after start-up
 T = TypeVar("T")
 RunFn = Callable[[ClaimedJob, RunningJob], Awaitable[JobResult]]
@@ -64,8 +64,8 @@ class Dispatcher:
             lease.local_node, lease.keeper_holds = config.local_node, local.holds
         self._tg: TaskGroup | None = None
         self._adopted: list[tuple[ClaimedJob, RunningJob]] = []  # before run(): started there
-        self.detached = 0  # remote jobs left running for the next daemon at the stop
-        self._abandon = False  # the lease was lost: another daemon follows our remote jobs now
+        self.detached = 0  # jobs left running for the next daemon at the stop
+        self._abandon = False  # the lease was lost: another daemon follows our detachable jobs now
         health.changed = self.recheck_nodes
         # Claimed and not yet recorded as finished, by (job id, attempt): a row another program re-queued while it
         # ran may be claimed again before the first attempt has ended.
@@ -316,8 +316,9 @@ class Dispatcher:
         tg.start_soon(self._run_job, job, running, self._runner.run, name=f"job {job.id}")
 
     async def adopt(self, old_worker_id: str, orphan: OrphanedJob) -> bool:
-        """Take over a dead or detached daemon's remote job (compare-and-set on its claim) and follow it; not once
-        this daemon is stopping, so that another (or the next) daemon adopts it instead."""
+        """Take over a dead or detached daemon's job (remote, or local under this host's keeper): a compare-and-set
+        on its claim, then follow it; not once this daemon is stopping, so that another (or the next) daemon adopts
+        it instead."""
         if self._stopping:
             return False
         adopted = await self._store.adopt(old_worker_id, orphan, self.worker_id)
@@ -539,7 +540,8 @@ class Dispatcher:
 
     async def _drain(self, tg: TaskGroup, poll_s: float) -> None:
         """Stop claiming but keep noticing cancels; after `shutdown_grace`, TERM/KILL what is still running.
-        With on_stop = "detach" (or a lost lease), remote jobs are first left to run on (see _detach)."""
+        With on_stop = "detach" (or a lost lease), detachable jobs
+        (remote, or local under the keeper) are first left to run on (see _detach)."""
         self._stopping = True  # no more adoptions: a job taken over now would only be stopped with the rest
         if self._config.on_stop == "detach" or self._abandon:
             await self._detach()
@@ -558,7 +560,7 @@ class Dispatcher:
             await self._sleep(min(self._sleep_timeout(poll_s), remaining if remaining > 0 else poll_s))
 
     def stop_all(self, reason: str) -> None:
-        """Stop every running job; after a lost lease, remote jobs are left alone: the daemon that declared us
+        """Stop every running job; after a lost lease, detachable jobs are left alone: the daemon that declared us
         dead adopted them."""
         if reason == "lease lost":
             self._abandon = True
@@ -568,9 +570,9 @@ class Dispatcher:
         self.wake()
 
     async def _detach(self) -> None:
-        """Leave remote jobs running for the next daemon: wait a little for those still starting, record the
-        output read so far, and stop following them (their rows stay `executing` under this daemon's id; the
-        next daemon, or any live one serving the node, adopts them)."""
+        """Leave detachable jobs (remote, or local under the keeper) running for the next daemon: wait a little for
+        those still starting, record the output read so far, and stop following them (their rows stay `executing`
+        under this daemon's id; the next daemon, or any live one serving the node, adopts them)."""
         for _ in range(int(DETACH_START_WAIT_S / 0.05)):
             if not any(self._starting_remote(job) for job in self.running.values()):
                 break

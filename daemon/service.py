@@ -25,7 +25,7 @@ from daemon import logging as log
 from daemon.config import Config, NodeConfig, Overrides
 from daemon.dispatch import Dispatcher
 from daemon.errors import ConfigError, JobdError
-from daemon.executors.base import Executor
+from daemon.executors.base import Executor, SpawnError
 from daemon.executors.local import LocalExecutor
 from daemon.health import Health, LocalProbe, NodeRefused, Prober, capabilities_json
 from daemon.keeper.client import KeeperClient
@@ -226,6 +226,7 @@ async def _run(config: Config, overrides: Overrides, store: Store, notifier: Not
             tg.start_soon(_status, notifier, store, dispatcher)
             tg.start_soon(_retention, store, dispatcher)
             tg.start_soon(_heartbeats, config, store, health, dispatcher)
+            tg.start_soon(_keeper_ready, executors[config.local_node])
             if exporter is not None:
                 await tg.start(exporter.run, store, health)  # answering before READY and dispatch.started
             await dispatcher.run(stop, on_ready=lambda: notifier.send(READY=1, STATUS="ready"))
@@ -243,9 +244,18 @@ async def _run(config: Config, overrides: Overrides, store: Store, notifier: Not
                      reason="the database was rewritten by another program; not restarting until it is fixed")
         return EXIT_DATABASE_REWRITTEN
     detached = dispatcher.detached
-    await lease.release(f"detached {detached} remote jobs for the next daemon" if detached else "clean shutdown")
+    await lease.release(f"detached {detached} running jobs for the next daemon" if detached else "clean shutdown")
     logger.info("daemon.stopped", worker_id=dispatcher.worker_id, detached=detached)
     return 0
+
+
+async def _keeper_ready(executor: Executor) -> None:
+    """Find or start this host's job keeper now, not when the first local job waits for it."""
+    if isinstance(executor, LocalExecutor):
+        try:
+            await executor.connect()
+        except SpawnError as e:  # each local job will fail with the reason until it can start
+            logger.error("keeper.unavailable", error=str(e))
 
 
 async def _watchdog(notifier: Notifier) -> None:

@@ -219,6 +219,11 @@ class LocalExecutor:
     def can_reattach(self) -> bool:
         return self._keeper is not None
 
+    async def connect(self) -> None:
+        """Find or start the keeper (nothing to do without one); SpawnError if it cannot be reached or started."""
+        if self._keeper is not None:
+            await self._keeper.connect()
+
     async def holds(self, keys: list[str]) -> set[str]:
         """Which of these attempts this host's keeper holds (none without a keeper)."""
         return await self._keeper.holds(keys) if self._keeper is not None else set()
