@@ -5,6 +5,7 @@ Tests talk to the database the way other programs do: a plain sqlite3 connection
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -59,6 +60,46 @@ def group_members(pgid: int) -> list[int]:
             if int(fields[2]) == pgid and fields[0] != "Z":
                 members.append(int(entry.name))
     return members
+
+
+def keeper_pids(db_path: Path) -> list[int]:
+    """The job keeper of this database (at most one), found by the address on its command line."""
+    from daemon.keeper.protocol import address
+
+    wanted = address(str(db_path)).hex().encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if wanted in cmdline and b"daemon.keeper.server" in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def kill_keeper(db_path: Path) -> None:
+    """What a test's daemons left running under their keeper (detached jobs), and the keeper: killed."""
+    for keeper in keeper_pids(db_path):
+        for child in children(keeper):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(keeper, signal.SIGKILL)
 
 
 def now_ms() -> int:
@@ -213,6 +254,7 @@ def daemon_factory(db_path: Path) -> Iterator[Callable[..., Daemon]]:
     for daemon in started:
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.stop_now()
+    kill_keeper(db_path)
 
 
 @pytest.fixture
