@@ -26,8 +26,10 @@ from daemon.keeper import protocol as p
 READ_SIZE = 256 * 1024
 SEND_BACKLOG = 1024 * 1024  # stop taking output off the spools for a daemon whose socket holds this much
 IDLE_EXIT_S = 2.0  # no daemon connected and no job held for this long: the keeper leaves
+BIG_OUTPUT_BYTES = 1024 * 1024  # as output.BIG_OUTPUT_BYTES and MMAP_THRESHOLD_BYTES
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_SET_NAME = 15
+_M_MMAP_THRESHOLD = -3
 # Python ignores SIGPIPE and SIGXFSZ, the keeper SIGHUP and SIGINT: a job starts with the defaults.
 _RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGHUP, signal.SIGINT)
 
@@ -418,6 +420,8 @@ class Keeper:
             self._kill_group(job)
             return
         self.jobs.pop(job.key, None)
+        if sum(spool.total for spool in job.spools) >= BIG_OUTPUT_BYTES:
+            _libc_call("malloc_trim", 0)  # its buffers are free: give the heap's free pages back
 
 
 def _spawn_error(program: str, cwd: str, e: OSError | ValueError) -> str:
@@ -437,9 +441,10 @@ def _log(message: str) -> None:
         os.write(2, f"nexus-jobd keeper[{os.getpid()}]: {message}\n".encode())
 
 
-def _prctl(option: int, value: int | bytes) -> None:
+def _libc_call(name: str, *args: int | bytes) -> None:
+    """A C library function where there is one (glibc, bionic, musl differ): nothing where there is none."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
+        getattr(ctypes.CDLL(None), name)(*args)
 
 
 def main(address: bytes) -> int:
@@ -460,8 +465,11 @@ def main(address: bytes) -> int:
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
     os.close(devnull)
-    _prctl(_PR_SET_NAME, b"nexus-jobd-keep")  # what ps -o comm and pgrep see: not one more "python"
-    _prctl(_PR_SET_CHILD_SUBREAPER, 1)  # a job's orphaned children come to us, not to init: we reap them
+    _libc_call("prctl", _PR_SET_NAME, b"nexus-jobd-keep", 0, 0, 0)  # what ps -o comm and pgrep see
+    _libc_call("prctl", _PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # a job's orphaned children come to us: we reap them
+    # As the daemon does (output.map_big_blocks_apart): big buffers get mappings of their own, given back when
+    # freed, instead of glibc raising its threshold and carving them out of a heap that small blocks then pin.
+    _libc_call("mallopt", _M_MMAP_THRESHOLD, BIG_OUTPUT_BYTES)
     for signum in (signal.SIGHUP, signal.SIGINT):  # a terminal's or a service manager's, meant for the daemon
         signal.signal(signum, signal.SIG_IGN)
     os.chdir("/")
