@@ -202,6 +202,9 @@ class Keeper:
             return
         if not conn.hello:
             raise p.ProtocolError("no HELLO first")
+        if kind in (p.SIGNAL, p.FORGET):
+            self._about_job(conn, kind, handle, int(payload))
+            return
         args = p.fields(payload)
         if kind == p.SPAWN:
             self._spawn(conn, handle, args)
@@ -209,21 +212,19 @@ class Keeper:
             self._attach(conn, handle, str(args["key"]), args["offsets"])
         elif kind == p.HOLDS:
             self._send(conn, p.message(p.HOLDS, handle, keys=[k for k in args["keys"] if k in self.jobs]))
-        elif kind in (p.SIGNAL, p.FORGET):
-            self._about_job(conn, kind, handle, args)
         else:
             raise p.ProtocolError(f"a frame of kind {kind}")
 
-    def _about_job(self, conn: Conn, kind: int, handle: int, args: dict[str, Any]) -> None:
+    def _about_job(self, conn: Conn, kind: int, handle: int, value: int) -> None:
         job = conn.jobs.get(handle)
         if job is None or job.owner is not conn:
             return
         if kind == p.SIGNAL:
-            self._signal(job, int(args["signum"]))
+            self._signal(job, value)
             return
         del conn.jobs[handle]
         job.owner = None
-        if args.get("remove"):
+        if value:
             self._remove(job)
 
     def _send(self, conn: Conn, data: bytes) -> None:
@@ -279,7 +280,7 @@ class Keeper:
             self.sel.register(fd, selectors.EVENT_READ, lambda fd_, _m, j=job: self._read(j, fd_))
         job.owner, job.handle = conn, handle
         conn.jobs[handle] = job
-        self._send(conn, p.message(p.STARTED, handle, pid=pid))
+        self._send(conn, p.frame(p.STARTED, handle, b"%d" % pid))
 
     def _start(self, argv: list[str], env: dict[str, str], cwd: str, out_w: int, err_w: int) -> int:
         """posix_spawn (a vfork: its cost does not grow with this process), in the job's directory: this thread is
@@ -388,7 +389,7 @@ class Keeper:
         job.sent = [int(offsets[0]), int(offsets[1])]
         job.exit_sent = False
         conn.jobs[handle] = job
-        self._send(conn, p.message(p.STARTED, handle, pid=job.pid))
+        self._send(conn, p.frame(p.STARTED, handle, b"%d" % job.pid))
         self.dirty.add(job)
 
     def _pump(self, job: Job) -> None:
@@ -411,7 +412,7 @@ class Keeper:
         self.dirty.discard(job)
         if job.done and not job.exit_sent:
             assert job.status is not None
-            self._send(conn, p.message(p.EXIT, job.handle, code=job.status[0], signal=job.status[1]))
+            self._send(conn, p.frame(p.EXIT, job.handle, b"%d %d" % (job.status[0], job.status[1] or 0)))
             job.exit_sent = True
 
     def _remove(self, job: Job) -> None:
@@ -427,6 +428,8 @@ class Keeper:
 def _spawn_error(program: str, cwd: str, e: OSError | ValueError) -> str:
     if not isinstance(e, OSError):
         return f"cannot start {program!r}: {e}"
+    if e.filename == cwd and e.errno == errno.EACCES:
+        return f"permission denied entering working directory {cwd!r}"
     if e.filename == cwd or (e.errno in (errno.ENOENT, errno.ENOTDIR) and not os.path.isdir(cwd)):
         return f"working directory {cwd!r} does not exist or is not a directory"
     if e.errno == errno.ENOENT:
