@@ -180,6 +180,7 @@ class Dispatcher:
         logger.info("dispatch.started", worker_id=self.worker_id, inotify=self._watcher.uses_inotify,
                     nodes=list(self._config.nodes), max_concurrent=self._config.max_concurrent)
         on_ready()
+        output.trim_heap()  # what start-up freed (imports, migrations, recovery): 1-2 MiB of an idle daemon
         async with anyio.create_task_group() as tg:
             self._runner.bind(tg)
             self._tg = tg
@@ -560,14 +561,22 @@ class Dispatcher:
             await self._sleep(min(self._sleep_timeout(poll_s), remaining if remaining > 0 else poll_s))
 
     def stop_all(self, reason: str) -> None:
-        """Stop every running job; after a lost lease, detachable jobs are left alone: the daemon that declared us
-        dead adopted them."""
+        """Stop every running job; after a lost lease, remote jobs are left alone: the daemon that declared us dead
+        adopted them. Local jobs under the keeper are stopped: if another daemon of this host adopted one, the
+        keeper gave it to that daemon (TAKEN) and ignores our signal; if none did (it was recovered from another
+        host, which cannot reach our keeper), nobody else will stop it."""
         if reason == "lease lost":
             self._abandon = True
         for job in list(self.running.values()):
-            if not (self._abandon and job.process is not None and job.process.detachable):
+            if not (self._abandon and self._left_running(job)):
                 self._runner.request_stop(job, reason)
         self.wake()
+
+    def _left_running(self, job: RunningJob) -> bool:
+        """A job that runs on without this daemon: detached at a stop, or abandoned after a lost lease."""
+        if job.process is None or not job.process.detachable:
+            return False
+        return not self._abandon or job.node_id != self._config.local_node
 
     async def _detach(self) -> None:
         """Leave detachable jobs (remote, or local under the keeper) running for the next daemon: wait a little for
@@ -577,8 +586,7 @@ class Dispatcher:
             if not any(self._starting_remote(job) for job in self.running.values()):
                 break
             await anyio.sleep(0.05)
-        leaving = [job for job in self.running.values()
-                   if job.process is not None and job.process.detachable and job.holds_slot]
+        leaving = [job for job in self.running.values() if self._left_running(job) and job.holds_slot]
         if not leaving:
             return
         if not self._abandon:

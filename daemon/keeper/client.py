@@ -82,7 +82,11 @@ class KeeperProcess:
             capture = self._output.stdout if args["stream"] == 1 else self._output.stderr
             capture.skip(int(args["n"]))
             self._on[0 if args["stream"] == 1 else 1](b"")
-        elif kind == p.STARTED:
+        else:
+            self._on_state(kind, payload)
+
+    def _on_state(self, kind: int, payload: bytes) -> None:
+        if kind == p.STARTED:
             self._pid = int(payload)
             if not self.started.done():
                 self.started.set_result(self._pid)
@@ -90,6 +94,9 @@ class KeeperProcess:
             code, signum = (int(n) for n in payload.split())
             if not self._exit.done():
                 self._exit.set_result(ExitStatus(code, signum or None))
+        elif kind == p.TAKEN:  # another daemon adopted it (ours had lost its lease): ours no longer follows it
+            if not self._exit.done():
+                self._exit.set_exception(JobLost("another daemon took the job over"))
         elif kind in (p.FAILED, p.UNKNOWN):
             error = str(p.fields(payload)["error"])
             if not self.started.done():
