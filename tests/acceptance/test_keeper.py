@@ -127,9 +127,8 @@ def test_daemon_and_keeper_killed_together_the_next_daemon_kills_the_job_and_req
     wait_for(lambda: not group_members(pgid), message="the orphaned job killed")
     recovered = wait_for(lambda: second.events("job.recovered"), message="job.recovered")
     assert recovered[0]["outcome"] == "requeued" and "job keeper" in recovered[0]["error"]
-    wait_for(lambda: db.job(job_id)["attempt"] == 2 and db.job(job_id)["status"] == "executing",
-             message="the second attempt running")
-    assert _runs(db) == 2
+    wait_for(lambda: db.job(job_id)["attempt"] == 2 and _runs(db) == 2, message="the second attempt running")
+    assert db.job(job_id)["status"] == "executing"
 
 
 def test_on_stop_drain_keeps_todays_behaviour(db: Db, daemon_factory: Callable[..., Daemon]) -> None:

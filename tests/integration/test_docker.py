@@ -140,7 +140,7 @@ class _HeldEngine:
         self.server.bind(str(path))
         self.server.listen(8)
         self.requests: list[bytes] = []
-        self.pinged, self.release = threading.Event(), threading.Event()
+        self.release = threading.Event()
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -156,7 +156,6 @@ class _HeldEngine:
             request = conn.recv(4096)
             self.requests.append(request)
             if request.startswith(b"GET /_ping"):
-                self.pinged.set()
                 self.release.wait(30)
                 conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nOK")
 
@@ -168,7 +167,11 @@ def test_a_docker_job_cancelled_while_its_engine_is_checked_never_starts(
     try:
         daemon = daemon_factory(config=_config(f"unix://{tmp_path}/engine.sock")).start()
         job_id = db.insert("version", tool="docker")
-        assert engine.pinged.wait(30)
+        # Two pings held: the node probe's and the job's (in either order), so the job is claimed and waiting for
+        # its engine when it is cancelled, not still queued.
+        wait_for(lambda: db.job(job_id)["status"] == "executing" and
+                 sum(r.startswith(b"GET /_ping") for r in engine.requests) >= 2, timeout=30,
+                 message="the job claimed and its engine pinged")
         db.conn.execute("UPDATE jobs SET status = 'cancelled', completed_at = 1 WHERE id = ?", (job_id,))
         wait_for(lambda: daemon.events("job.cancel_requested"), timeout=30, message="the cancel noticed")
         engine.release.set()  # the engine answers now: the job must still not start
