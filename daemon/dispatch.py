@@ -40,6 +40,8 @@ logger = log.get("dispatch")
 RECHECK_DOUBLINGS = 8
 RECHECKS = 15
 OWN_COMMIT_RECHECKS = 6  # 1, 2, 4 ... 32 ms: about 60 ms, a phone's fsync
+RECORD_BATCH = 16  # finished jobs written in one transaction without waiting for more
+RECORD_GATHER_S = 0.002  # while other jobs run, how long a smaller batch waits for more to end
 DETACH_START_WAIT_S = 5.0  # on a detaching stop, jobs still starting get this long to be started
 SWEEP_DELAY_S = 10.0  # the leftover spools on each node are swept once, this long after start-up
 T = TypeVar("T")
@@ -377,6 +379,10 @@ class Dispatcher:
         the memory they took is given back (`_give_back_memory`)."""
         while True:
             await self._record_ready.wait()
+            if len(self._to_record) < RECORD_BATCH and len(self.running) > len(self._to_record):
+                # Others are about to end: a moment's wait makes one transaction of what would be several
+                # (each costs the SQLite thread a commit and this loop two thread hand-offs).
+                await anyio.sleep(RECORD_GATHER_S)
             self._record_ready.clear()
             if await self._record(self._take_batch()):
                 await self._give_back_memory()
