@@ -26,9 +26,9 @@ from daemon.config import Config, NodeConfig, Overrides
 from daemon.dispatch import Dispatcher
 from daemon.errors import ConfigError, JobdError
 from daemon.executors.base import Executor, SpawnError
+from daemon.executors.keeper import KeeperClient
 from daemon.executors.local import LocalExecutor
 from daemon.health import Health, LocalProbe, NodeRefused, Prober, capabilities_json
-from daemon.keeper.client import KeeperClient
 from daemon.lease import Identity, Lease
 from daemon.metrics import Exporter, Hooks
 from daemon.notify import Notifier

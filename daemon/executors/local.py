@@ -23,7 +23,7 @@ import anyio
 
 from daemon import logging as log
 from daemon.executors.base import ExitStatus, OutputCallback, Process, SpawnError
-from daemon.keeper.client import KeeperClient
+from daemon.executors.keeper import KeeperClient
 from daemon.output import JobOutput
 from daemon.tools import Command, with_limits
 

@@ -1,4 +1,4 @@
-"""The daemon's side of the keeper: one connection (started, or found again), many jobs over it.
+"""The daemon's side of the job keeper (daemon/keeper): one connection (started, or found again), many jobs over it.
 
 Requests from one turn of the event loop go out in one write; the keeper's frames are dispatched to the job they
 name. If the keeper dies under us, every job it held is killed (pid and start time checked) and lost: its pipes
