@@ -220,6 +220,27 @@ class Daemon:
             raise AssertionError(f"daemon did not stop within {timeout}s after SIGTERM:\n{self.log()[-4000:]}") from e
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_keeper_outlives_the_session() -> Iterator[None]:
+    """Keepers that tests started outside daemon_factory (runit, systemd, CLI tests) and left holding a job: killed
+    with what they run when the session ends, so that no test process outlives the suite."""
+    started = time.time()
+    yield
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline, born = (entry / "cmdline").read_bytes(), entry.stat().st_ctime
+        except OSError:
+            continue
+        if b"daemon.keeper.server" in cmdline and born >= started - 1:
+            for child in children(int(entry.name)):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(child, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
+
+
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "nexuscli.db"
