@@ -2,8 +2,8 @@
 
 Main loop, in order: (1) if the database may have changed, check `data_version`; if another program wrote,
 notice cancels, fail rows that can never run (unknown node, failed dependency) and claim; (2) claim when a slot
-freed while rows were waiting, a dependency completed or a `run_after` came due; (3) sleep until woken (inotify,
-a finished job, stop) or the next poll or due time.
+freed while rows were waiting, a dependency completed or a `run_after` came due; (3) sleep until woken (the store's
+change source: inotify on a SQLite file, LISTEN on PostgreSQL; a finished job; stop) or the next poll or due time.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from daemon.lease import Lease
 from daemon.metrics import Hooks
 from daemon.runner import JobRunner, RunningJob
 from daemon.store import ClaimedJob, DbError, JobResult, JobStatus, OrphanedJob, Quarantine, Store, guard, now_ms
-from daemon.wakeup import ChangeWatcher
 
 logger = log.get("dispatch")
 # After a notification, look again 1, 2, 4 ... 256 ms later, then every 256 ms: about 2 s in all, for a writer
@@ -87,7 +86,7 @@ class Dispatcher:
         self._error_backoff_s = 0.1
         self._to_record: list[tuple[ClaimedJob, RunningJob, JobResult]] = []
         self._record_ready = asyncio.Event()
-        self._watcher = ChangeWatcher(config.db_path, self._on_db_change)
+        self._watcher = store.watcher(self._on_db_change)
         # Another program rewrote the database file: what the daemon did about it, and where results now go.
         self.quarantine: Quarantine | None = None
         self.on_rewritten: Callable[[Quarantine], None] = lambda _: None
@@ -177,7 +176,7 @@ class Dispatcher:
         output.map_big_blocks_apart()  # before the first job: big outputs must not fragment the heap
         self._watcher.start()
         poll_s = self._watcher.poll_interval_s(self._config.poll_interval_ms / 1000)
-        logger.info("dispatch.started", worker_id=self.worker_id, inotify=self._watcher.uses_inotify,
+        logger.info("dispatch.started", worker_id=self.worker_id, push=self._watcher.uses_push,
                     nodes=list(self._config.nodes), max_concurrent=self._config.max_concurrent)
         on_ready()
         async with anyio.create_task_group() as tg:
@@ -408,7 +407,7 @@ class Dispatcher:
         """SQLite's page cache (up to 2 MiB, full of the rows just written), then the heap's free pages (2-3 MiB
         after a 20 MB job): what big outputs left behind once nothing refers to them. About 1 ms, after big jobs
         only."""
-        with contextlib.suppress(DbError):
+        with contextlib.suppress(*DbError):
             await self._store.release_memory()
         output.trim_heap()
 
@@ -488,12 +487,13 @@ class Dispatcher:
         quarantine = await self._store.quarantine(self._suffix())
         self.quarantine = quarantine
         running = sorted(job.claim.job_id for job in self.running.values())
+        assert self._store.path is not None
         message = guard.rewritten_message(self._store.path, reason)
         report = {"message": message, "reason": reason, "detected_at": now_ms(), "worker_id": self.worker_id,
                   "wal_set_aside": [str(p) for p in quarantine.set_aside], "not_recorded": quarantine.unrecorded,
                   "running": running, "results": str(self._results_path())}
         _write_private(self._report_path(), json.dumps(report, indent=2) + "\n", append=False)
-        logger.error("db.rewritten", message=message, db=str(self._store.path), reason=reason,
+        logger.error("db.rewritten", message=message, db=self._store.name, reason=reason,
                      not_recorded=quarantine.unrecorded, running=running,
                      wal_set_aside=[str(p) for p in quarantine.set_aside], results=str(self._results_path()),
                      report=str(self._report_path()))
@@ -507,9 +507,11 @@ class Dispatcher:
         return self._rewrite_suffix
 
     def _report_path(self) -> Path:
+        assert self._store.path is not None  # only a file can be rewritten
         return guard.report_path(self._store.path, self._suffix())
 
     def _results_path(self) -> Path:
+        assert self._store.path is not None
         return guard.results_path(self._store.path, self._suffix())
 
     def _keep_unrecorded(self, batch: list[tuple[ClaimedJob, RunningJob, JobResult]]) -> None:

@@ -219,7 +219,7 @@ class Exporter(Hooks):
                     async with asyncio.timeout(DB_READ_TIMEOUT_S):
                         queue = await self._store.queue_by_node()
                         ages = await self._store.heartbeat_ages()
-                except (TimeoutError, DatabaseRewritten, OSError, DbError) as e:
+                except (TimeoutError, DatabaseRewritten, OSError, *DbError) as e:
                     logger.warning("metrics.db_unavailable", error=str(e) or type(e).__name__,
                                    reason="the queue gauges are left out of this scrape")
             nodes = self._health.nodes

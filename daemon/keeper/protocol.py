@@ -79,5 +79,7 @@ def address(database: str) -> bytes:
     """The keeper's socket for this user and database, in Linux's abstract namespace: nothing on disk to clean
     up or to lose with a private /tmp, gone with the keeper, and bound by one keeper only (the bind is the lock).
     Anyone may connect to an abstract socket: the keeper serves only its own user (SO_PEERCRED)."""
-    digest = hashlib.sha256(os.path.realpath(database).encode("utf-8", "surrogateescape")).hexdigest()[:20]
+    # A URL names the same database from any directory; a file path is made absolute first.
+    key = database if database.startswith(("postgresql://", "postgres://")) else os.path.realpath(database)
+    digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:20]
     return f"\0nexus-jobd-keeper/v{VERSION}/{os.getuid()}/{digest}".encode()
