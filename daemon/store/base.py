@@ -155,7 +155,7 @@ class Store(abc.ABC):
     async def quarantine(self, suffix: str) -> Quarantine:
         raise DatabaseError(f"{self.name}: only a SQLite file can be rewritten by another program")
 
-    async def release_memory(self) -> None:
+    async def release_memory(self) -> None:  # noqa: B027 -- a no-op unless the backend's driver holds memory
         """Give back what the driver holds after big rows were written (where it holds anything)."""
 
     # -- the daemon's side ----------------------------------------------------------------------------------

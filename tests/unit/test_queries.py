@@ -1,4 +1,5 @@
-"""daemon.store.sqlite.queries: every name used exists, the parser and splitter, and every query prepares on the schema."""
+"""daemon.store.sqlite.queries: every name used exists, the parser and splitter, every query prepares on the
+schema."""
 
 from __future__ import annotations
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -24,10 +23,7 @@ import anyio
 
 from daemon import logging as log
 from daemon.errors import DatabaseError, DatabaseRewritten, JobdError
-from daemon.store.base import DbError, Quarantine, Store, cycles, now_ms
-from daemon.store.sqlite import guard
-from daemon.store.sqlite.queries import HERE, Q, read_sql, split_statements
-from daemon.store.sqlite.wakeup import ChangeWatcher
+from daemon.store.base import Quarantine, Store, cycles, now_ms
 from daemon.store.rows import (
     AdoptedJob,
     Claim,
@@ -40,6 +36,9 @@ from daemon.store.rows import (
     RawText,
     Worker,
 )
+from daemon.store.sqlite import guard
+from daemon.store.sqlite.queries import HERE, Q, read_sql, split_statements
+from daemon.store.sqlite.wakeup import ChangeWatcher
 
 T = TypeVar("T")
 _ADD_COLUMN = re.compile(r"ALTER\s+TABLE\s+(\w+)\s+ADD\s+COLUMN\s+(\w+)", re.IGNORECASE)
