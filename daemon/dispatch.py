@@ -545,6 +545,8 @@ class Dispatcher:
         With on_stop = "detach" (or a lost lease), detachable jobs
         (remote, or local under the keeper) are first left to run on (see _detach)."""
         self._stopping = True  # no more adoptions: a job taken over now would only be stopped with the rest
+        if self._abandon:
+            await self._stop_unadopted()
         if self._config.on_stop == "detach" or self._abandon:
             await self._detach()
         if not self.running:
@@ -571,6 +573,24 @@ class Dispatcher:
                 self._runner.request_stop(job, reason)
         self.wake()
 
+    async def _stop_unadopted(self) -> None:
+        """After a lost lease, the detachable jobs nobody adopted are orphans: a daemon on another host (sharing a
+        PostgreSQL queue) re-queued or failed them, since it could not reach them. Kill those, so that no job runs
+        on here beside its next attempt."""
+        detachable = [job for job in self.running.values() if job.process is not None and job.process.detachable]
+        if not detachable:
+            return
+        try:
+            alive = await self._store.unfinished_attempts([job.claim for job in detachable])
+        except DbError as e:  # unknown: each stays as it is, as before (the next daemon here adopts or kills it)
+            logger.error("lease.orphans_unknown", error=str(e), jobs=len(detachable))
+            return
+        for job in detachable:
+            if job.claim.job_id not in alive:
+                logger.warning("job.orphan_killed", job_id=job.claim.job_id, node=job.node_id,
+                               reason="another daemon re-queued or failed it after this one's lease expired")
+                self._runner.request_stop(job, "lease lost")
+
     async def _detach(self) -> None:
         """Leave detachable jobs (remote, or local under the keeper) running for the next daemon: wait a little for
         those still starting, record the output read so far, and stop following them (their rows stay `executing`
@@ -579,8 +599,9 @@ class Dispatcher:
             if not any(self._starting_remote(job) for job in self.running.values()):
                 break
             await anyio.sleep(0.05)
-        leaving = [job for job in self.running.values()
-                   if job.process is not None and job.process.detachable and job.holds_slot]
+        leaving = [job for job in self.running.values()  # an orphan being killed (_stop_unadopted) is not left
+                   if job.process is not None and job.process.detachable and job.holds_slot
+                   and job.stop_reason != "lease lost"]
         if not leaving:
             return
         if not self._abandon:

@@ -194,8 +194,8 @@ class Store(abc.ABC):
     async def cancelled_among(self, job_ids: Iterable[str], worker_id: str) -> list[tuple[str, int]]: ...
 
     @abc.abstractmethod
-    async def still_claimed(self, claims: Sequence[Claim]) -> set[str]:
-        """Which of these claims the database still gives to their worker and attempt, unfinished."""
+    async def unfinished_attempts(self, claims: Sequence[Claim]) -> set[str]:
+        """Which of these attempts are still unfinished (running under some daemon), whoever holds them now."""
 
     # -- leases and recovery --------------------------------------------------------------------------------
 

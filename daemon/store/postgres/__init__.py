@@ -366,7 +366,7 @@ class PostgresStore(Store):
         rows = await self._fetch("cancelled_among", {"ids": sorted(set(job_ids)), "worker_id": worker_id})
         return [(row[0], row[1]) for row in rows]
 
-    async def still_claimed(self, claims: Sequence[Claim]) -> set[str]:
+    async def unfinished_attempts(self, claims: Sequence[Claim]) -> set[str]:
         if not claims:
             return set()
         return {row[0] for row in await self._fetch("unfinished_attempts", _claims(claims))}
