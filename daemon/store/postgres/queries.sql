@@ -15,23 +15,28 @@ RETURNING id, node_id;
 -- name: claim_jobs
 -- One atomic compare-and-set from queued to executing, highest priority first, then oldest. SKIP LOCKED: rows
 -- another daemon is claiming right now are passed over, not waited for, so N daemons never block each other and
--- each row goes to one of them. Only while this daemon's lease is live.
+-- each row goes to one of them. The pick is a MATERIALIZED CTE: as a subquery of the UPDATE it may be evaluated
+-- more than once, and with SKIP LOCKED each pass finds other rows (more than :limit in all). Only while this
+-- daemon's lease is live.
+WITH picked AS MATERIALIZED (
+    SELECT id FROM jobs
+     WHERE status = 'queued' AND node_id = :node_id
+       AND (run_after IS NULL OR run_after <= NOW_MS)
+       AND (depends_on IS NULL
+            OR EXISTS (SELECT 1 FROM jobs AS d WHERE d.id = jobs.depends_on AND d.status = 'completed'))
+       AND EXISTS (SELECT 1 FROM jobd_workers WHERE id = :worker_id AND stopped_at IS NULL)
+     ORDER BY priority DESC, created_at, id
+     LIMIT :limit
+       FOR UPDATE OF jobs SKIP LOCKED
+)
 UPDATE jobs
    SET status = 'executing', worker_id = :worker_id, attempt = attempt + 1, started_at = NOW_MS,
        error = NULL, exit_code = NULL, completed_at = NULL, duration = NULL,
        stdout = NULL, stderr = NULL, stdout_bytes = NULL, stderr_bytes = NULL, pid = NULL, pid_start = NULL
- WHERE id IN (SELECT id FROM jobs
-               WHERE status = 'queued' AND node_id = :node_id
-                 AND (run_after IS NULL OR run_after <= NOW_MS)
-                 AND (depends_on IS NULL
-                      OR EXISTS (SELECT 1 FROM jobs AS d WHERE d.id = jobs.depends_on AND d.status = 'completed'))
-               ORDER BY priority DESC, created_at, id
-               LIMIT :limit
-               FOR UPDATE SKIP LOCKED)
-   AND status = 'queued'
-   AND EXISTS (SELECT 1 FROM jobd_workers WHERE id = :worker_id AND stopped_at IS NULL)
-RETURNING id, node_id, tool, command, cwd, env, priority, attempt, started_at, timeout_ms, max_attempts,
-          created_at;
+  FROM picked
+ WHERE jobs.id = picked.id AND jobs.status = 'queued'
+RETURNING jobs.id, jobs.node_id, jobs.tool, jobs.command, jobs.cwd, jobs.env, jobs.priority, jobs.attempt,
+          jobs.started_at, jobs.timeout_ms, jobs.max_attempts, jobs.created_at;
 
 -- name: write_output
 -- Live output of a running job; a NULL stream parameter keeps that column as it is.
