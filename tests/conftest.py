@@ -350,5 +350,11 @@ def daemon(db: Db, daemon_factory: Callable[..., Daemon]) -> Daemon:
 
 
 @pytest.fixture
+def draining_daemon(db: Db, daemon_factory: Callable[..., Daemon]) -> Daemon:
+    """A running daemon that drains its jobs on SIGTERM (on_stop = "drain", the behaviour before the keeper)."""
+    return daemon_factory('[daemon]\non_stop = "drain"\n').start()
+
+
+@pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

@@ -18,6 +18,7 @@ import socket
 import struct
 import sys
 import time
+import traceback
 from typing import Any
 
 from daemon.keeper import protocol as p
@@ -125,7 +126,10 @@ class Keeper:
                 deadlines.append(idle_since + IDLE_EXIT_S)
             timeout = max(0.0, min(deadlines) - now) if deadlines else None
             for key, mask in self.sel.select(timeout):
-                key.data(key.fileobj, mask)
+                try:
+                    key.data(key.fileobj, mask)
+                except Exception:  # a bug must not take the running jobs down with the keeper: say it, go on
+                    _log(f"internal error (the keeper goes on):\n{traceback.format_exc()}")
             self._end_drains()
             for job in list(self.dirty):
                 self._pump(job)
@@ -166,11 +170,17 @@ class Keeper:
             return
         conn.inbuf += data
         try:
-            for kind, handle, payload in p.split(conn.inbuf):
-                self._request(conn, kind, handle, payload)
-        except (p.ProtocolError, ValueError, KeyError, TypeError) as e:
+            frames = p.split(conn.inbuf)
+        except p.ProtocolError as e:
             _log(f"a daemon sent what this keeper does not understand ({e}); closing its connection")
             self._drop(conn)
+            return
+        for kind, handle, payload in frames:
+            try:
+                self._request(conn, kind, handle, payload)
+            except (p.ProtocolError, ValueError, KeyError, TypeError) as e:  # that request fails, not the others
+                _log(f"a request of kind {kind} refused: {e!r}")
+                self._send(conn, p.message(p.FAILED, handle, error=f"the job keeper refused the request: {e!r}"))
 
     def _drop(self, conn: Conn) -> None:
         """The daemon stopped (or died): its jobs run on, owned by nobody until the next daemon attaches."""
@@ -251,7 +261,7 @@ class Keeper:
         err_r, err_w = os.pipe()
         try:
             pid = self._start(argv, env, cwd, out_w, err_w)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: a NUL byte in an argument or variable
             for fd in (out_r, err_r):
                 os.close(fd)
             self._send(conn, p.message(p.FAILED, handle, error=_spawn_error(argv[0], cwd, e)))
@@ -410,7 +420,9 @@ class Keeper:
         self.jobs.pop(job.key, None)
 
 
-def _spawn_error(program: str, cwd: str, e: OSError) -> str:
+def _spawn_error(program: str, cwd: str, e: OSError | ValueError) -> str:
+    if not isinstance(e, OSError):
+        return f"cannot start {program!r}: {e}"
     if e.filename == cwd or (e.errno in (errno.ENOENT, errno.ENOTDIR) and not os.path.isdir(cwd)):
         return f"working directory {cwd!r} does not exist or is not a directory"
     if e.errno == errno.ENOENT:

@@ -45,7 +45,7 @@ def test_cancelled_while_waiting_for_a_retry_is_final(daemon_factory: Callable[.
 
 
 def test_cancelled_after_a_shutdown_requeue_is_final(daemon_factory: Callable[..., Daemon], db: Db) -> None:
-    first = daemon_factory("[daemon]\nshutdown_grace_ms = 0\nkill_grace_ms = 100\n").start()
+    first = daemon_factory('[daemon]\non_stop = "drain"\nshutdown_grace_ms = 0\nkill_grace_ms = 100\n').start()
     job_id = db.insert("sleep 30", max_attempts=2)
     wait_for(lambda: db.job(job_id)["pid"], message="job running")
     assert first.stop() == 0

@@ -40,7 +40,8 @@ def test_default_timeout_applies_to_rows_without_one(db: Db, daemon_factory: Cal
 
 def test_kill_9_then_restart_recovers_every_job_and_leaves_no_orphan(
         db: Db, daemon_factory: Callable[..., Daemon]) -> None:
-    first = daemon_factory().start()
+    """Jobs that died with their daemon (keeper = false: its own children; with a keeper, see test_keeper)."""
+    first = daemon_factory("[daemon]\nkeeper = false\n").start()
     jobs = [db.insert(f"echo out-{i}; echo $$; sleep 1000", max_attempts=2 if i % 2 else 1) for i in range(5)]
     rows = [wait_for(lambda j=j: (r := db.job(j))["pid"] and r["stdout"].count("\n") == 2 and r,
                      message="pid and output recorded") for j in jobs]
@@ -52,7 +53,7 @@ def test_kill_9_then_restart_recovers_every_job_and_leaves_no_orphan(
     assert all(group_members(pgid) for pgid in pgids)  # the orphans are still running
 
     killed_at = time.monotonic()
-    daemon_factory().start()
+    daemon_factory("[daemon]\nkeeper = false\n").start()
 
     def recovered() -> bool:
         return all(db.job(j)["worker_id"] != rows[0]["worker_id"] or db.job(j)["status"] != "executing"
@@ -117,10 +118,11 @@ def _stop_outside_a_write(proc: subprocess.Popen[bytes], db_path: Path) -> None:
     raise AssertionError("the daemon held the write lock at every stop")
 
 
-@pytest.mark.backends("sqlite")  # about the SQLite file itself
+@pytest.mark.backends("sqlite")  # stops the daemon outside a SQLite write
+@pytest.mark.parametrize("keeper", [True, False])
 def test_a_stalled_daemon_loses_its_lease_and_cannot_finish_late(
-        db: Db, daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
-    config = "[daemon]\nlease_ttl_ms = 1000\nkill_grace_ms = 200\n"
+        db: Db, daemon_factory: Callable[..., Daemon], tmp_path: Path, keeper: bool) -> None:
+    config = f"[daemon]\nlease_ttl_ms = 1000\nkill_grace_ms = 200\nkeeper = {str(keeper).lower()}\n"
     stalled = daemon_factory(config=config).start()
     job_id = db.insert("echo $$; sleep 1000", max_attempts=2)
     row = wait_for(lambda: (r := db.job(job_id))["pid"] and r, message="running")
@@ -128,20 +130,29 @@ def test_a_stalled_daemon_loses_its_lease_and_cannot_finish_late(
     _stop_outside_a_write(stalled.proc, db.path)  # alive, but no heartbeat
     try:
         rescuer = daemon_factory(config=config).start()
-        # The rescuer declares the stalled daemon dead once its lease expires, kills the job's group and runs
-        # the job again as attempt 2.
-        again = wait_for(lambda: (r := db.job(job_id))["attempt"] == 2 and r["status"] == "executing" and r,
-                         timeout=10, message="rescued")
-        assert again["worker_id"] != row["worker_id"]
-        wait_for(lambda: not group_members(row["pid"]), timeout=5, message="stalled job's group killed")
+        if keeper:
+            # The rescuer declares the stalled daemon dead once its lease expires and takes the job over from the
+            # keeper: the same attempt runs on, once.
+            again = wait_for(lambda: (r := db.job(job_id))["worker_id"] != row["worker_id"] and r,
+                             timeout=10, message="adopted")
+            assert again["attempt"] == 1 and group_members(row["pid"])
+        else:
+            # Without a keeper the job was the stalled daemon's child: its group is killed, and the job runs again
+            # as attempt 2.
+            again = wait_for(lambda: (r := db.job(job_id))["attempt"] == 2 and r["status"] == "executing" and r,
+                             timeout=10, message="rescued")
+            assert again["worker_id"] != row["worker_id"]
+            wait_for(lambda: not group_members(row["pid"]), timeout=5, message="stalled job's group killed")
     finally:
         stalled.proc.send_signal(signal.SIGCONT)
-    # The stalled daemon wakes, finds its lease gone and stops loudly without touching the row.
+    # The stalled daemon wakes, finds its lease gone and stops loudly without touching the row (or the job).
     assert stalled.proc.wait(15) == 1
     assert stalled.events("lease.lost")
-    row = db.job(job_id)
-    assert (row["attempt"], row["status"], row["worker_id"]) == (2, "executing", again["worker_id"])
+    now = db.job(job_id)
+    assert (now["attempt"], now["status"], now["worker_id"]) == (again["attempt"], "executing", again["worker_id"])
     assert rescuer.proc is not None and rescuer.proc.poll() is None
+    if keeper:
+        assert group_members(row["pid"])
 
 
 def test_retries_back_off_until_max_attempts(db: Db, daemon_factory: Callable[..., Daemon],
@@ -195,26 +206,27 @@ def test_depends_on_waits_for_completion_and_fails_when_it_cannot(daemon: Daemon
     assert "is no job" in db.wait_status(orphan)["error"]
 
 
-def test_shutdown_requeues_a_job_that_may_try_again(daemon: Daemon, db: Db) -> None:
+def test_shutdown_requeues_a_job_that_may_try_again(draining_daemon: Daemon, db: Db) -> None:
     job_id = db.insert("echo working; sleep 1000", max_attempts=2)
     wait_for(lambda: db.job(job_id)["stdout"] == "working\n", message="running")
-    daemon.stop_now()
+    draining_daemon.stop_now()
     row = db.job(job_id)
     assert (row["status"], row["attempt"], row["error"]) == (
         "queued", 1, "daemon shut down while the job was running")
     assert row["stdout"] == "working\n"
 
 
-def test_sigterm_drains_five_jobs_and_a_second_one_stops_them(daemon: Daemon, db: Db, tmp_path: Path) -> None:
+def test_sigterm_drains_five_jobs_and_a_second_one_stops_them(draining_daemon: Daemon, db: Db,
+                                                            tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     quick = [db.insert(f"while [ ! -e {gate} ]; do sleep 0.02; done; echo done") for _ in range(5)]
     for job_id in quick:
         db.wait_status(job_id, ("executing",))
-    assert daemon.proc is not None
-    daemon.proc.send_signal(signal.SIGTERM)
-    wait_for(lambda: daemon.events("dispatch.draining"), message="draining")
+    assert draining_daemon.proc is not None
+    draining_daemon.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: draining_daemon.events("dispatch.draining"), message="draining")
     gate.touch()
-    assert daemon.proc.wait(15) == 0
+    assert draining_daemon.proc.wait(15) == 0
     assert {db.job(j)["status"] for j in quick} == {"completed"}
 
 

@@ -106,30 +106,31 @@ def daemon_cmd(daemon: Daemon) -> list[str]:
     return [*NEXUS_JOBD, "--db", daemon.target]
 
 
-def test_sigterm_lets_running_jobs_finish_then_exits_0(daemon: Daemon, db: Db, tmp_path: Path) -> None:
+def test_sigterm_lets_running_jobs_finish_then_exits_0(draining_daemon: Daemon, db: Db,
+                                                       tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     job_id = db.insert(f"echo working; while [ ! -e {gate} ]; do sleep 0.02; done; echo finished")
     wait_for(lambda: db.job(job_id)["stdout"] == "working\n", message="running")
-    assert daemon.proc is not None
-    daemon.proc.send_signal(signal.SIGTERM)
-    wait_for(lambda: daemon.events("dispatch.draining"), message="draining")
+    assert draining_daemon.proc is not None
+    draining_daemon.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: draining_daemon.events("dispatch.draining"), message="draining")
     queued = db.insert("echo too late")
     gate.touch()
-    assert daemon.proc.wait(15) == 0
+    assert draining_daemon.proc.wait(15) == 0
     row = db.job(job_id)
     assert (row["status"], row["stdout"]) == ("completed", "working\nfinished\n")
     assert db.job(queued)["status"] == "queued"  # not claimed while draining
 
 
-def test_second_sigterm_stops_running_jobs_at_once(daemon: Daemon, db: Db) -> None:
+def test_second_sigterm_stops_running_jobs_at_once(draining_daemon: Daemon, db: Db) -> None:
     job_id = db.insert("echo working; sleep 1000")
     polite = db.insert("trap 'echo bye; exit 0' TERM; echo working; while true; do sleep 0.05; done")
     wait_for(lambda: db.job(job_id)["stdout"] == "working\n" == db.job(polite)["stdout"], message="running")
-    assert daemon.proc is not None
-    daemon.proc.send_signal(signal.SIGTERM)
-    wait_for(lambda: daemon.events("dispatch.draining"), message="draining")
-    daemon.proc.send_signal(signal.SIGTERM)
-    assert daemon.proc.wait(15) == 0
+    assert draining_daemon.proc is not None
+    draining_daemon.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: draining_daemon.events("dispatch.draining"), message="draining")
+    draining_daemon.proc.send_signal(signal.SIGTERM)
+    assert draining_daemon.proc.wait(15) == 0
     row = db.job(job_id)
     assert (row["status"], row["exit_code"]) == ("failed", 128 + signal.SIGTERM)
     assert row["error"] == "daemon shut down while the job was running"
@@ -140,13 +141,13 @@ def test_second_sigterm_stops_running_jobs_at_once(daemon: Daemon, db: Db) -> No
     assert row["error"] == "daemon shut down while the job was running"
 
 
-def test_cancel_while_draining_still_kills_the_job(daemon: Daemon, db: Db) -> None:
+def test_cancel_while_draining_still_kills_the_job(draining_daemon: Daemon, db: Db) -> None:
     job_id = db.insert("echo working; sleep 1000")
     wait_for(lambda: db.job(job_id)["stdout"] == "working\n", message="running")
-    assert daemon.proc is not None
-    daemon.proc.send_signal(signal.SIGTERM)
-    wait_for(lambda: daemon.events("dispatch.draining"), message="draining")
+    assert draining_daemon.proc is not None
+    draining_daemon.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: draining_daemon.events("dispatch.draining"), message="draining")
     db.conn.execute("UPDATE jobs SET status = 'cancelled', completed_at = 1 WHERE id = ?", (job_id,))
-    assert daemon.proc.wait(15) == 0
+    assert draining_daemon.proc.wait(15) == 0
     row = db.job(job_id)
     assert (row["status"], row["exit_code"]) == ("cancelled", 128 + signal.SIGTERM)

@@ -1,5 +1,5 @@
 """The termux-services unit under real runit: runsv starts the project's run script, svlogd keeps JSON lines,
-`sv down` drains, and after kill -9 runsv restarts the daemon, which recovers the dead one's jobs."""
+`sv down` drains, and after kill -9 or `sv restart` the next daemon takes the running job over from the keeper."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import VENV_BIN, Db, require, wait_for
+from tests.conftest import VENV_BIN, Db, group_members, require, wait_for
 
 ROOT = Path(__file__).parent.parent.parent
 SERVICE = ROOT / "termux-services" / "nexus-jobd"
@@ -96,15 +96,25 @@ def test_termux_service_under_runsv(runit: Runit) -> None:
         # svlogd stored the daemon's JSON lines as they are, behind its timestamp.
         wait_for(lambda: runit.events("job.finished"), message="job.finished in the svlogd log")
 
-        # kill -9: runsv restarts the daemon, and the new one recovers the job the dead one held.
-        job_id = db.insert("echo started; sleep 1000")
-        wait_for(lambda: db.job(job_id)["pid"], message="job running")
+        # kill -9: runsv restarts the daemon, and the new one takes the running job over from the keeper; so does
+        # the daemon after `sv restart`. The job runs on, once, and ends recorded in full.
+        gate = runit.home / "gate"
+        job_id = db.insert(f'echo started; while [ ! -e "{gate}" ]; do sleep 0.05; done; echo finished')
+        pgid = wait_for(lambda: db.job(job_id)["pid"], message="job running")
         os.kill(first_pid, signal.SIGKILL)
         second_pid = wait_for(lambda: (p := runit.daemon_pid()) != first_pid and p, timeout=20,
                               message="runsv to restart the daemon")
-        row = db.wait_status(job_id, ("failed",), timeout=20)
-        assert row["error"] == "daemon stopped while the job was running"
-        assert runit.events("lease.recovering")
+        wait_for(lambda: runit.events("job.reattached"), timeout=20, message="the job taken over after kill -9")
+        runit.sv("restart")
+        third_pid = wait_for(lambda: (p := runit.daemon_pid()) not in (None, second_pid) and p, timeout=20,
+                             message="sv restart")
+        wait_for(lambda: len(runit.events("job.reattached")) == 2, timeout=20,
+                 message="the job taken over after sv restart")
+        assert group_members(int(pgid)) and db.job(job_id)["status"] == "executing"
+        gate.touch()
+        row = db.wait_status(job_id, timeout=20)
+        assert (row["status"], row["stdout"], row["attempt"]) == ("completed", "started\nfinished\n", 1)
+        second_pid = third_pid
 
         # sv down: SIGTERM, a clean drain, and runsv records a normal exit.
         runit.sv("down")

@@ -482,7 +482,8 @@ async def test_a_dead_daemons_remote_job_is_adopted_by_one_daemon_only(store: St
     await store.write_outputs([(Claim("j1", "w1", 1), OutputSnapshot("so far\n", "", 7, 0), None)])
     assert await store.stop_worker("w1", "declared dead: test")
     (orphan,) = await store.orphaned_jobs("w1")
-    assert await store.detached_jobs(["box"]) == [("w1", orphan)]  # stopped, still executing: adoptable
+    (detached,) = await store.detached_jobs(["box"])  # stopped, still executing: adoptable
+    assert (detached[0], detached[3]) == ("w1", orphan)
     adopted = await store.adopt("w1", orphan, "w2")
     assert adopted is not None and not adopted.cancelled
     assert (adopted.job.id, adopted.job.attempt, adopted.job.started_at, adopted.job.timeout_ms) == (
