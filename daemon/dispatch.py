@@ -176,6 +176,7 @@ class Dispatcher:
         output.map_big_blocks_apart()  # before the first job: big outputs must not fragment the heap
         self._watcher.start()
         poll_s = self._watcher.poll_interval_s(self._config.poll_interval_ms / 1000)
+        await self._kill_local_orphans()
         logger.info("dispatch.started", worker_id=self.worker_id, push=self._watcher.uses_push,
                     nodes=list(self._config.nodes), max_concurrent=self._config.max_concurrent)
         on_ready()
@@ -620,6 +621,21 @@ class Dispatcher:
     def _starting_remote(self, job: RunningJob) -> bool:
         executor = self._executors.get(job.node_id)
         return job.process is None and executor is not None and executor.can_reattach and job.holds_slot
+
+    async def _kill_local_orphans(self) -> None:
+        """Before claiming anything: on a database other hosts share, jobs this host's keeper still runs but which
+        another host's daemon recovered (re-queued or failed) while this host was away are killed."""
+        local = self._executors.get(self._config.local_node)
+        if not self._store.shared_by_hosts or not isinstance(local, LocalExecutor):
+            return
+        try:
+            killed = await local.kill_orphans(partial(self._store.finished_attempts, self._config.local_node))
+        except Exception as e:  # the keeper cannot start, or the database is away: jobs still run; say so
+            logger.error("dispatch.orphans_unchecked", error=str(e) or type(e).__name__)
+            return
+        for key in killed:
+            logger.warning("job.orphan_killed", attempt=key,
+                           reason="another host's daemon recovered this attempt while this host's daemon was away")
 
     async def _sweep_spools(self) -> None:
         """Once, a while after start-up: directories on each remote node whose attempt is no longer running

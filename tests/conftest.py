@@ -63,11 +63,11 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-def keeper_pids(db_path: Path | str) -> list[int]:
-    """The job keeper of this database (at most one), found by the address on its command line."""
+def keeper_pids(db_path: Path | str, host: str | None = None) -> list[int]:
+    """The job keeper of this database (at most one per host), found by the address on its command line."""
     from daemon.keeper.protocol import address
 
-    wanted = address(str(db_path)).hex().encode()
+    wanted = address(str(db_path), host).hex().encode()
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -93,9 +93,9 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def kill_keeper(db_path: Path | str) -> None:
+def kill_keeper(db_path: Path | str, host: str | None = None) -> None:
     """What a test's daemons left running under their keeper (detached jobs), and the keeper: killed."""
-    for keeper in keeper_pids(db_path):
+    for keeper in keeper_pids(db_path, host):
         for child in children(keeper):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(child, signal.SIGKILL)
@@ -172,8 +172,8 @@ class _PgConn:
 class PgDb(Db):
     """Another program's view of a PostgreSQL database: what Db does, over psycopg."""
 
-    def __init__(self, url: str) -> None:
-        self.path = None  # type: ignore[assignment]
+    def __init__(self, url: str, home: Path) -> None:
+        self.path = home  # where the file would be: its directory is the test's (HOME, logs)
         self.url = url
         self.conn = _PgConn(url)  # type: ignore[assignment]
 
@@ -316,7 +316,7 @@ def db(db_path: Path, db_target: str) -> Iterator[Db]:
     env = {k: v for k, v in os.environ.items() if k not in ("NEXUS_JOBD_CONFIG", "NEXUS_JOBD_DB")}
     subprocess.run([*NEXUS_JOBD, "--db", db_target, "db", "migrate"], check=True, capture_output=True,
                    env={**env, "HOME": str(db_path.parent)})
-    handle = PgDb(db_target) if db_target.startswith("postgresql://") else Db(db_path)
+    handle = PgDb(db_target, db_path) if db_target.startswith("postgresql://") else Db(db_path)
     yield handle
     handle.close()
 

@@ -9,8 +9,10 @@ import glob
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -81,3 +83,65 @@ def running_server(port: int = 54329) -> Iterator[Server]:
         with contextlib.suppress(subprocess.CalledProcessError):
             server.stop("immediate")
         shutil.rmtree(root, ignore_errors=True)
+
+
+class SocketProxy:
+    """A unix-socket relay in front of the server that a test can cut: every connection through it is dropped and
+    new ones are refused until restore(). libpq reaches it as `host=<its dir>` with the server's port."""
+
+    def __init__(self, server: Server, directory: Path) -> None:
+        self.server, self.dir = server, directory
+        self.path = directory / f".s.PGSQL.{server.port}"
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self.connections = 0
+
+    def url(self, database_url: str) -> str:
+        return database_url.replace(f"host={self.server.socket_dir}", f"host={self.dir}")
+
+    def restore(self) -> None:
+        self.path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(self.path))
+        self.path.chmod(0o777)
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        """Drop every connection and refuse new ones (the socket file is gone: libpq says so at once)."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        self.path.unlink(missing_ok=True)
+        with self._lock:
+            for sock in self._open:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            self._open.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            upstream.connect(str(self.server.socket_dir / f".s.PGSQL.{self.server.port}"))
+            with self._lock:
+                self._open += [client, upstream]
+                self.connections += 1
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)

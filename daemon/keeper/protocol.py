@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import struct
 from typing import Any
 
@@ -75,11 +76,15 @@ def split(buf: bytearray) -> list[tuple[int, int, bytes]]:
     return frames
 
 
-def address(database: str) -> bytes:
+def address(database: str, host: str | None = None) -> bytes:
     """The keeper's socket for this user and database, in Linux's abstract namespace: nothing on disk to clean
     up or to lose with a private /tmp, gone with the keeper, and bound by one keeper only (the bind is the lock).
     Anyone may connect to an abstract socket: the keeper serves only its own user (SO_PEERCRED)."""
-    # A URL names the same database from any directory; a file path is made absolute first.
-    key = database if database.startswith(("postgresql://", "postgres://")) else os.path.realpath(database)
+    if database.startswith(("postgresql://", "postgres://")):
+        # A URL names the same database from any directory. Its keeper is this host's (by name: the identity
+        # daemons sharing the database know each other by, so that hosts in UTS namespaces are hosts too).
+        key = f"{host or socket.gethostname()}|{database}"
+    else:
+        key = os.path.realpath(database)  # a file path is made absolute first
     digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:20]
     return f"\0nexus-jobd-keeper/v{VERSION}/{os.getuid()}/{digest}".encode()

@@ -99,6 +99,8 @@ class Store(abc.ABC):
     name: str  # the database as a user names it (a path, or a URL without its password), for messages
     path: Path | None = None  # the database file, for a backend that has one
     read_only = False  # opened read-only (a file this user may not write): nothing is written
+    # Daemons on other hosts share it: they may recover this host's jobs, and cannot kill what runs here.
+    shared_by_hosts = False
 
     @staticmethod
     async def open(target: str | Path, *, busy_timeout_ms: int = 5000, create: bool = True, daemon: bool = False,

@@ -97,6 +97,8 @@ class PostgresStore(Store):
     """One connection for the daemon's statements (each transaction under a lock, since coroutines share it), made
     again when lost; a second one LISTENs (see _Listener)."""
 
+    shared_by_hosts = True
+
     def __init__(self, url: str, conn: psycopg.AsyncConnection[Any]) -> None:
         self.url = url
         self.name = redact_url(url)
