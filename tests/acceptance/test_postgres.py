@@ -211,3 +211,29 @@ def _cut_mid_job(db: Db, daemon: Daemon, proxy: SocketProxy, tmp_path: Path) -> 
     assert len(runs.read_text().split()) == 1  # ran once
     assert db.wait_status(queued_meanwhile, timeout=20)["stdout"] == "queued while cut\n"
     assert daemon.events("db.reconnected")
+
+
+@pytest.mark.slow
+def test_a_stalled_host_comes_back_writes_nothing_and_kills_its_orphan(
+        db: Db, daemon_factory: Callable[..., Daemon], hosts: list[str]) -> None:
+    config = "[daemon]\nlease_ttl_ms = 1500\n"
+    a = daemon_factory(config=config, prefix=as_host("hosta")).start()
+    job_id = db.insert("echo $$; sleep 1000", max_attempts=2)
+    first = wait_for(lambda: (r := db.job(job_id))["stdout"] and r, message="running on host A")
+    pid = int(first["stdout"])
+    assert a.proc is not None
+    a.proc.send_signal(signal.SIGSTOP)  # host A stops answering; its keeper runs the job on
+    try:
+        daemon_factory(config=config, prefix=as_host("hostb")).start()
+        again = wait_for(lambda: (r := db.job(job_id))["attempt"] == 2 and r["status"] == "executing" and r,
+                         timeout=20, message="re-queued and run on host B")
+        assert _alive(pid)
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+    # Host A's daemon wakes to a lost lease: it kills its orphan (nobody adopted it) and exits 1, its late writes
+    # (output, the orphan's end) landing nowhere: the row is host B's attempt 2.
+    assert a.proc.wait(20) == 1
+    assert a.events("lease.lost") and a.events("job.orphan_killed")
+    wait_for(lambda: not _alive(pid), timeout=10, message="host A's orphan killed")
+    now = db.job(job_id)
+    assert (now["attempt"], now["status"], now["worker_id"]) == (2, "executing", again["worker_id"])

@@ -547,8 +547,9 @@ class _Listener(ChangeSource):
                     self._on_change()  # anything queued while we were not listening
                     async for _ in conn.notifies():
                         self._on_change()
-            except psycopg.Error as e:
-                logger.warning("db.listen_lost", db=self._name, error=" ".join(str(e).split()), retry_in_s=delay)
+            except Exception as e:  # whatever broke the connection: the safety poll covers us until it is back
+                logger.warning("db.listen_lost", db=self._name, error=" ".join(str(e).split()) or type(e).__name__,
+                               retry_in_s=delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_S)
 
