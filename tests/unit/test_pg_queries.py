@@ -66,3 +66,16 @@ def test_every_query_plans_against_the_schema(migrated: Any, name: str) -> None:
     sql = _queries()[name]
     params = dict.fromkeys(re.findall(r"%\((\w+)\)s", sql))
     migrated.execute("EXPLAIN " + sql, params)
+
+
+def test_a_url_without_the_driver_says_which_extra_to_install(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['psycopg'] = None; from daemon.cli import main; "
+            "sys.exit(main(['--db', 'postgresql:///jobs', 'ps']))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                            env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 1
+    assert result.stderr.startswith("nexus-jobd: a postgresql:// URL needs the PostgreSQL driver: pip install "
+                                    "'nexus-jobd[postgres]'") and "Traceback" not in result.stderr
