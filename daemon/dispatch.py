@@ -40,6 +40,7 @@ RECHECK_DOUBLINGS = 8
 RECHECKS = 15
 OWN_COMMIT_RECHECKS = 6  # 1, 2, 4 ... 32 ms: about 60 ms, a phone's fsync
 DETACH_START_WAIT_S = 5.0  # on a detaching stop, jobs still starting get this long to be started
+UNKNOWN_CLAIM_ERROR = "claimed as the connection to the database was lost; never started, queued again"
 SWEEP_DELAY_S = 10.0  # the leftover spools on each node are swept once, this long after start-up
 T = TypeVar("T")
 RunFn = Callable[[ClaimedJob, RunningJob], Awaitable[JobResult]]
@@ -93,6 +94,7 @@ class Dispatcher:
         self._rewrite_suffix: str | None = None
         self._stopping = False
         self._cycles_due = True  # look for depends_on cycles (at start, then after another program wrote)
+        self._claims_unknown = False  # a claim failed with a database error: it may have taken rows all the same
         self.metrics = Hooks()  # [metrics]: the service sets its exporter
 
     # -- wake-ups -----------------------------------------------------------------------------------------
@@ -219,6 +221,8 @@ class Dispatcher:
     async def _step(self, tg: TaskGroup, *, claim: bool) -> None:
         if self._store.rewritten is not None:
             return
+        if self._claims_unknown and not self._stopping:
+            await self._requeue_unknown_claims()
         if self._check_db:
             self._check_db = False
             if await self._another_program_wrote():
@@ -281,6 +285,16 @@ class Dispatcher:
             for job_id in await self._store.fail_node_jobs(node.id, reason, queued_before=before):
                 logger.warning("job.failed", job_id=job_id, node=node.id, reason=reason)
 
+    async def _requeue_unknown_claims(self) -> None:
+        """Rows claimed under our worker id that we are not running: a claim whose answer was lost took them. They
+        never started: back to the queue (a compare-and-set on our claim and their attempt, as for an orphan)."""
+        for orphan in await self._store.orphaned_jobs(self.worker_id):
+            if (orphan.id, orphan.attempt) not in self.running and orphan.pid is None and await \
+                    self._store.resolve_orphan(self.worker_id, orphan, requeue=True, error=UNKNOWN_CLAIM_ERROR):
+                logger.warning("job.requeued", job_id=orphan.id, attempt=orphan.attempt, reason=UNKNOWN_CLAIM_ERROR)
+                self._claim_due = True
+        self._claims_unknown = False
+
     async def _notice_cancels(self) -> None:
         if not self.running:
             return
@@ -298,7 +312,13 @@ class Dispatcher:
             if free <= 0:
                 self._backlog.add(node.id)
                 continue
-            jobs = await self._store.claim(node.id, free, self.worker_id)
+            try:
+                jobs = await self._store.claim(node.id, free, self.worker_id)
+            except DbError:
+                # The claim may have committed with its answer lost on the way (a connection cut): rows may be
+                # ours that we do not know of. Once the database answers again, they are put back in the queue.
+                self._claims_unknown = True
+                raise
             if len(jobs) == free:
                 self._backlog.add(node.id)
             else:

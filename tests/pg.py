@@ -96,6 +96,10 @@ class SocketProxy:
         self._open: list[socket.socket] = []
         self._listener: socket.socket | None = None
         self.connections = 0
+        # Set to some bytes: the next answer from the server that holds them is lost, and its connection dropped
+        # (the statement ran, and committed: the client never learns it did).
+        self.lose_answer_with: bytes | None = None
+        self.answers_lost = 0
 
     def url(self, database_url: str) -> str:
         return database_url.replace(f"host={self.server.socket_dir}", f"host={self.dir}")
@@ -133,15 +137,27 @@ class SocketProxy:
             with self._lock:
                 self._open += [client, upstream]
                 self.connections += 1
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, answers: bool) -> None:
         try:
             while data := src.recv(65536):
+                if answers and self.lose_answer_with is not None and self.lose_answer_with in data:
+                    self.lose_answer_with = None
+                    # Read on (the server finishes and commits) but never pass on; then drop both sides.
+                    threading.Timer(0.5, self._drop_client, args=(dst, src)).start()
+                    while src.recv(65536):
+                        pass
+                    break
                 dst.sendall(data)
         except OSError:
             pass
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
+
+    def _drop_client(self, client: socket.socket, upstream: socket.socket) -> None:
+        self.answers_lost += 1
+        for sock in (client, upstream):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)

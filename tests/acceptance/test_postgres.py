@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -239,3 +240,28 @@ def test_a_stalled_host_comes_back_writes_nothing_and_kills_its_orphan(
     wait_for(lambda: not _alive(pid), timeout=10, message="host A's orphan killed")
     now = db.job(job_id)
     assert (now["attempt"], now["status"], now["worker_id"]) == (2, "executing", again["worker_id"])
+
+
+def test_a_claim_whose_answer_is_lost_puts_the_rows_back_and_runs_them_once(
+        db: Db, pg_server: Server, daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    """The claim commits on the server, then the connection drops before its answer arrives: without a look at
+    what it holds, the daemon would leave the row `executing` under its own live lease, for ever."""
+    proxy_dir = tmp_path / "proxy"
+    proxy_dir.mkdir()
+    proxy = SocketProxy(pg_server, proxy_dir)
+    proxy.restore()
+    daemon = daemon_factory(db_url=proxy.url(db.target)).start()
+    try:
+        runs = tmp_path / "runs"
+        job_id = str(uuid.uuid4())
+        proxy.lose_answer_with = job_id.encode()  # the first answer naming the row: its claim's
+        db.insert(f"echo $$ >> {runs}; echo ran", id=job_id)
+        row = db.wait_status(job_id, timeout=30)
+        assert proxy.answers_lost == 1
+        assert (row["status"], row["stdout"], row["attempt"]) == ("completed", "ran\n", 2)
+        assert len(runs.read_text().split()) == 1  # the lost claim never started it
+        assert any(e.get("job_id") == job_id for e in daemon.events("job.requeued"))
+    finally:
+        daemon.stop_now()
+        proxy.cut()
+        kill_keeper(proxy.url(db.target))
