@@ -174,6 +174,42 @@ def cpu(pid: int) -> Cpu:
     return Cpu((utime + stime) / CLK_TCK, (cutime + cstime) / CLK_TCK, precise / 1e9)
 
 
+def cpu_sum(pids: Iterable[int]) -> Cpu:
+    total = Cpu(0.0, 0.0, 0.0)
+    for pid in pids:
+        c = cpu(pid)
+        total = Cpu(total.own + c.own, total.children + c.children, total.own_precise + c.own_precise)
+    return total
+
+
+def keeper_pid(db: Path) -> int | None:
+    """The job keeper of database `db`, found by the socket address on its command line."""
+    from daemon.keeper.protocol import address
+
+    wanted = address(str(db)).hex().encode()
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if wanted in Path(entry.path, "cmdline").read_bytes():
+                    return int(entry.name)
+    return None
+
+
+def kill_keeper(db: Path) -> None:
+    """The keeper of `db` and the process groups of the jobs it still runs."""
+    pid = keeper_pid(db)
+    if pid is None:
+        return
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int(_stat_fields(int(entry.name))[1]) == pid:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(int(entry.name), signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
 def memory_kib(pid: int) -> dict[str, int]:
     """The Vm*/Rss* lines of /proc/PID/status, in KiB (VmRSS, VmHWM, RssAnon, RssFile, ...)."""
     values: dict[str, int] = {}
@@ -184,11 +220,12 @@ def memory_kib(pid: int) -> dict[str, int]:
     return values
 
 
-def cpu_share(pid: int, seconds: float) -> tuple[float, float]:
-    """Percent of one core `pid` used over the next `seconds`: (from utime+stime ticks, from schedstat)."""
-    before, started = cpu(pid), time.monotonic()
+def cpu_share(pids: int | Sequence[int], seconds: float) -> tuple[float, float]:
+    """Percent of one core `pids` used together over the next `seconds`: (from utime+stime ticks, from schedstat)."""
+    group = [pids] if isinstance(pids, int) else list(pids)
+    before, started = cpu_sum(group), time.monotonic()
     time.sleep(seconds)
-    used, elapsed = cpu(pid) - before, time.monotonic() - started
+    used, elapsed = cpu_sum(group) - before, time.monotonic() - started
     return used.own / elapsed * 100, used.own_precise / elapsed * 100
 
 
@@ -370,10 +407,22 @@ class Daemon:
         if self.proc is None or not self.proc.alive():
             raise BenchError(f"the daemon died:\n{self.log_tail()}")
 
+    @property
+    def keeper_pid(self) -> int:
+        """This daemon's job keeper (it runs the local jobs): waited for, as the daemon starts it in the background."""
+        return wait_until(lambda: keeper_pid(self.db), 10, 0.01, "the daemon's job keeper")
+
+    @property
+    def pids(self) -> tuple[int, int]:
+        """The daemon and its keeper: what running jobs here costs is the sum of both."""
+        return self.pid, self.keeper_pid
+
     def stop(self) -> None:
-        """SIGTERM (drain), a second SIGTERM (stop running jobs) 3 s later, then SIGKILL the session."""
+        """SIGTERM, a second SIGTERM (stop running jobs) 3 s later, then SIGKILL the session; then the keeper and
+        whatever it still runs (jobs detached by the stop)."""
         if self.proc is not None:
             self.proc.stop(graces=(3.0, 2.0))
+        kill_keeper(self.db)
 
     def __enter__(self) -> Daemon:
         try:

@@ -106,9 +106,9 @@ def run_daemon(ws: h.Workspace, args: argparse.Namespace) -> Result:
         time.sleep(1.0)
         latencies = insert_rows(ws, db, args, daemon)
         time.sleep(1.0)  # let the last job's bookkeeping settle
-        idle = h.cpu_share(daemon.pid, args.idle_seconds)
+        idle = h.cpu_share(daemon.pids, args.idle_seconds)  # the daemon and its job keeper
         daemon.check_alive()
-    return Result("nexus-jobd", latencies, idle)
+    return Result("nexus-jobd (+ keeper)", latencies, idle)
 
 
 def run_poller(ws: h.Workspace, args: argparse.Namespace) -> Result:

@@ -34,6 +34,7 @@ class Run:
     visible: float = 0.0  # started_at -> completed row seen (completed_at is stamped before the commit lands)
     pickup_ms: int = 0  # started_at - created_at
     peak_rss_kib: int = 0
+    keeper_peak_rss_kib: int = 0
     wchar: int = 0  # bytes the daemon wrote with write syscalls during the job (WAL, database, log)
     wal_bytes: int = 0
     samples: list[tuple[int, int]] = field(default_factory=list)  # (time ns, stdout_bytes of the row)
@@ -98,6 +99,7 @@ def run_daemon(ws: h.Workspace, name: str, cmd: str, size: int, sample: bool) ->
             time.sleep(SAMPLE_S if sample else 0.01)
         run.wall = time.perf_counter() - started
         run.peak_rss_kib = h.memory_kib(daemon.pid)["VmHWM"]
+        run.keeper_peak_rss_kib = h.memory_kib(daemon.keeper_pid)["VmHWM"]
         run.wchar = h.io_counters(daemon.pid)["wchar"] - io_before["wchar"]
         wal = db.with_name(db.name + "-wal")
         run.wal_bytes = wal.stat().st_size if wal.exists() else 0
@@ -186,7 +188,8 @@ def report(size: int, daemon: Run, null: Run, cat: Run, lagged: Run, lag_: Lag) 
           f"{h.verdict(ok)}")
     print(f"  the job started {daemon.pickup_ms} ms after its insert; completed_at is stamped when the final write "
           f"starts, the row is seen completed {(daemon.visible - daemon.seconds) * 1000:.0f} ms later")
-    print(f"  daemon peak RSS (VmHWM) {daemon.peak_rss_kib / 1024:.0f} MiB; it wrote {daemon.wchar / MB:.0f} MB "
+    print(f"  daemon peak RSS (VmHWM) {daemon.peak_rss_kib / 1024:.0f} MiB, its job keeper's "
+          f"{daemon.keeper_peak_rss_kib / 1024:.0f} MiB; the daemon wrote {daemon.wchar / MB:.0f} MB "
           f"({daemon.wchar / size:.1f} bytes per output byte); WAL file at the end {daemon.wal_bytes / MB:.0f} MB")
     print(f"\n  lag of the row behind the process (instrumented writer, {mb:.0f} MB in 1 MiB chunks, "
           f"stdout_bytes sampled every {SAMPLE_S * 1000:.0f} ms; this run took {lagged.seconds:.2f} s, "

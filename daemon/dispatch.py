@@ -182,6 +182,7 @@ class Dispatcher:
         logger.info("dispatch.started", worker_id=self.worker_id, push=self._watcher.uses_push,
                     nodes=list(self._config.nodes), max_concurrent=self._config.max_concurrent)
         on_ready()
+        output.trim_heap()  # what start-up freed (imports, migrations, recovery): 1-2 MiB of an idle daemon
         async with anyio.create_task_group() as tg:
             self._runner.bind(tg)
             self._tg = tg
@@ -566,8 +567,6 @@ class Dispatcher:
         With on_stop = "detach" (or a lost lease), detachable jobs
         (remote, or local under the keeper) are first left to run on (see _detach)."""
         self._stopping = True  # no more adoptions: a job taken over now would only be stopped with the rest
-        if self._abandon:
-            await self._stop_unadopted()
         if self._config.on_stop == "detach" or self._abandon:
             await self._detach()
         if not self.running:
@@ -585,32 +584,22 @@ class Dispatcher:
             await self._sleep(min(self._sleep_timeout(poll_s), remaining if remaining > 0 else poll_s))
 
     def stop_all(self, reason: str) -> None:
-        """Stop every running job; after a lost lease, detachable jobs are left alone: the daemon that declared us
-        dead adopted them."""
+        """Stop every running job; after a lost lease, remote jobs are left alone: the daemon that declared us dead
+        adopted them. Local jobs under the keeper are stopped: if another daemon of this host adopted one, the
+        keeper gave it to that daemon (TAKEN) and ignores our signal; if none did (it was recovered from another
+        host, which cannot reach our keeper), nobody else will stop it."""
         if reason == "lease lost":
             self._abandon = True
         for job in list(self.running.values()):
-            if not (self._abandon and job.process is not None and job.process.detachable):
+            if not (self._abandon and self._left_running(job)):
                 self._runner.request_stop(job, reason)
         self.wake()
 
-    async def _stop_unadopted(self) -> None:
-        """After a lost lease, the detachable jobs nobody adopted are orphans: a daemon on another host (sharing a
-        PostgreSQL queue) re-queued or failed them, since it could not reach them. Kill those, so that no job runs
-        on here beside its next attempt."""
-        detachable = [job for job in self.running.values() if job.process is not None and job.process.detachable]
-        if not detachable:
-            return
-        try:
-            alive = await self._store.unfinished_attempts([job.claim for job in detachable])
-        except DbError as e:  # unknown: each stays as it is, as before (the next daemon here adopts or kills it)
-            logger.error("lease.orphans_unknown", error=str(e), jobs=len(detachable))
-            return
-        for job in detachable:
-            if job.claim.job_id not in alive:
-                logger.warning("job.orphan_killed", job_id=job.claim.job_id, node=job.node_id,
-                               reason="another daemon re-queued or failed it after this one's lease expired")
-                self._runner.request_stop(job, "lease lost")
+    def _left_running(self, job: RunningJob) -> bool:
+        """A job that runs on without this daemon: detached at a stop, or abandoned after a lost lease."""
+        if job.process is None or not job.process.detachable:
+            return False
+        return not self._abandon or job.node_id != self._config.local_node
 
     async def _detach(self) -> None:
         """Leave detachable jobs (remote, or local under the keeper) running for the next daemon: wait a little for
@@ -620,9 +609,7 @@ class Dispatcher:
             if not any(self._starting_remote(job) for job in self.running.values()):
                 break
             await anyio.sleep(0.05)
-        leaving = [job for job in self.running.values()  # an orphan being killed (_stop_unadopted) is not left
-                   if job.process is not None and job.process.detachable and job.holds_slot
-                   and job.stop_reason != "lease lost"]
+        leaving = [job for job in self.running.values() if self._left_running(job) and job.holds_slot]
         if not leaving:
             return
         if not self._abandon:

@@ -167,9 +167,10 @@ class LocalExecutor:
         return found
 
     def _prepare(self, command: Command) -> tuple[tuple[str, ...], dict[str, str], str]:
-        """argv with its program's absolute path, the environment, the working directory: or a SpawnError."""
+        """argv with its program's absolute path, the environment, the working directory: or a SpawnError. (The
+        keeper says the same of a working directory it cannot enter: no stat here for every job.)"""
         cwd = command.cwd if command.cwd is not None else str(self._default_cwd)
-        if not os.path.isdir(cwd):
+        if self._keeper is None and not os.path.isdir(cwd):
             raise SpawnError(f"working directory {cwd!r} does not exist or is not a directory")
         env = command.environment(self._base_env)
         argv = (self._program(command.argv[0], env), *command.argv[1:])

@@ -51,7 +51,6 @@ class KeeperProcess:
         self.started: asyncio.Future[int] = loop.create_future()
         self._exit: asyncio.Future[ExitStatus] = loop.create_future()
         self._pid: int | None = None
-        self._pid_start: int | None = None
 
     @property
     def pid(self) -> int | None:
@@ -66,7 +65,7 @@ class KeeperProcess:
 
     def signal_group(self, signum: int) -> None:
         if not self._exit.done():
-            self._client.send(p.message(p.SIGNAL, self.handle, signum=int(signum)))
+            self._client.send(p.frame(p.SIGNAL, self.handle, b"%d" % signum))
 
     def forget(self, *, remove: bool) -> None:
         self._client.forget(self, remove=remove)
@@ -83,23 +82,32 @@ class KeeperProcess:
             capture = self._output.stdout if args["stream"] == 1 else self._output.stderr
             capture.skip(int(args["n"]))
             self._on[0 if args["stream"] == 1 else 1](b"")
-        elif kind == p.STARTED:
-            self._pid = int(p.fields(payload)["pid"])
-            self._pid_start = procs.start_time(self._pid)  # to kill it safely should the keeper die
+        else:
+            self._on_state(kind, payload)
+
+    def _on_state(self, kind: int, payload: bytes) -> None:
+        if kind == p.STARTED:
+            self._pid = int(payload)
             if not self.started.done():
                 self.started.set_result(self._pid)
         elif kind == p.EXIT:
-            args = p.fields(payload)
+            code, signum = (int(n) for n in payload.split())
             if not self._exit.done():
-                self._exit.set_result(ExitStatus(int(args["code"]), args["signal"]))
+                self._exit.set_result(ExitStatus(code, signum or None))
+        elif kind == p.TAKEN:  # another daemon adopted it (ours had lost its lease): ours no longer follows it
+            if not self._exit.done():
+                self._exit.set_exception(JobLost("another daemon took the job over"))
         elif kind in (p.FAILED, p.UNKNOWN):
             error = str(p.fields(payload)["error"])
             if not self.started.done():
                 self.started.set_exception(SpawnError(error) if kind == p.FAILED else JobLost(error))
 
     def lost(self, reason: str) -> None:
-        """The keeper is gone: what is left of the job is killed, and the job is lost."""
-        killed = self._pid is not None and not self._exit.done() and procs.kill_group(self._pid, self._pid_start)
+        """The keeper is gone: what is left of the job is killed, and the job is lost. Its start time is read only
+        now (reading /proc/PID/stat of a process in execve waits for the exec: 0.14 ms a job, measured), so a
+        leader is trusted to be the job's: the keeper died this moment, and init reaps its orphans as they end,
+        but a pid is not reused within that time."""
+        killed = self._pid is not None and not self._exit.done() and procs.kill_group(self._pid, None)
         error = f"{reason}{'; its process group was killed' if killed else ''}"
         if not self.started.done():
             self.started.set_exception(SpawnError(error))
@@ -205,7 +213,8 @@ class KeeperClient:
 
     async def spawn(self, key: str, argv: list[str], env: dict[str, str], cwd: str, output: JobOutput,
                     on_stdout: OutputCallback, on_stderr: OutputCallback, drain_s: float) -> KeeperProcess:
-        await self.connect()
+        if self._sock is None:
+            await self.connect()
         process = self._new(output, on_stdout, on_stderr)
         self.send(p.message(p.SPAWN, process.handle, key=key, argv=argv, env=env, cwd=cwd,
                             cap=output.stdout.cap, drain_s=drain_s))
@@ -242,7 +251,7 @@ class KeeperClient:
 
     def forget(self, process: KeeperProcess, *, remove: bool) -> None:
         if self._jobs.pop(process.handle, None) is not None and self._sock is not None:
-            self.send(p.message(p.FORGET, process.handle, remove=remove))
+            self.send(p.frame(p.FORGET, process.handle, b"1" if remove else b"0"))
 
     # -- the socket -----------------------------------------------------------------------------------------------
 

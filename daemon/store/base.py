@@ -195,10 +195,6 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def cancelled_among(self, job_ids: Iterable[str], worker_id: str) -> list[tuple[str, int]]: ...
 
-    @abc.abstractmethod
-    async def unfinished_attempts(self, claims: Sequence[Claim]) -> set[str]:
-        """Which of these attempts are still unfinished (running under some daemon), whoever holds them now."""
-
     # -- leases and recovery --------------------------------------------------------------------------------
 
     @abc.abstractmethod

@@ -368,13 +368,6 @@ class PostgresStore(Store):
         rows = await self._fetch("cancelled_among", {"ids": sorted(set(job_ids)), "worker_id": worker_id})
         return [(row[0], row[1]) for row in rows]
 
-    async def unfinished_attempts(self, claims: Sequence[Claim]) -> set[str]:
-        if not claims:
-            return set()
-        return {row[0] for row in await self._fetch("unfinished_attempts", _claims(claims))}
-
-    # -- leases and recovery ----------------------------------------------------------------------------------
-
     async def register_worker(self, *, worker_id: str, host: str, boot_id: str | None, pid: int,
                               pid_start: int | None, nodes: Sequence[str]) -> None:
         await self._fetch("register_worker", {"id": worker_id, "host": host, "boot_id": boot_id, "pid": pid,

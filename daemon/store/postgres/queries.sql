@@ -66,12 +66,6 @@ SELECT j.id FROM jobs AS j JOIN unnest(:ids::text[], :attempts::int[]) AS c(id, 
  WHERE j.worker_id = :worker_id AND j.status IN ('executing', 'cancelled') AND j.duration IS NULL
    FOR UPDATE OF j;
 
--- name: unfinished_attempts
--- Which of these attempts (:ids with :attempts) are still unfinished, whoever holds them now.
-SELECT j.id FROM jobs AS j JOIN unnest(:ids::text[], :attempts::int[]) AS c(id, attempt)
-    ON j.id = c.id AND j.attempt = c.attempt
- WHERE j.status IN ('executing', 'cancelled') AND j.duration IS NULL;
-
 -- name: finished_claims
 -- The status and duration finish_job or requeue_job left on the rows of the claims.
 SELECT j.id, j.status, j.duration FROM jobs AS j JOIN unnest(:ids::text[], :attempts::int[]) AS c(id, attempt)

@@ -709,10 +709,6 @@ class SqliteStore(Store):
         return [(row[0], n) for row in rows if isinstance(row[1], int)
                 for n in range(1, row[1] + (0 if row[2] else 1))]
 
-    async def unfinished_attempts(self, claims: Sequence[Claim]) -> set[str]:
-        args = {"claims": json.dumps([[c.job_id, c.attempt] for c in claims])}
-        return {row[0] for row in await self._conn.execute_fetchall(Q["unfinished_attempts"], args)}
-
     async def cancelled_among(self, job_ids: Iterable[str], worker_id: str) -> list[tuple[str, int]]:
         rows = await self._conn.execute_fetchall(Q["cancelled_among"], {"ids": json.dumps(sorted(set(job_ids))),
                                                                         "worker_id": worker_id})

@@ -89,13 +89,6 @@ SELECT j.id
     ON j.id = json_extract(c.value, '$[0]') AND j.attempt = json_extract(c.value, '$[1]')
  WHERE j.worker_id = :worker_id AND j.status IN ('executing', 'cancelled') AND j.duration IS NULL;
 
--- name: unfinished_attempts
--- Which of :claims (a JSON array of [id, attempt]) are still unfinished, whoever holds them now.
-SELECT j.id
-  FROM jobs AS j JOIN json_each(:claims) AS c
-    ON j.id = json_extract(c.value, '$[0]') AND j.attempt = json_extract(c.value, '$[1]')
- WHERE j.status IN ('executing', 'cancelled') AND j.duration IS NULL;
-
 -- name: finished_claims
 -- The status and duration finish_job or requeue_job left on the rows of :claims.
 SELECT j.id, j.status, j.duration
