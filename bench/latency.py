@@ -46,7 +46,8 @@ def parse_args() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1, help="seed of the random pauses (default 1)")
     h.add_common_args(p)
     p.add_argument("--role", choices=("inserter", "poller"), help=argparse.SUPPRESS)  # internal
-    p.add_argument("--db", help=argparse.SUPPRESS)
+    p.add_argument("--db", metavar="URL", help="a postgresql:// URL: compare nexus-jobd on PostgreSQL, on SQLite and "
+                   "procrastinate instead (throwaway databases are made on that server)")
     return p
 
 
@@ -159,6 +160,10 @@ def main(args: argparse.Namespace) -> int:
         return role_inserter(args)
     if args.role == "poller":
         return role_poller(args)
+    if args.db:
+        import _postgres
+
+        return _postgres.latency_main(args, run_daemon)
     with h.Workspace(args) as ws:
         print(f"latency: {args.rows} rows `true`, inserted one at a time {args.gap_ms[0]}-{args.gap_ms[1]} ms apart "
               f"by another process (PRAGMA synchronous={args.synchronous}); idle CPU over {args.idle_seconds:.0f} s")

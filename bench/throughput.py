@@ -40,6 +40,8 @@ def parse_args() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=h.positive_int, default=3,
                    help="rounds of all three; medians are compared (default 3)")
     h.add_common_args(p)
+    p.add_argument("--db", metavar="URL", help="a postgresql:// URL: compare nexus-jobd on PostgreSQL, on SQLite "
+                   "and procrastinate instead (throwaway databases are made on that server)")
     p.add_argument("--huey-consumer", metavar="DB", help=argparse.SUPPRESS)  # internal: run huey's consumer
     return p
 
@@ -177,6 +179,10 @@ def report(daemon: Result, xargs: Result, huey: Result, rounds: int) -> bool:
 def main(args: argparse.Namespace) -> int:
     if args.huey_consumer:
         return huey_consumer(args.huey_consumer, args.max_concurrent)
+    if args.db:
+        import _postgres
+
+        return _postgres.throughput_main(args, run_daemon)
     jobs, concurrency = args.jobs, args.max_concurrent
     results: dict[str, list[Result]] = {"daemon": [], "xargs": [], "huey": []}
     with h.Workspace(args) as ws:

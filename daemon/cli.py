@@ -37,7 +37,7 @@ _MAX_AGE_DAYS = 36500  # prune --older-than: a century; no job ended longer ago 
 async def _open(cfg: config.Config, *, writes: bool) -> Store:
     """An existing database only: a typo in --db must not create an empty one that no daemon reads. A command
     that only reads also works on a file this user may not write: opened read-only, and then not migrated."""
-    store = await Store.open(cfg.db_path, busy_timeout_ms=cfg.busy_timeout_ms, create=False,
+    store = await Store.open(cfg.db_target, busy_timeout_ms=cfg.busy_timeout_ms, create=False,
                              read_only_ok=not writes)
     if store.read_only:
         return store
@@ -46,7 +46,7 @@ async def _open(cfg: config.Config, *, writes: bool) -> Store:
     except BaseException as e:
         await store.close()  # else aiosqlite's thread (not a daemon thread) keeps the process alive for ever
         if isinstance(e, DbError):
-            raise DatabaseError(f"{cfg.db_path}: not a usable database: adding the daemon's tables and columns "
+            raise DatabaseError(f"{cfg.db_name}: not a usable database: adding the daemon's tables and columns "
                                 f"failed: {e}") from e
         raise
     return store
@@ -192,7 +192,7 @@ async def _say_if_unserved(store: Store, cfg: config.Config, row: dict[str, Any]
         return
     watch.warned_at = now
     state = "queued" if row["status"] == JobStatus.QUEUED else str(row["status"])
-    print(f"nexus-jobd: no live daemon serves node '{_text(row['node_id'])}' on {cfg.db_path}: job "
+    print(f"nexus-jobd: no live daemon serves node '{_text(row['node_id'])}' on {cfg.db_name}: job "
           f"{_text(row['id'])} stays {state} until one does (start one with `nexus-jobd run`; `nexus-jobd status` "
           "lists the daemons)", file=sys.stderr, flush=True)
 
@@ -331,7 +331,7 @@ def _print_rewrite_report(report: dict[str, Any]) -> None:
 def cmd_status(cfg: config.Config, args: argparse.Namespace) -> int:
     """Every daemon registered on the database: alive or not, and what the queue looks like; first, if the last
     daemon stopped because another program rewrote the file, what it found (even when the file cannot be opened)."""
-    report = guard.latest_report(cfg.db_path)
+    report = guard.latest_report(cfg.db_path) if cfg.db_url is None else None  # only a file can be rewritten
 
     async def action(store: Store) -> int:
         workers, counts = await store.workers(), await store.job_counts()
@@ -343,7 +343,7 @@ def cmd_status(cfg: config.Config, args: argparse.Namespace) -> int:
             return 0
         if report is not None:
             _print_rewrite_report(report)
-        print(f"{cfg.db_path}: {counts['executing']} running, {counts['queued']} queued, "
+        print(f"{cfg.db_name}: {counts['executing']} running, {counts['queued']} queued, "
               f"{counts['finished_last_minute']} finished in the last minute, "
               f"{counts['finished_last_hour']} in the last hour")
         for w in workers:
@@ -427,10 +427,14 @@ def _check_node(cfg: config.Config, node_id: str) -> int:
 
 def cmd_backup(cfg: config.Config, args: argparse.Namespace) -> int:
     target = Path(args.path).expanduser()
+    if cfg.db_url is not None:
+        raise JobdError(f"{cfg.db_name} is a PostgreSQL database: back it up with PostgreSQL's own tools, e.g. "
+                        f"pg_dump -Fc -f {shlex.quote(args.path)} '{cfg.db_name}' (`nexus-jobd backup` copies "
+                        "SQLite files only)")
 
     async def action(store: Store) -> int:
         await store.backup(target)
-        print(f"{cfg.db_path} -> {args.path}")
+        print(f"{cfg.db_name} -> {args.path}")
         return 0
 
     return _with_store(cfg, action, writes=False)
@@ -469,22 +473,22 @@ def cmd_cancel(cfg: config.Config, args: argparse.Namespace) -> int:
 def cmd_db(cfg: config.Config, args: argparse.Namespace) -> int:
     async def main() -> int:
         migrate = args.action == "migrate"
-        store = await Store.open(cfg.db_path, busy_timeout_ms=cfg.busy_timeout_ms, create=migrate,
+        store = await Store.open(cfg.db_target, busy_timeout_ms=cfg.busy_timeout_ms, create=migrate,
                                  read_only_ok=not migrate)
         try:
             if migrate:
                 try:
                     applied = await store.migrate()
                 except DbError as e:
-                    raise DatabaseError(f"{cfg.db_path}: not a usable database: adding the daemon's tables and "
+                    raise DatabaseError(f"{cfg.db_name}: not a usable database: adding the daemon's tables and "
                                         f"columns failed: {e}") from e
-                print(f"{cfg.db_path}: " + (f"applied {', '.join(applied)}" if applied else "up to date"))
+                print(f"{cfg.db_name}: " + (f"applied {', '.join(applied)}" if applied else "up to date"))
                 return 0
             problems = await store.check()
             for problem in problems:
-                print(f"{cfg.db_path}: {problem}")
+                print(f"{cfg.db_name}: {problem}")
             if not problems:
-                print(f"{cfg.db_path}: ok" + (" (read-only for this user)" if store.read_only else ""))
+                print(f"{cfg.db_name}: ok" + (" (read-only for this user)" if store.read_only else ""))
             return 1 if problems else 0
         finally:
             await store.close()
@@ -681,12 +685,12 @@ def _check_usage(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _check_usage(args)
-    db = args.db or "the database"
+    db = config.redact_url(args.db) if args.db else "the database"
     try:
         args.overrides = config.Overrides(config_path=args.config, db_path=args.db, log_level=args.log_level,
                                           log_format=args.log_format)
         cfg = config.load(args.overrides)
-        db = str(cfg.db_path)
+        db = cfg.db_name
         log.configure(cfg.log_level if args.cmd == "run" else "warning", cfg.log_format)
         code: int = args.func(cfg, args)
         return code

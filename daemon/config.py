@@ -89,7 +89,8 @@ class SshTarget:
 @dataclass(frozen=True, kw_only=True)
 class Config:
     source: str  # where the settings came from, for messages
-    db_path: Path
+    db_path: Path  # the SQLite file (unused when db_url is set)
+    db_url: str | None = None  # a postgresql:// URL (libpq's syntax): daemons on several hosts share its queue
     busy_timeout_ms: int = 5000
     local_node: str = "localhost"
     max_concurrent: int = 8
@@ -117,6 +118,16 @@ class Config:
     log_format: str = "auto"
     nodes: Mapping[str, NodeConfig] = field(default_factory=dict)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    @property
+    def db_target(self) -> Path | str:
+        """What Store.open takes: the URL, or the file."""
+        return self.db_url if self.db_url is not None else self.db_path
+
+    @property
+    def db_name(self) -> str:
+        """The database for messages and logs: the file, or the URL without its password."""
+        return redact_url(self.db_url) if self.db_url is not None else str(self.db_path)
 
     @property
     def node_ids(self) -> tuple[str, ...]:
@@ -238,6 +249,25 @@ class _Section:
 
 def _expand(path: str) -> Path:
     return Path(os.path.expandvars(os.path.expanduser(path)))
+
+
+def _database(config: Config, value: str) -> Config:
+    """A `postgresql://` (or `postgres://`) URL names a PostgreSQL database, taken as libpq takes it; anything
+    else is the SQLite file."""
+    if value.startswith(("postgresql://", "postgres://")):
+        return replace(config, db_url=value)
+    return replace(config, db_path=_expand(value), db_url=None)
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password (if any) replaced by `***`: what logs and messages may show."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***"
+    redacted = f"{scheme}{sep}{userinfo}{at}{hosts}{slash}{tail}"
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", redacted)
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -408,7 +438,7 @@ def load(overrides: Overrides | None = None, environ: Mapping[str, str] | None =
     local = dm.string("local_node", "localhost")
     config = Config(
         source=source,
-        db_path=_expand(db.string("path", DEFAULT_DB_PATH)),
+        db_path=_expand(DEFAULT_DB_PATH),
         busy_timeout_ms=db.integer("busy_timeout_ms", 5000, minimum=0, maximum=HOUR_MS),  # SQLite: a C int
         local_node=local,
         max_concurrent=max_concurrent,
@@ -438,6 +468,7 @@ def load(overrides: Overrides | None = None, environ: Mapping[str, str] | None =
         nodes=_nodes(source, top, local if local_node is None else local_node, max_concurrent),
         metrics=_metrics(_Section(source, "metrics", top.table("metrics"))),
     )
+    config = _database(config, db.string("path", DEFAULT_DB_PATH))
     top.reject_unknown()
     db.reject_unknown()
     dm.reject_unknown()
@@ -462,7 +493,7 @@ def _watchdog_usec(environ: Mapping[str, str]) -> int | None:
 def _apply_overrides(config: Config, overrides: Overrides, environ: Mapping[str, str]) -> Config:
     db_path = overrides.db_path or environ.get("NEXUS_JOBD_DB")
     if db_path:
-        config = replace(config, db_path=_expand(db_path))
+        config = _database(config, db_path)
     if overrides.log_level:
         if overrides.log_level not in LOG_LEVELS:
             raise ConfigError(f"--log-level {overrides.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")

@@ -2,8 +2,8 @@
 
 Main loop, in order: (1) if the database may have changed, check `data_version`; if another program wrote,
 notice cancels, fail rows that can never run (unknown node, failed dependency) and claim; (2) claim when a slot
-freed while rows were waiting, a dependency completed or a `run_after` came due; (3) sleep until woken (inotify,
-a finished job, stop) or the next poll or due time.
+freed while rows were waiting, a dependency completed or a `run_after` came due; (3) sleep until woken (the store's
+change source: inotify on a SQLite file, LISTEN on PostgreSQL; a finished job; stop) or the next poll or due time.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from daemon.lease import Lease
 from daemon.metrics import Hooks
 from daemon.runner import JobRunner, RunningJob
 from daemon.store import ClaimedJob, DbError, JobResult, JobStatus, OrphanedJob, Quarantine, Store, guard, now_ms
-from daemon.wakeup import ChangeWatcher
 
 logger = log.get("dispatch")
 # After a notification, look again 1, 2, 4 ... 256 ms later, then every 256 ms: about 2 s in all, for a writer
@@ -43,6 +42,7 @@ OWN_COMMIT_RECHECKS = 6  # 1, 2, 4 ... 32 ms: about 60 ms, a phone's fsync
 RECORD_BATCH = 16  # finished jobs written in one transaction without waiting for more
 RECORD_GATHER_S = 0.002  # while other jobs run, how long a smaller batch waits for more to end
 DETACH_START_WAIT_S = 5.0  # on a detaching stop, jobs still starting get this long to be started
+UNKNOWN_CLAIM_ERROR = "claimed as the connection to the database was lost; never started, queued again"
 SWEEP_DELAY_S = 10.0  # the leftover spools on each node are swept once, this long after start-up
 T = TypeVar("T")
 RunFn = Callable[[ClaimedJob, RunningJob], Awaitable[JobResult]]
@@ -89,13 +89,14 @@ class Dispatcher:
         self._error_backoff_s = 0.1
         self._to_record: list[tuple[ClaimedJob, RunningJob, JobResult]] = []
         self._record_ready = asyncio.Event()
-        self._watcher = ChangeWatcher(config.db_path, self._on_db_change)
+        self._watcher = store.watcher(self._on_db_change)
         # Another program rewrote the database file: what the daemon did about it, and where results now go.
         self.quarantine: Quarantine | None = None
         self.on_rewritten: Callable[[Quarantine], None] = lambda _: None
         self._rewrite_suffix: str | None = None
         self._stopping = False
         self._cycles_due = True  # look for depends_on cycles (at start, then after another program wrote)
+        self._claims_unknown = False  # a claim failed with a database error: it may have taken rows all the same
         self.metrics = Hooks()  # [metrics]: the service sets its exporter
 
     # -- wake-ups -----------------------------------------------------------------------------------------
@@ -179,7 +180,8 @@ class Dispatcher:
         output.map_big_blocks_apart()  # before the first job: big outputs must not fragment the heap
         self._watcher.start()
         poll_s = self._watcher.poll_interval_s(self._config.poll_interval_ms / 1000)
-        logger.info("dispatch.started", worker_id=self.worker_id, inotify=self._watcher.uses_inotify,
+        await self._kill_local_orphans()
+        logger.info("dispatch.started", worker_id=self.worker_id, push=self._watcher.uses_push,
                     nodes=list(self._config.nodes), max_concurrent=self._config.max_concurrent)
         on_ready()
         output.trim_heap()  # what start-up freed (imports, migrations, recovery): 1-2 MiB of an idle daemon
@@ -222,6 +224,8 @@ class Dispatcher:
     async def _step(self, tg: TaskGroup, *, claim: bool) -> None:
         if self._store.rewritten is not None:
             return
+        if self._claims_unknown and not self._stopping:
+            await self._requeue_unknown_claims()
         if self._check_db:
             self._check_db = False
             if await self._another_program_wrote():
@@ -284,6 +288,16 @@ class Dispatcher:
             for job_id in await self._store.fail_node_jobs(node.id, reason, queued_before=before):
                 logger.warning("job.failed", job_id=job_id, node=node.id, reason=reason)
 
+    async def _requeue_unknown_claims(self) -> None:
+        """Rows claimed under our worker id that we are not running: a claim whose answer was lost took them. They
+        never started: back to the queue (a compare-and-set on our claim and their attempt, as for an orphan)."""
+        for orphan in await self._store.orphaned_jobs(self.worker_id):
+            if (orphan.id, orphan.attempt) not in self.running and orphan.pid is None and await \
+                    self._store.resolve_orphan(self.worker_id, orphan, requeue=True, error=UNKNOWN_CLAIM_ERROR):
+                logger.warning("job.requeued", job_id=orphan.id, attempt=orphan.attempt, reason=UNKNOWN_CLAIM_ERROR)
+                self._claim_due = True
+        self._claims_unknown = False
+
     async def _notice_cancels(self) -> None:
         if not self.running:
             return
@@ -301,7 +315,13 @@ class Dispatcher:
             if free <= 0:
                 self._backlog.add(node.id)
                 continue
-            jobs = await self._store.claim(node.id, free, self.worker_id)
+            try:
+                jobs = await self._store.claim(node.id, free, self.worker_id)
+            except DbError:
+                # The claim may have committed with its answer lost on the way (a connection cut): rows may be
+                # ours that we do not know of. Once the database answers again, they are put back in the queue.
+                self._claims_unknown = True
+                raise
             if len(jobs) == free:
                 self._backlog.add(node.id)
             else:
@@ -415,7 +435,7 @@ class Dispatcher:
         """SQLite's page cache (up to 2 MiB, full of the rows just written), then the heap's free pages (2-3 MiB
         after a 20 MB job): what big outputs left behind once nothing refers to them. About 1 ms, after big jobs
         only."""
-        with contextlib.suppress(DbError):
+        with contextlib.suppress(*DbError):
             await self._store.release_memory()
         output.trim_heap()
 
@@ -495,12 +515,13 @@ class Dispatcher:
         quarantine = await self._store.quarantine(self._suffix())
         self.quarantine = quarantine
         running = sorted(job.claim.job_id for job in self.running.values())
+        assert self._store.path is not None
         message = guard.rewritten_message(self._store.path, reason)
         report = {"message": message, "reason": reason, "detected_at": now_ms(), "worker_id": self.worker_id,
                   "wal_set_aside": [str(p) for p in quarantine.set_aside], "not_recorded": quarantine.unrecorded,
                   "running": running, "results": str(self._results_path())}
         _write_private(self._report_path(), json.dumps(report, indent=2) + "\n", append=False)
-        logger.error("db.rewritten", message=message, db=str(self._store.path), reason=reason,
+        logger.error("db.rewritten", message=message, db=self._store.name, reason=reason,
                      not_recorded=quarantine.unrecorded, running=running,
                      wal_set_aside=[str(p) for p in quarantine.set_aside], results=str(self._results_path()),
                      report=str(self._report_path()))
@@ -514,9 +535,11 @@ class Dispatcher:
         return self._rewrite_suffix
 
     def _report_path(self) -> Path:
+        assert self._store.path is not None  # only a file can be rewritten
         return guard.report_path(self._store.path, self._suffix())
 
     def _results_path(self) -> Path:
+        assert self._store.path is not None
         return guard.results_path(self._store.path, self._suffix())
 
     def _keep_unrecorded(self, batch: list[tuple[ClaimedJob, RunningJob, JobResult]]) -> None:
@@ -611,6 +634,21 @@ class Dispatcher:
     def _starting_remote(self, job: RunningJob) -> bool:
         executor = self._executors.get(job.node_id)
         return job.process is None and executor is not None and executor.can_reattach and job.holds_slot
+
+    async def _kill_local_orphans(self) -> None:
+        """Before claiming anything: on a database other hosts share, jobs this host's keeper still runs but which
+        another host's daemon recovered (re-queued or failed) while this host was away are killed."""
+        local = self._executors.get(self._config.local_node)
+        if not self._store.shared_by_hosts or not isinstance(local, LocalExecutor):
+            return
+        try:
+            killed = await local.kill_orphans(partial(self._store.finished_attempts, self._config.local_node))
+        except Exception as e:  # the keeper cannot start, or the database is away: jobs still run; say so
+            logger.error("dispatch.orphans_unchecked", error=str(e) or type(e).__name__)
+            return
+        for key in killed:
+            logger.warning("job.orphan_killed", attempt=key,
+                           reason="another host's daemon recovered this attempt while this host's daemon was away")
 
     async def _sweep_spools(self) -> None:
         """Once, a while after start-up: directories on each remote node whose attempt is no longer running

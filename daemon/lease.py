@@ -4,7 +4,9 @@ A daemon whose lease expired, or whose process is gone from this host, is dead: 
 it stopped (only one can). Its jobs on SSH nodes this daemon serves run on there: they are adopted (reattached).
 So are its local jobs that this host's job keeper holds (they run on under the keeper). Of the others, what is
 left of their process groups on this host is killed, and each job that may try again is re-queued, the rest
-failed with the reason. Jobs a daemon detached when it stopped (on_stop = "detach") are adopted the same way.
+failed with the reason ("daemon on host H stopped answering" for a daemon on another host sharing a PostgreSQL
+queue: what ran there cannot be reached from here; that daemon, if it comes back, kills it). Jobs a daemon
+detached when it stopped (on_stop = "detach") are adopted the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from daemon.store import OrphanedJob, Store, Worker, survive_db_errors
 
 logger = log.get("lease")
 ORPHAN_ERROR = "daemon stopped while the job was running"
+def unreachable_host_error(host: str) -> str:
+    return f"daemon on host {host} stopped answering"
+
+
 KEEPER_LOST_ERROR = ("daemon stopped while the job was running, and the job keeper that ran it is gone (killed, or "
                      "the host rebooted)")
 
@@ -128,8 +134,12 @@ class Lease:
                 # adopt: never re-queued while it may still run there.
                 await self.adopt(worker.id, job)
                 continue
-            error = KEEPER_LOST_ERROR if local and self.keeper_holds is not None else ORPHAN_ERROR
-            await self._resolve(worker.id, job, error, self._kill_leftovers(worker, job))
+            await self._resolve(worker.id, job, self._orphan_error(worker, local), self._kill_leftovers(worker, job))
+
+    def _orphan_error(self, worker: Worker, local: bool) -> str:
+        if worker.host != self.me.host:  # a shared (PostgreSQL) queue: nobody here can reach what ran there
+            return unreachable_host_error(worker.host)
+        return KEEPER_LOST_ERROR if local and self.keeper_holds is not None else ORPHAN_ERROR
 
     async def _held(self, jobs: Sequence[OrphanedJob]) -> set[str]:
         """Which of these local jobs this host's keeper holds (none if there is no keeper or it cannot start)."""

@@ -39,6 +39,7 @@ logger = log.get("metrics")
 TEXTFILE_INTERVAL_S = 15.0
 TEXTFILE_MODE = 0o644  # node_exporter runs as another user; the systemd unit's UMask=0077 would hide the file
 DB_READ_TIMEOUT_S = 2.0  # a scrape answers without the queue gauges rather than wait on a stuck database
+_UNREADABLE: tuple[type[Exception], ...] = (TimeoutError, DatabaseRewritten, OSError, *DbError)
 REQUEST_TIMEOUT_S = 10.0
 MAX_REQUEST_HEAD = 16 * 1024
 STATUSES = ("completed", "failed", "cancelled")
@@ -219,7 +220,7 @@ class Exporter(Hooks):
                     async with asyncio.timeout(DB_READ_TIMEOUT_S):
                         queue = await self._store.queue_by_node()
                         ages = await self._store.heartbeat_ages()
-                except (TimeoutError, DatabaseRewritten, OSError, DbError) as e:
+                except _UNREADABLE as e:
                     logger.warning("metrics.db_unavailable", error=str(e) or type(e).__name__,
                                    reason="the queue gauges are left out of this scrape")
             nodes = self._health.nodes

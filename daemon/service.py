@@ -53,7 +53,7 @@ def new_worker_id() -> str:
 def executors_for(config: Config, metrics: Hooks | None = None) -> dict[str, Executor]:
     local = LocalExecutor(base_env=config.job_environment, default_cwd=config.default_cwd,
                           drain_timeout_s=config.drain_timeout_ms / 1000,
-                          keeper=KeeperClient(str(config.db_path)) if config.keeper else None)
+                          keeper=KeeperClient(config.db_name) if config.keeper else None)
     executors: dict[str, Executor] = {config.local_node: local}
     remote = [node for node in config.nodes.values() if node.ssh is not None]
     if remote:
@@ -140,7 +140,10 @@ def _check_local_limits(config: Config) -> None:
 
 
 def _check_database_access(config: Config) -> None:
-    """Writing the database means running commands as this daemon's user: refuse one that others can write."""
+    """Writing the database means running commands as this daemon's user: refuse one that others can write.
+    (A PostgreSQL database is guarded by its server's roles and grants.)"""
+    if config.db_url is not None:
+        return
     for path in (config.db_path, config.db_path.parent):
         try:
             st = path.stat()
@@ -166,7 +169,7 @@ def _check_database_access(config: Config) -> None:
 async def serve(config: Config, overrides: Overrides | None = None, *, install_signals: bool = True) -> int:
     """Run until stopped; returns the process exit code (0 after a clean drain, 1 after losing the lease)."""
     _check_host(config)
-    store = await Store.open(config.db_path, busy_timeout_ms=config.busy_timeout_ms, daemon=True)
+    store = await Store.open(config.db_target, busy_timeout_ms=config.busy_timeout_ms, daemon=True)
     notifier = Notifier(config.notify_socket, config.watchdog_usec)
     exporter: Exporter | None = None
     try:
@@ -214,11 +217,11 @@ async def _run(config: Config, overrides: Overrides, store: Store, notifier: Not
     # are adopted by the dispatcher, which starts following them when it runs.
     await lease.register()
     dispatcher.on_rewritten = lambda q: notifier.send(
-        STATUS=f"stopped claiming: {config.db_path} was rewritten by another program outside SQLite's locking "
+        STATUS=f"stopped claiming: {config.db_name} was rewritten by another program outside SQLite's locking "
                f"(sql.js?); {len(dispatcher.running)} running jobs finish, results beside it; see the log")
     if install_signals:
         _install_signals(stop, dispatcher, notifier, _Reloader(config, overrides, dispatcher))
-    logger.info("daemon.started", db=str(config.db_path), config=config.source, pid=os.getpid(),
+    logger.info("daemon.started", db=config.db_name, config=config.source, pid=os.getpid(),
                 worker_id=dispatcher.worker_id, systemd=notifier.enabled)
     try:
         async with anyio.create_task_group() as tg:
@@ -238,7 +241,7 @@ async def _run(config: Config, overrides: Overrides, store: Store, notifier: Not
         logger.error("daemon.stopped", worker_id=dispatcher.worker_id, reason="lease lost")
         return 1
     if dispatcher.quarantine is not None:
-        notifier.send(STOPPING=1, STATUS=f"stopped: {config.db_path} was rewritten by another program outside "
+        notifier.send(STOPPING=1, STATUS=f"stopped: {config.db_name} was rewritten by another program outside "
                                          "SQLite's locking; see the log or `nexus-jobd status`")
         logger.error("daemon.stopped", worker_id=dispatcher.worker_id, exit_code=EXIT_DATABASE_REWRITTEN,
                      reason="the database was rewritten by another program; not restarting until it is fixed")
@@ -299,7 +302,7 @@ class _Reloader:
     A bad file never stops the daemon: whatever reading it raises is logged as config.reload_failed.
     """
 
-    RESTART_ONLY = ("db_path", "busy_timeout_ms", "local_node", "default_cwd", "job_environment", "metrics")
+    RESTART_ONLY = ("db_path", "db_url", "busy_timeout_ms", "local_node", "default_cwd", "job_environment", "metrics")
 
     def __init__(self, config: Config, overrides: Overrides, dispatcher: Dispatcher) -> None:
         self.config, self._overrides, self._dispatcher = config, overrides, dispatcher

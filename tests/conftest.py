@@ -1,6 +1,7 @@
-"""Shared fixtures: a real SQLite file, the real `nexus-jobd` daemon as a subprocess, and polling helpers.
+"""Shared fixtures: a real SQLite file (or a real PostgreSQL database, for tests that ask for the `postgres`
+backend), the real `nexus-jobd` daemon as a subprocess, and polling helpers.
 
-Tests talk to the database the way other programs do: a plain sqlite3 connection in this process.
+Tests talk to the database the way other programs do: a plain sqlite3 (or psycopg) connection in this process.
 """
 
 from __future__ import annotations
@@ -62,11 +63,11 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-def keeper_pids(db_path: Path) -> list[int]:
-    """The job keeper of this database (at most one), found by the address on its command line."""
+def keeper_pids(db_path: Path | str, host: str | None = None) -> list[int]:
+    """The job keeper of this database (at most one per host), found by the address on its command line."""
     from daemon.keeper.protocol import address
 
-    wanted = address(str(db_path)).hex().encode()
+    wanted = address(str(db_path), host).hex().encode()
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -92,9 +93,9 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def kill_keeper(db_path: Path) -> None:
+def kill_keeper(db_path: Path | str, host: str | None = None) -> None:
     """What a test's daemons left running under their keeper (detached jobs), and the keeper: killed."""
-    for keeper in keeper_pids(db_path):
+    for keeper in keeper_pids(db_path, host):
         for child in children(keeper):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(child, signal.SIGKILL)
@@ -126,6 +127,11 @@ class Db:
         self.conn.execute(f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({placeholders})", values)
         return job_id
 
+    @property
+    def target(self) -> str:
+        """What --db says for this database."""
+        return str(self.path)
+
     def job(self, job_id: str) -> dict[str, Any]:
         row = self.conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         assert row is not None, f"job {job_id} not found"
@@ -148,6 +154,42 @@ class Db:
         self.conn.close()
 
 
+class _PgConn:
+    """psycopg behind sqlite3's calls as the tests make them: `?` placeholders, autocommit, rows by index."""
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+
+        self._conn = psycopg.connect(url, autocommit=True)
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        return self._conn.execute(sql.replace("?", "%s"), params)
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class PgDb(Db):
+    """Another program's view of a PostgreSQL database: what Db does, over psycopg."""
+
+    def __init__(self, url: str, home: Path) -> None:
+        self.path = home  # where the file would be: its directory is the test's (HOME, logs)
+        self.url = url
+        self.conn = _PgConn(url)  # type: ignore[assignment]
+
+    @property
+    def target(self) -> str:
+        return self.url
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        from psycopg.rows import dict_row
+
+        with self.conn._conn.cursor(row_factory=dict_row) as cur:
+            row = cur.execute("SELECT * FROM jobs WHERE id = %s", (job_id,)).fetchone()
+        assert row is not None, f"job {job_id} not found"
+        return dict(row)
+
+
 @dataclass
 class Daemon:
     """A `nexus-jobd run` process, exactly as a user starts it."""
@@ -159,9 +201,11 @@ class Daemon:
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     log_dir: Path | None = None  # default: beside the database
+    db_url: str | None = None  # a PostgreSQL database instead of the file (which then only says where HOME is)
+    prefix: list[str] = field(default_factory=list)  # run under this (e.g. unshare, as another host)
 
     def start(self, wait_ready: bool = True) -> Daemon:
-        args = [*NEXUS_JOBD, "--db", str(self.db_path), "--log-format", "json"]
+        args = [*self.prefix, *NEXUS_JOBD, "--db", self.target, "--log-format", "json"]
         if self.config_path:
             args += ["--config", str(self.config_path)]
         # HOME is the test's directory: no user config file is picked up, and it is the default cwd.
@@ -179,6 +223,10 @@ class Daemon:
                      15, message="daemon start-up")
             assert self.proc.poll() is None, f"daemon exited at start-up:\n{self.log()}"
         return self
+
+    @property
+    def target(self) -> str:
+        return self.db_url or str(self.db_path)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
@@ -246,27 +294,65 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "nexuscli.db"
 
 
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    """One PostgreSQL server for the session (each test gets a database of its own: pg_database_url)."""
+    from tests import pg
+
+    require(pg.bin_dir() is not None, "PostgreSQL server not installed (apt-get install postgresql)")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        require(False, "psycopg not installed (pip install -e '.[postgres]')")
+    with pg.running_server() as server:
+        yield server
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """`@pytest.mark.backends("sqlite", "postgres")` (on a module or a test; the test's wins) runs it on each."""
+    marker = metafunc.definition.get_closest_marker("backends")
+    if marker is not None and "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", marker.args, indirect=True)
+
+
 @pytest.fixture
-def db(db_path: Path) -> Iterator[Db]:
+def backend(request: pytest.FixtureRequest) -> str:
+    """Which database the `db` and daemon fixtures use: SQLite unless the test is marked `backends`."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+def db_target(request: pytest.FixtureRequest, backend: str, db_path: Path) -> str:
+    """What --db says: the file, or a fresh PostgreSQL database's URL."""
+    if backend == "postgres":
+        server = request.getfixturevalue("pg_server")
+        return str(server.new_database())
+    return str(db_path)
+
+
+@pytest.fixture
+def db(db_path: Path, db_target: str) -> Iterator[Db]:
     """The database after the daemon's migrations, opened as another program would."""
     # HOME is the test's directory and no NEXUS_JOBD_* setting leaks in: no user config file is picked up.
     env = {k: v for k, v in os.environ.items() if k not in ("NEXUS_JOBD_CONFIG", "NEXUS_JOBD_DB")}
-    subprocess.run([*NEXUS_JOBD, "--db", str(db_path), "db", "migrate"], check=True, capture_output=True,
+    subprocess.run([*NEXUS_JOBD, "--db", db_target, "db", "migrate"], check=True, capture_output=True,
                    env={**env, "HOME": str(db_path.parent)})
-    handle = Db(db_path)
+    handle = PgDb(db_target, db_path) if db_target.startswith("postgresql://") else Db(db_path)
     yield handle
     handle.close()
 
 
 @pytest.fixture
-def daemon_factory(db_path: Path) -> Iterator[Callable[..., Daemon]]:
+def daemon_factory(db_path: Path, db_target: str) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
+    url = db_target if db_target.startswith("postgresql://") else None
 
     def make(config: str | None = None, **kwargs: Any) -> Daemon:
         config_path = None
         if config is not None:
             config_path = db_path.parent / f"config-{len(started)}.toml"
             config_path.write_text(config)
+        kwargs.setdefault("db_url", url)
         daemon = Daemon(db_path, config_path, **kwargs)
         started.append(daemon)
         return daemon
@@ -275,7 +361,7 @@ def daemon_factory(db_path: Path) -> Iterator[Callable[..., Daemon]]:
     for daemon in started:
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.stop_now()
-    kill_keeper(db_path)
+    kill_keeper(db_target)
 
 
 @pytest.fixture

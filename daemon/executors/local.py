@@ -232,6 +232,22 @@ class LocalExecutor:
     async def sweep(self, finished_attempts: Callable[[], Awaitable[list[tuple[str, int]]]]) -> None:
         pass  # nothing of a local job is left behind once its process group is gone (or its keeper forgot it)
 
+    async def kill_orphans(self, finished_attempts: Callable[[], Awaitable[list[tuple[str, int]]]]) -> list[str]:
+        """Kill what this host's keeper still runs of attempts the database holds finished or re-queued: on a queue
+        shared by several hosts, another host's daemon recovered them while this host's daemon was away, and could
+        not reach them to kill them. The attempt keys killed."""
+        if self._keeper is None:
+            return []
+        keys = [f"{job_id}:{attempt}" for job_id, attempt in await finished_attempts()]
+        held = sorted(await self._keeper.holds(keys)) if keys else []
+        for key in held:
+            process = await self._keeper.attach(key, JobOutput(1024), _ignore, _ignore)
+            process.signal_group(signal.SIGKILL)
+            with anyio.move_on_after(5):
+                await process.wait()
+            process.forget(remove=True)
+        return held
+
     async def reattach(self, key: str, on_stdout: OutputCallback, on_stderr: OutputCallback, *,
                        output: JobOutput) -> Process:
         if self._keeper is None:
@@ -269,3 +285,7 @@ class LocalExecutor:
         if self._reaper is not None:
             self._reaper.close()
             self._reaper = None
+
+
+def _ignore(_: bytes) -> None:
+    pass  # an orphan's output: its row is final, or belongs to another attempt now

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 
 # typing costs the keeper 1.7 MiB of RSS; annotations are strings here (PEP 563), so only type checkers need it.
@@ -80,11 +81,17 @@ def split(buf: bytearray) -> list[tuple[int, int, bytes]]:
     return frames
 
 
-def address(database: str) -> bytes:
+def address(database: str, host: str | None = None) -> bytes:
     """The keeper's socket for this user and database, in Linux's abstract namespace: nothing on disk to clean
     up or to lose with a private /tmp, gone with the keeper, and bound by one keeper only (the bind is the lock).
     Anyone may connect to an abstract socket: the keeper serves only its own user (SO_PEERCRED)."""
     import hashlib  # here, not at the top: OpenSSL's libcrypto would cost the keeper, which never calls this, 3 MiB
 
-    digest = hashlib.sha256(os.path.realpath(database).encode("utf-8", "surrogateescape")).hexdigest()[:20]
+    if database.startswith(("postgresql://", "postgres://")):
+        # A URL names the same database from any directory. Its keeper is this host's (by name: the identity
+        # daemons sharing the database know each other by, so that hosts in UTS namespaces are hosts too).
+        key = f"{host or socket.gethostname()}|{database}"
+    else:
+        key = os.path.realpath(database)  # a file path is made absolute first
+    digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:20]
     return f"\0nexus-jobd-keeper/v{VERSION}/{os.getuid()}/{digest}".encode()

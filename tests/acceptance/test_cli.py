@@ -12,6 +12,9 @@ import pytest
 
 from tests.conftest import NEXUS_JOBD, Daemon, Db, wait_for
 
+# The contract holds on either database: each test runs on SQLite and on PostgreSQL.
+pytestmark = pytest.mark.backends("sqlite", "postgres")
+
 
 def cli_env(home: Path) -> dict[str, str]:
     """The environment of a CLI call: its own HOME (no user config file), and no NEXUS_JOBD_CONFIG/_DB."""
@@ -30,7 +33,7 @@ def run(args: list[str], home: Path, *, cwd: Path | None = None, timeout: float 
 
 
 def cli(db: Db, *args: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    result = run(["--db", str(db.path), *args], db.path.parent / "cli-home", cwd=cwd)
+    result = run(["--db", db.target, *args], db.path.parent / "cli-home", cwd=cwd)
     if check:
         assert result.returncode == 0, (args, result.stdout, result.stderr)
     return result
@@ -79,7 +82,7 @@ def test_logs_follow_ends_when_the_job_ends(daemon: Daemon, db: Db, tmp_path: Pa
     gate = tmp_path / "gate"
     job_id = db.insert(f"echo before; while [ ! -e {gate} ]; do sleep 0.02; done; echo after")
     wait_for(lambda: db.job(job_id)["stdout"] == "before\n", message="first line")
-    follower = subprocess.Popen([*NEXUS_JOBD, "--db", str(db.path), "logs", "-f", job_id], stdout=subprocess.PIPE,
+    follower = subprocess.Popen([*NEXUS_JOBD, "--db", db.target, "logs", "-f", job_id], stdout=subprocess.PIPE,
                                 text=True, env=cli_env(tmp_path / "cli-home"))
     assert follower.stdout is not None
     assert follower.stdout.readline() == "before\n"
@@ -117,7 +120,7 @@ def test_help_on_every_command(command: list[str], tmp_path: Path) -> None:
 
 
 def test_db_migrate_is_idempotent(db: Db) -> None:
-    assert cli(db, "db", "migrate").stdout.strip() == f"{db.path}: up to date"
+    assert cli(db, "db", "migrate").stdout.strip() == f"{db.target}: up to date"
 
 
 def test_global_options_before_or_after_the_command(db: Db, tmp_path: Path) -> None:
@@ -126,7 +129,7 @@ def test_global_options_before_or_after_the_command(db: Db, tmp_path: Path) -> N
     home = tmp_path / "cli-home"
     config = tmp_path / "jobd.toml"
     config.write_text("[daemon]\n")
-    daemon = subprocess.Popen([*NEXUS_JOBD, "run", "--db", str(db.path), "--log-format", "json", "--log-level",
+    daemon = subprocess.Popen([*NEXUS_JOBD, "run", "--db", db.target, "--log-format", "json", "--log-level",
                                "info", "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env=cli_env(home), cwd=tmp_path)
     try:
@@ -134,13 +137,13 @@ def test_global_options_before_or_after_the_command(db: Db, tmp_path: Path) -> N
         for line in daemon.stdout:  # the log is JSON, as asked after the command
             if json.loads(line).get("event") == "dispatch.started":
                 break
-        result = run(["submit", "--db", str(db.path), "--follow", "--", "echo", "--db", "elsewhere", "--json"], home)
+        result = run(["submit", "--db", db.target, "--follow", "--", "echo", "--db", "elsewhere", "--json"], home)
         assert (result.returncode, result.stdout) == (0, "--db elsewhere --json\n"), result.stderr
-        listed = run(["ps", "--db", str(db.path), "--json"], home)
+        listed = run(["ps", "--db", db.target, "--json"], home)
         assert listed.returncode == 0, listed.stderr
         assert [row["command"] for row in json.loads(listed.stdout)] == ["echo --db elsewhere --json"]
         # Given both before and after the command, the one after it wins.
-        again = run(["--db", str(tmp_path / "missing.db"), "ps", "--db", str(db.path), "--json"], home)
+        again = run(["--db", str(tmp_path / "missing.db"), "ps", "--db", db.target, "--json"], home)
         assert again.returncode == 0 and json.loads(again.stdout)[0]["status"] == "completed", again.stderr
     finally:
         daemon.send_signal(signal.SIGTERM)

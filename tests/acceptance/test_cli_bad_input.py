@@ -98,12 +98,13 @@ def next_line(lines: queue.Queue[str], timeout: float) -> str | None:
         return None
 
 
+@pytest.mark.backends("sqlite", "postgres")
 def test_follow_without_a_live_daemon_says_so_and_ctrl_c_says_how_to_cancel(db: Db, tmp_path: Path) -> None:
     """Before: `submit --follow` with no daemon waited in silence for ever."""
     # A daemon that is alive for the lease (heartbeat now) and serves localhost: nothing to say.
     db.conn.execute("INSERT INTO jobd_workers (id, host, pid, started_at, heartbeat_at, nodes) "
                     "VALUES ('w1', 'h', 1, ?, ?, '[\"localhost\"]')", (now_ms(), now_ms()))
-    follower = subprocess.Popen([*NEXUS_JOBD, "--db", str(db.path), "submit", "-f", "--", "echo", "hi"],
+    follower = subprocess.Popen([*NEXUS_JOBD, "--db", db.target, "submit", "-f", "--", "echo", "hi"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=cli_env(tmp_path / "home"))
     try:
@@ -114,7 +115,7 @@ def test_follow_without_a_live_daemon_says_so_and_ctrl_c_says_how_to_cancel(db: 
         # That daemon stops answering: its lease (15 s by default) runs out.
         db.conn.execute("UPDATE jobd_workers SET heartbeat_at = ?", (now_ms() - 60_000,))
         warning = next_line(lines, 5)
-        assert warning == (f"nexus-jobd: no live daemon serves node 'localhost' on {db.path}: job {job_id} stays "
+        assert warning == (f"nexus-jobd: no live daemon serves node 'localhost' on {db.target}: job {job_id} stays "
                            "queued until one does (start one with `nexus-jobd run`; `nexus-jobd status` lists the "
                            "daemons)")
         follower.send_signal(signal.SIGINT)
@@ -129,8 +130,9 @@ def test_follow_without_a_live_daemon_says_so_and_ctrl_c_says_how_to_cancel(db: 
             follower.wait()
 
 
+@pytest.mark.backends("sqlite", "postgres")
 def test_no_daemon_at_all_is_said_at_once(db: Db, tmp_path: Path) -> None:
-    follower = subprocess.Popen([*NEXUS_JOBD, "--db", str(db.path), "submit", "--node", "localhost", "-f", "--",
+    follower = subprocess.Popen([*NEXUS_JOBD, "--db", db.target, "submit", "--node", "localhost", "-f", "--",
                                  "true"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=cli_env(tmp_path / "home"))
     try:
@@ -187,7 +189,7 @@ def test_bad_values_are_usage_errors_that_say_what_is_expected(db: Db, tmp_path:
     """Before: tracebacks (nan, inf, numbers past SQLite's INTEGER), values the daemon then failed (a negative or
     sub-millisecond timeout, 0 or 1001 attempts), a silent default (an empty --depends-on, --node or --db), exit 1
     for usage errors, and argparse's "expected one argument" for -5d."""
-    result = run(["--db", str(db.path), *args], tmp_path / "home")
+    result = run(["--db", db.target, *args], tmp_path / "home")
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
     assert result.stderr.startswith("usage: nexus-jobd"), result.stderr
@@ -195,6 +197,7 @@ def test_bad_values_are_usage_errors_that_say_what_is_expected(db: Db, tmp_path:
     assert db.conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
 
 
+@pytest.mark.backends("sqlite", "postgres")
 def test_values_at_the_bounds_are_taken(db: Db) -> None:
     first = cli(db, "submit", "--timeout", "0.001", "--max-attempts", "1000", "--priority", str(2**63 - 1),
                 "--delay", "31622400", "--", "true").stdout.strip()

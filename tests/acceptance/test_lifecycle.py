@@ -16,6 +16,9 @@ import pytest
 
 from tests.conftest import NEXUS_JOBD, Daemon, Db, group_members, now_ms, wait_for
 
+# The contract holds on either database: each test runs on SQLite and on PostgreSQL.
+pytestmark = pytest.mark.backends("sqlite", "postgres")
+
 
 def test_timeout_fails_with_124_and_says_how_long(db: Db, daemon_factory: Callable[..., Daemon]) -> None:
     daemon_factory(config="[daemon]\nkill_grace_ms = 300\n").start()
@@ -115,6 +118,7 @@ def _stop_outside_a_write(proc: subprocess.Popen[bytes], db_path: Path) -> None:
     raise AssertionError("the daemon held the write lock at every stop")
 
 
+@pytest.mark.backends("sqlite")  # stops the daemon outside a SQLite write
 @pytest.mark.parametrize("keeper", [True, False])
 def test_a_stalled_daemon_loses_its_lease_and_cannot_finish_late(
         db: Db, daemon_factory: Callable[..., Daemon], tmp_path: Path, keeper: bool) -> None:
@@ -229,14 +233,14 @@ def test_sigterm_drains_five_jobs_and_a_second_one_stops_them(draining_daemon: D
 def test_retry_command_runs_a_finished_job_again_without_its_old_output(daemon: Daemon, db: Db) -> None:
     job_id = db.insert("echo run-$RANDOM; exit 1")
     first = db.wait_status(job_id)
-    result = subprocess.run([*NEXUS_JOBD, "--db", str(db.path), "retry", job_id[:8]], capture_output=True,
+    result = subprocess.run([*NEXUS_JOBD, "--db", db.target, "retry", job_id[:8]], capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr
     second = wait_for(lambda: (r := db.job(job_id))["attempt"] == 2 and r["duration"] is not None and r,
                       message="second attempt")
     assert first["stdout"].count("run-") == 1
     assert second["stdout"].count("run-") == 1  # the old attempt's output is not carried into the new one
-    again = subprocess.run([*NEXUS_JOBD, "--db", str(db.path), "retry", "nope"], capture_output=True, text=True)
+    again = subprocess.run([*NEXUS_JOBD, "--db", db.target, "retry", "nope"], capture_output=True, text=True)
     assert again.returncode == 1
 
 

@@ -8,7 +8,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Daemon, Db, group_members, wait_for
+
+# The contract holds on either database: each test runs on SQLite and on PostgreSQL.
+pytestmark = pytest.mark.backends("sqlite", "postgres")
 
 
 def _concurrency_probe(slots: Path) -> str:
@@ -98,7 +103,7 @@ def test_cli_cancel_does_what_nexuscli_does(daemon: Daemon, db: Db) -> None:
 def daemon_cmd(daemon: Daemon) -> list[str]:
     from tests.conftest import NEXUS_JOBD
 
-    return [*NEXUS_JOBD, "--db", str(daemon.db_path)]
+    return [*NEXUS_JOBD, "--db", daemon.target]
 
 
 def test_sigterm_lets_running_jobs_finish_then_exits_0(draining_daemon: Daemon, db: Db,

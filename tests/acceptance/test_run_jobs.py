@@ -11,9 +11,15 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import FIXTURES, Daemon, Db, wait_for
 
+# The contract holds on either database: each test runs on SQLite and on PostgreSQL.
+pytestmark = pytest.mark.backends("sqlite", "postgres")
 
+
+@pytest.mark.backends("sqlite")  # about the SQLite file itself
 def test_row_inserted_by_another_process_runs_to_completion(daemon: Daemon, db: Db) -> None:
     script = (
         f"import sqlite3, time, uuid; c = sqlite3.connect({str(db.path)!r}, isolation_level=None, timeout=10); "
@@ -130,6 +136,7 @@ def test_unknown_node_fails_at_once_listing_the_configured_nodes(daemon: Daemon,
     assert row["started_at"] is not None and row["duration"] == 0
 
 
+@pytest.mark.backends("sqlite")  # about the SQLite file itself
 def test_nexuscli_database_keeps_working_for_both_programs(db_path: Path, daemon_factory: Callable[..., Daemon]
                                                           ) -> None:
     conn = sqlite3.connect(db_path, isolation_level=None)
@@ -178,6 +185,7 @@ def test_logs_are_json_lines_with_one_event_per_state_change(daemon: Daemon, db:
         json.loads(line)  # every line is JSON when stderr is not a TTY
 
 
+@pytest.mark.backends("sqlite")  # about the SQLite file itself
 def test_database_file_is_private(daemon: Daemon, db: Db) -> None:
     assert os.stat(db.path).st_mode & 0o777 == 0o600
 

@@ -104,6 +104,25 @@ def test_env_db_path_wins_over_the_file(tmp_path: Path, home: Path) -> None:
     assert load_file(path, NEXUS_JOBD_DB="~/env.db").db_path == home / "env.db"
 
 
+def test_a_postgresql_url_in_the_file_env_or_flag_names_the_database(tmp_path: Path) -> None:
+    url = "postgresql:///jobs?host=/run/postgresql&port=5433&sslmode=disable"
+    from_file = load_file(write(tmp_path, f'[database]\npath = "{url}"\n'))
+    assert (from_file.db_url, from_file.db_target, from_file.db_name) == (url, url, url)
+    assert load_file(write(tmp_path, ""), NEXUS_JOBD_DB="postgres://h/db").db_url == "postgres://h/db"
+    flag = load(Overrides(db_path="postgresql://u:secret@db.example:5432/jobs"), environ={})
+    assert flag.db_name == "postgresql://u:***@db.example:5432/jobs"  # what logs and messages show
+    # A file path given after a URL (the flag wins over the file) is a SQLite file again.
+    back = load(Overrides(db_path=str(tmp_path / "x.db")), environ={"NEXUS_JOBD_DB": url})
+    assert (back.db_url, back.db_target) == (None, tmp_path / "x.db")
+
+
+def test_redact_url_hides_passwords_in_userinfo_and_query() -> None:
+    from daemon.config import redact_url
+
+    assert redact_url("postgresql://me:pw@h/db?password=pw2&x=1") == "postgresql://me:***@h/db?password=***&x=1"
+    assert redact_url("postgresql:///db?host=/s") == "postgresql:///db?host=/s"
+
+
 def test_env_names_the_config_file(tmp_path: Path) -> None:
     path = write(tmp_path, "[daemon]\nmax_concurrent = 2\n")
     config = load(environ={"NEXUS_JOBD_CONFIG": str(path)})

@@ -1,4 +1,5 @@
-"""daemon.store.queries: every name used exists, the parser and splitter, and every query prepares on the schema."""
+"""daemon.store.sqlite.queries: every name used exists, the parser and splitter, every query prepares on the
+schema."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-import daemon.store
-from daemon.store.queries import Q, parse_named, read_sql, split_statements
+import daemon.store.sqlite
+from daemon.store.sqlite.queries import Q, parse_named, read_sql, split_statements
 
-STORE_SOURCE = Path(daemon.store.__file__).read_text(encoding="utf-8")
+STORE_SOURCE = Path(daemon.store.sqlite.__file__).read_text(encoding="utf-8")
 USED = sorted(set(re.findall(r"""Q\[["'](\w+)["']\]""", STORE_SOURCE))
               | set(re.findall(r"""_write(?:_count)?\(\s*["'](\w+)["']""", STORE_SOURCE)))
 PARAM = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
@@ -26,7 +27,7 @@ def test_the_names_found_in_the_store_are_plausible() -> None:
 
 @pytest.mark.parametrize("name", USED)
 def test_every_query_the_store_uses_exists(name: str) -> None:
-    assert name in Q, f"daemon/store/__init__.py uses query {name!r}, which queries.sql does not define"
+    assert name in Q, f"daemon/store/sqlite/__init__.py uses query {name!r}, which queries.sql does not define"
 
 
 def test_parse_named_splits_on_name_lines() -> None:
@@ -81,7 +82,7 @@ def test_every_query_is_exactly_one_statement() -> None:
 
 def schema_statements() -> list[str]:
     statements = split_statements(read_sql("schema.sql"))
-    folder = resources.files("daemon.store").joinpath("migrations")
+    folder = resources.files("daemon.store.sqlite").joinpath("migrations")
     for name in sorted(p.name for p in folder.iterdir() if p.name.endswith(".sql")):
         statements += split_statements(folder.joinpath(name).read_text(encoding="utf-8"))
     return statements

@@ -515,11 +515,11 @@ async def test_a_stopped_daemon_adopts_nothing_and_a_cancelled_row_is_adopted_as
 def test_dependency_cycles_are_found_in_one_walk_whatever_the_shape() -> None:
     """Each row depends on one job at most: one walk finds every cycle, and a long queue costs linear time (the
     recursive SQL it replaced took 24 s on a chain of 1,000 rows, with the write lock held)."""
-    from daemon.store import _cycles
+    from daemon.store.base import cycles as find_cycles
 
     chain = {f"c{i}": f"c{i + 1}" for i in range(20_000)}  # into a job not queued: no cycle
     ring = {f"r{i}": f"r{(i + 1) % 5_000}" for i in range(5_000)}
     tail_into_loop = {"t0": "t1", "t1": "l0", "l0": "l1", "l1": "l0"}  # t0, t1 lead into a cycle, not on it
-    cycles = _cycles(chain | ring | tail_into_loop | {"self": "self"})
+    cycles = find_cycles(chain | ring | tail_into_loop | {"self": "self"})
     assert sorted(map(sorted, cycles)) == sorted([sorted(ring), ["l0", "l1"], ["self"]])
     assert next(c for c in cycles if "r0" in c)[:3] == ["r0", "r1", "r2"]  # in the order of the edges

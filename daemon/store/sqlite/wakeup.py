@@ -1,4 +1,4 @@
-"""Noticing that another program wrote the database, within milliseconds and without busy polling.
+"""SQLite: noticing that another program wrote the database, within milliseconds and without busy polling.
 
 Every commit in WAL mode writes the `-wal` file, so inotify on the database's directory wakes us at once;
 the caller confirms with `PRAGMA data_version`. Where inotify is unavailable we fall back to polling.
@@ -14,6 +14,8 @@ import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
+
+from daemon.store.base import ChangeSource
 
 _IN_MODIFY = 0x00000002
 _IN_MOVED_TO = 0x00000080
@@ -39,7 +41,7 @@ def _inotify_fd(directory: Path) -> int | None:
     return fd
 
 
-class ChangeWatcher:
+class ChangeWatcher(ChangeSource):
     """Calls `on_change` (on the event loop) whenever the database files may have changed.
 
     Without inotify it never calls: the owner polls at `poll_interval_s()` instead.
@@ -54,7 +56,7 @@ class ChangeWatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
-    def uses_inotify(self) -> bool:
+    def uses_push(self) -> bool:
         return self._fd is not None
 
     def poll_interval_s(self, configured_s: float) -> float:

@@ -1,0 +1,301 @@
+"""The one store interface the dispatcher, runner, lease, health and CLI talk to, whatever the database behind it.
+
+Two backends implement it: daemon.store.sqlite (the embedded default) and daemon.store.postgres (several hosts).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from daemon import logging as log
+from daemon.errors import DatabaseError, DatabaseRewritten
+from daemon.store.rows import (
+    AdoptedJob,
+    Claim,
+    ClaimedJob,
+    JobResult,
+    JobStatus,
+    OrphanedJob,
+    OutputSnapshot,
+    ProcessRef,
+    RawText,
+    Worker,
+)
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+logger = log.get("store")
+
+
+class DbUnavailable(DatabaseError):
+    """The database server did not answer, or said no to one statement (PostgreSQL's errors, made ours): a
+    transient failure the callers retry, as they do SQLite's."""
+
+
+# What callers outside the store may catch: the database said no (transient or not), on either backend.
+DbError: tuple[type[Exception], ...] = (sqlite3.Error, DbUnavailable)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def is_postgres(target: str | Path) -> bool:
+    return isinstance(target, str) and target.startswith(POSTGRES_SCHEMES)
+
+
+@contextlib.asynccontextmanager
+async def survive_db_errors(what: str, on_error: Callable[[], None] | None = None) -> AsyncIterator[None]:
+    """For a periodic duty (heartbeats, status, retention): a database error (disk full, I/O, a lost connection)
+    skips this round, logged (and `on_error` called: the metrics count it), instead of taking the daemon and its
+    running jobs down. The next round tries again."""
+    try:
+        yield
+    except DbError as e:
+        logger.error("db.write_failed", what=what, error=str(e))
+        if on_error is not None:
+            on_error()
+    except DatabaseRewritten:
+        pass  # the dispatcher says so, once, with what to do; nothing more is written
+
+
+@dataclasses.dataclass(frozen=True)
+class Quarantine:
+    """What the daemon did when it found the file rewritten: where its WAL went, and which jobs' latest writes
+    were only in that WAL (so the file as it is now does not have them)."""
+
+    reason: str
+    set_aside: list[Path]
+    unrecorded: list[str]
+
+
+class ChangeSource(abc.ABC):
+    """Calls its `on_change` (on the event loop) when another program may have queued or cancelled a job."""
+
+    @property
+    @abc.abstractmethod
+    def uses_push(self) -> bool:
+        """True when changes are pushed (inotify, LISTEN); False: the owner polls at poll_interval_s()."""
+
+    @abc.abstractmethod
+    def poll_interval_s(self, configured_s: float) -> float: ...
+
+    @abc.abstractmethod
+    def start(self) -> None: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class Store(abc.ABC):
+    """Every SQL statement the daemon and the CLI run, as methods; every status change a compare-and-set."""
+
+    name: str  # the database as a user names it (a path, or a URL without its password), for messages
+    path: Path | None = None  # the database file, for a backend that has one
+    read_only = False  # opened read-only (a file this user may not write): nothing is written
+    # Daemons on other hosts share it: they may recover this host's jobs, and cannot kill what runs here.
+    shared_by_hosts = False
+
+    @staticmethod
+    async def open(target: str | Path, *, busy_timeout_ms: int = 5000, create: bool = True, daemon: bool = False,
+                   read_only_ok: bool = False) -> Store:
+        """The backend `target` names: a `postgresql://` URL, or else a SQLite file. The PostgreSQL driver is
+        imported only here, for a URL: the SQLite default never loads it."""
+        if is_postgres(target):
+            from daemon.store.postgres import PostgresStore
+
+            return await PostgresStore.connect(str(target), create=create, daemon=daemon)
+        from daemon.store.sqlite import SqliteStore
+
+        return await SqliteStore.open_file(Path(target), busy_timeout_ms=busy_timeout_ms, create=create, daemon=daemon,
+                                      read_only_ok=read_only_ok)
+
+    # -- lifecycle, schema ----------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def migrate(self) -> list[str]:
+        """Create the base schema where missing and apply the daemon's pending migrations; idempotent."""
+
+    @abc.abstractmethod
+    async def check(self) -> list[str]:
+        """Problems that would stop the daemon or other programs from using the database; empty when fine."""
+
+    @abc.abstractmethod
+    async def backup(self, target: Path) -> None: ...
+
+    # -- noticing other programs' writes ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def watcher(self, on_change: Callable[[], None]) -> ChangeSource: ...
+
+    @abc.abstractmethod
+    def wrote_just_now(self, within_s: float = 0.01) -> bool: ...
+
+    @abc.abstractmethod
+    def anyone_committed(self) -> bool: ...
+
+    @abc.abstractmethod
+    async def data_version(self) -> int: ...
+
+    @property
+    def rewritten(self) -> str | None:
+        """Why the file is no longer ours (another program rewrote it); only a file can be."""
+        return None
+
+    def check_rewritten(self) -> str | None:
+        return None
+
+    async def quarantine(self, suffix: str) -> Quarantine:
+        raise DatabaseError(f"{self.name}: only a SQLite file can be rewritten by another program")
+
+    async def release_memory(self) -> None:  # noqa: B027 -- a no-op unless the backend's driver holds memory
+        """Give back what the driver holds after big rows were written (where it holds anything)."""
+
+    # -- the daemon's side ----------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def fail_malformed(self) -> list[tuple[Any, str]]: ...
+
+    @abc.abstractmethod
+    async def fail_unknown_nodes(self, node_ids: Sequence[str]) -> list[tuple[str, Any]]: ...
+
+    @abc.abstractmethod
+    async def claim(self, node_id: str, limit: int, worker_id: str) -> list[ClaimedJob]: ...
+
+    @abc.abstractmethod
+    async def write_outputs(self, updates: Iterable[tuple[Claim, OutputSnapshot, ProcessRef | None]]) -> None: ...
+
+    @abc.abstractmethod
+    async def finish_many(self, items: Sequence[tuple[Claim, JobResult]]
+                          ) -> dict[str, tuple[JobStatus, int | None]]:
+        """Record the end of several jobs in one transaction. Returns job id -> (the row's status now, duration
+        ms or None if re-queued) for the writes that took; a job missing from it is no longer ours."""
+
+    @abc.abstractmethod
+    async def fail_blocked_dependencies(self) -> list[tuple[str, Any]]: ...
+
+    @abc.abstractmethod
+    async def fail_dependency_cycles(self) -> list[tuple[str, Any]]: ...
+
+    @abc.abstractmethod
+    async def has_dependents(self) -> bool: ...
+
+    @abc.abstractmethod
+    async def next_run_after(self) -> int | None: ...
+
+    @abc.abstractmethod
+    async def cancelled_among(self, job_ids: Iterable[str], worker_id: str) -> list[tuple[str, int]]: ...
+
+    # -- leases and recovery --------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def register_worker(self, *, worker_id: str, host: str, boot_id: str | None, pid: int,
+                              pid_start: int | None, nodes: Sequence[str]) -> None: ...
+
+    @abc.abstractmethod
+    async def heartbeat(self, worker_id: str) -> bool:
+        """Renew our lease; False means another daemon declared us dead and took our jobs."""
+
+    @abc.abstractmethod
+    async def other_workers(self, worker_id: str) -> list[Worker]: ...
+
+    @abc.abstractmethod
+    async def stop_worker(self, worker_id: str, reason: str) -> bool:
+        """Mark a worker stopped; True for the one caller that did it (and so recovers its jobs)."""
+
+    @abc.abstractmethod
+    async def orphaned_jobs(self, worker_id: str) -> list[OrphanedJob]: ...
+
+    @abc.abstractmethod
+    async def resolve_orphan(self, worker_id: str, job: OrphanedJob, *, requeue: bool, error: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def adopt(self, old_worker_id: str, job: OrphanedJob, worker_id: str) -> AdoptedJob | None: ...
+
+    @abc.abstractmethod
+    async def detached_jobs(self, node_ids: Sequence[str]) -> list[tuple[str, str, str | None, OrphanedJob]]: ...
+
+    @abc.abstractmethod
+    async def finished_attempts(self, node_id: str) -> list[tuple[str, int]]: ...
+
+    @abc.abstractmethod
+    async def live_daemons_serving(self, node_id: Any, *, lease_ttl_ms: int) -> int: ...
+
+    # -- nodes ----------------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def upsert_nodes(self, nodes: Sequence[tuple[str, str, str | None]]) -> None: ...
+
+    @abc.abstractmethod
+    async def node_heartbeats(self, beats: Mapping[str, tuple[str, str]], served: Sequence[str]) -> list[str]: ...
+
+    @abc.abstractmethod
+    async def fail_node_jobs(self, node_id: str, error: str, *, queued_before: int | None = None) -> list[str]: ...
+
+    @abc.abstractmethod
+    async def nodes_overview(self) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    async def job_counts(self) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    async def queue_by_node(self) -> dict[tuple[str, str], int]: ...
+
+    @abc.abstractmethod
+    async def heartbeat_ages(self) -> dict[str, int]: ...
+
+    # -- the CLI's side -------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def insert_job(self, *, node_id: str, tool: str, command: str, cwd: str | None = None,
+                         env: dict[str, str] | None = None, priority: int = 0, timeout_ms: int | None = None,
+                         max_attempts: int = 1, run_after: int | None = None,
+                         depends_on: str | RawText | None = None) -> str: ...
+
+    @abc.abstractmethod
+    async def prune(self, *, older_than_ms: int, statuses: Sequence[str]) -> int: ...
+
+    @abc.abstractmethod
+    async def retry(self, job_id: str | RawText) -> bool: ...
+
+    @abc.abstractmethod
+    async def workers(self) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    async def cancel(self, job_ids: Sequence[str | RawText]) -> list[str | RawText]: ...
+
+    @abc.abstractmethod
+    async def resolve_id(self, prefix: str) -> str | RawText: ...
+
+    @abc.abstractmethod
+    async def get_job(self, job_id: str | RawText) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    async def list_jobs(self, *, status: str | None, node_id: str | None, limit: int) -> list[dict[str, Any]]: ...
+
+
+def cycles(edges: Mapping[str, str]) -> list[list[str]]:
+    """The cycles of a graph in which each node has one edge at most, each in the order of its edges."""
+    state: dict[str, int] = {}  # absent: not seen; 1: on the current walk; 2: done
+    found = []
+    for start in edges:
+        walk: list[str] = []
+        node: str | None = start
+        while node is not None and node in edges and state.get(node) is None:
+            state[node] = 1
+            walk.append(node)
+            node = edges[node]
+        if node is not None and state.get(node) == 1:  # the walk came back to itself: a cycle from there
+            found.append(walk[walk.index(node):])
+        for visited in walk:
+            state[visited] = 2
+    return found

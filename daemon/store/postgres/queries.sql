@@ -1,0 +1,273 @@
+-- Named queries of the PostgreSQL backend: `-- name: NAME` then one statement; `:param` placeholders. Parsed once
+-- at import by daemon.store.postgres.queries. NOW_MS stands for the database's clock in epoch milliseconds at the
+-- start of the statement: every host's daemon writes times by the same clock, whatever its own says.
+
+-- name: fail_unknown_nodes
+-- Fail queued rows whose node_id names no node that this daemon (:nodes) or another live daemon serves.
+UPDATE jobs
+   SET status = 'failed', error = :error, duration = 0, started_at = NOW_MS, completed_at = NOW_MS
+ WHERE status = 'queued'
+   AND NOT (node_id = ANY(:nodes))
+   AND NOT EXISTS (SELECT 1 FROM jobd_workers AS w
+                    WHERE w.stopped_at IS NULL AND w.nodes::jsonb ? jobs.node_id)
+RETURNING id, node_id;
+
+-- name: claim_jobs
+-- One atomic compare-and-set from queued to executing, highest priority first, then oldest. SKIP LOCKED: rows
+-- another daemon is claiming right now are passed over, not waited for, so N daemons never block each other and
+-- each row goes to one of them. The pick is a MATERIALIZED CTE: as a subquery of the UPDATE it may be evaluated
+-- more than once, and with SKIP LOCKED each pass finds other rows (more than :limit in all). Only while this
+-- daemon's lease is live.
+WITH picked AS MATERIALIZED (
+    SELECT id FROM jobs
+     WHERE status = 'queued' AND node_id = :node_id
+       AND (run_after IS NULL OR run_after <= NOW_MS)
+       AND (depends_on IS NULL
+            OR EXISTS (SELECT 1 FROM jobs AS d WHERE d.id = jobs.depends_on AND d.status = 'completed'))
+       AND EXISTS (SELECT 1 FROM jobd_workers WHERE id = :worker_id AND stopped_at IS NULL)
+     ORDER BY priority DESC, created_at, id
+     LIMIT :limit
+       FOR UPDATE OF jobs SKIP LOCKED
+)
+UPDATE jobs
+   SET status = 'executing', worker_id = :worker_id, attempt = attempt + 1, started_at = NOW_MS,
+       error = NULL, exit_code = NULL, completed_at = NULL, duration = NULL,
+       stdout = NULL, stderr = NULL, stdout_bytes = NULL, stderr_bytes = NULL, pid = NULL, pid_start = NULL
+  FROM picked
+ WHERE jobs.id = picked.id AND jobs.status = 'queued'
+RETURNING jobs.id, jobs.node_id, jobs.tool, jobs.command, jobs.cwd, jobs.env, jobs.priority, jobs.attempt,
+          jobs.started_at, jobs.timeout_ms, jobs.max_attempts, jobs.created_at;
+
+-- name: write_output
+-- Live output of a running job; a NULL stream parameter keeps that column as it is.
+UPDATE jobs
+   SET stdout = COALESCE(:stdout, stdout), stderr = COALESCE(:stderr, stderr),
+       stdout_bytes = :stdout_bytes, stderr_bytes = :stderr_bytes,
+       pid = COALESCE(:pid, pid), pid_start = COALESCE(:pid_start, pid_start)
+ WHERE id = :id AND worker_id = :worker_id AND attempt = :attempt AND status IN ('executing', 'cancelled')
+   AND duration IS NULL;
+
+-- name: finish_job
+-- The terminal write: compare-and-set on our claim; a row another program cancelled stays cancelled.
+UPDATE jobs
+   SET status = CASE status WHEN 'cancelled' THEN 'cancelled' ELSE :status END,
+       exit_code = :exit_code, error = :error,
+       stdout = COALESCE(:stdout, stdout), stderr = COALESCE(:stderr, stderr),
+       stdout_bytes = :stdout_bytes, stderr_bytes = :stderr_bytes,
+       completed_at = NOW_MS, duration = NOW_MS - started_at
+ WHERE id = :id AND worker_id = :worker_id AND attempt = :attempt AND status IN ('executing', 'cancelled')
+   AND duration IS NULL;
+
+-- name: unfinished_claims
+-- Which of the claims (:ids with :attempts) finish_job will take: read first, in the same transaction, FOR UPDATE
+-- so that nothing can change them in between.
+SELECT j.id FROM jobs AS j JOIN unnest(:ids::text[], :attempts::int[]) AS c(id, attempt)
+    ON j.id = c.id AND j.attempt = c.attempt
+ WHERE j.worker_id = :worker_id AND j.status IN ('executing', 'cancelled') AND j.duration IS NULL
+   FOR UPDATE OF j;
+
+-- name: finished_claims
+-- The status and duration finish_job or requeue_job left on the rows of the claims.
+SELECT j.id, j.status, j.duration FROM jobs AS j JOIN unnest(:ids::text[], :attempts::int[]) AS c(id, attempt)
+    ON j.id = c.id AND j.attempt = c.attempt;
+
+-- name: requeue_job
+-- A failed attempt of a job that may try again: back to queued (not before :run_after).
+UPDATE jobs
+   SET status = 'queued', run_after = :run_after, exit_code = :exit_code, error = :error,
+       stdout = COALESCE(:stdout, stdout), stderr = COALESCE(:stderr, stderr),
+       stdout_bytes = :stdout_bytes, stderr_bytes = :stderr_bytes,
+       started_at = NULL, completed_at = NULL, duration = NULL, worker_id = NULL, pid = NULL, pid_start = NULL
+ WHERE id = :id AND worker_id = :worker_id AND attempt = :attempt AND status = 'executing' AND duration IS NULL;
+
+-- name: fail_blocked_dependencies
+-- Queued rows that can never start: the job they depend on ended another way than completed, is no job, or is
+-- the row itself.
+UPDATE jobs
+   SET status = 'failed', duration = 0, started_at = NOW_MS, completed_at = NOW_MS,
+       error = 'depends_on ' || quote_literal(depends_on) || ' ' || CASE
+           WHEN depends_on = id THEN 'is this job itself'
+           ELSE COALESCE('ended ' || (SELECT d.status FROM jobs AS d WHERE d.id = jobs.depends_on), 'is no job')
+       END || '; this job runs only after that job completed'
+ WHERE status = 'queued' AND depends_on IS NOT NULL
+   AND (depends_on = id
+        OR NOT EXISTS (SELECT 1 FROM jobs AS d WHERE d.id = jobs.depends_on)
+        OR EXISTS (SELECT 1 FROM jobs AS d WHERE d.id = jobs.depends_on AND d.status IN ('failed', 'cancelled')))
+RETURNING id, depends_on;
+
+-- name: queued_dependencies
+SELECT id, depends_on FROM jobs WHERE status = 'queued' AND depends_on IS NOT NULL AND depends_on != id;
+
+-- name: fail_in_cycle
+UPDATE jobs
+   SET status = 'failed', duration = 0, started_at = NOW_MS, completed_at = NOW_MS, error = :error
+ WHERE id = :id AND status = 'queued'
+RETURNING id, depends_on;
+
+-- name: has_dependents
+SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND depends_on IS NOT NULL);
+
+-- name: next_run_after
+SELECT min(run_after) FROM jobs WHERE status = 'queued' AND run_after > NOW_MS;
+
+-- name: retry_job
+UPDATE jobs
+   SET status = 'queued', run_after = NULL, exit_code = NULL, error = NULL, started_at = NULL,
+       completed_at = NULL, duration = NULL, worker_id = NULL, pid = NULL, pid_start = NULL
+ WHERE id = :id AND status IN ('completed', 'failed', 'cancelled')
+   AND (duration IS NOT NULL OR worker_id IS NULL)
+RETURNING id;
+
+-- name: register_worker
+INSERT INTO jobd_workers (id, host, boot_id, pid, pid_start, started_at, heartbeat_at, nodes)
+VALUES (:id, :host, :boot_id, :pid, :pid_start, NOW_MS, NOW_MS, :nodes);
+
+-- name: heartbeat
+UPDATE jobd_workers SET heartbeat_at = NOW_MS WHERE id = :id AND stopped_at IS NULL RETURNING id;
+
+-- name: other_workers
+SELECT id, host, boot_id, pid, pid_start, heartbeat_at, NOW_MS FROM jobd_workers
+ WHERE stopped_at IS NULL AND id != :id;
+
+-- name: stop_worker
+UPDATE jobd_workers SET stopped_at = NOW_MS, stop_reason = :reason WHERE id = :id AND stopped_at IS NULL
+RETURNING id;
+
+-- name: orphaned_jobs
+SELECT id, attempt, max_attempts, pid, pid_start, node_id FROM jobs
+ WHERE worker_id = :worker_id AND status IN ('executing', 'cancelled') AND duration IS NULL;
+
+-- name: fail_orphan
+UPDATE jobs
+   SET status = CASE status WHEN 'cancelled' THEN 'cancelled' ELSE 'failed' END, error = :error,
+       completed_at = NOW_MS, duration = NOW_MS - started_at
+ WHERE id = :id AND worker_id = :worker_id AND attempt = :attempt
+   AND status IN ('executing', 'cancelled') AND duration IS NULL;
+
+-- name: requeue_orphan
+UPDATE jobs
+   SET status = 'queued', error = :error, started_at = NULL, completed_at = NULL, duration = NULL, worker_id = NULL,
+       pid = NULL, pid_start = NULL
+ WHERE id = :id AND worker_id = :worker_id AND attempt = :attempt AND status = 'executing' AND duration IS NULL;
+
+-- name: adopt_job
+UPDATE jobs
+   SET worker_id = :worker_id
+ WHERE id = :id AND worker_id = :old_worker_id AND attempt = :attempt
+   AND status IN ('executing', 'cancelled') AND duration IS NULL
+   AND EXISTS (SELECT 1 FROM jobd_workers WHERE id = :worker_id AND stopped_at IS NULL)
+RETURNING id, node_id, tool, command, cwd, env, priority, attempt, started_at, timeout_ms, max_attempts,
+          status, stdout, stderr, stdout_bytes, stderr_bytes;
+
+-- name: detached_jobs
+SELECT j.worker_id, w.host, w.boot_id, j.id, j.attempt, j.max_attempts, j.pid, j.pid_start, j.node_id
+  FROM jobs AS j JOIN jobd_workers AS w ON w.id = j.worker_id
+ WHERE j.status IN ('executing', 'cancelled') AND j.duration IS NULL
+   AND j.node_id = ANY(:nodes) AND w.stopped_at IS NOT NULL;
+
+-- name: attempts_on_node
+SELECT id, attempt, status IN ('executing', 'cancelled') AND duration IS NULL FROM jobs
+ WHERE node_id = :node_id AND attempt > 0;
+
+-- name: workers
+SELECT w.id, w.host, w.pid, w.started_at, w.heartbeat_at, w.stopped_at, w.stop_reason, NOW_MS AS now,
+       (SELECT count(*) FROM jobs WHERE worker_id = w.id AND status = 'executing')::int AS running
+  FROM jobd_workers AS w ORDER BY w.started_at DESC;
+
+-- name: cancelled_among
+SELECT id, attempt FROM jobs WHERE status = 'cancelled' AND worker_id = :worker_id AND id = ANY(:ids);
+
+-- name: cancel_job
+UPDATE jobs SET status = 'cancelled', completed_at = :now
+ WHERE id = :id AND status IN ('queued', 'executing')
+RETURNING id;
+
+-- name: insert_job
+INSERT INTO jobs (id, node_id, tool, command, status, created_at, cwd, env, priority, timeout_ms, max_attempts,
+                  run_after, depends_on)
+VALUES (:id, :node_id, :tool, :command, 'queued', :now, :cwd, :env, :priority, :timeout_ms, :max_attempts,
+        :run_after, :depends_on);
+
+-- name: get_job
+SELECT * FROM jobs WHERE id = :id;
+
+-- name: find_job_ids
+-- Ids starting with :prefix; LIKE would treat _ and % in ids as wildcards.
+SELECT id FROM jobs WHERE left(id, length(:prefix)) = :prefix LIMIT 2;
+
+-- name: list_jobs
+SELECT id, node_id, tool, command, status, exit_code, error, duration, created_at, started_at, completed_at,
+       priority, attempt, max_attempts, run_after, depends_on, timeout_ms, worker_id, stdout_bytes, stderr_bytes
+  FROM jobs
+ WHERE (:status::text IS NULL OR status = :status) AND (:node_id::text IS NULL OR node_id = :node_id)
+ ORDER BY created_at DESC, id DESC
+ LIMIT :limit;
+
+-- name: job_counts
+SELECT (SELECT count(*) FROM jobs WHERE status = 'queued')::int,
+       (SELECT count(*) FROM jobs WHERE status = 'executing')::int,
+       (SELECT count(*) FROM jobs WHERE status IN ('completed', 'failed', 'cancelled')
+                                    AND completed_at >= NOW_MS - 60000)::int,
+       (SELECT count(*) FROM jobs WHERE status IN ('completed', 'failed', 'cancelled')
+                                    AND completed_at >= NOW_MS - 3600000)::int;
+
+-- name: prune_jobs
+DELETE FROM jobs
+ WHERE status = ANY(:statuses) AND completed_at < :before
+   AND status IN ('completed', 'failed', 'cancelled')
+   AND NOT EXISTS (SELECT 1 FROM jobs AS q WHERE q.status = 'queued' AND q.depends_on = jobs.id);
+
+-- name: upsert_node
+INSERT INTO nodes (id, hostname, ip_address, status, capabilities, last_heartbeat, created_at)
+VALUES (:id, :hostname, :ip_address, 'offline', NULL, NULL, NOW_MS)
+ON CONFLICT (id) DO UPDATE SET hostname = excluded.hostname, ip_address = excluded.ip_address;
+
+-- name: node_heartbeat
+UPDATE nodes SET status = :status, capabilities = :capabilities, last_heartbeat = NOW_MS WHERE id = :id;
+
+-- name: unserved_nodes_offline
+UPDATE nodes SET status = 'offline'
+ WHERE status != 'offline'
+   AND NOT (id = ANY(:nodes))
+   AND NOT EXISTS (SELECT 1 FROM jobd_workers AS w WHERE w.stopped_at IS NULL AND w.nodes::jsonb ? nodes.id)
+RETURNING id;
+
+-- name: fail_node_jobs
+UPDATE jobs
+   SET status = 'failed', error = :error, duration = 0, started_at = NOW_MS, completed_at = NOW_MS
+ WHERE status = 'queued' AND node_id = :node_id AND (:before::bigint IS NULL OR created_at < :before)
+RETURNING id;
+
+-- name: nodes_overview
+SELECT n.id, n.hostname, n.ip_address, n.status, n.capabilities, n.last_heartbeat, NOW_MS AS now,
+       (SELECT count(*) FROM jobs WHERE node_id = n.id AND status = 'executing')::int AS running,
+       (SELECT count(*) FROM jobs WHERE node_id = n.id AND status = 'queued')::int AS queued
+  FROM nodes AS n ORDER BY n.id;
+
+-- name: applied_migrations
+SELECT name FROM jobd_migrations;
+
+-- name: record_migration
+INSERT INTO jobd_migrations (name, applied_at) VALUES (:name, NOW_MS) ON CONFLICT (name) DO NOTHING;
+
+-- name: migration_lock
+-- Two daemons starting at once: one migrates, the other waits and then finds nothing to do.
+SELECT pg_advisory_xact_lock(7468206542);
+
+-- name: table_columns
+SELECT table_name::text, column_name::text FROM information_schema.columns
+ WHERE table_schema = current_schema() AND table_name = ANY(:tables);
+
+-- name: table_kinds
+SELECT table_name::text, table_type::text FROM information_schema.tables
+ WHERE table_schema = current_schema() AND table_name = ANY(:tables);
+
+-- name: live_daemons_serving
+SELECT count(*)::int FROM jobd_workers AS w
+ WHERE w.stopped_at IS NULL AND w.heartbeat_at >= NOW_MS - :ttl_ms AND w.nodes::jsonb ? :node_id;
+
+-- name: queue_by_node
+SELECT node_id, status, count(*)::int FROM jobs WHERE status IN ('queued', 'executing') GROUP BY node_id, status;
+
+-- name: heartbeat_ages
+SELECT id, NOW_MS - last_heartbeat FROM nodes WHERE last_heartbeat IS NOT NULL;
