@@ -20,7 +20,7 @@ import anyio
 from daemon import __version__, config, service
 from daemon import logging as log
 from daemon.errors import ConfigError, DatabaseError, DatabaseRewritten, JobdError
-from daemon.store import DbError, JobStatus, Store, guard, now_ms
+from daemon.store import DbError, JobStatus, Store, guard, now_ms, open_store
 from daemon.tools import MAX_ATTEMPTS, MAX_TIMEOUT_MS
 
 _MARKER = re.compile(r"\n\[nexus-jobd: \d+ bytes of \w+ omitted; (\d+) bytes in all\]\n")
@@ -37,7 +37,7 @@ _MAX_AGE_DAYS = 36500  # prune --older-than: a century; no job ended longer ago 
 async def _open(cfg: config.Config, *, writes: bool) -> Store:
     """An existing database only: a typo in --db must not create an empty one that no daemon reads. A command
     that only reads also works on a file this user may not write: opened read-only, and then not migrated."""
-    store = await Store.open(cfg.db_target, busy_timeout_ms=cfg.busy_timeout_ms, create=False,
+    store = await open_store(cfg.db_target, busy_timeout_ms=cfg.busy_timeout_ms, create=False,
                              read_only_ok=not writes)
     if store.read_only:
         return store
@@ -473,7 +473,7 @@ def cmd_cancel(cfg: config.Config, args: argparse.Namespace) -> int:
 def cmd_db(cfg: config.Config, args: argparse.Namespace) -> int:
     async def main() -> int:
         migrate = args.action == "migrate"
-        store = await Store.open(cfg.db_target, busy_timeout_ms=cfg.busy_timeout_ms, create=migrate,
+        store = await open_store(cfg.db_target, busy_timeout_ms=cfg.busy_timeout_ms, create=migrate,
                                  read_only_ok=not migrate)
         try:
             if migrate:

@@ -32,7 +32,7 @@ from daemon.health import Health, LocalProbe, NodeRefused, Prober, capabilities_
 from daemon.lease import Identity, Lease
 from daemon.metrics import Exporter, Hooks
 from daemon.notify import Notifier
-from daemon.store import Store, survive_db_errors
+from daemon.store import Store, open_store, survive_db_errors
 from daemon.tools import REFUSED, ulimit_script
 
 logger = log.get("service")
@@ -169,7 +169,7 @@ def _check_database_access(config: Config) -> None:
 async def serve(config: Config, overrides: Overrides | None = None, *, install_signals: bool = True) -> int:
     """Run until stopped; returns the process exit code (0 after a clean drain, 1 after losing the lease)."""
     _check_host(config)
-    store = await Store.open(config.db_target, busy_timeout_ms=config.busy_timeout_ms, daemon=True)
+    store = await open_store(config.db_target, busy_timeout_ms=config.busy_timeout_ms, daemon=True)
     notifier = Notifier(config.notify_socket, config.watchdog_usec)
     exporter: Exporter | None = None
     try:

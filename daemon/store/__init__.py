@@ -6,6 +6,8 @@ Nothing outside this package imports a database driver; the PostgreSQL one is im
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from daemon.store.base import (
     ChangeSource,
     DbError,
@@ -32,4 +34,19 @@ from daemon.store.sqlite import guard
 
 __all__ = ["AdoptedJob", "ChangeSource", "Claim", "ClaimedJob", "DbError", "DbUnavailable", "JobResult",
            "JobStatus", "OrphanedJob", "OutputSnapshot", "ProcessRef", "Quarantine", "RawText", "Store", "Worker",
-           "guard", "is_postgres", "now_ms", "survive_db_errors"]
+           "guard", "is_postgres", "now_ms", "open_store", "survive_db_errors"]
+
+
+async def open_store(target: str | Path, *, busy_timeout_ms: int = 5000, create: bool = True, daemon: bool = False,
+                     read_only_ok: bool = False) -> Store:
+    """The backend `target` names: a `postgresql://` URL, or else a SQLite file. Here, at the package's face and
+    not in base.py, so that the interface does not import its backends. The PostgreSQL driver is imported only for
+    a URL: the SQLite default never loads it."""
+    if is_postgres(target):
+        from daemon.store.postgres import PostgresStore
+
+        return await PostgresStore.connect(str(target), create=create, daemon=daemon)
+    from daemon.store.sqlite import SqliteStore
+
+    return await SqliteStore.open_file(Path(target), busy_timeout_ms=busy_timeout_ms, create=create, daemon=daemon,
+                                       read_only_ok=read_only_ok)

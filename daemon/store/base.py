@@ -102,20 +102,6 @@ class Store(abc.ABC):
     # Daemons on other hosts share it: they may recover this host's jobs, and cannot kill what runs here.
     shared_by_hosts = False
 
-    @staticmethod
-    async def open(target: str | Path, *, busy_timeout_ms: int = 5000, create: bool = True, daemon: bool = False,
-                   read_only_ok: bool = False) -> Store:
-        """The backend `target` names: a `postgresql://` URL, or else a SQLite file. The PostgreSQL driver is
-        imported only here, for a URL: the SQLite default never loads it."""
-        if is_postgres(target):
-            from daemon.store.postgres import PostgresStore
-
-            return await PostgresStore.connect(str(target), create=create, daemon=daemon)
-        from daemon.store.sqlite import SqliteStore
-
-        return await SqliteStore.open_file(Path(target), busy_timeout_ms=busy_timeout_ms, create=create, daemon=daemon,
-                                      read_only_ok=read_only_ok)
-
     # -- lifecycle, schema ----------------------------------------------------------------------------------
 
     @abc.abstractmethod

@@ -24,7 +24,7 @@ from daemon.health import Health
 from daemon.lease import Identity, Lease
 from daemon.output import BIG_OUTPUT_BYTES, JobOutput
 from daemon.runner import RunningJob
-from daemon.store import Claim, JobResult, JobStatus, OutputSnapshot, Store
+from daemon.store import Claim, JobResult, JobStatus, OutputSnapshot, Store, open_store
 
 pytestmark = pytest.mark.anyio
 
@@ -65,7 +65,7 @@ def insert(path: Path, command: str) -> str:
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    store = await Store.open(tmp_path / "jobs.db")
+    store = await open_store(tmp_path / "jobs.db")
     await store.migrate()
     await store.register_worker(worker_id="w1", host="test", boot_id=None, pid=1, pid_start=None,
                                 nodes=["localhost"])
@@ -132,7 +132,7 @@ async def test_a_recorded_big_job_leaves_no_buffers_referenced(tmp_path: Path) -
     settings = tmp_path / "config.toml"
     settings.write_text(f'[database]\npath = "{db}"\n[daemon]\nflush_interval_ms = 50\n')
     config = config_module.load(config_module.Overrides(config_path=str(settings)))
-    store = await Store.open(db, daemon=True)
+    store = await open_store(db, daemon=True)
     await store.migrate()
     lease = Lease(store, Identity.of_this_process("memory-test"), ttl_ms=config.lease_ttl_ms, on_lost=lambda: None,
                   nodes=config.node_ids)

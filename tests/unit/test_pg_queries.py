@@ -46,12 +46,12 @@ def migrated(pg_server: Any) -> Iterator[Any]:
     import anyio
     import psycopg
 
-    from daemon.store import Store
+    from daemon.store import open_store
 
     url = pg_server.new_database()
 
     async def migrate() -> None:
-        store = await Store.open(url)
+        store = await open_store(url)
         await store.migrate()
         assert await store.migrate() == []  # idempotent
         await store.close()

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from daemon.errors import DatabaseError, JobdError
-from daemon.store import Claim, JobResult, JobStatus, OutputSnapshot, Store
+from daemon.store import Claim, JobResult, JobStatus, OutputSnapshot, Store, open_store
 
 pytestmark = pytest.mark.anyio
 
@@ -74,7 +74,7 @@ async def register(store: Store, *workers: str) -> None:
 
 @pytest.fixture
 async def store(path: Path) -> AsyncIterator[Store]:
-    store = await Store.open(path)
+    store = await open_store(path)
     await store.migrate()
     await register(store)
     yield store
@@ -98,7 +98,7 @@ def result(status: JobStatus = JobStatus.COMPLETED, exit_code: int | None = 0, e
 
 async def test_a_new_database_is_private(tmp_path: Path) -> None:
     path = tmp_path / "fresh" / "jobs.db"
-    store = await Store.open(path)
+    store = await open_store(path)
     try:
         await store.migrate()
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -111,14 +111,14 @@ async def test_a_new_database_is_private(tmp_path: Path) -> None:
 
 
 async def test_migrate_is_idempotent(path: Path) -> None:
-    store = await Store.open(path)
+    store = await open_store(path)
     try:
         assert await store.migrate() == MIGRATIONS
         assert await store.migrate() == []
         assert await store.check() == []
     finally:
         await store.close()
-    reopened = await Store.open(path)
+    reopened = await open_store(path)
     try:
         assert await reopened.migrate() == []
     finally:
@@ -129,7 +129,7 @@ async def test_migrate_is_idempotent(path: Path) -> None:
 
 
 async def test_concurrent_migrations_apply_once(path: Path) -> None:
-    first, second = await Store.open(path), await Store.open(path)
+    first, second = await open_store(path), await open_store(path)
     try:
         results = await asyncio.gather(first.migrate(), second.migrate())
         assert sorted(results) == [[], MIGRATIONS]
@@ -148,11 +148,11 @@ def garbage(tmp_path: Path) -> Path:
 
 async def test_a_file_that_is_not_a_database_is_refused(garbage: Path) -> None:
     with pytest.raises(DatabaseError, match="not a usable SQLite database"):
-        await Store.open(garbage)
+        await open_store(garbage)
 
 
 async def test_check_reports_missing_tables_on_an_empty_database(path: Path) -> None:
-    store = await Store.open(path)
+    store = await open_store(path)
     try:
         problems = await store.check()
         for table in ("conversations", "messages", "jobs", "nodes"):
@@ -171,7 +171,7 @@ async def test_check_reports_a_table_dropped_after_migrate(store: Store, other: 
 
 async def test_open_without_create_refuses_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(JobdError, match="no such database"):
-        await Store.open(tmp_path / "missing.db", create=False)
+        await open_store(tmp_path / "missing.db", create=False)
     assert not (tmp_path / "missing.db").exists()
 
 
@@ -193,7 +193,7 @@ async def test_migrate_on_a_nexuscli_database(path: Path) -> None:
     before_data = {t: conn.execute(f"SELECT * FROM {t}").fetchall() for t in ("conversations", "messages", "users")}
     conn.close()
 
-    store = await Store.open(path)
+    store = await open_store(path)
     try:
         assert await store.migrate() == MIGRATIONS
         assert await store.check() == []
@@ -229,7 +229,7 @@ async def test_migrate_on_a_nexuscli_database(path: Path) -> None:
     finally:
         conn.close()
 
-    store = await Store.open(path)
+    store = await open_store(path)
     try:
         await register(store, "w1")
         claimed = await store.claim("localhost", 10, "w1")
@@ -326,7 +326,7 @@ async def test_a_daemon_whose_lease_was_taken_claims_nothing(store: Store, other
 
 async def test_concurrent_claims_from_two_connections_are_disjoint(path: Path, store: Store, other: Other) -> None:
     ids = {other.insert(f"job-{i:03d}", created_at=i) for i in range(120)}
-    second = await Store.open(path)
+    second = await open_store(path)
     try:
         claimed: dict[str, list[str]] = {"a": [], "b": []}
         while True:
