@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import anyio
 
@@ -78,10 +77,9 @@ class KeeperProcess:
         elif kind == p.DATA_ERR:
             self._on[1](payload)
         elif kind == p.SKIP:
-            args = p.fields(payload)
-            capture = self._output.stdout if args["stream"] == 1 else self._output.stderr
-            capture.skip(int(args["n"]))
-            self._on[0 if args["stream"] == 1 else 1](b"")
+            stream, n = (int(f) for f in p.unpack(payload))
+            (self._output.stdout if stream == 1 else self._output.stderr).skip(n)
+            self._on[0 if stream == 1 else 1](b"")
         else:
             self._on_state(kind, payload)
 
@@ -98,7 +96,7 @@ class KeeperProcess:
             if not self._exit.done():
                 self._exit.set_exception(JobLost("another daemon took the job over"))
         elif kind in (p.FAILED, p.UNKNOWN):
-            error = str(p.fields(payload)["error"])
+            error = p.text(payload)
             if not self.started.done():
                 self.started.set_exception(SpawnError(error) if kind == p.FAILED else JobLost(error))
 
@@ -128,7 +126,7 @@ class KeeperClient:
         self._writing = False
         self._jobs: dict[int, KeeperProcess] = {}
         self._next_handle = 1
-        self._hello: asyncio.Future[dict[str, Any]] | None = None
+        self._hello: asyncio.Future[list[str]] | None = None
         self._queries: dict[int, asyncio.Future[list[str]]] = {}
         self.keeper_pid: int | None = None
 
@@ -186,14 +184,14 @@ class KeeperClient:
         self._inbuf.clear()
         self._hello = loop.create_future()
         loop.add_reader(sock, self._on_readable)
-        self.send(p.message(p.HELLO, 0, version=p.VERSION))
+        self.send(p.frame(p.HELLO, 0, p.pack(p.VERSION)))
         try:
             hello = await asyncio.wait_for(asyncio.shield(self._hello), HELLO_TIMEOUT_S)
         except (TimeoutError, ConnectionError):
             self._disconnect("the job keeper did not answer")
             return False
-        self.keeper_pid = int(hello["pid"])
-        logger.info("keeper.connected", keeper_pid=self.keeper_pid, jobs=len(hello["jobs"]))
+        self.keeper_pid = int(hello[1])
+        logger.info("keeper.connected", keeper_pid=self.keeper_pid, jobs=len(hello) - 2)
         return True
 
     async def holds(self, keys: list[str]) -> set[str]:
@@ -203,7 +201,7 @@ class KeeperClient:
         handle = self._handle()
         future: asyncio.Future[list[str]] = self._loop.create_future()
         self._queries[handle] = future
-        self.send(p.message(p.HOLDS, handle, keys=keys))
+        self.send(p.frame(p.HOLDS, handle, p.pack(*keys)))
         try:
             return set(await future)
         finally:
@@ -215,9 +213,13 @@ class KeeperClient:
                     on_stdout: OutputCallback, on_stderr: OutputCallback, drain_s: float) -> KeeperProcess:
         if self._sock is None:
             await self.connect()
+        variables = [f"{name}={value}" for name, value in env.items()]
+        if p.has_nul(key, cwd, *argv, *variables):
+            raise SpawnError("an argument, a variable or the working directory holds a NUL byte: no program can "
+                             "be given one")
         process = self._new(output, on_stdout, on_stderr)
-        self.send(p.message(p.SPAWN, process.handle, key=key, argv=argv, env=env, cwd=cwd,
-                            cap=output.stdout.cap, drain_s=drain_s))
+        self.send(p.frame(p.SPAWN, process.handle,
+                          p.pack(key, output.stdout.cap, drain_s, cwd, len(argv), *argv, *variables)))
         try:
             await process.started
         except BaseException:
@@ -230,7 +232,7 @@ class KeeperClient:
         """Follow again an attempt the keeper holds, from the byte counts `output` has; JobLost if it holds none."""
         await self.connect()
         process = self._new(output, on_stdout, on_stderr)
-        self.send(p.message(p.ATTACH, process.handle, key=key, offsets=[output.stdout.total, output.stderr.total]))
+        self.send(p.frame(p.ATTACH, process.handle, p.pack(key, output.stdout.total, output.stderr.total)))
         try:
             await process.started
         except BaseException:
@@ -306,11 +308,11 @@ class KeeperClient:
     def _dispatch(self, kind: int, handle: int, payload: bytes) -> None:
         if kind == p.HELLO:
             if self._hello is not None and not self._hello.done():
-                self._hello.set_result(p.fields(payload))
+                self._hello.set_result(p.unpack(payload))
             return
         if kind == p.HOLDS:
             if (query := self._queries.get(handle)) is not None and not query.done():
-                query.set_result([str(k) for k in p.fields(payload)["keys"]])
+                query.set_result(p.unpack(payload))
             return
         process = self._jobs.get(handle)
         if process is not None:

@@ -196,7 +196,7 @@ class Keeper:
                 self._request(conn, kind, handle, payload)
             except (p.ProtocolError, ValueError, KeyError, TypeError) as e:  # that request fails, not the others
                 _log(f"a request of kind {kind} refused: {e!r}")
-                self._send(conn, p.message(p.FAILED, handle, error=f"the job keeper refused the request: {e!r}"))
+                self._send(conn, p.frame(p.FAILED, handle, f"the job keeper refused the request: {e!r}".encode()))
 
     def _drop(self, conn: Conn) -> None:
         """The daemon stopped (or died): its jobs run on, owned by nobody until the next daemon attaches."""
@@ -212,20 +212,20 @@ class Keeper:
     def _request(self, conn: Conn, kind: int, handle: int, payload: bytes) -> None:
         if kind == p.HELLO:
             conn.hello = True
-            self._send(conn, p.message(p.HELLO, 0, version=p.VERSION, pid=os.getpid(), jobs=sorted(self.jobs)))
+            self._send(conn, p.frame(p.HELLO, 0, p.pack(p.VERSION, os.getpid(), *sorted(self.jobs))))
             return
         if not conn.hello:
             raise p.ProtocolError("no HELLO first")
         if kind in (p.SIGNAL, p.FORGET):
             self._about_job(conn, kind, handle, int(payload))
             return
-        args = p.fields(payload)
+        fields = p.unpack(payload)
         if kind == p.SPAWN:
-            self._spawn(conn, handle, args)
+            self._spawn(conn, handle, fields)
         elif kind == p.ATTACH:
-            self._attach(conn, handle, str(args["key"]), args["offsets"])
+            self._attach(conn, handle, fields[0], [int(fields[1]), int(fields[2])])
         elif kind == p.HOLDS:
-            self._send(conn, p.message(p.HOLDS, handle, keys=[k for k in args["keys"] if k in self.jobs]))
+            self._send(conn, p.frame(p.HOLDS, handle, p.pack(*(k for k in fields if k in self.jobs))))
         else:
             raise p.ProtocolError(f"a frame of kind {kind}")
 
@@ -266,14 +266,13 @@ class Keeper:
 
     # -- jobs ---------------------------------------------------------------------------------------------------
 
-    def _spawn(self, conn: Conn, handle: int, args: dict[str, Any]) -> None:
-        key = str(args["key"])
+    def _spawn(self, conn: Conn, handle: int, fields: list[str]) -> None:
+        key, cap, drain_s, cwd, argc = fields[0], int(fields[1]), float(fields[2]), fields[3], int(fields[4])
         if key in self.jobs:
-            self._send(conn, p.message(p.FAILED, handle, error=f"attempt {key} was started already: not twice"))
+            self._send(conn, p.frame(p.FAILED, handle, f"attempt {key} was started already: not twice".encode()))
             return
-        argv = [str(a) for a in args["argv"]]
-        env = {str(k): str(v) for k, v in args["env"].items()}
-        cwd = str(args["cwd"])
+        argv = fields[5:5 + argc]
+        env = dict(entry.split("=", 1) for entry in fields[5 + argc:])
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         try:
@@ -281,12 +280,12 @@ class Keeper:
         except (OSError, ValueError) as e:  # ValueError: a NUL byte in an argument or variable
             for fd in (out_r, err_r):
                 os.close(fd)
-            self._send(conn, p.message(p.FAILED, handle, error=_spawn_error(argv[0], cwd, e)))
+            self._send(conn, p.frame(p.FAILED, handle, _spawn_error(argv[0], cwd, e).encode()))
             return
         finally:
             os.close(out_w)
             os.close(err_w)
-        job = Job(key, pid, int(args["cap"]), (out_r, err_r), float(args["drain_s"]))
+        job = Job(key, pid, cap, (out_r, err_r), drain_s)
         self.jobs[key] = job
         self.by_pid[pid] = job
         for fd in (out_r, err_r):
@@ -395,7 +394,7 @@ class Keeper:
     def _attach(self, conn: Conn, handle: int, key: str, offsets: list[int]) -> None:
         job = self.jobs.get(key)
         if job is None:
-            self._send(conn, p.message(p.UNKNOWN, handle, error=f"the job keeper holds no attempt {key}"))
+            self._send(conn, p.frame(p.UNKNOWN, handle, f"the job keeper holds no attempt {key}".encode()))
             return
         if job.owner is not None and job.owner is not conn:  # taken over: the old owner hears no more of it
             job.owner.jobs.pop(job.handle, None)
@@ -417,7 +416,7 @@ class Keeper:
             while job.sent[stream] < spool.total and len(conn.outbuf) < SEND_BACKLOG:
                 data, skip = spool.next_piece(job.sent[stream])
                 if skip:
-                    self._send(conn, p.message(p.SKIP, job.handle, stream=stream + 1, n=skip))
+                    self._send(conn, p.frame(p.SKIP, job.handle, p.pack(stream + 1, skip)))
                     job.sent[stream] += skip
                 else:
                     self._send(conn, p.frame(p.DATA_OUT if stream == 0 else p.DATA_ERR, job.handle, data))
