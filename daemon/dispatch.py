@@ -39,6 +39,7 @@ logger = log.get("dispatch")
 RECHECK_DOUBLINGS = 8
 RECHECKS = 15
 OWN_COMMIT_RECHECKS = 6  # 1, 2, 4 ... 32 ms: about 60 ms, a phone's fsync
+IDLE_GIVE_BACK_AFTER = 100  # jobs recorded since memory was last given back, for an idle daemon to give it back
 RECORD_BATCH = 16  # finished jobs written in one transaction without waiting for more
 RECORD_GATHER_S = 0.002  # while other jobs run, how long a smaller batch waits for more to end
 DETACH_START_WAIT_S = 5.0  # on a detaching stop, jobs still starting get this long to be started
@@ -396,7 +397,9 @@ class Dispatcher:
 
         The batch lives only in `_record`'s frame: a local here would keep its last outputs (up to 2 x 4 MiB of
         text per job, and the buffers behind them) alive while the daemon idles. After a batch with big outputs,
-        the memory they took is given back (`_give_back_memory`)."""
+        and when the daemon goes idle after many jobs, the memory they took is given back (`_give_back_memory`):
+        SQLite's page cache is full of rows nobody reads again (0.5 MiB after 500 jobs)."""
+        since_given_back = 0
         while True:
             await self._record_ready.wait()
             if len(self._to_record) < RECORD_BATCH and len(self.running) > len(self._to_record):
@@ -404,7 +407,12 @@ class Dispatcher:
                 # (each costs the SQLite thread a commit and this loop two thread hand-offs).
                 await anyio.sleep(RECORD_GATHER_S)
             self._record_ready.clear()
-            if await self._record(self._take_batch()):
+            batch = self._take_batch()
+            since_given_back += len(batch)
+            big = await self._record(batch)
+            del batch  # its outputs go now, not when the next batch comes
+            if big or (since_given_back >= IDLE_GIVE_BACK_AFTER and not self.running and not self._to_record):
+                since_given_back = 0
                 await self._give_back_memory()
 
     def _take_batch(self) -> list[tuple[ClaimedJob, RunningJob, JobResult]]:
