@@ -95,6 +95,15 @@ class StreamCapture:
         self._tail.clear()
         self.dirty = True
 
+    def reset(self) -> None:
+        """Forget everything: the stream is read again from its first byte (a keeper holds all a row needs)."""
+        self.total = 0
+        self.dirty = True
+        self._parts = []
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._head = None
+        self._tail = bytearray()
+
     def reseed(self, text: str | None, total: int) -> None:
         """Continue from what a row holds (a daemon that adopts a running job): past the cap, its head and tail
         are the row's text either side of the marker, and `total` the bytes already read. At or under the cap the

@@ -229,10 +229,15 @@ class KeeperClient:
 
     async def attach(self, key: str, output: JobOutput, on_stdout: OutputCallback,
                      on_stderr: OutputCallback) -> KeeperProcess:
-        """Follow again an attempt the keeper holds, from the byte counts `output` has; JobLost if it holds none."""
+        """Follow again an attempt the keeper holds; JobLost if it holds none. `output` starts over from the first
+        byte, whatever a row said: the keeper holds the head and the tail the row keeps, so reading them again is
+        exact, where going on from a row's byte count would not be past the cap (a character split at the row's
+        last flush was held back from its text but counted in its total)."""
         await self.connect()
+        output.stdout.reset()
+        output.stderr.reset()
         process = self._new(output, on_stdout, on_stderr)
-        self.send(p.frame(p.ATTACH, process.handle, p.pack(key, output.stdout.total, output.stderr.total)))
+        self.send(p.frame(p.ATTACH, process.handle, p.pack(key, 0, 0)))
         try:
             await process.started
         except BaseException:

@@ -24,6 +24,7 @@ from daemon.keeper import protocol as p
 # typing costs the keeper 1.7 MiB of RSS; annotations are strings here (PEP 563), so only type checkers need it.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import subprocess
     from typing import Any
 
 READ_SIZE = 256 * 1024
@@ -84,6 +85,10 @@ class Job:
         self.sent = [0, 0]
         self.exit_sent = False
         self.removed = False  # its row is final: it goes as soon as it has ended
+        # Spawned by subprocess (no POSIX_SPAWN_SETSID): kept, and its returncode set when we reap it, so that
+        # subprocess never waits for it itself (a Popen dropped unreaped goes to subprocess._active, whose
+        # clean-up at the next Popen would reap our jobs' exits before we see them).
+        self.popen: subprocess.Popen[bytes] | None = None
 
 
 class Conn:
@@ -147,10 +152,13 @@ class Keeper:
         for key, mask in events:
             try:
                 key.data(key.fileobj, mask)
-            except Exception:  # a bug must not take the running jobs down with the keeper: say it, go on
-                import traceback  # only then: it costs the keeper a MiB
-
-                _log(f"internal error (the keeper goes on):\n{traceback.format_exc()}")
+            except Exception as e:  # a bug must not take the running jobs down with the keeper: say it, go on
+                # Not the traceback module: it costs a MiB, and importing it needs a free fd (EMFILE is likely).
+                where = e.__traceback__
+                while where is not None and where.tb_next is not None:
+                    where = where.tb_next
+                line = f" (line {where.tb_lineno} of {where.tb_frame.f_code.co_name})" if where else ""
+                _log(f"internal error, the keeper goes on: {e!r}{line}")
 
     # -- daemons ----------------------------------------------------------------------------------------------
 
@@ -159,6 +167,9 @@ class Keeper:
             try:
                 sock, _ = self.listener.accept()
             except BlockingIOError:
+                return
+            except OSError as e:  # EMFILE: the daemon's connect waits in the backlog; jobs go on
+                _log(f"cannot accept a daemon's connection: {e}")
                 return
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             _pid, uid, _gid = struct.unpack("3i", creds)
@@ -194,7 +205,7 @@ class Keeper:
         for kind, handle, payload in frames:
             try:
                 self._request(conn, kind, handle, payload)
-            except (p.ProtocolError, ValueError, KeyError, TypeError) as e:  # that request fails, not the others
+            except (p.ProtocolError, ValueError, KeyError, TypeError, IndexError, OSError) as e:  # that one fails
                 _log(f"a request of kind {kind} refused: {e!r}")
                 self._send(conn, p.frame(p.FAILED, handle, f"the job keeper refused the request: {e!r}".encode()))
 
@@ -273,19 +284,21 @@ class Keeper:
             return
         argv = fields[5:5 + argc]
         env = dict(entry.split("=", 1) for entry in fields[5 + argc:])
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
+        fds: list[int] = []
         try:
-            pid = self._start(argv, env, cwd, out_w, err_w)
-        except (OSError, ValueError) as e:  # ValueError: a NUL byte in an argument or variable
-            for fd in (out_r, err_r):
+            fds += os.pipe()
+            fds += os.pipe()  # out_r, out_w, err_r, err_w
+            pid, popen = self._start(argv, env, cwd, fds[1], fds[3])
+        except (OSError, ValueError) as e:  # EMFILE, a failed exec; ValueError: a NUL byte in an argument
+            for fd in fds:
                 os.close(fd)
             self._send(conn, p.frame(p.FAILED, handle, _spawn_error(argv[0], cwd, e).encode()))
             return
-        finally:
-            os.close(out_w)
-            os.close(err_w)
+        os.close(fds[1])
+        os.close(fds[3])
+        out_r, err_r = fds[0], fds[2]
         job = Job(key, pid, cap, (out_r, err_r), drain_s)
+        job.popen = popen
         self.jobs[key] = job
         self.by_pid[pid] = job
         for fd in (out_r, err_r):
@@ -295,7 +308,8 @@ class Keeper:
         conn.jobs[handle] = job
         self._send(conn, p.frame(p.STARTED, handle, b"%d" % pid))
 
-    def _start(self, argv: list[str], env: dict[str, str], cwd: str, out_w: int, err_w: int) -> int:
+    def _start(self, argv: list[str], env: dict[str, str], cwd: str, out_w: int, err_w: int
+               ) -> tuple[int, subprocess.Popen[bytes] | None]:
         """posix_spawn (a vfork: its cost does not grow with this process), in the job's directory: this thread is
         the only one, so it changes directory for the spawn and comes back."""
         os.chdir(cwd)
@@ -305,13 +319,14 @@ class Keeper:
                     return os.posix_spawn(argv[0], argv, env, setsid=True, setsigdef=_RESET_SIGNALS,
                                           file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
                                                         (os.POSIX_SPAWN_DUP2, out_w, 1),
-                                                        (os.POSIX_SPAWN_DUP2, err_w, 2)])
+                                                        (os.POSIX_SPAWN_DUP2, err_w, 2)]), None
                 except NotImplementedError:  # a C library without POSIX_SPAWN_SETSID
                     self.can_setsid = False
             import subprocess  # only where posix_spawn cannot start a session
 
-            return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
-                                    start_new_session=True).pid
+            popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+                                     start_new_session=True, preexec_fn=_default_signals)
+            return popen.pid, popen
         finally:
             os.chdir("/")
 
@@ -354,6 +369,8 @@ class Keeper:
                 job.status = (128 + sig, sig)
             else:
                 job.status = (os.waitstatus_to_exitcode(wait_status), None)
+            if job.popen is not None:
+                job.popen.returncode = job.status[0]
             if not job.fds:
                 self._finish(job)
             else:  # children left in its group may hold the pipes: they get drain_s to finish writing
@@ -439,6 +456,12 @@ class Keeper:
             _libc_call("malloc_trim", 0)  # its buffers are free: give the heap's free pages back
 
 
+def _default_signals() -> None:
+    """In the child, before exec (subprocess restores only SIGPIPE and SIGXFSZ): this process has one thread."""
+    for signum in _RESET_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def _spawn_error(program: str, cwd: str, e: OSError | ValueError) -> str:
     if not isinstance(e, OSError):
         return f"cannot start {program!r}: {e}"
@@ -454,8 +477,13 @@ def _spawn_error(program: str, cwd: str, e: OSError | ValueError) -> str:
 
 
 def _log(message: str) -> None:
-    with contextlib.suppress(OSError):
-        os.write(2, f"nexus-jobd keeper[{os.getpid()}]: {message}\n".encode())
+    """To syslog (the journal, under systemd): not to the stderr of the daemon that started the keeper, which the
+    keeper does not keep (a pipe held open by it would never see EOF: a log reader, a caller's capture)."""
+    with contextlib.suppress(Exception):
+        import syslog  # only when there is something to say
+
+        syslog.openlog(f"nexus-jobd-keeper[{os.getpid()}]", 0, syslog.LOG_DAEMON)
+        syslog.syslog(syslog.LOG_ERR, message)
 
 
 def _libc_call(name: str, *args: int | bytes) -> None:
@@ -479,8 +507,8 @@ def main(address: bytes) -> int:
         print("ready", flush=True)
         os._exit(0)
     devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.dup2(devnull, 1)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
     os.close(devnull)
     _libc_call("prctl", _PR_SET_NAME, b"nexus-jobd-keep", 0, 0, 0)  # what ps -o comm and pgrep see
     _libc_call("prctl", _PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # a job's orphaned children come to us: we reap them

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from daemon.output import StreamCapture
 from tests.conftest import Daemon, Db, group_members, keeper_pids, wait_for
 
 # Counts its runs in a file, prints numbered lines slowly, ends with a status of its own.
@@ -146,3 +147,22 @@ def test_keeper_false_runs_jobs_as_the_daemons_children(db: Db, daemon_factory: 
     row = db.wait_status(db.insert("echo $PPID"))
     assert daemon.proc is not None and row["stdout"] == f"{daemon.proc.pid}\n"
     assert not keeper_pids(db.path)
+
+
+def test_output_past_the_cap_is_exact_after_a_kill_9(db: Db, daemon_factory: Callable[..., Daemon]) -> None:
+    """Two-byte characters written in odd-sized pieces past the cap: the row of the daemon that takes over is
+    what one daemon reading every byte would have written (no character lost at the seam)."""
+    config = "[daemon]\noutput_cap_bytes = 1024\nflush_interval_ms = 50\n"
+    first = daemon_factory(config).start()
+    piece = "ééééééé"
+    job_id = db.insert(f'for i in $(seq 1 150); do printf "%s" "{piece}"; printf x; sleep 0.01; done; exit 3')
+    wait_for(lambda: (db.job(job_id)["stdout_bytes"] or 0) > 1500, message="output past the cap flushed")
+    assert first.proc is not None
+    first.proc.kill()
+    first.proc.wait()
+    daemon_factory(config).start()
+    row = db.wait_status(job_id, timeout=20)
+    expected = StreamCapture("stdout", 1024)
+    expected.feed(((piece + "x") * 150).encode())
+    assert (row["exit_code"], row["stdout_bytes"]) == (3, 150 * 15)
+    assert row["stdout"] == expected.render(final=True)
