@@ -644,10 +644,12 @@ class Dispatcher:
         return job.process is None and executor is not None and executor.can_reattach and job.holds_slot
 
     async def _kill_local_orphans(self) -> None:
-        """Before claiming anything: on a database other hosts share, jobs this host's keeper still runs but which
-        another host's daemon recovered (re-queued or failed) while this host was away are killed."""
+        """Before claiming anything: what this host's keeper still holds of attempts whose rows are final or back in
+        the queue is killed and let go: on a database other hosts share, another host's daemon recovered them while
+        this host was away; on any database, a daemon that died between recording a row and telling the keeper
+        left the keeper holding a finished job (it would stay for ever)."""
         local = self._executors.get(self._config.local_node)
-        if not self._store.shared_by_hosts or not isinstance(local, LocalExecutor):
+        if not isinstance(local, LocalExecutor):
             return
         try:
             killed = await local.kill_orphans(partial(self._store.finished_attempts, self._config.local_node))
@@ -656,7 +658,7 @@ class Dispatcher:
             return
         for key in killed:
             logger.warning("job.orphan_killed", attempt=key,
-                           reason="another host's daemon recovered this attempt while this host's daemon was away")
+                           reason="its row is final or back in the queue: this attempt no longer runs here")
 
     async def _sweep_spools(self) -> None:
         """Once, a while after start-up: directories on each remote node whose attempt is no longer running

@@ -115,7 +115,9 @@ class Lease:
             held = await self._held([job for *_, job in detached])
             for old_worker_id, host, boot_id, job in detached:
                 same_boot = host == self.me.host and boot_id is not None and boot_id == self.me.boot_id
-                if job.node_id != self.local_node or f"{job.id}:{job.attempt}" in held:
+                if job.node_id == self.local_node and held is None:
+                    continue  # the keeper did not answer: it may still run the job; the next round asks again
+                if job.node_id != self.local_node or f"{job.id}:{job.attempt}" in (held or ()):
                     await self.adopt(old_worker_id, job)
                 elif same_boot:  # detached on this host, but its keeper is gone: nothing runs it any more
                     killed = isinstance(job.pid, int) and job.pid > 1 and procs.kill_group(job.pid, job.pid_start)
@@ -128,8 +130,10 @@ class Lease:
         held = await self._held(jobs) if self.me.same_boot(worker) else set()
         for job in jobs:
             local = job.node_id == self.local_node
+            if local and held is None:
+                continue  # the keeper did not answer: left `executing` under the stopped daemon, asked again later
             if self.adopt is not None and job.node_id in self.adoptable_nodes and (
-                    not local or f"{job.id}:{job.attempt}" in held):
+                    not local or f"{job.id}:{job.attempt}" in (held or ())):
                 # Adopted here, or left `executing` for another daemon (or the next one) serving the node to
                 # adopt: never re-queued while it may still run there.
                 await self.adopt(worker.id, job)
@@ -141,16 +145,18 @@ class Lease:
             return unreachable_host_error(worker.host)
         return KEEPER_LOST_ERROR if local and self.keeper_holds is not None else ORPHAN_ERROR
 
-    async def _held(self, jobs: Sequence[OrphanedJob]) -> set[str]:
-        """Which of these local jobs this host's keeper holds (none if there is no keeper or it cannot start)."""
+    async def _held(self, jobs: Sequence[OrphanedJob]) -> set[str] | None:
+        """Which of these local jobs this host's keeper holds: none if there is no keeper (a keeper started now holds
+        nothing), None if it could not be asked (it did not answer, no fd was free): not knowing is not "gone"."""
         keys = [f"{job.id}:{job.attempt}" for job in jobs if job.node_id == self.local_node]
         if not keys or self.keeper_holds is None:
             return set()
         try:
             return await self.keeper_holds(keys)
-        except Exception as e:  # SpawnError: no keeper to ask, so none holds them
-            logger.error("lease.keeper_unreachable", error=str(e))
-            return set()
+        except Exception as e:  # SpawnError: it did not answer, or none could be started; the rows wait
+            logger.error("lease.keeper_unreachable", error=str(e), jobs=len(keys),
+                         consequence="their rows stay executing until the keeper answers")
+            return None
 
     async def _resolve(self, worker_id: str, job: OrphanedJob, error: str, killed: bool) -> None:
         requeue = isinstance(job.max_attempts, int) and job.attempt < job.max_attempts

@@ -97,8 +97,12 @@ class JobRunner:
             policy = RunPolicy(None, 1)
         running.command = command
         executor = self._executors[running.node_id]
-        process = await executor.reattach(f"{job.id}:{job.attempt}", self._feeder(running.output.stdout.feed),
-                                          self._feeder(running.output.stderr.feed), output=running.output)
+        try:
+            process = await executor.reattach(f"{job.id}:{job.attempt}", self._feeder(running.output.stdout.feed),
+                                              self._feeder(running.output.stderr.feed), output=running.output)
+        except (SpawnError, JobLost) as e:  # its keeper no longer holds it, or cannot be reached: as a lost job
+            return outcome.lost(f"the job could not be followed again: {e}", running.output.snapshot(final=True),
+                                attempt=job.attempt, max_attempts=policy.max_attempts)
         timeout_ms = policy.timeout_ms
         left_ms = None if timeout_ms is None else max(1, timeout_ms - (now_ms() - job.started_at))
         self._started(running, process, left_ms)

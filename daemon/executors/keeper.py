@@ -100,6 +100,13 @@ class KeeperProcess:
             if not self.started.done():
                 self.started.set_exception(SpawnError(error) if kind == p.FAILED else JobLost(error))
 
+    def left(self, reason: str) -> None:
+        """This daemon leaves the job to the keeper (it stops): whoever still waits learns it, nothing is killed."""
+        for future in (self.started, self._exit):
+            if not future.done():
+                future.set_exception(JobLost(reason))
+                future.exception()  # retrieved: a job nobody waits for any more must not warn
+
     def lost(self, reason: str) -> None:
         """The keeper is gone: what is left of the job is killed, and the job is lost. Its start time is read only
         now (reading /proc/PID/stat of a process in execve waits for the exec: 0.14 ms a job, measured), so a
@@ -195,7 +202,7 @@ class KeeperClient:
         return True
 
     async def holds(self, keys: list[str]) -> set[str]:
-        """Which of these attempts the keeper holds (running, or ended and not yet recorded)."""
+        """Which of these attempts the keeper holds (running, or ended and not yet recorded); no key: all it holds."""
         await self.connect()
         assert self._loop is not None
         handle = self._handle()
@@ -203,7 +210,11 @@ class KeeperClient:
         self._queries[handle] = future
         self.send(p.frame(p.HOLDS, handle, p.pack(*keys)))
         try:
-            return set(await future)
+            with anyio.fail_after(HELLO_TIMEOUT_S):
+                return set(await future)
+        except TimeoutError as e:
+            raise SpawnError(f"the job keeper (pid {self.keeper_pid}) did not answer within {HELLO_TIMEOUT_S:g} s"
+                             ) from e
         finally:
             self._queries.pop(handle, None)
 
@@ -315,9 +326,12 @@ class KeeperClient:
             if self._hello is not None and not self._hello.done():
                 self._hello.set_result(p.unpack(payload))
             return
-        if kind == p.HOLDS:
-            if (query := self._queries.get(handle)) is not None and not query.done():
-                query.set_result(p.unpack(payload))
+        if (query := self._queries.get(handle)) is not None:
+            if not query.done():  # its answer, or FAILED: the keeper refused the request
+                if kind == p.HOLDS:
+                    query.set_result(p.unpack(payload))
+                else:
+                    query.set_exception(SpawnError(p.text(payload)))
             return
         process = self._jobs.get(handle)
         if process is not None:
@@ -346,17 +360,24 @@ class KeeperClient:
             process.lost(reason)
 
     def close(self) -> None:
-        """Leave the keeper: the jobs it holds for us run on (a stopping daemon that detached them)."""
+        """Leave the keeper: the jobs it holds for us run on (a stopping daemon that detached them). Our last
+        FORGETs get a second at most: a keeper stopped with SIGSTOP must not hold the daemon's exit."""
         sock, self._sock = self._sock, None
         if sock is None:
             return
         assert self._loop is not None
-        with contextlib.suppress(OSError):
-            sock.setblocking(True)
-            sock.sendall(self._outbuf)  # our last FORGETs
         self._loop.remove_reader(sock)
         if self._writing:
             self._loop.remove_writer(sock)
+        with contextlib.suppress(OSError):
+            sock.settimeout(1.0)
+            sock.sendall(self._outbuf)
         sock.close()
-        self._jobs.clear()
+        reason = "this daemon is stopping"
+        for query in self._queries.values():
+            if not query.done():
+                query.set_exception(SpawnError(reason))
+        jobs, self._jobs = self._jobs, {}
+        for process in jobs.values():  # nobody waits for them any more (detached); resolve them all the same
+            process.left(reason)
 

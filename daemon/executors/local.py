@@ -236,7 +236,7 @@ class LocalExecutor:
         """Kill what this host's keeper still runs of attempts the database holds finished or re-queued: on a queue
         shared by several hosts, another host's daemon recovered them while this host's daemon was away, and could
         not reach them to kill them. The attempt keys killed."""
-        if self._keeper is None:
+        if self._keeper is None or not await self._keeper.holds([]):  # holds nothing: no query of every row
             return []
         keys = [f"{job_id}:{attempt}" for job_id, attempt in await finished_attempts()]
         held = sorted(await self._keeper.holds(keys)) if keys else []

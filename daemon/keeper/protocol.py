@@ -27,7 +27,7 @@ SPAWN = 2  # key, cap, drain_s, cwd, argc, argv..., NAME=VALUE...: STARTED or FA
 ATTACH = 3  # key, stdout bytes, stderr bytes (what the row has): STARTED (then the output from there) or UNKNOWN
 SIGNAL = 4  # b"N": signal N to the job's process group
 FORGET = 5  # b"1": the row is final (remove it); b"0": the daemon lets go of the job (it runs on)
-HOLDS = 6  # keys...: the keeper answers HOLDS with those of them it holds
+HOLDS = 6  # keys...: the keeper answers HOLDS with those of them it holds (no key: all it holds)
 # keeper -> daemon
 STARTED = 11  # b"PID"
 FAILED = 12  # why the job could not be started (UTF-8 text)

@@ -236,7 +236,8 @@ class Keeper:
         elif kind == p.ATTACH:
             self._attach(conn, handle, fields[0], [int(fields[1]), int(fields[2])])
         elif kind == p.HOLDS:
-            self._send(conn, p.frame(p.HOLDS, handle, p.pack(*(k for k in fields if k in self.jobs))))
+            held = sorted(self.jobs) if not fields else [k for k in fields if k in self.jobs]  # none named: all
+            self._send(conn, p.frame(p.HOLDS, handle, p.pack(*held)))
         else:
             raise p.ProtocolError(f"a frame of kind {kind}")
 
