@@ -20,7 +20,7 @@ import anyio
 from daemon import __version__, config, service
 from daemon import logging as log
 from daemon.errors import ConfigError, DatabaseError, DatabaseRewritten, JobdError
-from daemon.store import DbError, JobStatus, Store, guard, now_ms, open_store
+from daemon.store import DbError, JobStatus, Store, guard, open_store
 from daemon.tools import MAX_ATTEMPTS, MAX_TIMEOUT_MS
 
 _MARKER = re.compile(r"\n\[nexus-jobd: \d+ bytes of \w+ omitted; (\d+) bytes in all\]\n")
@@ -222,12 +222,11 @@ def cmd_submit(cfg: config.Config, args: argparse.Namespace) -> int:
     watch = _Watch()
 
     async def action(store: Store) -> int:
-        run_after = now_ms() + args.delay_ms if args.delay_ms else None
         depends_on = await store.resolve_id(args.depends_on) if args.depends_on is not None else None
         job_id = await store.insert_job(node_id=node, tool=args.tool, command=args.command_text, cwd=cwd,
                                         env=dict(args.env) or None, priority=args.priority,
                                         timeout_ms=args.timeout_ms, max_attempts=args.max_attempts,
-                                        run_after=run_after, depends_on=depends_on)
+                                        delay_ms=args.delay_ms or None, depends_on=depends_on)
         print(job_id, file=sys.stderr if args.follow else sys.stdout, flush=True)
         if not args.follow:
             return 0

@@ -244,8 +244,9 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def insert_job(self, *, node_id: str, tool: str, command: str, cwd: str | None = None,
                          env: dict[str, str] | None = None, priority: int = 0, timeout_ms: int | None = None,
-                         max_attempts: int = 1, run_after: int | None = None,
-                         depends_on: str | RawText | None = None) -> str: ...
+                         max_attempts: int = 1, delay_ms: int | None = None,
+                         depends_on: str | RawText | None = None) -> str:
+        """Queue a job as other programs do; `delay_ms` after its created_at, both by the database's clock."""
 
     @abc.abstractmethod
     async def prune(self, *, older_than_ms: int, statuses: Sequence[str]) -> int: ...

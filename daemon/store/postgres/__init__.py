@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from daemon import logging as log
 from daemon.config import redact_url
 from daemon.errors import DatabaseError, JobdError
-from daemon.store.base import ChangeSource, DbUnavailable, Store, cycles, now_ms
+from daemon.store.base import ChangeSource, DbUnavailable, Store, cycles
 from daemon.store.postgres.queries import HERE, Q, read_sql
 from daemon.store.rows import (
     AdoptedJob,
@@ -456,18 +456,18 @@ class PostgresStore(Store):
 
     async def insert_job(self, *, node_id: str, tool: str, command: str, cwd: str | None = None,
                          env: dict[str, str] | None = None, priority: int = 0, timeout_ms: int | None = None,
-                         max_attempts: int = 1, run_after: int | None = None,
+                         max_attempts: int = 1, delay_ms: int | None = None,
                          depends_on: str | RawText | None = None) -> str:
         job_id = str(uuid.uuid4())
         await self._fetch("insert_job", {"id": job_id, "node_id": node_id, "tool": tool, "command": command,
-                                         "now": now_ms(), "cwd": cwd, "priority": priority,
+                                         "cwd": cwd, "priority": priority,
                                          "timeout_ms": timeout_ms, "max_attempts": max_attempts,
-                                         "run_after": run_after, "depends_on": _text(depends_on),
+                                         "delay_ms": delay_ms, "depends_on": _text(depends_on),
                                          "env": json.dumps(env) if env else None})
         return job_id
 
     async def prune(self, *, older_than_ms: int, statuses: Sequence[str]) -> int:
-        return await self._count("prune_jobs", {"before": now_ms() - older_than_ms, "statuses": list(statuses)})
+        return await self._count("prune_jobs", {"older_than_ms": older_than_ms, "statuses": list(statuses)})
 
     async def retry(self, job_id: str | RawText) -> bool:
         return bool(await self._fetch("retry_job", {"id": _text(job_id)}))
@@ -479,7 +479,7 @@ class PostgresStore(Store):
         async def work(conn: psycopg.AsyncConnection[Any]) -> list[str | RawText]:
             done: list[str | RawText] = []
             for job_id in job_ids:
-                cur = await conn.execute(Q["cancel_job"], {"id": _text(job_id), "now": now_ms()})
+                cur = await conn.execute(Q["cancel_job"], {"id": _text(job_id)})
                 done += [row[0] for row in await cur.fetchall()]
             return done
 

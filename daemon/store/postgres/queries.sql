@@ -178,15 +178,15 @@ SELECT w.id, w.host, w.pid, w.started_at, w.heartbeat_at, w.stopped_at, w.stop_r
 SELECT id, attempt FROM jobs WHERE status = 'cancelled' AND worker_id = :worker_id AND id = ANY(:ids);
 
 -- name: cancel_job
-UPDATE jobs SET status = 'cancelled', completed_at = :now
+UPDATE jobs SET status = 'cancelled', completed_at = NOW_MS
  WHERE id = :id AND status IN ('queued', 'executing')
 RETURNING id;
 
 -- name: insert_job
 INSERT INTO jobs (id, node_id, tool, command, status, created_at, cwd, env, priority, timeout_ms, max_attempts,
                   run_after, depends_on)
-VALUES (:id, :node_id, :tool, :command, 'queued', :now, :cwd, :env, :priority, :timeout_ms, :max_attempts,
-        :run_after, :depends_on);
+VALUES (:id, :node_id, :tool, :command, 'queued', NOW_MS, :cwd, :env, :priority, :timeout_ms, :max_attempts,
+        NOW_MS + :delay_ms, :depends_on);  -- the database's clock, as every time the daemon writes
 
 -- name: get_job
 SELECT * FROM jobs WHERE id = :id;
@@ -213,7 +213,7 @@ SELECT (SELECT count(*) FROM jobs WHERE status = 'queued')::int,
 
 -- name: prune_jobs
 DELETE FROM jobs
- WHERE status = ANY(:statuses) AND completed_at < :before
+ WHERE status = ANY(:statuses) AND completed_at < NOW_MS - :older_than_ms
    AND status IN ('completed', 'failed', 'cancelled')
    AND NOT EXISTS (SELECT 1 FROM jobs AS q WHERE q.status = 'queued' AND q.depends_on = jobs.id);
 

@@ -718,7 +718,7 @@ class SqliteStore(Store):
 
     async def insert_job(self, *, node_id: str, tool: str, command: str, cwd: str | None = None,
                          env: dict[str, str] | None = None, priority: int = 0, timeout_ms: int | None = None,
-                         max_attempts: int = 1, run_after: int | None = None,
+                         max_attempts: int = 1, delay_ms: int | None = None,
                          depends_on: str | RawText | None = None) -> str:
         import uuid  # the CLI's path only: the daemon never creates ids
 
@@ -726,7 +726,7 @@ class SqliteStore(Store):
         await self._write("insert_job", {"id": job_id, "node_id": node_id, "tool": tool, "command": command,
                                          "now": now_ms(), "cwd": cwd, "priority": priority,
                                          "timeout_ms": timeout_ms, "max_attempts": max_attempts,
-                                         "run_after": run_after, "depends_on": depends_on,
+                                         "delay_ms": delay_ms, "depends_on": depends_on,
                                          "env": json.dumps(env) if env else None})
         return job_id
 

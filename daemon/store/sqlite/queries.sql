@@ -234,7 +234,7 @@ RETURNING id;
 INSERT INTO jobs (id, node_id, tool, command, status, created_at, cwd, env, priority, timeout_ms, max_attempts,
                   run_after, depends_on)
 VALUES (:id, :node_id, :tool, :command, 'queued', :now, :cwd, :env, :priority, :timeout_ms, :max_attempts,
-        :run_after, CAST(:depends_on AS TEXT));  -- CAST: a RawText id (bound as a BLOB) back to its TEXT
+        :now + :delay_ms, CAST(:depends_on AS TEXT));  -- CAST: a RawText id (bound as a BLOB) back to its TEXT
 
 -- name: get_job
 -- CAST: an id read back as RawText (not valid UTF-8) is bound as a BLOB; this makes it the stored TEXT again.
