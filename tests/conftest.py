@@ -269,24 +269,13 @@ class Daemon:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _no_keeper_outlives_the_session() -> Iterator[None]:
+def _no_keeper_outlives_the_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Keepers that tests started outside daemon_factory (runit, systemd, CLI tests) and left holding a job: killed
-    with what they run when the session ends, so that no test process outlives the suite."""
-    started = time.time()
+    with what they run when the session ends, so that no test process outlives the suite. Only the keepers of this
+    session's databases (found by their addresses): another pytest session may be running beside this one."""
     yield
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline, born = (entry / "cmdline").read_bytes(), entry.stat().st_ctime
-        except OSError:
-            continue
-        if b"daemon.keeper.server" in cmdline and born >= started - 1:
-            for child in children(int(entry.name)):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(child, signal.SIGKILL)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(entry.name), signal.SIGKILL)
+    for path in tmp_path_factory.getbasetemp().rglob("*.db"):
+        kill_keeper(path)
 
 
 @pytest.fixture
