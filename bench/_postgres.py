@@ -66,20 +66,27 @@ def jobd_throughput(ws: h.Workspace, server_url: str, jobs: int, concurrency: in
                          f"'localhost', 'bash', 'true', 'queued', {NOW_MS} FROM generate_series(1, %s) AS i",
                          (jobs,))
 
-            def done() -> bool:
-                daemon.check_alive()
-                row = conn.execute("SELECT count(*) FILTER (WHERE status = 'completed' AND duration IS NOT NULL), "
-                                   "count(*) FILTER (WHERE status IN ('failed', 'cancelled')) FROM jobs").fetchone()
-                assert row is not None
-                if row[1]:
-                    raise h.BenchError(f"{row[1]} nexus-jobd job(s) did not complete")
-                return bool(row[0] == jobs)
-
-            h.wait_until(done, 30 + jobs / 50, 0.02, f"{jobs} completed jobs")
+            _wait_all(conn, "SELECT count(*) FILTER (WHERE status = 'completed' AND duration IS NOT NULL), "
+                            "count(*) FILTER (WHERE status IN ('failed', 'cancelled')) FROM jobs",
+                      jobs, "nexus-jobd", 30 + jobs / 50, daemon.check_alive)
             elapsed = time.perf_counter() - started
     finally:
         drop_database(server_url, url)
     return elapsed, ""
+
+
+def _wait_all(conn: Any, query: str, jobs: int, who: str, timeout: float, check: Any) -> None:
+    """Until `query` (done, failed) counts `jobs` done; BenchError at the first failed one or at the deadline."""
+
+    def done() -> bool:
+        check()
+        row = conn.execute(query).fetchone()
+        assert row is not None
+        if row[1]:
+            raise h.BenchError(f"{row[1]} {who} job(s) did not complete")
+        return bool(row[0] == jobs)
+
+    h.wait_until(done, timeout, 0.02, f"{jobs} {who} jobs")
 
 
 def jobd_latency(ws: h.Workspace, server_url: str, rows: int, gap_ms: tuple[int, int]) -> list[float]:
@@ -175,15 +182,9 @@ def procrastinate_throughput(ws: h.Workspace, server_url: str, jobs: int, concur
             with app_sync.open():  # one statement for all jobs, as the daemon's rows get one INSERT
                 app_sync.configure_task("run_true").batch_defer(*([{}] * jobs))
 
-            def done() -> bool:
-                row = conn.execute("SELECT count(*) FILTER (WHERE status = 'succeeded'), "
-                                   "count(*) FILTER (WHERE status = 'failed') FROM procrastinate_jobs").fetchone()
-                assert row is not None
-                if row[1]:
-                    raise h.BenchError(f"{row[1]} procrastinate job(s) failed")
-                return bool(row[0] == jobs)
-
-            h.wait_until(done, 30 + jobs / 20, 0.02, f"{jobs} procrastinate jobs")
+            _wait_all(conn, "SELECT count(*) FILTER (WHERE status = 'succeeded'), "
+                            "count(*) FILTER (WHERE status = 'failed') FROM procrastinate_jobs",
+                      jobs, "procrastinate", 30 + jobs / 20, lambda: None)
             elapsed = time.perf_counter() - started
     finally:
         drop_database(server_url, url)

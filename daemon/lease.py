@@ -24,12 +24,12 @@ from daemon.store import OrphanedJob, Store, Worker, survive_db_errors
 
 logger = log.get("lease")
 ORPHAN_ERROR = "daemon stopped while the job was running"
-def unreachable_host_error(host: str) -> str:
-    return f"daemon on host {host} stopped answering"
-
-
 KEEPER_LOST_ERROR = ("daemon stopped while the job was running, and the job keeper that ran it is gone (killed, or "
                      "the host rebooted)")
+
+
+def unreachable_host_error(host: str) -> str:
+    return f"daemon on host {host} stopped answering"
 
 
 @dataclass(frozen=True)
@@ -120,8 +120,7 @@ class Lease:
                 if job.node_id != self.local_node or f"{job.id}:{job.attempt}" in (held or ()):
                     await self.adopt(old_worker_id, job)
                 elif same_boot:  # detached on this host, but its keeper is gone: nothing runs it any more
-                    killed = isinstance(job.pid, int) and job.pid > 1 and procs.kill_group(job.pid, job.pid_start)
-                    await self._resolve(old_worker_id, job, KEEPER_LOST_ERROR, killed)
+                    await self._resolve(old_worker_id, job, KEEPER_LOST_ERROR, _kill_group(job))
                 # else: another host's keeper holds it, for that host's daemons
 
     async def _recover_jobs(self, worker: Worker, reason: str) -> None:
@@ -168,6 +167,9 @@ class Lease:
 
     def _kill_leftovers(self, worker: Worker, job: OrphanedJob) -> bool:
         """Only on the dead daemon's own host and boot can its pids be trusted (and reached)."""
-        if not isinstance(job.pid, int) or job.pid <= 1 or not self.me.same_boot(worker):
-            return False
-        return procs.kill_group(job.pid, job.pid_start)
+        return self.me.same_boot(worker) and _kill_group(job)
+
+
+def _kill_group(job: OrphanedJob) -> bool:
+    """What is left of the job's process group on this host (pid and start time checked); True if signalled."""
+    return isinstance(job.pid, int) and job.pid > 1 and procs.kill_group(job.pid, job.pid_start)

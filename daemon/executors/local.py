@@ -233,9 +233,8 @@ class LocalExecutor:
         pass  # nothing of a local job is left behind once its process group is gone (or its keeper forgot it)
 
     async def kill_orphans(self, finished_attempts: Callable[[], Awaitable[list[tuple[str, int]]]]) -> list[str]:
-        """Kill what this host's keeper still runs of attempts the database holds finished or re-queued: on a queue
-        shared by several hosts, another host's daemon recovered them while this host's daemon was away, and could
-        not reach them to kill them. The attempt keys killed."""
+        """Kill and let go what this host's keeper still holds of attempts the database holds finished or re-queued
+        (see Dispatcher._kill_local_orphans for how they come about). The attempt keys killed."""
         if self._keeper is None or not await self._keeper.holds([]):  # holds nothing: no query of every row
             return []
         keys = [f"{job_id}:{attempt}" for job_id, attempt in await finished_attempts()]
