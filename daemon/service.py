@@ -374,6 +374,14 @@ def _install_signals(stop: asyncio.Event, dispatcher: Dispatcher, notifier: Noti
                            running=len(dispatcher.running))
             dispatcher.stop_all("shutdown")
 
+    def ignored(signum: int) -> None:
+        logger.warning("daemon.signal_ignored", signal=signal.Signals(signum).name,
+                       reason="nexus-jobd gives it no meaning (SIGTERM stops it, SIGHUP reloads its config)")
+
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_stop, signum)
     loop.add_signal_handler(signal.SIGHUP, reload)
+    # Their default action kills the process: a stray `kill -USR1` (log rotation scripts send it) must not take the
+    # daemon down with its lease held. A handler, not SIG_IGN: an ignored signal would stay ignored in the jobs.
+    for signum in (signal.SIGUSR1, signal.SIGUSR2):
+        loop.add_signal_handler(signum, ignored, signum)

@@ -34,8 +34,11 @@ BIG_OUTPUT_BYTES = 1024 * 1024  # as output.BIG_OUTPUT_BYTES and MMAP_THRESHOLD_
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_SET_NAME = 15
 _M_MMAP_THRESHOLD = -3
-# Python ignores SIGPIPE and SIGXFSZ, the keeper SIGHUP and SIGINT: a job starts with the defaults.
-_RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGHUP, signal.SIGINT)
+# Signals meant for the daemon (a terminal's, a service manager's, a stray `kill -USR1`) whose default action would
+# kill the keeper and every job it holds: ignored.
+_IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+# Python ignores SIGPIPE and SIGXFSZ, the keeper the above: a job starts with the defaults.
+_RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, *_IGNORED_SIGNALS)
 
 
 class Spool:
@@ -516,7 +519,7 @@ def main(address: bytes) -> int:
     # As the daemon does (output.map_big_blocks_apart): big buffers get mappings of their own, given back when
     # freed, instead of glibc raising its threshold and carving them out of a heap that small blocks then pin.
     _libc_call("mallopt", _M_MMAP_THRESHOLD, BIG_OUTPUT_BYTES)
-    for signum in (signal.SIGHUP, signal.SIGINT):  # a terminal's or a service manager's, meant for the daemon
+    for signum in _IGNORED_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     os.chdir("/")
     Keeper(listener).run()

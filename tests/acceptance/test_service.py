@@ -149,3 +149,27 @@ def test_status_backup_and_prune(daemon: Daemon, db: Db, tmp_path: Path) -> None
     assert pruned.returncode == 0 and pruned.stdout.startswith("deleted 1 ")
     assert {r[0] for r in db.conn.execute("SELECT id FROM jobs")} == {recent}
     assert cli(db, "prune", "--older-than", "soon").returncode == 2
+
+
+def test_sigusr1_and_sigusr2_are_ignored_by_daemon_and_keeper_and_jobs_get_the_default(
+        daemon: Daemon, db: Db, tmp_path: Path) -> None:
+    """Their default action kills: a stray `kill -USR1` must take down neither the daemon (its lease held) nor the
+    keeper (with every job it holds). A job started afterwards still dies of SIGUSR1, as any program would."""
+    from tests.conftest import keeper_pids
+
+    gate = tmp_path / "gate"
+    running = db.insert(f"echo up; while [ ! -e {gate} ]; do sleep 0.02; done; echo done")
+    wait_for(lambda: db.job(running)["stdout"] == "up\n", message="the job to run")
+    assert daemon.proc is not None
+    keeper = wait_for(lambda: keeper_pids(db.path), message="the keeper")[0]
+    for signum in (signal.SIGUSR1, signal.SIGUSR2):
+        daemon.proc.send_signal(signum)
+        os.kill(keeper, signum)
+    ignored = wait_for(lambda: len(e := daemon.events("daemon.signal_ignored")) == 2 and e, message="two warnings")
+    assert sorted(e["signal"] for e in ignored) == ["SIGUSR1", "SIGUSR2"]
+    gate.touch()
+    row = db.wait_status(running)
+    assert (row["status"], row["stdout"], row["attempt"]) == ("completed", "up\ndone\n", 1)
+    assert daemon.proc.poll() is None and keeper_pids(db.path) == [keeper]
+    shot = db.wait_status(db.insert("kill -USR1 $$; echo survived"))
+    assert (shot["status"], shot["exit_code"], shot["stdout"]) == ("failed", 128 + signal.SIGUSR1, "")
