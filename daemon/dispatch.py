@@ -384,7 +384,9 @@ class Dispatcher:
         running.holds_slot = False
         self._slots_used -= 1
         self._per_node[running.node_id] -= 1
-        if self._backlog:  # this node's rows, or another's held back by the global limit
+        # With queued rows that depend on other jobs, the slot waits for the record (a few ms): a row this job
+        # unblocks can be claimed only then, and it may come first by priority (_after_record claims).
+        if self._backlog and not self._dependents:  # this node's rows, or another's held back by the global limit
             self._claim_due = True
             self.wake()
 

@@ -151,3 +151,21 @@ def test_cancel_while_draining_still_kills_the_job(draining_daemon: Daemon, db: 
     assert draining_daemon.proc.wait(15) == 0
     row = db.job(job_id)
     assert (row["status"], row["exit_code"]) == ("cancelled", 128 + signal.SIGTERM)
+
+
+def test_a_job_unblocked_by_its_dependency_keeps_its_priority(db: Db, daemon_factory: Callable[..., Daemon],
+                                                              tmp_path: Path) -> None:
+    """The slot its dependency frees goes to the highest priority among the rows that can run once that dependency
+    is recorded as completed: not to whatever could run a moment before the record."""
+    daemon_factory(config="[daemon]\nmax_concurrent = 1\n").start()
+    for _ in range(3):
+        gate = tmp_path / f"gate-{_}"
+        first = db.insert(f"while [ ! -e {gate} ]; do sleep 0.02; done")
+        db.wait_status(first, ("executing",))
+        db.conn.execute("BEGIN")
+        low = db.insert("true", priority=0, created_at=1)
+        high = db.insert("true", priority=100, depends_on=first)
+        db.conn.execute("COMMIT")
+        gate.touch()
+        assert db.wait_status(high)["started_at"] <= db.wait_status(low)["started_at"]
+        assert db.job(high)["started_at"] >= db.job(first)["completed_at"]
