@@ -154,28 +154,43 @@ class _Watch:
 
 
 async def _follow(store: Store, cfg: config.Config, job_id: Any, *, follow: bool,
-                  watch: _Watch | None = None) -> dict[str, Any]:
+                  watch: _Watch | None = None, new_job: bool = False) -> dict[str, Any]:
+    """Print the job's output (each attempt's under its own marker) and, with `follow`, what it gains until the
+    row is final. `new_job`: nothing of it was shown yet, not even of a first attempt that ends before the first
+    look (`submit -f`)."""
     watch = watch or _Watch()
     watch.job_id = job_id
     out, err = _Follower(sys.stdout), _Follower(sys.stderr)
-    attempt = None
+    shown: Any = 0 if new_job else None  # the attempt whose output the followers hold
     while True:
         row = await store.get_job(job_id)
         if row is None:
             raise JobdError(f"job {_text(job_id)} was deleted while being followed")
         watch.status = row["status"]
-        if attempt is not None and row.get("attempt") != attempt and row["status"] != JobStatus.QUEUED:
-            # A new attempt starts with empty output: follow it from its beginning.
-            print(f"[nexus-jobd: attempt {row.get('attempt')}]", file=sys.stderr, flush=True)
+        attempt = row.get("attempt")
+        # Whatever the status: a row queued again for a retry still holds the attempt that just failed.
+        if attempt != shown and (row["stdout"] or row["stderr"] or row["status"] != JobStatus.QUEUED):
+            if shown is not None:
+                _attempt_marker(shown, attempt)
             out, err = _Follower(sys.stdout), _Follower(sys.stderr)
-        if row["status"] != JobStatus.QUEUED:
-            attempt = row.get("attempt")
+            shown = attempt
         out.update(_text(row["stdout"] or ""), row.get("stdout_bytes"))
         err.update(_text(row["stderr"] or ""), row.get("stderr_bytes"))
         if not follow or _ended(row):
             return row
         await _say_if_unserved(store, cfg, row, watch)
         await anyio.sleep(_FOLLOW_POLL_S)
+
+
+def _attempt_marker(shown: Any, attempt: Any) -> None:
+    """A new attempt starts with empty output: say so before following it from its beginning; and say when one
+    ran wholly between two looks (a claim clears the row's output, so its output cannot be shown any more)."""
+    missed = ""
+    if isinstance(shown, int) and isinstance(attempt, int) and attempt - shown > 1:
+        gone = f"{shown + 1}" if attempt - shown == 2 else f"{shown + 1} to {attempt - 1}"
+        missed = f" (attempt {gone} ran between two looks: its output is gone)"
+    if shown or missed:  # before the first attempt there is nothing to set apart
+        print(f"[nexus-jobd: attempt {_text(attempt)}]{missed}", file=sys.stderr, flush=True)
 
 
 async def _say_if_unserved(store: Store, cfg: config.Config, row: dict[str, Any], watch: _Watch) -> None:
@@ -231,7 +246,7 @@ def cmd_submit(cfg: config.Config, args: argparse.Namespace) -> int:
         if not args.follow:
             return 0
         watch.job_id = job_id
-        return _exit_code_of(await _follow(store, cfg, job_id, follow=True, watch=watch))
+        return _exit_code_of(await _follow(store, cfg, job_id, follow=True, watch=watch, new_job=True))
 
     try:
         return _with_store(cfg, action, writes=True)

@@ -157,3 +157,18 @@ def test_a_relative_cwd_is_resolved_from_the_callers_directory(daemon: Daemon, d
     assert cli(db, "submit", "--cwd", "sub", "-f", "--", "pwd", cwd=caller).stdout == f"{caller / 'sub'}\n"
     job_id = cli(db, "submit", "--cwd", "sub/..", "--", "true", cwd=caller).stdout.strip()
     assert db.job(job_id)["cwd"] == str(caller)  # stored absolute: any daemon finds the same directory
+
+
+def test_submit_follow_shows_every_attempt_of_a_fast_retried_job(db: Db, daemon_factory: object) -> None:
+    """Each attempt's output once, under its own marker, whatever state the row was in at each look (a fast
+    attempt is often over before the first look): never the first attempt's output alone."""
+    assert callable(daemon_factory)
+    daemon_factory(config="[daemon]\nretry_backoff_ms = 400\n").start()
+    result = cli(db, "submit", "-f", "--max-attempts", "3", "--", "echo try $(date +%s%N); exit 5", check=False)
+    assert result.returncode == 5, result.stderr
+    tries = result.stdout.splitlines()
+    assert len(tries) == 3 and len(set(tries)) == 3 and all(t.startswith("try ") for t in tries), result.stdout
+    assert "[nexus-jobd: attempt 2]" in result.stderr and "[nexus-jobd: attempt 3]" in result.stderr
+    job_id = result.stderr.splitlines()[0]
+    assert cli(db, "logs", job_id).stdout == tries[-1] + "\n"
+    assert db.job(job_id)["attempt"] == 3
