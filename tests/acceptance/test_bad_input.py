@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import NEXUS_JOBD, Daemon, Db, wait_for
 
 # (what is wrong, columns of the row, words the error must contain)
@@ -141,3 +143,24 @@ def test_a_row_requeued_while_running_is_tracked_per_attempt(daemon: Daemon, db:
     # Attempt 1's end must not have made the daemon forget attempt 2: the cancel reaches it.
     row = wait_for(lambda: (r := db.job(job_id))["duration"] is not None and r, timeout=30, message="recorded")
     assert (row["status"], row["attempt"]) == ("cancelled", 2)
+
+
+@pytest.mark.backends("sqlite", "postgres")
+def test_an_attempt_out_of_range_fails_that_row_alone_and_never_runs_it(daemon: Daemon, db: Db,
+                                                                       tmp_path: Path) -> None:
+    """`attempt` counts the daemon's claims from 0: a negative one would get around max_attempts (-2 ran three
+    times with max_attempts 1), and one at the column's top overflows `attempt + 1` in the claim (PostgreSQL's
+    integer: the claim of that node's whole queue failed, again and again; SQLite's turned it into a float)."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    top = 2**63 - 1 if db.target == str(db.path) else 2**31 - 1
+    bad = {attempt: db.insert(f"touch {marks}/{attempt}", attempt=attempt, max_attempts=1)
+           for attempt in (-2, -1, top)}
+    good = db.insert("echo good")
+    assert db.wait_status(good)["stdout"] == "good\n"
+    for attempt, job_id in bad.items():
+        row = db.wait_status(job_id)
+        assert (row["status"], row["attempt"], row["exit_code"]) == ("failed", attempt, None), row
+        assert "attempt must be a whole number from 0 to 2147483646" in row["error"] and str(attempt) in row["error"]
+    assert list(marks.iterdir()) == []
+    assert daemon.proc is not None and daemon.proc.poll() is None and not daemon.events("dispatch.db_error")

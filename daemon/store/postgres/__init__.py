@@ -287,7 +287,9 @@ class PostgresStore(Store):
     # -- the daemon's side --------------------------------------------------------------------------------------
 
     async def fail_malformed(self) -> list[tuple[Any, str]]:
-        return []  # the column types refuse what SQLite lets another program store (a number as an id...)
+        """Queued rows no claim can take as they are; the column types refuse most of what SQLite lets another
+        program store (a number as an id...), not an attempt out of range."""
+        return [(row[0], row[1]) for row in await self._fetch("fail_malformed")]
 
     async def fail_unknown_nodes(self, node_ids: Sequence[str]) -> list[tuple[str, Any]]:
         known = ", ".join(node_ids)

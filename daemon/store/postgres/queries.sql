@@ -21,6 +21,7 @@ RETURNING id, node_id;
 WITH picked AS MATERIALIZED (
     SELECT id FROM jobs
      WHERE status = 'queued' AND node_id = :node_id
+       AND attempt BETWEEN 0 AND 2147483646  -- attempt + 1 must fit; the others fail_malformed fails
        AND (run_after IS NULL OR run_after <= NOW_MS)
        AND (depends_on IS NULL
             OR EXISTS (SELECT 1 FROM jobs AS d WHERE d.id = jobs.depends_on AND d.status = 'completed'))
@@ -37,6 +38,17 @@ UPDATE jobs
  WHERE jobs.id = picked.id AND jobs.status = 'queued'
 RETURNING jobs.id, jobs.node_id, jobs.tool, jobs.command, jobs.cwd, jobs.env, jobs.priority, jobs.attempt,
           jobs.started_at, jobs.timeout_ms, jobs.max_attempts, jobs.created_at;
+
+-- name: fail_malformed
+-- Queued rows that can never be claimed as they are (the column types refuse the rest of what SQLite lets another
+-- program store): an attempt that is negative (it would get around max_attempts) or at the top of its type
+-- (attempt + 1 would overflow, and fail the claim of the node's whole queue).
+UPDATE jobs
+   SET status = 'failed', duration = 0, started_at = NOW_MS, completed_at = NOW_MS,
+       error = 'attempt must be a whole number from 0 to 2147483646 (how many times the daemon claimed the job: '
+               || 'insert 0, or leave the column out), got ' || attempt
+ WHERE status = 'queued' AND attempt NOT BETWEEN 0 AND 2147483646
+RETURNING id, error;
 
 -- name: write_output
 -- Live output of a running job; a NULL stream parameter keeps that column as it is.

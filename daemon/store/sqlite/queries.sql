@@ -18,7 +18,9 @@ RETURNING id, node_id;
 
 -- name: fail_malformed
 -- Queued rows that can never be claimed as they are: an id that is not text (or NULL), a run_after that is no
--- number, a depends_on that is no text. Found by rowid, since the id itself may be the problem.
+-- number, a depends_on that is no text, an attempt that is not a count the claim can go on from (negative: it
+-- would get around max_attempts; at the top: attempt + 1 overflows). Found by rowid, since the id itself may be
+-- the problem. 2147483646: the same bound as PostgreSQL's, whose attempt is a 32-bit integer.
 UPDATE jobs
    SET status = 'failed', duration = 0, started_at = NOW_MS, completed_at = NOW_MS,
        error = CASE
@@ -26,11 +28,15 @@ UPDATE jobs
            WHEN typeof(run_after) NOT IN ('integer', 'real', 'null')
                THEN 'run_after must be epoch milliseconds (a number), got ' || typeof(run_after) || ' '
                     || quote(substr(run_after, 1, 40))
+           WHEN typeof(attempt) != 'integer' OR attempt NOT BETWEEN 0 AND 2147483646
+               THEN 'attempt must be a whole number from 0 to 2147483646 (how many times the daemon claimed the '
+                    || 'job: insert 0, or leave the column out), got ' || quote(substr(attempt, 1, 40))
            ELSE 'depends_on must be the text id of a job, got ' || typeof(depends_on)
        END
  WHERE status = 'queued'
    AND (typeof(id) != 'text' OR typeof(run_after) NOT IN ('integer', 'real', 'null')
-        OR typeof(depends_on) NOT IN ('text', 'null'))
+        OR typeof(depends_on) NOT IN ('text', 'null')
+        OR typeof(attempt) != 'integer' OR attempt NOT BETWEEN 0 AND 2147483646)
 RETURNING quote(id), error;
 
 -- name: claim_jobs
@@ -43,6 +49,7 @@ UPDATE jobs
        stdout = NULL, stderr = NULL, stdout_bytes = NULL, stderr_bytes = NULL, pid = NULL, pid_start = NULL
  WHERE id IN (SELECT id FROM jobs
                WHERE status = 'queued' AND node_id = :node_id AND typeof(id) = 'text'
+                 AND typeof(attempt) = 'integer' AND attempt BETWEEN 0 AND 2147483646  -- else fail_malformed
                  AND (run_after IS NULL OR run_after <= NOW_MS)
                  AND (depends_on IS NULL
                       OR EXISTS (SELECT 1 FROM jobs AS d WHERE d.id = jobs.depends_on AND d.status = 'completed'))
