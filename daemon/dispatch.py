@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -372,6 +373,7 @@ class Dispatcher:
                 logger.exception("job.internal_error", job_id=job.id)
                 result = JobResult(JobStatus.FAILED, None, f"internal error in nexus-jobd: {e!r}",
                                    running.output.snapshot(final=True))
+        result = dataclasses.replace(result, ended_monotonic=time.monotonic())
         self._release_slot(running)
         if running.scope.cancel_called:  # detached: the next daemon follows it from what the row holds
             self.running.pop((job.id, job.attempt), None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -90,6 +91,14 @@ class JobResult:
     output: OutputSnapshot
     requeue: bool = False  # try again: back to queued instead of `status`
     run_after: int | None = None  # with requeue: not before this epoch ms
+    # time.monotonic() when the attempt ended: the row's completed_at is then, however late the write lands
+    ended_monotonic: float | None = None
+
+    def late_ms(self) -> int:
+        """How long ago the attempt ended, in ms: what a write landing now takes off the database's clock."""
+        if self.ended_monotonic is None:
+            return 0
+        return max(0, round((time.monotonic() - self.ended_monotonic) * 1000))
 
 
 @dataclass(frozen=True)

@@ -253,3 +253,23 @@ def test_daemons_serving_different_nodes_share_a_database(db: Db, daemon_factory
     row = db.wait_status(there)
     assert (row["status"], row["stdout"]) == ("completed", "there\n")  # not failed as unknown by localhost's
     assert "unknown node" in db.wait_status(nowhere)["error"]
+
+
+@pytest.mark.backends("sqlite", "postgres")
+def test_completed_at_is_when_the_job_ended_however_late_the_write_lands(daemon: Daemon, db: Db) -> None:
+    """While the database cannot be written (another program holds its write lock; a full disk does the same), the
+    job's end waits in memory; once written, its duration is the job's own, not the wait's."""
+    job_id = db.insert("echo started; sleep 0.5")
+    wait_for(lambda: db.job(job_id)["stdout"] == "started\n", message="the job to run")
+    held = 3.0
+    is_pg = db.target != str(db.path)
+    db.conn.execute("BEGIN" if is_pg else "BEGIN IMMEDIATE")
+    if is_pg:
+        db.conn.execute("LOCK TABLE jobs IN EXCLUSIVE MODE")
+    time.sleep(held)  # the job ends meanwhile; what is measured is the write that waits for this lock
+    db.conn.execute("ROLLBACK")
+    released = now_ms()
+    row = db.wait_status(job_id)
+    assert (row["status"], row["attempt"]) == ("completed", 1)
+    assert 400 <= row["duration"] < 0.5 * 1000 + 1500, row["duration"]
+    assert row["completed_at"] <= released - 1000 and row["duration"] == row["completed_at"] - row["started_at"]

@@ -331,6 +331,8 @@ class PostgresStore(Store):
 
         async def work(conn: psycopg.AsyncConnection[Any]) -> dict[str, tuple[JobStatus, int | None]]:
             ours = {row[0] for row in await (await conn.execute(Q["unfinished_claims"], args)).fetchall()}
+            for p, (_, result) in zip(params, items, strict=True):  # now that the rows' locks are ours
+                p["late_ms"] = result.late_ms()
             async with conn.cursor() as cur:
                 if requeues:  # first: a requeue that does not take (the row was cancelled) is then finished
                     await cur.executemany(Q["requeue_job"], requeues)

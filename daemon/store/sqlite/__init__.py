@@ -594,6 +594,8 @@ class SqliteStore(Store):
 
         async def work() -> dict[str, tuple[JobStatus, int | None]]:
             ours = {row[0] for row in await self._conn.execute_fetchall(Q["unfinished_claims"], args)}
+            for p, (_, result) in zip(params, items, strict=True):  # now that the rows' locks are ours
+                p["late_ms"] = result.late_ms()
             if requeues:  # first: a requeue that does not take (the row was cancelled) is then finished
                 await self._conn.executemany(Q["requeue_job"], requeues)
             await self._conn.executemany(Q["finish_job"], params)

@@ -77,14 +77,16 @@ UPDATE jobs
    AND duration IS NULL;  -- set by finish_job: a late flush never overwrites a cancelled row's final output
 
 -- name: finish_job
--- The terminal write: compare-and-set on our claim; a row another program cancelled stays cancelled.
+-- The terminal write: compare-and-set on our claim; a row another program cancelled stays cancelled. completed_at
+-- is when the attempt ended (:late_ms before this write: a database that could not be written for a while, a full
+-- disk, does not lengthen the job), by the database's clock, and never before started_at.
 UPDATE jobs
    SET status = CASE status WHEN 'cancelled' THEN 'cancelled' ELSE :status END,
        exit_code = :exit_code, error = :error,
        stdout = COALESCE(:stdout, stdout), stderr = COALESCE(:stderr, stderr),
        stdout_bytes = :stdout_bytes, stderr_bytes = :stderr_bytes,
-       completed_at = NOW_MS,
-       duration = NOW_MS - started_at
+       completed_at = max(started_at, NOW_MS - :late_ms),
+       duration = max(started_at, NOW_MS - :late_ms) - started_at
  WHERE id = :id AND worker_id = :worker_id AND attempt = :attempt AND status IN ('executing', 'cancelled')
    AND duration IS NULL;
 
