@@ -23,7 +23,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from daemon import logging as log
-from daemon import output
+from daemon import outcome, output
 from daemon.config import Config
 from daemon.errors import DatabaseRewritten
 from daemon.executors.base import Executor
@@ -32,7 +32,21 @@ from daemon.health import Health
 from daemon.lease import Lease
 from daemon.metrics import Hooks
 from daemon.runner import JobRunner, RunningJob
-from daemon.store import ClaimedJob, DbError, JobResult, JobStatus, OrphanedJob, Quarantine, Store, guard, now_ms
+from daemon.store import (
+    Claim,
+    ClaimedJob,
+    DbError,
+    DbRejected,
+    JobResult,
+    JobStatus,
+    OrphanedJob,
+    OutputSnapshot,
+    ProcessRef,
+    Quarantine,
+    Store,
+    guard,
+    now_ms,
+)
 
 logger = log.get("dispatch")
 # After a notification, look again 1, 2, 4 ... 256 ms later, then every 256 ms: about 2 s in all, for a writer
@@ -428,7 +442,7 @@ class Dispatcher:
         items = [(running.claim, result) for _, running, result in batch]
         try:
             with anyio.CancelScope(shield=True):
-                outcomes = await self._retry_write("finish", partial(self._store.finish_many, items))
+                outcomes = await self._finish(items)
         except DatabaseRewritten:
             self._keep_unrecorded(batch)
             return False
@@ -442,6 +456,30 @@ class Dispatcher:
                 running.process.forget(remove=job.id in outcomes)
         self._after_record(batch)
         return any(output.is_big(result.output) for _, _, result in batch)
+
+    async def _finish(self, items: list[tuple[Claim, JobResult]]) -> dict[str, tuple[JobStatus, int | None]]:
+        """Record the batch (retried while the database is away). A batch whose values the database refuses is
+        written row by row: one bad row never holds up the others, and is never retried for ever."""
+        try:
+            return await self._retry_write("finish", partial(self._store.finish_many, items))
+        except DbRejected:
+            outcomes: dict[str, tuple[JobStatus, int | None]] = {}
+            for claim, result in items:
+                outcomes |= await self._finish_alone(claim, result)
+            return outcomes
+
+    async def _finish_alone(self, claim: Claim, result: JobResult) -> dict[str, tuple[JobStatus, int | None]]:
+        """One row's result; if the database refuses its values, a result it can hold, with the reason."""
+        try:
+            return await self._retry_write("finish", partial(self._store.finish_many, [(claim, result)]))
+        except DbRejected as e:
+            refused = outcome.unrecordable(result, str(e))
+        logger.error("job.result_refused", job_id=claim.job_id, attempt=claim.attempt, error=refused.error)
+        try:
+            return await self._retry_write("finish", partial(self._store.finish_many, [(claim, refused)]))
+        except DbRejected as e:  # nothing of ours can be written to it: the row stays as it is
+            logger.error("job.unrecordable", job_id=claim.job_id, attempt=claim.attempt, error=str(e))
+            return {}
 
     async def _give_back_memory(self) -> None:
         """SQLite's page cache (up to 2 MiB, full of the rows just written), then the heap's free pages (2-3 MiB
@@ -479,6 +517,8 @@ class Dispatcher:
         while True:
             try:
                 return await write()
+            except DbRejected:
+                raise  # the same values would be refused again: the caller decides for that row
             except DbError as e:
                 logger.error("db.write_failed", what=what, error=str(e), retry_in_s=delay)
                 self.metrics.db_write_error()
@@ -507,17 +547,33 @@ class Dispatcher:
         batch = []
         for job in list(self.running.values()):
             ref = None if job.pid_recorded else self._runner.process_ref(job)
-            if job.holds_slot and (job.output.dirty or ref is not None):
+            if job.holds_slot and not job.flush_refused and (job.output.dirty or ref is not None):
                 batch.append((job, job.output.snapshot(), ref))
-        if batch:
-            rows = [(job.claim, out, ref) for job, out, ref in batch]
+        if not batch:
+            return
+        try:
+            await self._write_outputs(batch)
+        except DatabaseRewritten:
+            self.wake()  # the loop notices and stops writing; the output stays in memory until the job ends
+            return
+        for job, _, ref in batch:
+            job.pid_recorded = job.pid_recorded or ref is not None
+
+    async def _write_outputs(self, batch: list[tuple[RunningJob, OutputSnapshot, ProcessRef | None]]) -> None:
+        """One transaction for all; if the database refuses the values, job by job, and a job it refuses is not
+        flushed again (its end is recorded with the reason: _finish_alone)."""
+        rows = [(job.claim, out, ref) for job, out, ref in batch]
+        try:
+            await self._retry_write("output", partial(self._store.write_outputs, rows))
+            return
+        except DbRejected:
+            pass
+        for job, out, ref in batch:
             try:
-                await self._retry_write("output", partial(self._store.write_outputs, rows))
-            except DatabaseRewritten:
-                self.wake()  # the loop notices and stops writing; the output stays in memory until the job ends
-                return
-            for job, _, ref in batch:
-                job.pid_recorded = job.pid_recorded or ref is not None
+                await self._retry_write("output", partial(self._store.write_outputs, [(job.claim, out, ref)]))
+            except DbRejected as e:
+                job.flush_refused = True
+                logger.error("job.output_refused", job_id=job.claim.job_id, error=str(e))
 
     # -- another program rewrote the database --------------------------------------------------------------
 

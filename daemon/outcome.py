@@ -73,6 +73,22 @@ def lost(error: str, output: OutputSnapshot, *, attempt: int, max_attempts: int)
     return _failed(None, error, output, attempt < max_attempts, None)
 
 
+# The largest byte count any column of ours holds (both backends' 64-bit integers, with room to add to it).
+_MAX_COUNT = 2**62
+
+
+def unrecordable(result: JobResult, refusal: str) -> JobResult:
+    """What the row records when the database refuses the values of `result` (a text too big, a count out of
+    range): failed, with the refusal as the reason; its texts as the last flush left them, its counts in range."""
+    out = result.output
+    code = result.exit_code if result.exit_code is not None and 0 <= result.exit_code <= 255 else None
+    error = f"nexus-jobd could not record this attempt's result: {refusal}; the output is as last written"
+    return JobResult(JobStatus.FAILED, code, error[:1000],
+                     OutputSnapshot(None, None, min(max(out.stdout_bytes, 0), _MAX_COUNT),
+                                    min(max(out.stderr_bytes, 0), _MAX_COUNT)),
+                     ended_monotonic=result.ended_monotonic)
+
+
 def _failed(code: int | None, error: str | None, output: OutputSnapshot, retry: bool,
             run_after: int | None) -> JobResult:
     return JobResult(JobStatus.FAILED, code, error, output, requeue=retry, run_after=run_after if retry else None)

@@ -35,6 +35,7 @@ class RunningJob:
     process: Process | None = None  # once started
     command: Command | None = None
     pid_recorded: bool = False  # where it runs is in the row (for crash recovery)
+    flush_refused: bool = False  # the database refused its output's values: not flushed again
     holds_slot: bool = True  # until its process ends
     ended: bool = False
     _timers: list[anyio.CancelScope] = field(default_factory=list)

@@ -11,6 +11,7 @@ from pathlib import Path
 from daemon.store.base import (
     ChangeSource,
     DbError,
+    DbRejected,
     DbUnavailable,
     Quarantine,
     Store,
@@ -32,7 +33,7 @@ from daemon.store.rows import (
 )
 from daemon.store.sqlite import guard
 
-__all__ = ["AdoptedJob", "ChangeSource", "Claim", "ClaimedJob", "DbError", "DbUnavailable", "JobResult",
+__all__ = ["AdoptedJob", "ChangeSource", "Claim", "ClaimedJob", "DbError", "DbRejected", "DbUnavailable", "JobResult",
            "JobStatus", "OrphanedJob", "OutputSnapshot", "ProcessRef", "Quarantine", "RawText", "Store", "Worker",
            "guard", "is_postgres", "now_ms", "open_store", "survive_db_errors"]
 

@@ -38,8 +38,13 @@ class DbUnavailable(DatabaseError):
     transient failure the callers retry, as they do SQLite's."""
 
 
+class DbRejected(DatabaseError):
+    """The database refused the values of one write (a number out of range, a text too big, a constraint): writing
+    the same again cannot help. The caller fails that row alone, with the reason, instead of retrying for ever."""
+
+
 # What callers outside the store may catch: the database said no (transient or not), on either backend.
-DbError: tuple[type[Exception], ...] = (sqlite3.Error, DbUnavailable)
+DbError: tuple[type[Exception], ...] = (sqlite3.Error, DbUnavailable, DbRejected)
 
 
 def now_ms() -> int:

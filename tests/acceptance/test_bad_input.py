@@ -164,3 +164,32 @@ def test_an_attempt_out_of_range_fails_that_row_alone_and_never_runs_it(daemon: 
         assert "attempt must be a whole number from 0 to 2147483646" in row["error"] and str(attempt) in row["error"]
     assert list(marks.iterdir()) == []
     assert daemon.proc is not None and daemon.proc.poll() is None and not daemon.events("dispatch.db_error")
+
+
+@pytest.mark.backends("sqlite", "postgres")
+def test_a_result_the_database_refuses_fails_that_row_alone_and_is_never_retried_for_ever(
+        daemon: Daemon, db: Db) -> None:
+    """A database that refuses one row's values (here a trigger; a count out of range or a text too big do the
+    same): that row ends failed with the refusal as its reason, the rows recorded with it are recorded, and the
+    daemon does not retry the refused write for ever."""
+    if db.target == str(db.path):
+        db.conn.execute("CREATE TRIGGER refuse BEFORE UPDATE ON jobs WHEN NEW.status = 'completed' AND "
+                        "substr(NEW.stdout, 1, 6) = 'poison' BEGIN SELECT RAISE(ABORT, 'refused by a trigger'); END")
+    else:
+        db.conn.execute("CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN IF NEW.status = 'completed' AND "
+                        "substr(NEW.stdout, 1, 6) = 'poison' THEN RAISE EXCEPTION 'refused by a trigger' USING ERRCODE = "
+                        "'check_violation'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql")
+        db.conn.execute("CREATE TRIGGER refuse BEFORE UPDATE ON jobs FOR EACH ROW EXECUTE FUNCTION refuse()")
+    db.conn.execute("BEGIN")
+    poison = db.insert("echo poison")
+    good = [db.insert(f"echo good {i}") for i in range(5)]
+    db.conn.execute("COMMIT")
+    for i, job_id in enumerate(good):
+        row = db.wait_status(job_id)
+        assert (row["status"], row["stdout"], row["attempt"]) == ("completed", f"good {i}\n", 1)
+    row = db.wait_status(poison)
+    assert (row["status"], row["exit_code"], row["attempt"]) == ("failed", 0, 1)
+    assert "could not record this attempt's result" in row["error"] and "refused by a trigger" in row["error"]
+    assert row["duration"] == row["completed_at"] - row["started_at"]
+    assert len(daemon.events("job.result_refused")) == 1 and not daemon.events("db.write_failed")
+    assert daemon.proc is not None and daemon.proc.poll() is None

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from daemon import logging as log
 from daemon.config import redact_url
 from daemon.errors import DatabaseError, JobdError
-from daemon.store.base import ChangeSource, DbUnavailable, Store, cycles
+from daemon.store.base import ChangeSource, DbRejected, DbUnavailable, Store, cycles
 from daemon.store.postgres.queries import HERE, Q, read_sql
 from daemon.store.rows import (
     AdoptedJob,
@@ -52,6 +52,9 @@ _BASE_COLUMNS = {
 # seconds (not the kernel's 15 minutes), so that the daemon says so and reconnects.
 _DEFAULTS = {"connect_timeout": "5", "keepalives": "1", "keepalives_idle": "5", "keepalives_interval": "2",
              "keepalives_count": "3", "tcp_user_timeout": "10000", "application_name": "nexus-jobd"}
+# SQLSTATE classes of a statement whose values the server refuses (data exception, integrity constraint, program
+# limit exceeded): sending the same again fails the same way.
+_REFUSED_VALUES = ("22", "23", "54")
 STATEMENT_TIMEOUT_S = 30.0  # past this, a statement's connection is presumed dead: dropped, and a new one made
 RECONNECT_MAX_S = 5.0
 
@@ -160,7 +163,10 @@ class PostgresStore(Store):
             except (psycopg.Error, TimeoutError) as e:
                 if isinstance(e, TimeoutError) or conn.broken or conn.closed:
                     self._drop(e)
-                raise DbUnavailable(f"{self.name}: {' '.join(str(e).split()) or type(e).__name__}") from e
+                text = f"{self.name}: {' '.join(str(e).split()) or type(e).__name__}"
+                if (getattr(e, "sqlstate", None) or "")[:2] in _REFUSED_VALUES:
+                    raise DbRejected(text) from e
+                raise DbUnavailable(text) from e
 
     async def _connected(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is not None and not self._conn.closed:

@@ -23,7 +23,7 @@ import anyio
 
 from daemon import logging as log
 from daemon.errors import DatabaseError, DatabaseRewritten, JobdError
-from daemon.store.base import Quarantine, Store, cycles, now_ms
+from daemon.store.base import DbRejected, Quarantine, Store, cycles, now_ms
 from daemon.store.rows import (
     AdoptedJob,
     Claim,
@@ -459,6 +459,8 @@ class SqliteStore(Store):
             try:
                 yield
                 await self._checkpoint_if_due()
+            except (OverflowError, sqlite3.DataError, sqlite3.IntegrityError) as e:  # rolled back already
+                raise DbRejected(f"{self.path}: the database refused the values: {e}") from e
             finally:
                 self._writing = False
                 self._wrote_at = time.monotonic()
