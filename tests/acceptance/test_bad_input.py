@@ -177,8 +177,8 @@ def test_a_result_the_database_refuses_fails_that_row_alone_and_is_never_retried
                         "substr(NEW.stdout, 1, 6) = 'poison' BEGIN SELECT RAISE(ABORT, 'refused by a trigger'); END")
     else:
         db.conn.execute("CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN IF NEW.status = 'completed' AND "
-                        "substr(NEW.stdout, 1, 6) = 'poison' THEN RAISE EXCEPTION 'refused by a trigger' USING ERRCODE = "
-                        "'check_violation'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql")
+                        "substr(NEW.stdout, 1, 6) = 'poison' THEN RAISE EXCEPTION 'refused by a trigger' "
+                        "USING ERRCODE = 'check_violation'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql")
         db.conn.execute("CREATE TRIGGER refuse BEFORE UPDATE ON jobs FOR EACH ROW EXECUTE FUNCTION refuse()")
     db.conn.execute("BEGIN")
     poison = db.insert("echo poison")
