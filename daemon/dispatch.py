@@ -387,13 +387,14 @@ class Dispatcher:
                 logger.exception("job.internal_error", job_id=job.id)
                 result = JobResult(JobStatus.FAILED, None, f"internal error in nexus-jobd: {e!r}",
                                    running.output.snapshot(final=True))
-        result = dataclasses.replace(result, ended_monotonic=time.monotonic())
         self._release_slot(running)
         if running.scope.cancel_called:  # detached: the next daemon follows it from what the row holds
             self.running.pop((job.id, job.attempt), None)
             self.wake()
             return
-        self._enqueue_record(job, running, result)
+        if result.uncount and result.error is not None and result.run_after is not None:  # nothing ran there
+            self._health.unreachable(running.node_id, result.error, max(0.0, (result.run_after - now_ms()) / 1000))
+        self._enqueue_record(job, running, dataclasses.replace(result, ended_monotonic=time.monotonic()))
 
     def _release_slot(self, running: RunningJob) -> None:
         """The process has ended: its slot can take the next job while the row is being written."""

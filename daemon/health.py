@@ -125,11 +125,14 @@ def parse_probe(text: str, rtt_ms: float) -> dict[str, Any]:
 
 @dataclass
 class NodeHealth:
-    status: str = "pending"  # pending (not probed yet) | online | offline | error
+    # pending (not probed yet) | online | suspect (a job found it unreachable: no claims until retry_at, online in
+    # the table until its probes say otherwise) | offline | error
+    status: str = "pending"
     error: str | None = None
     missed: int = 0
     capabilities: dict[str, Any] = field(default_factory=dict)
     offline_since: float | None = None
+    retry_at: float = 0.0  # monotonic: when a suspect node is worth a claim again
 
 
 class Health:
@@ -148,7 +151,21 @@ class Health:
 
     def can_claim(self, node_id: str) -> bool:
         state = self.nodes.get(node_id)
-        return state is not None and state.status == "online"
+        if state is None:
+            return False
+        return state.status == "online" or (state.status == "suspect" and time.monotonic() >= state.retry_at)
+
+    def unreachable(self, node_id: str, error: str, retry_in_s: float) -> None:
+        """A job could not be started there because the node did not answer: its other rows wait too (each would
+        fail the same way) until `retry_in_s` has passed or a probe reaches it, whichever comes first."""
+        state = self.nodes.get(node_id)
+        if state is None or state.status not in ("online", "suspect"):
+            return
+        if state.status == "online":
+            logger.warning("node.status", node=node_id, status="suspect", was="online", error=error,
+                           retry_in_s=round(retry_in_s, 1))
+        state.status, state.error = "suspect", error
+        state.retry_at = time.monotonic() + retry_in_s
 
     def error_of(self, node_id: str) -> str | None:
         state = self.nodes.get(node_id)
@@ -200,7 +217,7 @@ class Health:
         if state.error:
             caps["error"] = state.error
         caps["missed_probes"] = state.missed
-        table_status = state.status if state.status in ("online", "offline", "error") else "offline"
+        table_status = {"suspect": "online", "pending": "offline"}.get(state.status, state.status)
         return table_status, caps
 
 

@@ -68,6 +68,13 @@ def not_started(stop_reason: str, output: OutputSnapshot) -> JobResult:
     return JobResult(JobStatus.FAILED, None, None, output)
 
 
+def node_unreachable(error: str, output: OutputSnapshot, *, retry_at_ms: int) -> JobResult:
+    """Its node did not answer, so nothing was started: back to the queue until the node is worth trying again,
+    whatever max_attempts says, and the claim does not count as an attempt (the next one has the same number)."""
+    return JobResult(JobStatus.FAILED, None, f"not started yet: {error}; it waits for the node", output,
+                     requeue=True, run_after=retry_at_ms, uncount=True)
+
+
 def lost(error: str, output: OutputSnapshot, *, attempt: int, max_attempts: int) -> JobResult:
     """The node's connection dropped mid-job: failed (no exit code is known), or back to the queue at once."""
     return _failed(None, error, output, attempt < max_attempts, None)

@@ -16,7 +16,7 @@ from daemon import docker, outcome, procs, tools
 from daemon import logging as log
 from daemon.config import Config
 from daemon.errors import BadJob
-from daemon.executors.base import Executor, JobLost, Process, SpawnError
+from daemon.executors.base import Executor, JobLost, NodeUnreachable, Process, SpawnError
 from daemon.output import JobOutput
 from daemon.store import AdoptedJob, Claim, ClaimedJob, JobResult, JobStatus, ProcessRef, now_ms
 from daemon.tools import Command, RunPolicy
@@ -129,6 +129,9 @@ class JobRunner:
             process = await self._executors[running.node_id].start(
                 command, self._feeder(running.output.stdout.feed), self._feeder(running.output.stderr.feed),
                 output=running.output)
+        except NodeUnreachable as e:
+            return outcome.node_unreachable(str(e), running.output.snapshot(final=True),
+                                            retry_at_ms=now_ms() + round(e.retry_in_s * 1000))
         except SpawnError as e:
             return JobResult(JobStatus.FAILED, 127, str(e), running.output.snapshot(final=True))
         self._started(running, process, policy.timeout_ms)

@@ -40,6 +40,15 @@ class SpawnError(Exception):
     """The command could not be started (exit code 127); the message says why."""
 
 
+class NodeUnreachable(SpawnError):
+    """The node did not answer, so nothing was started there: the job waits for the node (it is not a run of the
+    command, whatever its max_attempts says). `retry_in_s`: when the node is worth trying again."""
+
+    def __init__(self, message: str, retry_in_s: float) -> None:
+        super().__init__(message)
+        self.retry_in_s = retry_in_s
+
+
 class Process(Protocol):
     """A started job: its output goes to the callbacks given to `Executor.start` as it arrives."""
 

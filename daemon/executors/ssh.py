@@ -23,7 +23,7 @@ import asyncssh
 from daemon import logging as log
 from daemon.config import NodeConfig, SshTarget
 from daemon.executors import spool
-from daemon.executors.base import ConnectionLost, ExitStatus, JobLost, OutputCallback, SpawnError
+from daemon.executors.base import ConnectionLost, ExitStatus, JobLost, NodeUnreachable, OutputCallback, SpawnError
 from daemon.metrics import Hooks
 from daemon.output import JobOutput, StreamCapture
 from daemon.tools import Command
@@ -119,9 +119,13 @@ class SshProcess:
         try:
             channel, session = await conn.create_session(lambda: _ReaderSession(parser, replies, self._wake),
                                                          in_sh(script), encoding=None)
-        except (OSError, asyncssh.Error) as e:
+        except asyncssh.ChannelOpenError as e:  # the node said no (MaxSessions...): asking again is no better
             self._executor.channels.release()
             raise SpawnError(f"cannot open a channel to node {self._node}: {e}") from e
+        except (OSError, asyncssh.Error) as e:  # the link broke (a network change): nothing started there
+            self._executor.channels.release()
+            raise NodeUnreachable(f"cannot open a channel to node {self._node}: {e or type(e).__name__}",
+                                  RECONNECT_STEP_S) from e
         assert isinstance(session, _ReaderSession)
         session.closed.add_done_callback(lambda _: self._executor.channels.release())
         self._channel, self._replies, self._session = channel, replies, session
@@ -354,8 +358,8 @@ class SshExecutor:
             if self._conn is not None and not self._conn.is_closed():
                 return self._conn
             if time.monotonic() < self._retry_at:
-                raise SpawnError(f"node {self.node} is unreachable ({self._last_error}); "
-                                 f"next try in {self._retry_at - time.monotonic():.0f}s")
+                raise NodeUnreachable(f"node {self.node} is unreachable ({self._last_error}); next try in "
+                                      f"{self._retry_at - time.monotonic():.0f}s", self._retry_at - time.monotonic())
             options = {k: v for k, v in self._options().items() if v != ()}
             try:
                 self._conn = await asyncssh.connect(**options)
@@ -367,8 +371,8 @@ class SshExecutor:
                 self._last_error = str(e) or type(e).__name__
                 self._retry_at = time.monotonic() + min(BACKOFF_MAX_S, 0.5 * 2 ** self._failures)
                 t = self._target
-                raise SpawnError(f"cannot connect to node {self.node} as {t.user}@{t.host}:{t.port}: "
-                                 f"{self._last_error}") from e
+                raise NodeUnreachable(f"cannot connect to node {self.node} as {t.user}@{t.host}:{t.port}: "
+                                      f"{self._last_error}", self._retry_at - time.monotonic()) from e
             self._failures = 0
             logger.info("ssh.connected", node=self.node, host=self._target.host, port=self._target.port)
             if self._connected_before:
@@ -384,6 +388,9 @@ class SshExecutor:
         script = spool.start_script(command, spool.dir_name(key), output.stdout.cap)
         try:
             await process.open(f"{spool.remove_script(*removals)}; {script}" if removals else script, ask=False)
+        except NodeUnreachable:
+            self._to_remove += removals
+            raise
         except SpawnError as e:
             self._to_remove += removals
             raise SpawnError(f"cannot start the job on node {self.node}: {e}") from e

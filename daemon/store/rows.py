@@ -91,6 +91,7 @@ class JobResult:
     output: OutputSnapshot
     requeue: bool = False  # try again: back to queued instead of `status`
     run_after: int | None = None  # with requeue: not before this epoch ms
+    uncount: bool = False  # with requeue: nothing ran (its node did not answer): the claim is not an attempt
     # time.monotonic() when the attempt ended: the row's completed_at is then, however late the write lands
     ended_monotonic: float | None = None
 

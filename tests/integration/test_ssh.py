@@ -230,3 +230,26 @@ def test_a_node_without_user_logs_in_as_the_daemons_user(sshd_for_me: tuple[str,
     assert json.loads(result.stdout)["status"] == "online"
     log = (key.parent / "sshd.log").read_text()
     assert f"Accepted publickey for {me} from 127.0.0.1" in log, log
+
+
+def test_a_job_for_a_node_that_does_not_answer_waits_for_it_and_is_not_an_attempt(
+        sshd: Sshd, db: Db, daemon_factory: Callable[..., Daemon]) -> None:
+    """A blip (a phone changing networks, sshd restarting) before any probe noticed: the job could not be started,
+    so it waits for the node, whatever its max_attempts, and the claim is not counted as a run of the command."""
+    daemon = daemon_factory(config="[daemon]\nheartbeat_interval_ms = 600000\n" + sshd.node_config()).start()
+    first = db.insert("echo linked", node_id="box")
+    assert db.wait_status(first, timeout=30)["stdout"] == "linked\n"
+    sshd.stop()
+    try:
+        job_id = db.insert("echo back", node_id="box", max_attempts=1)
+        requeued = wait_for(lambda: [e for e in daemon.events("job.requeued") if e["job_id"] == job_id],
+                            timeout=20, message="the job back in the queue")[0]
+        assert "not started yet" in requeued["error"]
+        row = db.job(job_id)
+        assert (row["status"], row["attempt"], row["started_at"]) == ("queued", 0, None), row
+        assert "it waits for the node" in row["error"]
+    finally:
+        sshd.start()
+    row = db.wait_status(job_id, timeout=60)
+    assert (row["status"], row["stdout"], row["attempt"], row["error"]) == ("completed", "back\n", 1, None)
+    assert not [e for e in daemon.events("job.finished") if e["job_id"] == job_id and e["status"] == "failed"]

@@ -82,14 +82,16 @@ SELECT j.id FROM jobs AS j JOIN unnest(:ids::text[], :attempts::int[]) AS c(id, 
    FOR UPDATE OF j;
 
 -- name: finished_claims
--- The status and duration finish_job or requeue_job left on the rows of the claims.
-SELECT j.id, j.status, j.duration FROM jobs AS j JOIN unnest(:ids::text[], :attempts::int[]) AS c(id, attempt)
-    ON j.id = c.id AND j.attempt = c.attempt;
+-- The status and duration finish_job or requeue_job left on the rows of the claims (by id: a requeue that does not
+-- count the attempt took it back; the caller keeps only the rows unfinished_claims found ours).
+SELECT j.id, j.status, j.duration FROM jobs AS j WHERE j.id = ANY(:ids::text[]);
 
 -- name: requeue_job
--- A failed attempt of a job that may try again: back to queued (not before :run_after).
+-- A failed attempt of a job that may try again: back to queued (not before :run_after). :uncount (0 or 1) takes
+-- the attempt back when nothing ran (its node did not answer): the next claim is the same attempt again.
 UPDATE jobs
    SET status = 'queued', run_after = :run_after, exit_code = :exit_code, error = :error,
+       attempt = attempt - :uncount,
        stdout = COALESCE(:stdout, stdout), stderr = COALESCE(:stderr, stderr),
        stdout_bytes = :stdout_bytes, stderr_bytes = :stderr_bytes,
        started_at = NULL, completed_at = NULL, duration = NULL, worker_id = NULL, pid = NULL, pid_start = NULL

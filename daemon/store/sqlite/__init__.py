@@ -587,7 +587,7 @@ class SqliteStore(Store):
         for claim, result in items:
             p = _output_params(claim, result.output)
             p.update(status=result.status.value, exit_code=result.exit_code, error=result.error,
-                     run_after=result.run_after)
+                     run_after=result.run_after, uncount=int(result.uncount))
             params.append(p)
         requeues = [p for p, (_, result) in zip(params, items, strict=True) if result.requeue]
         worker_id = items[0][0].worker_id

@@ -99,18 +99,20 @@ SELECT j.id
  WHERE j.worker_id = :worker_id AND j.status IN ('executing', 'cancelled') AND j.duration IS NULL;
 
 -- name: finished_claims
--- The status and duration finish_job or requeue_job left on the rows of :claims.
+-- The status and duration finish_job or requeue_job left on the rows of :claims (by id: a requeue that does not
+-- count the attempt took it back; the caller keeps only the rows unfinished_claims found ours).
 SELECT j.id, j.status, j.duration
-  FROM jobs AS j JOIN json_each(:claims) AS c
-    ON j.id = json_extract(c.value, '$[0]') AND j.attempt = json_extract(c.value, '$[1]');
+  FROM jobs AS j JOIN json_each(:claims) AS c ON j.id = json_extract(c.value, '$[0]');
 
 -- name: requeue_job
 -- A failed attempt of a job that may try again: back to queued (not before :run_after), its output kept until the
 -- next attempt starts. A row another program cancelled meanwhile is not touched (finish_job records it).
 -- started_at is cleared with completed_at and duration: a row cancelled while it waits is then final by the
--- README's rule (cancelled with started_at NULL), like a row cancelled before its first attempt.
+-- README's rule (cancelled with started_at NULL), like a row cancelled before its first attempt. :uncount (0 or 1)
+-- takes the attempt back when nothing ran (its node did not answer): the next claim is the same attempt again.
 UPDATE jobs
    SET status = 'queued', run_after = :run_after, exit_code = :exit_code, error = :error,
+       attempt = attempt - :uncount,
        stdout = COALESCE(:stdout, stdout), stderr = COALESCE(:stderr, stderr),
        stdout_bytes = :stdout_bytes, stderr_bytes = :stderr_bytes,
        started_at = NULL, completed_at = NULL, duration = NULL, worker_id = NULL, pid = NULL, pid_start = NULL
