@@ -20,7 +20,7 @@ import anyio
 from daemon import __version__, config, service
 from daemon import logging as log
 from daemon.errors import ConfigError, DatabaseError, DatabaseRewritten, JobdError
-from daemon.store import DbError, JobStatus, Store, guard, open_store
+from daemon.store import DbError, JobStatus, Store, open_store, rewrites
 from daemon.tools import MAX_ATTEMPTS, MAX_TIMEOUT_MS
 
 _MARKER = re.compile(r"\n\[nexus-jobd: \d+ bytes of \w+ omitted; (\d+) bytes in all\]\n")
@@ -36,9 +36,10 @@ _MAX_AGE_DAYS = 36500  # prune --older-than: a century; no job ended longer ago 
 
 async def _open(cfg: config.Config, *, writes: bool) -> Store:
     """An existing database only: a typo in --db must not create an empty one that no daemon reads. A command
-    that only reads also works on a file this user may not write: opened read-only, and then not migrated."""
+    that only reads opens the file read-only (it leaves no WAL behind, and works on a file this user may not
+    write), unless it must be migrated first."""
     store = await open_store(cfg.db_target, busy_timeout_ms=cfg.busy_timeout_ms, create=False,
-                             read_only_ok=not writes)
+                             read_only_ok=not writes, reads_only=not writes)
     if store.read_only:
         return store
     try:
@@ -339,13 +340,15 @@ def _print_rewrite_report(report: dict[str, Any]) -> None:
     if report.get("results"):
         print(f"  their results: {_text(report['results'])}")
     print(f"  the daemon's WAL, set aside: {', '.join(_text(p) for p in report.get('wal_set_aside') or []) or '-'}")
+    if report.get("applied_at") is not None:
+        print(f"  applied to the file {_age(report['applied_at'])} ago by the next daemon")
     print(f"  report: {_text(report.get('report'))}")
 
 
 def cmd_status(cfg: config.Config, args: argparse.Namespace) -> int:
     """Every daemon registered on the database: alive or not, and what the queue looks like; first, if the last
     daemon stopped because another program rewrote the file, what it found (even when the file cannot be opened)."""
-    report = guard.latest_report(cfg.db_path) if cfg.db_url is None else None  # only a file can be rewritten
+    report = rewrites.latest_report(cfg.db_path) if cfg.db_url is None else None  # only a file can be rewritten
 
     async def action(store: Store) -> int:
         workers, counts = await store.workers(), await store.job_counts()
@@ -486,10 +489,13 @@ def cmd_cancel(cfg: config.Config, args: argparse.Namespace) -> int:
 
 def cmd_db(cfg: config.Config, args: argparse.Namespace) -> int:
     async def main() -> int:
-        migrate = args.action == "migrate"
-        store = await open_store(cfg.db_target, busy_timeout_ms=cfg.busy_timeout_ms, create=migrate,
-                                 read_only_ok=not migrate)
+        migrate = args.action in ("migrate", "take-over")
+        store = await open_store(cfg.db_target, busy_timeout_ms=cfg.busy_timeout_ms, create=args.action == "migrate",
+                                 read_only_ok=not migrate, reads_only=not migrate,
+                                 take_over=args.action == "take-over")
         try:
+            if args.action == "take-over":
+                return await _take_over(cfg, store)
             if migrate:
                 try:
                     applied = await store.migrate()
@@ -508,6 +514,19 @@ def cmd_db(cfg: config.Config, args: argparse.Namespace) -> int:
             await store.close()
 
     return anyio.run(main)
+
+
+async def _take_over(cfg: config.Config, store: Store) -> int:
+    """The file in WAL mode with the daemon's tables, whatever program wrote it last (the user says none that
+    rewrites it whole does any more); what daemons kept beside it is applied when the next daemon starts."""
+    applied = await store.migrate()
+    print(f"{cfg.db_name}: taken over: in WAL mode" + (f", applied {', '.join(applied)}" if applied else "")
+          + "; from now on only programs that use SQLite's locking may write it")
+    report = rewrites.latest_report(cfg.db_path) if cfg.db_url is None else None
+    if report is not None and report.get("applied_at") is None:
+        print(f"the results a daemon kept beside it ({_text(report.get('report'))}) are recorded when the next "
+              "daemon starts")
+    return 0
 
 
 # -- argument types: a bad value is a usage error (exit 2) that says what is expected --------------------
@@ -680,7 +699,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="only jobs with this status (repeatable; default: all finished ones)")
 
     s = command("db", "database maintenance", cmd_db)
-    s.add_argument("action", choices=["migrate", "check"], help="migrate: create/upgrade; check: verify")
+    s.add_argument("action", choices=["migrate", "check", "take-over"],
+                   help="migrate: create/upgrade; check: verify; take-over: use a file a whole-file writer (NexusCLI "
+                        "0.10's sql.js) kept, once it no longer writes it")
     return p
 
 

@@ -11,13 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
-import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -25,8 +22,8 @@ from anyio.abc import TaskGroup
 from daemon import logging as log
 from daemon import outcome, output
 from daemon.config import Config
-from daemon.errors import DatabaseRewritten
-from daemon.executors.base import Executor
+from daemon.errors import DatabaseRewritten, JobdError
+from daemon.executors.base import Executor, Process
 from daemon.executors.local import LocalExecutor
 from daemon.health import Health
 from daemon.lease import Lease
@@ -44,7 +41,6 @@ from daemon.store import (
     ProcessRef,
     Quarantine,
     Store,
-    guard,
     now_ms,
 )
 
@@ -104,12 +100,14 @@ class Dispatcher:
         self._dirty = asyncio.Event()
         self._error_backoff_s = 0.1
         self._to_record: list[tuple[ClaimedJob, RunningJob, JobResult]] = []
+        # Recorded, but only in the database's WAL so far (store.writes_settled): a whole-file rewrite would lose
+        # those ends, so what ran them (the keeper, the node's spool) keeps them until the file has them.
+        self._unsettled: list[Process] = []
         self._record_ready = asyncio.Event()
         self._watcher = store.watcher(self._on_db_change)
         # Another program rewrote the database file: what the daemon did about it, and where results now go.
         self.quarantine: Quarantine | None = None
         self.on_rewritten: Callable[[Quarantine], None] = lambda _: None
-        self._rewrite_suffix: str | None = None
         self._stopping = False
         self._cycles_due = True  # look for depends_on cycles (at start, then after another program wrote)
         self._claims_unknown = False  # a claim failed with a database error: it may have taken rows all the same
@@ -218,6 +216,7 @@ class Dispatcher:
                     break
                 await self._sleep(self._sleep_timeout(poll_s))
             await self._drain(tg, poll_s)
+            await self._settle()
             self._watcher.close()
             tg.cancel_scope.cancel()
 
@@ -430,6 +429,8 @@ class Dispatcher:
             since_given_back += len(batch)
             big = await self._record(batch)
             del batch  # its outputs go now, not when the next batch comes
+            if self._unsettled and not self.running and not self._to_record:
+                await self._settle()
             if big or (since_given_back >= IDLE_GIVE_BACK_AFTER and not self.running and not self._to_record):
                 since_given_back = 0
                 await self._give_back_memory()
@@ -450,11 +451,18 @@ class Dispatcher:
         if self._store.rewritten is not None:  # written, but into the WAL that is now set aside: not in the file
             self._keep_unrecorded(batch)
             return False
+        settled = self._store.writes_settled()
         for job, running, result in batch:
             self.running.pop((job.id, job.attempt), None)
             self._log_finished(job, running, result, outcomes.get(job.id))
-            if running.process is not None:  # the row is final (or not ours): what it left can go
+            if running.process is None:
+                continue
+            if job.id in outcomes and not settled:
+                self._unsettled.append(running.process)  # the keeper or the node keeps it until the file does
+            else:  # the row is final (or not ours): what it left can go
                 running.process.forget(remove=job.id in outcomes)
+        if settled:
+            self._let_go_settled()
         self._after_record(batch)
         return any(output.is_big(result.output) for _, _, result in batch)
 
@@ -481,6 +489,19 @@ class Dispatcher:
         except DbRejected as e:  # nothing of ours can be written to it: the row stays as it is
             logger.error("job.unrecordable", job_id=claim.job_id, attempt=claim.attempt, error=str(e))
             return {}
+
+    def _let_go_settled(self) -> None:
+        """What ran jobs whose ends are now in the database file for good can let go of them."""
+        unsettled, self._unsettled = self._unsettled, []
+        for process in unsettled:
+            process.forget(remove=True)
+
+    async def _settle(self) -> None:
+        """Idle, or stopping: make what was recorded survive a whole-file rewrite (a checkpoint), then let go."""
+        with contextlib.suppress(*DbError, DatabaseRewritten):
+            await self._store.settle()
+        if self._store.writes_settled():
+            self._let_go_settled()
 
     async def _give_back_memory(self) -> None:
         """SQLite's page cache (up to 2 MiB, full of the rows just written), then the heap's free pages (2-3 MiB
@@ -580,59 +601,59 @@ class Dispatcher:
 
     async def _leave_rewritten_file(self, stop: asyncio.Event, poll_s: float) -> None:
         """Stop touching the file; set our WAL aside; let running jobs end, their results kept beside the file."""
-        reason = self._store.rewritten or ""
-        quarantine = await self._store.quarantine(self._suffix())
-        self.quarantine = quarantine
-        running = sorted(job.claim.job_id for job in self.running.values())
-        assert self._store.path is not None
-        message = guard.rewritten_message(self._store.path, reason)
-        report = {"message": message, "reason": reason, "detected_at": now_ms(), "worker_id": self.worker_id,
-                  "wal_set_aside": [str(p) for p in quarantine.set_aside], "not_recorded": quarantine.unrecorded,
-                  "running": running, "results": str(self._results_path())}
-        _write_private(self._report_path(), json.dumps(report, indent=2) + "\n", append=False)
-        logger.error("db.rewritten", message=message, db=self._store.name, reason=reason,
-                     not_recorded=quarantine.unrecorded, running=running,
-                     wal_set_aside=[str(p) for p in quarantine.set_aside], results=str(self._results_path()),
-                     report=str(self._report_path()))
-        self.on_rewritten(quarantine)
+        await self.leave_rewritten()
         while self.running and not stop.is_set():  # their work is worth keeping; SIGTERM stops them as usual
             await self._sleep(poll_s)
 
-    def _suffix(self) -> str:
-        if self._rewrite_suffix is None:
-            self._rewrite_suffix = guard.rewrite_suffix()
-        return self._rewrite_suffix
-
-    def _report_path(self) -> Path:
-        assert self._store.path is not None  # only a file can be rewritten
-        return guard.report_path(self._store.path, self._suffix())
-
-    def _results_path(self) -> Path:
-        assert self._store.path is not None
-        return guard.results_path(self._store.path, self._suffix())
+    async def leave_rewritten(self) -> Quarantine:
+        """The file is no longer ours: report what was seen and which attempts run (for the next daemon), say so
+        once in the log and to the supervisor. Also at start-up, before `run`, for a rewrite found then."""
+        attempts = []
+        for job in self.running.values():
+            ref = self._runner.process_ref(job)
+            attempts.append({"id": job.claim.job_id, "attempt": job.claim.attempt, "node_id": job.node_id,
+                             "started_at": job.started_at, "pid": ref.pid if ref else None,
+                             "pid_start": ref.start if ref else None})
+        me = self._lease.me
+        quarantine = await self._store.quarantine(running=attempts, worker=dataclasses.asdict(me))
+        self.quarantine = quarantine
+        if quarantine.kept:
+            self._let_go_settled()  # their ends are kept beside the file now: the keeper need not hold them
+        running = sorted(str(job["id"]) for job in attempts)
+        logger.error("db.rewritten", message=quarantine.message, db=self._store.name, reason=quarantine.reason,
+                     not_recorded=quarantine.unrecorded, running=running,
+                     wal_set_aside=[str(p) for p in quarantine.set_aside], results=str(quarantine.results),
+                     report=str(quarantine.report))
+        self.on_rewritten(quarantine)
+        return quarantine
 
     def _keep_unrecorded(self, batch: list[tuple[ClaimedJob, RunningJob, JobResult]]) -> None:
-        """Jobs that ended after the rewrite: their results go to a file beside the database, never into it."""
-        lines = []
+        """Jobs that ended after the rewrite: their results go to a file beside the database, never into it; once
+        kept there, what ran them may let go (the next daemon on a usable file records them from there)."""
+        rows = []
         for job, running, result in batch:
             self.running.pop((job.id, job.attempt), None)
-            if running.process is not None:
-                running.process.forget(remove=False)
-            out = result.output
-            row: dict[str, Any] = {"id": job.id, "node_id": running.node_id, "tool": running.tool,
-                                   "attempt": job.attempt, "status": result.status.value,
-                                   "exit_code": result.exit_code, "error": result.error, "started_at": job.started_at,
-                                   "ended_at": now_ms(), "stdout": out.stdout, "stderr": out.stderr,
-                                   "stdout_bytes": out.stdout_bytes, "stderr_bytes": out.stderr_bytes}
-            lines.append(json.dumps(row) + "\n")
+            out, final = result.output, not result.requeue
+            rows.append({"id": job.id, "node_id": running.node_id, "tool": running.tool, "attempt": job.attempt,
+                         "worker_id": self.worker_id, "status": result.status.value if final else "queued",
+                         "uncount": result.uncount, "exit_code": result.exit_code, "error": result.error,
+                         "started_at": job.started_at if final else None, "ended_at": now_ms() if final else None,
+                         "run_after": result.run_after, "stdout": out.stdout, "stderr": out.stderr,
+                         "stdout_bytes": out.stdout_bytes, "stderr_bytes": out.stderr_bytes})
             logger.error("job.unrecorded", job_id=job.id, node=running.node_id, status=result.status.value,
                          exit_code=result.exit_code, error=result.error, stdout_bytes=out.stdout_bytes,
-                         stderr_bytes=out.stderr_bytes, results=str(self._results_path()),
+                         stderr_bytes=out.stderr_bytes,
+                         results=str(self.quarantine.results) if self.quarantine else None,
                          reason="the database was rewritten by another program; the result is kept beside it")
         try:
-            _write_private(self._results_path(), "".join(lines), append=True)
-        except OSError as e:
-            logger.error("job.results_not_kept", path=str(self._results_path()), error=str(e))
+            self._store.keep_results(rows)
+            kept = True
+        except (OSError, JobdError) as e:
+            kept = False
+            logger.error("job.results_not_kept", error=str(e), jobs=[row["id"] for row in rows])
+        for _, running, _ in batch:
+            if running.process is not None:
+                running.process.forget(remove=kept)
         self.wake()
 
     # -- shutdown -----------------------------------------------------------------------------------------
@@ -732,8 +753,3 @@ class Dispatcher:
                 logger.warning("ssh.sweep_failed", node=node_id, error=str(e) or type(e).__name__)
 
 
-def _write_private(path: Path, text: str, *, append: bool) -> None:
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
-    fd = os.open(path, flags, 0o600)
-    with os.fdopen(fd, "a" if append else "w", encoding="utf-8") as f:
-        f.write(text)

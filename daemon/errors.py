@@ -21,3 +21,8 @@ class BadJob(JobdError):
 
 class DatabaseRewritten(DatabaseError):
     """Another program rewrote the database file outside SQLite's locking: nothing of ours may be written to it."""
+
+
+class WholeFileWriter(DatabaseRewritten):
+    """The file is kept by a program that writes it whole (NexusCLI's sql.js): refused before anything is written,
+    until someone takes it over (`nexus-jobd db take-over`)."""

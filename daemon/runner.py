@@ -31,6 +31,7 @@ class RunningJob:
     node_id: str
     tool: str
     output: JobOutput
+    started_at: int  # the row's, as claimed (epoch ms)
     stop_reason: str | None = None  # why the daemon is ending it: cancelled, timeout, shutdown, lease lost
     process: Process | None = None  # once started
     command: Command | None = None
@@ -74,7 +75,7 @@ class JobRunner:
 
     def new(self, job: ClaimedJob, worker_id: str) -> RunningJob:
         return RunningJob(Claim(job.id, worker_id, job.attempt), str(job.node_id), str(job.tool),
-                          JobOutput(self._config.output_cap_bytes))
+                          JobOutput(self._config.output_cap_bytes), job.started_at)
 
     def adopted(self, adopted: AdoptedJob, worker_id: str) -> RunningJob:
         """A running job taken over from another daemon: its output goes on from what the row holds."""

@@ -24,7 +24,7 @@ from daemon import config as config_module
 from daemon import logging as log
 from daemon.config import Config, NodeConfig, Overrides
 from daemon.dispatch import Dispatcher
-from daemon.errors import ConfigError, JobdError
+from daemon.errors import ConfigError, DatabaseRewritten, JobdError
 from daemon.executors.base import Executor, SpawnError
 from daemon.executors.keeper import KeeperClient
 from daemon.executors.local import LocalExecutor
@@ -169,12 +169,15 @@ def _check_database_access(config: Config) -> None:
 async def serve(config: Config, overrides: Overrides | None = None, *, install_signals: bool = True) -> int:
     """Run until stopped; returns the process exit code (0 after a clean drain, 1 after losing the lease)."""
     _check_host(config)
-    store = await open_store(config.db_target, busy_timeout_ms=config.busy_timeout_ms, daemon=True)
+    try:
+        store = await open_store(config.db_target, busy_timeout_ms=config.busy_timeout_ms, daemon=True)
+    except DatabaseRewritten as e:  # refused before anything was written to it
+        logger.error("db.refused", db=config.db_name, message=str(e), exit_code=EXIT_DATABASE_REWRITTEN)
+        return EXIT_DATABASE_REWRITTEN
     notifier = Notifier(config.notify_socket, config.watchdog_usec)
     exporter: Exporter | None = None
     try:
         exporter = await _exporter(config)  # [metrics] listen is bound now: a port in use stops start-up (exit 2)
-        await store.migrate()
         return await _run(config, overrides or Overrides(), store, notifier, install_signals, exporter)
     finally:
         if exporter is not None:
@@ -213,27 +216,20 @@ async def _run(config: Config, overrides: Overrides, store: Store, notifier: Not
     health = Health(config, prober(config, executors))
     dispatcher = Dispatcher(config, store, executors, lease, health)
     dispatcher.metrics = metrics
-    # Registering also recovers the jobs of daemons that died (our own previous run included): their remote jobs
-    # are adopted by the dispatcher, which starts following them when it runs.
-    await lease.register()
     dispatcher.on_rewritten = lambda q: notifier.send(
         STATUS=f"stopped claiming: {config.db_name} was rewritten by another program outside SQLite's locking "
                f"(sql.js?); {len(dispatcher.running)} running jobs finish, results beside it; see the log")
-    if install_signals:
-        _install_signals(stop, dispatcher, notifier, _Reloader(config, overrides, dispatcher))
-    logger.info("daemon.started", db=config.db_name, config=config.source, pid=os.getpid(),
-                worker_id=dispatcher.worker_id, systemd=notifier.enabled)
     try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_watchdog, notifier)
-            tg.start_soon(_status, notifier, store, dispatcher)
-            tg.start_soon(_retention, store, dispatcher)
-            tg.start_soon(_heartbeats, config, store, health, dispatcher)
-            tg.start_soon(_keeper_ready, executors[config.local_node])
-            if exporter is not None:
-                await tg.start(exporter.run, store, health)  # answering before READY and dispatch.started
-            await dispatcher.run(stop, on_ready=lambda: notifier.send(READY=1, STATUS="ready"))
-            tg.cancel_scope.cancel()
+        try:
+            await _start_up(store, lease)
+        except DatabaseRewritten:  # a rewrite that landed while starting: as one found later, with no job run
+            await dispatcher.leave_rewritten()
+            return _stopped_rewritten(config, notifier, dispatcher)
+        if install_signals:
+            _install_signals(stop, dispatcher, notifier, _Reloader(config, overrides, dispatcher))
+        logger.info("daemon.started", db=config.db_name, config=config.source, pid=os.getpid(),
+                    worker_id=dispatcher.worker_id, systemd=notifier.enabled)
+        await _serve_until_stopped(config, store, notifier, exporter, executors, health, dispatcher, stop)
     finally:
         for executor in executors.values():
             await executor.aclose()
@@ -241,15 +237,45 @@ async def _run(config: Config, overrides: Overrides, store: Store, notifier: Not
         logger.error("daemon.stopped", worker_id=dispatcher.worker_id, reason="lease lost")
         return 1
     if dispatcher.quarantine is not None:
-        notifier.send(STOPPING=1, STATUS=f"stopped: {config.db_name} was rewritten by another program outside "
-                                         "SQLite's locking; see the log or `nexus-jobd status`")
-        logger.error("daemon.stopped", worker_id=dispatcher.worker_id, exit_code=EXIT_DATABASE_REWRITTEN,
-                     reason="the database was rewritten by another program; not restarting until it is fixed")
-        return EXIT_DATABASE_REWRITTEN
+        return _stopped_rewritten(config, notifier, dispatcher)
     detached = dispatcher.detached
     await lease.release(f"detached {detached} running jobs for the next daemon" if detached else "clean shutdown")
     logger.info("daemon.stopped", worker_id=dispatcher.worker_id, detached=detached)
     return 0
+
+
+async def _start_up(store: Store, lease: Lease) -> None:
+    """The database as the daemon needs it: its tables and columns; what a daemon kept beside the file when
+    another program rewrote it, applied; then this daemon registered, which also recovers the jobs of daemons that
+    died (our own previous run included): their remote and keeper jobs are adopted by the dispatcher, which starts
+    following them when it runs."""
+    await store.migrate()
+    for action in await store.apply_set_aside():
+        logger.warning("db.rewrite_applied", **action)
+    await lease.register()
+
+
+def _stopped_rewritten(config: Config, notifier: Notifier, dispatcher: Dispatcher) -> int:
+    notifier.send(STOPPING=1, STATUS=f"stopped: {config.db_name} was rewritten by another program outside "
+                                     "SQLite's locking; see the log or `nexus-jobd status`")
+    logger.error("daemon.stopped", worker_id=dispatcher.worker_id, exit_code=EXIT_DATABASE_REWRITTEN,
+                 reason="the database was rewritten by another program; not restarting until it is fixed")
+    return EXIT_DATABASE_REWRITTEN
+
+
+async def _serve_until_stopped(config: Config, store: Store, notifier: Notifier, exporter: Exporter | None,
+                               executors: dict[str, Executor], health: Health, dispatcher: Dispatcher,
+                               stop: asyncio.Event) -> None:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_watchdog, notifier)
+        tg.start_soon(_status, notifier, store, dispatcher)
+        tg.start_soon(_retention, store, dispatcher)
+        tg.start_soon(_heartbeats, config, store, health, dispatcher)
+        tg.start_soon(_keeper_ready, executors[config.local_node])
+        if exporter is not None:
+            await tg.start(exporter.run, store, health)  # answering before READY and dispatch.started
+        await dispatcher.run(stop, on_ready=lambda: notifier.send(READY=1, STATUS="ready"))
+        tg.cancel_scope.cancel()
 
 
 async def _keeper_ready(executor: Executor) -> None:

@@ -35,6 +35,11 @@ class KeeperLost(JobLost):
     pass
 
 
+class AlreadyStarted(SpawnError):
+    """The keeper runs (or ran) this very attempt already: a row that forgot its claim (its file was rewritten by
+    another program, or restored from a backup) was claimed again with the same attempt number."""
+
+
 class KeeperProcess:
     """A job the keeper runs for us (the executors.base.Process interface)."""
 
@@ -98,7 +103,9 @@ class KeeperProcess:
         elif kind in (p.FAILED, p.UNKNOWN):
             error = p.text(payload)
             if not self.started.done():
-                self.started.set_exception(SpawnError(error) if kind == p.FAILED else JobLost(error))
+                self.started.set_exception(JobLost(error) if kind == p.UNKNOWN else
+                                           AlreadyStarted(error) if error.endswith(p.STARTED_ALREADY) else
+                                           SpawnError(error))
 
     def left(self, reason: str) -> None:
         """This daemon leaves the job to the keeper (it stops): whoever still waits learns it, nothing is killed."""

@@ -23,7 +23,7 @@ import anyio
 
 from daemon import logging as log
 from daemon.executors.base import ExitStatus, OutputCallback, Process, SpawnError
-from daemon.executors.keeper import KeeperClient
+from daemon.executors.keeper import AlreadyStarted, KeeperClient
 from daemon.output import JobOutput
 from daemon.tools import Command, with_limits
 
@@ -258,8 +258,13 @@ class LocalExecutor:
         if self._keeper is not None:
             argv, env, cwd = self._prepare(command)
             key = command.key or f"unnamed:{os.urandom(8).hex()}"
-            return await self._keeper.spawn(key, list(argv), env, cwd, output or JobOutput(1 << 20),
-                                            on_stdout, on_stderr, self._drain_timeout_s)
+            output = output or JobOutput(1 << 20)
+            try:
+                return await self._keeper.spawn(key, list(argv), env, cwd, output, on_stdout, on_stderr,
+                                                self._drain_timeout_s)
+            except AlreadyStarted:  # the same attempt, claimed again by a row that forgot it: follow it, never twice
+                logger.warning("job.already_started", key=key, action="following the attempt the keeper holds")
+                return await self._keeper.attach(key, output, on_stdout, on_stderr)
         loop = asyncio.get_running_loop()
         # Spawning inline measured faster than in a worker thread on 3.11: fork_exec holds the GIL throughout.
         popen = self._spawn(command)

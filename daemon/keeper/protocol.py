@@ -37,6 +37,7 @@ SKIP = 15  # stream (1 or 2), n: n bytes not sent (they fell between head and ta
 EXIT = 16  # b"CODE SIGNAL" (signal 0: none): the job ended and all its output was sent
 UNKNOWN = 17  # why: no such job here (UTF-8 text)
 TAKEN = 18  # another daemon attached to the job: this one hears no more of it
+STARTED_ALREADY = "was started already: not twice"  # how FAILED ends for a SPAWN of an attempt the keeper holds
 
 
 def frame(kind: int, handle: int, payload: bytes = b"") -> bytes:

@@ -284,7 +284,7 @@ class Keeper:
     def _spawn(self, conn: Conn, handle: int, fields: list[str]) -> None:
         key, cap, drain_s, cwd, argc = fields[0], int(fields[1]), float(fields[2]), fields[3], int(fields[4])
         if key in self.jobs:
-            self._send(conn, p.frame(p.FAILED, handle, f"attempt {key} was started already: not twice".encode()))
+            self._send(conn, p.frame(p.FAILED, handle, f"attempt {key} {p.STARTED_ALREADY}".encode()))
             return
         argv = fields[5:5 + argc]
         env = dict(entry.split("=", 1) for entry in fields[5 + argc:])

@@ -31,15 +31,36 @@ from daemon.store.rows import (
     RawText,
     Worker,
 )
-from daemon.store.sqlite import guard
+from daemon.store.sqlite import guard, rewrites
 
-__all__ = ["AdoptedJob", "ChangeSource", "Claim", "ClaimedJob", "DbError", "DbRejected", "DbUnavailable", "JobResult",
-           "JobStatus", "OrphanedJob", "OutputSnapshot", "ProcessRef", "Quarantine", "RawText", "Store", "Worker",
-           "guard", "is_postgres", "now_ms", "open_store", "survive_db_errors"]
+__all__ = [
+    "AdoptedJob",
+    "ChangeSource",
+    "Claim",
+    "ClaimedJob",
+    "DbError",
+    "DbRejected",
+    "DbUnavailable",
+    "JobResult",
+    "JobStatus",
+    "OrphanedJob",
+    "OutputSnapshot",
+    "ProcessRef",
+    "Quarantine",
+    "RawText",
+    "Store",
+    "Worker",
+    "guard",
+    "is_postgres",
+    "now_ms",
+    "open_store",
+    "rewrites",
+    "survive_db_errors",
+]
 
 
 async def open_store(target: str | Path, *, busy_timeout_ms: int = 5000, create: bool = True, daemon: bool = False,
-                     read_only_ok: bool = False) -> Store:
+                     read_only_ok: bool = False, reads_only: bool = False, take_over: bool = False) -> Store:
     """The backend `target` names: a `postgresql://` URL, or else a SQLite file. Here, at the package's face and
     not in base.py, so that the interface does not import its backends. The PostgreSQL driver is imported only for
     a URL: the SQLite default never loads it."""
@@ -50,4 +71,4 @@ async def open_store(target: str | Path, *, busy_timeout_ms: int = 5000, create:
     from daemon.store.sqlite import SqliteStore
 
     return await SqliteStore.open_file(Path(target), busy_timeout_ms=busy_timeout_ms, create=create, daemon=daemon,
-                                       read_only_ok=read_only_ok)
+                                       read_only_ok=read_only_ok, reads_only=reads_only, take_over=take_over)

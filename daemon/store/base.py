@@ -72,12 +72,16 @@ async def survive_db_errors(what: str, on_error: Callable[[], None] | None = Non
 
 @dataclasses.dataclass(frozen=True)
 class Quarantine:
-    """What the daemon did when it found the file rewritten: where its WAL went, and which jobs' latest writes
-    were only in that WAL (so the file as it is now does not have them)."""
+    """What the daemon did when it found the file rewritten: where its WAL went, which jobs' latest writes were
+    only in that WAL (so the file as it is now does not have them), and where it reported and keeps results."""
 
     reason: str
+    message: str  # what a user reads: what was seen, the likely cause, the fix
     set_aside: list[Path]
     unrecorded: list[str]
+    report: Path
+    results: Path
+    kept: bool = True  # the report and the results recorded only in that WAL are written beside the file
 
 
 class ChangeSource(abc.ABC):
@@ -145,8 +149,29 @@ class Store(abc.ABC):
     def check_rewritten(self) -> str | None:
         return None
 
-    async def quarantine(self, suffix: str) -> Quarantine:
+    async def quarantine(self, *, running: Sequence[Mapping[str, Any]], worker: Mapping[str, Any]) -> Quarantine:
+        """Stop writing to a file another program rewrote, set our writes aside, and report: which attempts were
+        `running` ({id, attempt, node_id, started_at, pid, pid_start}) under `worker` (its lease identity), for
+        the next daemon to find them again."""
         raise DatabaseError(f"{self.name}: only a SQLite file can be rewritten by another program")
+
+    def keep_results(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """After quarantine: results of attempts that ended since, kept beside the file (OSError if they cannot)."""
+        raise DatabaseError(f"{self.name}: only a SQLite file can be rewritten by another program")
+
+    async def apply_set_aside(self) -> list[dict[str, Any]]:
+        """At start-up: what daemons kept beside the file when another program rewrote it, applied to the file as
+        it is now (results recorded, claims of attempts that may still run restored for recovery). What was done,
+        one entry per job."""
+        return []
+
+    def writes_settled(self) -> bool:
+        """Would all that was written so far survive another program rewriting the file (it is in the main file,
+        not only in a WAL)? Until then, what ran is kept where it ran (the keeper, the node's spool)."""
+        return True
+
+    async def settle(self) -> None:  # noqa: B027 -- a no-op unless the backend has a WAL of its own
+        """Make what was written so far settled, when that is cheap (an idle daemon)."""
 
     async def release_memory(self) -> None:  # noqa: B027 -- a no-op unless the backend's driver holds memory
         """Give back what the driver holds after big rows were written (where it holds anything)."""

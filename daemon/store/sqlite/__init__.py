@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import sqlite3
 import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,7 +24,7 @@ import aiosqlite
 import anyio
 
 from daemon import logging as log
-from daemon.errors import DatabaseError, DatabaseRewritten, JobdError
+from daemon.errors import DatabaseError, DatabaseRewritten, JobdError, WholeFileWriter
 from daemon.store.base import DbRejected, Quarantine, Store, cycles, now_ms
 from daemon.store.rows import (
     AdoptedJob,
@@ -36,7 +38,7 @@ from daemon.store.rows import (
     RawText,
     Worker,
 )
-from daemon.store.sqlite import guard
+from daemon.store.sqlite import guard, rewrites
 from daemon.store.sqlite.queries import HERE, Q, read_sql, split_statements
 from daemon.store.sqlite.wakeup import ChangeWatcher
 
@@ -85,6 +87,27 @@ def _connector(path: Path) -> Callable[[], sqlite3.Connection]:
     return connect
 
 
+def _set_aside_stale_wal(path: Path) -> None:
+    """A WAL with frames beside a file whose header no longer says WAL (a daemon killed before it saw another
+    program rewrite the file): any program that opens the file would replay those frames onto it. Set aside before
+    anything opens it, and reported; the file is then as the other program wrote it."""
+    if (problem := guard.stale_wal(path)) is None:
+        return
+    suffix = rewrites.new_suffix(path)
+    try:
+        moved = guard.set_aside(path, suffix)
+    except OSError as e:
+        raise DatabaseRewritten(f"{problem}; it could not be set aside ({e}). {guard.stale_wal_way_out(path)}") from e
+    message = (f"{problem}. It was set aside as {', '.join(map(str, moved))}: the file is used as the other program "
+               "left it, and nothing of what only that WAL held (a daemon's last writes) is in it")
+    report = rewrites.report_path(path, suffix)
+    rewrites.write_report(report, {"message": message, "reason": "a WAL left beside a file another program rewrote",
+                                   "detected_at": now_ms(), "wal_set_aside": [str(p) for p in moved],
+                                   "not_recorded": [], "running": [], "attempts": [], "results": None})
+    logger.warning("db.stale_wal_set_aside", db=str(path), wal_set_aside=[str(p) for p in moved], report=str(report),
+                   message=message)
+
+
 def _create_private(path: Path) -> None:
     """A new database is readable and writable by its owner only: writing it means running commands."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -114,25 +137,41 @@ class SqliteStore(Store):
         self._daemon = False  # the daemon checkpoints by itself (after checking the file), not at each commit
         self._pending_frames: int | None = None  # WAL frames not yet in the main file, after our last write
         self._unsaved: set[str] = set()  # jobs written since the WAL was last wholly copied into the main file
+        # The ends recorded since then, as a report beside the file would keep them (rewrites.Pending): a rewrite
+        # would lose them with the WAL. About the WAL's size at most: it is checkpointed at 1000 frames.
+        self._unsaved_results: dict[str, dict[str, Any]] = {}
+        self._kept: Quarantine | None = None  # where results go once the file is no longer ours
 
     # -- opening and schema -------------------------------------------------------------------------------
 
     @classmethod
     async def open_file(cls, path: Path, *, busy_timeout_ms: int = 5000, create: bool = True,
-                   daemon: bool = False, read_only_ok: bool = False) -> SqliteStore:
+                        daemon: bool = False, read_only_ok: bool = False, reads_only: bool = False,
+                        take_over: bool = False) -> SqliteStore:
         """`daemon`: the long-lived connection of `nexus-jobd run`, which also watches the file for rewrites.
         `read_only_ok`: a file this user may not write is opened read-only (`read_only` then says so); without it,
-        such a file is refused as the permissions problem it is. A table of the contract that is something else
-        (another program's `jobs`, a view) is refused either way: no migration can fix it."""
+        such a file is refused as the permissions problem it is. `reads_only`: a command that only reads opens a
+        migrated file read-only whoever may write it (nothing it does can leave a WAL behind). A table of the
+        contract that is something else (another program's `jobs`, a view) is refused either way: no migration can
+        fix it. So is a file that a whole-file writer keeps (guard.whole_file_writer), unless `take_over`."""
         if not create and not os.path.exists(path):  # noqa: ASYNC240 -- one stat at start-up
             raise DatabaseError(f"{path}: no such database; check --db / NEXUS_JOBD_DB, or create it with "
                                 "`nexus-jobd run` or `nexus-jobd db migrate`")
-        if denied := cls._write_denied(path):
-            if read_only_ok and os.access(path, os.R_OK):
-                return await cls._open_read_only(path, busy_timeout_ms, denied)
+        denied = cls._write_denied(path)
+        if not denied:
+            _set_aside_stale_wal(path)
+        if ((denied and read_only_ok) or reads_only) and os.access(path, os.R_OK):
+            store = await cls._open_read_only(path, busy_timeout_ms, denied)
+            if store is not None:
+                return store
+        if denied:
             raise DatabaseError(cls._permissions_problem(path, denied))
-        if problem := guard.stale_wal(path):
-            raise DatabaseRewritten(f"{problem}. {guard.stale_wal_way_out(path)}")
+        return await cls._open_writable(path, busy_timeout_ms, create=create, daemon=daemon,
+                                        take_over=take_over or cls._says_wal(path))
+
+    @classmethod
+    async def _open_writable(cls, path: Path, busy_timeout_ms: int, *, create: bool, daemon: bool,
+                             take_over: bool) -> SqliteStore:
         try:
             if create:
                 _create_private(path)
@@ -142,10 +181,13 @@ class SqliteStore(Store):
         conn.text_factory = _text_or_bytes
         store = cls(conn, path)
         try:
-            problems = await store._configure(busy_timeout_ms)
+            problems = await store._configure(busy_timeout_ms, take_over=take_over)
             if daemon:
                 store._daemon = True
                 await conn.execute("PRAGMA wal_autocheckpoint = 0")
+        except DatabaseRewritten:
+            await conn.close()
+            raise
         except sqlite3.Error as e:
             await conn.close()
             raise DatabaseError(f"{path}: not a usable SQLite database: {e}{cls._readonly_hint(e)}") from e
@@ -155,12 +197,24 @@ class SqliteStore(Store):
         store._guard = guard.RewriteGuard(path)
         return store
 
-    async def _configure(self, busy_timeout_ms: int) -> list[str]:
+    @staticmethod
+    def _says_wal(path: Path) -> bool:
+        """The file's header says WAL (or there is no file yet to be another program's)."""
+        try:
+            header = guard.read_header(path)
+        except OSError:
+            return True
+        return header.says_wal or not header.raw
+
+    async def _configure(self, busy_timeout_ms: int, *, take_over: bool) -> list[str]:
         """Settings of our connection, and WAL for the file; first, what makes the file unusable (another program's
-        `jobs`), returned with nothing changed."""
+        `jobs`), returned with nothing changed, and a whole-file writer's file refused (DatabaseRewritten) unless
+        `take_over`."""
         await self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         if problems := await self._contract_problems():
             return problems
+        if not take_over and (tables := guard.whole_file_writer(set(await self._schema_kinds()))):
+            raise WholeFileWriter(guard.whole_file_writer_message(self.path, tables))
         rows = await self._conn.execute_fetchall("PRAGMA journal_mode = WAL")
         mode = next(iter(rows))[0]
         if mode != "wal":
@@ -177,11 +231,15 @@ class SqliteStore(Store):
         off (guard.no_checkpoint_on_close), since it cannot know."""
         if self._closed:
             return
-        if self.check_rewritten() is None:
+        if self._guard is not None and self.check_rewritten() is None:
+            # An empty WAL: nothing another program could replay onto the file once a whole-file writer rewrites
+            # it. Never holding a stop up behind another's reader: then the WAL is the daemon's, to empty later.
             with contextlib.suppress(sqlite3.Error):
-                if self._daemon:  # leave a short WAL behind, but never hold a stop up behind another's reader
-                    await self._conn.execute("PRAGMA busy_timeout = 200")
-                await self._conn.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if self._daemon else 'PASSIVE'})")
+                await self._conn.execute("PRAGMA busy_timeout = 200")
+                await self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        elif self._guard is not None and self._kept is None:  # rewritten under a command: its writes go aside
+            with contextlib.suppress(OSError):
+                await self.quarantine(running=[], worker={})
         self._closed = True
         if self._probe is not None:
             self._probe.close()
@@ -203,28 +261,103 @@ class SqliteStore(Store):
             self._rewritten = problem
         return self._rewritten
 
-    async def quarantine(self, suffix: str) -> Quarantine:
-        """Leave the rewritten file exactly as the other program wrote it: close without checkpointing, then move
-        our WAL aside (`<db>-wal.<suffix>`) so that no program replays it onto the new file."""
+    async def quarantine(self, *, running: Sequence[Mapping[str, Any]], worker: Mapping[str, Any]) -> Quarantine:
+        """Leave the rewritten file exactly as the other program wrote it: never checkpoint, and move our WAL aside
+        (`<db>-wal.<suffix>`) so that no program replays it onto the new file. The report beside it says what was
+        seen and which attempts ran; the ends recorded only in that WAL are kept beside it too (rewrites)."""
         reason = self._rewritten or "quarantined"
         self._rewritten = reason
         async with self._write_lock:  # a write already under way lands (in the WAL set aside) and is noted first
             pending = self._guard.frames_not_checkpointed() if self._guard else None
             unrecorded = sorted(self._unsaved) if pending != 0 else []
+            results = list(self._unsaved_results.values()) if pending != 0 else []
+            suffix = rewrites.new_suffix(self.path)
             # Our connections stay open (reads are harmless; closing checkpoints nothing: no_checkpoint_on_close).
-            return Quarantine(reason, guard.set_aside(self.path, suffix), unrecorded)
+            kept = Quarantine(reason, guard.rewritten_message(self.path, reason), guard.set_aside(self.path, suffix),
+                              unrecorded, rewrites.report_path(self.path, suffix),
+                              rewrites.results_path(self.path, suffix))
+        self._kept = kept
+        try:  # the WAL is aside already: a full disk may keep the rest from being written, not that
+            rewrites.write_report(kept.report, {
+                "message": kept.message, "reason": reason, "detected_at": now_ms(), "worker": dict(worker),
+                "worker_id": worker.get("worker_id"), "wal_set_aside": [str(p) for p in kept.set_aside],
+                "not_recorded": unrecorded, "running": sorted(str(job["id"]) for job in running),
+                "attempts": [dict(job) for job in running], "results": str(kept.results)})
+            self.keep_results(results)
+        except OSError as e:
+            logger.error("job.results_not_kept", path=str(kept.report), error=str(e),
+                         jobs=[r["id"] for r in results], consequence="what ran them keeps them meanwhile")
+            return dataclasses.replace(kept, kept=False)
+        self._unsaved_results.clear()
+        return kept
+
+    def keep_results(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        if self._kept is None:
+            raise DatabaseError(f"{self.path}: results are kept beside the file only once it was found rewritten")
+        rewrites.write_private(self._kept.results, "".join(json.dumps(dict(row)) + "\n" for row in rows),
+                               append=True)
+
+    async def apply_set_aside(self) -> list[dict[str, Any]]:
+        done: list[dict[str, Any]] = []
+        for pending in rewrites.pending(self.path):
+            actions = await self._transaction(partial(self._apply_pending, pending))
+            pending.mark_applied({"by_pid": os.getpid(), "jobs": actions})
+            done += [action | {"report": str(pending.report)} for action in actions]
+        return done
+
+    async def _apply_pending(self, pending: rewrites.Pending) -> list[dict[str, Any]]:
+        """Inside a transaction: each kept result recorded (unless the row moved on), then each attempt that was
+        running and whose end nobody kept claimed again under its dead daemon, for recovery to settle."""
+        actions = []
+        ended = set()
+        for result in pending.results:
+            if (params := _applied_params(result)) is None:
+                continue
+            ended.add((params["id"], result["attempt"]))
+            rows = list(await self._conn.execute_fetchall(Q["apply_kept_result"], params))
+            actions.append({"job_id": params["id"], "attempt": params["attempt"],
+                            "action": f"recorded {rows[0][1]}" if rows else "left as it is (the row moved on)"})
+        worker = pending.data.get("worker")
+        attempts = [a for a in pending.data.get("attempts") or [] if isinstance(a, dict)
+                    and (a.get("id"), a.get("attempt")) not in ended]
+        if attempts and isinstance(worker, dict) and isinstance(worker.get("worker_id"), str):
+            await self._conn.execute(Q["restore_worker"], {
+                "id": worker["worker_id"], "host": str(worker.get("host")), "boot_id": worker.get("boot_id"),
+                "pid": worker.get("pid") or 0, "pid_start": worker.get("pid_start"),
+                "started_at": pending.data.get("detected_at") or 0})
+            for a in attempts:
+                rows = list(await self._conn.execute_fetchall(Q["restore_claim"], {
+                    "id": a.get("id"), "attempt": a.get("attempt"), "worker_id": worker["worker_id"],
+                    "started_at": a.get("started_at"), "pid": a.get("pid"), "pid_start": a.get("pid_start")}))
+                actions.append({"job_id": a.get("id"), "attempt": a.get("attempt"),
+                                "action": "claimed again for recovery" if rows else "left as it is (the row moved on)"})
+        return actions
 
     def _note(self, job_ids: Iterable[Any]) -> None:
         """Jobs our last write touched: until the WAL is wholly in the main file, a rewrite would lose them."""
         if self._pending_frames == 0:
-            self._unsaved.clear()
+            self._saved()
         else:
             self._unsaved.update(i for i in job_ids if isinstance(i, str))
 
-    async def _checkpoint_if_due(self) -> None:
+    def _saved(self) -> None:
+        self._unsaved.clear()
+        self._unsaved_results.clear()
+
+    def writes_settled(self) -> bool:
+        return self._pending_frames == 0 or not self._daemon
+
+    async def settle(self) -> None:
+        """A checkpoint now, into a file still ours: an idle daemon's writes then survive a rewrite."""
+        if self._daemon and self._pending_frames and self.check_rewritten() is None:
+            async with self._write_lock:
+                await self._checkpoint_if_due(now=True)
+
+    async def _checkpoint_if_due(self, *, now: bool = False) -> None:
         """The daemon's checkpoint, in place of SQLite's automatic one at commit: only into a file still ours."""
         self._pending_frames = self._guard.frames_not_checkpointed() if self._guard else None
-        if not self._daemon or self._pending_frames is None or self._pending_frames < CHECKPOINT_FRAMES:
+        due = 1 if now else CHECKPOINT_FRAMES
+        if not self._daemon or self._pending_frames is None or self._pending_frames < due:
             return
         if self.check_rewritten() is not None:
             return
@@ -236,7 +369,7 @@ class SqliteStore(Store):
         _busy, log_frames, copied = rows[0]
         if log_frames == copied:
             self._pending_frames = 0
-            self._unsaved.clear()
+            self._saved()
 
     async def migrate(self) -> list[str]:
         """Create the base schema where missing and apply the daemon's pending migrations; idempotent."""
@@ -394,18 +527,20 @@ class SqliteStore(Store):
                 "and -shm in)")
 
     @classmethod
-    async def _open_read_only(cls, path: Path, busy_timeout_ms: int, denied: str) -> SqliteStore:
-        """For commands that only read a file this user may not write: no switch to WAL, no migration, and no file
-        created. With a -wal beside it (a writer at work), or for a file in rollback-journal mode, through SQLite's
-        read-only mode, which reads that WAL; a WAL-mode file without one has everything in it: read as it stands
-        (immutable), since read-only mode would create a -wal and -shm owned by this user, which the file's owner
-        then could not write."""
-        wal = os.path.exists(f"{path}-wal") or not guard.read_header(path).says_wal  # noqa: ASYNC240 -- one read
+    async def _open_read_only(cls, path: Path, busy_timeout_ms: int, denied: str | None) -> SqliteStore | None:
+        """For commands that only read: no switch to WAL, no migration, no write, so no WAL left behind. A file this
+        user may not write (`denied` says why): with a -wal beside it (a writer at work), or in rollback-journal
+        mode, through SQLite's read-only mode, which reads that WAL; a WAL-mode file without one has everything in
+        it: read as it stands (immutable), since read-only mode would create a -wal and -shm owned by this user,
+        which the file's owner then could not write. A file this user may write: read-only mode (it sees what
+        daemons write meanwhile); None if the file needs a migration first, which only a writable open does."""
+        wal = denied is None or os.path.exists(f"{path}-wal") or not guard.read_header(path).says_wal  # noqa: ASYNC240
         uri = Path(path).absolute().as_uri() + ("?mode=ro" if wal else "?immutable=1")  # noqa: ASYNC240 -- no I/O
+        why = cls._permissions_problem(path, denied) if denied else f"{path}: cannot open the database to read it"
         try:
             conn = await aiosqlite.connect(uri, uri=True, isolation_level=None)
         except sqlite3.Error as e:
-            raise DatabaseError(f"{cls._permissions_problem(path, denied)}. Reading it failed too: {e}") from e
+            raise DatabaseError(f"{why}. Reading it failed too: {e}") from e
         conn.text_factory = _text_or_bytes
         store = cls(conn, path)
         store.read_only = True
@@ -413,13 +548,16 @@ class SqliteStore(Store):
             await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             if problems := await store._contract_problems():
                 raise DatabaseError(cls._unusable(path, problems))
-            if problems := await store._not_migrated():
+            if (problems := await store._not_migrated()) and denied is None:
+                await conn.close()
+                return None
+            if problems:
                 raise DatabaseError(f"{path}: opened read-only, since {denied}; but {'; '.join(problems)}, and only "
                                     "a writable open adds them: run `nexus-jobd db migrate` (or start the daemon) "
                                     "once as a user who may write it")
         except sqlite3.Error as e:
             await conn.close()
-            raise DatabaseError(f"{cls._permissions_problem(path, denied)}. Reading it failed too: {e}") from e
+            raise DatabaseError(f"{why}. Reading it failed too: {e}") from e
         except DatabaseError:
             await conn.close()
             raise
@@ -601,10 +739,13 @@ class SqliteStore(Store):
             if requeues:  # first: a requeue that does not take (the row was cancelled) is then finished
                 await self._conn.executemany(Q["requeue_job"], requeues)
             await self._conn.executemany(Q["finish_job"], params)
-            rows = await self._conn.execute_fetchall(Q["finished_claims"], args)
+            rows = [row for row in await self._conn.execute_fetchall(Q["finished_claims"], args) if row[0] in ours]
             if any(_is_big(p["stdout"]) or _is_big(p["stderr"]) for p in params):
                 await self._unbind("requeue_job", "finish_job", "write_output")  # the last flush's text too
-            return {row[0]: (JobStatus(row[1]), row[2]) for row in rows if row[0] in ours}
+            if self._daemon:
+                by_id = {p["id"]: p for p in params}
+                self._unsaved_results.update((row[0], _kept_result(by_id[row[0]], row)) for row in rows)
+            return {row[0]: (JobStatus(row[1]), row[2]) for row in rows}
 
         finished = await self._transaction(work)
         self._note(claim.job_id for claim, _ in items)
@@ -848,6 +989,35 @@ class SqliteStore(Store):
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
 
+
+
+def _kept_result(params: Mapping[str, Any], row: sqlite3.Row) -> dict[str, Any]:
+    """A finish as a report beside the file keeps it (rewrites.Pending): what the row became (`status`: queued
+    again, or final) and when, from the row just written (id, status, duration, started_at, completed_at)."""
+    keys = ("id", "worker_id", "attempt", "uncount", "exit_code", "error", "stdout", "stderr", "stdout_bytes",
+            "stderr_bytes", "run_after")
+    return {k: params[k] for k in keys} | {"status": row[1], "started_at": row[3], "ended_at": row[4]}
+
+
+def _applied_params(result: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A kept result as apply_kept_result's parameters; None if it is not one (a line edited by hand)."""
+    def number(key: str) -> int | None:
+        value = result.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    def text(key: str) -> str | None:
+        value = result.get(key)
+        return value if isinstance(value, str) else None
+
+    status, attempt = result.get("status"), number("attempt")
+    if status not in ("queued", "completed", "failed", "cancelled") or attempt is None or text("id") is None:
+        return None
+    final = status != "queued"
+    return {"id": text("id"), "status": status, "attempt": attempt - (1 if result.get("uncount") else 0),
+            "worker_id": text("worker_id"), "exit_code": number("exit_code"), "error": text("error"),
+            "stdout": text("stdout"), "stderr": text("stderr"), "stdout_bytes": number("stdout_bytes"),
+            "stderr_bytes": number("stderr_bytes"), "run_after": None if final else number("run_after"),
+            "started_at": number("started_at") if final else None, "ended_at": number("ended_at") if final else None}
 
 
 def _claim_order(row: sqlite3.Row) -> tuple[int, int, int]:

@@ -16,21 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import glob
-import json
 import os
 import sqlite3
 import struct
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from daemon.errors import DatabaseRewritten
 
-__all__ = ["DatabaseRewritten", "RewriteGuard", "latest_report", "no_checkpoint_on_close", "report_path",
-           "results_path", "rewrite_suffix",
-           "rewritten_message", "set_aside", "stale_wal"]
+__all__ = ["DatabaseRewritten", "RewriteGuard", "no_checkpoint_on_close", "rewritten_message", "set_aside",
+           "stale_wal", "whole_file_writer", "whole_file_writer_message"]
 
 HEADER_BYTES = 100
 _MAGIC = b"SQLite format 3\x00"
@@ -42,11 +37,14 @@ _SHM_MXFRAME = struct.Struct("=I")  # native byte order: the WAL index lives in 
 _SHM_NBACKFILL_AT = 96
 _NO_CKPT_ON_CLOSE = 1006  # SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE
 
-WHY = ("a program that keeps the whole database in memory and writes the file back, such as sql.js "
-       "(NexusCLI 0.10's driver)")
+WHY = ("a program that keeps the whole database in memory and writes the file back, such as sql.js, the driver "
+       "of every published NexusCLI release (0.5 to 0.10)")
 FIX = ("let only programs that use SQLite's own locking write this file (better-sqlite3, node:sqlite, Python's "
-       "sqlite3, the sqlite3 shell; NexusCLI releases that use better-sqlite3), or give the daemon a database of "
-       "its own")
+       "sqlite3, the sqlite3 shell), or give the daemon a database of its own; a NexusCLI release cannot share its "
+       "database with the daemon (once it no longer writes the file: `nexus-jobd db take-over`)")
+# Tables every published NexusCLI release creates at start (adapter.js initSchema, migrate.js), beside the
+# contract's four: a file that has one of them was made by NexusCLI.
+NEXUSCLI_TABLES = frozenset({"users", "login_attempts", "api_keys", "_migrations"})
 
 
 @dataclass(frozen=True)
@@ -144,43 +142,29 @@ class RewriteGuard:
         return max(0, int(max_frame) - int(backfilled))
 
 
+def whole_file_writer(tables: set[str]) -> list[str]:
+    """NexusCLI's own tables among `tables` (asked of a file whose header does not say WAL): such a file was last
+    written by a published NexusCLI release, whose sql.js cannot use WAL. Empty: not such a file."""
+    return sorted(NEXUSCLI_TABLES & {t.lower() for t in tables})
+
+
+def whole_file_writer_message(path: Path, tables: list[str]) -> str:
+    return (f"{path} is NexusCLI's database (it has NexusCLI's tables {', '.join(tables)}) in rollback-journal mode, "
+            "as every published NexusCLI release (0.5 to 0.10) writes it: their sql.js driver keeps the whole "
+            "database in memory and writes the file back, taking none of SQLite's locks. No other program can share "
+            "such a file (each would overwrite the other's writes), and turning it into WAL mode, as the daemon "
+            "must, could corrupt it. Nothing was written to it. Either give the daemon a database of its own "
+            "(--db, NEXUS_JOBD_DB or [database] path), or, once NexusCLI no longer writes this file (stopped for "
+            "good, or a build that opens it through better-sqlite3 in WAL mode, as its DATABASE_SCHEMA.md designs), "
+            f"take it over once: `nexus-jobd --db {path} db take-over`")
+
+
 def rewritten_message(path: Path, reason: str) -> str:
     """What a user reads in the log, `nexus-jobd status` and systemd's status line."""
     return (f"{path} was rewritten by another program outside SQLite's locking ({reason}). Likely cause: {WHY}; "
             "such a writer cannot share the file with the daemon: each side overwrites the other's writes. The "
             "daemon stopped writing to the file and left it exactly as the other program wrote it. "
             f"Fix: {FIX}; then start the daemon again")
-
-
-# What a daemon leaves beside a file it found rewritten, named `<db>.rewritten-<UTC time>...`: the WAL and SHM it
-# set aside (set_aside), a report (.json) that `nexus-jobd status` prints, and the results of jobs it could not
-# record (.jobs.jsonl).
-_REWRITTEN = "rewritten-"
-
-
-def rewrite_suffix() -> str:
-    return _REWRITTEN + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-
-
-def report_path(path: Path, suffix: str) -> Path:
-    return Path(f"{path}.{suffix}.json")
-
-
-def results_path(path: Path, suffix: str) -> Path:
-    return Path(f"{path}.{suffix}.jobs.jsonl")
-
-
-def latest_report(path: Path) -> dict[str, Any] | None:
-    """The newest report a daemon wrote when it found the file rewritten (report_path), or None."""
-    reports = sorted(path.parent.glob(f"{glob.escape(path.name)}.{_REWRITTEN}*.json"))
-    for report in reversed(reports):
-        try:
-            data = json.loads(report.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict):
-            return data | {"report": str(report)}
-    return None
 
 
 def stale_wal(path: Path) -> str | None:

@@ -100,8 +100,9 @@ SELECT j.id
 
 -- name: finished_claims
 -- The status and duration finish_job or requeue_job left on the rows of :claims (by id: a requeue that does not
--- count the attempt took it back; the caller keeps only the rows unfinished_claims found ours).
-SELECT j.id, j.status, j.duration
+-- count the attempt took it back; the caller keeps only the rows unfinished_claims found ours), and what a result
+-- kept beside the file would need: started_at and completed_at.
+SELECT j.id, j.status, j.duration, j.started_at, j.completed_at
   FROM jobs AS j JOIN json_each(:claims) AS c ON j.id = json_extract(c.value, '$[0]');
 
 -- name: requeue_job
@@ -339,3 +340,35 @@ SELECT node_id, status, count(*) FROM jobs WHERE status IN ('queued', 'executing
 -- name: heartbeat_ages
 -- The metrics' node_heartbeat_age_seconds: ms since each node's last heartbeat, by the clock that wrote it.
 SELECT id, NOW_MS - last_heartbeat FROM nodes WHERE last_heartbeat IS NOT NULL;
+
+-- name: apply_kept_result
+-- At start-up, the end of an attempt that a daemon could only keep beside the file (another program had rewritten
+-- it): recorded unless the row has moved on since (a later attempt, or this one already final). :status is the
+-- row's status to be (queued again for a retry, or final); a cancelled row stays cancelled.
+UPDATE jobs
+   SET status = CASE WHEN status = 'cancelled' AND :status != 'queued' THEN 'cancelled' ELSE :status END,
+       attempt = :attempt, worker_id = CASE WHEN :status = 'queued' THEN NULL ELSE :worker_id END,
+       exit_code = :exit_code, error = :error,
+       stdout = COALESCE(:stdout, stdout), stderr = COALESCE(:stderr, stderr),
+       stdout_bytes = :stdout_bytes, stderr_bytes = :stderr_bytes,
+       started_at = :started_at, completed_at = :ended_at, duration = :ended_at - :started_at,
+       run_after = :run_after, pid = NULL, pid_start = NULL
+ WHERE id = :id AND duration IS NULL AND typeof(attempt) = 'integer'
+   AND (attempt < :attempt OR (attempt = :attempt AND status IN ('queued', 'executing', 'cancelled')))
+RETURNING id, status;
+
+-- name: restore_claim
+-- At start-up, an attempt that was running when its daemon found the file rewritten, and whose end nobody kept:
+-- claimed again as it was, under that daemon (restore_worker), so that recovery adopts it if it still runs (the
+-- keeper, the node's spool) or settles it as any dead daemon's job. Never a row that moved on since.
+UPDATE jobs
+   SET status = 'executing', attempt = :attempt, worker_id = :worker_id, started_at = :started_at,
+       completed_at = NULL, duration = NULL, pid = :pid, pid_start = :pid_start
+ WHERE id = :id AND status = 'queued' AND typeof(attempt) = 'integer' AND attempt < :attempt
+RETURNING id;
+
+-- name: restore_worker
+-- The daemon those attempts ran under, as a dead one: its lease long expired, so the next recovery settles it.
+INSERT INTO jobd_workers (id, host, boot_id, pid, pid_start, started_at, heartbeat_at, nodes)
+VALUES (:id, :host, :boot_id, :pid, :pid_start, :started_at, 0, '[]')
+ON CONFLICT (id) DO UPDATE SET stopped_at = NULL, stop_reason = NULL, heartbeat_at = 0;
