@@ -20,7 +20,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import NEXUS_JOBD, Daemon, Db, require, wait_for
+import pytest
+
+from tests.conftest import NEXUS_JOBD, Daemon, Db, keeper_pids, kill_keeper, require, wait_for
 
 NODE_DIR = Path(__file__).parent.parent / "nodejs"
 EXIT_REWRITTEN = 65
@@ -244,3 +246,167 @@ def test_runit_does_not_restart_it(tmp_path: Path) -> None:
         assert runit.daemon_pid() is None and pid > 0
     finally:
         runit.close()
+
+
+# -- never lose a result, never run a job twice, whatever the rewrite interrupts --------------------------------------
+
+def _runs(marks: Path) -> int:
+    return len(list(marks.iterdir()))
+
+
+def _queued_in_the_file(db: Db, *commands: str) -> list[str]:
+    """Rows queued while no daemon runs, copied into the main file: what a NexusCLI that reads the file now sees."""
+    ids = [db.insert(command) for command in commands]
+    db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return ids
+
+
+def _take_over_and_restart(db_path: Path, daemon_factory: Callable[..., Daemon]) -> tuple[Daemon, Db]:
+    taken = cli(db_path, "db", "take-over")
+    assert taken.returncode == 0, taken.stderr
+    return daemon_factory().start(), Db(db_path)
+
+
+def test_a_rewrite_during_start_up_is_reported_and_leaves_the_file_as_it_was_written(
+        db: Db, daemon_factory: Callable[..., Daemon]) -> None:
+    """The rewrite lands while the daemon starts (here: while its migration waits for a lock): the same report,
+    event and exit status as a rewrite found later, and nothing of the daemon's beside the file."""
+    db.conn.execute("BEGIN IMMEDIATE")  # the daemon's first write waits behind this lock
+    daemon = daemon_factory("[database]\nbusy_timeout_ms = 50\n").start(wait_ready=False)
+    wait_for(lambda: daemon.events("db.locked"), message="the daemon waiting for the lock")
+    sqljs_insert(db.path, "from-sqljs")
+    after = digest(db.path)
+    db.conn.execute("ROLLBACK")
+    db.close()
+    assert daemon.proc is not None and daemon.proc.wait(30) == EXIT_REWRITTEN
+    event = daemon.events("db.rewritten")[0]
+    report = json.loads(Path(str(event["report"])).read_text())
+    assert report["message"] == event["message"] and "rewritten by another program" in report["message"]
+    assert daemon.events("daemon.stopped")[0]["exit_code"] == EXIT_REWRITTEN and not daemon.events("dispatch.started")
+    assert digest(db.path) == after and no_wal_frames(db.path)
+    check, rows = integrity(db.path)
+    assert check == "ok" and ("from-sqljs", "queued") in rows
+
+
+def test_reading_commands_after_exit_65_leave_the_file_as_it_was_written(daemon: Daemon, db: Db,
+                                                                        tmp_path: Path) -> None:
+    db.close()
+    sqljs_insert(db.path, "from-sqljs")
+    assert daemon.proc is not None and daemon.proc.wait(30) == EXIT_REWRITTEN
+    after = digest(db.path)
+    for args in (["status"], ["ps"], ["show", "from-sqljs"], ["logs", "from-sqljs"], ["nodes"],
+                 ["backup", str(tmp_path / "copy.db")], ["db", "check"]):
+        result = cli(db.path, *args)
+        assert result.returncode == 0, (args, result.stderr)
+        assert digest(db.path) == after and no_wal_frames(db.path), args
+    assert integrity(db.path)[0] == "ok"
+    assert "from-sqljs" in cli(db.path, "ps").stdout
+
+
+@pytest.mark.parametrize("keeper", ["alive", "killed"])
+def test_a_job_that_ends_after_a_rewrite_is_recorded_by_the_next_daemon_and_runs_once(
+        db: Db, daemon_factory: Callable[..., Daemon], tmp_path: Path, keeper: str) -> None:
+    """NexusCLI's copy has the job queued (its claim was only in the WAL): the next daemon on the taken-over file
+    records the end the last one kept beside it, whether the keeper still runs or the host rebooted."""
+    marks, gate = tmp_path / "marks", tmp_path / "gate"
+    marks.mkdir()
+    [job_id] = _queued_in_the_file(db, f"touch {marks}/$$; echo started; while [ ! -e {gate} ]; do sleep 0.02; "
+                                       "done; echo done")
+    daemon = daemon_factory().start()
+    wait_for(lambda: db.job(job_id)["stdout"] == "started\n", message="the job to run")
+    db.close()
+    sqljs_insert(db.path, "from-sqljs")
+    wait_for(lambda: daemon.events("db.rewritten"), timeout=5, message="db.rewritten")
+    gate.touch()
+    assert daemon.proc is not None and daemon.proc.wait(30) == EXIT_REWRITTEN
+    assert daemon.events("job.unrecorded")[0]["job_id"] == job_id
+    wait_for(lambda: not keeper_pids(db.path), timeout=10, message="the keeper to let go of the kept result")
+    if keeper == "killed":
+        kill_keeper(db.path)
+    assert integrity(db.path)[0] == "ok"
+
+    again, fresh = _take_over_and_restart(db.path, daemon_factory)
+    try:
+        row = fresh.wait_status(job_id)
+        assert (row["status"], row["exit_code"], row["attempt"], row["stdout"]) == (
+            "completed", 0, 1, "started\ndone\n")
+        assert row["duration"] == row["completed_at"] - row["started_at"] and row["duration"] > 0
+        assert fresh.wait_status("from-sqljs")["stdout"] == "from-sqljs\n"
+    finally:
+        fresh.close()
+    assert _runs(marks) == 1
+    [applied] = again.events("db.rewrite_applied")
+    assert (applied["job_id"], applied["action"]) == (job_id, "recorded completed")
+    assert json.loads(Path(str(applied["report"])).read_text())["applied_at"] is not None
+
+
+@pytest.mark.parametrize("keeper", ["alive", "killed"])
+def test_a_job_still_running_when_the_daemon_stops_after_a_rewrite_is_followed_again_and_runs_once(
+        db: Db, daemon_factory: Callable[..., Daemon], tmp_path: Path, keeper: str) -> None:
+    """SIGTERM while a job runs on after a rewrite: it is left to the keeper, and the next daemon claims it again as
+    it was, under its old daemon, for recovery: adopted from the keeper, or (the host rebooted) failed with the
+    reason, never run again."""
+    marks, gate = tmp_path / "marks", tmp_path / "gate"
+    marks.mkdir()
+    [job_id] = _queued_in_the_file(db, f"touch {marks}/$$; echo started; while [ ! -e {gate} ]; do sleep 0.02; "
+                                       "done; echo done")
+    daemon = daemon_factory().start()
+    wait_for(lambda: db.job(job_id)["stdout"] == "started\n", message="the job to run")
+    db.close()
+    sqljs_insert(db.path, "from-sqljs")
+    wait_for(lambda: daemon.events("db.rewritten"), timeout=5, message="db.rewritten")
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(30) == EXIT_REWRITTEN
+    if keeper == "killed":
+        kill_keeper(db.path)
+
+    again, fresh = _take_over_and_restart(db.path, daemon_factory)
+    try:
+        if keeper == "alive":
+            wait_for(lambda: again.events("job.reattached"), timeout=20, message="the job followed again")
+            gate.touch()
+            row = fresh.wait_status(job_id)
+            assert (row["status"], row["attempt"], row["stdout"]) == ("completed", 1, "started\ndone\n")
+        else:
+            row = fresh.wait_status(job_id)
+            assert (row["status"], row["attempt"]) == ("failed", 1)
+            assert "job keeper that ran it is gone" in row["error"]
+    finally:
+        fresh.close()
+    gate.touch()
+    assert _runs(marks) == 1
+
+
+def test_a_daemon_killed_before_it_saw_the_rewrite_loses_no_result_and_runs_nothing_twice(
+        db: Db, daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    """kill -9 while one job has ended (its end only in the WAL) and another runs, then sql.js rewrites the file:
+    the keeper holds both until the file has them, and the next daemon, claiming each again as the same attempt,
+    follows what the keeper holds instead of starting it a second time."""
+    marks, gate = tmp_path / "marks", tmp_path / "gate"
+    marks.mkdir()
+    ended, running = _queued_in_the_file(
+        db, f"touch {marks}/a$$; echo quick", f"touch {marks}/b$$; echo started; while [ ! -e {gate} ]; do "
+                                              "sleep 0.02; done; echo done")
+    daemon = daemon_factory().start()
+    assert db.wait_status(ended)["stdout"] == "quick\n"
+    wait_for(lambda: db.job(running)["stdout"] == "started\n", message="the second job to run")
+    db.close()
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.proc.wait(10)
+    sqljs_insert(db.path, "from-sqljs")  # NexusCLI's copy: both rows queued, as the main file had them
+
+    again, fresh = _take_over_and_restart(db.path, daemon_factory)
+    try:
+        row = fresh.wait_status(ended)
+        assert (row["status"], row["attempt"], row["stdout"]) == ("completed", 1, "quick\n")
+        wait_for(lambda: fresh.job(running)["status"] == "executing", message="the second job followed again")
+        gate.touch()
+        row = fresh.wait_status(running)
+        assert (row["status"], row["attempt"], row["stdout"]) == ("completed", 1, "started\ndone\n")
+    finally:
+        fresh.close()
+    assert _runs(marks) == 2
+    assert len(again.events("job.already_started")) == 2
+    assert integrity(db.path)[0] == "ok"

@@ -577,6 +577,8 @@ class SqliteStore(Store):
         async def attempt() -> T:
             await self._conn.execute("BEGIN IMMEDIATE")
             try:
+                if self.check_rewritten() is not None:  # it may have come while we waited for the lock
+                    raise DatabaseRewritten(f"{self.path}: {self._rewritten}; nothing more is written to it")
                 result = await work()
             except BaseException:
                 await self._conn.execute("ROLLBACK")
@@ -599,6 +601,10 @@ class SqliteStore(Store):
                 await self._checkpoint_if_due()
             except (OverflowError, sqlite3.DataError, sqlite3.IntegrityError) as e:  # rolled back already
                 raise DbRejected(f"{self.path}: the database refused the values: {e}") from e
+            except sqlite3.Error as e:
+                if self.check_rewritten() is not None:  # "malformed": pages of the other program's file
+                    raise DatabaseRewritten(f"{self.path}: {self._rewritten}; nothing more is written to it") from e
+                raise
             finally:
                 self._writing = False
                 self._wrote_at = time.monotonic()
