@@ -39,6 +39,7 @@ fi
 """
 
 TOOL_VERSIONS_TTL_S = 3600.0
+PROBE_OUTPUT_MAX = 64 * 1024  # a probe prints about 500 bytes: a node printing more is not answering the probe
 
 
 def probe_script(node: NodeConfig) -> str:

@@ -28,7 +28,7 @@ from daemon.errors import ConfigError, JobdError
 from daemon.executors.base import Executor, SpawnError
 from daemon.executors.keeper import KeeperClient
 from daemon.executors.local import LocalExecutor
-from daemon.health import Health, LocalProbe, NodeRefused, Prober, capabilities_json
+from daemon.health import PROBE_OUTPUT_MAX, Health, LocalProbe, NodeRefused, Prober, capabilities_json
 from daemon.lease import Identity, Lease
 from daemon.metrics import Exporter, Hooks
 from daemon.notify import Notifier
@@ -81,10 +81,10 @@ def prober(config: Config, executors: dict[str, Executor]) -> Prober:
         executor = executors[node.id]
         assert isinstance(executor, ssh.SshExecutor)
         try:
-            completed = await executor.run(script, timeout_s=max(5.0, config.heartbeat_interval_ms / 1000))
+            return await executor.run(script, timeout_s=max(5.0, config.heartbeat_interval_ms / 1000),
+                                      limit=PROBE_OUTPUT_MAX)
         except ssh.HostKeyError as e:
             raise NodeRefused(str(e)) from e
-        return str(completed.stdout)
 
     return probe
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from daemon.output import HEAD_SHARE
@@ -56,32 +56,58 @@ def remove_script(*names: str) -> str:
     return "rm -rf " + " ".join(f'"{job_dir(name)}"' for name in names) + " 2>/dev/null"
 
 
-def env_argv(command: Command, argv: tuple[str, ...]) -> list[str]:
-    """`env` setting and unsetting the command's variables, then argv: quoted, it passes any shell untouched."""
-    unset = [arg for name, value in command.env.items() if value is None for arg in ("-u", name)]
-    assign = [f"{name}={value}" for name, value in command.env.items() if value is not None]
-    return ["env", *unset, *assign, *argv]  # env takes its options before the assignments
+def env_message(env: Mapping[str, str | None]) -> bytes:
+    """The job's variables as they travel: over the channel's stdin, never in a command line (every user of the
+    node may read those, `ps`). The count of lines, then sh lines that set or unset each one (names are
+    `[A-Za-z_][A-Za-z0-9_]*`, tools.parse_env: only values need quoting); READ_ENV takes them."""
+    lines = "".join(f"unset {name}\n" if value is None else f"export {name}={shlex.quote(value)}\n"
+                    for name, value in env.items())
+    return f"{lines.count(chr(10))}\n{lines}".encode()
+
+
+# Before anything else: the variables into `E` (a shell variable: in no file, no command line, no environment),
+# byte by byte as `read` takes a pipe, so not one byte of the requests that follow is consumed. Whatever does not
+# arrive whole (a dropped link) starts nothing.
+READ_ENV = ('n=; read -r n || exit 0; case $n in ""|*[!0-9]*) echo "X the variables did not arrive"; exit 0;; esac; '
+            'E=; while [ "$n" -gt 0 ] && IFS= read -r l; do E="$E$l\n"; n=$((n - 1)); done; [ "$n" = 0 ] || exit 0; ')
+
+
+def with_env(argv: tuple[str, ...]) -> str:
+    """Run argv with the variables READ_ENV took, in a subshell: the caller's shell keeps its own."""
+    return f'( eval "$E"; exec {shlex.join(argv)} )'
+
+
+def node_dir(path: str | None) -> str:
+    """A directory on the node as a shell word: None and `~/...` under its user's home; a relative one (a row's
+    cwd) from the current directory, as `./...`: `cd -`, `cd -L` are options, and CDPATH would be searched."""
+    if path is None or path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path if path.startswith("/") else f"./{path}")
 
 
 def start_script(command: Command, name: str, cap: int) -> str:
-    """Create the directory (only once: a second start of the same attempt is refused, so it never runs twice),
-    start the job in the background with its output in the spools, record where it runs, then read (reader_loop).
+    """Take the variables (env_message), create the directory (only once: a second start of the same attempt is
+    refused, so it never runs twice), start the job in the background with its output in the spools, record where
+    it runs, then read (reader_loop).
 
-    The wrapper subshell catches TERM/INT/HUP (a caught signal is reset to the default in the job, an ignored one
-    would not be) so that it outlives a TERM of the group and records 128+N; after a KILL there is no status and
-    the reader says the job is gone. The status is one short write of "N\\n": readers take an empty or
-    unterminated file for "not yet" (an mv would cost a process per job). Then the wrapper pokes the start
-    channel's stderr (fd 4, closed for the job itself), so the daemon asks at once instead of polling for the end
-    of a short job: "E N" when both spools are empty (status N, and nothing to read: no round trip at all), an
-    empty line otherwise. Over a dropped channel that write fails, after the status is safe.
+    The job starts in its node's default directory (the user's home unless [nodes.X] default_cwd says), then its
+    row's cwd: never in the spool, which goes with the row. The wrapper subshell catches TERM/INT/HUP (a caught
+    signal is reset to the default in the job, an ignored one would not be) so that it outlives a TERM of the
+    group and records 128+N; after a KILL there is no status and the reader says the job is gone. The status is
+    one short write of "N\\n": readers take an empty or unterminated file for "not yet" (an mv would cost a process
+    per job). Then the wrapper pokes the start channel's stderr (fd 4, closed for the job itself), so the daemon
+    asks at once instead of polling for the end of a short job: "E N" when both spools are empty (status N, and
+    nothing to read: no round trip at all), an empty line otherwise. Over a dropped channel that write fails,
+    after the status is safe.
     """
-    run = shlex.join(env_argv(command, command.exec_argv))
-    cd = (f'cd {shlex.quote(command.cwd)} 2>>"$d/err" || {{ echo 127 > "$d/rc"; echo >&4; exit; }}; '
-          if command.cwd else "")
-    wrapper = (f'( trap : TERM INT HUP; {cd}{run} </dev/null >>"$d/out" 2>>"$d/err" 4>&-; r=$?; echo $r > "$d/rc"; '
+    cd = f"cd {node_dir(command.default_cwd)}" + (f" && cd {node_dir(command.cwd)}" if command.cwd else "")
+    wrapper = (f'( trap : TERM INT HUP; {{ {cd}; }} 2>>"$d/err" || {{ echo 127 > "$d/rc"; echo >&4; exit; }}; '
+               f'{with_env(command.exec_argv)} </dev/null >>"$d/out" 2>>"$d/err" 4>&-; r=$?; echo $r > "$d/rc"; '
                'if [ -s "$d/out" ] || [ -s "$d/err" ]; then echo >&4; else echo "E $r" >&4; fi '
                ') 4>&2 </dev/null >/dev/null 2>&1 & w=$!; ')
-    return (f'umask 077; J="{JOBS_DIR}"; d="$J/{name}"; '
+    return (READ_ENV + f'umask 077; J="{JOBS_DIR}"; d="$J/{name}"; '
             'mkdir "$d" 2>/dev/null || { mkdir -p "$J" 2>/dev/null && mkdir "$d" 2>/dev/null; } || '
             '{ echo "X the job directory $d exists already or cannot be created: the attempt is not started '
             'twice"; exit 0; }; cd "$d" || exit 0; : > out; : > err; '

@@ -36,12 +36,26 @@ REPLY_TIMEOUT_S = 120.0  # a reader that answers nothing for this long is taken 
 RECONNECT_STEP_S = 0.5
 REMOVE_AFTER_S = 2.0  # directories of final rows go with the next start on the node, or after this long
 REMOVE_BATCH = 64
+HELPER_OUTPUT_MAX = 1024 * 1024  # the most stdout read of a command of the daemon's own (a sweep's ls, docker ps)
 
 
 def in_sh(script: str) -> str:
     """Every script of ours runs in the node's `sh`, whatever the login shell (zsh does not split words, fish is
     not POSIX): `exec` keeps the login shell's pid, which sshd made a session and process-group leader."""
     return f"exec sh -c {shlex.quote(script)}"
+
+
+class OutputTooLong(SpawnError):
+    """A command of the daemon's own printed more than it may; `partial` holds what was read."""
+
+    def __init__(self, message: str, partial: str) -> None:
+        super().__init__(message)
+        self.partial = partial
+
+    @property
+    def complete_lines(self) -> str:
+        """`partial` up to its last newline: no name cut in two."""
+        return self.partial[: self.partial.rfind("\n") + 1]
 
 
 class HostKeyError(SpawnError):
@@ -110,8 +124,9 @@ class SshProcess:
 
     # -- the reader channel ---------------------------------------------------------------------------------
 
-    async def open(self, script: str, *, ask: bool = True) -> None:
-        """Open a reader channel running `script`; the first request rides with it unless not `ask`."""
+    async def open(self, script: str, *, ask: bool = True, preamble: bytes = b"") -> None:
+        """Open a reader channel running `script`, `preamble` its first input (a start's variables); the first
+        request rides with it unless not `ask`."""
         conn = await self._executor.connection()
         await self._executor.channels.acquire()
         replies: asyncio.Queue[spool.Reply | None] = asyncio.Queue()
@@ -125,6 +140,8 @@ class SshProcess:
         assert isinstance(session, _ReaderSession)
         session.closed.add_done_callback(lambda _: self._executor.channels.release())
         self._channel, self._replies, self._session = channel, replies, session
+        if preamble:
+            channel.write(preamble)
         if ask:
             self._request()
 
@@ -383,7 +400,8 @@ class SshExecutor:
         removals = self._removals()
         script = spool.start_script(command, spool.dir_name(key), output.stdout.cap)
         try:
-            await process.open(f"{spool.remove_script(*removals)}; {script}" if removals else script, ask=False)
+            await process.open(f"{spool.remove_script(*removals)}; {script}" if removals else script, ask=False,
+                               preamble=spool.env_message(command.env))
         except SpawnError as e:
             self._to_remove += removals
             raise SpawnError(f"cannot start the job on node {self.node}: {e}") from e
@@ -439,8 +457,11 @@ class SshExecutor:
         """Kill and remove what this database's finished attempts left on the node (their daemon could not remove
         it). Only those: another installation logging in as the same user keeps its jobs in the same directory,
         and what is not ours to know stays (a pruned row's leftover too)."""
-        result = await self.run(f'cd "{spool.JOBS_DIR}" 2>/dev/null && ls', 15)
-        names = [n for n in str(result.stdout or "").split() if len(n) == 24 and n.isalnum()]
+        try:
+            listing = await self.run(f'cd "{spool.JOBS_DIR}" 2>/dev/null && ls', 15)
+        except OutputTooLong as e:  # tens of thousands of directories: these now, the rest at the next sweep
+            listing = e.complete_lines
+        names = [n for n in listing.split() if len(n) == 24 and n.isalnum()]
         if not names:
             return
         ours = {spool.dir_name(f"{job_id}:{attempt}") for job_id, attempt in await finished_attempts()}
@@ -449,25 +470,45 @@ class SshExecutor:
                 await self.run(spool.kill_script(name, signal.SIGKILL, remove=True), 15)
                 logger.info("ssh.spool_swept", node=self.node, dir=name)
 
-    async def run(self, script: str, timeout_s: float) -> asyncssh.SSHCompletedProcess:
-        """A short shell line of the daemon's own (a probe, a kill) on the control channel; `timeout_s` covers the
-        wait for the channel too."""
-        return await asyncio.wait_for(self._run_on(self._control, script), timeout_s)
+    async def run(self, script: str, timeout_s: float, *, limit: int = HELPER_OUTPUT_MAX) -> str:
+        """A short shell line of the daemon's own (a probe, a kill) on the control channel: its stdout, at most
+        `limit` bytes (more raises OutputTooLong). `timeout_s` covers the wait for the channel too."""
+        return await asyncio.wait_for(self._run_on(self._control, script, limit), timeout_s)
 
-    async def _run_on(self, channel: asyncio.Semaphore, script: str) -> asyncssh.SSHCompletedProcess:
+    async def _run_on(self, channel: asyncio.Semaphore, script: str, limit: int, stdin: bytes = b"") -> str:
+        """Read no more than `limit` + 1 bytes of stdout, then close: a node that prints without end costs that
+        much memory, not all it sends. Its stderr is dropped as it comes."""
         conn = await self.connection()
         async with channel:
-            return await conn.run(in_sh(script), check=False, encoding="utf-8", errors="replace")
+            process = await conn.create_process(in_sh(script), encoding=None, stderr=asyncssh.DEVNULL)
+            try:
+                process.stdin.write(stdin)
+                process.stdin.write_eof()
+                data = bytearray()
+                while len(data) <= limit and (chunk := await process.stdout.read(limit + 1 - len(data))):
+                    data += chunk
+            finally:
+                process.close()
+        text = bytes(data[:limit]).decode("utf-8", "replace")
+        if len(data) > limit:
+            raise OutputTooLong(f"node {self.node} printed more than {limit} bytes for a command of the daemon's own "
+                                "(a node answering with something else than the command's output?)", text)
+        return text
 
     async def output(self, command: Command, timeout_s: float) -> str:
+        """argv with the command's variables (sent over stdin: spool.env_message), its stdout (cut at
+        HELPER_OUTPUT_MAX, at a line's end)."""
+        script = spool.READ_ENV + spool.with_env(command.argv)
         try:
-            script = shlex.join(spool.env_argv(command, command.argv))
-            result = await asyncio.wait_for(self._run_on(self._commands, script), timeout_s)
+            return await asyncio.wait_for(self._run_on(self._commands, script, HELPER_OUTPUT_MAX,
+                                                       spool.env_message(command.env)), timeout_s)
+        except OutputTooLong as e:
+            logger.warning("ssh.command_output_cut", node=self.node, argv=list(command.argv), error=str(e))
+            return e.complete_lines
         except (OSError, asyncssh.Error, SpawnError, TimeoutError) as e:
             logger.warning("ssh.command_failed", node=self.node, argv=list(command.argv),
                            error=str(e) or type(e).__name__)
             return ""
-        return str(result.stdout or "")
 
     async def aclose(self) -> None:
         if self._to_remove:  # a last batch, briefly: what is left the next daemon sweeps

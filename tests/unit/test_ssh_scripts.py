@@ -105,11 +105,15 @@ class Node:
     """The node's side of one reader channel: dash running a start or reader script, driven as the daemon drives
     it (a request line per reply), its frames parsed by the daemon's own parser."""
 
-    def __init__(self, home: Path, script: str, login_shell: tuple[str, ...] = ("dash",)) -> None:
+    def __init__(self, home: Path, script: str, login_shell: tuple[str, ...] = ("dash",),
+                 preamble: bytes = b"") -> None:
         # As sshd runs a command: the login shell with -c and the command line; ours is always in_sh(script).
         self.proc = subprocess.Popen([*login_shell, "-c", in_sh(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env={"HOME": str(home), "PATH": os.defpath},
                                      start_new_session=True)
+        if preamble:  # a start's variables, as the daemon sends them first
+            assert self.proc.stdin is not None
+            os.write(self.proc.stdin.fileno(), preamble)
         self.out, self.err = bytearray(), bytearray()
         self.skipped = {1: 0, 2: 0}
         self.replies: list[spool.Reply] = []
@@ -152,8 +156,8 @@ def _job_dir(home: Path, key: str) -> Path:
 
 
 def _start(home: Path, shell: str, key: str = "job:1", cap: int = 100_000, cwd: str | None = None) -> Node:
-    return Node(home, spool.start_script(Command(argv=("sh", "-c", shell), cwd=cwd, env={"X": "y z"}, key=key),
-                                         spool.dir_name(key), cap))
+    command = Command(argv=("sh", "-c", shell), cwd=cwd, env={"X": "y z"}, key=key)
+    return Node(home, spool.start_script(command, spool.dir_name(key), cap), preamble=spool.env_message(command.env))
 
 
 def test_a_started_job_is_read_exactly_with_its_status_and_private_files(home: Path) -> None:
@@ -263,7 +267,7 @@ def test_jobs_run_and_are_read_whatever_the_login_shell(home: Path, login_shell:
             f"{login_shell[0]} is not installed (scripts/install-test-deps installs it)")
     key = "job:1"
     command = Command(argv=("sh", "-c", "echo hi; sleep 0.3; echo bye"), cwd=None, env={}, key=key)
-    node = Node(home, spool.start_script(command, spool.dir_name(key), 1000), login_shell)
+    node = Node(home, spool.start_script(command, spool.dir_name(key), 1000), login_shell, spool.env_message({}))
     end = node.until_end()
     assert (end.kind, spool.parse_status(end.value), bytes(node.out)) == ("rc", 0, b"hi\nbye\n")
     pgid, started, *_ = (_job_dir(home, key) / "pid").read_text().split()
