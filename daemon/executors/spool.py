@@ -20,6 +20,9 @@ from daemon.tools import Command
 JOBS_DIR = "$HOME/.cache/nexus-jobd/jobs"
 PUNCH_STEP = 1024 * 1024  # give spool space back in steps of at least this much: one fork per step
 MAX_HEADER = 4096  # a frame header longer than this is a node speaking another protocol
+# No spool holds more (8 PiB): a count a node sends past it is a lie, and the byte totals, which the row records,
+# stay far inside the 64-bit integers of SQLite and PostgreSQL.
+MAX_SPOOL_BYTES = 2**53
 
 # The leader's start time (field 22 of /proc/PID/stat; the shell's name has no spaces) and the node's boot id tell
 # a reused pid apart. On a node without /proc both are "-" and the checks pass as before.
@@ -199,22 +202,35 @@ class ProtocolError(Exception):
 
 
 class FrameParser:
-    """Frames from the reader: `D<s> N` + N bytes, `K<s> N` (N bytes skipped), `Z ...` (end of a reply), `X why`.
-    Stream 1 is stdout, 2 stderr."""
+    """Frames from the reader: `D<s> N` + N bytes, `K<s> N` (N bytes skipped), `Z ...` (end of a reply), `X why`
+    (the reader refuses, and ends). Stream 1 is stdout, 2 stderr.
+
+    Every number is bounded, whatever the node sends: a piece is at most `max_piece` bytes (a reader sends no more
+    at once), a skip less than MAX_SPOOL_BYTES; and a reader answers each request (`expect`) once, so nothing
+    piles up in the daemon however fast a node talks."""
 
     def __init__(self, on_data: Callable[[int, bytes], None], on_skip: Callable[[int, int], None],
-                 on_reply: Callable[[Reply], None]) -> None:
+                 on_reply: Callable[[Reply], None], *, max_piece: int) -> None:
         self._on_data, self._on_skip, self._on_reply = on_data, on_skip, on_reply
+        self._max_piece = max_piece
         self._buf = bytearray()
         self._stream = 0
         self._need = 0  # data bytes still to come for self._stream
         self._bytes = 0  # data bytes in the reply so far
         self._skipped = False
+        self._asked = 0  # requests not answered yet
+        self._ended = False  # the reader refused (X): whatever follows is not read
+
+    def expect(self) -> None:
+        """A request went out: one reply may come."""
+        self._asked += 1
 
     def feed(self, data: bytes) -> None:
         """Raises ProtocolError on anything that is not a frame."""
+        if self._ended:
+            return
         self._buf += data
-        while self._buf:
+        while self._buf and not self._ended:
             if self._need:
                 chunk = bytes(self._buf[: self._need])
                 del self._buf[: len(chunk)]
@@ -233,25 +249,41 @@ class FrameParser:
 
     def _header(self, line: str) -> None:
         kind, _, rest = line.partition(" ")
-        if kind in ("D1", "D2", "K1", "K2"):
-            if not (rest.isascii() and rest.isdigit()):
-                raise ProtocolError(f"a frame header that does not parse: {line[:80]!r}")
-            stream, n = int(kind[1]), int(rest)
-            if kind[0] == "D":
-                self._stream, self._need = stream, n
-            else:
-                self._skipped = True
-                self._on_skip(stream, n)
-        elif kind == "Z":
-            what, _, value = rest.partition(" ")
-            if what not in ("run", "rc", "gone"):
-                raise ProtocolError(f"an end of reply that does not parse: {line[:80]!r}")
-            self._on_reply(Reply(what, value, self._bytes, self._skipped))
-            self._bytes, self._skipped = 0, False
-        elif kind == "X":
+        if kind == "X":
+            self._ended = True
             self._on_reply(Reply("error", rest))
-        else:
+            return
+        if kind not in ("D1", "D2", "K1", "K2", "Z"):
             raise ProtocolError(f"a frame header that does not parse: {line[:80]!r}")
+        if not self._asked:
+            raise ProtocolError(f"an answer nobody asked for ({line[:40]!r}): a reader answers each request once")
+        if kind == "Z":
+            self._end_of_reply(line, rest)
+            return
+        stream, n = int(kind[1]), self._count(line, rest)
+        if kind[0] == "D":
+            if n > self._max_piece:
+                raise ProtocolError(f"a piece of {n} bytes, more than a reader sends at once ({self._max_piece})")
+            self._stream, self._need = stream, n
+        else:
+            self._skipped = True
+            self._on_skip(stream, n)
+
+    @staticmethod
+    def _count(line: str, rest: str) -> int:
+        if not (rest.isascii() and rest.isdigit()):
+            raise ProtocolError(f"a frame header that does not parse: {line[:80]!r}")
+        if len(rest) > len(str(MAX_SPOOL_BYTES)) or int(rest) >= MAX_SPOOL_BYTES:
+            raise ProtocolError(f"a count of {rest[:40]} bytes, more than a spool can hold")
+        return int(rest)
+
+    def _end_of_reply(self, line: str, rest: str) -> None:
+        what, _, value = rest.partition(" ")
+        if what not in ("run", "rc", "gone") or (value and what != "rc"):
+            raise ProtocolError(f"an end of reply that does not parse: {line[:80]!r}")
+        self._asked -= 1
+        self._on_reply(Reply(what, value, self._bytes, self._skipped))
+        self._bytes, self._skipped = 0, False
 
 
 def parse_status(value: str) -> int | None:

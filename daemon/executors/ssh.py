@@ -108,6 +108,7 @@ class SshProcess:
             1: (output.stdout, on_stdout), 2: (output.stderr, on_stderr)}
         self._channel: asyncssh.SSHClientChannel[bytes] | None = None
         self._session: _ReaderSession | None = None
+        self._parser: spool.FrameParser | None = None
         self._replies: asyncio.Queue[spool.Reply | None] = asyncio.Queue()
         self._signal = 0  # the strongest signal asked for and not yet delivered (KILL > TERM)
         self._killed = False  # a KILL was asked for: a job gone without status was killed by us
@@ -130,7 +131,8 @@ class SshProcess:
         conn = await self._executor.connection()
         await self._executor.channels.acquire()
         replies: asyncio.Queue[spool.Reply | None] = asyncio.Queue()
-        parser = spool.FrameParser(self._on_data, self._on_skip, replies.put_nowait)
+        parser = spool.FrameParser(self._on_data, self._on_skip, replies.put_nowait,
+                                   max_piece=self._output.stdout.cap + 1)
         try:
             channel, session = await conn.create_session(lambda: _ReaderSession(parser, replies, self._wake),
                                                          in_sh(script), encoding=None)
@@ -139,7 +141,7 @@ class SshProcess:
             raise SpawnError(f"cannot open a channel to node {self._node}: {e}") from e
         assert isinstance(session, _ReaderSession)
         session.closed.add_done_callback(lambda _: self._executor.channels.release())
-        self._channel, self._replies, self._session = channel, replies, session
+        self._channel, self._replies, self._session, self._parser = channel, replies, session, parser
         if preamble:
             channel.write(preamble)
         if ask:
@@ -152,10 +154,15 @@ class SshProcess:
         capture, notify = self._streams[stream]
         if not capture.head_kept:
             raise spool.ProtocolError(f"a skip of {n} bytes of a stream whose head is not complete")
+        if capture.total + n >= spool.MAX_SPOOL_BYTES:
+            raise spool.ProtocolError(f"a skip to byte {capture.total + n} of {capture.name}, past what a spool "
+                                      "can hold")
         capture.skip(n)
         notify(b"")
 
     def _request(self) -> None:
+        if self._parser is not None:
+            self._parser.expect()
         self._write(f"{self._output.stdout.total} {self._output.stderr.total}\n")
 
     def _write(self, line: str) -> bool:
