@@ -6,21 +6,24 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from daemon.executors import spool
 from tests.conftest import Daemon, Db, require, wait_for
 from tests.integration.conftest import Sshd
 
 FAST = "[daemon]\nheartbeat_interval_ms = 200\nkill_grace_ms = 500\noutput_cap_bytes = 1024\n"
-# The node's shell answers the daemon's probe with probe.sh and a job's start with start.sh, when the test wrote
-# them; every other command of the daemon's (a kill, a reader, a sweep) runs as on an honest node.
+# The node's shell answers the daemon's probe with probe.sh, a job's start with start.sh and the sweep's listing
+# with ls.sh, when the test wrote them; every other command of the daemon's (a kill, a reader, a sweep) runs as on an honest node.
 FORCE_COMMAND = """case $SSH_ORIGINAL_COMMAND in
   *'echo "os=$(uname -s)"'*) f={root}/probe.sh;;
   *'umask 077; J='*) f={root}/start.sh;;
+  *'/jobs" 2>/dev/null && ls'*) f={root}/ls.sh;;
   *) f=;;
 esac
 if [ -n "$f" ] && [ -f "$f" ]; then exec /bin/sh "$f"; fi
@@ -45,6 +48,9 @@ class HostileNode:
 
     def on_start(self, script: str) -> None:
         (self.server.root / "start.sh").write_text(script)
+
+    def on_sweep(self, script: str) -> None:
+        (self.server.root / "ls.sh").write_text(script)
 
 
 @pytest.fixture
@@ -140,4 +146,21 @@ def test_answers_nobody_asked_for_fail_that_job_and_are_not_queued(
     row = db.wait_status(db.insert("echo never runs", node_id="box"), timeout=30)
     assert (row["status"], row["exit_code"]) == ("failed", None)
     assert "an answer nobody asked for" in row["error"], row["error"]
+    _still_serves(daemon, db)
+
+
+def test_a_sweep_listing_without_end_is_read_only_so_far_and_what_it_named_is_swept(
+        hostile: HostileNode, db: Db, daemon_factory: Callable[..., Daemon]) -> None:
+    jobs_dir = hostile.server.home / ".cache" / "nexus-jobd" / "jobs"
+    leftover = jobs_dir / spool.dir_name("gone-job:1")
+    leftover.mkdir(parents=True)
+    subprocess.run(["chown", "-R", f"{hostile.server.user}:", str(hostile.server.home / ".cache")], check=True)
+    db.insert("true", id="gone-job", node_id="box", attempt=1)
+    db.conn.execute("UPDATE jobs SET status = 'failed', duration = 5, completed_at = 1 WHERE id = 'gone-job'")
+    hostile.on_sweep(f'cd "{jobs_dir}" && ls; yes not-a-directory-name | head -c 300000000\n')
+    daemon = daemon_factory(config=FAST + hostile.server.node_config()).start()
+    wait_for(lambda: not leftover.exists(), timeout=40, message="the leftover swept")
+    peak = _peak_rss_kb(daemon)
+    print(f"daemon peak RSS with a sweep listing of 300 MB: {peak / 1024:.0f} MiB")
+    assert peak < 150 * 1024
     _still_serves(daemon, db)
