@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pwd
@@ -304,3 +305,28 @@ def test_a_command_that_starts_with_a_dash_is_a_command_locally_and_remotely(
     for node in ("localhost", "box"):
         row = db.wait_status(db.insert("-x 2>/dev/null; echo ran", node_id=node), timeout=30)
         assert (row["status"], row["stdout"]) == ("completed", "ran\n"), (node, row)
+
+
+@pytest.mark.anyio
+async def test_the_variables_of_a_docker_command_run_for_a_job_are_in_no_command_line_either(
+        sshd: Sshd, tmp_path: Path) -> None:
+    """`docker stop` and `docker ps` run on the node with the job's variables (DOCKER_HOST and the row's env)."""
+    from daemon.config import Overrides, load
+    from daemon.executors.ssh import SshExecutor
+    from daemon.tools import Command
+
+    config_file = tmp_path / "node.toml"
+    config_file.write_text(sshd.node_config())
+    executor = SshExecutor(load(Overrides(config_path=str(config_file)), environ={}).nodes["box"])
+    secret = f"s3cret-{uuid.uuid4().hex}"
+    try:
+        task = asyncio.create_task(executor.output(
+            Command(argv=("sh", "-c", 'sleep 1; printf %s "$TOKEN"'), cwd=None, env={"TOKEN": secret}), 30))
+        seen = []
+        while not task.done():
+            seen += [line for line in _command_lines() if b"sleep 1" in line]
+            await asyncio.sleep(0.02)
+        assert await task == secret
+    finally:
+        await executor.aclose()
+    assert seen and not [line for line in seen if secret.encode() in line]
