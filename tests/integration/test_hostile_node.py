@@ -19,7 +19,8 @@ from tests.integration.conftest import Sshd
 
 FAST = "[daemon]\nheartbeat_interval_ms = 200\nkill_grace_ms = 500\noutput_cap_bytes = 1024\n"
 # The node's shell answers the daemon's probe with probe.sh, a job's start with start.sh and the sweep's listing
-# with ls.sh, when the test wrote them; every other command of the daemon's (a kill, a reader, a sweep) runs as on an honest node.
+# with ls.sh, when the test wrote them; every other command of the daemon's (a kill, a reader) runs as on an
+# honest node.
 FORCE_COMMAND = """case $SSH_ORIGINAL_COMMAND in
   *'echo "os=$(uname -s)"'*) f={root}/probe.sh;;
   *'umask 077; J='*) f={root}/start.sh;;
