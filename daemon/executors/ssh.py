@@ -495,7 +495,8 @@ class SshExecutor:
                 while len(data) <= limit and (chunk := await process.stdout.read(limit + 1 - len(data))):
                     data += chunk
             finally:
-                process.close()
+                process.close()  # the channel counts against MaxSessions until closed on both sides
+                await process.wait_closed()
         text = bytes(data[:limit]).decode("utf-8", "replace")
         if len(data) > limit:
             raise OutputTooLong(f"node {self.node} printed more than {limit} bytes for a command of the daemon's own "

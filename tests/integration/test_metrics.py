@@ -240,11 +240,13 @@ def _scrape_or_none(port: int) -> Samples | None:
         return None
 
 
+@pytest.mark.parametrize("keeper", [False, True])
 def test_idle_connections_cannot_take_the_daemons_descriptors(db: Db, daemon_factory: Callable[..., Daemon],
-                                                              port: int) -> None:
-    """Hundreds of connections that send nothing, to a daemon allowed 256 descriptors that spawns its own jobs
-    (keeper = false): its jobs still start, and /metrics answers again once the idle ones have timed out."""
-    config = f'[metrics]\nlisten = "127.0.0.1:{port}"\n[daemon]\nkeeper = false\n'
+                                                              port: int, keeper: bool) -> None:
+    """Hundreds of connections that send nothing, to a daemon allowed 256 descriptors (that spawns its own jobs,
+    or has the keeper spawn them): its jobs still start, and /metrics answers again once the idle ones have timed
+    out."""
+    config = f'[metrics]\nlisten = "127.0.0.1:{port}"\n[daemon]\nkeeper = {str(keeper).lower()}\n'
     daemon = daemon_factory(config, prefix=["prlimit", "--nofile=256:256", "--"]).start()
     held = _idle_connections(port, 600)
     try:
