@@ -36,6 +36,7 @@ REPLY_TIMEOUT_S = 120.0  # a reader that answers nothing for this long is taken 
 RECONNECT_STEP_S = 0.5
 REMOVE_AFTER_S = 2.0  # directories of final rows go with the next start on the node, or after this long
 REMOVE_BATCH = 64
+CLOSE_WAIT_S = 5.0  # how long a helper command's channel may take to close
 HELPER_OUTPUT_MAX = 1024 * 1024  # the most stdout read of a command of the daemon's own (a sweep's ls, docker ps)
 
 
@@ -496,7 +497,9 @@ class SshExecutor:
                     data += chunk
             finally:
                 process.close()  # the channel counts against MaxSessions until closed on both sides
-                await process.wait_closed()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(CLOSE_WAIT_S):  # not for ever: wait_for waits for this too
+                        await process.wait_closed()
         text = bytes(data[:limit]).decode("utf-8", "replace")
         if len(data) > limit:
             raise OutputTooLong(f"node {self.node} printed more than {limit} bytes for a command of the daemon's own "
