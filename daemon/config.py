@@ -58,6 +58,7 @@ class NodeConfig:
     offline_after: int = 3  # missed probes in a row before the node is marked offline (hysteresis)
     limits: Mapping[str, int] = field(default_factory=dict)  # resource limits per job: LIMITS keys -> value
     queue_timeout_ms: int | None = None  # fail jobs that waited this long for an offline node; None: wait
+    default_cwd: str | None = None  # SSH nodes: where jobs without a cwd run, on the node; None: the user's home
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -317,10 +318,27 @@ def _nodes(source: str, top: _Section, local: str, default_max: int) -> dict[str
             offline_after=section.integer("offline_after", 3, minimum=1, maximum=1000),
             limits=_limits(source, node_id, section.table("limits")),
             queue_timeout_ms=queue_timeout or None,
+            default_cwd=_node_default_cwd(section, node_id, local),
         )
         section.reject_unknown()
     nodes.setdefault(local, NodeConfig(id=local, max_concurrent=default_max))
     return nodes
+
+
+def _node_default_cwd(section: _Section, node_id: str, local: str) -> str | None:
+    """[nodes.X] default_cwd: a directory on the node, absolute or under its user's home (`~/...`); it is not
+    expanded or checked here (it is the node's path): a job finds out, exit 127 with the shell's reason."""
+    value = section.get("default_cwd")
+    if value is None:
+        return None
+    if node_id == local:
+        raise section.error("default_cwd", f"no default_cwd on the local node {local!r}: its jobs run in "
+                            "[daemon] default_cwd; set it there", value)
+    path = section.string("default_cwd", "")
+    if "\n" in path or not (path.startswith("/") or path == "~" or path.startswith("~/")):
+        raise section.error("default_cwd", "a directory on the node: an absolute path ('/srv/jobs') or one under "
+                            "its user's home ('~' or '~/jobs'), on one line", value)
+    return path
 
 
 def _limits(source: str, node_id: str, data: Mapping[str, Any]) -> dict[str, int]:

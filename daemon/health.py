@@ -39,6 +39,7 @@ fi
 """
 
 TOOL_VERSIONS_TTL_S = 3600.0
+PROBE_OUTPUT_MAX = 64 * 1024  # a probe prints about 500 bytes: a node printing more is not answering the probe
 
 
 def probe_script(node: NodeConfig) -> str:
@@ -102,12 +103,20 @@ async def _tool_versions() -> dict[str, str]:
     return versions
 
 
+# The facts PROBE prints; a node may print anything, so only these are kept, each cut to a short text.
+FACTS = ("os", "arch", "kernel", "hostname", "cpus", "mem_total_kb", "mem_available_kb", "load", "bash", "git",
+         "docker", "docker_engine", "limits_refused")
+MAX_FACT_CHARS = 300
+
+
 def parse_probe(text: str, rtt_ms: float) -> dict[str, Any]:
-    facts: dict[str, Any] = {}
+    """The capabilities JSON from a probe's output. Whatever a node prints, a fact that does not parse is null:
+    never an exception, never a value JSON cannot hold (NaN)."""
+    facts: dict[str, str] = {}
     for line in text.splitlines():
         name, sep, value = line.partition("=")
-        if sep:
-            facts[name.strip()] = value.strip()
+        if sep and name.strip() in FACTS:
+            facts[name.strip()] = value.strip()[:MAX_FACT_CHARS]
     caps: dict[str, Any] = {
         "tools": {t: facts[t] for t in ("bash", "git", "docker") if t in facts},
         "docker_engine": facts.get("docker_engine") or None,
@@ -117,10 +126,25 @@ def parse_probe(text: str, rtt_ms: float) -> dict[str, Any]:
     if "limits_refused" in facts:
         caps["limits_refused"] = facts["limits_refused"] or "refused"
     for name in ("cpus", "mem_total_kb", "mem_available_kb"):
-        caps[name] = int(facts[name]) if facts.get(name, "").isdigit() else None
-    load = facts.get("load", "").split()
-    caps["load"] = [float(x) for x in load] if len(load) == 3 else None
+        caps[name] = _count(facts.get(name, ""))
+    caps["load"] = _load_average(facts.get("load", ""))
     return caps
+
+
+def _count(value: str) -> int | None:
+    """A whole number as ASCII digits (str.isdigit also takes '²'), small enough for any JSON reader."""
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 15 else None
+
+
+def _load_average(value: str) -> list[float] | None:
+    parts = value.split()
+    if len(parts) != 3:
+        return None
+    try:
+        loads = [float(x) for x in parts]
+    except ValueError:
+        return None
+    return loads if all(0 <= x < 1e9 for x in loads) else None  # NaN compares false: out too
 
 
 @dataclass
@@ -190,6 +214,7 @@ class Health:
         try:
             with anyio.fail_after(max(5.0, self._config.heartbeat_interval_ms / 1000)):
                 text = await self._probe(node, probe_script(node))
+            capabilities = parse_probe(text, (time.monotonic() - started) * 1000)  # in the try: never a crash
         except NodeRefused as e:
             state.status, state.error = "error", str(e)
         except Exception as e:  # unreachable: offline only after `offline_after` misses in a row
@@ -198,7 +223,7 @@ class Health:
             if state.missed >= node.offline_after:
                 state.status = "offline"
         else:
-            state.capabilities = parse_probe(text, (time.monotonic() - started) * 1000)
+            state.capabilities = capabilities
             refused = state.capabilities.pop("limits_refused", None)
             if refused is None:
                 state.status, state.error, state.missed = "online", None, 0

@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import os
 import platform
+import tempfile
 from collections.abc import Iterator, Mapping
 from math import inf
 from pathlib import Path
@@ -41,6 +42,9 @@ TEXTFILE_MODE = 0o644  # node_exporter runs as another user; the systemd unit's 
 DB_READ_TIMEOUT_S = 2.0  # a scrape answers without the queue gauges rather than wait on a stuck database
 _UNREADABLE: tuple[type[Exception], ...] = (TimeoutError, DatabaseRewritten, OSError, *DbError)
 REQUEST_TIMEOUT_S = 10.0
+HEADER_TIMEOUT_S = 3.0  # a scraper sends its request at once: a connection silent this long is closed
+MAX_CONNECTIONS = 64  # answered at once; more are closed as they come, so idle ones cannot take every descriptor
+ACCEPT_ERROR_LOG_S = 10.0  # a failing accept (out of descriptors) is logged at most this often
 MAX_REQUEST_HEAD = 16 * 1024
 STATUSES = ("completed", "failed", "cancelled")
 DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600, inf)
@@ -145,6 +149,7 @@ class Exporter(Hooks):
         self._server: asyncio.Server | None = None
         self._requests: set[asyncio.Task[object]] = set()
         self._textfile_error: str | None = None
+        self._accept_errors = _AcceptErrors()
 
     @classmethod
     async def open(cls, config: Config) -> Exporter:
@@ -181,6 +186,7 @@ class Exporter(Hooks):
         until cancelled; the textfile is written once more on the way out (after the last jobs were recorded)."""
         self._store, self._health = store, health
         if self._server is not None:
+            self._accept_errors.install(asyncio.get_running_loop())
             await self._server.start_serving()
             logger.info("metrics.serving", listen=self._address(), url=f"http://{self._address()}/metrics")
         task_status.started()
@@ -274,13 +280,18 @@ class Exporter(Hooks):
                               f"{_bind_problem(e, host, port)}") from e
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One request per connection: GET (or HEAD) /metrics; anything else gets its 4xx."""
+        """One request per connection: GET (or HEAD) /metrics; anything else gets its 4xx. Past MAX_CONNECTIONS
+        at once, a connection is closed unanswered (its descriptor back at once): Prometheus tries again."""
+        if len(self._requests) >= MAX_CONNECTIONS:
+            writer.transport.abort()
+            return
         task = asyncio.current_task()
         assert task is not None
         self._requests.add(task)
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                head = await reader.readuntil(b"\r\n\r\n")
+                async with asyncio.timeout(HEADER_TIMEOUT_S):
+                    head = await reader.readuntil(b"\r\n\r\n")
                 status, headers, body = await self._response(head)
                 writer.write(f"HTTP/1.1 {status}\r\n".encode() + b"".join(
                     f"{name}: {value}\r\n".encode("latin-1") for name, value in headers) + b"Connection: close\r\n\r\n")
@@ -321,6 +332,38 @@ class Exporter(Hooks):
         return "200 OK", headers, b"" if method == "HEAD" else body
 
 
+class _AcceptErrors:
+    """asyncio reports a failing accept (EMFILE: out of descriptors) to the loop's exception handler up to a
+    hundred times a tick, each with a traceback: this logs it once per ACCEPT_ERROR_LOG_S, with the count, and
+    passes every other report on."""
+
+    MESSAGE = "socket.accept() out of system resource"
+
+    def __init__(self) -> None:
+        self._failed = 0
+        self._logged_at = -ACCEPT_ERROR_LOG_S
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        previous = loop.get_exception_handler()
+
+        def handle(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+            if context.get("message") != self.MESSAGE:
+                if previous is not None:
+                    previous(loop, context)
+                else:
+                    loop.default_exception_handler(context)
+                return
+            self._failed += 1
+            now = loop.time()
+            if now - self._logged_at >= ACCEPT_ERROR_LOG_S:
+                logger.error("metrics.accept_failed", error=str(context.get("exception")), failed=self._failed,
+                             reason="the daemon is out of file descriptors; /metrics answers again once some "
+                                    "are free (raise LimitNOFILE / ulimit -n)")
+                self._logged_at, self._failed = now, 0
+
+        loop.set_exception_handler(handle)
+
+
 def _text(status: str, text: str) -> tuple[str, list[tuple[str, str]], bytes]:
     body = text.encode()
     return status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))], body
@@ -339,16 +382,18 @@ def _bind_problem(error: OSError, host: str, port: int) -> str:
 
 
 def _write_atomically(path: Path, registry: CollectorRegistry) -> None:
+    """A new file of a random name (created exclusively, never through a link another user planted) in the same
+    directory, renamed over PATH: the rename is atomic, and a name not ending in .prom is never read."""
     from prometheus_client import generate_latest
 
     data = generate_latest(registry)
-    tmp = path.with_name(path.name + ".tmp")  # same directory: the rename is atomic; not *.prom: never read
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # O_EXCL | O_NOFOLLOW
     try:
-        with open(tmp, "wb", opener=lambda name, flags: os.open(name, flags, TEXTFILE_MODE)) as f:
+        with open(fd, "wb") as f:
             os.fchmod(f.fileno(), TEXTFILE_MODE)  # whatever the umask
             f.write(data)
-        os.replace(tmp, path)
+        os.replace(name, path)
     except BaseException:
         with contextlib.suppress(OSError):
-            tmp.unlink()
+            os.unlink(name)
         raise

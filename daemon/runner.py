@@ -116,7 +116,7 @@ class JobRunner:
         try:
             command = dataclasses.replace(
                 tools.build(job, node.tools, allowed_commands=node.allowed_commands, docker_host=node.docker_host),
-                limits=node.limits)
+                limits=node.limits, default_cwd=node.default_cwd)
             policy = tools.policy(job, self._config.default_timeout_ms)
         except BadJob as e:
             return JobResult(JobStatus.FAILED, None, str(e), running.output.snapshot(final=True))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import resource
 import shlex
 import shutil
 import signal
@@ -28,7 +29,7 @@ from daemon.errors import ConfigError, DatabaseRewritten, JobdError
 from daemon.executors.base import Executor, SpawnError
 from daemon.executors.keeper import KeeperClient
 from daemon.executors.local import LocalExecutor
-from daemon.health import Health, LocalProbe, NodeRefused, Prober, capabilities_json
+from daemon.health import PROBE_OUTPUT_MAX, Health, LocalProbe, NodeRefused, Prober, capabilities_json
 from daemon.lease import Identity, Lease
 from daemon.metrics import Exporter, Hooks
 from daemon.notify import Notifier
@@ -43,6 +44,7 @@ EXIT_DATABASE_REWRITTEN = 65
 STATUS_INTERVAL_S = 5.0
 RETENTION_INTERVAL_S = 3600.0
 DAY_MS = 86_400_000
+OPEN_FILES = 65536  # the soft descriptor limit the daemon raises itself to (at most the hard limit)
 
 
 def new_worker_id() -> str:
@@ -81,10 +83,10 @@ def prober(config: Config, executors: dict[str, Executor]) -> Prober:
         executor = executors[node.id]
         assert isinstance(executor, ssh.SshExecutor)
         try:
-            completed = await executor.run(script, timeout_s=max(5.0, config.heartbeat_interval_ms / 1000))
+            return await executor.run(script, timeout_s=max(5.0, config.heartbeat_interval_ms / 1000),
+                                      limit=PROBE_OUTPUT_MAX)
         except ssh.HostKeyError as e:
             raise NodeRefused(str(e)) from e
-        return str(completed.stdout)
 
     return probe
 
@@ -168,6 +170,7 @@ def _check_database_access(config: Config) -> None:
 
 async def serve(config: Config, overrides: Overrides | None = None, *, install_signals: bool = True) -> int:
     """Run until stopped; returns the process exit code (0 after a clean drain, 1 after losing the lease)."""
+    _raise_open_files_limit()
     _check_host(config)
     try:
         store = await open_store(config.db_target, busy_timeout_ms=config.busy_timeout_ms, daemon=True)
@@ -184,6 +187,20 @@ async def serve(config: Config, overrides: Overrides | None = None, *, install_s
             await exporter.aclose()
         notifier.close()
         await store.close()
+
+
+def _raise_open_files_limit() -> None:
+    """The soft limit on open files up to the hard one, as systemd's defaults (1024 soft, 524288 hard) intend
+    for a program that needs more: every job's pipes, every metrics connection. Not past OPEN_FILES: jobs inherit
+    it, and some programs close every descriptor up to it (a container's hard limit may be 2^30)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError) as e:
+        logger.warning("daemon.open_files_limit", soft=soft, hard=hard, error=str(e))
 
 
 async def _exporter(config: Config) -> Exporter | None:

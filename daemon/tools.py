@@ -1,6 +1,7 @@
 """A claimed row -> the argv, working directory and environment to run; a row that cannot run -> BadJob.
 
-bash runs `bash -c COMMAND`; git and docker get argv from shlex and never pass through a shell.
+bash runs `bash -c -- COMMAND` (a command starting with `-` is a command, not options); git and docker get argv
+from shlex and never pass through a shell.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from daemon.store import ClaimedJob, RawText
 MAX_COMMAND_BYTES = 128 * 1024 - 1
 # NexusCLI appends its metadata to a command as one last line: `<command>\n# {"json": ...}`.
 _METADATA_LINE = re.compile(r"\n#[ \t]*(\{.*\})[ \t]*\Z")
+# What every shell accepts as a variable name: anything else would be an option to `env` or a syntax error on a
+# node, and no program can read it back from its environment there.
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,9 @@ class Command:
     container_labels: tuple[str, ...] = ()
     key: str = ""  # "<job id>:<attempt>": names what the attempt leaves on a node (its remote pid file)
     limits: Mapping[str, int] = field(default_factory=dict)  # config.LIMITS keys -> value, set as it starts
+    # An SSH node's [nodes.X] default_cwd: where a job without cwd starts (a relative cwd is taken from there);
+    # None: the node user's home.
+    default_cwd: str | None = None
 
     @property
     def exec_argv(self) -> tuple[str, ...]:
@@ -132,17 +139,30 @@ def parse_env(raw: Any) -> dict[str, str | None]:
         raise BadJob(f"env must be a JSON object like {{\"NAME\": \"value\"}}, got {type(value).__name__}")
     env: dict[str, str | None] = {}
     for name, item in value.items():
-        if not name or "=" in name or "\x00" in name:
-            raise BadJob(f"env has an invalid variable name {name!r} (empty, or containing '=' or NUL)")
-        if item is None:
-            env[name] = None
-        elif isinstance(item, str) and "\x00" not in item:
-            env[name] = item
-        elif isinstance(item, int | float) and not isinstance(item, bool):
-            env[name] = str(item)
-        else:
-            raise BadJob(f"env[{name!r}] must be a string, a number or null, got {item!r:.60}")
+        if not ENV_NAME.fullmatch(name):
+            raise BadJob(f"env has an invalid variable name {name!r:.60}: names are letters, digits and _, not "
+                         "starting with a digit (like MY_VAR)")
+        env[name] = _env_value(name, item)
     return env
+
+
+def _env_value(name: str, item: Any) -> str | None:
+    if item is None or (isinstance(item, str) and "\x00" not in item and _is_utf8(item)):
+        return item
+    if isinstance(item, int | float) and not isinstance(item, bool):
+        return str(item)
+    if isinstance(item, str) and "\x00" not in item:
+        raise BadJob(f"env[{name!r}] holds a lone UTF-16 surrogate (a \\ud800-style escape without its pair), "
+                     "which no environment can carry; escape whole characters")
+    raise BadJob(f"env[{name!r}] must be a string, a number or null, got {item!r:.60}")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _args(tool: str, command: str) -> tuple[str, ...]:
@@ -178,7 +198,7 @@ def build(job: ClaimedJob, allowed_tools: tuple[str, ...], *, allowed_commands: 
     env = _tool_env(docker_host) | parse_env(job.env)
     key = f"{job.id}:{job.attempt}"
     if tool == "bash":
-        return Command(argv=("bash", "-c", command), cwd=cwd, env=env, key=key)
+        return Command(argv=("bash", "-c", "--", command), cwd=cwd, env=env, key=key)
     argv = _args(tool, command)
     if tool == "docker":
         labels = (f"nexus-jobd.job={job.id}", f"nexus-jobd.attempt={job.attempt}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from daemon.output import HEAD_SHARE
@@ -20,6 +20,9 @@ from daemon.tools import Command
 JOBS_DIR = "$HOME/.cache/nexus-jobd/jobs"
 PUNCH_STEP = 1024 * 1024  # give spool space back in steps of at least this much: one fork per step
 MAX_HEADER = 4096  # a frame header longer than this is a node speaking another protocol
+# No spool holds more (8 PiB): a count a node sends past it is a lie, and the byte totals, which the row records,
+# stay far inside the 64-bit integers of SQLite and PostgreSQL.
+MAX_SPOOL_BYTES = 2**53
 
 # The leader's start time (field 22 of /proc/PID/stat; the shell's name has no spaces) and the node's boot id tell
 # a reused pid apart. On a node without /proc both are "-" and the checks pass as before.
@@ -56,32 +59,58 @@ def remove_script(*names: str) -> str:
     return "rm -rf " + " ".join(f'"{job_dir(name)}"' for name in names) + " 2>/dev/null"
 
 
-def env_argv(command: Command, argv: tuple[str, ...]) -> list[str]:
-    """`env` setting and unsetting the command's variables, then argv: quoted, it passes any shell untouched."""
-    unset = [arg for name, value in command.env.items() if value is None for arg in ("-u", name)]
-    assign = [f"{name}={value}" for name, value in command.env.items() if value is not None]
-    return ["env", *unset, *assign, *argv]  # env takes its options before the assignments
+def env_message(env: Mapping[str, str | None]) -> bytes:
+    """The job's variables as they travel: over the channel's stdin, never in a command line (every user of the
+    node may read those, `ps`). The count of lines, then sh lines that set or unset each one (names are
+    `[A-Za-z_][A-Za-z0-9_]*`, tools.parse_env: only values need quoting); READ_ENV takes them."""
+    lines = "".join(f"unset {name}\n" if value is None else f"export {name}={shlex.quote(value)}\n"
+                    for name, value in env.items())
+    return f"{lines.count(chr(10))}\n{lines}".encode()
+
+
+# Before anything else: the variables into `E` (a shell variable: in no file, no command line, no environment),
+# byte by byte as `read` takes a pipe, so not one byte of the requests that follow is consumed. Whatever does not
+# arrive whole (a dropped link) starts nothing.
+READ_ENV = ('n=; read -r n || exit 0; case $n in ""|*[!0-9]*) echo "X the variables did not arrive"; exit 0;; esac; '
+            'E=; while [ "$n" -gt 0 ] && IFS= read -r l; do E="$E$l\n"; n=$((n - 1)); done; [ "$n" = 0 ] || exit 0; ')
+
+
+def with_env(argv: tuple[str, ...]) -> str:
+    """Run argv with the variables READ_ENV took, in a subshell: the caller's shell keeps its own."""
+    return f'( eval "$E"; exec {shlex.join(argv)} )'
+
+
+def node_dir(path: str | None) -> str:
+    """A directory on the node as a shell word: None and `~/...` under its user's home; a relative one (a row's
+    cwd) from the current directory, as `./...`: `cd -`, `cd -L` are options, and CDPATH would be searched."""
+    if path is None or path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path if path.startswith("/") else f"./{path}")
 
 
 def start_script(command: Command, name: str, cap: int) -> str:
-    """Create the directory (only once: a second start of the same attempt is refused, so it never runs twice),
-    start the job in the background with its output in the spools, record where it runs, then read (reader_loop).
+    """Take the variables (env_message), create the directory (only once: a second start of the same attempt is
+    refused, so it never runs twice), start the job in the background with its output in the spools, record where
+    it runs, then read (reader_loop).
 
-    The wrapper subshell catches TERM/INT/HUP (a caught signal is reset to the default in the job, an ignored one
-    would not be) so that it outlives a TERM of the group and records 128+N; after a KILL there is no status and
-    the reader says the job is gone. The status is one short write of "N\\n": readers take an empty or
-    unterminated file for "not yet" (an mv would cost a process per job). Then the wrapper pokes the start
-    channel's stderr (fd 4, closed for the job itself), so the daemon asks at once instead of polling for the end
-    of a short job: "E N" when both spools are empty (status N, and nothing to read: no round trip at all), an
-    empty line otherwise. Over a dropped channel that write fails, after the status is safe.
+    The job starts in its node's default directory (the user's home unless [nodes.X] default_cwd says), then its
+    row's cwd: never in the spool, which goes with the row. The wrapper subshell catches TERM/INT/HUP (a caught
+    signal is reset to the default in the job, an ignored one would not be) so that it outlives a TERM of the
+    group and records 128+N; after a KILL there is no status and the reader says the job is gone. The status is
+    one short write of "N\\n": readers take an empty or unterminated file for "not yet" (an mv would cost a process
+    per job). Then the wrapper pokes the start channel's stderr (fd 4, closed for the job itself), so the daemon
+    asks at once instead of polling for the end of a short job: "E N" when both spools are empty (status N, and
+    nothing to read: no round trip at all), an empty line otherwise. Over a dropped channel that write fails,
+    after the status is safe.
     """
-    run = shlex.join(env_argv(command, command.exec_argv))
-    cd = (f'cd {shlex.quote(command.cwd)} 2>>"$d/err" || {{ echo 127 > "$d/rc"; echo >&4; exit; }}; '
-          if command.cwd else "")
-    wrapper = (f'( trap : TERM INT HUP; {cd}{run} </dev/null >>"$d/out" 2>>"$d/err" 4>&-; r=$?; echo $r > "$d/rc"; '
+    cd = f"cd {node_dir(command.default_cwd)}" + (f" && cd {node_dir(command.cwd)}" if command.cwd else "")
+    wrapper = (f'( trap : TERM INT HUP; {{ {cd}; }} 2>>"$d/err" || {{ echo 127 > "$d/rc"; echo >&4; exit; }}; '
+               f'{with_env(command.exec_argv)} </dev/null >>"$d/out" 2>>"$d/err" 4>&-; r=$?; echo $r > "$d/rc"; '
                'if [ -s "$d/out" ] || [ -s "$d/err" ]; then echo >&4; else echo "E $r" >&4; fi '
                ') 4>&2 </dev/null >/dev/null 2>&1 & w=$!; ')
-    return (f'umask 077; J="{JOBS_DIR}"; d="$J/{name}"; '
+    return (READ_ENV + f'umask 077; J="{JOBS_DIR}"; d="$J/{name}"; '
             'mkdir "$d" 2>/dev/null || { mkdir -p "$J" 2>/dev/null && mkdir "$d" 2>/dev/null; } || '
             '{ echo "X the job directory $d exists already or cannot be created: the attempt is not started '
             'twice"; exit 0; }; cd "$d" || exit 0; : > out; : > err; '
@@ -173,22 +202,35 @@ class ProtocolError(Exception):
 
 
 class FrameParser:
-    """Frames from the reader: `D<s> N` + N bytes, `K<s> N` (N bytes skipped), `Z ...` (end of a reply), `X why`.
-    Stream 1 is stdout, 2 stderr."""
+    """Frames from the reader: `D<s> N` + N bytes, `K<s> N` (N bytes skipped), `Z ...` (end of a reply), `X why`
+    (the reader refuses, and ends). Stream 1 is stdout, 2 stderr.
+
+    Every number is bounded, whatever the node sends: a piece is at most `max_piece` bytes (a reader sends no more
+    at once), a skip less than MAX_SPOOL_BYTES; and a reader answers each request (`expect`) once, so nothing
+    piles up in the daemon however fast a node talks."""
 
     def __init__(self, on_data: Callable[[int, bytes], None], on_skip: Callable[[int, int], None],
-                 on_reply: Callable[[Reply], None]) -> None:
+                 on_reply: Callable[[Reply], None], *, max_piece: int) -> None:
         self._on_data, self._on_skip, self._on_reply = on_data, on_skip, on_reply
+        self._max_piece = max_piece
         self._buf = bytearray()
         self._stream = 0
         self._need = 0  # data bytes still to come for self._stream
         self._bytes = 0  # data bytes in the reply so far
         self._skipped = False
+        self._asked = 0  # requests not answered yet
+        self._ended = False  # the reader refused (X): whatever follows is not read
+
+    def expect(self) -> None:
+        """A request went out: one reply may come."""
+        self._asked += 1
 
     def feed(self, data: bytes) -> None:
         """Raises ProtocolError on anything that is not a frame."""
+        if self._ended:
+            return
         self._buf += data
-        while self._buf:
+        while self._buf and not self._ended:
             if self._need:
                 chunk = bytes(self._buf[: self._need])
                 del self._buf[: len(chunk)]
@@ -207,25 +249,41 @@ class FrameParser:
 
     def _header(self, line: str) -> None:
         kind, _, rest = line.partition(" ")
-        if kind in ("D1", "D2", "K1", "K2"):
-            if not (rest.isascii() and rest.isdigit()):
-                raise ProtocolError(f"a frame header that does not parse: {line[:80]!r}")
-            stream, n = int(kind[1]), int(rest)
-            if kind[0] == "D":
-                self._stream, self._need = stream, n
-            else:
-                self._skipped = True
-                self._on_skip(stream, n)
-        elif kind == "Z":
-            what, _, value = rest.partition(" ")
-            if what not in ("run", "rc", "gone"):
-                raise ProtocolError(f"an end of reply that does not parse: {line[:80]!r}")
-            self._on_reply(Reply(what, value, self._bytes, self._skipped))
-            self._bytes, self._skipped = 0, False
-        elif kind == "X":
+        if kind == "X":
+            self._ended = True
             self._on_reply(Reply("error", rest))
-        else:
+            return
+        if kind not in ("D1", "D2", "K1", "K2", "Z"):
             raise ProtocolError(f"a frame header that does not parse: {line[:80]!r}")
+        if not self._asked:
+            raise ProtocolError(f"an answer nobody asked for ({line[:40]!r}): a reader answers each request once")
+        if kind == "Z":
+            self._end_of_reply(line, rest)
+            return
+        stream, n = int(kind[1]), self._count(line, rest)
+        if kind[0] == "D":
+            if n > self._max_piece:
+                raise ProtocolError(f"a piece of {n} bytes, more than a reader sends at once ({self._max_piece})")
+            self._stream, self._need = stream, n
+        else:
+            self._skipped = True
+            self._on_skip(stream, n)
+
+    @staticmethod
+    def _count(line: str, rest: str) -> int:
+        if not (rest.isascii() and rest.isdigit()):
+            raise ProtocolError(f"a frame header that does not parse: {line[:80]!r}")
+        if len(rest) > len(str(MAX_SPOOL_BYTES)) or int(rest) >= MAX_SPOOL_BYTES:
+            raise ProtocolError(f"a count of {rest[:40]} bytes, more than a spool can hold")
+        return int(rest)
+
+    def _end_of_reply(self, line: str, rest: str) -> None:
+        what, _, value = rest.partition(" ")
+        if what not in ("run", "rc", "gone") or (value and what != "rc"):
+            raise ProtocolError(f"an end of reply that does not parse: {line[:80]!r}")
+        self._asked -= 1
+        self._on_reply(Reply(what, value, self._bytes, self._skipped))
+        self._bytes, self._skipped = 0, False
 
 
 def parse_status(value: str) -> int | None:

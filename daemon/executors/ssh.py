@@ -36,12 +36,27 @@ REPLY_TIMEOUT_S = 120.0  # a reader that answers nothing for this long is taken 
 RECONNECT_STEP_S = 0.5
 REMOVE_AFTER_S = 2.0  # directories of final rows go with the next start on the node, or after this long
 REMOVE_BATCH = 64
+CLOSE_WAIT_S = 5.0  # how long a helper command's channel may take to close
+HELPER_OUTPUT_MAX = 1024 * 1024  # the most stdout read of a command of the daemon's own (a sweep's ls, docker ps)
 
 
 def in_sh(script: str) -> str:
     """Every script of ours runs in the node's `sh`, whatever the login shell (zsh does not split words, fish is
     not POSIX): `exec` keeps the login shell's pid, which sshd made a session and process-group leader."""
     return f"exec sh -c {shlex.quote(script)}"
+
+
+class OutputTooLong(SpawnError):
+    """A command of the daemon's own printed more than it may; `partial` holds what was read."""
+
+    def __init__(self, message: str, partial: str) -> None:
+        super().__init__(message)
+        self.partial = partial
+
+    @property
+    def complete_lines(self) -> str:
+        """`partial` up to its last newline: no name cut in two."""
+        return self.partial[: self.partial.rfind("\n") + 1]
 
 
 class HostKeyError(SpawnError):
@@ -94,6 +109,7 @@ class SshProcess:
             1: (output.stdout, on_stdout), 2: (output.stderr, on_stderr)}
         self._channel: asyncssh.SSHClientChannel[bytes] | None = None
         self._session: _ReaderSession | None = None
+        self._parser: spool.FrameParser | None = None
         self._replies: asyncio.Queue[spool.Reply | None] = asyncio.Queue()
         self._signal = 0  # the strongest signal asked for and not yet delivered (KILL > TERM)
         self._killed = False  # a KILL was asked for: a job gone without status was killed by us
@@ -110,12 +126,14 @@ class SshProcess:
 
     # -- the reader channel ---------------------------------------------------------------------------------
 
-    async def open(self, script: str, *, ask: bool = True) -> None:
-        """Open a reader channel running `script`; the first request rides with it unless not `ask`."""
+    async def open(self, script: str, *, ask: bool = True, preamble: bytes = b"") -> None:
+        """Open a reader channel running `script`, `preamble` its first input (a start's variables); the first
+        request rides with it unless not `ask`."""
         conn = await self._executor.connection()
         await self._executor.channels.acquire()
         replies: asyncio.Queue[spool.Reply | None] = asyncio.Queue()
-        parser = spool.FrameParser(self._on_data, self._on_skip, replies.put_nowait)
+        parser = spool.FrameParser(self._on_data, self._on_skip, replies.put_nowait,
+                                   max_piece=self._output.stdout.cap + 1)
         try:
             channel, session = await conn.create_session(lambda: _ReaderSession(parser, replies, self._wake),
                                                          in_sh(script), encoding=None)
@@ -128,7 +146,9 @@ class SshProcess:
                                   RECONNECT_STEP_S) from e
         assert isinstance(session, _ReaderSession)
         session.closed.add_done_callback(lambda _: self._executor.channels.release())
-        self._channel, self._replies, self._session = channel, replies, session
+        self._channel, self._replies, self._session, self._parser = channel, replies, session, parser
+        if preamble:
+            channel.write(preamble)
         if ask:
             self._request()
 
@@ -139,10 +159,15 @@ class SshProcess:
         capture, notify = self._streams[stream]
         if not capture.head_kept:
             raise spool.ProtocolError(f"a skip of {n} bytes of a stream whose head is not complete")
+        if capture.total + n >= spool.MAX_SPOOL_BYTES:
+            raise spool.ProtocolError(f"a skip to byte {capture.total + n} of {capture.name}, past what a spool "
+                                      "can hold")
         capture.skip(n)
         notify(b"")
 
     def _request(self) -> None:
+        if self._parser is not None:
+            self._parser.expect()
         self._write(f"{self._output.stdout.total} {self._output.stderr.total}\n")
 
     def _write(self, line: str) -> bool:
@@ -387,7 +412,8 @@ class SshExecutor:
         removals = self._removals()
         script = spool.start_script(command, spool.dir_name(key), output.stdout.cap)
         try:
-            await process.open(f"{spool.remove_script(*removals)}; {script}" if removals else script, ask=False)
+            await process.open(f"{spool.remove_script(*removals)}; {script}" if removals else script, ask=False,
+                               preamble=spool.env_message(command.env))
         except NodeUnreachable:
             self._to_remove += removals
             raise
@@ -446,8 +472,11 @@ class SshExecutor:
         """Kill and remove what this database's finished attempts left on the node (their daemon could not remove
         it). Only those: another installation logging in as the same user keeps its jobs in the same directory,
         and what is not ours to know stays (a pruned row's leftover too)."""
-        result = await self.run(f'cd "{spool.JOBS_DIR}" 2>/dev/null && ls', 15)
-        names = [n for n in str(result.stdout or "").split() if len(n) == 24 and n.isalnum()]
+        try:
+            listing = await self.run(f'cd "{spool.JOBS_DIR}" 2>/dev/null && ls', 15)
+        except OutputTooLong as e:  # tens of thousands of directories: these now, the rest at the next sweep
+            listing = e.complete_lines
+        names = [n for n in listing.split() if len(n) == 24 and n.isalnum()]
         if not names:
             return
         ours = {spool.dir_name(f"{job_id}:{attempt}") for job_id, attempt in await finished_attempts()}
@@ -456,25 +485,48 @@ class SshExecutor:
                 await self.run(spool.kill_script(name, signal.SIGKILL, remove=True), 15)
                 logger.info("ssh.spool_swept", node=self.node, dir=name)
 
-    async def run(self, script: str, timeout_s: float) -> asyncssh.SSHCompletedProcess:
-        """A short shell line of the daemon's own (a probe, a kill) on the control channel; `timeout_s` covers the
-        wait for the channel too."""
-        return await asyncio.wait_for(self._run_on(self._control, script), timeout_s)
+    async def run(self, script: str, timeout_s: float, *, limit: int = HELPER_OUTPUT_MAX) -> str:
+        """A short shell line of the daemon's own (a probe, a kill) on the control channel: its stdout, at most
+        `limit` bytes (more raises OutputTooLong). `timeout_s` covers the wait for the channel too."""
+        return await asyncio.wait_for(self._run_on(self._control, script, limit), timeout_s)
 
-    async def _run_on(self, channel: asyncio.Semaphore, script: str) -> asyncssh.SSHCompletedProcess:
+    async def _run_on(self, channel: asyncio.Semaphore, script: str, limit: int, stdin: bytes = b"") -> str:
+        """Read no more than `limit` + 1 bytes of stdout, then close: a node that prints without end costs that
+        much memory, not all it sends. Its stderr is dropped as it comes."""
         conn = await self.connection()
         async with channel:
-            return await conn.run(in_sh(script), check=False, encoding="utf-8", errors="replace")
+            process = await conn.create_process(in_sh(script), encoding=None, stderr=asyncssh.DEVNULL)
+            try:
+                process.stdin.write(stdin)
+                process.stdin.write_eof()
+                data = bytearray()
+                while len(data) <= limit and (chunk := await process.stdout.read(limit + 1 - len(data))):
+                    data += chunk
+            finally:
+                process.close()  # the channel counts against MaxSessions until closed on both sides
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(CLOSE_WAIT_S):  # not for ever: wait_for waits for this too
+                        await process.wait_closed()
+        text = bytes(data[:limit]).decode("utf-8", "replace")
+        if len(data) > limit:
+            raise OutputTooLong(f"node {self.node} printed more than {limit} bytes for a command of the daemon's own "
+                                "(a node answering with something else than the command's output?)", text)
+        return text
 
     async def output(self, command: Command, timeout_s: float) -> str:
+        """argv with the command's variables (sent over stdin: spool.env_message), its stdout (cut at
+        HELPER_OUTPUT_MAX, at a line's end)."""
+        script = spool.READ_ENV + spool.with_env(command.argv)
         try:
-            script = shlex.join(spool.env_argv(command, command.argv))
-            result = await asyncio.wait_for(self._run_on(self._commands, script), timeout_s)
+            return await asyncio.wait_for(self._run_on(self._commands, script, HELPER_OUTPUT_MAX,
+                                                       spool.env_message(command.env)), timeout_s)
+        except OutputTooLong as e:
+            logger.warning("ssh.command_output_cut", node=self.node, argv=list(command.argv), error=str(e))
+            return e.complete_lines
         except (OSError, asyncssh.Error, SpawnError, TimeoutError) as e:
             logger.warning("ssh.command_failed", node=self.node, argv=list(command.argv),
                            error=str(e) or type(e).__name__)
             return ""
-        return str(result.stdout or "")
 
     async def aclose(self) -> None:
         if self._to_remove:  # a last batch, briefly: what is left the next daemon sweeps

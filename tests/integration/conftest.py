@@ -267,8 +267,9 @@ class Sshd:
     user of its own with a clean home (root's ~/.bashrc here runs pyenv init, which would slow every remote
     command). close() removes the user; so does the end of the process, for callers that only stop()."""
 
-    def __init__(self, root: Path, listen: str = "127.0.0.1", netns: str | None = None) -> None:
+    def __init__(self, root: Path, listen: str = "127.0.0.1", netns: str | None = None, extra_config: str = "") -> None:
         self.root, self.home, self.listen, self.netns = root, root / "home", listen, netns
+        self.extra_config = extra_config  # sshd_config lines of the test's own (a ForceCommand)
         self.user = this_run().name("u")
         self.host_key, self.client_key = root / "host_key", root / "client_key"
         self.known_hosts, self.log = root / "known_hosts", root / "sshd.log"
@@ -315,7 +316,7 @@ class Sshd:
             f"PidFile {self.root / 'sshd.pid'}\n"
             "AuthorizedKeysFile .ssh/authorized_keys\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
             f"UsePAM no\nStrictModes no\nMaxSessions 100\nMaxStartups 100\nAllowUsers {self.user}\n"
-            "LogLevel VERBOSE\n")
+            "LogLevel VERBOSE\n" + self.extra_config)
 
     def start(self) -> None:
         Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory

@@ -3,11 +3,15 @@ writes the textfile; a port in use stops start-up; an SSH node's dropped connect
 
 from __future__ import annotations
 
+import http.client
 import os
 import platform
+import pwd
 import signal
 import socket
 import stat
+import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
@@ -184,3 +188,108 @@ def test_a_textfile_in_a_missing_directory_stops_start_up_with_exit_2(db: Db, da
     assert started.proc is not None and started.proc.wait(15) == 2
     assert (f"[metrics] textfile = '{path}': the directory {path.parent} does not exist; create it"
             in started.log())
+
+
+def test_a_symlink_planted_at_the_textfiles_temporary_name_is_never_followed(
+        db: Db, daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    """Another user who may write the textfile directory plants `<path>.tmp` -> a private file of the daemon's
+    user: the daemon neither writes through it nor changes its mode."""
+    directory = tmp_path / "shared-textfile"
+    directory.mkdir()
+    directory.chmod(0o777)  # not sticky: fs.protected_symlinks would not stop the daemon following the link
+    victim = tmp_path / "private"
+    victim.write_text("secret\n")
+    victim.chmod(0o600)
+    path = directory / "nexus-jobd.prom"
+    planted = directory / "nexus-jobd.prom.tmp"
+    planted.symlink_to(victim)
+    nobody = pwd.getpwnam("nobody")
+    os.lchown(planted, nobody.pw_uid, nobody.pw_gid)  # the link is the other user's
+    daemon_factory(f'[metrics]\ntextfile = "{path}"\n').start()
+    written = wait_for(lambda: path.exists() and samples(path.read_text()), message="the textfile at start")
+    assert value(written, "nexus_jobd_node_up", node="localhost") == 1
+    assert (victim.read_text(), stat.S_IMODE(victim.stat().st_mode)) == ("secret\n", 0o600)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644 and not path.is_symlink()
+
+
+def _open_files(daemon: Daemon) -> tuple[int, int]:
+    assert daemon.proc is not None
+    for line in Path(f"/proc/{daemon.proc.pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no open files limit")
+
+
+def _idle_connections(port: int, count: int) -> list[socket.socket]:
+    """Connections that never send a byte (connect without waiting: the daemon decides what to accept)."""
+    held = []
+    for _ in range(count):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        held.append(s)
+    return held
+
+
+def _scrape_or_none(port: int) -> Samples | None:
+    """A scrape, or None while the daemon closes connections unanswered (it has as many as it takes)."""
+    try:
+        return scrape(port)
+    except (OSError, http.client.HTTPException):
+        return None
+
+
+@pytest.mark.parametrize("keeper", [False, True])
+def test_idle_connections_cannot_take_the_daemons_descriptors(db: Db, daemon_factory: Callable[..., Daemon],
+                                                              port: int, keeper: bool) -> None:
+    """Hundreds of connections that send nothing, to a daemon allowed 256 descriptors (that spawns its own jobs,
+    or has the keeper spawn them): its jobs still start, and /metrics answers again once the idle ones have timed
+    out."""
+    config = f'[metrics]\nlisten = "127.0.0.1:{port}"\n[daemon]\nkeeper = {str(keeper).lower()}\n'
+    daemon = daemon_factory(config, prefix=["prlimit", "--nofile=256:256", "--"]).start()
+    held = _idle_connections(port, 600)
+    try:
+        time.sleep(1)  # the daemon takes what it takes of them
+        jobs = [db.insert(f"echo {i}") for i in range(6)]
+        rows = [db.wait_status(job_id, timeout=30) for job_id in jobs]
+        assert [(r["status"], r["stdout"]) for r in rows] == [("completed", f"{i}\n") for i in range(6)], rows
+        started = time.monotonic()
+        found = wait_for(lambda: _scrape_or_none(port), timeout=30, interval=0.2,
+                         message="an answer once the idle connections timed out")
+        print(f"/metrics answered {time.monotonic() - started:.1f} s after the jobs")
+        assert finished(found, "completed") == 6
+    finally:
+        for s in held:
+            s.close()
+    assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+def test_the_soft_descriptor_limit_is_raised_at_start_up(db: Db, daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory(prefix=["prlimit", "--nofile=256:4096", "--"]).start()
+    assert _open_files(daemon) == (4096, 4096)
+
+
+def test_accept_errors_are_logged_a_few_times_not_flooded(db: Db, daemon_factory: Callable[..., Daemon],
+                                                          port: int) -> None:
+    """Out of descriptors (set from outside with prlimit, as another part of the daemon could use them up),
+    every accept fails: that is said once in a while, with how many failed, not a hundred times a tick."""
+    daemon = daemon_factory(f'[metrics]\nlisten = "127.0.0.1:{port}"\n').start()
+    assert daemon.proc is not None
+    in_use = len(os.listdir(f"/proc/{daemon.proc.pid}/fd"))
+    soft, hard = _open_files(daemon)
+    subprocess.run(["prlimit", f"--pid={daemon.proc.pid}", f"--nofile={in_use + 1}:{hard}"], check=True)
+    held = _idle_connections(port, 200)
+    try:
+        time.sleep(4)
+        lines = [line for line in daemon.log().splitlines()
+                 if "out of system resource" in line or "metrics.accept_failed" in line]
+        print(f"{len(lines)} log lines about failed accepts in 4 s, {len(daemon.log())} bytes of log")
+        assert 1 <= len(lines) <= 3, lines[:5]
+        assert daemon.events("metrics.accept_failed")
+    finally:
+        for s in held:
+            s.close()
+    subprocess.run(["prlimit", f"--pid={daemon.proc.pid}", f"--nofile={soft}:{hard}"], check=True)
+    wait_for(lambda: _scrape_or_none(port), timeout=30, interval=0.2, message="answering again")
+    assert daemon.proc.poll() is None

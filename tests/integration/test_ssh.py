@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pwd
@@ -9,11 +10,13 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from daemon.executors import spool
 from tests.conftest import NEXUS_JOBD, Daemon, Db, require, wait_for
 from tests.integration.conftest import Sshd
 
@@ -253,3 +256,100 @@ def test_a_job_for_a_node_that_does_not_answer_waits_for_it_and_is_not_an_attemp
     row = db.wait_status(job_id, timeout=60)
     assert (row["status"], row["stdout"], row["attempt"], row["error"]) == ("completed", "back\n", 1, None)
     assert not [e for e in daemon.events("job.finished") if e["job_id"] == job_id and e["status"] == "failed"]
+
+
+@pytest.mark.parametrize("default_cwd", ["home", "~/work", "absolute"])
+def test_a_remote_job_without_cwd_runs_in_the_nodes_default_and_what_it_writes_outlives_its_spool(
+        sshd: Sshd, db: Db, daemon_factory: Callable[..., Daemon], default_cwd: str) -> None:
+    """Without a cwd, a job runs in the node user's home (or its node's default_cwd), never in its spool: what it
+    writes there stays after the row is final and the spool is removed."""
+    directory = {"home": sshd.home, "~/work": sshd.home / "work", "absolute": sshd.root / "elsewhere"}[default_cwd]
+    directory.mkdir(exist_ok=True)
+    shutil.chown(directory, sshd.user)
+    setting = {"home": {}, "~/work": {"default_cwd": "~/work"}, "absolute": {"default_cwd": str(directory)}}
+    daemon_factory(config=FAST + sshd.node_config(**setting[default_cwd])).start()
+    name = f"result-{uuid.uuid4().hex[:8]}.txt"
+    job_id = db.insert(f"echo important > {name}; pwd", node_id="box")
+    row = db.wait_status(job_id, timeout=30)
+    assert (row["status"], row["stdout"]) == ("completed", f"{directory}\n"), row
+    spool_dir = sshd.home / ".cache" / "nexus-jobd" / "jobs" / spool.dir_name(f"{job_id}:1")
+    wait_for(lambda: not spool_dir.exists(), timeout=20, message="the spool removed")
+    assert (directory / name).read_text() == "important\n"
+    # A relative cwd is taken from the same directory; one that starts with '-' is a directory, never an option.
+    (directory / "-L").mkdir(exist_ok=True)
+    relative = db.wait_status(db.insert("pwd", node_id="box", cwd="-L"), timeout=30)
+    assert (relative["status"], relative["stdout"]) == ("completed", f"{directory}/-L\n")
+    for cwd in ("-", "-P", "--", "no-such-dir"):
+        missing = db.wait_status(db.insert("pwd", node_id="box", cwd=cwd), timeout=30)
+        assert (missing["status"], missing["exit_code"], missing["stdout"]) == ("failed", 127, ""), (cwd, missing)
+        assert f"./{cwd}" in missing["stderr"]  # the shell's reason names the directory
+
+
+def test_a_missing_node_default_cwd_fails_the_job_with_127(sshd: Sshd, db: Db,
+                                                           daemon_factory: Callable[..., Daemon]) -> None:
+    daemon_factory(config=FAST + sshd.node_config(default_cwd="~/no-such-directory")).start()
+    row = db.wait_status(db.insert("pwd", node_id="box"), timeout=30)
+    assert (row["status"], row["exit_code"], row["stdout"]) == ("failed", 127, "")
+    assert "no-such-directory" in row["stderr"]
+
+
+def _command_lines() -> list[bytes]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                found.append((entry / "cmdline").read_bytes())
+            except OSError:
+                continue
+    return found
+
+
+def test_a_remote_jobs_environment_is_in_no_command_line_on_the_node(
+        sshd: Sshd, db: Db, daemon_factory: Callable[..., Daemon]) -> None:
+    """Every user of a node may read every process's command line (`ps`): the row's variables never go there,
+    and the job still sees each of them exactly (an unset one unset)."""
+    daemon_factory(config=FAST + sshd.node_config()).start()
+    secret, go = f"s3cret-{uuid.uuid4().hex}", sshd.home / f"go-{uuid.uuid4().hex[:8]}"
+    awkward = "two\nlines 'quoted' \"$HOME\" `x` \\ end"
+    job_id = db.insert(f'echo "token=$API_TOKEN"; while [ ! -e {go} ]; do sleep 0.05; done; printf %s "$AWKWARD"; '
+                       'echo; echo "${SSH_CONNECTION-unset}"', node_id="box",
+                       env={"API_TOKEN": secret, "AWKWARD": awkward, "SSH_CONNECTION": None})
+    wait_for(lambda: db.job(job_id)["stdout"] == f"token={secret}\n", timeout=30, message="running remotely")
+    leaks = [line for line in _command_lines() if secret.encode() in line]
+    go.touch()
+    assert leaks == []
+    row = db.wait_status(job_id, timeout=30)
+    assert (row["status"], row["stdout"]) == ("completed", f"token={secret}\n{awkward}\nunset\n")
+
+
+def test_a_command_that_starts_with_a_dash_is_a_command_locally_and_remotely(
+        sshd: Sshd, db: Db, daemon_factory: Callable[..., Daemon]) -> None:
+    daemon_factory(config=FAST + sshd.node_config()).start()
+    for node in ("localhost", "box"):
+        row = db.wait_status(db.insert("-x 2>/dev/null; echo ran", node_id=node), timeout=30)
+        assert (row["status"], row["stdout"]) == ("completed", "ran\n"), (node, row)
+
+
+@pytest.mark.anyio
+async def test_the_variables_of_a_docker_command_run_for_a_job_are_in_no_command_line_either(
+        sshd: Sshd, tmp_path: Path) -> None:
+    """`docker stop` and `docker ps` run on the node with the job's variables (DOCKER_HOST and the row's env)."""
+    from daemon.config import Overrides, load
+    from daemon.executors.ssh import SshExecutor
+    from daemon.tools import Command
+
+    config_file = tmp_path / "node.toml"
+    config_file.write_text(sshd.node_config())
+    executor = SshExecutor(load(Overrides(config_path=str(config_file)), environ={}).nodes["box"])
+    secret = f"s3cret-{uuid.uuid4().hex}"
+    try:
+        task = asyncio.create_task(executor.output(
+            Command(argv=("sh", "-c", 'sleep 1; printf %s "$TOKEN"'), cwd=None, env={"TOKEN": secret}), 30))
+        seen = []
+        while not task.done():
+            seen += [line for line in _command_lines() if b"sleep 1" in line]
+            await asyncio.sleep(0.02)
+        assert await task == secret
+    finally:
+        await executor.aclose()
+    assert seen and not [line for line in seen if secret.encode() in line]

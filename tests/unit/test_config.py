@@ -501,3 +501,29 @@ def test_on_stop_and_reattach_timeout_default_and_are_checked(tmp_path: Path) ->
     with pytest.raises(ConfigError) as info:
         load_file(path)
     assert str(info.value).startswith(f"{path}: [daemon] on_stop = 'kill': expected one of detach, drain")
+
+
+NODE = '[nodes.pi]\nhost = "pi.lan"\nknown_hosts = "/dev/null"\n'
+
+
+@pytest.mark.parametrize("value", ["~", "~/jobs", "/srv/jobs", "/"])
+def test_an_ssh_nodes_default_cwd_is_the_nodes_own_path_unexpanded(tmp_path: Path, value: str) -> None:
+    config = load_file(write(tmp_path, NODE + f'default_cwd = "{value}"\n'))
+    assert config.nodes["pi"].default_cwd == value  # `~` is the node user's home: expanded there, not here
+    assert load_file(write(tmp_path, NODE)).nodes["pi"].default_cwd is None
+
+
+@pytest.mark.parametrize(("text", "detail"), [
+    (NODE + 'default_cwd = "jobs"\n', "an absolute path ('/srv/jobs') or one under its user's home ('~' or"),
+    (NODE + 'default_cwd = "~other/jobs"\n', "an absolute path"),
+    (NODE + 'default_cwd = "/srv\\njobs"\n', "on one line"),
+    (NODE + 'default_cwd = ""\n', "a non-empty string"),
+    (NODE + "default_cwd = 3\n", "a non-empty string"),
+    ('[nodes.localhost]\ndefault_cwd = "/srv"\n', "its jobs run in [daemon] default_cwd; set it there"),
+])
+def test_a_bad_node_default_cwd_names_the_node_and_the_fix(tmp_path: Path, text: str, detail: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_file(path)
+    assert str(info.value).startswith(f"{path}: [nodes.") and "default_cwd" in str(info.value)
+    assert detail in str(info.value), str(info.value)

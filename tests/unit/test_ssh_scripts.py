@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -105,15 +106,19 @@ class Node:
     """The node's side of one reader channel: dash running a start or reader script, driven as the daemon drives
     it (a request line per reply), its frames parsed by the daemon's own parser."""
 
-    def __init__(self, home: Path, script: str, login_shell: tuple[str, ...] = ("dash",)) -> None:
+    def __init__(self, home: Path, script: str, login_shell: tuple[str, ...] = ("dash",),
+                 preamble: bytes = b"") -> None:
         # As sshd runs a command: the login shell with -c and the command line; ours is always in_sh(script).
         self.proc = subprocess.Popen([*login_shell, "-c", in_sh(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env={"HOME": str(home), "PATH": os.defpath},
                                      start_new_session=True)
+        if preamble:  # a start's variables, as the daemon sends them first
+            assert self.proc.stdin is not None
+            os.write(self.proc.stdin.fileno(), preamble)
         self.out, self.err = bytearray(), bytearray()
         self.skipped = {1: 0, 2: 0}
         self.replies: list[spool.Reply] = []
-        self.parser = spool.FrameParser(self._data, self._skip, self.replies.append)
+        self.parser = spool.FrameParser(self._data, self._skip, self.replies.append, max_piece=1 << 30)
 
     def _data(self, stream: int, data: bytes) -> None:
         (self.out if stream == 1 else self.err).extend(data)
@@ -128,6 +133,7 @@ class Node:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         # Straight to the fd, not through the BufferedWriter: a reader that has already answered and exited (the
         # job's directory is gone) closes the pipe, and a buffered write left pending would raise again at GC.
+        self.parser.expect()
         with contextlib.suppress(BrokenPipeError):
             os.write(self.proc.stdin.fileno(), f"{offsets[0]} {offsets[1]}\n".encode())
         count = len(self.replies)
@@ -152,8 +158,8 @@ def _job_dir(home: Path, key: str) -> Path:
 
 
 def _start(home: Path, shell: str, key: str = "job:1", cap: int = 100_000, cwd: str | None = None) -> Node:
-    return Node(home, spool.start_script(Command(argv=("sh", "-c", shell), cwd=cwd, env={"X": "y z"}, key=key),
-                                         spool.dir_name(key), cap))
+    command = Command(argv=("sh", "-c", shell), cwd=cwd, env={"X": "y z"}, key=key)
+    return Node(home, spool.start_script(command, spool.dir_name(key), cap), preamble=spool.env_message(command.env))
 
 
 def test_a_started_job_is_read_exactly_with_its_status_and_private_files(home: Path) -> None:
@@ -263,8 +269,55 @@ def test_jobs_run_and_are_read_whatever_the_login_shell(home: Path, login_shell:
             f"{login_shell[0]} is not installed (scripts/install-test-deps installs it)")
     key = "job:1"
     command = Command(argv=("sh", "-c", "echo hi; sleep 0.3; echo bye"), cwd=None, env={}, key=key)
-    node = Node(home, spool.start_script(command, spool.dir_name(key), 1000), login_shell)
+    node = Node(home, spool.start_script(command, spool.dir_name(key), 1000), login_shell, spool.env_message({}))
     end = node.until_end()
     assert (end.kind, spool.parse_status(end.value), bytes(node.out)) == ("rc", 0, b"hi\nbye\n")
     pgid, started, *_ = (_job_dir(home, key) / "pid").read_text().split()
     assert int(pgid) == node.proc.pid and started != "-"
+
+
+class Frames:
+    """The daemon's parser fed what a hostile node could send, with `asked` requests out."""
+
+    def __init__(self, asked: int = 1, max_piece: int = 1025) -> None:
+        self.data: list[tuple[int, bytes]] = []
+        self.skips: list[tuple[int, int]] = []
+        self.replies: list[spool.Reply] = []
+        self.parser = spool.FrameParser(lambda s, d: self.data.append((s, d)), lambda s, n: self.skips.append((s, n)),
+                                        self.replies.append, max_piece=max_piece)
+        for _ in range(asked):
+            self.parser.expect()
+
+
+@pytest.mark.parametrize(("frames", "why"), [
+    (b"K1 18446744073709551616\n", "a count of 18446744073709551616 bytes, more than a spool can hold"),
+    (b"K2 9007199254740992\n", "a count of 9007199254740992 bytes, more than a spool can hold"),
+    (b"K1 " + b"9" * 4000 + b"\n", "more than a spool can hold"),
+    (b"D1 1026\n", "a piece of 1026 bytes, more than a reader sends at once (1025)"),
+    (b"D1 99999999999999999999\n", "more than a spool can hold"),
+    (b"K1 -5\n", "a frame header that does not parse"),
+    (b"D1 \xc2\xb2\n", "a frame header that does not parse"),  # '²' is a digit to str.isdigit()
+    (b"Z run\nZ run\n", "an answer nobody asked for ('Z run')"),
+    (b"D1 3\nabcZ run\nD1 1\nx", "an answer nobody asked for ('D1 1')"),
+    (b"Z run now\n", "an end of reply that does not parse"),
+])
+def test_counts_and_answers_a_reader_could_not_honestly_send_are_protocol_errors(frames: bytes, why: str) -> None:
+    with pytest.raises(spool.ProtocolError, match=re.escape(why)):
+        Frames().parser.feed(frames)
+
+
+def test_the_largest_honest_counts_pass_and_a_refusal_ends_the_conversation() -> None:
+    frames = Frames(asked=2)
+    frames.parser.feed(b"D1 1025\n" + b"x" * 1025 + b"K1 9007199254740991\nZ run\nZ rc 3\n")
+    assert frames.skips == [(1, 2**53 - 1)] and sum(len(d) for _, d in frames.data) == 1025
+    assert [(r.kind, r.value) for r in frames.replies] == [("run", ""), ("rc", "3")]
+    refused = Frames(asked=0)  # a start refused before any request: the only frame that needs none
+    refused.parser.feed(b"X the job directory exists already\n" + b"X again\n" * 1000 + b"Z run\n")
+    assert [(r.kind, r.value) for r in refused.replies] == [("error", "the job directory exists already")]
+
+
+@pytest.mark.parametrize(("text", "status"), [("3", 3), ("255", 255), ("256", None), ("99999999999999999999", None),
+                                             ("-1", None), ("\u00b2", None), ("", None)])
+def test_a_status_or_poke_is_an_exit_status_or_nothing(text: str, status: int | None) -> None:
+    assert spool.parse_status(text) == status
+    assert spool.empty_end(f"E {text}\n".encode()) == status

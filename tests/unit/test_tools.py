@@ -34,12 +34,13 @@ def argv(command: Any, tool: Any = "bash") -> tuple[str, ...]:
 
 def test_bash_runs_the_command_as_one_script() -> None:
     script = "echo 'a b' | tr a-z A-Z; exit 3"
-    assert build(job(script), TOOLS) == Command(argv=("bash", "-c", script), cwd=None, env=NO_PROMPTS, key="job-1:1")
+    expected = Command(argv=("bash", "-c", "--", script), cwd=None, env=NO_PROMPTS, key="job-1:1")
+    assert build(job(script), TOOLS) == expected
 
 
 def test_bash_keeps_a_multiline_script_whole() -> None:
     script = "set -e\nfor i in 1 2; do echo $i; done\n"
-    assert argv(script) == ("bash", "-c", script)
+    assert argv(script) == ("bash", "-c", "--", script)
 
 
 @pytest.mark.parametrize("tool", ["git", "docker"])
@@ -112,7 +113,7 @@ def test_a_blob_is_refused_even_when_its_bytes_are_valid_utf8() -> None:
 def test_metadata_line_is_stripped() -> None:
     assert strip_metadata('echo hi\n# {"conversation":"x"}') == "echo hi"
     assert strip_metadata('echo hi\n#{"a": {"b": [1, 2]}}  ') == "echo hi"
-    assert argv('echo hi\n# {"conversation":"x"}') == ("bash", "-c", "echo hi")
+    assert argv('echo hi\n# {"conversation":"x"}') == ("bash", "-c", "--", "echo hi")
     assert argv('status\n# {"conversation":"x"}', "git") == ("git", "status")
 
 
@@ -127,7 +128,7 @@ def test_metadata_line_is_stripped() -> None:
 ])
 def test_other_comment_lines_are_kept(command: str) -> None:
     assert strip_metadata(command) == command
-    assert argv(command) == ("bash", "-c", command)
+    assert argv(command) == ("bash", "-c", "--", command)
 
 
 def test_a_command_that_is_only_metadata_is_empty() -> None:
@@ -174,7 +175,7 @@ def test_a_tool_the_node_does_not_run_is_rejected() -> None:
 
 
 def test_command_length_limit_is_the_longest_single_argument() -> None:
-    assert argv("x" * MAX_COMMAND_BYTES) == ("bash", "-c", "x" * MAX_COMMAND_BYTES)
+    assert argv("x" * MAX_COMMAND_BYTES) == ("bash", "-c", "--", "x" * MAX_COMMAND_BYTES)
     with pytest.raises(BadJob, match=rf"command is longer than {MAX_COMMAND_BYTES} bytes"):
         build(job("x" * (MAX_COMMAND_BYTES + 1)), TOOLS)
 
@@ -188,7 +189,7 @@ def test_command_length_is_counted_in_utf8_bytes() -> None:
 
 def test_metadata_does_not_count_towards_the_length_limit() -> None:
     command = "x" * MAX_COMMAND_BYTES + '\n# {"conversation": "x"}'
-    assert argv(command) == ("bash", "-c", "x" * MAX_COMMAND_BYTES)
+    assert argv(command) == ("bash", "-c", "--", "x" * MAX_COMMAND_BYTES)
 
 
 # -- env ------------------------------------------------------------------------------------------------------
@@ -200,9 +201,9 @@ def test_no_env_is_an_empty_mapping(raw: Any) -> None:
 
 
 def test_env_values_strings_numbers_and_null() -> None:
-    raw = '{"S": "text", "EMPTY": "", "I": 42, "NEG": -1, "F": 1.5, "UNSET": null, "A B": "spaces ok"}'
+    raw = '{"S": "text", "EMPTY": "", "I": 42, "NEG": -1, "F": 1.5, "UNSET": null, "_lower_9": "spaces ok"}'
     assert parse_env(raw) == {"S": "text", "EMPTY": "", "I": "42", "NEG": "-1", "F": "1.5", "UNSET": None,
-                              "A B": "spaces ok"}
+                              "_lower_9": "spaces ok"}
 
 
 def test_env_as_a_blob_or_as_text_that_is_not_utf8_is_refused() -> None:
@@ -222,6 +223,14 @@ def test_env_as_a_blob_or_as_text_that_is_not_utf8_is_refused() -> None:
     ('{"": "x"}', r"env has an invalid variable name ''"),
     ('{"A=B": "x"}', r"env has an invalid variable name 'A=B'"),
     ('{"A\\u0000": "x"}', r"env has an invalid variable name 'A\\x00'"),
+    # Names a shell can set and a program can read: one starting with '-' was an option to `env` on a node.
+    ('{"-i": "x"}', r"env has an invalid variable name '-i': names are letters, digits and _"),
+    ('{"-u": "PATH"}', r"env has an invalid variable name '-u'"),
+    ('{"A B": "x"}', r"env has an invalid variable name 'A B'"),
+    ('{"A-B": "x"}', r"env has an invalid variable name 'A-B'"),
+    ('{"1X": "x"}', r"env has an invalid variable name '1X'"),
+    ('{"\\u00c9T\\u00c9": "x"}', r"env has an invalid variable name 'ÉTÉ'"),
+    ('{"A": "\\ud800"}', r"env\['A'\] holds a lone UTF-16 surrogate"),
     ('{"A": {"nested": 1}}', r"env\['A'\] must be a string, a number or null"),
     ('{"A": [1]}', r"env\['A'\] must be a string, a number or null"),
     ('{"A": true}', r"env\['A'\] must be a string, a number or null, got True"),
