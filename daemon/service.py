@@ -22,6 +22,7 @@ import anyio
 
 from daemon import config as config_module
 from daemon import logging as log
+from daemon import procs
 from daemon.config import Config, NodeConfig, Overrides
 from daemon.dispatch import Dispatcher
 from daemon.errors import ConfigError, JobdError
@@ -53,7 +54,7 @@ def new_worker_id() -> str:
 def executors_for(config: Config, metrics: Hooks | None = None) -> dict[str, Executor]:
     local = LocalExecutor(base_env=config.job_environment, default_cwd=config.default_cwd,
                           drain_timeout_s=config.drain_timeout_ms / 1000,
-                          keeper=KeeperClient(config.db_name) if config.keeper else None)
+                          keeper=KeeperClient(config.db_name, config.job_environment) if config.keeper else None)
     executors: dict[str, Executor] = {config.local_node: local}
     remote = [node for node in config.nodes.values() if node.ssh is not None]
     if remote:
@@ -169,6 +170,9 @@ def _check_database_access(config: Config) -> None:
 async def serve(config: Config, overrides: Overrides | None = None, *, install_signals: bool = True) -> int:
     """Run until stopped; returns the process exit code (0 after a clean drain, 1 after losing the lease)."""
     _check_host(config)
+    # Jobs run as our user (with keeper = false, as our children): none may read our environment (the secrets
+    # jobs do not get) from /proc/PID/environ, nor our memory. Same-user debuggers (py-spy) then need root.
+    procs.make_undumpable()
     store = await open_store(config.db_target, busy_timeout_ms=config.busy_timeout_ms, daemon=True)
     notifier = Notifier(config.notify_socket, config.watchdog_usec)
     exporter: Exporter | None = None
