@@ -9,14 +9,19 @@ ready and the dispatcher runs, STATUS= lines, WATCHDOG=1 from the event loop, ST
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import grp
 import os
+import pwd
 import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import anyio
 
@@ -141,30 +146,63 @@ def _check_local_limits(config: Config) -> None:
 
 
 def _check_database_access(config: Config) -> None:
-    """Writing the database means running commands as this daemon's user: refuse one that others can write.
+    """Writing the database means running commands as this daemon's user: refuse one that others can write, where
+    it is or where a link to it leads. Reading it means reading every job's environment and output: warn.
     (A PostgreSQL database is guarded by its server's roles and grants.)"""
-    if config.db_url is not None:
+    if config.db_url is None:
+        resolved = Path(os.path.realpath(config.db_path))
+        for path in dict.fromkeys((config.db_path.parent, resolved, resolved.parent)):
+            _check_not_shared(config, path, resolved)
+        _warn_if_readable(resolved)
+
+
+def _check_not_shared(config: Config, path: Path, database: Path) -> None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return  # created private (0600 in 0700) on first use
+    shared = st.st_mode & 0o022  # a world-writable /tmp too: others could plant the -wal file there
+    foreign = st.st_uid != os.getuid()
+    if not (shared or foreign):
         return
-    for path in (config.db_path, config.db_path.parent):
-        try:
+    what = f"owned by uid {st.st_uid}" if foreign else f"writable by others (mode {oct(st.st_mode & 0o777)})"
+    if config.allow_shared_database:
+        logger.warning("db.shared", path=str(path), problem=what,
+                       reason="allow_shared_database = true: whoever can write it can run commands here")
+        return
+    kind = "directory" if stat.S_ISDIR(st.st_mode) else "database"
+    via = f" (--db {config.db_path} leads to {database})" if database != config.db_path.absolute() else ""
+    if kind == "directory" and shared and st.st_mode & stat.S_ISVTX:  # a shared /tmp: no chmod makes it private
+        fix = f"Put the database in a directory of this user's own (mode 700), not in {path}"
+    else:
+        fix = f"Fix it (chown to this user; chmod {'700' if kind == 'directory' else '600'} {path})"
+    raise ConfigError(
+        f"{path}: the {kind} is {what}{via}; anyone who can write the database can run commands as this daemon's "
+        f"user. {fix} or set [database] allow_shared_database = true in {config.settings_file} to accept the risk"
+    )
+
+
+def _warn_if_readable(database: Path) -> None:
+    """Not refused: the mode of an existing file is its creator's choice (NexusCLI may make it 0644; a reader of
+    another user's may be meant), and readers cannot run commands. SQLite gives -wal and -shm the file's mode."""
+    readable = []
+    for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
+        with contextlib.suppress(OSError):
             st = path.stat()
-        except FileNotFoundError:
-            continue  # created private (0600 in 0700) on first use
-        shared = st.st_mode & 0o022  # a world-writable /tmp too: others could plant the -wal file there
-        foreign = st.st_uid != os.getuid()
-        if not (shared or foreign):
-            continue
-        what = f"owned by uid {st.st_uid}" if foreign else f"writable by others (mode {oct(st.st_mode & 0o777)})"
-        if config.allow_shared_database:
-            logger.warning("db.shared", path=str(path), problem=what,
-                           reason="allow_shared_database = true: whoever can write it can run commands here")
-            continue
-        kind = "directory" if path.is_dir() else "database"
-        raise ConfigError(
-            f"{path}: the {kind} is {what}; anyone who can write the database can run commands as this daemon's "
-            f"user. Fix it (chown to this user; chmod {'700' if kind == 'directory' else '600'} {path}) or set "
-            f"[database] allow_shared_database = true in {config.settings_file} to accept the risk"
-        )
+            if st.st_mode & 0o004 or (st.st_mode & 0o040 and not _private_group(st.st_gid)):
+                readable.append(f"{path} (mode {oct(st.st_mode & 0o777)})")
+    if readable:
+        logger.warning("db.readable", files=readable, risk="other users can read every job's environment "
+                       "(tokens) and output", fix=f"chmod 600 {database}*  (new -wal and -shm files take its mode)")
+
+
+def _private_group(gid: int) -> bool:
+    """The user's own group (named as the user, as most distributions make one per user), which no one else is in."""
+    try:
+        group = grp.getgrgid(gid)
+        return group.gr_name == pwd.getpwuid(os.getuid()).pw_name and not group.gr_mem
+    except KeyError:
+        return False
 
 
 async def serve(config: Config, overrides: Overrides | None = None, *, install_signals: bool = True) -> int:

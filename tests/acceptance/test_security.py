@@ -12,10 +12,12 @@ import os
 import pwd
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import sysconfig
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -299,3 +301,40 @@ def test_a_job_cannot_read_the_daemons_environment_from_proc(nobodys_db: Db, nob
         assert daemon.events("daemon.started")[0]["pid"] == daemon.proc.pid
     finally:
         daemon.stop_now()
+
+
+# -- the database file -----------------------------------------------------------------------------------------
+
+def test_a_database_link_into_a_shared_directory_is_refused_and_one_into_a_private_one_makes_a_private_file(
+        db_path: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    shared = Path("/tmp")  # sticky and world-writable: another user could plant the file or its -wal first
+    require(shared.stat().st_mode & 0o1777 == 0o1777, "/tmp is not a sticky world-writable directory here")
+    target = shared / f"nexus-jobd-{uuid.uuid4().hex}.db"
+    db_path.symlink_to(target)
+    try:
+        refused = daemon_factory().start(wait_ready=False)
+        assert refused.proc is not None and refused.proc.wait(15) == 2
+        log = refused.log()
+        assert f"{shared}: the directory is writable by others" in log and f"leads to {target}" in log, log
+        assert f"Put the database in a directory of this user's own (mode 700), not in {shared}" in log
+        assert not target.exists()
+    finally:
+        target.unlink(missing_ok=True)
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    db_path.unlink()
+    db_path.symlink_to(private / "jobs.db")
+    daemon_factory().start()
+    assert stat.S_IMODE((private / "jobs.db").stat().st_mode) == 0o600
+
+
+def test_a_database_others_can_read_is_named_in_a_warning_with_the_fix(
+        db: Db, daemon_factory: Callable[..., Daemon]) -> None:
+    db.path.chmod(0o644)  # as NexusCLI may create it
+    daemon = daemon_factory().start()
+    (warning,) = daemon.events("db.readable")
+    assert f"{db.path} (mode 0o644)" in warning["files"] and warning["fix"].startswith(f"chmod 600 {db.path}*")
+    db.path.chmod(0o600)
+    for path in db.path.parent.glob(f"{db.path.name}-*"):
+        path.chmod(0o600)
+    assert not daemon_factory().start().events("db.readable")
