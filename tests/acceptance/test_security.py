@@ -338,3 +338,21 @@ def test_a_database_others_can_read_is_named_in_a_warning_with_the_fix(
     for path in db.path.parent.glob(f"{db.path.name}-*"):
         path.chmod(0o600)
     assert not daemon_factory().start().events("db.readable")
+
+
+# -- database passwords ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("url", [
+    "postgres://u:S3CRET@[::1/db",  # libpq's parse error quotes the whole URL
+    "postgres://u:S3%zzCRET@127.0.0.1:1/db",  # ... or the token it could not decode
+    "postgresql://u@127.0.0.1:1/db?sslpassword=S3CRET",  # refused: the message names the database
+    "postgresql://u@127.0.0.1:1/db?%70assword=S3CRET&sslmode",  # a percent-encoded key is a key to libpq
+])
+def test_no_database_password_reaches_a_message(url: str, tmp_path: Path) -> None:
+    pytest.importorskip("psycopg")
+    for command in (["ps"], ["run"], ["db", "check"]):
+        result = subprocess.run([*NEXUS_JOBD, "--db", url, "--log-format", "json", *command], capture_output=True,
+                                text=True, timeout=30, env={**os.environ, "HOME": str(tmp_path)})
+        said = result.stdout + result.stderr
+        assert result.returncode != 0 and "PostgreSQL" in said, said
+        assert "S3" not in said and "CRET" not in said, said
