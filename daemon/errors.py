@@ -1,4 +1,5 @@
-"""The one base exception: every error a user can act on says what was wrong, where, and what to do."""
+"""The one base exception: every error a user can act on says what was wrong, where, and what to do; and a
+message stays readable however big the values it quotes."""
 
 from __future__ import annotations
 
@@ -21,3 +22,12 @@ class BadJob(JobdError):
 
 class DatabaseRewritten(DatabaseError):
     """Another program rewrote the database file outside SQLite's locking: nothing of ours may be written to it."""
+
+
+def shorten(text: str, limit: int) -> str:
+    """`text`, or where it is longer than `limit` (a message quoting a row's 5 MB value), its start and its end
+    around its true length: `aaa…(5000001 chars)…z`."""
+    if len(text) <= limit:
+        return text
+    tail = limit // 4
+    return f"{text[:limit - tail]}…({len(text)} chars)…{text[-tail:]}"

@@ -147,13 +147,11 @@ def _check_local_limits(config: Config) -> None:
 
 def _check_database_access(config: Config) -> None:
     """Writing the database means running commands as this daemon's user: refuse one that others can write, where
-    it is or where a link to it leads. Reading it means reading every job's environment and output: warn.
-    (A PostgreSQL database is guarded by its server's roles and grants.)"""
+    it is or where a link to it leads. (A PostgreSQL database is guarded by its server's roles and grants.)"""
     if config.db_url is None:
         resolved = Path(os.path.realpath(config.db_path))
         for path in dict.fromkeys((config.db_path.parent, resolved, resolved.parent)):
             _check_not_shared(config, path, resolved)
-        _warn_if_readable(resolved)
 
 
 def _check_not_shared(config: Config, path: Path, database: Path) -> None:
@@ -182,9 +180,13 @@ def _check_not_shared(config: Config, path: Path, database: Path) -> None:
     )
 
 
-def _warn_if_readable(database: Path) -> None:
-    """Not refused: the mode of an existing file is its creator's choice (NexusCLI may make it 0644; a reader of
-    another user's may be meant), and readers cannot run commands. SQLite gives -wal and -shm the file's mode."""
+def _warn_if_readable(config: Config) -> None:
+    """Reading the database means reading every job's environment and output: a file others can read is warned
+    about, not refused: the mode of an existing file is its creator's choice (NexusCLI may make it 0644; a reader
+    of another user's may be meant), and readers cannot run commands. SQLite gives -wal and -shm the file's mode."""
+    if config.db_url is not None:
+        return
+    database = Path(os.path.realpath(config.db_path))
     readable = []
     for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
         with contextlib.suppress(OSError):
@@ -217,6 +219,7 @@ async def serve(config: Config, overrides: Overrides | None = None, *, install_s
     try:
         exporter = await _exporter(config)  # [metrics] listen is bound now: a port in use stops start-up (exit 2)
         await store.migrate()
+        _warn_if_readable(config)  # once it is known to be our database
         return await _run(config, overrides or Overrides(), store, notifier, install_signals, exporter)
     finally:
         if exporter is not None:

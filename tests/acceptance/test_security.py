@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import pwd
 import shutil
@@ -356,3 +357,41 @@ def test_no_database_password_reaches_a_message(url: str, tmp_path: Path) -> Non
         said = result.stdout + result.stderr
         assert result.returncode != 0 and "PostgreSQL" in said, said
         assert "S3" not in said and "CRET" not in said, said
+
+
+# -- what reaches a terminal or a log ----------------------------------------------------------------------------
+
+ESCAPES = "\x1b]0;pwned\x07\x1b[2J\x9b31m\r"  # set the window title, clear the screen (C0 and C1), return
+
+
+def test_control_characters_in_the_database_reach_no_terminal_through_the_cli(db: Db, tmp_path: Path) -> None:
+    job_id = db.insert(f"printf '{ESCAPES}'")
+    db.conn.execute("UPDATE jobs SET status = 'failed', error = ?, stdout = ?, duration = 1, completed_at = 1, "
+                    "node_id = ? WHERE id = ?", (f"node said {ESCAPES}", ESCAPES, f"n{ESCAPES}", job_id))
+    db.conn.execute("INSERT INTO nodes (id, hostname, status, capabilities, created_at) VALUES (?, ?, 'error', ?, 1)",
+                    (f"n{ESCAPES}", f"h{ESCAPES}", json.dumps({"error": f"probe {ESCAPES}", "tools": [ESCAPES]})))
+    db.conn.execute("INSERT INTO jobd_workers (id, host, pid, started_at, heartbeat_at, stopped_at, stop_reason) "
+                    "VALUES (?, ?, 1, 1, 1, 1, ?)", (f"w{ESCAPES}", f"h{ESCAPES}", f"gone {ESCAPES}"))
+
+    def cli(*args: str) -> str:
+        result = subprocess.run([*NEXUS_JOBD, "--db", str(db.path), *args], capture_output=True,
+                                env={**os.environ, "HOME": str(tmp_path)}, timeout=30)
+        return (result.stdout + result.stderr).decode()
+
+    for args in (["ps"], ["show", job_id], ["nodes"], ["status"]):
+        shown = cli(*args)
+        assert not any(c in shown for c in "\x1b\x07\x9b\r"), (args, shown)
+        assert "\\x1b]0;pwned\\x07" in shown, (args, shown)  # escaped, not dropped
+    assert json.loads(cli("ps", "--json"))[0]["error"] == f"node said {ESCAPES}"  # JSON carries the value as is
+    assert cli("logs", job_id) == ESCAPES  # a job's own output is printed as it wrote it
+
+
+def test_a_huge_row_value_gives_bounded_log_lines_and_error(db: Db, daemon: Daemon) -> None:
+    row = db.wait_status(db.insert("true", tool="x" * 5_000_000))
+    assert row["status"] == "failed" and row["error"].startswith("unknown tool 'xxx")
+    length = len("unknown tool ''; node 'localhost' runs: bash, git, docker") + 5_000_000
+    assert len(row["error"]) < 3000 and f"…({length} chars)…" in row["error"], row["error"]
+    assert row["error"].endswith("'; node 'localhost' runs: bash, git, docker")  # the reason kept
+    finished = wait_for(lambda: daemon.events("job.finished"), message="job.finished logged")
+    assert "…(5000000 chars)…" in finished[0]["tool"]
+    assert max(len(line) for line in daemon.log().splitlines()) < 5000
