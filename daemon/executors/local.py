@@ -305,20 +305,22 @@ def _check_sizes(argv: tuple[str, ...], env: Mapping[str, str], cwd: str) -> Non
                          f"{PATH_MAX - 1} bytes of a path (PATH_MAX); use a shorter path")
     total = 8 * (len(argv) + len(env))  # the pointers to them count too
     for i, arg in enumerate(argv):
-        total += _at_most_one_argument(f"argument {i}", _size(arg))
+        if (size := _size(arg)) > MAX_ARG_STRLEN:
+            raise _too_long(f"argument {i}", size)
+        total += size
     for name, value in env.items():
-        total += _at_most_one_argument(f"variable {name[:60]}", _size(name) + _size(value))
+        if (size := _size(name) + _size(value)) > MAX_ARG_STRLEN:
+            raise _too_long(f"variable {name[:60]}", size)
+        total += size
     arg_max = os.sysconf("SC_ARG_MAX")
     if total > arg_max:
         raise SpawnError(f"the arguments and environment come to {total} bytes: more than the {arg_max} this host "
                          "passes to a program (ARG_MAX, `getconf ARG_MAX`); pass big data in a file")
 
 
-def _at_most_one_argument(what: str, size: int) -> int:
-    if size > MAX_ARG_STRLEN:
-        raise SpawnError(f"{what} is {size - 1} bytes: more than the {MAX_ARG_STRLEN - 1} bytes Linux passes to a "
-                         "program as one argument or variable (MAX_ARG_STRLEN); pass big data in a file")
-    return size
+def _too_long(what: str, size: int) -> SpawnError:
+    return SpawnError(f"{what} is {size - 1} bytes: more than the {MAX_ARG_STRLEN - 1} bytes Linux passes to a "
+                      "program as one argument or variable (MAX_ARG_STRLEN); pass big data in a file")
 
 
 def _ignore(_: bytes) -> None:
