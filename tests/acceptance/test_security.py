@@ -259,13 +259,15 @@ def nobodys_python() -> Iterator[str]:
     require(system is not None, "no python3 in /usr/bin for a daemon of nobody's (apt-get install python3-venv)")
     assert system is not None
     venv = Path(tempfile.mkdtemp(prefix="nexus-jobd-python-"))
-    venv.chmod(0o755)
-    subprocess.run([system, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True)
-    (next(venv.glob("lib/python3*/site-packages")) / "nexus-jobd.pth").write_text(
-        f"{Path(p.__file__).parents[2]}\n{sysconfig.get_path('purelib')}\n")
-    require(runs(str(venv / "bin/python")), f"nobody cannot run {sys.executable} nor a venv of {system}")
-    yield str(venv / "bin/python")
-    shutil.rmtree(venv)
+    try:
+        venv.chmod(0o755)
+        subprocess.run([system, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True)
+        (next(venv.glob("lib/python3*/site-packages")) / "nexus-jobd.pth").write_text(
+            f"{Path(p.__file__).parents[2]}\n{sysconfig.get_path('purelib')}\n")
+        require(runs(str(venv / "bin/python")), f"nobody cannot run {sys.executable} nor a venv of {system}")
+        yield str(venv / "bin/python")
+    finally:
+        shutil.rmtree(venv)
 
 
 @pytest.fixture
@@ -274,15 +276,17 @@ def nobodys_db(nobodys_python: str) -> Iterator[Db]:
     every process, as a daemon runs in production."""
     home = Path(tempfile.mkdtemp(prefix="nexus-jobd-nobody-"))
     nobody = pwd.getpwnam("nobody")
-    os.chown(home, nobody.pw_uid, nobody.pw_gid)
     path = home / "nexuscli.db"
-    subprocess.run([*NOBODY, nobodys_python, *NEXUS_JOBD, "--db", str(path), "db", "migrate"], check=True,
-                   capture_output=True, env={**os.environ, "HOME": str(home)})
-    db = Db(path)
-    yield db
-    db.close()
-    kill_keeper(path, uid=nobody.pw_uid)
-    shutil.rmtree(home)
+    try:
+        os.chown(home, nobody.pw_uid, nobody.pw_gid)
+        subprocess.run([*NOBODY, nobodys_python, *NEXUS_JOBD, "--db", str(path), "db", "migrate"], check=True,
+                       capture_output=True, env={**os.environ, "HOME": str(home)})
+        db = Db(path)
+        yield db
+        db.close()
+    finally:
+        kill_keeper(path, uid=nobody.pw_uid)
+        shutil.rmtree(home)
 
 
 @pytest.mark.parametrize("keeper", [True, False], ids=["keeper", "keeper = false"])
@@ -320,7 +324,8 @@ def test_a_database_link_into_a_shared_directory_is_refused_and_one_into_a_priva
         assert f"Put the database in a directory of this user's own (mode 700), not in {shared}" in log
         assert not target.exists()
     finally:
-        target.unlink(missing_ok=True)
+        for path in shared.glob(f"{target.name}*"):  # what an unfixed daemon made there, -wal and -shm too
+            path.unlink()
     private = tmp_path / "private"
     private.mkdir(mode=0o700)
     db_path.unlink()
