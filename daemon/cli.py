@@ -30,6 +30,8 @@ _NO_DAEMON_REPEAT_S = 15.0  # and how often to say again that there is none
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # SQLite's INTEGER
 _UNITS_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 _MAX_AGE_DAYS = 36500  # prune --older-than: a century; no job ended longer ago than that
+# C0 and C1 controls and DEL but newline and tab, and the bidirectional overrides that reorder what is shown.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
@@ -64,17 +66,28 @@ def _with_store(cfg: config.Config, action: Callable[[Store], Awaitable[int]], *
     return anyio.run(main)
 
 
-def _text(value: Any) -> str:
-    """A value as a person reads it. TEXT that is not valid UTF-8 comes from the store as bytes: shown with a
-    \\xNN escape for each byte that does not decode (`job\\xff`), never as Python's b'...'."""
+def _raw(value: Any) -> str:
+    """A value as text. TEXT that is not valid UTF-8 comes from the store as bytes: shown with a \\xNN escape for
+    each byte that does not decode (`job\\xff`), never as Python's b'...'."""
     if isinstance(value, bytes):
         return value.decode("utf-8", "backslashreplace")
     return str(value)
 
 
+def _text(value: Any) -> str:
+    """A value as a person reads it on a terminal: control characters escaped (`\\x1b]0;...`), since any writer
+    of the database (or a node, through its error) could otherwise retitle, clear or rewrite the screen. Only
+    `logs` prints a job's output as it wrote it, and --json leaves escaping to JSON."""
+    return _CONTROL.sub(_escaped, _raw(value))
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode("ascii")
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, bytes):
-        return _text(value)
+        return _raw(value)
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
@@ -97,7 +110,7 @@ def _duration(ms: Any) -> str:
 
 
 def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
-    lines = [header, *rows]
+    lines = [header, *(tuple(cell.replace("\n", " ").replace("\t", " ") for cell in row) for row in rows)]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)) + "  " + line[-1]
                      for line in lines)
@@ -175,8 +188,8 @@ async def _follow(store: Store, cfg: config.Config, job_id: Any, *, follow: bool
                 _attempt_marker(shown, attempt)
             out, err = _Follower(sys.stdout), _Follower(sys.stderr)
             shown = attempt
-        out.update(_text(row["stdout"] or ""), row.get("stdout_bytes"))
-        err.update(_text(row["stderr"] or ""), row.get("stderr_bytes"))
+        out.update(_raw(row["stdout"] or ""), row.get("stdout_bytes"))
+        err.update(_raw(row["stderr"] or ""), row.get("stderr_bytes"))
         if not follow or _ended(row):
             return row
         await _say_if_unserved(store, cfg, row, watch)
@@ -297,7 +310,7 @@ def cmd_show(cfg: config.Config, args: argparse.Namespace) -> int:
             if key == "worker_id" and value is not None:
                 shown = f"{shown} ({lease})"
             if key in ("stdout", "stderr"):
-                shown = f"{len(_text(value or ''))} characters (`nexus-jobd logs {_text(row['id'])[:8]}`)"
+                shown = f"{len(_raw(value or ''))} characters (`nexus-jobd logs {_text(row['id'])[:8]}`)"
             elif key in ("created_at", "started_at", "completed_at", "run_after") and isinstance(value, int):
                 shown = f"{value}  ({_age(value)} ago)"
             print(f"{key:>14}: {shown}")
@@ -313,7 +326,7 @@ async def _lease_holder(store: Store, worker_id: Any) -> str:
             if worker["stopped_at"] is not None:
                 return f"stopped: {_text(worker['stop_reason'])}"
             age_s = (worker["now"] - worker["heartbeat_at"]) / 1000
-            return f"pid {worker['pid']} on {_text(worker['host'])}, heartbeat {age_s:.1f}s ago"
+            return f"pid {_text(worker['pid'])} on {_text(worker['host'])}, heartbeat {age_s:.1f}s ago"
     return "unknown daemon"
 
 
@@ -370,7 +383,7 @@ def cmd_status(cfg: config.Config, args: argparse.Namespace) -> int:
                 state = f"NOT ANSWERING: last heartbeat {_age(w['heartbeat_at'])} ago"
             else:
                 state = f"alive, up {_age(w['started_at'])}, {w['running']} running"
-            print(f"  {_text(w['id'])}  pid {w['pid']} on {_text(w['host'])}: {state}")
+            print(f"  {_text(w['id'])}  pid {_text(w['pid'])} on {_text(w['host'])}: {state}")
         return 0
 
     try:
@@ -409,7 +422,7 @@ def cmd_nodes(cfg: config.Config, args: argparse.Namespace) -> int:
             age = "-" if row["heartbeat_age_s"] is None else f"{row['heartbeat_age_s']:.0f}s ago"
             tools = caps.get("tools")
             lines.append((_text(row["id"]), _text(row["status"]), age, str(row["running"]), str(row["queued"]),
-                          ",".join(map(str, tools)) if isinstance(tools, dict | list) and tools else "-",
+                          ",".join(map(_text, tools)) if isinstance(tools, dict | list) and tools else "-",
                           _text(caps.get("error") or row["hostname"])))
         print(_table(header, lines))
         return 0
@@ -733,13 +746,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nexus-jobd: configuration error: {e}", file=sys.stderr)
         return 2
     except DatabaseRewritten as e:
-        print(f"nexus-jobd: {e}", file=sys.stderr)
+        print(f"nexus-jobd: {_text(e)}", file=sys.stderr)
         return service.EXIT_DATABASE_REWRITTEN
-    except JobdError as e:
-        print(f"nexus-jobd: {e}", file=sys.stderr)
+    except JobdError as e:  # its message may quote a row's values
+        print(f"nexus-jobd: {_text(e)}", file=sys.stderr)
         return 1
     except DbError as e:  # one the store did not put in words: still one line, not a traceback
-        print(f"nexus-jobd: {db}: database error: {e}", file=sys.stderr)
+        print(f"nexus-jobd: {db}: database error: {_text(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from daemon.errors import ConfigError
 
@@ -260,15 +261,43 @@ def _database(config: Config, value: str) -> Config:
     return replace(config, db_path=_expand(value), db_url=None)
 
 
+_SECRET_KEYS = ("password", "sslpassword")  # libpq's connection options that hold a secret
+
+
 def redact_url(url: str) -> str:
-    """The URL with its password (if any) replaced by `***`: what logs and messages may show."""
+    """The URL with its passwords (if any) replaced by `***`: what logs and messages may show."""
+    return _passwords(url)[0]
+
+
+def redact_secrets(text: str, url: str) -> str:
+    """`text` (a driver's message, which may quote the URL or a piece of it) without the URL's passwords, as
+    written in it or decoded."""
+    redacted, secrets = _passwords(url)
+    text = text.replace(url, redacted)
+    for secret in sorted({form for s in secrets for form in (s, unquote(s)) if form}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _passwords(url: str) -> tuple[str, list[str]]:
+    """The URL with each password as `***`, and the passwords as written. Userinfo runs to the last `@` before the
+    query (a password with an unencoded `/` or `@` is still one); a query key is taken as libpq takes it,
+    percent-decoded (`%70assword` is `password`)."""
     scheme, sep, rest = url.partition("://")
-    netloc, slash, tail = rest.partition("/")
-    userinfo, at, hosts = netloc.rpartition("@")
+    before, question, query = rest.partition("?")
+    userinfo, at, hosts = before.rpartition("@")
+    secrets = []
     if at and ":" in userinfo:
-        userinfo = userinfo.split(":", 1)[0] + ":***"
-    redacted = f"{scheme}{sep}{userinfo}{at}{hosts}{slash}{tail}"
-    return re.sub(r"([?&]password=)[^&]*", r"\1***", redacted)
+        user, secret = userinfo.split(":", 1)
+        userinfo = f"{user}:***"
+        secrets.append(secret)
+    items = []
+    for key, eq, value in (item.partition("=") for item in query.split("&")) if question else ():
+        if eq and unquote(key) in _SECRET_KEYS:
+            secrets.append(value)
+            value = "***"
+        items.append(f"{key}{eq}{value}")
+    return f"{scheme}{sep}{userinfo}{at}{hosts}{question}{'&'.join(items)}", secrets
 
 
 def _read_file(path: Path) -> dict[str, Any]:

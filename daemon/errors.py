@@ -1,4 +1,5 @@
-"""The one base exception: every error a user can act on says what was wrong, where, and what to do."""
+"""The one base exception: every error a user can act on says what was wrong, where, and what to do; and a
+message stays readable however big the values it quotes."""
 
 from __future__ import annotations
 
@@ -26,3 +27,15 @@ class DatabaseRewritten(DatabaseError):
 class WholeFileWriter(DatabaseRewritten):
     """The file is kept by a program that writes it whole (NexusCLI's sql.js): refused before anything is written,
     until someone takes it over (`nexus-jobd db take-over`)."""
+
+
+def shorten(text: str, limit: int) -> str:
+    """`text`, or where it is longer than `limit` (a message quoting a row's 5 MB value), its start and its end
+    around its true length: `aaa…(5000001 chars)…z`, `limit` characters in all (so shortening again changes
+    nothing: a value shortened where it was made keeps its true length wherever it goes next)."""
+    if len(text) <= limit:
+        return text
+    marker = f"…({len(text)} chars)…"
+    room = max(0, limit - len(marker))
+    tail = room // 4
+    return f"{text[:room - tail]}{marker}{text[len(text) - tail:]}"

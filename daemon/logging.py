@@ -5,9 +5,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any, TextIO, cast
 
 import structlog
+
+from daemon.errors import shorten
+
+MAX_VALUE_CHARS = 1000  # a logged value longer than this (a row's 5 MB `tool`) keeps its start and its end
 
 
 class _LossyStream:
@@ -37,6 +42,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _cap_values,  # before the traceback is added: that one is kept whole
             structlog.processors.format_exc_info,
             renderer,
         ],
@@ -45,6 +51,26 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         cache_logger_on_first_use=False,
     )
     _bound.clear()  # loggers bound under the old configuration (a SIGHUP may change the level)
+
+
+def _cap_values(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key, value in event.items():
+        if value.__class__ is str:  # most values: the fast path (1 us an event, where isinstance took 3.5)
+            if len(value) > MAX_VALUE_CHARS:
+                event[key] = shorten(value, MAX_VALUE_CHARS)
+        elif isinstance(value, str | list | tuple | dict):
+            event[key] = _capped(value)
+    return event
+
+
+def _capped(value: Any) -> Any:
+    if isinstance(value, str):
+        return shorten(value, MAX_VALUE_CHARS)
+    if isinstance(value, dict):
+        return {_capped(k): _capped(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_capped(v) for v in value]
+    return value
 
 
 _bound: dict[str, Any] = {}  # component -> its bound logger, under the current configuration

@@ -9,20 +9,26 @@ ready and the dispatcher runs, STATUS= lines, WATCHDOG=1 from the event loop, ST
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import grp
 import os
+import pwd
 import resource
 import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import anyio
 
 from daemon import config as config_module
 from daemon import logging as log
+from daemon import procs
 from daemon.config import Config, NodeConfig, Overrides
 from daemon.dispatch import Dispatcher
 from daemon.errors import ConfigError, DatabaseRewritten, JobdError
@@ -55,7 +61,7 @@ def new_worker_id() -> str:
 def executors_for(config: Config, metrics: Hooks | None = None) -> dict[str, Executor]:
     local = LocalExecutor(base_env=config.job_environment, default_cwd=config.default_cwd,
                           drain_timeout_s=config.drain_timeout_ms / 1000,
-                          keeper=KeeperClient(config.db_name) if config.keeper else None)
+                          keeper=KeeperClient(config.db_name, config.job_environment) if config.keeper else None)
     executors: dict[str, Executor] = {config.local_node: local}
     remote = [node for node in config.nodes.values() if node.ssh is not None]
     if remote:
@@ -142,36 +148,74 @@ def _check_local_limits(config: Config) -> None:
 
 
 def _check_database_access(config: Config) -> None:
-    """Writing the database means running commands as this daemon's user: refuse one that others can write.
-    (A PostgreSQL database is guarded by its server's roles and grants.)"""
+    """Writing the database means running commands as this daemon's user: refuse one that others can write, where
+    it is or where a link to it leads. (A PostgreSQL database is guarded by its server's roles and grants.)"""
+    if config.db_url is None:
+        resolved = Path(os.path.realpath(config.db_path))
+        for path in dict.fromkeys((config.db_path.parent, resolved, resolved.parent)):
+            _check_not_shared(config, path, resolved)
+
+
+def _check_not_shared(config: Config, path: Path, database: Path) -> None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return  # created private (0600 in 0700) on first use
+    shared = st.st_mode & 0o022  # a world-writable /tmp too: others could plant the -wal file there
+    foreign = st.st_uid != os.getuid()
+    if not (shared or foreign):
+        return
+    what = f"owned by uid {st.st_uid}" if foreign else f"writable by others (mode {oct(st.st_mode & 0o777)})"
+    if config.allow_shared_database:
+        logger.warning("db.shared", path=str(path), problem=what,
+                       reason="allow_shared_database = true: whoever can write it can run commands here")
+        return
+    kind = "directory" if stat.S_ISDIR(st.st_mode) else "database"
+    via = f" (--db {config.db_path} leads to {database})" if database != config.db_path.absolute() else ""
+    if kind == "directory" and shared and st.st_mode & stat.S_ISVTX:  # a shared /tmp: no chmod makes it private
+        fix = f"Put the database in a directory of this user's own (mode 700), not in {path}"
+    else:
+        fix = f"Fix it (chown to this user; chmod {'700' if kind == 'directory' else '600'} {path})"
+    raise ConfigError(
+        f"{path}: the {kind} is {what}{via}; anyone who can write the database can run commands as this daemon's "
+        f"user. {fix} or set [database] allow_shared_database = true in {config.settings_file} to accept the risk"
+    )
+
+
+def _warn_if_readable(config: Config) -> None:
+    """Reading the database means reading every job's environment and output: a file others can read is warned
+    about, not refused: the mode of an existing file is its creator's choice (NexusCLI may make it 0644; a reader
+    of another user's may be meant), and readers cannot run commands. SQLite gives -wal and -shm the file's mode."""
     if config.db_url is not None:
         return
-    for path in (config.db_path, config.db_path.parent):
-        try:
+    database = Path(os.path.realpath(config.db_path))
+    readable = []
+    for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
+        with contextlib.suppress(OSError):
             st = path.stat()
-        except FileNotFoundError:
-            continue  # created private (0600 in 0700) on first use
-        shared = st.st_mode & 0o022  # a world-writable /tmp too: others could plant the -wal file there
-        foreign = st.st_uid != os.getuid()
-        if not (shared or foreign):
-            continue
-        what = f"owned by uid {st.st_uid}" if foreign else f"writable by others (mode {oct(st.st_mode & 0o777)})"
-        if config.allow_shared_database:
-            logger.warning("db.shared", path=str(path), problem=what,
-                           reason="allow_shared_database = true: whoever can write it can run commands here")
-            continue
-        kind = "directory" if path.is_dir() else "database"
-        raise ConfigError(
-            f"{path}: the {kind} is {what}; anyone who can write the database can run commands as this daemon's "
-            f"user. Fix it (chown to this user; chmod {'700' if kind == 'directory' else '600'} {path}) or set "
-            f"[database] allow_shared_database = true in {config.settings_file} to accept the risk"
-        )
+            if st.st_mode & 0o004 or (st.st_mode & 0o040 and not _private_group(st.st_gid)):
+                readable.append(f"{path} (mode {oct(st.st_mode & 0o777)})")
+    if readable:
+        logger.warning("db.readable", files=readable, risk="other users can read every job's environment "
+                       "(tokens) and output", fix=f"chmod 600 {database}*  (new -wal and -shm files take its mode)")
+
+
+def _private_group(gid: int) -> bool:
+    """The user's own group (named as the user, as most distributions make one per user), which no one else is in."""
+    try:
+        group = grp.getgrgid(gid)
+        return group.gr_name == pwd.getpwuid(os.getuid()).pw_name and not group.gr_mem
+    except KeyError:
+        return False
 
 
 async def serve(config: Config, overrides: Overrides | None = None, *, install_signals: bool = True) -> int:
     """Run until stopped; returns the process exit code (0 after a clean drain, 1 after losing the lease)."""
     _raise_open_files_limit()
     _check_host(config)
+    # Jobs run as our user (with keeper = false, as our children): none may read our environment (the secrets
+    # jobs do not get) from /proc/PID/environ, nor our memory. Same-user debuggers (py-spy) then need root.
+    procs.make_undumpable()
     try:
         store = await open_store(config.db_target, busy_timeout_ms=config.busy_timeout_ms, daemon=True)
     except DatabaseRewritten as e:  # refused before anything was written to it
@@ -239,6 +283,7 @@ async def _run(config: Config, overrides: Overrides, store: Store, notifier: Not
     try:
         try:
             await _start_up(store, lease)
+            _warn_if_readable(config)  # once it is known to be our database
         except DatabaseRewritten:  # a rewrite that landed while starting: as one found later, with no job run
             await dispatcher.leave_rewritten()
             return _stopped_rewritten(config, notifier, dispatcher)

@@ -63,11 +63,11 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-def keeper_pids(db_path: Path | str, host: str | None = None) -> list[int]:
-    """The job keeper of this database (at most one per host), found by the address on its command line."""
+def keeper_pids(db_path: Path | str, host: str | None = None, uid: int | None = None) -> list[int]:
+    """The job keeper of this database (at most one per host and user), found by the address on its command line."""
     from daemon.keeper.protocol import address
 
-    wanted = address(str(db_path), host).hex().encode()
+    wanted = address(str(db_path), host, uid).hex().encode()
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -93,9 +93,9 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def kill_keeper(db_path: Path | str, host: str | None = None) -> None:
+def kill_keeper(db_path: Path | str, host: str | None = None, uid: int | None = None) -> None:
     """What a test's daemons left running under their keeper (detached jobs), and the keeper: killed."""
-    for keeper in keeper_pids(db_path, host):
+    for keeper in keeper_pids(db_path, host, uid):
         for child in children(keeper):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(child, signal.SIGKILL)

@@ -28,6 +28,11 @@ from daemon.output import JobOutput
 from daemon.tools import Command, with_limits
 
 READ_SIZE = 256 * 1024
+# Linux's limits on what a program can be given (the kernel refuses an exec past them with E2BIG): one argument
+# or NAME=VALUE (MAX_ARG_STRLEN, NUL included), and a path (PATH_MAX). ARG_MAX, for all of them together, is the
+# host's (a quarter of the stack limit). A row past them fails alone, before anything is sent to the keeper.
+MAX_ARG_STRLEN = 32 * 4096
+PATH_MAX = 4096
 logger = log.get("local")
 
 
@@ -177,6 +182,7 @@ class LocalExecutor:
         if command.limits:  # the job's program looked up first: a missing one is a clear SpawnError under sh too
             wrapped = with_limits(argv, command.limits)
             argv = (self._program(wrapped[0], env), *wrapped[1:])
+        _check_sizes(argv, env, cwd)
         return argv, env, cwd
 
     def _spawn(self, command: Command) -> subprocess.Popen[bytes]:
@@ -289,6 +295,37 @@ class LocalExecutor:
         if self._reaper is not None:
             self._reaper.close()
             self._reaper = None
+
+
+def _size(text: str) -> int:
+    """Bytes as the kernel gets them, NUL included (counted only where characters alone could be too many)."""
+    return len(text) + 1 if len(text) * 4 < MAX_ARG_STRLEN else len(text.encode("utf-8", "surrogatepass")) + 1
+
+
+def _check_sizes(argv: tuple[str, ...], env: Mapping[str, str], cwd: str) -> None:
+    """SpawnError if no program could be given these: a variable, an argument or the working directory past
+    Linux's limits, or all of them past the host's ARG_MAX."""
+    if _size(cwd) > PATH_MAX:
+        raise SpawnError(f"working directory {cwd[:60]!r}... is {_size(cwd) - 1} bytes long: more than the "
+                         f"{PATH_MAX - 1} bytes of a path (PATH_MAX); use a shorter path")
+    total = 8 * (len(argv) + len(env))  # the pointers to them count too
+    for i, arg in enumerate(argv):
+        if (size := _size(arg)) > MAX_ARG_STRLEN:
+            raise _too_long(f"argument {i}", size)
+        total += size
+    for name, value in env.items():
+        if (size := _size(name) + _size(value)) > MAX_ARG_STRLEN:
+            raise _too_long(f"variable {name[:60]}", size)
+        total += size
+    arg_max = os.sysconf("SC_ARG_MAX")
+    if total > arg_max:
+        raise SpawnError(f"the arguments and environment come to {total} bytes: more than the {arg_max} this host "
+                         "passes to a program (ARG_MAX, `getconf ARG_MAX`); pass big data in a file")
+
+
+def _too_long(what: str, size: int) -> SpawnError:
+    return SpawnError(f"{what} is {size - 1} bytes: more than the {MAX_ARG_STRLEN - 1} bytes Linux passes to a "
+                      "program as one argument or variable (MAX_ARG_STRLEN); pass big data in a file")
 
 
 def _ignore(_: bytes) -> None:

@@ -17,7 +17,7 @@ import struct
 
 VERSION = 1
 HEADER = struct.Struct("!BII")
-MAX_PAYLOAD = 64 * 1024 * 1024  # a request or output frame is far smaller: anything bigger is not our peer
+MAX_PAYLOAD = 64 * 1024 * 1024  # a request or output frame is far smaller: a bigger one is refused, never held
 DATA_CHUNK = 256 * 1024
 HEAD_SHARE = 4  # as output.HEAD_SHARE (that module imports the store; the keeper must not)
 
@@ -66,28 +66,49 @@ class ProtocolError(Exception):
     """The peer sent what is not a frame of this protocol."""
 
 
-def split(buf: bytearray) -> list[tuple[int, int, bytes]]:
-    """Take the whole frames off the front of `buf`."""
-    frames: list[tuple[int, int, bytes]] = []
-    at = 0
-    while len(buf) - at >= HEADER.size:
-        kind, handle, size = HEADER.unpack_from(buf, at)
-        if size > MAX_PAYLOAD:
-            raise ProtocolError(f"a frame of {size} bytes")
-        end = at + HEADER.size + size
-        if end > len(buf):
-            break
-        frames.append((kind, handle, bytes(buf[at + HEADER.size:end])))
-        at = end
-    if at:
-        del buf[:at]
-    return frames
+class Frames:
+    """Whole frames off the front of a byte stream. A frame bigger than MAX_PAYLOAD is never held: its bytes are
+    dropped as they arrive, and it comes out as (kind, handle, None), so that the reader can refuse that one
+    request and go on with the next."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self._dropping = 0  # bytes of an oversized frame still to come
+
+    def clear(self) -> None:
+        self.buf.clear()
+        self._dropping = 0
+
+    def feed(self, data: bytes) -> list[tuple[int, int, bytes | None]]:
+        if self._dropping:
+            dropped = min(self._dropping, len(data))
+            self._dropping -= dropped
+            data = data[dropped:]
+        self.buf += data
+        frames: list[tuple[int, int, bytes | None]] = []
+        at = 0
+        while len(self.buf) - at >= HEADER.size:
+            kind, handle, size = HEADER.unpack_from(self.buf, at)
+            end = at + HEADER.size + size
+            if size > MAX_PAYLOAD:
+                frames.append((kind, handle, None))
+                self._dropping = max(0, end - len(self.buf))
+                at = min(end, len(self.buf))
+                continue
+            if end > len(self.buf):
+                break
+            frames.append((kind, handle, bytes(self.buf[at + HEADER.size:end])))
+            at = end
+        if at:
+            del self.buf[:at]
+        return frames
 
 
-def address(database: str, host: str | None = None) -> bytes:
-    """The keeper's socket for this user and database, in Linux's abstract namespace: nothing on disk to clean
-    up or to lose with a private /tmp, gone with the keeper, and bound by one keeper only (the bind is the lock).
-    Anyone may connect to an abstract socket: the keeper serves only its own user (SO_PEERCRED)."""
+def address(database: str, host: str | None = None, uid: int | None = None) -> bytes:
+    """The keeper's socket for this user (or `uid`) and database, in Linux's abstract namespace: nothing on disk to
+    clean up or to lose with a private /tmp, gone with the keeper, and bound by one keeper only (the bind is the
+    lock). Anyone may bind or connect to an abstract socket: the keeper serves only its own user, and the daemon
+    talks only to a keeper of its own user (SO_PEERCRED both ways)."""
     import hashlib  # here, not at the top: OpenSSL's libcrypto would cost the keeper, which never calls this, 3 MiB
 
     if database.startswith(("postgresql://", "postgres://")):
@@ -97,4 +118,4 @@ def address(database: str, host: str | None = None) -> bytes:
     else:
         key = os.path.realpath(database)  # a file path is made absolute first
     digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:20]
-    return f"\0nexus-jobd-keeper/v{VERSION}/{os.getuid()}/{digest}".encode()
+    return f"\0nexus-jobd-keeper/v{VERSION}/{os.getuid() if uid is None else uid}/{digest}".encode()

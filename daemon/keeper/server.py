@@ -33,6 +33,7 @@ IDLE_EXIT_S = 2.0  # no daemon connected and no job held for this long: the keep
 BIG_OUTPUT_BYTES = 1024 * 1024  # as output.BIG_OUTPUT_BYTES and MMAP_THRESHOLD_BYTES
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_SET_NAME = 15
+_PR_SET_DUMPABLE = 4
 _M_MMAP_THRESHOLD = -3
 # Signals meant for the daemon (a terminal's, a service manager's, a stray `kill -USR1`) whose default action would
 # kill the keeper and every job it holds: ignored.
@@ -97,7 +98,7 @@ class Job:
 class Conn:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.inbuf = bytearray()
+        self.frames = p.Frames()
         self.outbuf = bytearray()
         self.jobs: dict[int, Job] = {}  # by handle
         self.hello = False
@@ -198,15 +199,10 @@ class Keeper:
         if not data:
             self._drop(conn)
             return
-        conn.inbuf += data
-        try:
-            frames = p.split(conn.inbuf)
-        except p.ProtocolError as e:
-            _log(f"a daemon sent what this keeper does not understand ({e}); closing its connection")
-            self._drop(conn)
-            return
-        for kind, handle, payload in frames:
+        for kind, handle, payload in conn.frames.feed(data):
             try:
+                if payload is None:  # its bytes were dropped as they came: only this request fails
+                    raise p.ProtocolError(f"a request bigger than {p.MAX_PAYLOAD} bytes")
                 self._request(conn, kind, handle, payload)
             except (p.ProtocolError, ValueError, KeyError, TypeError, IndexError, OSError) as e:  # that one fails
                 _log(f"a request of kind {kind} refused: {e!r}")
@@ -500,6 +496,9 @@ def main(address: bytes) -> int:
     """Bind the keeper's socket (only one keeper can), tell the daemon that started us on stdout, and serve. The
     daemon waits for that line; the keeper then leaves its parent (a second fork), so that no daemon has it as a
     child to reap or to take down."""
+    # Jobs are our children, of our user: not dumpable, so that none reads our memory (every job's environment
+    # and output pass through it) or /proc/PID/environ. Each job's exec makes it dumpable again.
+    _libc_call("prctl", _PR_SET_DUMPABLE, 0, 0, 0, 0)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         listener.bind(address)

@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from daemon.errors import shorten
+
+MAX_ERROR_CHARS = 2000  # an error quoting a row's value (a 5 MB `tool`) keeps its start and its end
+
 
 class RawText(bytes):
     """TEXT that another program stored and that is not valid UTF-8 (e.g. `CAST(X'6a6f62ff' AS TEXT)`), kept as
@@ -87,7 +91,7 @@ class ProcessRef:
 class JobResult:
     status: JobStatus
     exit_code: int | None
-    error: str | None
+    error: str | None  # cut to MAX_ERROR_CHARS
     output: OutputSnapshot
     requeue: bool = False  # try again: back to queued instead of `status`
     run_after: int | None = None  # with requeue: not before this epoch ms
@@ -100,6 +104,10 @@ class JobResult:
         if self.ended_monotonic is None:
             return 0
         return max(0, round((time.monotonic() - self.ended_monotonic) * 1000))
+
+    def __post_init__(self) -> None:
+        if self.error is not None and len(self.error) > MAX_ERROR_CHARS:
+            object.__setattr__(self, "error", shorten(self.error, MAX_ERROR_CHARS))
 
 
 @dataclass(frozen=True)

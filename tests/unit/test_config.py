@@ -123,6 +123,30 @@ def test_redact_url_hides_passwords_in_userinfo_and_query() -> None:
     assert redact_url("postgresql:///db?host=/s") == "postgresql:///db?host=/s"
 
 
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql://u@h/db?sslpassword=S3CRET", "postgresql://u@h/db?sslpassword=***"),
+    ("postgresql://u@h/db?sslmode=require&%70assword=S3CRET", "postgresql://u@h/db?sslmode=require&%70assword=***"),
+    ("postgres://u:S3CRET@[::1/db", "postgres://u:***@[::1/db"),
+    ("postgresql://u:S3%zzCRET@h/db", "postgresql://u:***@h/db"),
+    ("postgresql://u:S3/CRET@h/db", "postgresql://u:***@h/db"),  # not valid libpq, but meant as a password
+    ("postgresql://u:S3@CRET@[::1]:5/db", "postgresql://u:***@[::1]:5/db"),
+])
+def test_redact_url_hides_every_password_libpq_takes(url: str, shown: str) -> None:
+    from daemon.config import redact_url
+
+    assert redact_url(url) == shown
+
+
+def test_redact_secrets_takes_a_urls_passwords_out_of_any_text() -> None:
+    from daemon.config import redact_secrets
+
+    url = "postgres://u:S3%zzCRET@h/db?sslpassword=K%45Y"
+    assert redact_secrets(f'invalid percent-encoded token: "S3%zzCRET" in "{url}"', url) == \
+        'invalid percent-encoded token: "***" in "postgres://u:***@h/db?sslpassword=***"'
+    assert redact_secrets("the key KEY and K%45Y", url) == "the key *** and ***"  # as given, and as decoded
+    assert redact_secrets("nothing secret", "postgresql:///db") == "nothing secret"
+
+
 def test_env_names_the_config_file(tmp_path: Path) -> None:
     path = write(tmp_path, "[daemon]\nmax_concurrent = 2\n")
     config = load(environ={"NEXUS_JOBD_CONFIG": str(path)})

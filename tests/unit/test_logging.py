@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import sys
 from collections.abc import Iterator
 
@@ -38,3 +39,21 @@ def test_json_lines_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     log.configure("info", "json")
     log.get("test").info("job.claimed", job_id="j1")
     assert '"event": "job.claimed"' in out.getvalue() and '"job_id": "j1"' in out.getvalue()
+
+
+def test_a_huge_value_is_logged_cut_to_its_start_and_end_with_its_true_length(monkeypatch: pytest.MonkeyPatch
+                                                                               ) -> None:
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    log.configure("info", "json")
+    huge = "a" * 5_000_000 + "z"
+    try:
+        raise ValueError("b" * 3000)
+    except ValueError:
+        log.get("test").exception("job.claimed", tool=huge, argv=["bash", huge], env={"V": huge}, n=7)
+    event = json.loads(out.getvalue())
+    for value in (event["tool"], event["argv"][1], event["env"]["V"]):
+        assert len(value) < 1100 and value.startswith("aaa") and "a…(5000001 chars)…a" in value
+        assert value.endswith("z")
+    assert (event["argv"][0], event["n"]) == ("bash", 7)
+    assert "b" * 3000 in event["exception"]  # a traceback is kept whole

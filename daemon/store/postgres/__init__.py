@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from daemon import logging as log
-from daemon.config import redact_url
+from daemon.config import redact_secrets, redact_url
 from daemon.errors import DatabaseError, JobdError
 from daemon.store.base import ChangeSource, DbRejected, DbUnavailable, Store, cycles
 from daemon.store.postgres.queries import HERE, Q, read_sql
@@ -78,9 +78,14 @@ def _claims(claims: Sequence[Claim]) -> dict[str, Any]:
     return {"ids": [c.job_id for c in claims], "attempts": [c.attempt for c in claims]}
 
 
+def said(url: str, error: BaseException) -> str:
+    """What psycopg (libpq) said, on one line, without the URL's passwords (a parse error quotes the URL)."""
+    return redact_secrets(" ".join(str(error).split()), url)
+
+
 def explain(url: str, error: Exception) -> str:
     """A connection failure as one line naming what to fix."""
-    text = " ".join(str(error).split())
+    text = said(url, error)
     name = redact_url(url)
     if "password authentication failed" in text or "no password supplied" in text:
         fix = ("the server refused the password: set it in PGPASSWORD or a passfile (~/.pgpass, or PGPASSFILE), "
@@ -163,7 +168,7 @@ class PostgresStore(Store):
             except (psycopg.Error, TimeoutError) as e:
                 if isinstance(e, TimeoutError) or conn.broken or conn.closed:
                     self._drop(e)
-                text = f"{self.name}: {' '.join(str(e).split()) or type(e).__name__}"
+                text = f"{self.name}: {said(self.url, e) or type(e).__name__}"
                 if (getattr(e, "sqlstate", None) or "")[:2] in _REFUSED_VALUES:
                     raise DbRejected(text) from e
                 raise DbUnavailable(text) from e
@@ -178,7 +183,7 @@ class PostgresStore(Store):
             self._conn = await self._new_connection(self.url)
         except psycopg.Error as e:
             self._reconnect_delay_s = min(max(self._reconnect_delay_s * 2, 0.1), RECONNECT_MAX_S)
-            logger.warning("db.reconnect_failed", db=self.name, error=" ".join(str(e).split()),
+            logger.warning("db.reconnect_failed", db=self.name, error=said(self.url, e),
                            retry_in_s=self._reconnect_delay_s)
             raise DbUnavailable(explain(self.url, e)) from e
         self._reconnect_delay_s = 0.0
@@ -187,7 +192,7 @@ class PostgresStore(Store):
 
     def _drop(self, error: BaseException) -> None:
         if self._conn is not None:
-            logger.error("db.connection_lost", db=self.name, error=" ".join(str(error).split()) or "timed out",
+            logger.error("db.connection_lost", db=self.name, error=said(self.url, error) or "timed out",
                          action="running jobs go on; their output is held and written once reconnected")
             conn, self._conn = self._conn, None
             with contextlib.suppress(Exception):
@@ -551,7 +556,7 @@ class _Listener(ChangeSource):
                     async for _ in conn.notifies():
                         self._on_change()
             except Exception as e:  # whatever broke the connection: the safety poll covers us until it is back
-                logger.warning("db.listen_lost", db=self._name, error=" ".join(str(e).split()) or type(e).__name__,
+                logger.warning("db.listen_lost", db=self._name, error=said(self._url, e) or type(e).__name__,
                                retry_in_s=delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_S)

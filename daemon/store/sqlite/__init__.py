@@ -109,7 +109,9 @@ def _set_aside_stale_wal(path: Path) -> None:
 
 
 def _create_private(path: Path) -> None:
-    """A new database is readable and writable by its owner only: writing it means running commands."""
+    """A new database is readable and writable by its owner only: writing it means running commands. Where a link
+    leads (O_EXCL would refuse the link itself, and SQLite would then create the file with the umask's mode)."""
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
