@@ -521,7 +521,7 @@ def cmd_db(cfg: config.Config, args: argparse.Namespace) -> int:
             for problem in problems:
                 print(f"{cfg.db_name}: {problem}")
             if not problems:
-                print(f"{cfg.db_name}: ok" + (" (read-only for this user)" if store.read_only else ""))
+                print(f"{cfg.db_name}: ok" + (" (read-only for this user)" if store.write_denied else ""))
             return 1 if problems else 0
         finally:
             await store.close()

@@ -107,7 +107,8 @@ class Store(abc.ABC):
 
     name: str  # the database as a user names it (a path, or a URL without its password), for messages
     path: Path | None = None  # the database file, for a backend that has one
-    read_only = False  # opened read-only (a file this user may not write): nothing is written
+    read_only = False  # opened read-only (a command that only reads, or a file this user may not write)
+    write_denied: str | None = None  # why this user may not write it, when that is why it was opened read-only
     # Daemons on other hosts share it: they may recover this host's jobs, and cannot kill what runs here.
     shared_by_hosts = False
 

@@ -431,8 +431,6 @@ class SqliteStore(Store):
 
     # -- opening: what no migration can fix, permissions, read-only ---------------------------------------
 
-    read_only = False  # opened read-only (open's read_only_ok, for a file this user may not write): nothing is written
-
     async def _schema_kinds(self) -> dict[str, str]:
         return {str(name).lower(): kind for name, kind in await self._conn.execute_fetchall(Q["schema_objects"])}
 
@@ -545,7 +543,7 @@ class SqliteStore(Store):
             raise DatabaseError(f"{why}. Reading it failed too: {e}") from e
         conn.text_factory = _text_or_bytes
         store = cls(conn, path)
-        store.read_only = True
+        store.read_only, store.write_denied = True, denied
         try:
             await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             if problems := await store._contract_problems():
