@@ -410,3 +410,40 @@ def test_a_daemon_killed_before_it_saw_the_rewrite_loses_no_result_and_runs_noth
     assert _runs(marks) == 2
     assert len(again.events("job.already_started")) == 2
     assert integrity(db.path)[0] == "ok"
+
+
+def test_nexuscli_s_own_file_at_the_default_path_gets_one_clear_message_and_stays_untouched(tmp_path: Path) -> None:
+    """A NexusCLI user (every published release writes its database with sql.js, in rollback-journal mode) who runs
+    the daemon with no options: refused before anything is written, with the two ways out."""
+    from tests.conftest import FIXTURES
+
+    home = tmp_path / "home"
+    path = home / ".nexuscli" / "nexuscli.db"
+    path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript((FIXTURES / "nexuscli_schema.sql").read_text())
+    conn.execute("PRAGMA journal_mode = DELETE")  # as sql.js writes it
+    conn.close()
+    path.parent.chmod(0o700)
+    path.chmod(0o600)
+    before = digest(path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_JOBD_")} | {"HOME": str(home)}
+    run = subprocess.run([*NEXUS_JOBD, "--log-format", "json", "run"], capture_output=True, text=True, timeout=60,
+                         env=env)
+    assert run.returncode == EXIT_REWRITTEN
+    events = [json.loads(line) for line in run.stdout.splitlines() + run.stderr.splitlines() if line.startswith("{")]
+    refused = [e for e in events if e["event"] == "db.refused"]
+    assert len(refused) == 1 and "api_keys" in refused[0]["message"] and "db take-over" in refused[0]["message"]
+    assert "database of its own" in refused[0]["message"]
+    assert digest(path) == before and sorted(p.name for p in path.parent.iterdir()) == ["nexuscli.db"]
+
+
+def test_commands_that_write_leave_no_wal_behind(db: Db) -> None:
+    """Once the last connection is gone, nothing beside the file could be replayed onto it by a later rewrite."""
+    db.close()
+    job_id = cli(db.path, "submit", "--", "true").stdout.strip()
+    assert no_wal_frames(db.path)
+    for args in (["cancel", job_id], ["retry", job_id], ["prune", "--older-than", "1d"], ["db", "migrate"]):
+        result = cli(db.path, *args)
+        assert result.returncode in (0, 1), (args, result.stderr)
+        assert no_wal_frames(db.path), args
