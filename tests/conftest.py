@@ -154,7 +154,7 @@ class Db:
         self.conn.close()
 
 
-class _PgConn:
+class PgConn:
     """psycopg behind sqlite3's calls as the tests make them: `?` placeholders, autocommit, rows by index."""
 
     def __init__(self, url: str) -> None:
@@ -175,7 +175,7 @@ class PgDb(Db):
     def __init__(self, url: str, home: Path) -> None:
         self.path = home  # where the file would be: its directory is the test's (HOME, logs)
         self.url = url
-        self.conn = _PgConn(url)  # type: ignore[assignment]
+        self.conn = PgConn(url)  # type: ignore[assignment]
 
     @property
     def target(self) -> str:
