@@ -7,6 +7,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -88,6 +89,49 @@ def test_cancel_kills_a_job_that_ignores_sigterm_after_the_grace(db: Db, daemon_
     db.conn.execute("UPDATE jobs SET status = 'cancelled', completed_at = 1 WHERE id = ?", (job_id,))
     row = wait_for(lambda: (r := db.job(job_id))["duration"] is not None and r, timeout=10, message="cancel")
     assert (row["status"], row["exit_code"]) == ("cancelled", 128 + signal.SIGKILL)
+
+
+def _stop(db: Db, job_id: str, how: str) -> dict[str, Any]:
+    """Cancel the job as NexusCLI does, or let its 2 s timeout expire; the final row."""
+    if how == "cancel":
+        db.conn.execute("UPDATE jobs SET status = 'cancelled', completed_at = 1 WHERE id = ?", (job_id,))
+    return db.wait_status(job_id, timeout=15)
+
+
+def _stopped_as_said(row: dict[str, Any], how: str, exit_code: int) -> None:
+    """Cancelled, or timed out (124); either way the first attempt, and no other."""
+    expected = ("cancelled", exit_code) if how == "cancel" else ("failed", 124)
+    assert (row["status"], row["exit_code"], row["attempt"]) == (*expected, 1), row
+
+
+@pytest.mark.backends("sqlite")  # signals, not the database
+@pytest.mark.parametrize("keeper", [True, False], ids=["keeper", "no-keeper"])
+@pytest.mark.parametrize("how", ["cancel", "timeout"])
+def test_sigterm_reaches_every_process_of_the_group(db: Db, daemon_factory: Callable[..., Daemon],
+                                                    tmp_path: Path, how: str, keeper: bool) -> None:
+    """A child in the job's group (not its leader) that cleans up on TERM gets to: the README promises SIGTERM
+    to the whole group. (Were only the leader signalled, the final SIGKILL of the group would hide it.)"""
+    daemon_factory(config=f"[daemon]\nkill_grace_ms = 3000\nkeeper = {str(keeper).lower()}\n").start()
+    mark = tmp_path / "child-got-term"
+    child = f"trap 'touch {mark}; exit 0' TERM; echo child-ready; while :; do sleep 0.05; done"
+    job_id = db.insert(f'sh -c "{child}" & wait', timeout_ms=2000 if how == "timeout" else None)
+    wait_for(lambda: db.job(job_id)["stdout"] == "child-ready\n", message="the child's trap set")
+    row = _stop(db, job_id, how)
+    _stopped_as_said(row, how, 128 + signal.SIGTERM)
+    wait_for(mark.exists, timeout=5, message="the child's TERM trap to run")
+
+
+@pytest.mark.backends("sqlite")  # signals, not the database
+@pytest.mark.parametrize("how", ["cancel", "timeout"])
+def test_a_job_cleans_up_within_the_kill_grace(db: Db, daemon_factory: Callable[..., Daemon], how: str) -> None:
+    """SIGKILL comes kill_grace_ms after SIGTERM, not with it: a trap that takes 0.3 s finishes its work."""
+    daemon_factory(config="[daemon]\nkill_grace_ms = 3000\n").start()
+    job_id = db.insert("trap 'sleep 0.3; echo cleaned; exit 0' TERM; echo ready; while :; do sleep 0.05; done",
+                       timeout_ms=2000 if how == "timeout" else None)
+    wait_for(lambda: db.job(job_id)["stdout"] == "ready\n", message="the trap set")
+    row = _stop(db, job_id, how)
+    _stopped_as_said(row, how, 0)
+    assert row["stdout"] == "ready\ncleaned\n"
 
 
 def test_cli_cancel_does_what_nexuscli_does(daemon: Daemon, db: Db) -> None:
