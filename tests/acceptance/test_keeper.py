@@ -102,7 +102,7 @@ def test_a_killed_keeper_takes_its_jobs_down_and_their_rows_say_so(db: Db, daemo
     (keeper,) = keeper_pids(db.path)
     os.kill(keeper, signal.SIGKILL)
     row = db.wait_status(job_id)
-    assert row["status"] == "failed" and row["exit_code"] is None
+    assert (row["status"], row["exit_code"], row["attempt"]) == ("failed", None, 1)
     assert f"the job keeper (pid {keeper}) stopped while the job was running" in row["error"]
     assert "its process group was killed" in row["error"]
     wait_for(lambda: not group_members(int(str(row["pid"]))), message="the job killed")

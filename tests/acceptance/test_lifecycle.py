@@ -27,7 +27,7 @@ def test_timeout_fails_with_124_and_says_how_long(db: Db, daemon_factory: Callab
     stubborn = db.insert("trap '' TERM; echo start; while true; do sleep 0.05; done", timeout_ms=1000)
     for job_id in (polite, stubborn):
         row = db.wait_status(job_id, timeout=15)
-        assert (row["status"], row["exit_code"], row["stdout"]) == ("failed", 124, "start\n")
+        assert (row["status"], row["exit_code"], row["stdout"], row["attempt"]) == ("failed", 124, "start\n", 1)
         assert row["error"] == "timed out after 1s (timeout_ms=1000) and was killed"
         assert row["duration"] >= 1000
 
@@ -35,7 +35,7 @@ def test_timeout_fails_with_124_and_says_how_long(db: Db, daemon_factory: Callab
 def test_default_timeout_applies_to_rows_without_one(db: Db, daemon_factory: Callable[..., Daemon]) -> None:
     daemon_factory(config="[daemon]\ndefault_timeout_ms = 200\n").start()
     row = db.wait_status(db.insert("sleep 30"), timeout=15)
-    assert (row["status"], row["exit_code"]) == ("failed", 124)
+    assert (row["status"], row["exit_code"], row["attempt"]) == ("failed", 124, 1)
 
 
 def test_kill_9_then_restart_recovers_every_job_and_leaves_no_orphan(
@@ -69,7 +69,8 @@ def test_kill_9_then_restart_recovers_every_job_and_leaves_no_orphan(
                            message="the re-queued job running again")
             assert row["error"] is None  # the claim cleared the dead attempt's error and output
         else:
-            assert (row["status"], row["error"]) == ("failed", "daemon stopped while the job was running")
+            assert (row["status"], row["error"], row["attempt"]) == (
+                "failed", "daemon stopped while the job was running", 1)
             assert row["stdout"].startswith(f"out-{i}\n")  # output written before the kill is kept
     print(f"recovery after kill -9 and restart: {recovery_s:.2f}s")
 
@@ -233,6 +234,7 @@ def test_sigterm_drains_five_jobs_and_a_second_one_stops_them(draining_daemon: D
 def test_retry_command_runs_a_finished_job_again_without_its_old_output(daemon: Daemon, db: Db) -> None:
     job_id = db.insert("echo run-$RANDOM; exit 1")
     first = db.wait_status(job_id)
+    assert (first["status"], first["attempt"]) == ("failed", 1)
     result = subprocess.run([*NEXUS_JOBD, "--db", db.target, "retry", job_id[:8]], capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr

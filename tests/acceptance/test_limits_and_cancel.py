@@ -176,12 +176,12 @@ def test_second_sigterm_stops_running_jobs_at_once(draining_daemon: Daemon, db: 
     draining_daemon.proc.send_signal(signal.SIGTERM)
     assert draining_daemon.proc.wait(15) == 0
     row = db.job(job_id)
-    assert (row["status"], row["exit_code"]) == ("failed", 128 + signal.SIGTERM)
+    assert (row["status"], row["exit_code"], row["attempt"]) == ("failed", 128 + signal.SIGTERM, 1)
     assert row["error"] == "daemon shut down while the job was running"
     assert row["stdout"] == "working\n"
     # Exiting 0 on SIGTERM is not finishing the work: the row says it was cut short.
     row = db.job(polite)
-    assert (row["status"], row["exit_code"], row["stdout"]) == ("failed", 0, "working\nbye\n")
+    assert (row["status"], row["exit_code"], row["stdout"], row["attempt"]) == ("failed", 0, "working\nbye\n", 1)
     assert row["error"] == "daemon shut down while the job was running"
 
 

@@ -92,6 +92,7 @@ def test_exit_codes_and_statuses(daemon: Daemon, db: Db) -> None:
     assert (rows["killed"]["status"], rows["killed"]["exit_code"]) == ("failed", 137)
     assert "signal 9 (SIGKILL)" in rows["killed"]["error"]
     assert (rows["missing"]["status"], rows["missing"]["exit_code"]) == ("failed", 127)
+    assert {name: row["attempt"] for name, row in rows.items()} == dict.fromkeys(rows, 1)  # max_attempts 1: no retry
     assert "'git' was not found on PATH" in rows["missing"]["error"]
 
 

@@ -258,7 +258,7 @@ def test_a_reattached_jobs_timeout_counts_from_its_start_and_kills_the_remote_gr
     second = daemon_factory(config=config).start()
     row = db.wait_status(job_id, timeout=30)
     assert second.events("job.reattached") and second.events("job.timed_out")
-    assert (row["status"], row["exit_code"], row["stdout"]) == ("failed", 124, "up\n")
+    assert (row["status"], row["exit_code"], row["stdout"], row["attempt"]) == ("failed", 124, "up\n", 1)
     # Counted from the row's started_at: 4 s and the kill grace, not 4 s after the restart (2.5 s later).
     assert 4000 <= row["duration"] < 6400, row["duration"]
     wait_for(lambda: not sshd.remote_pgrep("sleep 1016"), timeout=20, message="the remote group killed")

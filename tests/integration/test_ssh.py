@@ -96,7 +96,7 @@ def test_cancel_and_timeout_leave_no_remote_process(sshd: Sshd, db: Db,
 
     timed = db.insert("trap '' TERM; sleep 1003 & sleep 1004; wait", node_id="box", timeout_ms=1000)
     row = db.wait_status(timed, timeout=30)
-    assert (row["status"], row["exit_code"]) == ("failed", 124)
+    assert (row["status"], row["exit_code"], row["attempt"]) == ("failed", 124, 1)
     wait_for(lambda: not sshd.remote_pgrep("sleep 100[34]"), timeout=10, message="remote group killed")
 
 
