@@ -19,40 +19,59 @@ def is_final(row: dict[str, Any]) -> bool:
     return row["duration"] is not None or (row["status"] == "cancelled" and row["started_at"] is None)
 
 
-def cancel(db: Db, job_id: str) -> None:
+def cancel(db: Db, job_id: str) -> dict[str, Any]:
+    """Cancel as a careful program does; the row as the cancel left it."""
     assert db.conn.execute(GUARDED_CANCEL, (now_ms(), job_id)).rowcount == 1
+    return db.job(job_id)
+
+
+def left_alone(db: Db, job_id: str, as_cancelled: dict[str, Any], *, due: int | None = None) -> None:
+    """The daemon had every chance to act on the row (its run_after passed, then a later job was claimed and ran:
+    a claim after both) and left it as the cancel did: final, never started again."""
+    if due is not None:
+        wait_for(lambda: now_ms() > due, timeout=10, message="the row's run_after")
+    db.wait_status(db.insert("true"))
+    assert db.job(job_id) == as_cancelled
 
 
 def test_cancelled_before_it_started_or_while_it_runs_is_final(daemon: Daemon, db: Db) -> None:
-    waiting = db.insert("true", run_after=now_ms() + 3_600_000)
-    cancel(db, waiting)
-    assert is_final(db.job(waiting))
+    due = now_ms() + 1500
+    waiting = db.insert("true", run_after=due)
+    row = cancel(db, waiting)
+    assert is_final(row)
     running = db.insert("sleep 30")
     wait_for(lambda: db.job(running)["pid"], message="job running")
     cancel(db, running)
-    row = db.wait_status(running, ("cancelled",))
-    assert is_final(row) and row["duration"] is not None
+    ran = db.wait_status(running, ("cancelled",))
+    assert is_final(ran) and ran["duration"] is not None and ran["attempt"] == 1
+    left_alone(db, waiting, row, due=due)
+    left_alone(db, running, ran)
 
 
 def test_cancelled_while_waiting_for_a_retry_is_final(daemon_factory: Callable[..., Daemon], db: Db) -> None:
-    daemon_factory("[daemon]\nretry_backoff_ms = 3600000\nretry_backoff_max_ms = 3600000\n").start()
+    # The retry comes 1.5 to 3 s after the first attempt: long enough to cancel it first, short enough to wait for.
+    daemon_factory("[daemon]\nretry_backoff_ms = 3000\nretry_backoff_max_ms = 3000\n").start()
     job_id = db.insert("echo try; exit 3", max_attempts=3)
     row = wait_for(lambda: (r := db.job(job_id))["status"] == "queued" and r["attempt"] == 1 and r, timeout=15,
                    message="the first attempt failed and waits for its retry")
     assert row["started_at"] is None and row["exit_code"] == 3 and row["stdout"] == "try\n"  # last attempt kept
-    cancel(db, job_id)
-    assert is_final(db.job(job_id))
+    row = cancel(db, job_id)
+    assert is_final(row)
+    left_alone(db, job_id, row, due=row["run_after"])
 
 
 def test_cancelled_after_a_shutdown_requeue_is_final(daemon_factory: Callable[..., Daemon], db: Db) -> None:
-    first = daemon_factory('[daemon]\non_stop = "drain"\nshutdown_grace_ms = 0\nkill_grace_ms = 100\n').start()
+    config = '[daemon]\non_stop = "drain"\nshutdown_grace_ms = 0\nkill_grace_ms = 100\n'
+    first = daemon_factory(config).start()
     job_id = db.insert("sleep 30", max_attempts=2)
     wait_for(lambda: db.job(job_id)["pid"], message="job running")
     assert first.stop() == 0
     row = db.job(job_id)
-    assert row["status"] == "queued" and row["started_at"] is None, row
-    cancel(db, job_id)
-    assert is_final(db.job(job_id))
+    assert (row["status"], row["started_at"], row["attempt"]) == ("queued", None, 1), row
+    row = cancel(db, job_id)
+    assert is_final(row)
+    daemon_factory(config).start()  # the next daemon neither runs it again nor recovers it
+    left_alone(db, job_id, row)
 
 
 def cli(db: Db, *args: str) -> subprocess.CompletedProcess[str]:
