@@ -49,6 +49,15 @@ def wait_for(predicate: Callable[[], T | None], timeout: float = 10.0, interval:
         time.sleep(interval)
 
 
+def daemon_looked(db: Db) -> None:
+    """Return once the running daemon has been through the queue since this call, claims included: for a negative
+    check (a row that must stay queued), an event instead of a sleep. A row for a node nobody serves fails in the
+    daemon's next pass, before that pass claims; a second one fails in a later pass, after that claim."""
+    for _ in range(2):
+        row = db.wait_status(db.insert("true", node_id="nobody-serves-this"))
+        assert "unknown node" in row["error"], row
+
+
 def group_members(pgid: int) -> list[int]:
     """Live (not zombie) processes of process group `pgid`: init reaps orphaned zombies on its own schedule."""
     members = []

@@ -8,7 +8,7 @@ import subprocess
 from collections.abc import Callable
 from typing import Any
 
-from tests.conftest import NEXUS_JOBD, Daemon, Db, now_ms, wait_for
+from tests.conftest import NEXUS_JOBD, Daemon, Db, daemon_looked, now_ms, wait_for
 
 GUARDED_CANCEL = ("UPDATE jobs SET status = 'cancelled', completed_at = ? "
                   "WHERE id = ? AND status IN ('queued', 'executing')")
@@ -26,11 +26,11 @@ def cancel(db: Db, job_id: str) -> dict[str, Any]:
 
 
 def left_alone(db: Db, job_id: str, as_cancelled: dict[str, Any], *, due: int | None = None) -> None:
-    """The daemon had every chance to act on the row (its run_after passed, then a later job was claimed and ran:
-    a claim after both) and left it as the cancel did: final, never started again."""
+    """The daemon had every chance to act on the row (its run_after passed, then the daemon went through the
+    queue) and left it as the cancel did: final, never started again."""
     if due is not None:
         wait_for(lambda: now_ms() > due, timeout=10, message="the row's run_after")
-    db.wait_status(db.insert("true"))
+    daemon_looked(db)
     assert db.job(job_id) == as_cancelled
 
 
