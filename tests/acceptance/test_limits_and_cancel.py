@@ -44,6 +44,15 @@ def test_per_node_limit_is_tighter_than_the_global_one(db: Db, daemon_factory: C
     assert _max_seen(db, jobs) == 1
 
 
+def test_the_global_limit_holds_where_a_node_allows_more(db: Db, daemon_factory: Callable[..., Daemon],
+                                                         tmp_path: Path) -> None:
+    daemon_factory(config="[daemon]\nmax_concurrent = 2\n[nodes.localhost]\nmax_concurrent = 4\n").start()
+    slots = tmp_path / "slots"
+    slots.mkdir()
+    jobs = [db.insert(_concurrency_probe(slots)) for _ in range(6)]
+    assert _max_seen(db, jobs) == 2
+
+
 def test_higher_priority_runs_first_then_oldest(db: Db, daemon_factory: Callable[..., Daemon],
                                                 tmp_path: Path) -> None:
     daemon_factory(config="[daemon]\nmax_concurrent = 1\n").start()
