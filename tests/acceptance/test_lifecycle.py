@@ -187,16 +187,24 @@ def test_run_after_holds(daemon: Daemon, db: Db) -> None:
     assert row["started_at"] >= due
 
 
-def test_depends_on_waits_for_completion_and_fails_when_it_cannot(daemon: Daemon, db: Db, tmp_path: Path) -> None:
+def test_depends_on_waits_for_completion_and_fails_when_it_cannot(db: Db, daemon_factory: Callable[..., Daemon],
+                                                                  tmp_path: Path) -> None:
+    # A safety poll and node heartbeats this slow: what a job's end unblocks (or dooms) must be seen at that end,
+    # not at the next poll or heartbeat (either makes the daemon look at the queue again).
+    daemon_factory(config="[daemon]\npoll_interval_ms = 60000\nheartbeat_interval_ms = 60000\n").start()
     gate = tmp_path / "gate"
     first = db.insert(f"while [ ! -e {gate} ]; do sleep 0.02; done")
     second = db.insert("echo after", depends_on=first)
-    doomed = db.insert("exit 1")
+    doomed = db.insert(f"while [ ! -e {gate} ]; do sleep 0.02; done; exit 1")
     blocked = db.insert("echo never", depends_on=doomed)
     chained = db.insert("echo never", depends_on=blocked)
     orphan = db.insert("echo never", depends_on="no-such-job")
+    withdrawn = db.insert("true", run_after=now_ms() + 3_600_000)
+    on_withdrawn = db.insert("echo never", depends_on=withdrawn)
     db.wait_status(first, ("executing",))
+    db.wait_status(doomed, ("executing",))
     assert db.job(second)["status"] == "queued"
+    db.conn.execute("UPDATE jobs SET status = 'cancelled', completed_at = ? WHERE id = ?", (now_ms(), withdrawn))
     gate.touch()
     row = db.wait_status(second)
     assert row["status"] == "completed" and row["started_at"] >= db.job(first)["completed_at"]
@@ -205,6 +213,9 @@ def test_depends_on_waits_for_completion_and_fails_when_it_cannot(daemon: Daemon
         "failed", f"depends_on '{doomed}' ended failed; this job runs only after that job completed")
     assert db.wait_status(chained)["status"] == "failed"
     assert "is no job" in db.wait_status(orphan)["error"]
+    row = db.wait_status(on_withdrawn)
+    assert (row["status"], row["error"]) == (
+        "failed", f"depends_on '{withdrawn}' ended cancelled; this job runs only after that job completed")
 
 
 def test_shutdown_requeues_a_job_that_may_try_again(draining_daemon: Daemon, db: Db) -> None:
