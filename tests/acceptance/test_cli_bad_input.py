@@ -79,12 +79,14 @@ def test_a_migration_that_fails_is_an_error_not_a_hang(tmp_path: Path) -> None:
         assert str(path) in line and "no such column: name" in line, (command, line)
 
 
-def stderr_lines(proc: subprocess.Popen[str]) -> queue.Queue[str]:
+def stderr_lines(proc: subprocess.Popen[str], *, stdout: bool = False) -> queue.Queue[str]:
+    """The lines of the process's stderr (or stdout), as they come."""
+    stream = proc.stdout if stdout else proc.stderr
+    assert stream is not None
     lines: queue.Queue[str] = queue.Queue()
 
     def pump() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
+        for line in stream:
             lines.put(line.rstrip("\n"))
 
     threading.Thread(target=pump, daemon=True).start()
@@ -111,7 +113,13 @@ def test_follow_without_a_live_daemon_says_so_and_ctrl_c_says_how_to_cancel(db: 
         lines = stderr_lines(follower)
         job_id = next_line(lines, 10)
         assert job_id is not None and db.job(job_id)["status"] == "queued"
-        assert next_line(lines, 2.5) is None  # a live daemon serves the node: it only waits
+        # Each turn, the follower prints what the row's output gained, then (the first time at once) looks for a
+        # live daemon. Output the test writes into the row shows the turns: the second line, a turn after a look.
+        out = stderr_lines(follower, stdout=True)
+        for text in ("tick 1\n", "tick 1\ntick 2\n"):
+            db.conn.execute("UPDATE jobs SET stdout = ?, stdout_bytes = ? WHERE id = ?", (text, len(text), job_id))
+            assert next_line(out, 10) == text.splitlines()[-1]
+        assert next_line(lines, 0.5) is None  # it looked, found a live daemon serving the node, and only waits
         # That daemon stops answering: its lease (15 s by default) runs out.
         db.conn.execute("UPDATE jobd_workers SET heartbeat_at = ?", (now_ms() - 60_000,))
         warning = next_line(lines, 5)
