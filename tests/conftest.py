@@ -116,6 +116,27 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def cli_env(home: Path) -> dict[str, str]:
+    """The environment of a CLI call: its own HOME (no user config file is read), and no NEXUS_JOBD_* setting."""
+    home.mkdir(parents=True, exist_ok=True)
+    return {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_JOBD_")} | {"HOME": str(home)}
+
+
+def run_cli(args: list[str], home: Path, *, cwd: Path | None = None, timeout: float = 60
+            ) -> subprocess.CompletedProcess[str]:
+    """`nexus-jobd ARGS` exactly as given (no --db added), as a user whose HOME is `home` types it."""
+    return subprocess.run([*NEXUS_JOBD, *args], capture_output=True, text=True, timeout=timeout, env=cli_env(home),
+                          cwd=cwd)
+
+
+def cli(db: Db, *args: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`nexus-jobd --db DB ARGS` (HOME: the test's cli-home); with `check`, it must exit 0."""
+    result = run_cli(["--db", db.target, *args], db.path.parent / "cli-home", cwd=cwd)
+    if check:
+        assert result.returncode == 0, (args, result.stdout, result.stderr)
+    return result
+
+
 class Db:
     """Another program's view of the database: plain sqlite3, autocommit, a busy timeout."""
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 import signal
 import subprocess
@@ -13,33 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import NEXUS_JOBD, Daemon, Db, wait_for
+from tests.conftest import NEXUS_JOBD, Daemon, Db, cli, cli_env, run_cli, wait_for
 
 # The contract holds on either database: each test runs on SQLite and on PostgreSQL.
 pytestmark = pytest.mark.backends("sqlite", "postgres")
-
-
-def cli_env(home: Path) -> dict[str, str]:
-    """The environment of a CLI call: its own HOME (no user config file), and no NEXUS_JOBD_CONFIG/_DB."""
-    home.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HOME": str(home)}
-    env.pop("NEXUS_JOBD_CONFIG", None)
-    env.pop("NEXUS_JOBD_DB", None)
-    return env
-
-
-def run(args: list[str], home: Path, *, cwd: Path | None = None, timeout: float = 60
-        ) -> subprocess.CompletedProcess[str]:
-    """`nexus-jobd ARGS` exactly as given (no --db added)."""
-    return subprocess.run([*NEXUS_JOBD, *args], capture_output=True, text=True, timeout=timeout, env=cli_env(home),
-                          cwd=cwd)
-
-
-def cli(db: Db, *args: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    result = run(["--db", db.target, *args], db.path.parent / "cli-home", cwd=cwd)
-    if check:
-        assert result.returncode == 0, (args, result.stdout, result.stderr)
-    return result
 
 
 def test_submit_prints_the_id_and_the_row_has_every_option(daemon: Daemon, db: Db, tmp_path: Path) -> None:
@@ -122,7 +98,7 @@ def test_prefix_must_be_unique(daemon: Daemon, db: Db) -> None:
 @pytest.mark.parametrize(
     "command", [[], ["run"], ["submit"], ["ps"], ["show"], ["logs"], ["cancel"], ["retry"], ["db"]])
 def test_help_on_every_command(command: list[str], tmp_path: Path) -> None:
-    result = run([*command, "--help"], tmp_path)
+    result = run_cli([*command, "--help"], tmp_path)
     assert result.returncode == 0
     assert result.stdout.startswith("usage: nexus-jobd")
 
@@ -146,13 +122,13 @@ def test_global_options_before_or_after_the_command(db: Db, tmp_path: Path) -> N
         for line in daemon.stdout:  # the log is JSON, as asked after the command
             if json.loads(line).get("event") == "dispatch.started":
                 break
-        result = run(["submit", "--db", db.target, "--follow", "--", "echo", "--db", "elsewhere", "--json"], home)
+        result = run_cli(["submit", "--db", db.target, "--follow", "--", "echo", "--db", "elsewhere", "--json"], home)
         assert (result.returncode, result.stdout) == (0, "--db elsewhere --json\n"), result.stderr
-        listed = run(["ps", "--db", db.target, "--json"], home)
+        listed = run_cli(["ps", "--db", db.target, "--json"], home)
         assert listed.returncode == 0, listed.stderr
         assert [row["command"] for row in json.loads(listed.stdout)] == ["echo --db elsewhere --json"]
         # Given both before and after the command, the one after it wins.
-        again = run(["--db", str(tmp_path / "missing.db"), "ps", "--db", db.target, "--json"], home)
+        again = run_cli(["--db", str(tmp_path / "missing.db"), "ps", "--db", db.target, "--json"], home)
         assert again.returncode == 0 and json.loads(again.stdout)[0]["status"] == "completed", again.stderr
     finally:
         daemon.send_signal(signal.SIGTERM)

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.acceptance.test_cli import cli, cli_env, run
-from tests.conftest import FIXTURES, NEXUS_JOBD, Db, now_ms, require
+from tests.conftest import FIXTURES, NEXUS_JOBD, Db, cli, cli_env, now_ms, require, run_cli
 
 # Every command, as a user with a database that is not the contract's would try it (X: a job id prefix).
 EVERY_COMMAND = [["ps"], ["ps", "--json"], ["status"], ["submit", "--", "true"], ["show", "x"], ["logs", "x"],
@@ -31,7 +30,7 @@ EVERY_COMMAND = [["ps"], ["ps", "--json"], ["status"], ["submit", "--", "true"],
 def run_on(path: Path, command: list[str], home: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     command = [str(home / "backup.db") if word == "BACKUP" else word for word in command]
     try:
-        return run(["--db", str(path), *command], home, timeout=timeout)
+        return run_cli(["--db", str(path), *command], home, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f"`nexus-jobd {' '.join(command)}` hung for {timeout}s: {e.stderr!r}") from None
 
@@ -197,7 +196,7 @@ def test_bad_values_are_usage_errors_that_say_what_is_expected(db: Db, tmp_path:
     """Before: tracebacks (nan, inf, numbers past SQLite's INTEGER), values the daemon then failed (a negative or
     sub-millisecond timeout, 0 or 1001 attempts), a silent default (an empty --depends-on, --node or --db), exit 1
     for usage errors, and argparse's "expected one argument" for -5d."""
-    result = run(["--db", db.target, *args], tmp_path / "home")
+    result = run_cli(["--db", db.target, *args], tmp_path / "home")
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
     assert result.stderr.startswith("usage: nexus-jobd"), result.stderr
@@ -291,7 +290,7 @@ def as_nobody(path: Path, command: list[str], home: Path) -> subprocess.Complete
 def make_database(path: Path, tmp_path: Path, *, migrated: bool = True) -> None:
     """A database as the daemon leaves it when it is not running: WAL mode in its header, no -wal/-shm beside it."""
     if migrated:
-        run(["--db", str(path), "db", "migrate"], tmp_path / "home").check_returncode()
+        run_cli(["--db", str(path), "db", "migrate"], tmp_path / "home").check_returncode()
     conn = sqlite3.connect(path, isolation_level=None)
     if not migrated:
         conn.executescript((FIXTURES / "nexuscli_schema.sql").read_text())

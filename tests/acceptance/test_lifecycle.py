@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import NEXUS_JOBD, Daemon, Db, group_members, now_ms, wait_for
+from tests.conftest import Daemon, Db, cli, group_members, now_ms, wait_for
 
 # The contract holds on either database: each test runs on SQLite and on PostgreSQL.
 pytestmark = pytest.mark.backends("sqlite", "postgres")
@@ -245,15 +245,12 @@ def test_retry_command_runs_a_finished_job_again_without_its_old_output(daemon: 
     job_id = db.insert("echo run-$RANDOM; exit 1")
     first = db.wait_status(job_id)
     assert (first["status"], first["attempt"]) == ("failed", 1)
-    result = subprocess.run([*NEXUS_JOBD, "--db", db.target, "retry", job_id[:8]], capture_output=True,
-                            text=True)
-    assert result.returncode == 0, result.stderr
+    cli(db, "retry", job_id[:8])
     second = wait_for(lambda: (r := db.job(job_id))["attempt"] == 2 and r["duration"] is not None and r,
                       message="second attempt")
     assert first["stdout"].count("run-") == 1
     assert second["stdout"].count("run-") == 1  # the old attempt's output is not carried into the new one
-    again = subprocess.run([*NEXUS_JOBD, "--db", db.target, "retry", "nope"], capture_output=True, text=True)
-    assert again.returncode == 1
+    assert cli(db, "retry", "nope", check=False).returncode == 1
 
 
 def test_daemons_serving_different_nodes_share_a_database(db: Db, daemon_factory: Callable[..., Daemon]) -> None:

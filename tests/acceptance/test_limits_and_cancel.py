@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Daemon, Db, group_members, wait_for
+from tests.conftest import Daemon, Db, cli, group_members, wait_for
 
 # The contract holds on either database: each test runs on SQLite and on PostgreSQL.
 pytestmark = pytest.mark.backends("sqlite", "postgres")
@@ -146,17 +145,9 @@ def test_a_job_cleans_up_within_the_kill_grace(db: Db, daemon_factory: Callable[
 def test_cli_cancel_does_what_nexuscli_does(daemon: Daemon, db: Db) -> None:
     job_id = db.insert("echo go; sleep 1000")
     wait_for(lambda: db.job(job_id)["stdout"] == "go\n", message="running")
-    result = subprocess.run([*daemon_cmd(daemon), "cancel", job_id[:8]], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert f"{job_id}: cancelled" in result.stdout
+    assert f"{job_id}: cancelled" in cli(db, "cancel", job_id[:8]).stdout
     row = wait_for(lambda: (r := db.job(job_id))["duration"] is not None and r, message="cancel")
     assert row["status"] == "cancelled"
-
-
-def daemon_cmd(daemon: Daemon) -> list[str]:
-    from tests.conftest import NEXUS_JOBD
-
-    return [*NEXUS_JOBD, "--db", daemon.target]
 
 
 def test_sigterm_lets_running_jobs_finish_then_exits_0(draining_daemon: Daemon, db: Db,
