@@ -22,34 +22,29 @@ def _concurrency_probe(slots: Path) -> str:
             f"cat {slots}.seen.$$")
 
 
-def _max_seen(db: Db, job_ids: list[str]) -> int:
+def _most_at_once(db: Db, daemon_factory: Callable[..., Daemon], tmp_path: Path, config: str, jobs: int) -> int:
+    """A daemon with `config` runs `jobs` probes queued together: how many ran at once, at the most."""
+    daemon_factory(config=config).start()
+    slots = tmp_path / "slots"
+    slots.mkdir()
+    job_ids = [db.insert(_concurrency_probe(slots)) for _ in range(jobs)]
     return max(int(db.wait_status(job_id)["stdout"]) for job_id in job_ids)
 
 
 def test_global_limit_caps_concurrent_jobs(db: Db, daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
-    daemon_factory(config="[daemon]\nmax_concurrent = 2\n").start()
-    slots = tmp_path / "slots"
-    slots.mkdir()
-    jobs = [db.insert(_concurrency_probe(slots)) for _ in range(6)]
-    assert _max_seen(db, jobs) == 2
+    assert _most_at_once(db, daemon_factory, tmp_path, "[daemon]\nmax_concurrent = 2\n", 6) == 2
 
 
 def test_per_node_limit_is_tighter_than_the_global_one(db: Db, daemon_factory: Callable[..., Daemon],
                                                        tmp_path: Path) -> None:
-    daemon_factory(config="[daemon]\nmax_concurrent = 4\n[nodes.localhost]\nmax_concurrent = 1\n").start()
-    slots = tmp_path / "slots"
-    slots.mkdir()
-    jobs = [db.insert(_concurrency_probe(slots)) for _ in range(3)]
-    assert _max_seen(db, jobs) == 1
+    config = "[daemon]\nmax_concurrent = 4\n[nodes.localhost]\nmax_concurrent = 1\n"
+    assert _most_at_once(db, daemon_factory, tmp_path, config, 3) == 1
 
 
 def test_the_global_limit_holds_where_a_node_allows_more(db: Db, daemon_factory: Callable[..., Daemon],
                                                          tmp_path: Path) -> None:
-    daemon_factory(config="[daemon]\nmax_concurrent = 2\n[nodes.localhost]\nmax_concurrent = 4\n").start()
-    slots = tmp_path / "slots"
-    slots.mkdir()
-    jobs = [db.insert(_concurrency_probe(slots)) for _ in range(6)]
-    assert _max_seen(db, jobs) == 2
+    config = "[daemon]\nmax_concurrent = 2\n[nodes.localhost]\nmax_concurrent = 4\n"
+    assert _most_at_once(db, daemon_factory, tmp_path, config, 6) == 2
 
 
 def test_higher_priority_runs_first_then_oldest(db: Db, daemon_factory: Callable[..., Daemon],
