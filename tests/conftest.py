@@ -49,6 +49,15 @@ def wait_for(predicate: Callable[[], T | None], timeout: float = 10.0, interval:
         time.sleep(interval)
 
 
+def daemon_looked(db: Db) -> None:
+    """Return once the running daemon has been through the queue since this call, claims included: for a negative
+    check (a row that must stay queued), an event instead of a sleep. A row for a node nobody serves fails in the
+    daemon's next pass, before that pass claims; a second one fails in a later pass, after that claim."""
+    for _ in range(2):
+        row = db.wait_status(db.insert("true", node_id="nobody-serves-this"))
+        assert "unknown node" in row["error"], row
+
+
 def group_members(pgid: int) -> list[int]:
     """Live (not zombie) processes of process group `pgid`: init reaps orphaned zombies on its own schedule."""
     members = []
@@ -107,6 +116,27 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def cli_env(home: Path) -> dict[str, str]:
+    """The environment of a CLI call: its own HOME (no user config file is read), and no NEXUS_JOBD_* setting."""
+    home.mkdir(parents=True, exist_ok=True)
+    return {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_JOBD_")} | {"HOME": str(home)}
+
+
+def run_cli(args: list[str], home: Path, *, cwd: Path | None = None, timeout: float = 60
+            ) -> subprocess.CompletedProcess[str]:
+    """`nexus-jobd ARGS` exactly as given (no --db added), as a user whose HOME is `home` types it."""
+    return subprocess.run([*NEXUS_JOBD, *args], capture_output=True, text=True, timeout=timeout, env=cli_env(home),
+                          cwd=cwd)
+
+
+def cli(db: Db, *args: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`nexus-jobd --db DB ARGS` (HOME: the test's cli-home); with `check`, it must exit 0."""
+    result = run_cli(["--db", db.target, *args], db.path.parent / "cli-home", cwd=cwd)
+    if check:
+        assert result.returncode == 0, (args, result.stdout, result.stderr)
+    return result
+
+
 class Db:
     """Another program's view of the database: plain sqlite3, autocommit, a busy timeout."""
 
@@ -154,7 +184,7 @@ class Db:
         self.conn.close()
 
 
-class _PgConn:
+class PgConn:
     """psycopg behind sqlite3's calls as the tests make them: `?` placeholders, autocommit, rows by index."""
 
     def __init__(self, url: str) -> None:
@@ -175,7 +205,7 @@ class PgDb(Db):
     def __init__(self, url: str, home: Path) -> None:
         self.path = home  # where the file would be: its directory is the test's (HOME, logs)
         self.url = url
-        self.conn = _PgConn(url)  # type: ignore[assignment]
+        self.conn = PgConn(url)  # type: ignore[assignment]
 
     @property
     def target(self) -> str:

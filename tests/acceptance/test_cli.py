@@ -2,41 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 import json
-import os
+import re
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import NEXUS_JOBD, Daemon, Db, wait_for
+from tests.conftest import NEXUS_JOBD, Daemon, Db, cli, cli_env, run_cli, wait_for
 
 # The contract holds on either database: each test runs on SQLite and on PostgreSQL.
 pytestmark = pytest.mark.backends("sqlite", "postgres")
-
-
-def cli_env(home: Path) -> dict[str, str]:
-    """The environment of a CLI call: its own HOME (no user config file), and no NEXUS_JOBD_CONFIG/_DB."""
-    home.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HOME": str(home)}
-    env.pop("NEXUS_JOBD_CONFIG", None)
-    env.pop("NEXUS_JOBD_DB", None)
-    return env
-
-
-def run(args: list[str], home: Path, *, cwd: Path | None = None, timeout: float = 60
-        ) -> subprocess.CompletedProcess[str]:
-    """`nexus-jobd ARGS` exactly as given (no --db added)."""
-    return subprocess.run([*NEXUS_JOBD, *args], capture_output=True, text=True, timeout=timeout, env=cli_env(home),
-                          cwd=cwd)
-
-
-def cli(db: Db, *args: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    result = run(["--db", db.target, *args], db.path.parent / "cli-home", cwd=cwd)
-    if check:
-        assert result.returncode == 0, (args, result.stdout, result.stderr)
-    return result
 
 
 def test_submit_prints_the_id_and_the_row_has_every_option(daemon: Daemon, db: Db, tmp_path: Path) -> None:
@@ -78,6 +57,7 @@ def test_ps_show_and_logs(daemon: Daemon, db: Db) -> None:
     assert (logs.stdout, logs.stderr) == ("to-out\n", "to-err\n")
 
 
+@pytest.mark.timeout(60)  # it blocks on the pipes of the processes it starts: a hang fails here
 def test_logs_follow_ends_when_the_job_ends(daemon: Daemon, db: Db, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     job_id = db.insert(f"echo before; while [ ! -e {gate} ]; do sleep 0.02; done; echo after")
@@ -91,15 +71,19 @@ def test_logs_follow_ends_when_the_job_ends(daemon: Daemon, db: Db, tmp_path: Pa
     assert follower.wait(10) == 0
 
 
-def test_logs_follow_across_the_output_cap(db: Db, daemon_factory: object, tmp_path: Path) -> None:
-    from collections.abc import Callable
-
-    assert callable(daemon_factory)
-    make: Callable[..., Daemon] = daemon_factory
-    make(config="[daemon]\noutput_cap_bytes = 4096\n").start()
+def test_logs_follow_across_the_output_cap(db: Db, daemon_factory: Callable[..., Daemon]) -> None:
+    """What a follower prints is the stream, byte for byte, but where it fell behind the cap: there one line says
+    how many bytes it did not show. Nothing shown twice, nothing left out unsaid, in order to the last byte."""
+    daemon_factory(config="[daemon]\noutput_cap_bytes = 4096\n").start()
     result = cli(db, "submit", "--follow", "--", "for i in $(seq 1 3000); do echo line$i; done")
-    assert result.stdout.startswith("line1\nline2\n")
-    assert result.stdout.endswith("line2999\nline3000\n")
+    written = "".join(f"line{i}\n" for i in range(1, 3001))
+    pieces = re.split(r"\n\[nexus-jobd: (\d+) bytes not shown\]\n", result.stdout)
+    position = 0
+    for shown, skipped in itertools.zip_longest(pieces[::2], pieces[1::2], fillvalue="0"):
+        assert written[position:position + len(shown)] == shown, (position, shown[:40])
+        position += len(shown) + int(skipped)
+    assert position == len(written)
+    assert result.stdout.startswith("line1\nline2\n") and result.stdout.endswith("line2999\nline3000\n")
 
 
 def test_prefix_must_be_unique(daemon: Daemon, db: Db) -> None:
@@ -114,7 +98,7 @@ def test_prefix_must_be_unique(daemon: Daemon, db: Db) -> None:
 @pytest.mark.parametrize(
     "command", [[], ["run"], ["submit"], ["ps"], ["show"], ["logs"], ["cancel"], ["retry"], ["db"]])
 def test_help_on_every_command(command: list[str], tmp_path: Path) -> None:
-    result = run([*command, "--help"], tmp_path)
+    result = run_cli([*command, "--help"], tmp_path)
     assert result.returncode == 0
     assert result.stdout.startswith("usage: nexus-jobd")
 
@@ -123,6 +107,7 @@ def test_db_migrate_is_idempotent(db: Db) -> None:
     assert cli(db, "db", "migrate").stdout.strip() == f"{db.target}: up to date"
 
 
+@pytest.mark.timeout(60)  # it blocks on the pipes of the processes it starts: a hang fails here
 def test_global_options_before_or_after_the_command(db: Db, tmp_path: Path) -> None:
     """`--db`, `--config`, `--log-level`, `--log-format` where users type them: after the command too. After
     `submit ... --` every word is the job's, options included."""
@@ -137,13 +122,13 @@ def test_global_options_before_or_after_the_command(db: Db, tmp_path: Path) -> N
         for line in daemon.stdout:  # the log is JSON, as asked after the command
             if json.loads(line).get("event") == "dispatch.started":
                 break
-        result = run(["submit", "--db", db.target, "--follow", "--", "echo", "--db", "elsewhere", "--json"], home)
+        result = run_cli(["submit", "--db", db.target, "--follow", "--", "echo", "--db", "elsewhere", "--json"], home)
         assert (result.returncode, result.stdout) == (0, "--db elsewhere --json\n"), result.stderr
-        listed = run(["ps", "--db", db.target, "--json"], home)
+        listed = run_cli(["ps", "--db", db.target, "--json"], home)
         assert listed.returncode == 0, listed.stderr
         assert [row["command"] for row in json.loads(listed.stdout)] == ["echo --db elsewhere --json"]
         # Given both before and after the command, the one after it wins.
-        again = run(["--db", str(tmp_path / "missing.db"), "ps", "--db", db.target, "--json"], home)
+        again = run_cli(["--db", str(tmp_path / "missing.db"), "ps", "--db", db.target, "--json"], home)
         assert again.returncode == 0 and json.loads(again.stdout)[0]["status"] == "completed", again.stderr
     finally:
         daemon.send_signal(signal.SIGTERM)

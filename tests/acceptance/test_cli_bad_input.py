@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.acceptance.test_cli import cli, cli_env, run
-from tests.conftest import FIXTURES, NEXUS_JOBD, Db, now_ms, require
+from tests.conftest import FIXTURES, NEXUS_JOBD, Db, cli, cli_env, now_ms, require, run_cli
 
 # Every command, as a user with a database that is not the contract's would try it (X: a job id prefix).
 EVERY_COMMAND = [["ps"], ["ps", "--json"], ["status"], ["submit", "--", "true"], ["show", "x"], ["logs", "x"],
@@ -31,7 +30,7 @@ EVERY_COMMAND = [["ps"], ["ps", "--json"], ["status"], ["submit", "--", "true"],
 def run_on(path: Path, command: list[str], home: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     command = [str(home / "backup.db") if word == "BACKUP" else word for word in command]
     try:
-        return run(["--db", str(path), *command], home, timeout=timeout)
+        return run_cli(["--db", str(path), *command], home, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f"`nexus-jobd {' '.join(command)}` hung for {timeout}s: {e.stderr!r}") from None
 
@@ -79,12 +78,14 @@ def test_a_migration_that_fails_is_an_error_not_a_hang(tmp_path: Path) -> None:
         assert str(path) in line and "no such column: name" in line, (command, line)
 
 
-def stderr_lines(proc: subprocess.Popen[str]) -> queue.Queue[str]:
+def stderr_lines(proc: subprocess.Popen[str], *, stdout: bool = False) -> queue.Queue[str]:
+    """The lines of the process's stderr (or stdout), as they come."""
+    stream = proc.stdout if stdout else proc.stderr
+    assert stream is not None
     lines: queue.Queue[str] = queue.Queue()
 
     def pump() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
+        for line in stream:
             lines.put(line.rstrip("\n"))
 
     threading.Thread(target=pump, daemon=True).start()
@@ -111,7 +112,13 @@ def test_follow_without_a_live_daemon_says_so_and_ctrl_c_says_how_to_cancel(db: 
         lines = stderr_lines(follower)
         job_id = next_line(lines, 10)
         assert job_id is not None and db.job(job_id)["status"] == "queued"
-        assert next_line(lines, 2.5) is None  # a live daemon serves the node: it only waits
+        # Each turn, the follower prints what the row's output gained, then (the first time at once) looks for a
+        # live daemon. Output the test writes into the row shows the turns: the second line, a turn after a look.
+        out = stderr_lines(follower, stdout=True)
+        for text in ("tick 1\n", "tick 1\ntick 2\n"):
+            db.conn.execute("UPDATE jobs SET stdout = ?, stdout_bytes = ? WHERE id = ?", (text, len(text), job_id))
+            assert next_line(out, 10) == text.splitlines()[-1]
+        assert next_line(lines, 0.5) is None  # it looked, found a live daemon serving the node, and only waits
         # That daemon stops answering: its lease (15 s by default) runs out.
         db.conn.execute("UPDATE jobd_workers SET heartbeat_at = ?", (now_ms() - 60_000,))
         warning = next_line(lines, 5)
@@ -189,7 +196,7 @@ def test_bad_values_are_usage_errors_that_say_what_is_expected(db: Db, tmp_path:
     """Before: tracebacks (nan, inf, numbers past SQLite's INTEGER), values the daemon then failed (a negative or
     sub-millisecond timeout, 0 or 1001 attempts), a silent default (an empty --depends-on, --node or --db), exit 1
     for usage errors, and argparse's "expected one argument" for -5d."""
-    result = run(["--db", db.target, *args], tmp_path / "home")
+    result = run_cli(["--db", db.target, *args], tmp_path / "home")
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
     assert result.stderr.startswith("usage: nexus-jobd"), result.stderr
@@ -283,7 +290,7 @@ def as_nobody(path: Path, command: list[str], home: Path) -> subprocess.Complete
 def make_database(path: Path, tmp_path: Path, *, migrated: bool = True) -> None:
     """A database as the daemon leaves it when it is not running: WAL mode in its header, no -wal/-shm beside it."""
     if migrated:
-        run(["--db", str(path), "db", "migrate"], tmp_path / "home").check_returncode()
+        run_cli(["--db", str(path), "db", "migrate"], tmp_path / "home").check_returncode()
     conn = sqlite3.connect(path, isolation_level=None)
     if not migrated:
         conn.executescript((FIXTURES / "nexuscli_schema.sql").read_text())

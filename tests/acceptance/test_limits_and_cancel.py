@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.conftest import Daemon, Db, group_members, wait_for
+from tests.conftest import Daemon, Db, cli, group_members, wait_for
 
 # The contract holds on either database: each test runs on SQLite and on PostgreSQL.
 pytestmark = pytest.mark.backends("sqlite", "postgres")
@@ -22,25 +22,29 @@ def _concurrency_probe(slots: Path) -> str:
             f"cat {slots}.seen.$$")
 
 
-def _max_seen(db: Db, job_ids: list[str]) -> int:
+def _most_at_once(db: Db, daemon_factory: Callable[..., Daemon], tmp_path: Path, config: str, jobs: int) -> int:
+    """A daemon with `config` runs `jobs` probes queued together: how many ran at once, at the most."""
+    daemon_factory(config=config).start()
+    slots = tmp_path / "slots"
+    slots.mkdir()
+    job_ids = [db.insert(_concurrency_probe(slots)) for _ in range(jobs)]
     return max(int(db.wait_status(job_id)["stdout"]) for job_id in job_ids)
 
 
 def test_global_limit_caps_concurrent_jobs(db: Db, daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
-    daemon_factory(config="[daemon]\nmax_concurrent = 2\n").start()
-    slots = tmp_path / "slots"
-    slots.mkdir()
-    jobs = [db.insert(_concurrency_probe(slots)) for _ in range(6)]
-    assert _max_seen(db, jobs) == 2
+    assert _most_at_once(db, daemon_factory, tmp_path, "[daemon]\nmax_concurrent = 2\n", 6) == 2
 
 
 def test_per_node_limit_is_tighter_than_the_global_one(db: Db, daemon_factory: Callable[..., Daemon],
                                                        tmp_path: Path) -> None:
-    daemon_factory(config="[daemon]\nmax_concurrent = 4\n[nodes.localhost]\nmax_concurrent = 1\n").start()
-    slots = tmp_path / "slots"
-    slots.mkdir()
-    jobs = [db.insert(_concurrency_probe(slots)) for _ in range(3)]
-    assert _max_seen(db, jobs) == 1
+    config = "[daemon]\nmax_concurrent = 4\n[nodes.localhost]\nmax_concurrent = 1\n"
+    assert _most_at_once(db, daemon_factory, tmp_path, config, 3) == 1
+
+
+def test_the_global_limit_holds_where_a_node_allows_more(db: Db, daemon_factory: Callable[..., Daemon],
+                                                         tmp_path: Path) -> None:
+    config = "[daemon]\nmax_concurrent = 2\n[nodes.localhost]\nmax_concurrent = 4\n"
+    assert _most_at_once(db, daemon_factory, tmp_path, config, 6) == 2
 
 
 def test_higher_priority_runs_first_then_oldest(db: Db, daemon_factory: Callable[..., Daemon],
@@ -90,20 +94,55 @@ def test_cancel_kills_a_job_that_ignores_sigterm_after_the_grace(db: Db, daemon_
     assert (row["status"], row["exit_code"]) == ("cancelled", 128 + signal.SIGKILL)
 
 
+def _stop(db: Db, job_id: str, how: str) -> dict[str, Any]:
+    """Cancel the job as NexusCLI does, or let its 2 s timeout expire; the final row."""
+    if how == "cancel":
+        db.conn.execute("UPDATE jobs SET status = 'cancelled', completed_at = 1 WHERE id = ?", (job_id,))
+    return db.wait_status(job_id, timeout=15)
+
+
+def _stopped_as_said(row: dict[str, Any], how: str, exit_code: int) -> None:
+    """Cancelled, or timed out (124); either way the first attempt, and no other."""
+    expected = ("cancelled", exit_code) if how == "cancel" else ("failed", 124)
+    assert (row["status"], row["exit_code"], row["attempt"]) == (*expected, 1), row
+
+
+@pytest.mark.backends("sqlite")  # signals, not the database
+@pytest.mark.parametrize("keeper", [True, False], ids=["keeper", "no-keeper"])
+@pytest.mark.parametrize("how", ["cancel", "timeout"])
+def test_sigterm_reaches_every_process_of_the_group(db: Db, daemon_factory: Callable[..., Daemon],
+                                                    tmp_path: Path, how: str, keeper: bool) -> None:
+    """A child in the job's group (not its leader) that cleans up on TERM gets to: the README promises SIGTERM
+    to the whole group. (Were only the leader signalled, the final SIGKILL of the group would hide it.)"""
+    daemon_factory(config=f"[daemon]\nkill_grace_ms = 3000\nkeeper = {str(keeper).lower()}\n").start()
+    mark = tmp_path / "child-got-term"
+    child = f"trap 'touch {mark}; exit 0' TERM; echo child-ready; while :; do sleep 0.05; done"
+    job_id = db.insert(f'sh -c "{child}" & wait', timeout_ms=2000 if how == "timeout" else None)
+    wait_for(lambda: db.job(job_id)["stdout"] == "child-ready\n", message="the child's trap set")
+    row = _stop(db, job_id, how)
+    _stopped_as_said(row, how, 128 + signal.SIGTERM)
+    wait_for(mark.exists, timeout=5, message="the child's TERM trap to run")
+
+
+@pytest.mark.backends("sqlite")  # signals, not the database
+@pytest.mark.parametrize("how", ["cancel", "timeout"])
+def test_a_job_cleans_up_within_the_kill_grace(db: Db, daemon_factory: Callable[..., Daemon], how: str) -> None:
+    """SIGKILL comes kill_grace_ms after SIGTERM, not with it: a trap that takes 0.3 s finishes its work."""
+    daemon_factory(config="[daemon]\nkill_grace_ms = 3000\n").start()
+    job_id = db.insert("trap 'sleep 0.3; echo cleaned; exit 0' TERM; echo ready; while :; do sleep 0.05; done",
+                       timeout_ms=2000 if how == "timeout" else None)
+    wait_for(lambda: db.job(job_id)["stdout"] == "ready\n", message="the trap set")
+    row = _stop(db, job_id, how)
+    _stopped_as_said(row, how, 0)
+    assert row["stdout"] == "ready\ncleaned\n"
+
+
 def test_cli_cancel_does_what_nexuscli_does(daemon: Daemon, db: Db) -> None:
     job_id = db.insert("echo go; sleep 1000")
     wait_for(lambda: db.job(job_id)["stdout"] == "go\n", message="running")
-    result = subprocess.run([*daemon_cmd(daemon), "cancel", job_id[:8]], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert f"{job_id}: cancelled" in result.stdout
+    assert f"{job_id}: cancelled" in cli(db, "cancel", job_id[:8]).stdout
     row = wait_for(lambda: (r := db.job(job_id))["duration"] is not None and r, message="cancel")
     assert row["status"] == "cancelled"
-
-
-def daemon_cmd(daemon: Daemon) -> list[str]:
-    from tests.conftest import NEXUS_JOBD
-
-    return [*NEXUS_JOBD, "--db", daemon.target]
 
 
 def test_sigterm_lets_running_jobs_finish_then_exits_0(draining_daemon: Daemon, db: Db,
@@ -132,12 +171,12 @@ def test_second_sigterm_stops_running_jobs_at_once(draining_daemon: Daemon, db: 
     draining_daemon.proc.send_signal(signal.SIGTERM)
     assert draining_daemon.proc.wait(15) == 0
     row = db.job(job_id)
-    assert (row["status"], row["exit_code"]) == ("failed", 128 + signal.SIGTERM)
+    assert (row["status"], row["exit_code"], row["attempt"]) == ("failed", 128 + signal.SIGTERM, 1)
     assert row["error"] == "daemon shut down while the job was running"
     assert row["stdout"] == "working\n"
     # Exiting 0 on SIGTERM is not finishing the work: the row says it was cut short.
     row = db.job(polite)
-    assert (row["status"], row["exit_code"], row["stdout"]) == ("failed", 0, "working\nbye\n")
+    assert (row["status"], row["exit_code"], row["stdout"], row["attempt"]) == ("failed", 0, "working\nbye\n", 1)
     assert row["error"] == "daemon shut down while the job was running"
 
 

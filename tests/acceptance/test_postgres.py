@@ -82,7 +82,9 @@ def test_bad_rows_fail_with_a_reason(daemon: Daemon, db: Db, backend: str) -> No
 
 
 def test_start_up_errors_are_one_line_naming_what_to_fix(pg_server: Server, tmp_path: Path) -> None:
+    pg_server.psql("DROP DATABASE IF EXISTS pw_db")
     pg_server.psql("DROP ROLE IF EXISTS pwuser; CREATE ROLE pwuser LOGIN PASSWORD 'right'")
+    pg_server.psql("CREATE DATABASE pw_db OWNER pwuser")
     hba = pg_server.socket_dir / "data" / "pg_hba.conf"
     original = hba.read_text()
     hba.write_text("local all pwuser scram-sha-256\n" + original)  # the first match wins: a password for pwuser
@@ -105,9 +107,12 @@ def test_start_up_errors_are_one_line_naming_what_to_fix(pg_server: Server, tmp_
                                  capture_output=True, text=True, env={**env, "PGPASSWORD": "wrong"}, timeout=30)
         assert refused.returncode == 1 and "refused the password" in refused.stderr
         assert refused.stderr.count("\n") == 1, refused.stderr
-        allowed = subprocess.run([*NEXUS_JOBD, "--db", url.replace("user=postgres", "user=pwuser"), "db", "check"],
-                                 capture_output=True, text=True, env={**env, "PGPASSWORD": "right"}, timeout=30)
-        assert "cannot connect" not in allowed.stderr  # the password from libpq's usual place was used
+        # The password from libpq's usual place is used: a database of that user's own is migrated.
+        own = pg_server.url("pw_db").replace("user=postgres", "user=pwuser")
+        allowed = subprocess.run([*NEXUS_JOBD, "--db", own, "db", "migrate"], capture_output=True, text=True,
+                                 env={**env, "PGPASSWORD": "right"}, timeout=30)
+        assert (allowed.returncode, allowed.stderr) == (0, ""), allowed.stderr
+        assert "0001_job_columns" in allowed.stdout, allowed.stdout
     finally:
         hba.write_text(original)
         pg_server.psql("SELECT pg_reload_conf()")

@@ -4,12 +4,10 @@ jobs around it go on, the CLI shows and finds the row, and a restart leaves noth
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 
 import pytest
 
-from tests.conftest import NEXUS_JOBD, Daemon, Db
+from tests.conftest import Daemon, Db, cli
 
 BAD = "CAST(X'6a6f62ff' AS TEXT)"  # 'job' and a byte no UTF-8 text holds, stored as TEXT
 
@@ -19,12 +17,6 @@ def insert_raw(db: Db, *, id_sql: str, **columns: str) -> None:
     values = {"node_id": "'localhost'", "tool": "'bash'", "command": "'echo hi'", **columns}
     names = ", ".join(["id", *values, "status", "created_at"])
     db.conn.execute(f"INSERT INTO jobs ({names}) VALUES ({id_sql}, {', '.join(values.values())}, 'queued', 1)")
-
-
-def cli(db: Db, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_JOBD_")} | {"HOME": str(db.path.parent)}
-    return subprocess.run([*NEXUS_JOBD, "--db", str(db.path), *args], capture_output=True, text=True, timeout=60,
-                          env=env)
 
 
 @pytest.mark.parametrize(("column", "reason"), [

@@ -25,7 +25,18 @@ from pathlib import Path
 import pytest
 
 from daemon.keeper import protocol as p
-from tests.conftest import NEXUS_JOBD, Daemon, Db, group_members, keeper_pids, kill_keeper, require, wait_for
+from tests.conftest import (
+    NEXUS_JOBD,
+    Daemon,
+    Db,
+    cli,
+    cli_env,
+    group_members,
+    keeper_pids,
+    kill_keeper,
+    require,
+    wait_for,
+)
 
 NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
 SECRET = "hunter2-do-not-leak"
@@ -378,17 +389,18 @@ def test_control_characters_in_the_database_reach_no_terminal_through_the_cli(db
     db.conn.execute("INSERT INTO jobd_workers (id, host, pid, started_at, heartbeat_at, stopped_at, stop_reason) "
                     "VALUES (?, ?, 1, 1, 1, 1, ?)", (f"w{ESCAPES}", f"h{ESCAPES}", f"gone {ESCAPES}"))
 
-    def cli(*args: str) -> str:
-        result = subprocess.run([*NEXUS_JOBD, "--db", str(db.path), *args], capture_output=True,
-                                env={**os.environ, "HOME": str(tmp_path)}, timeout=30)
-        return (result.stdout + result.stderr).decode()
+    def shown_by(*args: str) -> str:
+        result = cli(db, *args, check=False)
+        return result.stdout + result.stderr
 
     for args in (["ps"], ["show", job_id], ["nodes"], ["status"]):
-        shown = cli(*args)
+        shown = shown_by(*args)
         assert not any(c in shown for c in "\x1b\x07\x9b\r"), (args, shown)
         assert "\\x1b]0;pwned\\x07" in shown, (args, shown)  # escaped, not dropped
-    assert json.loads(cli("ps", "--json"))[0]["error"] == f"node said {ESCAPES}"  # JSON carries the value as is
-    assert cli("logs", job_id) == ESCAPES  # a job's own output is printed as it wrote it
+    assert json.loads(shown_by("ps", "--json"))[0]["error"] == f"node said {ESCAPES}"  # JSON carries the value as is
+    raw = subprocess.run([*NEXUS_JOBD, "--db", str(db.path), "logs", job_id], capture_output=True, timeout=30,
+                         env=cli_env(tmp_path)).stdout  # bytes: text mode would turn its \r into \n
+    assert raw.decode() == ESCAPES  # a job's own output is printed as it wrote it
 
 
 def test_a_huge_row_value_gives_bounded_log_lines_and_error(db: Db, daemon: Daemon) -> None:

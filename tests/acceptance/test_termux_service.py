@@ -1,5 +1,5 @@
-"""The termux-services unit under real runit: runsv starts the project's run script, svlogd keeps JSON lines,
-`sv down` drains, and after kill -9 or `sv restart` the next daemon takes the running job over from the keeper."""
+"""The termux-services unit under real runit: runsv starts the project's run script, svlogd keeps JSON lines, and
+after kill -9, `sv restart` or `sv down` and `sv up` the next daemon takes the running job over from the keeper."""
 
 from __future__ import annotations
 
@@ -116,11 +116,20 @@ def test_termux_service_under_runsv(runit: Runit) -> None:
         assert (row["status"], row["stdout"], row["attempt"]) == ("completed", "started\nfinished\n", 1)
         second_pid = third_pid
 
-        # sv down: SIGTERM, a clean drain, and runsv records a normal exit.
+        # sv down with a job running: SIGTERM, the daemon leaves at once (on_stop = "detach", the default) and
+        # runsv keeps it down; the job runs on under the keeper, and `sv up` starts a daemon that records it.
+        gate.unlink()
+        job_id = db.insert(f'echo started; while [ ! -e "{gate}" ]; do sleep 0.05; done; echo finished')
+        pgid = wait_for(lambda: db.job(job_id)["pid"], message="job running")
         runit.sv("down")
         wait_for(lambda: runit.sv("status").startswith("down:"), timeout=40, message="sv down")
         stopped = [e for e in runit.events("daemon.stopped") if str(second_pid) in str(e.get("worker_id"))]
-        assert stopped, runit.log_lines()[-5:]
-        assert db.conn.execute("SELECT count(*) FROM jobs WHERE status = 'executing'").fetchone()[0] == 0
+        assert stopped and stopped[0]["detached"] == 1, runit.log_lines()[-5:]
+        assert group_members(int(pgid)) and db.job(job_id)["status"] == "executing"
+        runit.sv("up")
+        wait_for(lambda: len(runit.events("job.reattached")) == 3, timeout=20, message="the job taken over after sv up")
+        gate.touch()
+        row = db.wait_status(job_id, timeout=20)
+        assert (row["status"], row["stdout"], row["attempt"]) == ("completed", "started\nfinished\n", 1)
     finally:
         db.close()

@@ -80,7 +80,7 @@ def test_timeout_of_a_docker_run_job_stops_its_container(
     daemon_factory(config=_config(docker_engine, grace_ms=500)).start()
     job_id = db.insert(f"docker run --network none {IMAGE} sleep 1000", tool="docker", timeout_ms=1500)
     row = db.wait_status(job_id, timeout=60)
-    assert (row["status"], row["exit_code"]) == ("failed", 124)
+    assert (row["status"], row["exit_code"], row["attempt"]) == ("failed", 124, 1)
     label = f"label=nexus-jobd.job={job_id}"
     assert docker_ps(docker_engine, "--filter", label) == []  # no --rm: it may remain, but stopped
 

@@ -4,6 +4,7 @@ real daemon killed and restarted, real remote processes counted on the node."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import subprocess
@@ -193,43 +194,59 @@ def test_a_1_gb_output_bomb_leaves_a_spool_near_the_output_cap(
     job_id = db.insert("head -c 1073741824 /dev/zero | tr '\\0' x; echo; echo done", node_id="box")
     out = _job_dir(sshd, job_id) / "out"
     samples = []
-    while db.job(job_id)["duration"] is None:
+    deadline = time.monotonic() + 120
+    while (row := db.job(job_id))["duration"] is None:
+        assert time.monotonic() < deadline, "the 1 GB job not recorded within 120 s"
         with contextlib.suppress(FileNotFoundError):
             samples.append(out.stat().st_blocks * 512)  # what the spool takes on disk (holes take nothing)
         time.sleep(0.005)
-    row = db.job(job_id)
+    left = out.stat().st_blocks * 512  # the directory stays a while after the row is final
     ordered = sorted(samples)
     median, worst = ordered[len(ordered) // 2], ordered[-1]
-    print(f"spool on disk over {len(samples)} samples: median {median / 2**20:.1f} MiB, max {worst / 2**20:.1f} MiB")
-    assert (row["status"], row["stdout_bytes"]) == ("completed", 2**30 + len("\ndone\n"))
-    assert row["stdout"].startswith("x" * 1000) and row["stdout"].endswith("x\ndone\n")
-    assert f"bytes of stdout omitted; {2**30 + 6} bytes in all]" in row["stdout"]
+    print(f"spool on disk over {len(samples)} samples: median {median / 2**20:.1f} MiB, max {worst / 2**20:.1f} MiB, "
+          f"{left / 2**20:.1f} MiB at the end")
+    total = 2**30 + len("\ndone\n")
+    assert (row["status"], row["stdout_bytes"]) == ("completed", total)
+    assert row["stdout"] == ("x" * (cap // 4) + f"\n[nexus-jobd: {total - cap} bytes of stdout omitted; {total} bytes "
+                             "in all]\n" + "x" * (cap - cap // 4 - 6) + "\ndone\n")
     # The writer (hundreds of MB/s) is far faster than a reader: the spool holds the cap plus what it writes
-    # between two punches of the node's trimmer (about 8 MiB here), more while the box is busy, and most before
-    # the first read starts the trimmer; never more than a small part of the gigabyte.
-    assert len(samples) > 10 and median < 32 * cap and worst < 256 * cap
+    # between two punches of the node's trimmer (medians of 11-31 MiB measured), more while the box is busy.
+    # Its peaks, mostly before the first read starts the trimmer, measured 80-315 MiB on a busy 2-core box: no
+    # bound on them would both hold and mean anything (the trimmer's own bound is tested in test_ssh_scripts,
+    # where no reader competes). The last read punched out the middle: head, tail and less than one punch step.
+    assert len(samples) > 10 and median < 32 * cap
+    assert left <= 3 * cap
 
 
 def test_a_spool_left_by_a_final_row_is_swept_by_the_next_daemon(
         sshd: Sshd, db: Db, daemon_factory: Callable[..., Daemon]) -> None:
     jobs_dir = sshd.home / ".cache" / "nexus-jobd" / "jobs"
     jobs_dir.mkdir(parents=True, exist_ok=True)
-    # A final row of this database whose daemon could not remove its spool; and a directory of another
-    # installation that logs in as the same user (not in this database): it must stay, with whatever runs there.
-    db.insert("true", id="gone-job", node_id="box", attempt=1)
-    db.conn.execute("UPDATE jobs SET status = 'failed', duration = 5, completed_at = 1 WHERE id = 'gone-job'")
-    leftover = jobs_dir / spool.dir_name("gone-job:1")
-    leftover.mkdir()
-    foreign = jobs_dir / spool.dir_name("another-installations-job:1")
+    # A job of this database that runs on the node while the sweep comes (10 s after start): it must stay. And a
+    # directory of another installation that logs in as the same user (not in this database): it must stay too.
+    running, foreign = "running-job", jobs_dir / spool.dir_name("another-installations-job:1")
     foreign.mkdir()
+    # A final row of this database whose daemon could not remove its spool, named to come last in the sweep's
+    # order (`ls`): once it is gone, the sweep has been past the other two.
+    gone = next(f"gone-job-{i}" for i in itertools.count()
+                if spool.dir_name(f"gone-job-{i}:1") > max(foreign.name, spool.dir_name(f"{running}:1")))
+    db.insert("true", id=gone, node_id="box", attempt=1)
+    db.conn.execute("UPDATE jobs SET status = 'failed', duration = 5, completed_at = 1 WHERE id = ?", (gone,))
+    leftover = jobs_dir / spool.dir_name(f"{gone}:1")
+    leftover.mkdir()
     subprocess.run(["chown", "-R", f"{sshd.user}:", str(sshd.home / ".cache")], check=True)
     daemon = daemon_factory(config=FAST + sshd.node_config())
     daemon.start()
+    job = GatedJob(sshd)
+    db.insert(job.command, id=running, node_id="box")
+    _started(db, running)
     wait_for(lambda: not leftover.exists(), timeout=30, message="the leftover swept")
+    assert foreign.exists() and _job_dir(sshd, running).exists()
     # The event is logged once the node's kill script returns, a moment after the directory is gone.
     swept = wait_for(lambda: daemon.events("ssh.spool_swept"), timeout=30, message="ssh.spool_swept")
     assert [e["dir"] for e in swept] == [leftover.name]
-    assert foreign.exists()
+    job.go()
+    job.check(db.wait_status(running, timeout=30))
 
 
 def test_a_status_file_that_does_not_parse_fails_the_job_with_the_reason_and_kills_it(
@@ -258,7 +275,7 @@ def test_a_reattached_jobs_timeout_counts_from_its_start_and_kills_the_remote_gr
     second = daemon_factory(config=config).start()
     row = db.wait_status(job_id, timeout=30)
     assert second.events("job.reattached") and second.events("job.timed_out")
-    assert (row["status"], row["exit_code"], row["stdout"]) == ("failed", 124, "up\n")
+    assert (row["status"], row["exit_code"], row["stdout"], row["attempt"]) == ("failed", 124, "up\n", 1)
     # Counted from the row's started_at: 4 s and the kill grace, not 4 s after the restart (2.5 s later).
     assert 4000 <= row["duration"] < 6400, row["duration"]
     wait_for(lambda: not sshd.remote_pgrep("sleep 1016"), timeout=20, message="the remote group killed")

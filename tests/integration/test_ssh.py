@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from daemon.executors import spool
-from tests.conftest import NEXUS_JOBD, Daemon, Db, require, wait_for
+from tests.conftest import NEXUS_JOBD, Daemon, Db, daemon_looked, require, wait_for
 from tests.integration.conftest import Sshd
 
 FAST = "[daemon]\nheartbeat_interval_ms = 200\nkill_grace_ms = 500\n"
@@ -79,7 +79,9 @@ def test_a_node_goes_offline_after_missed_probes_and_its_jobs_wait(
         node = wait_for(lambda: (n := _node(db)).get("status") == "offline" and n, timeout=20, message="offline")
         assert json.loads(str(node["capabilities"]))["missed_probes"] >= 3  # one missed probe is not enough
         job_id = db.insert("echo back", node_id="box")
-        assert db.wait_status(job_id, ("queued",))["status"] == "queued"
+        daemon_looked(db)
+        row = db.job(job_id)
+        assert (row["status"], row["started_at"], row["error"]) == ("queued", None, None)  # it waits, unclaimed
     finally:
         sshd.start()
     wait_for(lambda: _node(db).get("status") == "online", timeout=30, message="online again")
@@ -99,7 +101,7 @@ def test_cancel_and_timeout_leave_no_remote_process(sshd: Sshd, db: Db,
 
     timed = db.insert("trap '' TERM; sleep 1003 & sleep 1004; wait", node_id="box", timeout_ms=1000)
     row = db.wait_status(timed, timeout=30)
-    assert (row["status"], row["exit_code"]) == ("failed", 124)
+    assert (row["status"], row["exit_code"], row["attempt"]) == ("failed", 124, 1)
     wait_for(lambda: not sshd.remote_pgrep("sleep 100[34]"), timeout=10, message="remote group killed")
 
 

@@ -25,6 +25,7 @@ from daemon.lease import Identity, Lease
 from daemon.output import BIG_OUTPUT_BYTES, JobOutput
 from daemon.runner import RunningJob
 from daemon.store import Claim, JobResult, JobStatus, OutputSnapshot, Store, open_store
+from tests.conftest import require
 
 pytestmark = pytest.mark.anyio
 
@@ -42,14 +43,11 @@ def sqlite_memory_used() -> int:
     import _sqlite3
 
     lib = ctypes.CDLL(_sqlite3.__file__)  # resolves through to the libsqlite3 it links
-    try:
-        memory_used = lib.sqlite3_memory_used
-    except AttributeError:
-        pytest.skip("this Python's SQLite does not export sqlite3_memory_used")
+    memory_used = getattr(lib, "sqlite3_memory_used", None)
+    require(memory_used is not None, "this Python's SQLite does not export sqlite3_memory_used")
     memory_used.restype = ctypes.c_int64
     used = int(memory_used())
-    if used <= 0:
-        pytest.skip("this SQLite does not count its memory (SQLITE_DEFAULT_MEMSTATUS=0)")
+    require(used > 0, "this SQLite does not count its memory (SQLITE_DEFAULT_MEMSTATUS=0)")
     return used
 
 

@@ -24,6 +24,7 @@ from daemon.output import (
     trim_heap,
 )
 from daemon.store import OutputSnapshot
+from tests.conftest import require
 
 REPLACEMENT = "\ufffd"
 MARKER = re.compile(r"\n\[nexus-jobd: (\d+) bytes of (\w+) omitted; (\d+) bytes in all\]\n")
@@ -305,9 +306,10 @@ def test_only_jobs_that_wrote_a_lot_count_as_big() -> None:
 def test_trim_heap_returns_freed_heap_pages_where_malloc_trim_exists() -> None:
     """Blocks below malloc's mmap threshold, every other one freed: holes inside the heap that free() cannot give
     back by itself, and that malloc_trim(0) does. Where the C library has no malloc_trim, it says so and returns."""
-    if getattr(ctypes.CDLL(None), "malloc_trim", None) is None:
+    glibc = getattr(ctypes.CDLL(None), "malloc_trim", None) is not None
+    if not glibc:
         assert trim_heap() in (True, False)
-        pytest.skip("no malloc_trim in this C library (not glibc)")
+    require(glibc, "no malloc_trim in this C library (not glibc): nothing to give back with")
     blocks = [bytearray(64 * 1024) for _ in range(400)]
     del blocks[::2]
     assert trim_heap() is True
@@ -342,9 +344,10 @@ def test_big_blocks_get_mappings_of_their_own_after_a_bigger_one_was_freed() -> 
     threshold). Without the fix glibc raises its mmap threshold when the 8 MiB block is freed and carves the next
     2 MiB block out of the heap (run BLOCK_PLACEMENT with "default" to see `[heap]`, still mapped after the free);
     with the threshold fixed, that block gets a mapping of its own, which free() unmaps."""
-    if getattr(ctypes.CDLL(None), "malloc_trim", None) is None:
+    glibc = getattr(ctypes.CDLL(None), "malloc_trim", None) is not None
+    if not glibc:
         assert map_big_blocks_apart() is False
-        pytest.skip("not glibc")
+    require(glibc, "not glibc: no mmap threshold to fix")
     done = subprocess.run([sys.executable, "-c", BLOCK_PLACEMENT, "fixed"], capture_output=True, text=True,
                           check=True)
     assert done.stdout.split() == ["anonymous", "unmapped"]

@@ -257,8 +257,34 @@ def test_a_far_behind_reader_sends_head_and_tail_only_and_the_middle_leaves_the_
     again.close()
     out = _job_dir(home, "job:1") / "out"
     assert out.stat().st_size == 20_000_004
-    if shutil.which("fallocate"):
-        assert out.stat().st_blocks * 512 < 2 * 1024 * 1024  # the 20 MB are no longer on disk
+    require(shutil.which("fallocate") is not None, "fallocate not installed (Debian: util-linux)")
+    assert out.stat().st_blocks * 512 < 2 * 1024 * 1024  # the 20 MB are no longer on disk
+
+
+def test_a_trimmer_keeps_the_spool_near_the_cap_while_no_reader_reads(home: Path) -> None:
+    """A read that finds a spool past the cap starts the node's trimmer; the reader then goes (the daemon stopped)
+    and the job writes 300 MB more: the trimmer alone keeps the middle off the disk, and a reader that comes back
+    goes on from its offsets, exactly."""
+    require(shutil.which("fallocate") is not None, "fallocate not installed (Debian: util-linux)")
+    gate = home / "gate"
+    # The 300 MB in pieces, for 3 s or more: longer than the trimmer's longest pause while the job waits (1 s).
+    node = _start(home, f'head -c 20000000 /dev/zero | tr "\\0" x; while [ ! -e {gate} ]; do sleep 0.02; done; '
+                        'for i in $(seq 60); do head -c 5000000 /dev/zero | tr "\\0" y; sleep 0.05; done; echo end',
+                  cap=1000)
+    wait_for(lambda: node.ask(node.offsets()) and node.offsets()[0] == 20_000_000, message="the first 20 MB read")
+    d = _job_dir(home, "job:1")
+    assert (d / "trim").exists()
+    offsets = node.offsets()
+    node.close()
+    gate.touch()
+    wait_for(lambda: (d / "rc").exists(), timeout=60, message="the job's end, 300 MB later, with no reader")
+    size, on_disk = (d / "out").stat().st_size, (d / "out").stat().st_blocks * 512
+    print(f"300 MB unread: {on_disk / 2**20:.1f} MiB of the spool on disk at the job's end")
+    assert size == 320_000_004 and on_disk < 64 * 2**20  # without the trimmer: all 300 MB
+    again = Node(home, spool.reader_script(spool.dir_name("job:1"), 1000))
+    assert again.until_end(offsets).kind == "rc"
+    assert again.skipped == {1: size - offsets[0] - 750, 2: 0} and bytes(again.out) == b"y" * 746 + b"end\n"
+    again.close()
 
 
 @pytest.mark.parametrize("login_shell", [("dash",), ("bash",), ("zsh",), ("busybox", "sh")])

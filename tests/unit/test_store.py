@@ -1,8 +1,11 @@
-"""daemon.store.Store on a real SQLite file: migrations, NexusCLI compatibility, claims, finishing, look-ups."""
+"""daemon.store.Store: migrations and NexusCLI compatibility on a real SQLite file; the semantics every backend
+must share (claim order and limits, leases, compare-and-set finishes, recovery, look-ups) on a real SQLite file
+and on a real PostgreSQL server alike."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 import stat
 import time
@@ -13,9 +16,12 @@ from typing import Any
 import pytest
 
 from daemon.errors import DatabaseError, JobdError
-from daemon.store import Claim, JobResult, JobStatus, OutputSnapshot, Store, open_store
+from daemon.store import Claim, JobResult, JobStatus, OutputSnapshot, Store, is_postgres, open_store
+from tests.conftest import PgConn
 
-pytestmark = pytest.mark.anyio
+# Every test that uses the `store` fixture runs on each backend (tests/conftest.py `backends`); those that open a
+# file of their own (migrations, NexusCLI's schema) are SQLite's alone.
+pytestmark = [pytest.mark.anyio, pytest.mark.backends("sqlite", "postgres")]
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 MIGRATIONS = ["0001_job_columns", "0002_lifecycle"]
@@ -35,11 +41,11 @@ def now_ms() -> int:
 
 
 class Other:
-    """Another program's connection to the same file: plain sqlite3, autocommit."""
+    """Another program's connection to the same database: plain sqlite3 (or psycopg), autocommit, `?` placeholders."""
 
-    def __init__(self, path: Path) -> None:
-        self.conn = sqlite3.connect(path, isolation_level=None, timeout=10)
-        self.conn.row_factory = sqlite3.Row
+    def __init__(self, target: str) -> None:
+        self.postgres = is_postgres(target)
+        self.conn: Any = PgConn(target) if self.postgres else sqlite3.connect(target, isolation_level=None, timeout=10)
 
     def insert(self, job_id: str, *, node_id: str = "localhost", created_at: int | None = None,
                priority: int | None = None, command: str = "echo hi") -> str:
@@ -50,9 +56,10 @@ class Other:
         return job_id
 
     def job(self, job_id: str) -> dict[str, Any]:
-        row = self.conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        cur = self.conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        row = cur.fetchone()
         assert row is not None
-        return dict(row)
+        return dict(zip([column[0] for column in cur.description], row, strict=True))
 
     def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         return [tuple(row) for row in self.conn.execute(sql, params)]
@@ -73,8 +80,9 @@ async def register(store: Store, *workers: str) -> None:
 
 
 @pytest.fixture
-async def store(path: Path) -> AsyncIterator[Store]:
-    store = await open_store(path)
+async def store(db_target: str) -> AsyncIterator[Store]:
+    """The database `backend` names, migrated, with the WORKERS' leases."""
+    store = await open_store(db_target)
     await store.migrate()
     await register(store)
     yield store
@@ -82,8 +90,8 @@ async def store(path: Path) -> AsyncIterator[Store]:
 
 
 @pytest.fixture
-def other(path: Path, store: Store) -> Iterator[Other]:
-    handle = Other(path)
+def other(db_target: str, store: Store) -> Iterator[Other]:
+    handle = Other(db_target)
     yield handle
     handle.conn.close()
 
@@ -248,9 +256,11 @@ def insert_mixed(other: Other) -> list[str]:
     other.insert("p5-old", priority=5, created_at=2000)
     other.insert("p1", priority=1, created_at=500)
     other.insert("p5-tie-b", priority=5, created_at=2500)
-    other.insert("p5-tie-a", priority=5, created_at=2500)  # same time: inserted later, claimed later
+    other.insert("p5-tie-a", priority=5, created_at=2500)
     other.insert("neg", priority=-1, created_at=1)
-    return ["p5-old", "p5-tie-b", "p5-tie-a", "p5-new", "p1", "p0-old", "neg"]
+    # Same time: SQLite claims the one inserted first (rowid); PostgreSQL has no insertion order, so by id.
+    ties = ["p5-tie-a", "p5-tie-b"] if other.postgres else ["p5-tie-b", "p5-tie-a"]
+    return ["p5-old", *ties, "p5-new", "p1", "p0-old", "neg"]
 
 
 async def test_claim_takes_rows_by_priority_then_age(store: Store, other: Other) -> None:
@@ -324,9 +334,45 @@ async def test_a_daemon_whose_lease_was_taken_claims_nothing(store: Store, other
     assert [job.id for job in await store.claim("localhost", 1, "w2")] == ["j1"]
 
 
-async def test_concurrent_claims_from_two_connections_are_disjoint(path: Path, store: Store, other: Other) -> None:
+async def test_a_lease_is_taken_once_and_its_holder_hears_of_it(store: Store) -> None:
+    assert await store.heartbeat("w1")
+    assert sorted(w.id for w in await store.other_workers("w2")) == ["a", "b", "w1"]
+    assert await store.stop_worker("w1", "declared dead: test")
+    assert not await store.stop_worker("w1", "declared dead: by another")  # one daemon recovers its jobs
+    assert not await store.heartbeat("w1")  # the stalled daemon learns it at its next heartbeat
+    assert sorted(w.id for w in await store.other_workers("w2")) == ["a", "b"]
+    assert await store.heartbeat("w2")
+
+
+async def test_a_dead_daemons_jobs_are_resolved_once_each_on_its_claim(store: Store, other: Other) -> None:
+    other.insert("j1", created_at=1)
+    other.insert("j2", created_at=2)
+    assert [job.id for job in await store.claim("localhost", 2, "w1")] == ["j1", "j2"]
+    await store.write_outputs([(Claim("j2", "w1", 1), OutputSnapshot("so far\n", None, 7, 0), None)])
+    assert await store.stop_worker("w1", "declared dead: test")
+    orphans = {job.id: job for job in await store.orphaned_jobs("w1")}
+    assert sorted(orphans) == ["j1", "j2"] and orphans["j1"].attempt == 1
+    stale = dataclasses.replace(orphans["j1"], attempt=0)
+    assert not await store.resolve_orphan("w1", stale, requeue=True, error="stale")  # another attempt's
+    assert not await store.resolve_orphan("w2", orphans["j1"], requeue=True, error="not ours")
+    assert await store.resolve_orphan("w1", orphans["j1"], requeue=True, error="its daemon died")
+    assert not await store.resolve_orphan("w1", orphans["j1"], requeue=True, error="twice")
+    row = other.job("j1")
+    assert (row["status"], row["error"], row["worker_id"], row["started_at"], row["attempt"]) == (
+        "queued", "its daemon died", None, None, 1)
+    assert await store.resolve_orphan("w1", orphans["j2"], requeue=False, error="its daemon died")
+    assert not await store.resolve_orphan("w1", orphans["j2"], requeue=False, error="twice")
+    row = other.job("j2")
+    assert (row["status"], row["error"], row["stdout"], row["attempt"]) == ("failed", "its daemon died", "so far\n", 1)
+    assert row["duration"] == row["completed_at"] - row["started_at"]
+    assert await store.orphaned_jobs("w1") == []
+    assert [(job.id, job.attempt) for job in await store.claim("localhost", 5, "w2")] == [("j1", 2)]
+
+
+async def test_concurrent_claims_from_two_connections_are_disjoint(db_target: str, store: Store,
+                                                                   other: Other) -> None:
     ids = {other.insert(f"job-{i:03d}", created_at=i) for i in range(120)}
-    second = await open_store(path)
+    second = await open_store(db_target)
     try:
         claimed: dict[str, list[str]] = {"a": [], "b": []}
         while True:
