@@ -20,7 +20,8 @@ import anyio
 from daemon import __version__, config, service
 from daemon import logging as log
 from daemon.errors import ConfigError, DatabaseError, DatabaseRewritten, JobdError
-from daemon.store import DbError, JobStatus, Store, open_store, rewrites
+from daemon.model import JobStatus
+from daemon.store import DbError, Store, open_store, rewrites
 from daemon.tools import MAX_ATTEMPTS, MAX_TIMEOUT_MS
 
 _MARKER = re.compile(r"\n\[nexus-jobd: \d+ bytes of \w+ omitted; (\d+) bytes in all\]\n")

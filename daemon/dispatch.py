@@ -26,23 +26,21 @@ from daemon.errors import DatabaseRewritten, JobdError
 from daemon.executors.base import Executor, Process
 from daemon.executors.local import LocalExecutor
 from daemon.health import Health
+from daemon.hooks import Hooks
 from daemon.lease import Lease
-from daemon.metrics import Hooks
-from daemon.runner import JobRunner, RunningJob
-from daemon.store import (
+from daemon.model import (
     Claim,
     ClaimedJob,
-    DbError,
-    DbRejected,
     JobResult,
     JobStatus,
     OrphanedJob,
     OutputSnapshot,
     ProcessRef,
     Quarantine,
-    Store,
     now_ms,
 )
+from daemon.runner import JobRunner, RunningJob
+from daemon.store import DbError, DbRejected, Store
 
 logger = log.get("dispatch")
 # After a notification, look again 1, 2, 4 ... 256 ms later, then every 256 ms: about 2 s in all, for a writer

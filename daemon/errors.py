@@ -39,3 +39,25 @@ def shorten(text: str, limit: int) -> str:
     room = max(0, limit - len(marker))
     tail = room // 4
     return f"{text[:room - tail]}{marker}{text[len(text) - tail:]}"
+
+
+class JobLost(Exception):
+    """The job can no longer be followed (its node stayed unreachable, its process vanished without an exit
+    status, its node sent what does not parse): it did not succeed, whatever it did; the message says why."""
+
+
+class ConnectionLost(JobLost):
+    """The link to the node dropped and did not come back in time while the job ran."""
+
+
+class SpawnError(Exception):
+    """The command could not be started (exit code 127); the message says why."""
+
+
+class NodeUnreachable(SpawnError):
+    """The node did not answer, so nothing was started there: the job waits for the node (it is not a run of the
+    command, whatever its max_attempts says). `retry_in_s`: when the node is worth trying again."""
+
+    def __init__(self, message: str, retry_in_s: float) -> None:
+        super().__init__(message)
+        self.retry_in_s = retry_in_s

@@ -20,7 +20,8 @@ import anyio
 
 from daemon import logging as log
 from daemon import procs
-from daemon.store import OrphanedJob, Store, Worker, survive_db_errors
+from daemon.model import OrphanedJob, Worker
+from daemon.store import Store, survive_db_errors
 
 logger = log.get("lease")
 ORPHAN_ERROR = "daemon stopped while the job was running"

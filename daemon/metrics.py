@@ -26,6 +26,7 @@ from daemon import __version__
 from daemon import logging as log
 from daemon.config import TOOLS, Config
 from daemon.errors import ConfigError, DatabaseRewritten
+from daemon.hooks import Hooks
 from daemon.store import DbError
 
 if TYPE_CHECKING:
@@ -34,7 +35,8 @@ if TYPE_CHECKING:
     from prometheus_client.registry import Collector
 
     from daemon.health import Health
-    from daemon.store import ClaimedJob, Store
+    from daemon.model import ClaimedJob
+    from daemon.store import Store
 
 logger = log.get("metrics")
 TEXTFILE_INTERVAL_S = 15.0
@@ -49,23 +51,6 @@ MAX_REQUEST_HEAD = 16 * 1024
 STATUSES = ("completed", "failed", "cancelled")
 DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600, inf)
 PICKUP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 15, 60, 300, 3600, inf)
-
-
-class Hooks:
-    """What the dispatcher, the lease and the SSH executors report as they work. This one records nothing: the
-    daemon without [metrics]."""
-
-    def job_claimed(self, job: ClaimedJob) -> None:
-        """A row moved to `executing`."""
-
-    def job_finished(self, node: str, tool: str, status: str, duration_ms: int | None) -> None:
-        """The final write of a job this daemon ran took, with the row's status and duration."""
-
-    def db_write_error(self) -> None:
-        """A `db.write_failed` or `dispatch.db_error` was logged."""
-
-    def ssh_reconnected(self, node: str) -> None:
-        """The pooled connection to an SSH node was opened again, after the first time."""
 
 
 @dataclasses.dataclass(frozen=True)

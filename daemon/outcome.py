@@ -10,8 +10,7 @@ import random
 import signal
 from dataclasses import dataclass
 
-from daemon.executors.base import ExitStatus
-from daemon.store import JobResult, JobStatus, OutputSnapshot
+from daemon.model import ExitStatus, JobResult, JobStatus, OutputSnapshot
 
 TIMEOUT_EXIT_CODE = 124
 SHUTDOWN_ERROR = "daemon shut down while the job was running"

@@ -12,7 +12,7 @@ import ctypes
 import re
 from dataclasses import dataclass, field
 
-from daemon.store import OutputSnapshot
+from daemon.model import OutputSnapshot
 
 HEAD_SHARE = 4  # the head keeps cap/4; the tail, where errors usually are, keeps the rest
 # After a job that wrote at least this much (both streams), the dispatcher gives memory back: SQLite's page cache

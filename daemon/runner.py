@@ -15,11 +15,11 @@ from anyio.abc import TaskGroup
 from daemon import docker, outcome, procs, tools
 from daemon import logging as log
 from daemon.config import Config
-from daemon.errors import BadJob
-from daemon.executors.base import Executor, JobLost, NodeUnreachable, Process, SpawnError
+from daemon.errors import BadJob, JobLost, NodeUnreachable, SpawnError
+from daemon.executors.base import Executor, Process
+from daemon.model import AdoptedJob, Claim, ClaimedJob, Command, JobResult, JobStatus, ProcessRef, now_ms
 from daemon.output import JobOutput
-from daemon.store import AdoptedJob, Claim, ClaimedJob, JobResult, JobStatus, ProcessRef, now_ms
-from daemon.tools import Command, RunPolicy
+from daemon.tools import RunPolicy
 
 logger = log.get("runner")
 DOCKER_CLI_TIMEOUT_S = 30.0

@@ -31,13 +31,14 @@ from daemon import logging as log
 from daemon import procs
 from daemon.config import Config, NodeConfig, Overrides
 from daemon.dispatch import Dispatcher
-from daemon.errors import ConfigError, DatabaseRewritten, JobdError
-from daemon.executors.base import Executor, SpawnError
+from daemon.errors import ConfigError, DatabaseRewritten, JobdError, SpawnError
+from daemon.executors.base import Executor
 from daemon.executors.keeper import KeeperClient
 from daemon.executors.local import LocalExecutor
 from daemon.health import PROBE_OUTPUT_MAX, Health, LocalProbe, NodeRefused, Prober, capabilities_json
+from daemon.hooks import Hooks
 from daemon.lease import Identity, Lease
-from daemon.metrics import Exporter, Hooks
+from daemon.metrics import Exporter
 from daemon.notify import Notifier
 from daemon.store import Store, open_store, survive_db_errors
 from daemon.tools import REFUSED, ulimit_script

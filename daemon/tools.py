@@ -10,12 +10,12 @@ import json
 import re
 import shlex
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from daemon.config import LIMITS
 from daemon.errors import BadJob
-from daemon.store import ClaimedJob, RawText
+from daemon.model import ClaimedJob, Command, RawText
 
 # Linux's MAX_ARG_STRLEN: no single argument (bash -c's script included) may be longer, NUL included.
 MAX_COMMAND_BYTES = 128 * 1024 - 1
@@ -24,43 +24,6 @@ _METADATA_LINE = re.compile(r"\n#[ \t]*(\{.*\})[ \t]*\Z")
 # What every shell accepts as a variable name: anything else would be an option to `env` or a syntax error on a
 # node, and no program can read it back from its environment there.
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-@dataclass(frozen=True)
-class Command:
-    """What an executor runs: argv[0] is a program name looked up on PATH by the executor."""
-
-    argv: tuple[str, ...]
-    cwd: str | None  # None: the node's default working directory
-    env: Mapping[str, str | None]  # None as a value unsets the variable
-    # `docker run/create`: the labels its container carries, to stop it by (the job's and the attempt's: two
-    # attempts of a row another program re-queued mid-run may have containers at once). Empty: none.
-    container_labels: tuple[str, ...] = ()
-    key: str = ""  # "<job id>:<attempt>": names what the attempt leaves on a node (its remote pid file)
-    limits: Mapping[str, int] = field(default_factory=dict)  # config.LIMITS keys -> value, set as it starts
-    # An SSH node's [nodes.X] default_cwd: where a job without cwd starts (a relative cwd is taken from there);
-    # None: the node user's home.
-    default_cwd: str | None = None
-
-    @property
-    def exec_argv(self) -> tuple[str, ...]:
-        """What an executor starts: argv itself, or, with resource limits, `sh` setting them and then exec-ing argv.
-
-        The limits are set inside the new process before the job's program runs, so not even its first write or
-        CPU second escapes them (the parent's prlimit after a vfork spawn came too late for a fast job), and the
-        same line works on a local and a remote node.
-        """
-        return with_limits(self.argv, self.limits)
-
-    def environment(self, base: Mapping[str, str]) -> dict[str, str]:
-        """`base` (the daemon's job environment) with this command's variables set or unset."""
-        env = dict(base)
-        for name, value in self.env.items():
-            if value is None:
-                env.pop(name, None)
-            else:
-                env[name] = value
-        return env
 
 
 REFUSED = "nexus-jobd: this node refused [limits]"

@@ -3,50 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Protocol
 
+from daemon.model import Command, ExitStatus
 from daemon.output import JobOutput
-from daemon.tools import Command
 
 OutputCallback = Callable[[bytes], None]
-
-
-@dataclass(frozen=True)
-class ExitStatus:
-    """How a process ended: `code` follows the shell (128+N when killed by signal N)."""
-
-    code: int
-    signal: int | None = None
-
-    @classmethod
-    def from_returncode(cls, returncode: int) -> ExitStatus:
-        """Popen's convention (negative = killed by that signal) -> the shell's."""
-        if returncode < 0:
-            return cls(128 - returncode, -returncode)
-        return cls(returncode)
-
-
-class JobLost(Exception):
-    """The job can no longer be followed (its node stayed unreachable, its process vanished without an exit
-    status, its node sent what does not parse): it did not succeed, whatever it did; the message says why."""
-
-
-class ConnectionLost(JobLost):
-    """The link to the node dropped and did not come back in time while the job ran."""
-
-
-class SpawnError(Exception):
-    """The command could not be started (exit code 127); the message says why."""
-
-
-class NodeUnreachable(SpawnError):
-    """The node did not answer, so nothing was started there: the job waits for the node (it is not a run of the
-    command, whatever its max_attempts says). `retry_in_s`: when the node is worth trying again."""
-
-    def __init__(self, message: str, retry_in_s: float) -> None:
-        super().__init__(message)
-        self.retry_in_s = retry_in_s
 
 
 class Process(Protocol):

@@ -23,8 +23,10 @@ import anyio
 
 from daemon import logging as log
 from daemon import procs
-from daemon.executors.base import ExitStatus, JobLost, OutputCallback, SpawnError
+from daemon.errors import JobLost, SpawnError
+from daemon.executors.base import OutputCallback
 from daemon.keeper import protocol as p
+from daemon.model import ExitStatus
 from daemon.output import JobOutput
 
 logger = log.get("keeper")

@@ -22,10 +22,12 @@ from pathlib import Path
 import anyio
 
 from daemon import logging as log
-from daemon.executors.base import ExitStatus, OutputCallback, Process, SpawnError
+from daemon.errors import SpawnError
+from daemon.executors.base import OutputCallback, Process
 from daemon.executors.keeper import AlreadyStarted, KeeperClient
+from daemon.model import Command, ExitStatus
 from daemon.output import JobOutput
-from daemon.tools import Command, with_limits
+from daemon.tools import with_limits
 
 READ_SIZE = 256 * 1024
 # Linux's limits on what a program can be given (the kernel refuses an exec past them with E2BIG): one argument

@@ -14,8 +14,9 @@ import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from daemon.model import Command
 from daemon.output import HEAD_SHARE
-from daemon.tools import Command
+from daemon.tools import with_limits
 
 JOBS_DIR = "$HOME/.cache/nexus-jobd/jobs"
 PUNCH_STEP = 1024 * 1024  # give spool space back in steps of at least this much: one fork per step
@@ -106,8 +107,9 @@ def start_script(command: Command, name: str, cap: int) -> str:
     after the status is safe.
     """
     cd = f"cd {node_dir(command.default_cwd)}" + (f" && cd {node_dir(command.cwd)}" if command.cwd else "")
+    run = with_env(with_limits(command.argv, command.limits))
     wrapper = (f'( trap : TERM INT HUP; {{ {cd}; }} 2>>"$d/err" || {{ echo 127 > "$d/rc"; echo >&4; exit; }}; '
-               f'{with_env(command.exec_argv)} </dev/null >>"$d/out" 2>>"$d/err" 4>&-; r=$?; echo $r > "$d/rc"; '
+               f'{run} </dev/null >>"$d/out" 2>>"$d/err" 4>&-; r=$?; echo $r > "$d/rc"; '
                'if [ -s "$d/out" ] || [ -s "$d/err" ]; then echo >&4; else echo "E $r" >&4; fi '
                ') 4>&2 </dev/null >/dev/null 2>&1 & w=$!; ')
     return (READ_ENV + f'umask 077; J="{JOBS_DIR}"; d="$J/{name}"; '

@@ -22,11 +22,12 @@ import asyncssh
 
 from daemon import logging as log
 from daemon.config import NodeConfig, SshTarget
+from daemon.errors import ConnectionLost, JobLost, NodeUnreachable, SpawnError
 from daemon.executors import spool
-from daemon.executors.base import ConnectionLost, ExitStatus, JobLost, NodeUnreachable, OutputCallback, SpawnError
-from daemon.metrics import Hooks
+from daemon.executors.base import OutputCallback
+from daemon.hooks import Hooks
+from daemon.model import Command, ExitStatus
 from daemon.output import JobOutput, StreamCapture
-from daemon.tools import Command
 
 logger = log.get("ssh")
 BACKOFF_MAX_S = 30.0

@@ -8,18 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from daemon.store.base import (
-    ChangeSource,
-    DbError,
-    DbRejected,
-    DbUnavailable,
-    Quarantine,
-    Store,
-    is_postgres,
-    now_ms,
-    survive_db_errors,
-)
-from daemon.store.rows import (
+from daemon.model import (
     AdoptedJob,
     Claim,
     ClaimedJob,
@@ -28,8 +17,19 @@ from daemon.store.rows import (
     OrphanedJob,
     OutputSnapshot,
     ProcessRef,
+    Quarantine,
     RawText,
     Worker,
+    now_ms,
+)
+from daemon.store.base import (
+    ChangeSource,
+    DbError,
+    DbRejected,
+    DbUnavailable,
+    Store,
+    is_postgres,
+    survive_db_errors,
 )
 from daemon.store.sqlite import guard, rewrites
 

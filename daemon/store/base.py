@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import dataclasses
 import sqlite3
-import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from daemon import logging as log
 from daemon.errors import DatabaseError, DatabaseRewritten
-from daemon.store.rows import (
+from daemon.model import (
     AdoptedJob,
     Claim,
     ClaimedJob,
@@ -25,6 +23,7 @@ from daemon.store.rows import (
     OrphanedJob,
     OutputSnapshot,
     ProcessRef,
+    Quarantine,
     RawText,
     Worker,
 )
@@ -47,10 +46,6 @@ class DbRejected(DatabaseError):
 DbError: tuple[type[Exception], ...] = (sqlite3.Error, DbUnavailable, DbRejected)
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 def is_postgres(target: str | Path) -> bool:
     return isinstance(target, str) and target.startswith(POSTGRES_SCHEMES)
 
@@ -68,20 +63,6 @@ async def survive_db_errors(what: str, on_error: Callable[[], None] | None = Non
             on_error()
     except DatabaseRewritten:
         pass  # the dispatcher says so, once, with what to do; nothing more is written
-
-
-@dataclasses.dataclass(frozen=True)
-class Quarantine:
-    """What the daemon did when it found the file rewritten: where its WAL went, which jobs' latest writes were
-    only in that WAL (so the file as it is now does not have them), and where it reported and keeps results."""
-
-    reason: str
-    message: str  # what a user reads: what was seen, the likely cause, the fix
-    set_aside: list[Path]
-    unrecorded: list[str]
-    report: Path
-    results: Path
-    kept: bool = True  # the report and the results recorded only in that WAL are written beside the file
 
 
 class ChangeSource(abc.ABC):

@@ -338,7 +338,7 @@ async def test_the_variables_of_a_docker_command_run_for_a_job_are_in_no_command
     """`docker stop` and `docker ps` run on the node with the job's variables (DOCKER_HOST and the row's env)."""
     from daemon.config import Overrides, load
     from daemon.executors.ssh import SshExecutor
-    from daemon.tools import Command
+    from daemon.model import Command
 
     config_file = tmp_path / "node.toml"
     config_file.write_text(sshd.node_config())

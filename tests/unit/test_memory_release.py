@@ -22,9 +22,10 @@ from daemon import service
 from daemon.dispatch import Dispatcher
 from daemon.health import Health
 from daemon.lease import Identity, Lease
+from daemon.model import Claim, JobResult, JobStatus, OutputSnapshot
 from daemon.output import BIG_OUTPUT_BYTES, JobOutput
 from daemon.runner import RunningJob
-from daemon.store import Claim, JobResult, JobStatus, OutputSnapshot, Store, open_store
+from daemon.store import Store, open_store
 from tests.conftest import require
 
 pytestmark = pytest.mark.anyio

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from daemon.model import OutputSnapshot
 from daemon.output import (
     BIG_OUTPUT_BYTES,
     HEAD_SHARE,
@@ -23,7 +24,6 @@ from daemon.output import (
     map_big_blocks_apart,
     trim_heap,
 )
-from daemon.store import OutputSnapshot
 from tests.conftest import require
 
 REPLACEMENT = "\ufffd"

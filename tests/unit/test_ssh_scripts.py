@@ -19,7 +19,7 @@ import pytest
 from daemon.executors import spool
 from daemon.executors.spool import kill_script
 from daemon.executors.ssh import in_sh
-from daemon.tools import Command
+from daemon.model import Command
 from tests.conftest import require, wait_for
 
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id").read_text().strip()

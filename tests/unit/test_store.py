@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from daemon.errors import DatabaseError, JobdError
-from daemon.store import Claim, JobResult, JobStatus, OutputSnapshot, Store, is_postgres, open_store
+from daemon.model import Claim, JobResult, JobStatus, OutputSnapshot
+from daemon.store import Store, is_postgres, open_store
 from tests.conftest import PgConn
 
 # Every test that uses the `store` fixture runs on each backend (tests/conftest.py `backends`); those that open a

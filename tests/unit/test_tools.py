@@ -10,8 +10,8 @@ import pytest
 
 from daemon.config import TOOLS
 from daemon.errors import BadJob
-from daemon.store.rows import ClaimedJob, RawText
-from daemon.tools import MAX_COMMAND_BYTES, Command, RunPolicy, build, parse_env, policy, strip_metadata
+from daemon.model import ClaimedJob, Command, RawText
+from daemon.tools import MAX_COMMAND_BYTES, RunPolicy, build, parse_env, policy, strip_metadata, with_limits
 from tests.conftest import require
 
 
@@ -269,7 +269,7 @@ LIMITS = {"cpu_seconds": 7, "file_size_bytes": 1 << 20, "processes": 500, "open_
 
 
 def _limits_of(shell: list[str], limits: dict[str, int]) -> subprocess.CompletedProcess[str]:
-    wrapped = Command(argv=("cat", "/proc/self/limits"), cwd=None, env={}, limits=limits).exec_argv
+    wrapped = with_limits(("cat", "/proc/self/limits"), limits)
     assert wrapped[0] == "sh"
     return subprocess.run([*shell, *wrapped[1:]], capture_output=True, text=True, timeout=10)
 
@@ -295,4 +295,4 @@ def test_a_limit_the_host_refuses_stops_the_job_with_the_reason() -> None:
 
 
 def test_no_limits_no_wrapper() -> None:
-    assert Command(argv=("bash", "-c", "true"), cwd=None, env={}).exec_argv == ("bash", "-c", "true")
+    assert with_limits(("bash", "-c", "true"), {}) == ("bash", "-c", "true")

@@ -16,9 +16,7 @@ from typing import Any, TypeVar
 from daemon import logging as log
 from daemon.config import redact_secrets, redact_url
 from daemon.errors import DatabaseError, JobdError
-from daemon.store.base import ChangeSource, DbRejected, DbUnavailable, Store, cycles
-from daemon.store.postgres.queries import HERE, Q, read_sql
-from daemon.store.rows import (
+from daemon.model import (
     AdoptedJob,
     Claim,
     ClaimedJob,
@@ -30,6 +28,8 @@ from daemon.store.rows import (
     RawText,
     Worker,
 )
+from daemon.store.base import ChangeSource, DbRejected, DbUnavailable, Store, cycles
+from daemon.store.postgres.queries import HERE, Q, read_sql
 
 try:
     import psycopg

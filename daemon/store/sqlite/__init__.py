@@ -25,8 +25,7 @@ import anyio
 
 from daemon import logging as log
 from daemon.errors import DatabaseError, DatabaseRewritten, JobdError, WholeFileWriter
-from daemon.store.base import DbRejected, Quarantine, Store, cycles, now_ms
-from daemon.store.rows import (
+from daemon.model import (
     AdoptedJob,
     Claim,
     ClaimedJob,
@@ -35,9 +34,12 @@ from daemon.store.rows import (
     OrphanedJob,
     OutputSnapshot,
     ProcessRef,
+    Quarantine,
     RawText,
     Worker,
+    now_ms,
 )
+from daemon.store.base import DbRejected, Store, cycles
 from daemon.store.sqlite import guard, rewrites
 from daemon.store.sqlite.queries import HERE, Q, read_sql, split_statements
 from daemon.store.sqlite.wakeup import ChangeWatcher

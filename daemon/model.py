@@ -1,13 +1,23 @@
-"""Rows as frozen values, and the status vocabulary the contract allows."""
+"""The vocabulary every part of the daemon speaks: rows and claims as frozen values, results, exit statuses, commands,
+and the enums of statuses, node states and stop reasons. It imports nothing of the daemon but its errors.
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from daemon.errors import shorten
+
+
+def now_ms() -> int:
+    """The time as the contract writes it: Unix epoch milliseconds."""
+    return time.time_ns() // 1_000_000
+
 
 MAX_ERROR_CHARS = 2000  # an error quoting a row's value (a 5 MB `tool`) keeps its start and its end
 
@@ -144,3 +154,83 @@ class AdoptedJob:
     stderr: str | None
     stdout_bytes: int
     stderr_bytes: int
+
+
+class StopReason(StrEnum):
+    """Why the daemon ends a job it runs (the job's own end needs no reason)."""
+
+    CANCELLED = "cancelled"
+    TIMEOUT = "timeout"
+    SHUTDOWN = "shutdown"
+    LEASE_LOST = "lease lost"
+
+
+class NodeStatus(StrEnum):
+    """A node as this daemon sees it. The `nodes` table knows only online, offline and error (NexusCLI's CHECK):
+    `table_value` says which of those each one is written as."""
+
+    PENDING = "pending"  # not probed yet
+    ONLINE = "online"
+    SUSPECT = "suspect"  # a job found it unreachable: no claims until its back-off passes or a probe reaches it
+    OFFLINE = "offline"
+    ERROR = "error"
+
+    @property
+    def table_value(self) -> str:
+        return {"suspect": "online", "pending": "offline"}.get(self.value, self.value)
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How a process ended: `code` follows the shell (128+N when killed by signal N)."""
+
+    code: int
+    signal: int | None = None
+
+    @classmethod
+    def from_returncode(cls, returncode: int) -> ExitStatus:
+        """Popen's convention (negative = killed by that signal) -> the shell's."""
+        if returncode < 0:
+            return cls(128 - returncode, -returncode)
+        return cls(returncode)
+
+
+@dataclass(frozen=True)
+class Command:
+    """What an executor runs: argv[0] is a program name looked up on PATH by the executor."""
+
+    argv: tuple[str, ...]
+    cwd: str | None  # None: the node's default working directory
+    env: Mapping[str, str | None]  # None as a value unsets the variable
+    # `docker run/create`: the labels its container carries, to stop it by (the job's and the attempt's: two
+    # attempts of a row another program re-queued mid-run may have containers at once). Empty: none.
+    container_labels: tuple[str, ...] = ()
+    key: str = ""  # "<job id>:<attempt>": names what the attempt leaves on a node (its remote pid file)
+    limits: Mapping[str, int] = field(default_factory=dict)  # config.LIMITS keys -> value, set as it starts
+    # An SSH node's [nodes.X] default_cwd: where a job without cwd starts (a relative cwd is taken from there);
+    # None: the node user's home.
+    default_cwd: str | None = None
+
+    def environment(self, base: Mapping[str, str]) -> dict[str, str]:
+        """`base` (the daemon's job environment) with this command's variables set or unset."""
+        env = dict(base)
+        for name, value in self.env.items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
+        return env
+
+
+@dataclass(frozen=True)
+class Quarantine:
+    """What the daemon did when it found the file rewritten: where its WAL went, which jobs' latest writes were
+    only in that WAL (so the file as it is now does not have them), and where it reported and keeps results."""
+
+    reason: str
+    message: str  # what a user reads: what was seen, the likely cause, the fix
+    set_aside: list[Path]
+    unrecorded: list[str]
+    report: Path
+    results: Path
+    kept: bool = True  # the report and the results recorded only in that WAL are written beside the file
