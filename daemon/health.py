@@ -18,6 +18,7 @@ import anyio
 from daemon import docker
 from daemon import logging as log
 from daemon.config import Config, NodeConfig
+from daemon.model import NodeStatus
 from daemon.tools import ulimit_script
 
 logger = log.get("health")
@@ -147,11 +148,14 @@ def _load_average(value: str) -> list[float] | None:
     return loads if all(0 <= x < 1e9 for x in loads) else None  # NaN compares false: out too
 
 
+def _first_status(node: NodeConfig) -> NodeStatus:
+    """The local node is there; an SSH node is not claimed for before its first probe."""
+    return NodeStatus.ONLINE if node.ssh is None else NodeStatus.PENDING
+
+
 @dataclass
 class NodeHealth:
-    # pending (not probed yet) | online | suspect (a job found it unreachable: no claims until retry_at, online in
-    # the table until its probes say otherwise) | offline | error
-    status: str = "pending"
+    status: NodeStatus = NodeStatus.PENDING
     error: str | None = None
     missed: int = 0
     capabilities: dict[str, Any] = field(default_factory=dict)
@@ -160,40 +164,46 @@ class NodeHealth:
 
 
 class Health:
-    def __init__(self, config: Config, probe: Prober) -> None:
+    def __init__(self, config: Config, probe: Prober, changed: Callable[[], None] = lambda: None) -> None:
+        """`changed`: a node's status changed (the dispatcher looks again at what it may claim, or must fail)."""
         self._config = config
         self._probe = probe
-        self.nodes: dict[str, NodeHealth] = {
-            node_id: NodeHealth(status="online" if node.ssh is None else "pending") for node_id, node in
-            config.nodes.items()}
-        self.changed: Callable[[], None] = lambda: None  # the dispatcher looks again at what it may claim
+        self.nodes: dict[str, NodeHealth] = {node_id: NodeHealth(status=_first_status(node))
+                                             for node_id, node in config.nodes.items()}
+        self._changed = changed
 
     def reconfigure(self, config: Config) -> None:
         self._config = config
         for node_id, node in config.nodes.items():
-            self.nodes.setdefault(node_id, NodeHealth(status="online" if node.ssh is None else "pending"))
+            self.nodes.setdefault(node_id, NodeHealth(status=_first_status(node)))
 
     def can_claim(self, node_id: str) -> bool:
         state = self.nodes.get(node_id)
         if state is None:
             return False
-        return state.status == "online" or (state.status == "suspect" and time.monotonic() >= state.retry_at)
+        if state.status == NodeStatus.SUSPECT:
+            return time.monotonic() >= state.retry_at
+        return state.status == NodeStatus.ONLINE
 
     def unreachable(self, node_id: str, error: str, retry_in_s: float) -> None:
         """A job could not be started there because the node did not answer: its other rows wait too (each would
         fail the same way) until `retry_in_s` has passed or a probe reaches it, whichever comes first."""
         state = self.nodes.get(node_id)
-        if state is None or state.status not in ("online", "suspect"):
+        if state is None or state.status not in (NodeStatus.ONLINE, NodeStatus.SUSPECT):
             return
-        if state.status == "online":
-            logger.warning("node.status", node=node_id, status="suspect", was="online", error=error,
+        if state.status == NodeStatus.ONLINE:
+            logger.warning("node.status", node=node_id, status=NodeStatus.SUSPECT, was=NodeStatus.ONLINE, error=error,
                            retry_in_s=round(retry_in_s, 1))
-        state.status, state.error = "suspect", error
+        state.status, state.error = NodeStatus.SUSPECT, error
         state.retry_at = time.monotonic() + retry_in_s
+
+    def status_of(self, node_id: str) -> NodeStatus:
+        state = self.nodes.get(node_id)
+        return state.status if state is not None else NodeStatus.PENDING
 
     def error_of(self, node_id: str) -> str | None:
         state = self.nodes.get(node_id)
-        return state.error if state is not None and state.status == "error" else None
+        return state.error if state is not None and state.status == NodeStatus.ERROR else None
 
     async def probe_all(self) -> dict[str, tuple[str, dict[str, Any]]]:
         """Probe every node at once; node id -> (status for the table, capabilities JSON)."""
@@ -216,33 +226,33 @@ class Health:
                 text = await self._probe(node, probe_script(node))
             capabilities = parse_probe(text, (time.monotonic() - started) * 1000)  # in the try: never a crash
         except NodeRefused as e:
-            state.status, state.error = "error", str(e)
+            state.status, state.error = NodeStatus.ERROR, str(e)
         except Exception as e:  # unreachable: offline only after `offline_after` misses in a row
             state.missed += 1
             state.error = str(e) or type(e).__name__
             if state.missed >= node.offline_after:
-                state.status = "offline"
+                state.status = NodeStatus.OFFLINE
         else:
             state.capabilities = capabilities
             refused = state.capabilities.pop("limits_refused", None)
             if refused is None:
-                state.status, state.error, state.missed = "online", None, 0
+                state.status, state.error, state.missed = NodeStatus.ONLINE, None, 0
             else:
-                state.status, state.missed = "error", 0
+                state.status, state.missed = NodeStatus.ERROR, 0
                 state.error = (f"the node refuses its [nodes.{node.id}.limits] ({refused}); lower them to what "
                                "its hard limits allow (`ulimit -Ha` there)")
-        if state.status == "offline" and state.offline_since is None:
+        if state.status == NodeStatus.OFFLINE and state.offline_since is None:
             state.offline_since = time.monotonic()
-        elif state.status != "offline":
+        elif state.status != NodeStatus.OFFLINE:
             state.offline_since = None
         if state.status != before:
             logger.warning("node.status", node=node.id, status=state.status, was=before, error=state.error)
-            self.changed()
+            self._changed()
         caps = dict(state.capabilities)
         if state.error:
             caps["error"] = state.error
         caps["missed_probes"] = state.missed
-        table_status = {"suspect": "online", "pending": "offline"}.get(state.status, state.status)
+        table_status = state.status.table_value
         return table_status, caps
 
 

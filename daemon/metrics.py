@@ -206,7 +206,7 @@ class Exporter(Hooks):
             if self._store is None or self._health is None:
                 return
             queue, ages = None, {}
-            if self._store.rewritten is None:  # a file another program rewrote is not read any more
+            if self._store.unwritable is None:  # a file another program rewrote is not read any more
                 try:
                     async with asyncio.timeout(DB_READ_TIMEOUT_S):
                         queue = await self._store.queue_by_node()

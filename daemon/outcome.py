@@ -29,6 +29,12 @@ class Backoff:
         return int(ceiling * (rng or random).uniform(0.5, 1.0))
 
 
+def may_retry(attempt: int, max_attempts: object) -> bool:
+    """The one retry rule: attempts are counted from 1, and the row allows `max_attempts` (another program may have
+    stored anything there: only a whole number allows a retry)."""
+    return isinstance(max_attempts, int) and not isinstance(max_attempts, bool) and attempt < max_attempts
+
+
 def _signal_error(status: ExitStatus) -> str | None:
     if status.signal is None:
         return None
@@ -42,19 +48,19 @@ def _signal_error(status: ExitStatus) -> str | None:
 def result_for(status: ExitStatus, *, stop_reason: str | None, timeout_ms: int | None, output: OutputSnapshot,
                attempt: int, max_attempts: int, backoff: Backoff, now_ms: int) -> JobResult:
     """The row's record of an attempt whose process ran and ended with `status`."""
-    may_retry = attempt < max_attempts
+    retry = may_retry(attempt, max_attempts)
     if stop_reason == "timeout":
         error = f"timed out after {(timeout_ms or 0) / 1000:g}s (timeout_ms={timeout_ms}) and was killed"
-        return _failed(TIMEOUT_EXIT_CODE, error, output, may_retry, now_ms + backoff.delay_ms(attempt))
+        return _failed(TIMEOUT_EXIT_CODE, error, output, retry, now_ms + backoff.delay_ms(attempt))
     if stop_reason == "shutdown":  # interrupted by us: not the job's fault, so no back-off
-        return _failed(status.code, SHUTDOWN_ERROR, output, may_retry, None)
+        return _failed(status.code, SHUTDOWN_ERROR, output, retry, None)
     if stop_reason == "lease lost":
         return _failed(status.code, LEASE_LOST_ERROR, output, False, None)
     if stop_reason == "cancelled":  # the row stays `cancelled` whatever status we pass
         return JobResult(JobStatus.FAILED, status.code, None, output)
     if status.code == 0:
         return JobResult(JobStatus.COMPLETED, 0, None, output)
-    return _failed(status.code, _signal_error(status), output, may_retry, now_ms + backoff.delay_ms(attempt))
+    return _failed(status.code, _signal_error(status), output, retry, now_ms + backoff.delay_ms(attempt))
 
 
 def not_started(stop_reason: str, output: OutputSnapshot) -> JobResult:
@@ -76,7 +82,7 @@ def node_unreachable(error: str, output: OutputSnapshot, *, retry_at_ms: int) ->
 
 def lost(error: str, output: OutputSnapshot, *, attempt: int, max_attempts: int) -> JobResult:
     """The node's connection dropped mid-job: failed (no exit code is known), or back to the queue at once."""
-    return _failed(None, error, output, attempt < max_attempts, None)
+    return _failed(None, error, output, may_retry(attempt, max_attempts), None)
 
 
 # The largest byte count any column of ours holds (both backends' 64-bit integers, with room to add to it).

@@ -30,7 +30,7 @@ from daemon import config as config_module
 from daemon import logging as log
 from daemon import procs
 from daemon.config import Config, NodeConfig, Overrides
-from daemon.dispatch import Dispatcher
+from daemon.dispatch import Dispatcher, Wake, Wakes
 from daemon.errors import ConfigError, DatabaseRewritten, JobdError, SpawnError
 from daemon.executors.base import Executor
 from daemon.executors.keeper import KeeperClient
@@ -39,7 +39,9 @@ from daemon.health import PROBE_OUTPUT_MAX, Health, LocalProbe, NodeRefused, Pro
 from daemon.hooks import Hooks
 from daemon.lease import Identity, Lease
 from daemon.metrics import Exporter
+from daemon.model import Quarantine, StopReason
 from daemon.notify import Notifier
+from daemon.recovery import Recovery
 from daemon.store import Store, open_store, survive_db_errors
 from daemon.tools import REFUSED, ulimit_script
 
@@ -98,17 +100,17 @@ def prober(config: Config, executors: dict[str, Executor]) -> Prober:
     return probe
 
 
-async def _heartbeats(config: Config, store: Store, health: Health, dispatcher: Dispatcher) -> None:
+async def _heartbeats(config: Config, store: Store, health: Health, dispatcher: Dispatcher, wakes: Wakes) -> None:
     """Probe every node each heartbeat_interval and write the `nodes` table; the first round at once."""
     await store.upsert_nodes([(n.id, n.ssh.host if n.ssh else socket.gethostname(), None)
                               for n in config.nodes.values()])
     while True:
         results = await health.probe_all()
         beats = {node_id: (status, capabilities_json(caps)) for node_id, (status, caps) in results.items()}
-        async with survive_db_errors("node heartbeats", dispatcher.metrics.db_write_error):
+        async with survive_db_errors("node heartbeats", dispatcher.hooks.db_write_error):
             for node_id in await store.node_heartbeats(beats, served=dispatcher.config.node_ids):
                 logger.info("node.unserved", node=node_id, status="offline")
-        dispatcher.recheck_nodes()
+        wakes.add(Wake.NODES_CHANGED)  # after a heartbeat: claim for a node, or fail what can no longer run there
         await anyio.sleep(dispatcher.config.heartbeat_interval_ms / 1000)
 
 
@@ -268,19 +270,24 @@ async def _run(config: Config, overrides: Overrides, store: Store, notifier: Not
     def on_lease_lost() -> None:  # another daemon took our jobs: stop them and exit loudly
         lost.set()
         stop.set()
-        dispatcher.stop_all("lease lost")
+        dispatcher.stop_all(StopReason.LEASE_LOST)
+
+    def on_rewritten(_: Quarantine) -> None:
+        notifier.send(STATUS=f"stopped claiming: {config.db_name} was rewritten by another program outside "
+                             f"SQLite's locking (sql.js?); {len(dispatcher.running)} running jobs finish, results "
+                             "beside it; see the log")
 
     metrics = exporter or Hooks()
-    lease = Lease(store, Identity.of_this_process(new_worker_id()), ttl_ms=config.lease_ttl_ms,
-                  on_lost=on_lease_lost, nodes=config.node_ids)
-    lease.on_db_error = metrics.db_write_error
+    me = Identity.of_this_process(new_worker_id())
+    wakes = Wakes()
     executors = executors_for(config, metrics)
-    health = Health(config, prober(config, executors))
-    dispatcher = Dispatcher(config, store, executors, lease, health)
-    dispatcher.metrics = metrics
-    dispatcher.on_rewritten = lambda q: notifier.send(
-        STATUS=f"stopped claiming: {config.db_name} was rewritten by another program outside SQLite's locking "
-               f"(sql.js?); {len(dispatcher.running)} running jobs finish, results beside it; see the log")
+    health = Health(config, prober(config, executors), changed=lambda: wakes.add(Wake.NODES_CHANGED))
+    dispatcher = Dispatcher(config, store, executors, health, wakes, dataclasses.asdict(me), hooks=metrics,
+                            on_rewritten=on_rewritten)
+    recovery = Recovery(store, me, ttl_ms=config.lease_ttl_ms, executors=executors, local_node=config.local_node,
+                        adopt=dispatcher.adopt, on_requeued=lambda: wakes.add(Wake.REQUEUED))
+    lease = Lease(store, me, ttl_ms=config.lease_ttl_ms, nodes=config.node_ids, on_lost=on_lease_lost,
+                  on_beat=recovery.recover, on_db_error=metrics.db_write_error)
     try:
         try:
             await _start_up(store, lease)
@@ -292,7 +299,8 @@ async def _run(config: Config, overrides: Overrides, store: Store, notifier: Not
             _install_signals(stop, dispatcher, notifier, _Reloader(config, overrides, dispatcher))
         logger.info("daemon.started", db=config.db_name, config=config.source, pid=os.getpid(),
                     worker_id=dispatcher.worker_id, systemd=notifier.enabled)
-        await _serve_until_stopped(config, store, notifier, exporter, executors, health, dispatcher, stop)
+        await _serve_until_stopped(_Parts(config, store, notifier, exporter, executors, health, dispatcher, lease,
+                                          wakes), stop)
     finally:
         for executor in executors.values():
             await executor.aclose()
@@ -326,28 +334,43 @@ def _stopped_rewritten(config: Config, notifier: Notifier, dispatcher: Dispatche
     return EXIT_DATABASE_REWRITTEN
 
 
-async def _serve_until_stopped(config: Config, store: Store, notifier: Notifier, exporter: Exporter | None,
-                               executors: dict[str, Executor], health: Health, dispatcher: Dispatcher,
-                               stop: asyncio.Event) -> None:
+@dataclasses.dataclass(frozen=True)
+class _Parts:
+    """The running daemon's collaborators, made once by _run."""
+
+    config: Config
+    store: Store
+    notifier: Notifier
+    exporter: Exporter | None
+    executors: dict[str, Executor]
+    health: Health
+    dispatcher: Dispatcher
+    lease: Lease
+    wakes: Wakes
+
+
+async def _serve_until_stopped(p: _Parts, stop: asyncio.Event) -> None:
+    """The dispatcher's loop, and beside it what keeps the daemon alive and known: the lease, the supervisor's
+    watchdog and status, retention, node heartbeats, the keeper, the metrics."""
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_watchdog, notifier)
-        tg.start_soon(_status, notifier, store, dispatcher)
-        tg.start_soon(_retention, store, dispatcher)
-        tg.start_soon(_heartbeats, config, store, health, dispatcher)
-        tg.start_soon(_keeper_ready, executors[config.local_node])
-        if exporter is not None:
-            await tg.start(exporter.run, store, health)  # answering before READY and dispatch.started
-        await dispatcher.run(stop, on_ready=lambda: notifier.send(READY=1, STATUS="ready"))
+        tg.start_soon(p.lease.run)
+        tg.start_soon(_watchdog, p.notifier)
+        tg.start_soon(_status, p.notifier, p.store, p.dispatcher)
+        tg.start_soon(_retention, p.store, p.dispatcher)
+        tg.start_soon(_heartbeats, p.config, p.store, p.health, p.dispatcher, p.wakes)
+        tg.start_soon(_keeper_ready, p.executors[p.config.local_node])
+        if p.exporter is not None:
+            await tg.start(p.exporter.run, p.store, p.health)  # answering before READY and dispatch.started
+        await p.dispatcher.run(stop, on_ready=lambda: p.notifier.send(READY=1, STATUS="ready"))
         tg.cancel_scope.cancel()
 
 
 async def _keeper_ready(executor: Executor) -> None:
     """Find or start this host's job keeper now, not when the first local job waits for it."""
-    if isinstance(executor, LocalExecutor):
-        try:
-            await executor.connect()
-        except SpawnError as e:  # each local job will fail with the reason until it can start
-            logger.error("keeper.unavailable", error=str(e))
+    try:
+        await executor.ready()
+    except SpawnError as e:  # each local job will fail with the reason until it can start
+        logger.error("keeper.unavailable", error=str(e))
 
 
 async def _watchdog(notifier: Notifier) -> None:
@@ -364,9 +387,9 @@ async def _status(notifier: Notifier, store: Store, dispatcher: Dispatcher) -> N
         return
     while True:
         await anyio.sleep(STATUS_INTERVAL_S)
-        if store.rewritten is not None:
+        if store.unwritable is not None:
             continue  # the dispatcher set the line that says so
-        async with survive_db_errors("status", dispatcher.metrics.db_write_error):
+        async with survive_db_errors("status", dispatcher.hooks.db_write_error):
             counts = await store.job_counts()
             notifier.send(STATUS=f"{len(dispatcher.running)} running, {counts['queued']} queued, "
                                  f"{counts['finished_last_hour']} finished in the last hour")
@@ -377,7 +400,7 @@ async def _retention(store: Store, dispatcher: Dispatcher) -> None:
     while True:
         days = dispatcher.config.retention_days
         if days:
-            async with survive_db_errors("retention", dispatcher.metrics.db_write_error):
+            async with survive_db_errors("retention", dispatcher.hooks.db_write_error):
                 deleted = await store.prune(older_than_ms=days * DAY_MS,
                                             statuses=("completed", "failed", "cancelled"))
                 if deleted:
@@ -461,7 +484,7 @@ def _install_signals(stop: asyncio.Event, dispatcher: Dispatcher, notifier: Noti
         else:
             logger.warning("daemon.stopping_now", signal=signal.Signals(signum).name,
                            running=len(dispatcher.running))
-            dispatcher.stop_all("shutdown")
+            dispatcher.stop_all(StopReason.SHUTDOWN)
 
     def ignored(signum: int) -> None:
         logger.warning("daemon.signal_ignored", signal=signal.Signals(signum).name,

@@ -59,6 +59,21 @@ class Executor(Protocol):
         """Follow again the attempt `key` ("<job id>:<attempt>") started earlier, from `output`'s byte counts."""
         ...
 
+    async def ready(self) -> None:
+        """Get what runs jobs ready now (find or start the host's keeper), not when the first job waits for it;
+        SpawnError if it cannot be. Nothing to do for most executors."""
+        ...
+
+    async def holds(self, keys: list[str]) -> set[str]:
+        """Which of these attempts still run here, or ended with an end nobody recorded (what a dead daemon's
+        recovery may adopt); SpawnError if that cannot be asked now (not knowing is not "gone")."""
+        ...
+
+    async def kill_orphans(self, finished_attempts: Callable[[], Awaitable[list[tuple[str, int]]]]) -> list[str]:
+        """At start-up, before claiming: kill and let go what still runs (or is held) of attempts this database
+        has final or back in the queue; the keys killed."""
+        ...
+
     async def sweep(self, finished_attempts: Callable[[], Awaitable[list[tuple[str, int]]]]) -> None:
         """Remove what attempts that no longer run left where they ran (`finished_attempts`: this database's
         (job id, attempt) pairs there that can no longer be running, read after looking); nothing else."""

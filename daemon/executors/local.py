@@ -228,7 +228,7 @@ class LocalExecutor:
     def can_reattach(self) -> bool:
         return self._keeper is not None
 
-    async def connect(self) -> None:
+    async def ready(self) -> None:
         """Find or start the keeper (nothing to do without one); SpawnError if it cannot be reached or started."""
         if self._keeper is not None:
             await self._keeper.connect()

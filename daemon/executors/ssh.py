@@ -428,6 +428,17 @@ class SshExecutor:
         """Follow a job started earlier; the reader channel opens in `wait` (and waits for the node there)."""
         return SshProcess(self, key, output, on_stdout, on_stderr)
 
+    async def ready(self) -> None:
+        pass  # connected on first use
+
+    async def holds(self, keys: list[str]) -> set[str]:
+        """Every one, as far as this daemon can tell without a round trip: following one again says (its spool
+        is on the node, or "gone")."""
+        return set(keys)
+
+    async def kill_orphans(self, finished_attempts: Callable[[], Awaitable[list[tuple[str, int]]]]) -> list[str]:
+        return []  # the sweep, a while after start-up, does it for a node's spools
+
     def kill_when_back(self, name: str) -> None:
         """A job given up on (its node stayed unreachable) may run on: kill its group as soon as the node answers
         again, and remove its directory."""

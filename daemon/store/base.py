@@ -66,15 +66,14 @@ async def survive_db_errors(what: str, on_error: Callable[[], None] | None = Non
 
 
 class ChangeSource(abc.ABC):
-    """Calls its `on_change` (on the event loop) when another program may have queued or cancelled a job."""
+    """Calls its `on_change` (on the event loop) when the queue may have changed: another program queued or
+    cancelled a job, or the store can no longer be written (`Store.unwritable`). How it knows (inotify and
+    SQLite's data_version, LISTEN/NOTIFY, a safety poll) is the backend's business."""
 
     @property
     @abc.abstractmethod
     def uses_push(self) -> bool:
-        """True when changes are pushed (inotify, LISTEN); False: the owner polls at poll_interval_s()."""
-
-    @abc.abstractmethod
-    def poll_interval_s(self, configured_s: float) -> float: ...
+        """True when changes are pushed (inotify, LISTEN); False: it can only poll."""
 
     @abc.abstractmethod
     def start(self) -> None: ...
@@ -112,23 +111,12 @@ class Store(abc.ABC):
     # -- noticing other programs' writes ------------------------------------------------------------------
 
     @abc.abstractmethod
-    def watcher(self, on_change: Callable[[], None]) -> ChangeSource: ...
-
-    @abc.abstractmethod
-    def wrote_just_now(self, within_s: float = 0.01) -> bool: ...
-
-    @abc.abstractmethod
-    def anyone_committed(self) -> bool: ...
-
-    @abc.abstractmethod
-    async def data_version(self) -> int: ...
+    def changes(self, on_change: Callable[[], None], *, poll_s: float) -> ChangeSource:
+        """What tells the daemon that the queue may have changed; `poll_s`: the configured safety poll."""
 
     @property
-    def rewritten(self) -> str | None:
-        """Why the file is no longer ours (another program rewrote it); only a file can be."""
-        return None
-
-    def check_rewritten(self) -> str | None:
+    def unwritable(self) -> str | None:
+        """Why nothing more may be written to the store (another program rewrote its file), or None."""
         return None
 
     async def quarantine(self, *, running: Sequence[Mapping[str, Any]], worker: Mapping[str, Any]) -> Quarantine:
@@ -152,11 +140,10 @@ class Store(abc.ABC):
         not only in a WAL)? Until then, what ran is kept where it ran (the keeper, the node's spool)."""
         return True
 
-    async def settle(self) -> None:  # noqa: B027 -- a no-op unless the backend has a WAL of its own
-        """Make what was written so far settled, when that is cheap (an idle daemon)."""
 
-    async def release_memory(self) -> None:  # noqa: B027 -- a no-op unless the backend's driver holds memory
-        """Give back what the driver holds after big rows were written (where it holds anything)."""
+    async def idle(self) -> None:  # noqa: B027 -- a no-op unless the backend keeps something for later
+        """The daemon is idle, or has just written big rows: give back what the driver holds (memory), and settle
+        what was written (writes_settled)."""
 
     # -- the daemon's side ----------------------------------------------------------------------------------
 

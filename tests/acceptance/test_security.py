@@ -95,7 +95,13 @@ while True:
 
 
 def _run_script(script: str, *args: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([*prefix, sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True)
+    """The script (standard library only) under this interpreter; as another user (`prefix`), under the system's
+    python3: this one may live where only root can read it (pyenv's libpython in /root)."""
+    python = sys.executable
+    if prefix:
+        python = shutil.which("python3", path="/usr/bin:/bin") or ""
+        require(bool(python), "no system python3 (Debian: python3) for another user to run")
+    proc = subprocess.Popen([*prefix, python, "-c", script, *args], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "listening"
     return proc

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import sqlite3
 import time
@@ -19,7 +20,7 @@ import pytest
 
 from daemon import config as config_module
 from daemon import service
-from daemon.dispatch import Dispatcher
+from daemon.dispatch import Dispatcher, Wake, Wakes
 from daemon.health import Health
 from daemon.lease import Identity, Lease
 from daemon.model import Claim, JobResult, JobStatus, OutputSnapshot
@@ -85,13 +86,13 @@ def result(text: str) -> JobResult:
 
 async def test_finishing_a_big_output_leaves_no_copy_of_it_in_sqlite(store: Store, tmp_path: Path) -> None:
     claim = await claimed(store, tmp_path)
-    await store.release_memory()
+    await store.idle()
     before = sqlite_memory_used()
     big = "x" * (4 * MIB)
     await store.write_outputs([(claim, OutputSnapshot(big, None, len(big), 0), None)])  # a live flush
     await store.finish_many([(claim, result(big + "y"))])
     assert sqlite_memory_used() - before > MIB  # the page cache (2 MiB by default) holds the row's pages
-    await store.release_memory()
+    await store.idle()
     # Without the NULL bindings, the flush's and the finish's statements each keep their 4 MiB copy.
     assert sqlite_memory_used() - before < MIB // 2
 
@@ -124,6 +125,10 @@ async def wait_for(predicate: Callable[[], bool], within_s: float = 10.0) -> Non
             await anyio.sleep(0.02)
 
 
+async def nothing() -> None:
+    pass
+
+
 async def test_a_recorded_big_job_leaves_no_buffers_referenced(tmp_path: Path) -> None:
     """The dispatcher in this process: once the row of a job that wrote 3 MB is final, no RunningJob, JobOutput or
     JobResult is left (the record loop used to keep its last batch alive until the next one came)."""
@@ -133,11 +138,14 @@ async def test_a_recorded_big_job_leaves_no_buffers_referenced(tmp_path: Path) -
     config = config_module.load(config_module.Overrides(config_path=str(settings)))
     store = await open_store(db, daemon=True)
     await store.migrate()
-    lease = Lease(store, Identity.of_this_process("memory-test"), ttl_ms=config.lease_ttl_ms, on_lost=lambda: None,
-                  nodes=config.node_ids)
+    me = Identity.of_this_process("memory-test")
+    lease = Lease(store, me, ttl_ms=config.lease_ttl_ms, nodes=config.node_ids, on_lost=lambda: None,
+                  on_beat=nothing, on_db_error=lambda: None)
     await lease.register()
     executors = service.executors_for(config)
-    dispatcher = Dispatcher(config, store, executors, lease, Health(config, service.prober(config, executors)))
+    wakes = Wakes()
+    health = Health(config, service.prober(config, executors), changed=lambda: wakes.add(Wake.NODES_CHANGED))
+    dispatcher = Dispatcher(config, store, executors, health, wakes, dataclasses.asdict(me))
     stop = asyncio.Event()
     assert not live(RunningJob)
     try:

@@ -113,7 +113,6 @@ class PostgresStore(Store):
         self._conn: psycopg.AsyncConnection[Any] | None = conn
         self._lock = asyncio.Lock()
         self._closed = False
-        self._version = 0
         self._reconnect_delay_s = 0.0
 
     @classmethod
@@ -281,19 +280,8 @@ class PostgresStore(Store):
 
     # -- wake-ups ---------------------------------------------------------------------------------------------
 
-    def watcher(self, on_change: Callable[[], None]) -> ChangeSource:
-        return _Listener(self.url, self.name, on_change)
-
-    def wrote_just_now(self, within_s: float = 0.01) -> bool:
-        return False  # our own writes notify nobody (the trigger fires for inserts and cancels only)
-
-    def anyone_committed(self) -> bool:
-        return True  # no cheap local probe: a notification or a safety poll is reason enough to look
-
-    async def data_version(self) -> int:
-        """A new value at each call: each notification, and each safety poll, is worth a look at the queue."""
-        self._version += 1
-        return self._version
+    def changes(self, on_change: Callable[[], None], *, poll_s: float) -> ChangeSource:
+        return _Listener(self.url, self.name, on_change, poll_s)
 
     # -- the daemon's side --------------------------------------------------------------------------------------
 
@@ -527,22 +515,27 @@ def _text(value: str | RawText | None) -> str | None:
 
 class _Listener(ChangeSource):
     """LISTEN on a connection of its own; each notification calls `on_change`. A lost connection is made again
-    with back-off (logged), and a reconnect is itself a change: what was notified meanwhile was missed."""
+    with back-off (logged), and a reconnect is itself a change: what was notified meanwhile was missed. A safety
+    poll every `poll_s` calls it too: a notification lost with a connection is found by it at the latest."""
 
-    def __init__(self, url: str, name: str, on_change: Callable[[], None]) -> None:
-        self._url, self._name, self._on_change = url, name, on_change
-        self._task: asyncio.Task[None] | None = None
+    def __init__(self, url: str, name: str, on_change: Callable[[], None], poll_s: float) -> None:
+        self._url, self._name, self._on_change, self._poll_s = url, name, on_change, poll_s
+        self._tasks: list[asyncio.Task[None]] = []
 
     @property
     def uses_push(self) -> bool:
         return True
 
-    def poll_interval_s(self, configured_s: float) -> float:
-        return configured_s  # the safety poll: a notification lost with a connection is found by it at the latest
-
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._listen(), name="pg listen")
+        if not self._tasks:
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._listen(), name="pg listen"),
+                           loop.create_task(self._poll(), name="pg safety poll")]
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self._poll_s)
+            self._on_change()
 
     async def _listen(self) -> None:
         delay = 0.1
@@ -562,6 +555,6 @@ class _Listener(ChangeSource):
             delay = min(delay * 2, RECONNECT_MAX_S)
 
     def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []

@@ -42,7 +42,7 @@ from daemon.model import (
 from daemon.store.base import DbRejected, Store, cycles
 from daemon.store.sqlite import guard, rewrites
 from daemon.store.sqlite.queries import HERE, Q, read_sql, split_statements
-from daemon.store.sqlite.wakeup import ChangeWatcher
+from daemon.store.sqlite.wakeup import QueueChanges
 
 T = TypeVar("T")
 _ADD_COLUMN = re.compile(r"ALTER\s+TABLE\s+(\w+)\s+ADD\s+COLUMN\s+(\w+)", re.IGNORECASE)
@@ -254,7 +254,7 @@ class SqliteStore(Store):
     # -- another program rewriting the file -----------------------------------------------------------------
 
     @property
-    def rewritten(self) -> str | None:
+    def unwritable(self) -> str | None:
         """Why the file is no longer ours, as last found by check_rewritten (no new look)."""
         return self._rewritten
 
@@ -351,11 +351,13 @@ class SqliteStore(Store):
     def writes_settled(self) -> bool:
         return self._pending_frames == 0 or not self._daemon
 
-    async def settle(self) -> None:
-        """A checkpoint now, into a file still ours: an idle daemon's writes then survive a rewrite."""
+    async def idle(self) -> None:
+        """A checkpoint now, into a file still ours: an idle daemon's writes then survive a rewrite. Then SQLite's
+        page cache goes (up to 2 MiB, full of the rows just written: pages needed later are read again)."""
         if self._daemon and self._pending_frames and self.check_rewritten() is None:
             async with self._write_lock:
                 await self._checkpoint_if_due(now=True)
+        await self._conn.execute("PRAGMA shrink_memory")
 
     async def _checkpoint_if_due(self, *, now: bool = False) -> None:
         """The daemon's checkpoint, in place of SQLite's automatic one at commit: only into a file still ours."""
@@ -664,8 +666,8 @@ class SqliteStore(Store):
         self._probe_version = version
         return changed
 
-    def watcher(self, on_change: Callable[[], None]) -> ChangeWatcher:
-        return ChangeWatcher(self.path, on_change)
+    def changes(self, on_change: Callable[[], None], *, poll_s: float) -> QueueChanges:
+        return QueueChanges(self, self.path, on_change, poll_s)
 
     async def data_version(self) -> int:
         """Changes whenever another connection commits (our own commits do not move it)."""
@@ -764,11 +766,6 @@ class SqliteStore(Store):
         lets go of the text the statement was last bound to. Inside the caller's transaction."""
         for query in queries:
             await self._conn.execute(Q[query], _Nulls())
-
-    async def release_memory(self) -> None:
-        """Give back what SQLite holds for our connection, its page cache above all (up to 2 MiB, full of the big
-        rows just written): after big outputs were recorded. Pages needed later are read again."""
-        await self._conn.execute("PRAGMA shrink_memory")
 
     async def fail_blocked_dependencies(self) -> list[tuple[str, Any]]:
         """Fail queued rows whose dependency can no longer complete; repeated so chains fail in one call."""

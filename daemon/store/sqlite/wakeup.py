@@ -1,7 +1,7 @@
 """SQLite: noticing that another program wrote the database, within milliseconds and without busy polling.
 
-Every commit in WAL mode writes the `-wal` file, so inotify on the database's directory wakes us at once;
-the caller confirms with `PRAGMA data_version`. Where inotify is unavailable we fall back to polling.
+Every commit in WAL mode writes the `-wal` file, so inotify on the database's directory wakes us at once; we confirm
+with `PRAGMA data_version` (and look again a few times: see QueueChanges). Where inotify is unavailable we poll.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from daemon.store.base import ChangeSource
 
@@ -41,13 +42,9 @@ def _inotify_fd(directory: Path) -> int | None:
     return fd
 
 
-class ChangeWatcher(ChangeSource):
-    """Calls `on_change` (on the event loop) whenever the database files may have changed.
-
-    Without inotify it never calls: the owner polls at `poll_interval_s()` instead.
-    """
-
-    FALLBACK_POLL_S = 0.05
+class FileWatcher:
+    """Calls `on_change` (on the event loop) whenever the database files may have changed; without inotify, never
+    (`watching` is False: the owner polls)."""
 
     def __init__(self, db_path: Path, on_change: Callable[[], None]) -> None:
         self._names = {db_path.name.encode(), f"{db_path.name}-wal".encode()}
@@ -56,11 +53,8 @@ class ChangeWatcher(ChangeSource):
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
-    def uses_push(self) -> bool:
+    def watching(self) -> bool:
         return self._fd is not None
-
-    def poll_interval_s(self, configured_s: float) -> float:
-        return configured_s if self._fd is not None else min(configured_s, self.FALLBACK_POLL_S)
 
     def start(self) -> None:
         if self._fd is not None and self._loop is None:
@@ -90,3 +84,98 @@ class ChangeWatcher(ChangeSource):
                     self._loop.remove_reader(self._fd)
             os.close(self._fd)
             self._fd = None
+
+
+class Probe(Protocol):
+    """What QueueChanges asks of the SQLite store."""
+
+    def check_rewritten(self) -> str | None: ...
+
+    def anyone_committed(self) -> bool: ...
+
+    def wrote_just_now(self, within_s: float = 0.01) -> bool: ...
+
+    async def data_version(self) -> int: ...
+
+
+# After a notification, look again 1, 2, 4 ... 256 ms later, then every 256 ms: about 2 s in all, for a writer whose
+# fsync between the -wal write and the commit is slow (SD cards, phones).
+RECHECK_DOUBLINGS = 8
+RECHECKS = 15
+OWN_COMMIT_RECHECKS = 6  # 1, 2, 4 ... 32 ms: about 60 ms, a phone's fsync
+FALLBACK_POLL_S = 0.05  # without inotify
+
+
+class QueueChanges(ChangeSource):
+    """Tells the daemon when another program committed, or rewrote the file. Each look costs the cheap in-thread
+    probe; only a commit it saw costs a round trip for the connection's data_version, which does not count our own.
+
+    The -wal write that inotify reports comes just before the commit is published in the shared-memory index (after
+    the writer's fsync, which can take tens of ms on phone or SD storage), so data_version may not have moved yet:
+    it looks again, RECHECKS times, doubling the pause. A write that is most likely our own (the lease heartbeat, an
+    output flush) gets a few looks only, for another program's commit landing with it."""
+
+    def __init__(self, store: Probe, path: Path, on_change: Callable[[], None], poll_s: float) -> None:
+        self._store, self._on_change = store, on_change
+        self._files = FileWatcher(path, self._notified)
+        self._poll_s = poll_s if self._files.watching else min(poll_s, FALLBACK_POLL_S)
+        self._wake = asyncio.Event()
+        self._rechecks = 0  # looks left after a notification
+        self._step = 0  # the next look comes 2**step ms later (capped at RECHECK_DOUBLINGS)
+        self._version: int | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def uses_push(self) -> bool:
+        return self._files.watching
+
+    def start(self) -> None:
+        if self._task is None:
+            self._files.start()
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="sqlite changes")
+
+    def close(self) -> None:
+        self._files.close()
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    def _notified(self) -> None:
+        if not self._store.wrote_just_now():
+            self._rechecks, self._step = RECHECKS, 0
+        elif self._rechecks < OWN_COMMIT_RECHECKS:  # never cutting short the looks for a commit before ours
+            self._rechecks, self._step = OWN_COMMIT_RECHECKS, 0
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._look()
+            delay = 0.001 * float(2 ** min(RECHECK_DOUBLINGS, self._step)) if self._rechecks else self._poll_s
+            handle = asyncio.get_running_loop().call_later(delay, self._timed_out)
+            try:
+                await self._wake.wait()
+            finally:
+                handle.cancel()
+                self._wake.clear()
+
+    def _timed_out(self) -> None:
+        self._rechecks = max(0, self._rechecks - 1)
+        self._step += 1
+        self._wake.set()
+
+    async def _look(self) -> None:
+        if self._store.check_rewritten() is not None:
+            self._on_change()  # the daemon finds `unwritable` set; nothing more to look at
+            self._rechecks = 0
+            return
+        if not self._store.anyone_committed():
+            return
+        try:
+            version = await self._store.data_version()
+        except Exception:  # the database is away (locked past its timeout, I/O): the next look tries again
+            self._on_change()
+            return
+        if version != self._version:
+            self._version = version
+            self._rechecks = 0  # what the notification announced is visible now
+            self._on_change()
