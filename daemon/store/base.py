@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon import logging as log
+from daemon.config import POSTGRES_SCHEMES
 from daemon.errors import DatabaseError, DatabaseRewritten
 from daemon.store.rows import (
     AdoptedJob,
@@ -29,7 +30,6 @@ from daemon.store.rows import (
     Worker,
 )
 
-POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 logger = log.get("store")
 
 
