@@ -521,12 +521,18 @@ def cmd_db(cfg: config.Config, args: argparse.Namespace) -> int:
             for problem in problems:
                 print(f"{cfg.db_name}: {problem}")
             if not problems:
-                print(f"{cfg.db_name}: ok" + (" (read-only for this user)" if store.write_denied else ""))
+                print(f"{cfg.db_name}: ok" + _read_only_note(store))
             return 1 if problems else 0
         finally:
             await store.close()
 
     return anyio.run(main)
+
+
+def _read_only_note(store: Store) -> str:
+    if store.read_only_fs is not None:
+        return f" (read-only: the filesystem at {store.read_only_fs} is mounted read-only)"
+    return " (read-only for this user)" if store.write_denied else ""
 
 
 async def _take_over(cfg: config.Config, store: Store) -> int:

@@ -109,6 +109,7 @@ class Store(abc.ABC):
     path: Path | None = None  # the database file, for a backend that has one
     read_only = False  # opened read-only (a command that only reads, or a file this user may not write)
     write_denied: str | None = None  # why this user may not write it, when that is why it was opened read-only
+    read_only_fs: Path | None = None  # the mount point, when that is why: its filesystem is mounted read-only
     # Daemons on other hosts share it: they may recover this host's jobs, and cannot kill what runs here.
     shared_by_hosts = False
 

@@ -395,3 +395,52 @@ def test_a_file_this_user_may_not_read_says_so(shared_dir: Path, tmp_path: Path)
     path.chmod(0o600)
     line = one_line_error(as_nobody(path, ["ps"], shared_dir))
     assert f"a permissions problem: user nobody (uid 65534) may not read {path} (owned by root, mode 0600)" in line
+
+
+def test_a_directory_given_as_the_database_is_one_line_that_says_so(tmp_path: Path) -> None:
+    """Before: an IsADirectoryError traceback from `ps`, `run` and `db migrate`."""
+    directory = tmp_path / "data"
+    directory.mkdir()
+    for command in EVERY_COMMAND:
+        line = one_line_error(run_on(directory, command, tmp_path / "home"))
+        assert line.endswith(f"{directory} is a directory, not a database file; give the file's path, e.g. "
+                             f"{directory / 'nexuscli.db'}"), (command, line)
+    assert list(directory.iterdir()) == []
+
+
+@pytest.fixture
+def read_only_fs(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs holding a migrated database (as the daemon leaves it), then mounted read-only."""
+    require(os.geteuid() == 0 and shutil.which("mount") is not None, "mounting a tmpfs needs root")
+    mnt = tmp_path / "ro"
+    mnt.mkdir(mode=0o700)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mnt)], check=True)
+    try:
+        make_database(mnt / "jobs.db", tmp_path)
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_read_only_filesystem_is_named_as_such(read_only_fs: Path, tmp_path: Path) -> None:
+    """Before: "a permissions problem ... Give this user write access there (chmod/chown)", and `db check` said
+    "ok (read-only for this user)", though no chmod can help (here even root may not write)."""
+    path = read_only_fs / "jobs.db"
+    home = tmp_path / "home"
+    for command in READERS:
+        command = [str(tmp_path / "backup.db") if word == "BACKUP" else word for word in command]
+        result = run_cli(["--db", str(path), *command], home)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, (command, result.stderr)
+    check = run_cli(["--db", str(path), "db", "check"], home).stdout
+    assert check == f"{path}: ok (read-only: the filesystem at {read_only_fs} is mounted read-only)\n"
+    for command in [*WRITERS, ["run"]]:
+        line = one_line_error(run_cli(["--db", str(path), *command], home))
+        assert line == (f"nexus-jobd: {path}: the filesystem at {read_only_fs} is mounted read-only, so nothing can "
+                        f"write the database. Mount it read-write (mount -o remount,rw {read_only_fs}) or move the "
+                        "database to a writable filesystem; commands that only read (ps, show, logs, status, nodes, "
+                        "backup, db check) work as it is"), (command, line)
+    new = read_only_fs / "new.db"  # nothing can create it there either
+    for command in (["db", "migrate"], ["run"]):
+        line = one_line_error(run_cli(["--db", str(new), *command], home))
+        assert line.startswith(f"nexus-jobd: {new}: the filesystem at {read_only_fs} is mounted read-only"), line
