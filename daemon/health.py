@@ -236,7 +236,8 @@ class Health:
         elif state.status != "offline":
             state.offline_since = None
         if state.status != before:
-            logger.warning("node.status", node=node.id, status=state.status, was=before, error=state.error)
+            level = logger.info if state.status == "online" else logger.warning  # back online is news, not trouble
+            level("node.status", node=node.id, status=state.status, was=before, error=state.error)
             self.changed()
         caps = dict(state.capabilities)
         if state.error:

@@ -444,3 +444,16 @@ def test_a_read_only_filesystem_is_named_as_such(read_only_fs: Path, tmp_path: P
     for command in (["db", "migrate"], ["run"]):
         line = one_line_error(run_cli(["--db", str(new), *command], home))
         assert line.startswith(f"nexus-jobd: {new}: the filesystem at {read_only_fs} is mounted read-only"), line
+
+
+def test_an_ssh_node_leaves_the_json_log_json(tmp_path: Path) -> None:
+    """Before: with any SSH node configured, every `run` and `nodes check` printed ten lines of
+    `CryptographyDeprecationWarning: DSA is deprecated` on stderr, in the middle of the JSON log."""
+    config = tmp_path / "config.toml"
+    config.write_text('[nodes.pi]\nhost = "127.0.0.1"\nport = 1\ninsecure_skip_host_key_check = true\n')
+    result = run_cli(["--config", str(config), "--db", str(tmp_path / "x.db"), "--log-format", "json",
+                      "nodes", "check", "pi"], tmp_path / "home")
+    assert result.returncode == 1, result.stderr
+    *log_lines, last = result.stderr.strip().splitlines()
+    assert last.startswith("nexus-jobd: node pi is not usable: cannot connect to node pi"), last
+    assert [json.loads(line)["event"] for line in log_lines] == ["ssh.host_key_check_disabled"], log_lines
