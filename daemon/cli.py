@@ -214,8 +214,9 @@ async def _say_if_unserved(store: Store, cfg: config.Config, row: dict[str, Any]
     if now - watch.checked_at < _DAEMON_CHECK_S:
         return
     watch.checked_at = now
-    if await store.live_daemons_serving(row["node_id"], lease_ttl_ms=cfg.lease_ttl_ms):
-        watch.warned_at = None
+    if await store.live_daemons_serving(row["node_id"], lease_ttl_ms=cfg.lease_ttl_ms) or (
+            row["status"] == JobStatus.QUEUED and await _any_live_daemon(store, cfg)):
+        watch.warned_at = None  # a live daemon that serves other nodes fails the row at once as an unknown node
         return
     if watch.warned_at is not None and now - watch.warned_at < _NO_DAEMON_REPEAT_S:
         return
@@ -224,6 +225,11 @@ async def _say_if_unserved(store: Store, cfg: config.Config, row: dict[str, Any]
     print(f"nexus-jobd: no live daemon serves node '{_text(row['node_id'])}' on {cfg.db_name}: job "
           f"{_text(row['id'])} stays {state} until one does (start one with `nexus-jobd run`; `nexus-jobd status` "
           "lists the daemons)", file=sys.stderr, flush=True)
+
+
+async def _any_live_daemon(store: Store, cfg: config.Config) -> bool:
+    return any(w["stopped_at"] is None and w["now"] - w["heartbeat_at"] <= cfg.lease_ttl_ms
+               for w in await store.workers())
 
 
 def _exit_code_of(row: dict[str, Any]) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FIXTURES, NEXUS_JOBD, Db, cli, cli_env, now_ms, require, run_cli
+from tests.conftest import FIXTURES, NEXUS_JOBD, Daemon, Db, cli, cli_env, now_ms, require, run_cli
 
 # Every command, as a user with a database that is not the contract's would try it (X: a job id prefix).
 EVERY_COMMAND = [["ps"], ["ps", "--json"], ["status"], ["submit", "--", "true"], ["show", "x"], ["logs", "x"],
@@ -457,3 +457,14 @@ def test_an_ssh_node_leaves_the_json_log_json(tmp_path: Path) -> None:
     *log_lines, last = result.stderr.strip().splitlines()
     assert last.startswith("nexus-jobd: node pi is not usable: cannot connect to node pi"), last
     assert [json.loads(line)["event"] for line in log_lines] == ["ssh.host_key_check_disabled"], log_lines
+
+
+@pytest.mark.backends("sqlite", "postgres")
+def test_follow_of_a_job_for_an_unknown_node_says_only_that_it_failed(daemon: Daemon, db: Db) -> None:
+    """Before: "no live daemon serves node 'mars' ...: job X stays queued until one does", then at once "failed:
+    unknown node": the live daemon on the database fails such a row; it never waits."""
+    result = cli(db, "submit", "-f", "--node", "mars", "--", "true", check=False)
+    job_id, *said = result.stderr.strip().splitlines()
+    assert result.returncode == 1, result.stderr
+    assert said == [f"nexus-jobd: job {job_id} failed: unknown node: no daemon on this database serves it (this one "
+                    "serves localhost); set node_id to a configured node"], said
