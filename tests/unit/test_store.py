@@ -569,3 +569,25 @@ def test_dependency_cycles_are_found_in_one_walk_whatever_the_shape() -> None:
     cycles = find_cycles(chain | ring | tail_into_loop | {"self": "self"})
     assert sorted(map(sorted, cycles)) == sorted([sorted(ring), ["l0", "l1"], ["self"]])
     assert next(c for c in cycles if "r0" in c)[:3] == ["r0", "r1", "r2"]  # in the order of the edges
+
+
+async def test_a_row_that_depends_on_itself_is_told_so(store: Store, other: Other) -> None:
+    """Before: "depends_on 'x' is this job itself; this job runs only after that job completed"."""
+    other.insert("selfish")
+    other.conn.execute("UPDATE jobs SET depends_on = id WHERE id = 'selfish'")
+    assert await store.fail_blocked_dependencies() == [("selfish", "selfish")]
+    assert other.job("selfish")["error"] == ("depends_on 'selfish' is this job itself: a job cannot wait for its own "
+                                             "end; set depends_on to another job's id, or NULL")
+
+
+@pytest.mark.backends("sqlite")
+async def test_a_malformed_row_is_named_by_its_id_as_is(store: Store, other: Other) -> None:
+    """Before: the log's job_id for a BLOB run_after was the SQL literal "'ra-blob'"; only an id that is no text
+    is shown as one (X'...')."""
+    other.insert("ra-blob")
+    other.conn.execute("UPDATE jobs SET run_after = X'00' WHERE id = 'ra-blob'")
+    other.conn.execute("INSERT INTO jobs (id, node_id, tool, command, status, created_at) "
+                       "VALUES (X'6869', 'localhost', 'bash', 'true', 'queued', 0)")
+    assert sorted(await store.fail_malformed()) == [
+        ("X'6869'", "id must be text, got blob"),
+        ("ra-blob", "run_after must be epoch milliseconds (a number), got blob X'00'")]

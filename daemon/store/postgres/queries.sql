@@ -103,9 +103,11 @@ UPDATE jobs
 UPDATE jobs
    SET status = 'failed', duration = 0, started_at = NOW_MS, completed_at = NOW_MS,
        error = 'depends_on ' || quote_literal(depends_on) || ' ' || CASE
-           WHEN depends_on = id THEN 'is this job itself'
+           WHEN depends_on = id
+               THEN 'is this job itself: a job cannot wait for its own end; set depends_on to another job''s id, or NULL'
            ELSE COALESCE('ended ' || (SELECT d.status FROM jobs AS d WHERE d.id = jobs.depends_on), 'is no job')
-       END || '; this job runs only after that job completed'
+                || '; this job runs only after that job completed'
+       END
  WHERE status = 'queued' AND depends_on IS NOT NULL
    AND (depends_on = id
         OR NOT EXISTS (SELECT 1 FROM jobs AS d WHERE d.id = jobs.depends_on)

@@ -702,7 +702,8 @@ class SqliteStore(Store):
     async def fail_malformed(self) -> list[tuple[Any, str]]:
         """Queued rows whose id, run_after or depends_on no program could mean: failed at once, with why."""
         rows = await self._write("fail_malformed", {})
-        return [(row[0], row[1]) for row in rows]  # quote(id): no job id to note
+        self._note(row[0] for row in rows)  # an id that is no text comes as its SQL literal, X'...'
+        return [(row[0], row[1]) for row in rows]
 
     async def fail_unknown_nodes(self, node_ids: Sequence[str]) -> list[tuple[str, Any]]:
         known = ", ".join(node_ids)

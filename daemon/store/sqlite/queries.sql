@@ -37,7 +37,7 @@ UPDATE jobs
    AND (typeof(id) != 'text' OR typeof(run_after) NOT IN ('integer', 'real', 'null')
         OR typeof(depends_on) NOT IN ('text', 'null')
         OR typeof(attempt) != 'integer' OR attempt NOT BETWEEN 0 AND 2147483646)
-RETURNING quote(id), error;
+RETURNING CASE typeof(id) WHEN 'text' THEN id ELSE quote(id) END, error;  -- an id that is no text: as a literal
 
 -- name: claim_jobs
 -- One atomic compare-and-set from queued to executing, highest priority first, then oldest. Only while this
@@ -125,9 +125,11 @@ UPDATE jobs
 UPDATE jobs
    SET status = 'failed', duration = 0, started_at = NOW_MS, completed_at = NOW_MS,
        error = 'depends_on ' || quote(depends_on) || ' ' || CASE
-           WHEN depends_on = id THEN 'is this job itself'
+           WHEN depends_on = id
+               THEN 'is this job itself: a job cannot wait for its own end; set depends_on to another job''s id, or NULL'
            ELSE COALESCE('ended ' || (SELECT d.status FROM jobs AS d WHERE d.id = jobs.depends_on), 'is no job')
-       END || '; this job runs only after that job completed'
+                || '; this job runs only after that job completed'
+       END
  WHERE status = 'queued' AND depends_on IS NOT NULL
    AND (depends_on = id
         OR NOT EXISTS (SELECT 1 FROM jobs AS d WHERE d.id = jobs.depends_on)
