@@ -746,25 +746,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _check_usage(args)
     db = config.redact_url(args.db) if args.db else "the database"
+    log_format = args.log_format or "auto"  # until the config says otherwise (a refusal may come before)
     try:
         args.overrides = config.Overrides(config_path=args.config, db_path=args.db, log_level=args.log_level,
                                           log_format=args.log_format)
         cfg = config.load(args.overrides)
-        db = cfg.db_name
+        db, log_format = cfg.db_name, cfg.log_format
         log.configure(cfg.log_level if args.cmd == "run" else "warning", cfg.log_format)
         code: int = args.func(cfg, args)
         return code
     except ConfigError as e:
-        print(f"nexus-jobd: configuration error: {e}", file=sys.stderr)
-        return 2
+        return _refused(args, log_format, 2, f"configuration error: {e}")
     except DatabaseRewritten as e:
-        print(f"nexus-jobd: {_text(e)}", file=sys.stderr)
-        return service.EXIT_DATABASE_REWRITTEN
+        return _refused(args, log_format, service.EXIT_DATABASE_REWRITTEN, _text(e))
     except JobdError as e:  # its message may quote a row's values
-        print(f"nexus-jobd: {_text(e)}", file=sys.stderr)
-        return 1
+        return _refused(args, log_format, 1, _text(e))
     except DbError as e:  # one the store did not put in words: still one line, not a traceback
-        print(f"nexus-jobd: {db}: database error: {_text(e)}", file=sys.stderr)
-        return 1
+        return _refused(args, log_format, 1, f"{db}: database error: {_text(e)}")
     except KeyboardInterrupt:
         return 130
+
+
+def _refused(args: argparse.Namespace, log_format: str, code: int, message: str) -> int:
+    """Why the command stopped, in one line. The daemon's (`run`) goes to its log as an event when that log is JSON
+    (--log-format json, or not a TTY: journald, svlogd), where a supervisor's log reader looks for it."""
+    if args.cmd == "run" and (log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())):
+        log.configure("info", "json")
+        log.get("service").error("daemon.refused", message=message, exit_code=code)
+    else:
+        print(f"nexus-jobd: {message}", file=sys.stderr)
+    return code

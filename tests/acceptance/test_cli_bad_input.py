@@ -36,9 +36,14 @@ def run_on(path: Path, command: list[str], home: Path, timeout: float = 30) -> s
 
 
 def one_line_error(result: subprocess.CompletedProcess[str], code: int = 1) -> str:
+    """The one line a command stopped with; `run`'s (a JSON log event, not on a TTY) as the others say it."""
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
+    if len(lines) == 1 and lines[0].startswith('{"'):
+        event = json.loads(lines[0])
+        assert (event["event"], event["exit_code"]) == ("daemon.refused", code), event
+        return f"nexus-jobd: {event['message']}"
     assert len(lines) == 1 and lines[0].startswith("nexus-jobd"), result.stderr
     return lines[0]
 
@@ -468,3 +473,25 @@ def test_follow_of_a_job_for_an_unknown_node_says_only_that_it_failed(daemon: Da
     assert result.returncode == 1, result.stderr
     assert said == [f"nexus-jobd: job {job_id} failed: unknown node: no daemon on this database serves it (this one "
                     "serves localhost); set node_id to a configured node"], said
+
+
+@pytest.mark.parametrize("log_format", [["--log-format", "json"], []], ids=["json", "auto-not-a-tty"])
+def test_a_daemon_that_refuses_to_start_says_why_in_its_json_log(tmp_path: Path, log_format: list[str]) -> None:
+    """Before: a bad config or database stopped `run` with a line of plain text in the middle of a JSON log
+    (journald, svlogd); only the file a whole-file writer keeps was logged as an event (db.refused)."""
+    bad_config = tmp_path / "config.toml"
+    bad_config.write_text("[daemon]\nmax_concurent = 2\n")
+    directory = tmp_path / "dir"
+    directory.mkdir()
+    for args, code, words in ((["--config", str(bad_config), "--db", str(tmp_path / "x.db")], 2,
+                               "configuration error: " + str(bad_config) + ": [daemon] unknown key 'max_concurent'"),
+                              (["--db", str(directory)], 1, f"{directory} is a directory, not a database file")):
+        result = run_cli([*args, *log_format, "run"], tmp_path / "home")
+        assert result.returncode == code, result.stderr
+        (line,) = result.stderr.splitlines()
+        event = json.loads(line)
+        assert (event["event"], event["level"], event["exit_code"]) == ("daemon.refused", "error", code), event
+        assert event["message"].startswith(words), event
+        # The CLI's other commands say it as one line of text, as before.
+        assert one_line_error(run_cli([*args, *log_format, "ps"], tmp_path / "home"), code).startswith(
+            f"nexus-jobd: {words}")
