@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -103,6 +104,34 @@ def _age(ms: int | None) -> str:
         if seconds >= size:
             return f"{int(seconds // size)}{unit}"
     return f"{int(seconds)}s"
+
+
+def _when(ms: int) -> str:
+    """An epoch-ms time as `show` gives it: `3m 5s ago`, or `in 59m 58s` (a run_after still to come)."""
+    seconds = time.time() - ms / 1000
+    return f"{_span(seconds)} ago" if seconds >= 0 else f"in {_span(-seconds)}"
+
+
+def _span(seconds: float) -> str:
+    """Whole seconds in the two largest units they fill: `12s`, `59m 58s`, `2d 3h`."""
+    total = int(seconds)
+    units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+    for (unit, size), (small, small_size) in itertools.pairwise(units):
+        if total >= size:
+            return f"{total // size}{unit} {total % size // small_size}{small}"
+    return f"{total}s"
+
+
+def _short_ids(ids: Sequence[str]) -> list[str]:
+    """Each id cut to the fewest characters (8 at least) that tell it from every other id listed: a prefix that
+    `show`, `logs` or `cancel` take. Among the ids in sorted order, only its neighbours share more of its start."""
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    cut = [8] * len(ids)
+    for a, b in itertools.pairwise(order):
+        if ids[a] != ids[b]:
+            shared = len(os.path.commonprefix([ids[a], ids[b]])) + 1
+            cut[a], cut[b] = max(cut[a], shared), max(cut[b], shared)
+    return [text[:n] for text, n in zip(ids, cut, strict=True)]
 
 
 def _duration(ms: Any) -> str:
@@ -282,10 +311,11 @@ def cmd_submit(cfg: config.Config, args: argparse.Namespace) -> int:
 def _ps_table(rows: Sequence[dict[str, Any]]) -> str:
     header = ("ID", "STATUS", "NODE", "TOOL", "EXIT", "TRY", "DURATION", "AGE", "COMMAND / ERROR")
     lines = []
-    for row in rows:
+    ids = _short_ids(["NULL" if row["id"] is None else _text(row["id"]) for row in rows])
+    for row, job_id in zip(rows, ids, strict=True):
         text = _text(row["error"] if row["error"] and row["status"] != JobStatus.COMPLETED else row["command"])
         text = text.replace("\n", " ")
-        lines.append((_text(row["id"])[:8], _text(row["status"]), _text(row["node_id"]), _text(row["tool"]),
+        lines.append((job_id, _text(row["status"]), _text(row["node_id"]), _text(row["tool"]),
                       "-" if row["exit_code"] is None else _text(row["exit_code"]),
                       f"{_text(row['attempt'])}/{_text(row['max_attempts'])}", _duration(row["duration"]),
                       _age(row["created_at"]), text[:60] + ("…" if len(text) > 60 else "")))
@@ -318,7 +348,7 @@ def cmd_show(cfg: config.Config, args: argparse.Namespace) -> int:
             if key in ("stdout", "stderr"):
                 shown = f"{len(_raw(value or ''))} characters (`nexus-jobd logs {_text(row['id'])[:8]}`)"
             elif key in ("created_at", "started_at", "completed_at", "run_after") and isinstance(value, int):
-                shown = f"{value}  ({_age(value)} ago)"
+                shown = f"{value}  ({_when(value)})"
             print(f"{key:>14}: {shown}")
         return 0
 
@@ -342,8 +372,9 @@ def cmd_retry(cfg: config.Config, args: argparse.Namespace) -> int:
         if not await store.retry(job_id):
             raise JobdError(f"job {_text(job_id)} has not ended: only completed, failed or cancelled jobs can be "
                             "retried")
-        attempt = (await store.get_job(job_id) or {}).get("attempt", 0) + 1
-        print(f"{_text(job_id)}: queued again (attempt {attempt})")
+        row = await store.get_job(job_id) or {}
+        print(f"{_text(job_id)}: queued again (attempt {_text(row.get('attempt', 0) + 1)} of "
+              f"{_text(row.get('max_attempts'))})")
         return 0
 
     return _with_store(cfg, action, writes=True)
@@ -415,6 +446,11 @@ def cmd_nodes(cfg: config.Config, args: argparse.Namespace) -> int:
 
     async def action(store: Store) -> int:
         rows = await store.nodes_overview()
+        if args.id is not None:
+            known = ", ".join(_text(row["id"]) for row in rows) or "no node yet"
+            rows = [row for row in rows if row["id"] == args.id]
+            if not rows:
+                raise JobdError(f"no node {args.id!r} in the nodes table; it has: {known}")
         for row in rows:
             row["capabilities"] = _capabilities(row["capabilities"])
             row["heartbeat_age_s"] = (row["now"] - row["last_heartbeat"]) / 1000 if row["last_heartbeat"] else None
@@ -709,7 +745,8 @@ def _parser() -> argparse.ArgumentParser:
 
     s = command("nodes", "nodes: status, heartbeat, jobs, tools; `nodes check ID` probes one now", cmd_nodes)
     s.add_argument("action", nargs="?", choices=["list", "check"], default="list")
-    s.add_argument("id", nargs="?", type=_nonempty("node id"), help="with check: the node to probe")
+    s.add_argument("id", nargs="?", type=_nonempty("node id"), help="with list: only this node; with check: the "
+                   "node to probe")
     s.add_argument("--json", action="store_true")
 
     s = command("status", "the daemons on this database and the state of the queue", cmd_status)

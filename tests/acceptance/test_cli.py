@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import NEXUS_JOBD, Daemon, Db, cli, cli_env, run_cli, wait_for
+from tests.conftest import NEXUS_JOBD, Daemon, Db, cli, cli_env, now_ms, run_cli, wait_for
 
 # The contract holds on either database: each test runs on SQLite and on PostgreSQL.
 pytestmark = pytest.mark.backends("sqlite", "postgres")
@@ -157,3 +157,63 @@ def test_submit_follow_shows_every_attempt_of_a_fast_retried_job(db: Db, daemon_
     job_id = result.stderr.splitlines()[0]
     assert cli(db, "logs", job_id).stdout == tries[-1] + "\n"
     assert db.job(job_id)["attempt"] == 3
+
+
+def test_show_says_when_a_time_is_still_to_come(db: Db) -> None:
+    """Before: a run_after an hour ahead was shown as "(0s ago)"."""
+    created = now_ms()
+    job_id = db.insert("true", created_at=created, run_after=created + 3_600_000)
+    shown = cli(db, "show", job_id).stdout
+    assert re.search(r"\n     run_after: \d+  \(in 59m \d+s\)\n", shown), shown
+    assert re.search(r"\n    created_at: \d+  \(\d+s ago\)\n", shown), shown
+
+
+def ps_ids(db: Db) -> list[str]:
+    return [line.split()[0] for line in cli(db, "ps").stdout.splitlines()[1:]]
+
+
+def test_the_ps_id_column_tells_every_listed_job_apart(db: Db) -> None:
+    """Before: `tenk-09999` and `tenk-09998` were both shown as `tenk-099`, which names neither."""
+    db.insert("true", id="tenk-09998", created_at=now_ms() - 2)
+    db.insert("true", id="tenk-09999", created_at=now_ms() - 1)
+    other = db.insert("true")
+    assert ps_ids(db) == [other[:8], "tenk-09999", "tenk-09998"]
+    for shown in ps_ids(db):
+        assert cli(db, "show", "--json", shown).returncode == 0  # each works as the prefix it is shown as
+
+
+def test_retry_of_a_job_whose_attempts_are_used_up_allows_one_more(db: Db) -> None:
+    """Before: the retried job ran as attempt 4 of max_attempts 3 (`ps` showed TRY 4/3)."""
+    job_id = db.insert("false", max_attempts=3)
+    db.conn.execute("UPDATE jobs SET status = 'failed', attempt = 3, exit_code = 1, started_at = 1, completed_at = 2, "
+                    "duration = 1 WHERE id = ?", (job_id,))
+    assert cli(db, "retry", job_id).stdout == f"{job_id}: queued again (attempt 4 of 4)\n"
+    assert (db.job(job_id)["attempt"], db.job(job_id)["max_attempts"]) == (3, 4)
+    spare = db.insert("false", max_attempts=3)  # attempts left: max_attempts stays
+    db.conn.execute("UPDATE jobs SET status = 'completed', attempt = 1, exit_code = 0, started_at = 1, "
+                    "completed_at = 2, duration = 1 WHERE id = ?", (spare,))
+    assert cli(db, "retry", spare).stdout == f"{spare}: queued again (attempt 2 of 3)\n"
+    assert db.job(spare)["max_attempts"] == 3
+
+
+@pytest.mark.backends("sqlite")
+def test_ps_shows_a_null_id_as_null_and_a_row_without_a_time_last(db: Db) -> None:
+    """Before: a NULL id printed as `None`, and a row with `created_at = 'yesterday'` (TEXT sorts above every
+    number in SQLite) stayed at the top of `ps` for ever."""
+    db.conn.execute("INSERT INTO jobs (id, node_id, tool, command, status, created_at) "
+                    "VALUES (NULL, 'localhost', 'bash', 'true', 'queued', 1)")
+    db.insert("true", id="whenever", created_at="yesterday")
+    newest = db.insert("true")
+    assert ps_ids(db) == [newest[:8], "NULL", "whenever"]
+
+
+def test_nodes_list_with_an_id_shows_that_node(db: Db) -> None:
+    """Before: `nodes list ID` ignored the id and listed every node."""
+    for node in ("pi", "phone"):
+        db.conn.execute("INSERT INTO nodes (id, hostname, status, created_at) VALUES (?, ?, 'online', 1)",
+                        (node, f"{node}.lan"))
+    assert [row["id"] for row in json.loads(cli(db, "nodes", "list", "pi", "--json").stdout)] == ["pi"]
+    assert [line.split()[0] for line in cli(db, "nodes", "list", "phone").stdout.splitlines()] == ["NODE", "phone"]
+    missing = cli(db, "nodes", "list", "mars", check=False)
+    assert missing.returncode == 1 and missing.stderr == (
+        "nexus-jobd: no node 'mars' in the nodes table; it has: phone, pi\n"), missing.stderr

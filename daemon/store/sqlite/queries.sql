@@ -264,7 +264,8 @@ SELECT id, node_id, tool, command, status, exit_code, error, duration, created_a
        priority, attempt, max_attempts, run_after, depends_on, timeout_ms, worker_id, stdout_bytes, stderr_bytes
   FROM jobs
  WHERE (:status IS NULL OR status = :status) AND (:node_id IS NULL OR node_id = :node_id)
- ORDER BY created_at DESC, rowid DESC
+ ORDER BY typeof(created_at) IN ('integer', 'real') DESC,  -- a row with no time ('yesterday') last, not on top
+          created_at DESC, rowid DESC
  LIMIT :limit;
 
 -- name: job_counts
