@@ -129,7 +129,9 @@ def _short_ids(ids: Sequence[str]) -> list[str]:
     cut = [8] * len(ids)
     for a, b in itertools.pairwise(order):
         if ids[a] != ids[b]:
-            shared = len(os.path.commonprefix([ids[a], ids[b]])) + 1
+            first, second = ids[a], ids[b]
+            shared = next((i for i, (x, y) in enumerate(zip(first, second)) if x != y),
+                          min(len(first), len(second))) + 1
             cut[a], cut[b] = max(cut[a], shared), max(cut[b], shared)
     return [text[:n] for text, n in zip(ids, cut, strict=True)]
 
