@@ -130,7 +130,7 @@ def _short_ids(ids: Sequence[str]) -> list[str]:
     for a, b in itertools.pairwise(order):
         if ids[a] != ids[b]:
             first, second = ids[a], ids[b]
-            shared = next((i for i, (x, y) in enumerate(zip(first, second)) if x != y),
+            shared = next((i for i, (x, y) in enumerate(zip(first, second, strict=False)) if x != y),
                           min(len(first), len(second))) + 1
             cut[a], cut[b] = max(cut[a], shared), max(cut[b], shared)
     return [text[:n] for text, n in zip(ids, cut, strict=True)]
