@@ -21,7 +21,16 @@ import anyio
 from daemon import __version__, config, service
 from daemon import logging as log
 from daemon.errors import ConfigError, DatabaseError, DatabaseRewritten, JobdError
-from daemon.store import DbError, JobStatus, Store, open_store, rewrites
+from daemon.store import (
+    UNRUNNABLE_FIX,
+    WORKERS_KEPT_MS,
+    DbError,
+    JobStatus,
+    Store,
+    open_store,
+    rewrites,
+    unrunnable,
+)
 from daemon.tools import MAX_ATTEMPTS, MAX_TIMEOUT_MS
 
 _MARKER = re.compile(r"\n\[nexus-jobd: \d+ bytes of \w+ omitted; (\d+) bytes in all\]\n")
@@ -30,6 +39,7 @@ _DAEMON_CHECK_S = 1.0  # while following: how often to look for a live daemon th
 _NO_DAEMON_REPEAT_S = 15.0  # and how often to say again that there is none
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # SQLite's INTEGER
 _UNITS_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_UNRUNNABLE_SHOWN = 10  # rows no daemon runs: how many `db check` and `status` name
 _MAX_AGE_DAYS = 36500  # prune --older-than: a century; no job ended longer ago than that
 # C0 and C1 controls and DEL but newline and tab, and the bidirectional overrides that reorder what is shown.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
@@ -365,7 +375,8 @@ async def _lease_holder(store: Store, worker_id: Any) -> str:
                 return f"stopped: {_text(worker['stop_reason'])}"
             age_s = (worker["now"] - worker["heartbeat_at"]) / 1000
             return f"pid {_text(worker['pid'])} on {_text(worker['host'])}, heartbeat {age_s:.1f}s ago"
-    return "unknown daemon"
+    return (f"no daemon of this database (a stopped one is forgotten {WORKERS_KEPT_MS // 86_400_000} days after it "
+            "stopped)")
 
 
 def cmd_retry(cfg: config.Config, args: argparse.Namespace) -> int:
@@ -397,6 +408,14 @@ def _print_rewrite_report(report: dict[str, Any]) -> None:
     print(f"  report: {_text(report.get('report'))}")
 
 
+def _worker_state(w: dict[str, Any], cfg: config.Config) -> str:
+    if w["stopped_at"] is not None:
+        return f"stopped {_age(w['stopped_at'])} ago ({_text(w['stop_reason'])})"
+    if w["now"] - w["heartbeat_at"] > cfg.lease_ttl_ms:
+        return f"NOT ANSWERING: last heartbeat {_age(w['heartbeat_at'])} ago"
+    return f"alive, up {_age(w['started_at'])}, {w['running']} running"
+
+
 def cmd_status(cfg: config.Config, args: argparse.Namespace) -> int:
     """Every daemon registered on the database: alive or not, and what the queue looks like; first, if the last
     daemon stopped because another program rewrote the file, what it found (even when the file cannot be opened)."""
@@ -404,25 +423,23 @@ def cmd_status(cfg: config.Config, args: argparse.Namespace) -> int:
 
     async def action(store: Store) -> int:
         workers, counts = await store.workers(), await store.job_counts()
+        total, stranded = await _unrunnable(store)
         nonlocal report
         if report is not None and any(w["started_at"] > (report.get("detected_at") or 0) for w in workers):
             report = None  # a daemon started since: that stop is history
         if args.json:
-            print(_dumps({"workers": workers, "jobs": counts, "rewritten": report}))
+            print(_dumps({"workers": workers, "jobs": counts | {"unrunnable": total}, "unrunnable": stranded,
+                          "rewritten": report}))
             return 0
         if report is not None:
             _print_rewrite_report(report)
         print(f"{cfg.db_name}: {counts['executing']} running, {counts['queued']} queued, "
               f"{counts['finished_last_minute']} finished in the last minute, "
               f"{counts['finished_last_hour']} in the last hour")
+        if total:
+            print(f"  {_unrunnable_line(total, stranded)}")
         for w in workers:
-            if w["stopped_at"] is not None:
-                state = f"stopped {_age(w['stopped_at'])} ago ({_text(w['stop_reason'])})"
-            elif w["now"] - w["heartbeat_at"] > cfg.lease_ttl_ms:
-                state = f"NOT ANSWERING: last heartbeat {_age(w['heartbeat_at'])} ago"
-            else:
-                state = f"alive, up {_age(w['started_at'])}, {w['running']} running"
-            print(f"  {_text(w['id'])}  pid {_text(w['pid'])} on {_text(w['host'])}: {state}")
+            print(f"  {_text(w['id'])}  pid {_text(w['pid'])} on {_text(w['host'])}: {_worker_state(w, cfg)}")
         return 0
 
     try:
@@ -520,6 +537,12 @@ def cmd_prune(cfg: config.Config, args: argparse.Namespace) -> int:
     async def action(store: Store) -> int:
         deleted = await store.prune(older_than_ms=args.older_than.ms, statuses=statuses)
         print(f"deleted {deleted} {'/'.join(statuses)} jobs that ended more than {args.older_than.text} ago")
+        if forgotten := await store.prune_workers():
+            print(f"forgot {forgotten} daemons that stopped more than {WORKERS_KEPT_MS // 86_400_000} days ago")
+        total, _ = await _unrunnable(store, 1)
+        if total:
+            print(f"left {total} rows no daemon runs or finishes, which have not ended (`nexus-jobd db check` names "
+                  "them; cancelled, they are pruned like any other)")
         return 0
 
     return _with_store(cfg, action, writes=True)
@@ -562,6 +585,8 @@ def cmd_db(cfg: config.Config, args: argparse.Namespace) -> int:
                 print(f"{cfg.db_name}: " + (f"applied {', '.join(applied)}" if applied else "up to date"))
                 return 0
             problems = await store.check()
+            if (stranded := await _unrunnable(store))[0]:
+                problems.append(_unrunnable_line(*stranded))
             for problem in problems:
                 print(f"{cfg.db_name}: {problem}")
             if not problems:
@@ -571,6 +596,21 @@ def cmd_db(cfg: config.Config, args: argparse.Namespace) -> int:
             await store.close()
 
     return anyio.run(main)
+
+
+async def _unrunnable(store: Store, limit: int = _UNRUNNABLE_SHOWN) -> tuple[int, list[dict[str, Any]]]:
+    """Rows no daemon runs or finishes (a status typo, an `executing` row under no daemon): how many, and the first
+    `limit`; none where the schema lacks what the look needs (check() says so)."""
+    try:
+        return await store.unrunnable_jobs(limit=max(limit, 1))
+    except DbError:
+        return 0, []
+
+
+def _unrunnable_line(total: int, rows: Sequence[dict[str, Any]]) -> str:
+    more = f", and {total - len(rows)} more" if total > len(rows) else ""
+    return (f"{total} rows no daemon runs or finishes: {', '.join(_text(unrunnable(r)) for r in rows)}{more}; "
+            f"{UNRUNNABLE_FIX}")
 
 
 def _read_only_note(store: Store) -> str:

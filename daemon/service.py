@@ -39,7 +39,7 @@ from daemon.health import PROBE_OUTPUT_MAX, Health, LocalProbe, NodeRefused, Pro
 from daemon.lease import Identity, Lease
 from daemon.metrics import Exporter, Hooks
 from daemon.notify import Notifier
-from daemon.store import Store, open_store, survive_db_errors
+from daemon.store import UNRUNNABLE_FIX, WORKERS_KEPT_MS, Store, open_store, survive_db_errors, unrunnable
 from daemon.tools import REFUSED, ulimit_script
 
 logger = log.get("service")
@@ -49,6 +49,8 @@ logger = log.get("service")
 EXIT_DATABASE_REWRITTEN = 65
 STATUS_INTERVAL_S = 5.0
 RETENTION_INTERVAL_S = 3600.0
+UNRUNNABLE_INTERVAL_S = 300.0  # how often to look for rows no daemon runs (a scan of the jobs table)
+UNRUNNABLE_LOGGED = 20  # how many of them a log line names
 DAY_MS = 86_400_000
 OPEN_FILES = 65536  # the soft descriptor limit the daemon raises itself to (at most the hard limit)
 
@@ -315,6 +317,9 @@ async def _start_up(store: Store, lease: Lease) -> None:
     for action in await store.apply_set_aside():
         logger.warning("db.rewrite_applied", **action)
     await lease.register()
+    async with survive_db_errors("forgetting stopped daemons"):
+        if forgotten := await store.prune_workers():
+            logger.info("db.workers_pruned", deleted=forgotten, stopped_days_ago=WORKERS_KEPT_MS // DAY_MS)
 
 
 def _stopped_rewritten(config: Config, notifier: Notifier, dispatcher: Dispatcher) -> int:
@@ -332,6 +337,7 @@ async def _serve_until_stopped(config: Config, store: Store, notifier: Notifier,
         tg.start_soon(_watchdog, notifier)
         tg.start_soon(_status, notifier, store, dispatcher)
         tg.start_soon(_retention, store, dispatcher)
+        tg.start_soon(_report_unrunnable, store, dispatcher)
         tg.start_soon(_heartbeats, config, store, health, dispatcher)
         tg.start_soon(_keeper_ready, executors[config.local_node])
         if exporter is not None:
@@ -382,6 +388,20 @@ async def _retention(store: Store, dispatcher: Dispatcher) -> None:
                 if deleted:
                     logger.info("db.pruned", deleted=deleted, older_than_days=days)
         await anyio.sleep(RETENTION_INTERVAL_S)
+
+
+async def _report_unrunnable(store: Store, dispatcher: Dispatcher) -> None:
+    """Rows no daemon runs or finishes (a status typo, an `executing` row under no daemon) would wait for ever
+    unseen: logged at start-up, then again only when what there is changes."""
+    said: tuple[int, list[object]] | None = None
+    while True:
+        async with survive_db_errors("looking for rows no daemon runs", dispatcher.metrics.db_write_error):
+            total, rows = await store.unrunnable_jobs(limit=UNRUNNABLE_LOGGED)
+            if total and (total, [r["id"] for r in rows]) != said:
+                logger.warning("db.unrunnable_jobs", count=total, jobs=[unrunnable(r) for r in rows],
+                               fix=UNRUNNABLE_FIX)
+            said = (total, [r["id"] for r in rows])
+        await anyio.sleep(UNRUNNABLE_INTERVAL_S)
 
 
 class _Reloader:

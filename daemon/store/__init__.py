@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from daemon.store.base import (
+    WORKERS_KEPT_MS,
     ChangeSource,
     DbError,
     DbRejected,
@@ -20,6 +21,7 @@ from daemon.store.base import (
     survive_db_errors,
 )
 from daemon.store.rows import (
+    UNRUNNABLE_FIX,
     AdoptedJob,
     Claim,
     ClaimedJob,
@@ -30,10 +32,13 @@ from daemon.store.rows import (
     ProcessRef,
     RawText,
     Worker,
+    unrunnable,
 )
 from daemon.store.sqlite import guard, rewrites
 
 __all__ = [
+    "UNRUNNABLE_FIX",
+    "WORKERS_KEPT_MS",
     "AdoptedJob",
     "ChangeSource",
     "Claim",
@@ -56,6 +61,7 @@ __all__ = [
     "open_store",
     "rewrites",
     "survive_db_errors",
+    "unrunnable",
 ]
 
 

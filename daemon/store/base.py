@@ -31,6 +31,10 @@ from daemon.store.rows import (
 )
 
 logger = log.get("store")
+# A stopped daemon's record in jobd_workers is dropped this long after it stopped (at start-up and by `prune`),
+# unless it still holds an unfinished job or is among the WORKERS_KEPT that started last.
+WORKERS_KEPT_MS = 7 * 86_400_000
+WORKERS_KEPT = 20
 
 
 class DbUnavailable(DatabaseError):
@@ -300,6 +304,19 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_jobs(self, *, status: str | None, node_id: str | None, limit: int) -> list[dict[str, Any]]: ...
+
+    # -- housekeeping: rows no daemon runs, stopped daemons ---------------------------------------------------
+
+    @abc.abstractmethod
+    async def unrunnable_jobs(self, *, limit: int) -> tuple[int, list[dict[str, Any]]]:
+        """Rows no daemon of this database will run or finish: a status none of the contract's (a typo on a table
+        without CHECK constraints), or `executing` under no registered daemon. How many, and the first `limit`
+        of them (id, status, worker_id). `cancel` ends them and `retry` queues them again."""
+
+    @abc.abstractmethod
+    async def prune_workers(self, *, older_than_ms: int = WORKERS_KEPT_MS, keep: int = WORKERS_KEPT) -> int:
+        """Forget daemons that stopped more than `older_than_ms` ago, but the `keep` that started last and any that
+        still holds an unfinished job (recovery needs it); how many were forgotten."""
 
 
 def cycles(edges: Mapping[str, str]) -> list[list[str]]:

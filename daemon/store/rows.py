@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -39,6 +40,23 @@ class JobStatus(StrEnum):
     @property
     def is_final(self) -> bool:
         return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+UNRUNNABLE_FIX = ("if no other program runs them: `nexus-jobd cancel ID` ends one, `nexus-jobd retry ID` queues it "
+                  "again")
+
+
+def unrunnable(row: Mapping[str, Any]) -> str:
+    """A row no daemon runs or finishes (Store.unrunnable_jobs), and why, for a person: `id (status 'Queued', which
+    no daemon runs)`."""
+    status, worker = row.get("status"), row.get("worker_id")
+    if status != JobStatus.EXECUTING:
+        why = f"status {'NULL' if status is None else repr(status)}, which no daemon runs"
+    elif worker is None:
+        why = "executing, but held by no daemon: worker_id NULL"
+    else:
+        why = f"executing, but held by {worker!r}, no daemon of this database"
+    return f"{row.get('id')} ({why})"
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import itertools
 import json
 import re
 import signal
+import sqlite3
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -217,3 +218,72 @@ def test_nodes_list_with_an_id_shows_that_node(db: Db) -> None:
     missing = cli(db, "nodes", "list", "mars", check=False)
     assert missing.returncode == 1 and missing.stderr == (
         "nexus-jobd: no node 'mars' in the nodes table; it has: phone, pi\n"), missing.stderr
+
+
+def test_rows_no_daemon_runs_are_reported_and_cancel_retry_prune_agree(db: Db, daemon_factory: Callable[..., Daemon],
+                                                                       backend: str) -> None:
+    """Before: a row inserted as `executing` by hand (no worker_id) stayed for ever with no word: `db check` said
+    ok, `status` did not count it, `cancel` said "already finished" while `retry` said "has not ended"."""
+    stuck, ghost = db.insert("true"), db.insert("true")
+    db.conn.execute("UPDATE jobs SET status = 'executing', started_at = ? WHERE id = ?", (now_ms() - 1000, stuck))
+    db.conn.execute("UPDATE jobs SET status = 'executing', worker_id = 'gone:1:x' WHERE id = ?", (ghost,))
+    check = cli(db, "db", "check", check=False)
+    assert check.returncode == 1, check.stdout
+    assert (f"{db.target}: 2 rows no daemon runs or finishes: {stuck} (executing, but held by no daemon: worker_id "
+            f"NULL), {ghost} (executing, but held by 'gone:1:x', no daemon of this database); if no other program "
+            "runs them: `nexus-jobd cancel ID` ends one, `nexus-jobd retry ID` queues it again") in check.stdout
+    assert "2 rows no daemon runs or finishes" in cli(db, "status").stdout
+    assert json.loads(cli(db, "status", "--json").stdout)["jobs"]["unrunnable"] == 2
+    daemon = daemon_factory().start()
+    (event,) = wait_for(lambda: daemon.events("db.unrunnable_jobs"), message="db.unrunnable_jobs")
+    assert (event["level"], event["count"], len(event["jobs"])) == ("warning", 2, 2), event
+    assert db.job(stuck)["status"] == "executing"  # reported, never touched: another program may run it
+    assert cli(db, "cancel", stuck).stdout == f"{stuck}: cancelled\n"
+    assert db.job(stuck)["duration"] is not None  # final: no daemon will record its end
+    assert "left 1 rows no daemon runs or finishes" in cli(db, "prune", "--older-than", "0s").stdout
+    assert cli(db, "retry", ghost).stdout == f"{ghost}: queued again (attempt 1 of 1)\n"
+    assert db.wait_status(ghost)["status"] == "completed"  # queued again, the daemon runs it
+    assert cli(db, "db", "check").stdout == f"{db.target}: ok\n"
+
+
+@pytest.mark.backends("sqlite")  # PostgreSQL's `jobs` has the CHECK constraint: no such row can exist there
+def test_status_typos_are_reported_too(tmp_path: Path, backend: str) -> None:
+    """On a `jobs` made without the contract's CHECK constraints, a typo in `status` is stored as typed."""
+    path = tmp_path / "loose.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, conversation_id TEXT, message_id TEXT, node_id TEXT, "
+                  "tool TEXT, command TEXT, status TEXT, exit_code INTEGER, stdout TEXT, stderr TEXT, "
+                  "duration INTEGER, created_at INTEGER, started_at INTEGER, completed_at INTEGER)")
+    conn.executemany("INSERT INTO jobs (id, node_id, tool, command, status, created_at) "
+                     "VALUES (?, 'localhost', 'bash', 'true', ?, 1)", [("typo-1", "Queued"), ("typo-2", None)])
+    conn.commit()
+    conn.close()
+    home = tmp_path / "home"
+    run_cli(["--db", str(path), "db", "migrate"], home).check_returncode()
+    check = run_cli(["--db", str(path), "db", "check"], home)
+    assert check.returncode == 1 and ("2 rows no daemon runs or finishes: typo-1 (status 'Queued', which no daemon "
+                                      "runs), typo-2 (status NULL, which no daemon runs)") in check.stdout
+    assert run_cli(["--db", str(path), "cancel", "typo-1"], home).stdout == "typo-1: cancelled\n"
+    assert run_cli(["--db", str(path), "retry", "typo-2"], home).stdout == "typo-2: queued again (attempt 1 of 1)\n"
+    assert run_cli(["--db", str(path), "db", "check"], home).returncode == 0
+
+
+def test_stopped_daemons_are_forgotten_at_start_up_and_by_prune(db: Db, daemon_factory: Callable[..., Daemon]
+                                                                ) -> None:
+    """Before: jobd_workers kept every daemon that ever started; `status` listed them all."""
+    long_ago = now_ms() - 30 * 86_400_000
+
+    def stopped_daemons(count: int, start: int) -> None:
+        for i in range(start, start + count):
+            db.conn.execute("INSERT INTO jobd_workers (id, host, pid, started_at, heartbeat_at, stopped_at, "
+                            "stop_reason, nodes) VALUES (?, 'h', 1, ?, ?, ?, 'clean shutdown', '[]')",
+                            (f"old:{i}", long_ago + i, long_ago + i, long_ago + i))
+
+    stopped_daemons(25, 0)
+    daemon = daemon_factory().start()
+    (event,) = wait_for(lambda: daemon.events("db.workers_pruned"), message="db.workers_pruned")
+    assert event["deleted"] == 6  # the 20 that started last stay, this daemon among them
+    assert db.conn.execute("SELECT count(*) FROM jobd_workers").fetchone()[0] == 20
+    stopped_daemons(3, 100)  # three more, started after the rest: the rest are out of the last 20
+    assert "forgot 3 daemons that stopped more than 7 days ago" in cli(db, "prune", "--older-than", "1d").stdout
+    assert db.conn.execute("SELECT count(*) FROM jobd_workers").fetchone()[0] == 20

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from daemon import logging as log
 from daemon.config import redact_secrets, redact_url
 from daemon.errors import DatabaseError, JobdError
-from daemon.store.base import ChangeSource, DbRejected, DbUnavailable, Store, cycles
+from daemon.store.base import WORKERS_KEPT, WORKERS_KEPT_MS, ChangeSource, DbRejected, DbUnavailable, Store, cycles
 from daemon.store.postgres.queries import HERE, Q, read_sql
 from daemon.store.rows import (
     AdoptedJob,
@@ -527,6 +527,13 @@ class PostgresStore(Store):
 
     async def list_jobs(self, *, status: str | None, node_id: str | None, limit: int) -> list[dict[str, Any]]:
         return await self._dicts("list_jobs", {"status": status, "node_id": node_id, "limit": limit})
+
+    async def unrunnable_jobs(self, *, limit: int) -> tuple[int, list[dict[str, Any]]]:
+        rows = await self._dicts("unrunnable_jobs", {"limit": limit})
+        return (int(rows[0].pop("total")) if rows else 0), [{k: v for k, v in r.items() if k != "total"} for r in rows]
+
+    async def prune_workers(self, *, older_than_ms: int = WORKERS_KEPT_MS, keep: int = WORKERS_KEPT) -> int:
+        return await self._count("prune_workers", {"older_than_ms": older_than_ms, "keep": keep})
 
 
 def _text(value: str | RawText | None) -> str | None:

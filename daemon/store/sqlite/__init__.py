@@ -25,7 +25,7 @@ import anyio
 
 from daemon import logging as log
 from daemon.errors import DatabaseError, DatabaseRewritten, JobdError, WholeFileWriter
-from daemon.store.base import DbRejected, Quarantine, Store, cycles, now_ms
+from daemon.store.base import WORKERS_KEPT, WORKERS_KEPT_MS, DbRejected, Quarantine, Store, cycles, now_ms
 from daemon.store.rows import (
     AdoptedJob,
     Claim,
@@ -1024,6 +1024,13 @@ class SqliteStore(Store):
                                                        "limit": limit}) as cursor:
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
+
+    async def unrunnable_jobs(self, *, limit: int) -> tuple[int, list[dict[str, Any]]]:
+        rows = list(await self._conn.execute_fetchall(Q["unrunnable_jobs"], {"limit": limit}))
+        return (rows[0][3] if rows else 0), [{"id": r[0], "status": r[1], "worker_id": r[2]} for r in rows]
+
+    async def prune_workers(self, *, older_than_ms: int = WORKERS_KEPT_MS, keep: int = WORKERS_KEPT) -> int:
+        return await self._write_count("prune_workers", {"older_than_ms": older_than_ms, "keep": keep})
 
 
 
