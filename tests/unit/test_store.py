@@ -652,7 +652,8 @@ async def test_cancel_and_retry_take_rows_no_daemon_runs_and_prune_leaves_them(s
     assert await store.cancel(["a"]) == ["a"]
     row = other.job("a")
     assert row["status"] == "cancelled" and row["duration"] is not None  # final: no daemon will record its end
-    assert await store.prune(older_than_ms=0, statuses=["cancelled"]) == 1  # once ended, it goes like any other
+    other.conn.execute("UPDATE jobs SET completed_at = completed_at - 10 WHERE id = 'a'")  # ended 10 ms ago
+    assert await store.prune(older_than_ms=5, statuses=["cancelled"]) == 1  # once ended, it goes like any other
     assert await store.prune(older_than_ms=0, statuses=["completed", "failed", "cancelled"]) == 0  # "b" stays
     assert await store.retry("b")
     assert (other.job("b")["status"], other.job("b")["worker_id"], other.job("b")["started_at"]) == (
