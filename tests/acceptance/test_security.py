@@ -412,3 +412,18 @@ def test_a_huge_row_value_gives_bounded_log_lines_and_error(db: Db, daemon: Daem
     finished = wait_for(lambda: daemon.events("job.finished"), message="job.finished logged")
     assert "…(5000000 chars)…" in finished[0]["tool"]
     assert max(len(line) for line in daemon.log().splitlines()) < 5000
+
+
+def test_a_10_mb_id_and_a_1_mb_cwd_give_bounded_log_lines_and_errors(db: Db, daemon: Daemon) -> None:
+    """Issue 23.13 as found: a 10 MB id gave two 10 MB log lines, a 1 MB cwd a 1 MB `error`."""
+    big_id = "i" * 10_000_000
+    db.insert("true", id=big_id)
+    deep = db.insert("true", cwd="/" + "d" * 1_000_000)
+    assert db.wait_status(big_id)["status"] == "completed"
+    row = db.wait_status(deep)
+    assert (row["status"], row["exit_code"]) == ("failed", 127)
+    assert len(row["error"]) <= 2000 and row["error"].endswith("is 1000001 bytes long: more than the 4095 bytes of a "
+                                                               "path (PATH_MAX); use a shorter path"), row["error"]
+    wait_for(lambda: len(daemon.events("job.finished")) >= 2, message="both finishes logged")
+    assert max(len(line) for line in daemon.log().splitlines()) < 5000
+    assert any("…(10000000 chars)…" in event["job_id"] for event in daemon.events("job.finished"))
