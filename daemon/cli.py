@@ -721,14 +721,16 @@ def _global_options(parser: argparse.ArgumentParser, default: Any) -> None:
     path = _nonempty("path")
     parser.add_argument("--config", type=path, default=default,
                         help=f"config file (default: $NEXUS_JOBD_CONFIG or {config.DEFAULT_CONFIG_PATH})")
-    parser.add_argument("--db", type=path, default=default,
-                        help=f"database file (default: $NEXUS_JOBD_DB or {config.DEFAULT_DB_PATH})")
+    parser.add_argument("--db", type=path, default=default, metavar="PATH|URL",
+                        help="the SQLite database file, or a postgresql:// URL (default: $NEXUS_JOBD_DB or "
+                             f"{config.DEFAULT_DB_PATH})")
     parser.add_argument("--log-level", choices=config.LOG_LEVELS, default=default)
     parser.add_argument("--log-format", choices=config.LOG_FORMATS, default=default)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="nexus-jobd", description="Run jobs queued in the SQLite `jobs` table.")
+    p = _Parser(prog="nexus-jobd", description="Run jobs queued as rows of a `jobs` table: in a SQLite file, or in "
+                "a PostgreSQL database that daemons on several hosts share.")
     p.add_argument("--version", action="version", version=f"nexus-jobd {__version__}")
     _global_options(p, None)
     common = _Parser(add_help=False)
