@@ -568,6 +568,9 @@ def cmd_cancel(cfg: config.Config, args: argparse.Namespace) -> int:
 
 
 def cmd_db(cfg: config.Config, args: argparse.Namespace) -> int:
+    if args.action in ("migrate", "take-over"):
+        service.check_database_access(cfg)  # what `run` would refuse, these do not create or convert
+
     async def main() -> int:
         migrate = args.action in ("migrate", "take-over")
         store = await open_store(cfg.db_target, busy_timeout_ms=cfg.busy_timeout_ms, create=args.action == "migrate",

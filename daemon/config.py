@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -476,7 +477,7 @@ def _check_private_file(section: _Section, key: str, path: Path) -> None:
     except OSError as e:
         raise section.error(key, f"a readable private key file ({e.strerror})", str(path)) from e
     if mode & 0o077:
-        raise section.error(key, f"a private key only its owner can read (it is {oct(mode & 0o777)}: "
+        raise section.error(key, f"a private key only its owner can read (it is mode {stat.S_IMODE(mode):04o}: "
                             f"chmod 600 {path})", str(path))
 
 

@@ -120,7 +120,7 @@ def _check_host(config: Config) -> None:
             f"[daemon] default_cwd = {str(config.default_cwd)!r} (in {config.settings_file}) is not a directory; "
             "create it or set default_cwd to an existing directory (jobs without a cwd run there)"
         )
-    _check_database_access(config)
+    check_database_access(config)
     _check_local_limits(config)
 
 
@@ -149,7 +149,7 @@ def _check_local_limits(config: Config) -> None:
                           "that may raise it")
 
 
-def _check_database_access(config: Config) -> None:
+def check_database_access(config: Config) -> None:
     """Writing the database means running commands as this daemon's user: refuse one that others can write, where
     it is or where a link to it leads. (A PostgreSQL database is guarded by its server's roles and grants.)"""
     if config.db_url is None:
@@ -167,7 +167,7 @@ def _check_not_shared(config: Config, path: Path, database: Path) -> None:
     foreign = st.st_uid != os.getuid()
     if not (shared or foreign):
         return
-    what = f"owned by uid {st.st_uid}" if foreign else f"writable by others (mode {oct(st.st_mode & 0o777)})"
+    what = f"owned by uid {st.st_uid}" if foreign else f"writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
     if config.allow_shared_database:
         logger.warning("db.shared", path=str(path), problem=what,
                        reason="allow_shared_database = true: whoever can write it can run commands here")
@@ -196,7 +196,7 @@ def _warn_if_readable(config: Config) -> None:
         with contextlib.suppress(OSError):
             st = path.stat()
             if st.st_mode & 0o004 or (st.st_mode & 0o040 and not _private_group(st.st_gid)):
-                readable.append(f"{path} (mode {oct(st.st_mode & 0o777)})")
+                readable.append(f"{path} (mode {stat.S_IMODE(st.st_mode):04o})")
     if readable:
         logger.warning("db.readable", files=readable, risk="other users can read every job's environment "
                        "(tokens) and output", fix=f"chmod 600 {database}*  (new -wal and -shm files take its mode)")

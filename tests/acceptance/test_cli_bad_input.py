@@ -495,3 +495,18 @@ def test_a_daemon_that_refuses_to_start_says_why_in_its_json_log(tmp_path: Path,
         # The CLI's other commands say it as one line of text, as before.
         assert one_line_error(run_cli([*args, *log_format, "ps"], tmp_path / "home"), code).startswith(
             f"nexus-jobd: {words}")
+
+
+def test_db_migrate_refuses_a_world_writable_directory_as_run_does(tmp_path: Path) -> None:
+    """Before: `db migrate` created the database in a directory anyone may write, which `run` then refused, saying
+    "mode 0o777" of a 1777 (sticky) directory."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    path = shared / "jobs.db"
+    for command in (["db", "migrate"], ["run"]):
+        line = one_line_error(run_cli(["--db", str(path), *command], tmp_path / "home"), 2)
+        assert line.startswith(f"nexus-jobd: configuration error: {shared}: the directory is writable by others "
+                               f"(mode 1777); anyone who can write the database can run commands"), line
+        assert f"Put the database in a directory of this user's own (mode 700), not in {shared}" in line, line
+    assert list(shared.iterdir()) == []

@@ -350,7 +350,7 @@ def test_a_database_others_can_read_is_named_in_a_warning_with_the_fix(
     db.path.chmod(0o644)  # as NexusCLI may create it
     daemon = daemon_factory().start()
     (warning,) = daemon.events("db.readable")
-    assert f"{db.path} (mode 0o644)" in warning["files"] and warning["fix"].startswith(f"chmod 600 {db.path}*")
+    assert f"{db.path} (mode 0644)" in warning["files"] and warning["fix"].startswith(f"chmod 600 {db.path}*")
     db.path.chmod(0o600)
     for path in db.path.parent.glob(f"{db.path.name}-*"):
         path.chmod(0o600)

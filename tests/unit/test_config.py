@@ -417,7 +417,7 @@ def test_the_shared_database_hint_names_a_config_file_when_none_was_read(home: P
     """Without a config file the fix must say where the setting goes, not 'in built-in defaults'."""
     from dataclasses import replace
 
-    from daemon.service import _check_database_access
+    from daemon.service import check_database_access
 
     db = tmp_path / "private"
     db.mkdir(mode=0o700)
@@ -426,14 +426,14 @@ def test_the_shared_database_hint_names_a_config_file_when_none_was_read(home: P
     config = replace(load(environ={}), db_path=db / "jobs.db")
     assert config.source == "built-in defaults"
     with pytest.raises(ConfigError) as info:
-        _check_database_access(config)
+        check_database_access(config)
     message = str(info.value)
     assert "allow_shared_database = true in a config file (~/.config/nexus-jobd/config.toml, or --config) to " \
            "accept the risk" in message, message
     assert "built-in defaults" not in message
     with_file = replace(config, source=str(tmp_path / "c.toml"))
     with pytest.raises(ConfigError, match=f"allow_shared_database = true in {tmp_path / 'c.toml'} to accept"):
-        _check_database_access(with_file)
+        check_database_access(with_file)
 
 
 def test_a_reload_that_fails_unexpectedly_keeps_the_config_and_says_why(
