@@ -568,8 +568,8 @@ def cmd_cancel(cfg: config.Config, args: argparse.Namespace) -> int:
 
 
 def cmd_db(cfg: config.Config, args: argparse.Namespace) -> int:
-    if args.action in ("migrate", "take-over"):
-        service.check_database_access(cfg)  # what `run` would refuse, these do not create or convert
+    if args.action == "migrate" and cfg.db_url is None and not cfg.db_path.exists():
+        service.check_database_access(cfg)  # no database is created where `run` would refuse it
 
     async def main() -> int:
         migrate = args.action in ("migrate", "take-over")

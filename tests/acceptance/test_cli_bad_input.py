@@ -354,10 +354,10 @@ def test_reading_creates_no_file_that_the_owner_could_not_write(shared_dir: Path
     beside a WAL-mode file that has no -wal: the file is read as it stands instead. Before: the migration failed
     on the read-only file and the command hung."""
     shared = shared_dir / "shared"
-    shared.mkdir(mode=0o777)
-    shared.chmod(0o777)
+    shared.mkdir()
     path = shared / "jobs.db"
-    make_database(path, tmp_path)
+    make_database(path, tmp_path)  # first: `db migrate` creates no database in a directory anyone may write
+    shared.chmod(0o777)
     path.chmod(0o444)
     check_readers_work(path, shared_dir)
     assert sorted(p.name for p in shared.iterdir()) == ["jobs.db"]
