@@ -231,6 +231,8 @@ RECIPE = "setsid -f sh -c 'exec {} >/dev/null 2>&1 </dev/null'"  # the README's 
 def test_the_readmes_way_to_outlive_the_job_survives_the_group_kill(daemon: Daemon, db: Db) -> None:
     """Before, the README advised `setsid -f CMD >/dev/null 2>&1`, which the group kill at the job's end could
     take: the job's pipes were closed, so nothing held the kill back until setsid had moved CMD out of the group."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    assert RECIPE.format("myserver") in readme  # what is tested here is what the README says
     marks = [str(3_000_000 + os.getpid() * 100 + i) for i in range(10)]
     try:
         for mark in marks:
