@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FIXTURES, NEXUS_JOBD, Daemon, Db, cli, cli_env, now_ms, require, run_cli
+from tests.conftest import FIXTURES, NEXUS_JOBD, Daemon, Db, cli, cli_env, mounted_tmpfs, now_ms, require, run_cli
 
 # Every command, as a user with a database that is not the contract's would try it (X: a job id prefix).
 EVERY_COMMAND = [["ps"], ["ps", "--json"], ["status"], ["submit", "--", "true"], ["show", "x"], ["logs", "x"],
@@ -416,16 +416,10 @@ def test_a_directory_given_as_the_database_is_one_line_that_says_so(tmp_path: Pa
 @pytest.fixture
 def read_only_fs(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs holding a migrated database (as the daemon leaves it), then mounted read-only."""
-    require(os.geteuid() == 0 and shutil.which("mount") is not None, "mounting a tmpfs needs root")
-    mnt = tmp_path / "ro"
-    mnt.mkdir(mode=0o700)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mnt)], check=True)
-    try:
+    with mounted_tmpfs(tmp_path / "ro") as mnt:
         make_database(mnt / "jobs.db", tmp_path)
         subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_a_read_only_filesystem_is_named_as_such(read_only_fs: Path, tmp_path: Path) -> None:
