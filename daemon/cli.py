@@ -22,14 +22,14 @@ from daemon import __version__, config, service
 from daemon import logging as log
 from daemon.errors import ConfigError, DatabaseError, DatabaseRewritten, JobdError
 from daemon.store import (
-    UNRUNNABLE_FIX,
+    STRANDED_FIX,
     WORKERS_KEPT_MS,
     DbError,
     JobStatus,
     Store,
     open_store,
     rewrites,
-    unrunnable,
+    stranded,
 )
 from daemon.tools import MAX_ATTEMPTS, MAX_TIMEOUT_MS
 
@@ -39,7 +39,7 @@ _DAEMON_CHECK_S = 1.0  # while following: how often to look for a live daemon th
 _NO_DAEMON_REPEAT_S = 15.0  # and how often to say again that there is none
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # SQLite's INTEGER
 _UNITS_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
-_UNRUNNABLE_SHOWN = 10  # rows no daemon runs: how many `db check` and `status` name
+_STRANDED_SHOWN = 10  # rows no daemon runs: how many `db check` and `status` name
 _MAX_AGE_DAYS = 36500  # prune --older-than: a century; no job ended longer ago than that
 # C0 and C1 controls and DEL but newline and tab, and the bidirectional overrides that reorder what is shown.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
@@ -423,12 +423,12 @@ def cmd_status(cfg: config.Config, args: argparse.Namespace) -> int:
 
     async def action(store: Store) -> int:
         workers, counts = await store.workers(), await store.job_counts()
-        total, stranded = await _unrunnable(store)
+        total, left = await _stranded(store)
         nonlocal report
         if report is not None and any(w["started_at"] > (report.get("detected_at") or 0) for w in workers):
             report = None  # a daemon started since: that stop is history
         if args.json:
-            print(_dumps({"workers": workers, "jobs": counts | {"unrunnable": total}, "unrunnable": stranded,
+            print(_dumps({"workers": workers, "jobs": counts | {"stranded": total}, "stranded": left,
                           "rewritten": report}))
             return 0
         if report is not None:
@@ -437,7 +437,7 @@ def cmd_status(cfg: config.Config, args: argparse.Namespace) -> int:
               f"{counts['finished_last_minute']} finished in the last minute, "
               f"{counts['finished_last_hour']} in the last hour")
         if total:
-            print(f"  {_unrunnable_line(total, stranded)}")
+            print(f"  {_stranded_line(total, left)}")
         for w in workers:
             print(f"  {_text(w['id'])}  pid {_text(w['pid'])} on {_text(w['host'])}: {_worker_state(w, cfg)}")
         return 0
@@ -539,7 +539,7 @@ def cmd_prune(cfg: config.Config, args: argparse.Namespace) -> int:
         print(f"deleted {deleted} {'/'.join(statuses)} jobs that ended more than {args.older_than.text} ago")
         if forgotten := await store.prune_workers():
             print(f"forgot {forgotten} daemons that stopped more than {WORKERS_KEPT_MS // 86_400_000} days ago")
-        total, _ = await _unrunnable(store, 1)
+        total, _ = await _stranded(store, 1)
         if total:
             print(f"left {total} rows no daemon runs or finishes, which have not ended (`nexus-jobd db check` names "
                   "them; cancelled, they are pruned like any other)")
@@ -588,8 +588,8 @@ def cmd_db(cfg: config.Config, args: argparse.Namespace) -> int:
                 print(f"{cfg.db_name}: " + (f"applied {', '.join(applied)}" if applied else "up to date"))
                 return 0
             problems = await store.check()
-            if (stranded := await _unrunnable(store))[0]:
-                problems.append(_unrunnable_line(*stranded))
+            if (found := await _stranded(store))[0]:
+                problems.append(_stranded_line(*found))
             for problem in problems:
                 print(f"{cfg.db_name}: {problem}")
             if not problems:
@@ -601,19 +601,19 @@ def cmd_db(cfg: config.Config, args: argparse.Namespace) -> int:
     return anyio.run(main)
 
 
-async def _unrunnable(store: Store, limit: int = _UNRUNNABLE_SHOWN) -> tuple[int, list[dict[str, Any]]]:
+async def _stranded(store: Store, limit: int = _STRANDED_SHOWN) -> tuple[int, list[dict[str, Any]]]:
     """Rows no daemon runs or finishes (a status typo, an `executing` row under no daemon): how many, and the first
     `limit`; none where the schema lacks what the look needs (check() says so)."""
     try:
-        return await store.unrunnable_jobs(limit=max(limit, 1))
+        return await store.stranded_jobs(limit=max(limit, 1))
     except DbError:
         return 0, []
 
 
-def _unrunnable_line(total: int, rows: Sequence[dict[str, Any]]) -> str:
+def _stranded_line(total: int, rows: Sequence[dict[str, Any]]) -> str:
     more = f", and {total - len(rows)} more" if total > len(rows) else ""
-    return (f"{total} rows no daemon runs or finishes: {', '.join(_text(unrunnable(r)) for r in rows)}{more}; "
-            f"{UNRUNNABLE_FIX}")
+    return (f"{total} rows no daemon runs or finishes: {', '.join(_text(stranded(r)) for r in rows)}{more}; "
+            f"{STRANDED_FIX}")
 
 
 def _read_only_note(store: Store) -> str:

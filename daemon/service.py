@@ -39,7 +39,7 @@ from daemon.health import PROBE_OUTPUT_MAX, Health, LocalProbe, NodeRefused, Pro
 from daemon.lease import Identity, Lease
 from daemon.metrics import Exporter, Hooks
 from daemon.notify import Notifier
-from daemon.store import UNRUNNABLE_FIX, WORKERS_KEPT_MS, Store, open_store, survive_db_errors, unrunnable
+from daemon.store import STRANDED_FIX, WORKERS_KEPT_MS, Store, open_store, stranded, survive_db_errors
 from daemon.tools import REFUSED, ulimit_script
 
 logger = log.get("service")
@@ -49,8 +49,8 @@ logger = log.get("service")
 EXIT_DATABASE_REWRITTEN = 65
 STATUS_INTERVAL_S = 5.0
 RETENTION_INTERVAL_S = 3600.0
-UNRUNNABLE_INTERVAL_S = 300.0  # how often to look for rows no daemon runs (a scan of the jobs table)
-UNRUNNABLE_LOGGED = 20  # how many of them a log line names
+STRANDED_INTERVAL_S = 300.0  # how often to look for rows no daemon runs (a scan of the jobs table)
+STRANDED_LOGGED = 20  # how many of them a log line names
 DAY_MS = 86_400_000
 OPEN_FILES = 65536  # the soft descriptor limit the daemon raises itself to (at most the hard limit)
 
@@ -337,7 +337,7 @@ async def _serve_until_stopped(config: Config, store: Store, notifier: Notifier,
         tg.start_soon(_watchdog, notifier)
         tg.start_soon(_status, notifier, store, dispatcher)
         tg.start_soon(_retention, store, dispatcher)
-        tg.start_soon(_report_unrunnable, store, dispatcher)
+        tg.start_soon(_report_stranded, store, dispatcher)
         tg.start_soon(_heartbeats, config, store, health, dispatcher)
         tg.start_soon(_keeper_ready, executors[config.local_node])
         if exporter is not None:
@@ -390,18 +390,18 @@ async def _retention(store: Store, dispatcher: Dispatcher) -> None:
         await anyio.sleep(RETENTION_INTERVAL_S)
 
 
-async def _report_unrunnable(store: Store, dispatcher: Dispatcher) -> None:
+async def _report_stranded(store: Store, dispatcher: Dispatcher) -> None:
     """Rows no daemon runs or finishes (a status typo, an `executing` row under no daemon) would wait for ever
     unseen: logged at start-up, then again only when what there is changes."""
     said: tuple[int, list[object]] | None = None
     while True:
         async with survive_db_errors("looking for rows no daemon runs", dispatcher.metrics.db_write_error):
-            total, rows = await store.unrunnable_jobs(limit=UNRUNNABLE_LOGGED)
+            total, rows = await store.stranded_jobs(limit=STRANDED_LOGGED)
             if total and (total, [r["id"] for r in rows]) != said:
-                logger.warning("db.unrunnable_jobs", count=total, jobs=[unrunnable(r) for r in rows],
-                               fix=UNRUNNABLE_FIX)
+                logger.warning("db.stranded_jobs", count=total, jobs=[stranded(r) for r in rows],
+                               fix=STRANDED_FIX)
             said = (total, [r["id"] for r in rows])
-        await anyio.sleep(UNRUNNABLE_INTERVAL_S)
+        await anyio.sleep(STRANDED_INTERVAL_S)
 
 
 class _Reloader:

@@ -21,7 +21,7 @@ from daemon.store.base import (
     survive_db_errors,
 )
 from daemon.store.rows import (
-    UNRUNNABLE_FIX,
+    STRANDED_FIX,
     AdoptedJob,
     Claim,
     ClaimedJob,
@@ -32,12 +32,12 @@ from daemon.store.rows import (
     ProcessRef,
     RawText,
     Worker,
-    unrunnable,
+    stranded,
 )
 from daemon.store.sqlite import guard, rewrites
 
 __all__ = [
-    "UNRUNNABLE_FIX",
+    "STRANDED_FIX",
     "WORKERS_KEPT_MS",
     "AdoptedJob",
     "ChangeSource",
@@ -60,8 +60,8 @@ __all__ = [
     "now_ms",
     "open_store",
     "rewrites",
+    "stranded",
     "survive_db_errors",
-    "unrunnable",
 ]
 
 

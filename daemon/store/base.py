@@ -308,7 +308,7 @@ class Store(abc.ABC):
     # -- housekeeping: rows no daemon runs, stopped daemons ---------------------------------------------------
 
     @abc.abstractmethod
-    async def unrunnable_jobs(self, *, limit: int) -> tuple[int, list[dict[str, Any]]]:
+    async def stranded_jobs(self, *, limit: int) -> tuple[int, list[dict[str, Any]]]:
         """Rows no daemon of this database will run or finish: a status none of the contract's (a typo on a table
         without CHECK constraints), or `executing` under no registered daemon. How many, and the first `limit`
         of them (id, status, worker_id). `cancel` ends them and `retry` queues them again."""

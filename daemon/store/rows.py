@@ -42,12 +42,12 @@ class JobStatus(StrEnum):
         return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
-UNRUNNABLE_FIX = ("if no other program runs them: `nexus-jobd cancel ID` ends one, `nexus-jobd retry ID` queues it "
+STRANDED_FIX = ("if no other program runs them: `nexus-jobd cancel ID` ends one, `nexus-jobd retry ID` queues it "
                   "again")
 
 
-def unrunnable(row: Mapping[str, Any]) -> str:
-    """A row no daemon runs or finishes (Store.unrunnable_jobs), and why, for a person: `id (status 'Queued', which
+def stranded(row: Mapping[str, Any]) -> str:
+    """A row no daemon runs or finishes (Store.stranded_jobs), and why, for a person: `id (status 'Queued', which
     no daemon runs)`."""
     status, worker = row.get("status"), row.get("worker_id")
     if status != JobStatus.EXECUTING:

@@ -233,9 +233,9 @@ def test_rows_no_daemon_runs_are_reported_and_cancel_retry_prune_agree(db: Db, d
             f"NULL), {ghost} (executing, but held by 'gone:1:x', no daemon of this database); if no other program "
             "runs them: `nexus-jobd cancel ID` ends one, `nexus-jobd retry ID` queues it again") in check.stdout
     assert "2 rows no daemon runs or finishes" in cli(db, "status").stdout
-    assert json.loads(cli(db, "status", "--json").stdout)["jobs"]["unrunnable"] == 2
+    assert json.loads(cli(db, "status", "--json").stdout)["jobs"]["stranded"] == 2
     daemon = daemon_factory().start()
-    (event,) = wait_for(lambda: daemon.events("db.unrunnable_jobs"), message="db.unrunnable_jobs")
+    (event,) = wait_for(lambda: daemon.events("db.stranded_jobs"), message="db.stranded_jobs")
     assert (event["level"], event["count"], len(event["jobs"])) == ("warning", 2, 2), event
     assert db.job(stuck)["status"] == "executing"  # reported, never touched: another program may run it
     assert cli(db, "cancel", stuck).stdout == f"{stuck}: cancelled\n"

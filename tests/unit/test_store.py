@@ -609,9 +609,9 @@ async def test_rows_no_daemon_runs_are_listed(store: Store, other: Other) -> Non
     strand(other, "exec-ghost", worker_id="gone:1:x", started_at=5)
     await claim_one(store, other, "held")  # executing under a registered daemon: not stranded
     other.insert("waiting")
-    total, rows = await store.unrunnable_jobs(limit=1)
+    total, rows = await store.stranded_jobs(limit=1)
     assert total == 2 and len(rows) == 1
-    total, rows = await store.unrunnable_jobs(limit=10)
+    total, rows = await store.stranded_jobs(limit=10)
     assert sorted((r["id"], r["status"], r["worker_id"]) for r in rows) == [
         ("exec-ghost", "executing", "gone:1:x"), ("exec-null", "executing", None)]
 
@@ -641,7 +641,7 @@ async def test_a_status_no_daemon_runs_is_listed(loose: tuple[Store, Other]) -> 
     store, other = loose
     for job_id, status in (("typo-1", "Queued"), ("typo-2", "queued "), ("typo-3", "running"), ("typo-4", None)):
         strand(other, job_id, status=status)
-    total, rows = await store.unrunnable_jobs(limit=10)
+    total, rows = await store.stranded_jobs(limit=10)
     assert total == 4 and [r["status"] for r in rows] == ["Queued", "queued ", "running", None]
 
 

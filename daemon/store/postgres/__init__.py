@@ -528,8 +528,8 @@ class PostgresStore(Store):
     async def list_jobs(self, *, status: str | None, node_id: str | None, limit: int) -> list[dict[str, Any]]:
         return await self._dicts("list_jobs", {"status": status, "node_id": node_id, "limit": limit})
 
-    async def unrunnable_jobs(self, *, limit: int) -> tuple[int, list[dict[str, Any]]]:
-        rows = await self._dicts("unrunnable_jobs", {"limit": limit})
+    async def stranded_jobs(self, *, limit: int) -> tuple[int, list[dict[str, Any]]]:
+        rows = await self._dicts("stranded_jobs", {"limit": limit})
         return (int(rows[0].pop("total")) if rows else 0), [{k: v for k, v in r.items() if k != "total"} for r in rows]
 
     async def prune_workers(self, *, older_than_ms: int = WORKERS_KEPT_MS, keep: int = WORKERS_KEPT) -> int:

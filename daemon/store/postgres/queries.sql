@@ -130,7 +130,7 @@ SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND depends_on IS NOT 
 SELECT min(run_after) FROM jobs WHERE status = 'queued' AND run_after > NOW_MS;
 
 -- name: retry_job
--- A finished job, or a row no daemon runs (unrunnable_jobs), queued again; attempts used up: one more.
+-- A finished job, or a row no daemon runs (stranded_jobs), queued again; attempts used up: one more.
 UPDATE jobs
    SET status = 'queued', run_after = NULL, exit_code = NULL, error = NULL, started_at = NULL,
        completed_at = NULL, duration = NULL, worker_id = NULL, pid = NULL, pid_start = NULL,
@@ -299,7 +299,7 @@ SELECT node_id, status, count(*)::int FROM jobs WHERE status IN ('queued', 'exec
 -- name: heartbeat_ages
 SELECT id, NOW_MS - last_heartbeat FROM nodes WHERE last_heartbeat IS NOT NULL;
 
--- name: unrunnable_jobs
+-- name: stranded_jobs
 -- Rows no daemon of this database will run or finish: `executing` under no daemon registered here (worker_id NULL
 -- or unknown), or a status none of the contract's (on a table made without its CHECK constraint).
 SELECT id, status, worker_id, count(*) OVER () AS total FROM jobs

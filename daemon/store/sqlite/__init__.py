@@ -1025,8 +1025,8 @@ class SqliteStore(Store):
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
 
-    async def unrunnable_jobs(self, *, limit: int) -> tuple[int, list[dict[str, Any]]]:
-        rows = list(await self._conn.execute_fetchall(Q["unrunnable_jobs"], {"limit": limit}))
+    async def stranded_jobs(self, *, limit: int) -> tuple[int, list[dict[str, Any]]]:
+        rows = list(await self._conn.execute_fetchall(Q["stranded_jobs"], {"limit": limit}))
         return (rows[0][3] if rows else 0), [{"id": r[0], "status": r[1], "worker_id": r[2]} for r in rows]
 
     async def prune_workers(self, *, older_than_ms: int = WORKERS_KEPT_MS, keep: int = WORKERS_KEPT) -> int:

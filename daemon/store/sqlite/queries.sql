@@ -159,7 +159,7 @@ SELECT min(run_after) FROM jobs
 
 -- name: retry_job
 -- `nexus-jobd retry`: a finished job back to queued as a new attempt (the claim clears the old output); so is a
--- row no daemon runs (unrunnable_jobs). Attempts used up: one more (max_attempts 3 -> 4: it runs as 4 of 4).
+-- row no daemon runs (stranded_jobs). Attempts used up: one more (max_attempts 3 -> 4: it runs as 4 of 4).
 UPDATE jobs
    SET status = 'queued', run_after = NULL, exit_code = NULL, error = NULL, started_at = NULL,
        completed_at = NULL, duration = NULL, worker_id = NULL, pid = NULL, pid_start = NULL,
@@ -247,7 +247,7 @@ SELECT id, attempt FROM jobs
 
 -- name: cancel_job
 -- What `nexus-jobd cancel` does: exactly NexusCLI's cancel, limited to a job that has not ended; a row no daemon
--- runs (unrunnable_jobs) has not ended either. Held by no daemon, a started one is final at once: nobody else will
+-- runs (stranded_jobs) has not ended either. Held by no daemon, a started one is final at once: nobody else will
 -- record its end.
 UPDATE jobs SET status = 'cancelled', completed_at = :now,
        duration = CASE WHEN status = 'queued' OR EXISTS (SELECT 1 FROM jobd_workers AS w WHERE w.id = jobs.worker_id)
@@ -388,7 +388,7 @@ INSERT INTO jobd_workers (id, host, boot_id, pid, pid_start, started_at, heartbe
 VALUES (:id, :host, :boot_id, :pid, :pid_start, :started_at, 0, '[]')
 ON CONFLICT (id) DO UPDATE SET stopped_at = NULL, stop_reason = NULL, heartbeat_at = 0;
 
--- name: unrunnable_jobs
+-- name: stranded_jobs
 -- Rows no daemon of this database will run or finish: a status none of the contract's ('Queued', 'queued ',
 -- 'running', NULL: a typo on a table without NexusCLI's CHECK constraints), or `executing` under no daemon
 -- registered here (worker_id NULL or unknown). The first :limit, and how many in all.
