@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -20,8 +21,8 @@ import anyio
 from daemon import __version__, config, service
 from daemon import logging as log
 from daemon.errors import ConfigError, DatabaseError, DatabaseRewritten, JobdError
-from daemon.model import JobStatus
-from daemon.store import DbError, Store, open_store, rewrites
+from daemon.model import STRANDED_FIX, JobStatus, stranded
+from daemon.store import WORKERS_KEPT_MS, DbError, Store, open_store, rewrites
 from daemon.tools import MAX_ATTEMPTS, MAX_TIMEOUT_MS
 
 _MARKER = re.compile(r"\n\[nexus-jobd: \d+ bytes of \w+ omitted; (\d+) bytes in all\]\n")
@@ -30,6 +31,7 @@ _DAEMON_CHECK_S = 1.0  # while following: how often to look for a live daemon th
 _NO_DAEMON_REPEAT_S = 15.0  # and how often to say again that there is none
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # SQLite's INTEGER
 _UNITS_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_STRANDED_SHOWN = 10  # rows no daemon runs: how many `db check` and `status` name
 _MAX_AGE_DAYS = 36500  # prune --older-than: a century; no job ended longer ago than that
 # C0 and C1 controls and DEL but newline and tab, and the bidirectional overrides that reorder what is shown.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
@@ -104,6 +106,36 @@ def _age(ms: int | None) -> str:
         if seconds >= size:
             return f"{int(seconds // size)}{unit}"
     return f"{int(seconds)}s"
+
+
+def _when(ms: int) -> str:
+    """An epoch-ms time as `show` gives it: `3m 5s ago`, or `in 59m 58s` (a run_after still to come)."""
+    seconds = time.time() - ms / 1000
+    return f"{_span(seconds)} ago" if seconds >= 0 else f"in {_span(-seconds)}"
+
+
+def _span(seconds: float) -> str:
+    """Whole seconds in the two largest units they fill: `12s`, `59m 58s`, `2d 3h`."""
+    total = int(seconds)
+    units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+    for (unit, size), (small, small_size) in itertools.pairwise(units):
+        if total >= size:
+            return f"{total // size}{unit} {total % size // small_size}{small}"
+    return f"{total}s"
+
+
+def _short_ids(ids: Sequence[str]) -> list[str]:
+    """Each id cut to the fewest characters (8 at least) that tell it from every other id listed: a prefix that
+    `show`, `logs` or `cancel` take. Among the ids in sorted order, only its neighbours share more of its start."""
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    cut = [8] * len(ids)
+    for a, b in itertools.pairwise(order):
+        if ids[a] != ids[b]:
+            first, second = ids[a], ids[b]
+            shared = next((i for i, (x, y) in enumerate(zip(first, second, strict=False)) if x != y),
+                          min(len(first), len(second))) + 1
+            cut[a], cut[b] = max(cut[a], shared), max(cut[b], shared)
+    return [text[:n] for text, n in zip(ids, cut, strict=True)]
 
 
 def _duration(ms: Any) -> str:
@@ -215,8 +247,9 @@ async def _say_if_unserved(store: Store, cfg: config.Config, row: dict[str, Any]
     if now - watch.checked_at < _DAEMON_CHECK_S:
         return
     watch.checked_at = now
-    if await store.live_daemons_serving(row["node_id"], lease_ttl_ms=cfg.lease_ttl_ms):
-        watch.warned_at = None
+    if await store.live_daemons_serving(row["node_id"], lease_ttl_ms=cfg.lease_ttl_ms) or (
+            row["status"] == JobStatus.QUEUED and await _any_live_daemon(store, cfg)):
+        watch.warned_at = None  # a live daemon that serves other nodes fails the row at once as an unknown node
         return
     if watch.warned_at is not None and now - watch.warned_at < _NO_DAEMON_REPEAT_S:
         return
@@ -225,6 +258,11 @@ async def _say_if_unserved(store: Store, cfg: config.Config, row: dict[str, Any]
     print(f"nexus-jobd: no live daemon serves node '{_text(row['node_id'])}' on {cfg.db_name}: job "
           f"{_text(row['id'])} stays {state} until one does (start one with `nexus-jobd run`; `nexus-jobd status` "
           "lists the daemons)", file=sys.stderr, flush=True)
+
+
+async def _any_live_daemon(store: Store, cfg: config.Config) -> bool:
+    return any(w["stopped_at"] is None and w["now"] - w["heartbeat_at"] <= cfg.lease_ttl_ms
+               for w in await store.workers())
 
 
 def _exit_code_of(row: dict[str, Any]) -> int:
@@ -277,10 +315,11 @@ def cmd_submit(cfg: config.Config, args: argparse.Namespace) -> int:
 def _ps_table(rows: Sequence[dict[str, Any]]) -> str:
     header = ("ID", "STATUS", "NODE", "TOOL", "EXIT", "TRY", "DURATION", "AGE", "COMMAND / ERROR")
     lines = []
-    for row in rows:
+    ids = _short_ids(["NULL" if row["id"] is None else _text(row["id"]) for row in rows])
+    for row, job_id in zip(rows, ids, strict=True):
         text = _text(row["error"] if row["error"] and row["status"] != JobStatus.COMPLETED else row["command"])
         text = text.replace("\n", " ")
-        lines.append((_text(row["id"])[:8], _text(row["status"]), _text(row["node_id"]), _text(row["tool"]),
+        lines.append((job_id, _text(row["status"]), _text(row["node_id"]), _text(row["tool"]),
                       "-" if row["exit_code"] is None else _text(row["exit_code"]),
                       f"{_text(row['attempt'])}/{_text(row['max_attempts'])}", _duration(row["duration"]),
                       _age(row["created_at"]), text[:60] + ("…" if len(text) > 60 else "")))
@@ -313,7 +352,7 @@ def cmd_show(cfg: config.Config, args: argparse.Namespace) -> int:
             if key in ("stdout", "stderr"):
                 shown = f"{len(_raw(value or ''))} characters (`nexus-jobd logs {_text(row['id'])[:8]}`)"
             elif key in ("created_at", "started_at", "completed_at", "run_after") and isinstance(value, int):
-                shown = f"{value}  ({_age(value)} ago)"
+                shown = f"{value}  ({_when(value)})"
             print(f"{key:>14}: {shown}")
         return 0
 
@@ -328,7 +367,8 @@ async def _lease_holder(store: Store, worker_id: Any) -> str:
                 return f"stopped: {_text(worker['stop_reason'])}"
             age_s = (worker["now"] - worker["heartbeat_at"]) / 1000
             return f"pid {_text(worker['pid'])} on {_text(worker['host'])}, heartbeat {age_s:.1f}s ago"
-    return "unknown daemon"
+    return (f"no daemon of this database (a stopped one is forgotten {WORKERS_KEPT_MS // 86_400_000} days after it "
+            "stopped)")
 
 
 def cmd_retry(cfg: config.Config, args: argparse.Namespace) -> int:
@@ -337,8 +377,9 @@ def cmd_retry(cfg: config.Config, args: argparse.Namespace) -> int:
         if not await store.retry(job_id):
             raise JobdError(f"job {_text(job_id)} has not ended: only completed, failed or cancelled jobs can be "
                             "retried")
-        attempt = (await store.get_job(job_id) or {}).get("attempt", 0) + 1
-        print(f"{_text(job_id)}: queued again (attempt {attempt})")
+        row = await store.get_job(job_id) or {}
+        print(f"{_text(job_id)}: queued again (attempt {_text(row.get('attempt', 0) + 1)} of "
+              f"{_text(row.get('max_attempts'))})")
         return 0
 
     return _with_store(cfg, action, writes=True)
@@ -359,6 +400,14 @@ def _print_rewrite_report(report: dict[str, Any]) -> None:
     print(f"  report: {_text(report.get('report'))}")
 
 
+def _worker_state(w: dict[str, Any], cfg: config.Config) -> str:
+    if w["stopped_at"] is not None:
+        return f"stopped {_age(w['stopped_at'])} ago ({_text(w['stop_reason'])})"
+    if w["now"] - w["heartbeat_at"] > cfg.lease_ttl_ms:
+        return f"NOT ANSWERING: last heartbeat {_age(w['heartbeat_at'])} ago"
+    return f"alive, up {_age(w['started_at'])}, {w['running']} running"
+
+
 def cmd_status(cfg: config.Config, args: argparse.Namespace) -> int:
     """Every daemon registered on the database: alive or not, and what the queue looks like; first, if the last
     daemon stopped because another program rewrote the file, what it found (even when the file cannot be opened)."""
@@ -366,25 +415,23 @@ def cmd_status(cfg: config.Config, args: argparse.Namespace) -> int:
 
     async def action(store: Store) -> int:
         workers, counts = await store.workers(), await store.job_counts()
+        total, left = await _stranded(store)
         nonlocal report
         if report is not None and any(w["started_at"] > (report.get("detected_at") or 0) for w in workers):
             report = None  # a daemon started since: that stop is history
         if args.json:
-            print(_dumps({"workers": workers, "jobs": counts, "rewritten": report}))
+            print(_dumps({"workers": workers, "jobs": counts | {"stranded": total}, "stranded": left,
+                          "rewritten": report}))
             return 0
         if report is not None:
             _print_rewrite_report(report)
         print(f"{cfg.db_name}: {counts['executing']} running, {counts['queued']} queued, "
               f"{counts['finished_last_minute']} finished in the last minute, "
               f"{counts['finished_last_hour']} in the last hour")
+        if total:
+            print(f"  {_stranded_line(total, left)}")
         for w in workers:
-            if w["stopped_at"] is not None:
-                state = f"stopped {_age(w['stopped_at'])} ago ({_text(w['stop_reason'])})"
-            elif w["now"] - w["heartbeat_at"] > cfg.lease_ttl_ms:
-                state = f"NOT ANSWERING: last heartbeat {_age(w['heartbeat_at'])} ago"
-            else:
-                state = f"alive, up {_age(w['started_at'])}, {w['running']} running"
-            print(f"  {_text(w['id'])}  pid {_text(w['pid'])} on {_text(w['host'])}: {state}")
+            print(f"  {_text(w['id'])}  pid {_text(w['pid'])} on {_text(w['host'])}: {_worker_state(w, cfg)}")
         return 0
 
     try:
@@ -410,6 +457,11 @@ def cmd_nodes(cfg: config.Config, args: argparse.Namespace) -> int:
 
     async def action(store: Store) -> int:
         rows = await store.nodes_overview()
+        if args.id is not None:
+            known = ", ".join(_text(row["id"]) for row in rows) or "no node yet"
+            rows = [row for row in rows if row["id"] == args.id]
+            if not rows:
+                raise JobdError(f"no node {args.id!r} in the nodes table; it has: {known}")
         for row in rows:
             row["capabilities"] = _capabilities(row["capabilities"])
             row["heartbeat_age_s"] = (row["now"] - row["last_heartbeat"]) / 1000 if row["last_heartbeat"] else None
@@ -477,6 +529,12 @@ def cmd_prune(cfg: config.Config, args: argparse.Namespace) -> int:
     async def action(store: Store) -> int:
         deleted = await store.prune(older_than_ms=args.older_than.ms, statuses=statuses)
         print(f"deleted {deleted} {'/'.join(statuses)} jobs that ended more than {args.older_than.text} ago")
+        if forgotten := await store.prune_workers():
+            print(f"forgot {forgotten} daemons that stopped more than {WORKERS_KEPT_MS // 86_400_000} days ago")
+        total, _ = await _stranded(store, 1)
+        if total:
+            print(f"left {total} rows no daemon runs or finishes, which have not ended (`nexus-jobd db check` names "
+                  "them; cancelled, they are pruned like any other)")
         return 0
 
     return _with_store(cfg, action, writes=True)
@@ -502,6 +560,9 @@ def cmd_cancel(cfg: config.Config, args: argparse.Namespace) -> int:
 
 
 def cmd_db(cfg: config.Config, args: argparse.Namespace) -> int:
+    if args.action == "migrate" and cfg.db_url is None and not cfg.db_path.exists():
+        service.check_database_access(cfg)  # no database is created where `run` would refuse it
+
     async def main() -> int:
         migrate = args.action in ("migrate", "take-over")
         store = await open_store(cfg.db_target, busy_timeout_ms=cfg.busy_timeout_ms, create=args.action == "migrate",
@@ -519,15 +580,38 @@ def cmd_db(cfg: config.Config, args: argparse.Namespace) -> int:
                 print(f"{cfg.db_name}: " + (f"applied {', '.join(applied)}" if applied else "up to date"))
                 return 0
             problems = await store.check()
+            if (found := await _stranded(store))[0]:
+                problems.append(_stranded_line(*found))
             for problem in problems:
                 print(f"{cfg.db_name}: {problem}")
             if not problems:
-                print(f"{cfg.db_name}: ok" + (" (read-only for this user)" if store.write_denied else ""))
+                print(f"{cfg.db_name}: ok" + _read_only_note(store))
             return 1 if problems else 0
         finally:
             await store.close()
 
     return anyio.run(main)
+
+
+async def _stranded(store: Store, limit: int = _STRANDED_SHOWN) -> tuple[int, list[dict[str, Any]]]:
+    """Rows no daemon runs or finishes (a status typo, an `executing` row under no daemon): how many, and the first
+    `limit`; none where the schema lacks what the look needs (check() says so)."""
+    try:
+        return await store.stranded_jobs(limit=max(limit, 1))
+    except DbError:
+        return 0, []
+
+
+def _stranded_line(total: int, rows: Sequence[dict[str, Any]]) -> str:
+    more = f", and {total - len(rows)} more" if total > len(rows) else ""
+    return (f"{total} rows no daemon runs or finishes: {', '.join(_text(stranded(r)) for r in rows)}{more}; "
+            f"{STRANDED_FIX}")
+
+
+def _read_only_note(store: Store) -> str:
+    if store.read_only_fs is not None:
+        return f" (read-only: the filesystem at {store.read_only_fs} is mounted read-only)"
+    return " (read-only for this user)" if store.write_denied else ""
 
 
 async def _take_over(cfg: config.Config, store: Store) -> int:
@@ -632,14 +716,16 @@ def _global_options(parser: argparse.ArgumentParser, default: Any) -> None:
     path = _nonempty("path")
     parser.add_argument("--config", type=path, default=default,
                         help=f"config file (default: $NEXUS_JOBD_CONFIG or {config.DEFAULT_CONFIG_PATH})")
-    parser.add_argument("--db", type=path, default=default,
-                        help=f"database file (default: $NEXUS_JOBD_DB or {config.DEFAULT_DB_PATH})")
+    parser.add_argument("--db", type=path, default=default, metavar="PATH|URL",
+                        help="the SQLite database file, or a postgresql:// URL (default: $NEXUS_JOBD_DB or "
+                             f"{config.DEFAULT_DB_PATH})")
     parser.add_argument("--log-level", choices=config.LOG_LEVELS, default=default)
     parser.add_argument("--log-format", choices=config.LOG_FORMATS, default=default)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="nexus-jobd", description="Run jobs queued in the SQLite `jobs` table.")
+    p = _Parser(prog="nexus-jobd", description="Run jobs queued as rows of a `jobs` table: in a SQLite file, or in "
+                "a PostgreSQL database that daemons on several hosts share.")
     p.add_argument("--version", action="version", version=f"nexus-jobd {__version__}")
     _global_options(p, None)
     common = _Parser(add_help=False)
@@ -698,7 +784,8 @@ def _parser() -> argparse.ArgumentParser:
 
     s = command("nodes", "nodes: status, heartbeat, jobs, tools; `nodes check ID` probes one now", cmd_nodes)
     s.add_argument("action", nargs="?", choices=["list", "check"], default="list")
-    s.add_argument("id", nargs="?", type=_nonempty("node id"), help="with check: the node to probe")
+    s.add_argument("id", nargs="?", type=_nonempty("node id"), help="with list: only this node; with check: the "
+                   "node to probe")
     s.add_argument("--json", action="store_true")
 
     s = command("status", "the daemons on this database and the state of the queue", cmd_status)
@@ -735,25 +822,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _check_usage(args)
     db = config.redact_url(args.db) if args.db else "the database"
+    log_format = args.log_format or "auto"  # until the config says otherwise (a refusal may come before)
     try:
         args.overrides = config.Overrides(config_path=args.config, db_path=args.db, log_level=args.log_level,
                                           log_format=args.log_format)
         cfg = config.load(args.overrides)
-        db = cfg.db_name
+        db, log_format = cfg.db_name, cfg.log_format
         log.configure(cfg.log_level if args.cmd == "run" else "warning", cfg.log_format)
         code: int = args.func(cfg, args)
         return code
     except ConfigError as e:
-        print(f"nexus-jobd: configuration error: {e}", file=sys.stderr)
-        return 2
+        return _refused(args, log_format, 2, f"configuration error: {e}")
     except DatabaseRewritten as e:
-        print(f"nexus-jobd: {_text(e)}", file=sys.stderr)
-        return service.EXIT_DATABASE_REWRITTEN
+        return _refused(args, log_format, service.EXIT_DATABASE_REWRITTEN, _text(e))
     except JobdError as e:  # its message may quote a row's values
-        print(f"nexus-jobd: {_text(e)}", file=sys.stderr)
-        return 1
+        return _refused(args, log_format, 1, _text(e))
     except DbError as e:  # one the store did not put in words: still one line, not a traceback
-        print(f"nexus-jobd: {db}: database error: {_text(e)}", file=sys.stderr)
-        return 1
+        return _refused(args, log_format, 1, f"{db}: database error: {_text(e)}")
     except KeyboardInterrupt:
         return 130
+
+
+def _refused(args: argparse.Namespace, log_format: str, code: int, message: str) -> int:
+    """Why the command stopped, in one line. The daemon's (`run`) goes to its log as an event when that log is JSON
+    (--log-format json, or not a TTY: journald, svlogd), where a supervisor's log reader looks for it."""
+    if args.cmd == "run" and (log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())):
+        log.configure("info", "json")
+        log.get("service").error("daemon.refused", message=message, exit_code=code)
+    else:
+        print(f"nexus-jobd: {message}", file=sys.stderr)
+    return code

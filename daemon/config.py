@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -18,6 +19,7 @@ from urllib.parse import unquote
 from daemon.errors import ConfigError
 
 TOOLS = ("bash", "git", "docker")
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 # [nodes.<id>.limits] keys -> (POSIX sh `ulimit` flag, the unit it counts in). Every `sh` a node may have (dash,
 # busybox ash, mksh, bash as sh) counts -f in 512-byte blocks and -v in KiB; only interactive bash differs.
 LIMITS = {"cpu_seconds": ("-t", 1), "file_size_bytes": ("-f", 512), "processes": ("-u", 1),
@@ -253,12 +255,31 @@ def _expand(path: str) -> Path:
     return Path(os.path.expandvars(os.path.expanduser(path)))
 
 
-def _database(config: Config, value: str) -> Config:
-    """A `postgresql://` (or `postgres://`) URL names a PostgreSQL database, taken as libpq takes it; anything
-    else is the SQLite file."""
-    if value.startswith(("postgresql://", "postgres://")):
+def _database(config: Config, value: str, where: str) -> Config:
+    """A `postgresql://` (or `postgres://`) URL names a PostgreSQL database, taken as libpq takes it; another
+    `scheme://` is refused (`where` says where it was given); anything else is the SQLite file."""
+    if value.startswith(POSTGRES_SCHEMES):
         return replace(config, db_url=value)
+    if match := _URL.match(value):
+        raise ConfigError(f"{where} = {redact_url(value)!r:.300}: {match.group(1)}:// is no database nexus-jobd "
+                          f"can use{_scheme_hint(value, match.group(1))}; give a postgresql:// (or postgres://) URL "
+                          "for PostgreSQL, or the path of a SQLite file")
     return replace(config, db_path=_expand(value), db_url=None)
+
+
+# What looks like a URL (RFC 3986's scheme, then ://), spaces before it included: a path never starts so.
+_URL = re.compile(r"\s*([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def _scheme_hint(value: str, scheme: str) -> str:
+    if value != value.lstrip():
+        return " (it starts with a space: remove it)"
+    if scheme.lower() in ("postgresql", "postgres"):
+        return f" (libpq reads only a lowercase scheme: {scheme.lower()}://)"
+    if scheme.lower().startswith(("postgresql+", "postgres+")):
+        return (f" ({scheme[scheme.index('+'):]} names a SQLAlchemy driver; libpq's URL has none: "
+                f"{scheme[:scheme.index('+')].lower()}://)")
+    return f" (a SQLite file whose path starts {scheme}://: write ./{scheme}://...)"
 
 
 _SECRET_KEYS = ("password", "sslpassword")  # libpq's connection options that hold a secret
@@ -456,7 +477,7 @@ def _check_private_file(section: _Section, key: str, path: Path) -> None:
     except OSError as e:
         raise section.error(key, f"a readable private key file ({e.strerror})", str(path)) from e
     if mode & 0o077:
-        raise section.error(key, f"a private key only its owner can read (it is {oct(mode & 0o777)}: "
+        raise section.error(key, f"a private key only its owner can read (it is mode {stat.S_IMODE(mode):04o}: "
                             f"chmod 600 {path})", str(path))
 
 
@@ -469,6 +490,10 @@ def load(overrides: Overrides | None = None, environ: Mapping[str, str] | None =
     """
     overrides = overrides or Overrides()
     environ = os.environ if environ is None else environ
+    for name in ("NEXUS_JOBD_DB", "NEXUS_JOBD_CONFIG"):  # as --db '' and --config '' are refused
+        if name in environ and not environ[name].strip():
+            raise ConfigError(f"{name} is set but empty: it names nothing; unset it (unset {name}) for the "
+                              "default, or give it a value")
     explicit = overrides.config_path or environ.get("NEXUS_JOBD_CONFIG")
     path = _expand(explicit or DEFAULT_CONFIG_PATH)
     data: dict[str, Any] = {}
@@ -515,7 +540,7 @@ def load(overrides: Overrides | None = None, environ: Mapping[str, str] | None =
         nodes=_nodes(source, top, local if local_node is None else local_node, max_concurrent),
         metrics=_metrics(_Section(source, "metrics", top.table("metrics"))),
     )
-    config = _database(config, db.string("path", DEFAULT_DB_PATH))
+    config = _database(config, db.string("path", DEFAULT_DB_PATH), f"{source}: [database] path")
     top.reject_unknown()
     db.reject_unknown()
     dm.reject_unknown()
@@ -538,9 +563,10 @@ def _watchdog_usec(environ: Mapping[str, str]) -> int | None:
 
 
 def _apply_overrides(config: Config, overrides: Overrides, environ: Mapping[str, str]) -> Config:
-    db_path = overrides.db_path or environ.get("NEXUS_JOBD_DB")
-    if db_path:
-        config = _database(config, db_path)
+    if overrides.db_path:
+        config = _database(config, overrides.db_path, "--db")
+    elif environ.get("NEXUS_JOBD_DB"):
+        config = _database(config, environ["NEXUS_JOBD_DB"], "NEXUS_JOBD_DB")
     if overrides.log_level:
         if overrides.log_level not in LOG_LEVELS:
             raise ConfigError(f"--log-level {overrides.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")

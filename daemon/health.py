@@ -246,7 +246,9 @@ class Health:
         elif state.status != NodeStatus.OFFLINE:
             state.offline_since = None
         if state.status != before:
-            logger.warning("node.status", node=node.id, status=state.status, was=before, error=state.error)
+            # Back online is news, not trouble.
+            level = logger.info if state.status == NodeStatus.ONLINE else logger.warning
+            level("node.status", node=node.id, status=state.status, was=before, error=state.error)
             self._changed()
         caps = dict(state.capabilities)
         if state.error:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import warnings
 from collections.abc import MutableMapping
 from typing import Any, TextIO, cast
 
@@ -51,6 +52,15 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         cache_logger_on_first_use=False,
     )
     _bound.clear()  # loggers bound under the old configuration (a SIGHUP may change the level)
+    warnings.showwarning = _show_warning
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None) -> None:
+    """A library's warning (a deprecation, say) as one log event: printed as Python prints it, its lines of text
+    would break a JSON log."""
+    get("python").warning("python.warning", category=category.__name__, message=str(message),
+                          where=f"{filename}:{lineno}")
 
 
 def _cap_values(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

@@ -51,6 +51,23 @@ class JobStatus(StrEnum):
         return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
+STRANDED_FIX = ("if no other program runs them: `nexus-jobd cancel ID` ends one, `nexus-jobd retry ID` queues it "
+                  "again")
+
+
+def stranded(row: Mapping[str, Any]) -> str:
+    """A row no daemon runs or finishes (Store.stranded_jobs), and why, for a person: `id (status 'Queued', which
+    no daemon runs)`."""
+    status, worker = row.get("status"), row.get("worker_id")
+    if status != JobStatus.EXECUTING:
+        why = f"status {'NULL' if status is None else repr(status)}, which no daemon runs"
+    elif worker is None:
+        why = "executing, but held by no daemon: worker_id NULL"
+    else:
+        why = f"executing, but held by {worker!r}, no daemon of this database"
+    return f"{row.get('id')} ({why})"
+
+
 @dataclass(frozen=True)
 class ClaimedJob:
     """A row this daemon just moved to `executing`. Fields are as stored: another program may have written

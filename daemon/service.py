@@ -39,10 +39,10 @@ from daemon.health import PROBE_OUTPUT_MAX, Health, LocalProbe, NodeRefused, Pro
 from daemon.hooks import Hooks
 from daemon.lease import Identity, Lease
 from daemon.metrics import Exporter
-from daemon.model import Quarantine, StopReason
+from daemon.model import STRANDED_FIX, Quarantine, StopReason, stranded
 from daemon.notify import Notifier
 from daemon.recovery import Recovery
-from daemon.store import Store, open_store, survive_db_errors
+from daemon.store import WORKERS_KEPT_MS, Store, open_store, survive_db_errors
 from daemon.tools import REFUSED, ulimit_script
 
 logger = log.get("service")
@@ -52,6 +52,8 @@ logger = log.get("service")
 EXIT_DATABASE_REWRITTEN = 65
 STATUS_INTERVAL_S = 5.0
 RETENTION_INTERVAL_S = 3600.0
+STRANDED_INTERVAL_S = 300.0  # how often to look for rows no daemon runs (a scan of the jobs table)
+STRANDED_LOGGED = 20  # how many of them a log line names
 DAY_MS = 86_400_000
 OPEN_FILES = 65536  # the soft descriptor limit the daemon raises itself to (at most the hard limit)
 
@@ -121,7 +123,7 @@ def _check_host(config: Config) -> None:
             f"[daemon] default_cwd = {str(config.default_cwd)!r} (in {config.settings_file}) is not a directory; "
             "create it or set default_cwd to an existing directory (jobs without a cwd run there)"
         )
-    _check_database_access(config)
+    check_database_access(config)
     _check_local_limits(config)
 
 
@@ -150,7 +152,7 @@ def _check_local_limits(config: Config) -> None:
                           "that may raise it")
 
 
-def _check_database_access(config: Config) -> None:
+def check_database_access(config: Config) -> None:
     """Writing the database means running commands as this daemon's user: refuse one that others can write, where
     it is or where a link to it leads. (A PostgreSQL database is guarded by its server's roles and grants.)"""
     if config.db_url is None:
@@ -168,7 +170,7 @@ def _check_not_shared(config: Config, path: Path, database: Path) -> None:
     foreign = st.st_uid != os.getuid()
     if not (shared or foreign):
         return
-    what = f"owned by uid {st.st_uid}" if foreign else f"writable by others (mode {oct(st.st_mode & 0o777)})"
+    what = f"owned by uid {st.st_uid}" if foreign else f"writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
     if config.allow_shared_database:
         logger.warning("db.shared", path=str(path), problem=what,
                        reason="allow_shared_database = true: whoever can write it can run commands here")
@@ -197,7 +199,7 @@ def _warn_if_readable(config: Config) -> None:
         with contextlib.suppress(OSError):
             st = path.stat()
             if st.st_mode & 0o004 or (st.st_mode & 0o040 and not _private_group(st.st_gid)):
-                readable.append(f"{path} (mode {oct(st.st_mode & 0o777)})")
+                readable.append(f"{path} (mode {stat.S_IMODE(st.st_mode):04o})")
     if readable:
         logger.warning("db.readable", files=readable, risk="other users can read every job's environment "
                        "(tokens) and output", fix=f"chmod 600 {database}*  (new -wal and -shm files take its mode)")
@@ -324,6 +326,9 @@ async def _start_up(store: Store, lease: Lease) -> None:
     for action in await store.apply_set_aside():
         logger.warning("db.rewrite_applied", **action)
     await lease.register()
+    async with survive_db_errors("forgetting stopped daemons"):
+        if forgotten := await store.prune_workers():
+            logger.info("db.workers_pruned", deleted=forgotten, stopped_days_ago=WORKERS_KEPT_MS // DAY_MS)
 
 
 def _stopped_rewritten(config: Config, notifier: Notifier, dispatcher: Dispatcher) -> int:
@@ -357,6 +362,7 @@ async def _serve_until_stopped(p: _Parts, stop: asyncio.Event) -> None:
         tg.start_soon(_watchdog, p.notifier)
         tg.start_soon(_status, p.notifier, p.store, p.dispatcher)
         tg.start_soon(_retention, p.store, p.dispatcher)
+        tg.start_soon(_report_stranded, p.store, p.dispatcher)
         tg.start_soon(_heartbeats, p.config, p.store, p.health, p.dispatcher, p.wakes)
         tg.start_soon(_keeper_ready, p.executors[p.config.local_node])
         if p.exporter is not None:
@@ -406,6 +412,20 @@ async def _retention(store: Store, dispatcher: Dispatcher) -> None:
                 if deleted:
                     logger.info("db.pruned", deleted=deleted, older_than_days=days)
         await anyio.sleep(RETENTION_INTERVAL_S)
+
+
+async def _report_stranded(store: Store, dispatcher: Dispatcher) -> None:
+    """Rows no daemon runs or finishes (a status typo, an `executing` row under no daemon) would wait for ever
+    unseen: logged at start-up, then again only when what there is changes."""
+    said: tuple[int, list[object]] | None = None
+    while True:
+        async with survive_db_errors("looking for rows no daemon runs", dispatcher.hooks.db_write_error):
+            total, rows = await store.stranded_jobs(limit=STRANDED_LOGGED)
+            if total and (total, [r["id"] for r in rows]) != said:
+                logger.warning("db.stranded_jobs", count=total, jobs=[stranded(r) for r in rows],
+                               fix=STRANDED_FIX)
+            said = (total, [r["id"] for r in rows])
+        await anyio.sleep(STRANDED_INTERVAL_S)
 
 
 class _Reloader:

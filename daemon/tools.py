@@ -7,6 +7,7 @@ from shlex and never pass through a shell.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 from collections.abc import Mapping
@@ -77,7 +78,8 @@ def _text(job: ClaimedJob, column: str, value: Any, *, allow_empty: bool = False
     if "\x00" in value:
         raise BadJob(f"{column} contains a NUL byte, which no program can receive as an argument")
     if not allow_empty and not value.strip():
-        raise BadJob(f"{column} is empty; nothing to run")
+        raise BadJob(f"{column} is empty; nothing to run" if column != "cwd" else
+                     "cwd is empty: give a directory, or NULL for the default working directory")
     return value
 
 
@@ -95,7 +97,7 @@ def parse_env(raw: Any) -> dict[str, str | None]:
     if raw is None or raw == "":
         return {}
     try:
-        value = json.loads(_env_text(raw))
+        value = json.loads(_env_text(raw), parse_constant=_no_constant, parse_float=_finite)
     except ValueError as e:
         raise BadJob(f"env is not valid JSON ({e}); expected an object like {{\"NAME\": \"value\"}}") from e
     if not isinstance(value, dict):
@@ -109,6 +111,19 @@ def parse_env(raw: Any) -> dict[str, str | None]:
     return env
 
 
+def _no_constant(name: str) -> float:
+    """NaN and Infinity, which Python's json takes and JSON does not: no program would mean them."""
+    raise BadJob(f"env holds {name}, which is no JSON number; give a number or a string")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadJob(f"env holds the number {text:.60}, too large for a double (it would be {value}); give it as a "
+                     "string")
+    return value
+
+
 def _env_value(name: str, item: Any) -> str | None:
     if item is None or (isinstance(item, str) and "\x00" not in item and _is_utf8(item)):
         return item
@@ -117,7 +132,7 @@ def _env_value(name: str, item: Any) -> str | None:
     if isinstance(item, str) and "\x00" not in item:
         raise BadJob(f"env[{name!r}] holds a lone UTF-16 surrogate (a \\ud800-style escape without its pair), "
                      "which no environment can carry; escape whole characters")
-    raise BadJob(f"env[{name!r}] must be a string, a number or null, got {item!r:.60}")
+    raise BadJob(f"env[{name!r}] must be a string, a number or null, got JSON {json.dumps(item)[:60]}")
 
 
 def _is_utf8(text: str) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -114,6 +115,18 @@ def kill_keeper(db_path: Path | str, host: str | None = None, uid: int | None = 
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mnt: Path) -> Iterator[Path]:
+    """An 8 MB tmpfs of its own at `mnt` (made here), for a full or a read-only filesystem; unmounted after."""
+    require(os.geteuid() == 0 and shutil.which("mount") is not None, "mounting a small tmpfs needs root")
+    mnt.mkdir(mode=0o700)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def cli_env(home: Path) -> dict[str, str]:

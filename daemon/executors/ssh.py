@@ -15,10 +15,15 @@ import contextlib
 import shlex
 import signal
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-import asyncssh
+with warnings.catch_warnings():
+    # cryptography deprecates DSA, which asyncssh still offers (and the daemon never asks for): ten lines of
+    # CryptographyDeprecationWarning at every start would say nothing a user can act on.
+    warnings.filterwarnings("ignore", message="DSA is deprecated")
+    import asyncssh
 
 from daemon import logging as log
 from daemon.config import NodeConfig, SshTarget

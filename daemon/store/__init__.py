@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from daemon.model import (
+    STRANDED_FIX,
     AdoptedJob,
     Claim,
     ClaimedJob,
@@ -21,8 +22,10 @@ from daemon.model import (
     RawText,
     Worker,
     now_ms,
+    stranded,
 )
 from daemon.store.base import (
+    WORKERS_KEPT_MS,
     ChangeSource,
     DbError,
     DbRejected,
@@ -34,6 +37,8 @@ from daemon.store.base import (
 from daemon.store.sqlite import guard, rewrites
 
 __all__ = [
+    "STRANDED_FIX",
+    "WORKERS_KEPT_MS",
     "AdoptedJob",
     "ChangeSource",
     "Claim",
@@ -55,6 +60,7 @@ __all__ = [
     "now_ms",
     "open_store",
     "rewrites",
+    "stranded",
     "survive_db_errors",
 ]
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon import logging as log
+from daemon.config import POSTGRES_SCHEMES
 from daemon.errors import DatabaseError, DatabaseRewritten
 from daemon.model import (
     AdoptedJob,
@@ -28,8 +29,11 @@ from daemon.model import (
     Worker,
 )
 
-POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 logger = log.get("store")
+# A stopped daemon's record in jobd_workers is dropped this long after it stopped (at start-up and by `prune`),
+# unless it still holds an unfinished job or is among the WORKERS_KEPT that started last.
+WORKERS_KEPT_MS = 7 * 86_400_000
+WORKERS_KEPT = 20
 
 
 class DbUnavailable(DatabaseError):
@@ -89,6 +93,7 @@ class Store(abc.ABC):
     path: Path | None = None  # the database file, for a backend that has one
     read_only = False  # opened read-only (a command that only reads, or a file this user may not write)
     write_denied: str | None = None  # why this user may not write it, when that is why it was opened read-only
+    read_only_fs: Path | None = None  # the mount point, when that is why: its filesystem is mounted read-only
     # Daemons on other hosts share it: they may recover this host's jobs, and cannot kill what runs here.
     shared_by_hosts = False
 
@@ -267,6 +272,19 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_jobs(self, *, status: str | None, node_id: str | None, limit: int) -> list[dict[str, Any]]: ...
+
+    # -- housekeeping: rows no daemon runs, stopped daemons ---------------------------------------------------
+
+    @abc.abstractmethod
+    async def stranded_jobs(self, *, limit: int) -> tuple[int, list[dict[str, Any]]]:
+        """Rows no daemon of this database will run or finish: a status none of the contract's (a typo on a table
+        without CHECK constraints), or `executing` under no registered daemon. How many, and the first `limit`
+        of them (id, status, worker_id). `cancel` ends them and `retry` queues them again."""
+
+    @abc.abstractmethod
+    async def prune_workers(self, *, older_than_ms: int = WORKERS_KEPT_MS, keep: int = WORKERS_KEPT) -> int:
+        """Forget daemons that stopped more than `older_than_ms` ago, but the `keep` that started last and any that
+        still holds an unfinished job (recovery needs it); how many were forgotten."""
 
 
 def cycles(edges: Mapping[str, str]) -> list[list[str]]:

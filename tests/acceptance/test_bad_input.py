@@ -109,7 +109,7 @@ def test_a_database_others_can_write_is_refused_unless_allowed(db: Db, daemon_fa
     db.path.chmod(0o666)
     refused = daemon_factory().start(wait_ready=False)
     assert refused.proc is not None and refused.proc.wait(15) == 2
-    assert "writable by others (mode 0o666)" in refused.log() and "allow_shared_database" in refused.log()
+    assert "writable by others (mode 0666)" in refused.log() and "allow_shared_database" in refused.log()
     allowed = daemon_factory(config="[database]\nallow_shared_database = true\n").start()
     assert allowed.events("db.shared")
     assert db.wait_status(db.insert("echo ok"))["stdout"] == "ok\n"

@@ -6,13 +6,14 @@ import itertools
 import json
 import re
 import signal
+import sqlite3
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import NEXUS_JOBD, Daemon, Db, cli, cli_env, run_cli, wait_for
+from tests.conftest import NEXUS_JOBD, Daemon, Db, cli, cli_env, now_ms, run_cli, wait_for
 
 # The contract holds on either database: each test runs on SQLite and on PostgreSQL.
 pytestmark = pytest.mark.backends("sqlite", "postgres")
@@ -157,3 +158,132 @@ def test_submit_follow_shows_every_attempt_of_a_fast_retried_job(db: Db, daemon_
     job_id = result.stderr.splitlines()[0]
     assert cli(db, "logs", job_id).stdout == tries[-1] + "\n"
     assert db.job(job_id)["attempt"] == 3
+
+
+def test_show_says_when_a_time_is_still_to_come(db: Db) -> None:
+    """Before: a run_after an hour ahead was shown as "(0s ago)"."""
+    created = now_ms()
+    job_id = db.insert("true", created_at=created, run_after=created + 3_600_000)
+    shown = cli(db, "show", job_id).stdout
+    assert re.search(r"\n     run_after: \d+  \(in 59m \d+s\)\n", shown), shown
+    assert re.search(r"\n    created_at: \d+  \(\d+s ago\)\n", shown), shown
+
+
+def ps_ids(db: Db) -> list[str]:
+    return [line.split()[0] for line in cli(db, "ps").stdout.splitlines()[1:]]
+
+
+def test_the_ps_id_column_tells_every_listed_job_apart(db: Db) -> None:
+    """Before: `tenk-09999` and `tenk-09998` were both shown as `tenk-099`, which names neither."""
+    db.insert("true", id="tenk-09998", created_at=now_ms() - 2)
+    db.insert("true", id="tenk-09999", created_at=now_ms() - 1)
+    other = db.insert("true")
+    assert ps_ids(db) == [other[:8], "tenk-09999", "tenk-09998"]
+    for shown in ps_ids(db):
+        assert cli(db, "show", "--json", shown).returncode == 0  # each works as the prefix it is shown as
+
+
+def test_retry_of_a_job_whose_attempts_are_used_up_allows_one_more(db: Db) -> None:
+    """Before: the retried job ran as attempt 4 of max_attempts 3 (`ps` showed TRY 4/3)."""
+    job_id = db.insert("false", max_attempts=3)
+    db.conn.execute("UPDATE jobs SET status = 'failed', attempt = 3, exit_code = 1, started_at = 1, completed_at = 2, "
+                    "duration = 1 WHERE id = ?", (job_id,))
+    assert cli(db, "retry", job_id).stdout == f"{job_id}: queued again (attempt 4 of 4)\n"
+    assert (db.job(job_id)["attempt"], db.job(job_id)["max_attempts"]) == (3, 4)
+    spare = db.insert("false", max_attempts=3)  # attempts left: max_attempts stays
+    db.conn.execute("UPDATE jobs SET status = 'completed', attempt = 1, exit_code = 0, started_at = 1, "
+                    "completed_at = 2, duration = 1 WHERE id = ?", (spare,))
+    assert cli(db, "retry", spare).stdout == f"{spare}: queued again (attempt 2 of 3)\n"
+    assert db.job(spare)["max_attempts"] == 3
+
+
+@pytest.mark.backends("sqlite")
+def test_ps_shows_a_null_id_as_null_and_a_row_without_a_time_last(db: Db) -> None:
+    """Before: a NULL id printed as `None`, and a row with `created_at = 'yesterday'` (TEXT sorts above every
+    number in SQLite) stayed at the top of `ps` for ever."""
+    db.conn.execute("INSERT INTO jobs (id, node_id, tool, command, status, created_at) "
+                    "VALUES (NULL, 'localhost', 'bash', 'true', 'queued', 1)")
+    db.insert("true", id="whenever", created_at="yesterday")
+    newest = db.insert("true")
+    assert ps_ids(db) == [newest[:8], "NULL", "whenever"]
+
+
+def test_nodes_list_with_an_id_shows_that_node(db: Db) -> None:
+    """Before: `nodes list ID` ignored the id and listed every node."""
+    for node in ("pi", "phone"):
+        db.conn.execute("INSERT INTO nodes (id, hostname, status, created_at) VALUES (?, ?, 'online', 1)",
+                        (node, f"{node}.lan"))
+    assert [row["id"] for row in json.loads(cli(db, "nodes", "list", "pi", "--json").stdout)] == ["pi"]
+    assert [line.split()[0] for line in cli(db, "nodes", "list", "phone").stdout.splitlines()] == ["NODE", "phone"]
+    missing = cli(db, "nodes", "list", "mars", check=False)
+    assert missing.returncode == 1 and missing.stderr == (
+        "nexus-jobd: no node 'mars' in the nodes table; it has: phone, pi\n"), missing.stderr
+
+
+def test_rows_no_daemon_runs_are_reported_and_cancel_retry_prune_agree(db: Db, daemon_factory: Callable[..., Daemon],
+                                                                       backend: str) -> None:
+    """Before: a row inserted as `executing` by hand (no worker_id) stayed for ever with no word: `db check` said
+    ok, `status` did not count it, `cancel` said "already finished" while `retry` said "has not ended"."""
+    stuck, ghost = db.insert("true"), db.insert("true")
+    db.conn.execute("UPDATE jobs SET status = 'executing', started_at = ? WHERE id = ?", (now_ms() - 1000, stuck))
+    db.conn.execute("UPDATE jobs SET status = 'executing', worker_id = 'gone:1:x' WHERE id = ?", (ghost,))
+    check = cli(db, "db", "check", check=False)
+    assert check.returncode == 1, check.stdout
+    assert (f"{db.target}: 2 rows no daemon runs or finishes: {stuck} (executing, but held by no daemon: worker_id "
+            f"NULL), {ghost} (executing, but held by 'gone:1:x', no daemon of this database); if no other program "
+            "runs them: `nexus-jobd cancel ID` ends one, `nexus-jobd retry ID` queues it again") in check.stdout
+    assert "2 rows no daemon runs or finishes" in cli(db, "status").stdout
+    assert json.loads(cli(db, "status", "--json").stdout)["jobs"]["stranded"] == 2
+    daemon = daemon_factory().start()
+    (event,) = wait_for(lambda: daemon.events("db.stranded_jobs"), message="db.stranded_jobs")
+    assert (event["level"], event["count"], len(event["jobs"])) == ("warning", 2, 2), event
+    assert db.job(stuck)["status"] == "executing"  # reported, never touched: another program may run it
+    assert cli(db, "cancel", stuck).stdout == f"{stuck}: cancelled\n"
+    assert db.job(stuck)["duration"] is not None  # final: no daemon will record its end
+    assert "left 1 rows no daemon runs or finishes" in cli(db, "prune", "--older-than", "0s").stdout
+    assert cli(db, "retry", ghost).stdout == f"{ghost}: queued again (attempt 1 of 1)\n"
+    assert db.wait_status(ghost)["status"] == "completed"  # queued again, the daemon runs it
+    assert cli(db, "db", "check").stdout == f"{db.target}: ok\n"
+
+
+@pytest.mark.backends("sqlite")  # PostgreSQL's `jobs` has the CHECK constraint: no such row can exist there
+def test_status_typos_are_reported_too(tmp_path: Path, backend: str) -> None:
+    """On a `jobs` made without the contract's CHECK constraints, a typo in `status` is stored as typed."""
+    path = tmp_path / "loose.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, conversation_id TEXT, message_id TEXT, node_id TEXT, "
+                  "tool TEXT, command TEXT, status TEXT, exit_code INTEGER, stdout TEXT, stderr TEXT, "
+                  "duration INTEGER, created_at INTEGER, started_at INTEGER, completed_at INTEGER)")
+    conn.executemany("INSERT INTO jobs (id, node_id, tool, command, status, created_at) "
+                     "VALUES (?, 'localhost', 'bash', 'true', ?, 1)", [("typo-1", "Queued"), ("typo-2", None)])
+    conn.commit()
+    conn.close()
+    home = tmp_path / "home"
+    run_cli(["--db", str(path), "db", "migrate"], home).check_returncode()
+    check = run_cli(["--db", str(path), "db", "check"], home)
+    assert check.returncode == 1 and ("2 rows no daemon runs or finishes: typo-1 (status 'Queued', which no daemon "
+                                      "runs), typo-2 (status NULL, which no daemon runs)") in check.stdout
+    assert run_cli(["--db", str(path), "cancel", "typo-1"], home).stdout == "typo-1: cancelled\n"
+    assert run_cli(["--db", str(path), "retry", "typo-2"], home).stdout == "typo-2: queued again (attempt 1 of 1)\n"
+    assert run_cli(["--db", str(path), "db", "check"], home).returncode == 0
+
+
+def test_stopped_daemons_are_forgotten_at_start_up_and_by_prune(db: Db, daemon_factory: Callable[..., Daemon]
+                                                                ) -> None:
+    """Before: jobd_workers kept every daemon that ever started; `status` listed them all."""
+    long_ago = now_ms() - 30 * 86_400_000
+
+    def stopped_daemons(count: int, start: int) -> None:
+        for i in range(start, start + count):
+            db.conn.execute("INSERT INTO jobd_workers (id, host, pid, started_at, heartbeat_at, stopped_at, "
+                            "stop_reason, nodes) VALUES (?, 'h', 1, ?, ?, ?, 'clean shutdown', '[]')",
+                            (f"old:{i}", long_ago + i, long_ago + i, long_ago + i))
+
+    stopped_daemons(25, 0)
+    daemon = daemon_factory().start()
+    (event,) = wait_for(lambda: daemon.events("db.workers_pruned"), message="db.workers_pruned")
+    assert event["deleted"] == 6  # the 20 that started last stay, this daemon among them
+    assert db.conn.execute("SELECT count(*) FROM jobd_workers").fetchone()[0] == 20
+    stopped_daemons(3, 100)  # three more, started after the rest: the rest are out of the last 20
+    assert "forgot 3 daemons that stopped more than 7 days ago" in cli(db, "prune", "--older-than", "1d").stdout
+    assert db.conn.execute("SELECT count(*) FROM jobd_workers").fetchone()[0] == 20

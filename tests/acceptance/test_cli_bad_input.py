@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FIXTURES, NEXUS_JOBD, Db, cli, cli_env, now_ms, require, run_cli
+from tests.conftest import FIXTURES, NEXUS_JOBD, Daemon, Db, cli, cli_env, mounted_tmpfs, now_ms, require, run_cli
 
 # Every command, as a user with a database that is not the contract's would try it (X: a job id prefix).
 EVERY_COMMAND = [["ps"], ["ps", "--json"], ["status"], ["submit", "--", "true"], ["show", "x"], ["logs", "x"],
@@ -36,9 +36,14 @@ def run_on(path: Path, command: list[str], home: Path, timeout: float = 30) -> s
 
 
 def one_line_error(result: subprocess.CompletedProcess[str], code: int = 1) -> str:
+    """The one line a command stopped with; `run`'s (a JSON log event, not on a TTY) as the others say it."""
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
+    if len(lines) == 1 and lines[0].startswith('{"'):
+        event = json.loads(lines[0])
+        assert (event["event"], event["exit_code"]) == ("daemon.refused", code), event
+        return f"nexus-jobd: {event['message']}"
     assert len(lines) == 1 and lines[0].startswith("nexus-jobd"), result.stderr
     return lines[0]
 
@@ -349,10 +354,10 @@ def test_reading_creates_no_file_that_the_owner_could_not_write(shared_dir: Path
     beside a WAL-mode file that has no -wal: the file is read as it stands instead. Before: the migration failed
     on the read-only file and the command hung."""
     shared = shared_dir / "shared"
-    shared.mkdir(mode=0o777)
-    shared.chmod(0o777)
+    shared.mkdir()
     path = shared / "jobs.db"
-    make_database(path, tmp_path)
+    make_database(path, tmp_path)  # first: `db migrate` creates no database in a directory anyone may write
+    shared.chmod(0o777)
     path.chmod(0o444)
     check_readers_work(path, shared_dir)
     assert sorted(p.name for p in shared.iterdir()) == ["jobs.db"]
@@ -395,3 +400,107 @@ def test_a_file_this_user_may_not_read_says_so(shared_dir: Path, tmp_path: Path)
     path.chmod(0o600)
     line = one_line_error(as_nobody(path, ["ps"], shared_dir))
     assert f"a permissions problem: user nobody (uid 65534) may not read {path} (owned by root, mode 0600)" in line
+
+
+def test_a_directory_given_as_the_database_is_one_line_that_says_so(tmp_path: Path) -> None:
+    """Before: an IsADirectoryError traceback from `ps`, `run` and `db migrate`."""
+    directory = tmp_path / "data"
+    directory.mkdir()
+    for command in EVERY_COMMAND:
+        line = one_line_error(run_on(directory, command, tmp_path / "home"))
+        assert line.endswith(f"{directory} is a directory, not a database file; give the file's path, e.g. "
+                             f"{directory / 'nexuscli.db'}"), (command, line)
+    assert list(directory.iterdir()) == []
+
+
+@pytest.fixture
+def read_only_fs(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs holding a migrated database (as the daemon leaves it), then mounted read-only."""
+    with mounted_tmpfs(tmp_path / "ro") as mnt:
+        make_database(mnt / "jobs.db", tmp_path)
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        yield mnt
+
+
+def test_a_read_only_filesystem_is_named_as_such(read_only_fs: Path, tmp_path: Path) -> None:
+    """Before: "a permissions problem ... Give this user write access there (chmod/chown)", and `db check` said
+    "ok (read-only for this user)", though no chmod can help (here even root may not write)."""
+    path = read_only_fs / "jobs.db"
+    home = tmp_path / "home"
+    for command in READERS:
+        command = [str(tmp_path / "backup.db") if word == "BACKUP" else word for word in command]
+        result = run_cli(["--db", str(path), *command], home)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, (command, result.stderr)
+    check = run_cli(["--db", str(path), "db", "check"], home).stdout
+    assert check == f"{path}: ok (read-only: the filesystem at {read_only_fs} is mounted read-only)\n"
+    for command in [*WRITERS, ["run"]]:
+        line = one_line_error(run_cli(["--db", str(path), *command], home))
+        assert line == (f"nexus-jobd: {path}: the filesystem at {read_only_fs} is mounted read-only, so nothing can "
+                        f"write the database. Mount it read-write (mount -o remount,rw {read_only_fs}) or move the "
+                        "database to a writable filesystem; commands that only read (ps, show, logs, status, nodes, "
+                        "backup, db check) work as it is"), (command, line)
+    new = read_only_fs / "new.db"  # nothing can create it there either
+    for command in (["db", "migrate"], ["run"]):
+        line = one_line_error(run_cli(["--db", str(new), *command], home))
+        assert line.startswith(f"nexus-jobd: {new}: the filesystem at {read_only_fs} is mounted read-only"), line
+
+
+def test_an_ssh_node_leaves_the_json_log_json(tmp_path: Path) -> None:
+    """Before: with any SSH node configured, every `run` and `nodes check` printed ten lines of
+    `CryptographyDeprecationWarning: DSA is deprecated` on stderr, in the middle of the JSON log."""
+    config = tmp_path / "config.toml"
+    config.write_text('[nodes.pi]\nhost = "127.0.0.1"\nport = 1\ninsecure_skip_host_key_check = true\n')
+    result = run_cli(["--config", str(config), "--db", str(tmp_path / "x.db"), "--log-format", "json",
+                      "nodes", "check", "pi"], tmp_path / "home")
+    assert result.returncode == 1, result.stderr
+    *log_lines, last = result.stderr.strip().splitlines()
+    assert last.startswith("nexus-jobd: node pi is not usable: cannot connect to node pi"), last
+    assert [json.loads(line)["event"] for line in log_lines] == ["ssh.host_key_check_disabled"], log_lines
+
+
+@pytest.mark.backends("sqlite", "postgres")
+def test_follow_of_a_job_for_an_unknown_node_says_only_that_it_failed(daemon: Daemon, db: Db) -> None:
+    """Before: "no live daemon serves node 'mars' ...: job X stays queued until one does", then at once "failed:
+    unknown node": the live daemon on the database fails such a row; it never waits."""
+    result = cli(db, "submit", "-f", "--node", "mars", "--", "true", check=False)
+    job_id, *said = result.stderr.strip().splitlines()
+    assert result.returncode == 1, result.stderr
+    assert said == [f"nexus-jobd: job {job_id} failed: unknown node: no daemon on this database serves it (this one "
+                    "serves localhost); set node_id to a configured node"], said
+
+
+@pytest.mark.parametrize("log_format", [["--log-format", "json"], []], ids=["json", "auto-not-a-tty"])
+def test_a_daemon_that_refuses_to_start_says_why_in_its_json_log(tmp_path: Path, log_format: list[str]) -> None:
+    """Before: a bad config or database stopped `run` with a line of plain text in the middle of a JSON log
+    (journald, svlogd); only the file a whole-file writer keeps was logged as an event (db.refused)."""
+    bad_config = tmp_path / "config.toml"
+    bad_config.write_text("[daemon]\nmax_concurent = 2\n")
+    directory = tmp_path / "dir"
+    directory.mkdir()
+    for args, code, words in ((["--config", str(bad_config), "--db", str(tmp_path / "x.db")], 2,
+                               "configuration error: " + str(bad_config) + ": [daemon] unknown key 'max_concurent'"),
+                              (["--db", str(directory)], 1, f"{directory} is a directory, not a database file")):
+        result = run_cli([*args, *log_format, "run"], tmp_path / "home")
+        assert result.returncode == code, result.stderr
+        (line,) = result.stderr.splitlines()
+        event = json.loads(line)
+        assert (event["event"], event["level"], event["exit_code"]) == ("daemon.refused", "error", code), event
+        assert event["message"].startswith(words), event
+        # The CLI's other commands say it as one line of text, as before.
+        assert one_line_error(run_cli([*args, *log_format, "ps"], tmp_path / "home"), code).startswith(
+            f"nexus-jobd: {words}")
+
+
+def test_db_migrate_refuses_a_world_writable_directory_as_run_does(tmp_path: Path) -> None:
+    """Before: `db migrate` created the database in a directory anyone may write, which `run` then refused, saying
+    "mode 0o777" of a 1777 (sticky) directory."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    path = shared / "jobs.db"
+    for command in (["db", "migrate"], ["run"]):
+        line = one_line_error(run_cli(["--db", str(path), *command], tmp_path / "home"), 2)
+        assert line.startswith(f"nexus-jobd: configuration error: {shared}: the directory is writable by others "
+                               f"(mode 1777); anyone who can write the database can run commands"), line
+        assert f"Put the database in a directory of this user's own (mode 700), not in {shared}" in line, line
+    assert list(shared.iterdir()) == []

@@ -5,6 +5,7 @@ the server cut mid-job and restored.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -270,3 +271,49 @@ def test_a_claim_whose_answer_is_lost_puts_the_rows_back_and_runs_them_once(
         daemon.stop_now()
         proxy.cut()
         kill_keeper(proxy.url(db.target))
+
+
+@pytest.fixture
+def not_postgres() -> Iterator[int]:
+    """A server on loopback that answers as a web server would: whatever it is sent, an HTTP error."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                try:
+                    conn.recv(1024)
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    thread.join()
+    listener.close()
+
+
+@pytest.mark.parametrize("sslmode", ["prefer", "disable"])
+def test_a_server_that_is_not_postgresql_is_named_so(not_postgres: int, tmp_path: Path, sslmode: str) -> None:
+    """Before: `received invalid response to SSL negotiation: H; the URL is not valid libpq syntax` for a URL that
+    is valid, and says nothing of what is wrong (the port reaches another program)."""
+    require(importlib.util.find_spec("psycopg") is not None, "psycopg not installed (pip install -e '.[postgres]')")
+    url = f"postgresql://jobd@127.0.0.1:{not_postgres}/jobs?sslmode={sslmode}"
+    result = subprocess.run([*NEXUS_JOBD, "--db", url, "ps"], capture_output=True, text=True,
+                            env={**os.environ, "HOME": str(tmp_path)}, timeout=30)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "libpq syntax" not in result.stderr, result.stderr
+    assert (f"the program answering at 127.0.0.1:{not_postgres} is not a PostgreSQL server: check the URL's host "
+            "and port (PostgreSQL's own is 5432)") in result.stderr, result.stderr

@@ -212,3 +212,36 @@ def test_embedded_default_needs_no_config_and_no_flags(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         assert proc.wait(15) == 0
+
+
+def processes_with(argv: list[str]) -> list[int]:
+    wanted = "\0".join(argv).encode() + b"\0"
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes() == wanted:
+                found.append(int(entry.name))
+    return found
+
+
+RECIPE = "setsid -f sh -c 'exec {} >/dev/null 2>&1 </dev/null'"  # the README's way to outlive the job
+
+
+@pytest.mark.backends("sqlite")  # about the local node's process groups, whatever the database
+def test_the_readmes_way_to_outlive_the_job_survives_the_group_kill(daemon: Daemon, db: Db) -> None:
+    """Before, the README advised `setsid -f CMD >/dev/null 2>&1`, which the group kill at the job's end could
+    take: the job's pipes were closed, so nothing held the kill back until setsid had moved CMD out of the group."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    assert RECIPE.format("myserver") in readme  # what is tested here is what the README says
+    marks = [str(3_000_000 + os.getpid() * 100 + i) for i in range(10)]
+    try:
+        for mark in marks:
+            row = db.wait_status(db.insert(RECIPE.format(f"sleep {mark}")))
+            assert row["status"] == "completed", row
+            assert row["duration"] < 1500, row["duration"]  # it waited for the pipes, not for drain_timeout_ms
+            assert processes_with(["sleep", mark]), f"attempt {marks.index(mark) + 1}: killed with the job's group"
+    finally:
+        for mark in marks:
+            for pid in processes_with(["sleep", mark]):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, 9)

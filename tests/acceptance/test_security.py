@@ -356,7 +356,7 @@ def test_a_database_others_can_read_is_named_in_a_warning_with_the_fix(
     db.path.chmod(0o644)  # as NexusCLI may create it
     daemon = daemon_factory().start()
     (warning,) = daemon.events("db.readable")
-    assert f"{db.path} (mode 0o644)" in warning["files"] and warning["fix"].startswith(f"chmod 600 {db.path}*")
+    assert f"{db.path} (mode 0644)" in warning["files"] and warning["fix"].startswith(f"chmod 600 {db.path}*")
     db.path.chmod(0o600)
     for path in db.path.parent.glob(f"{db.path.name}-*"):
         path.chmod(0o600)
@@ -418,3 +418,18 @@ def test_a_huge_row_value_gives_bounded_log_lines_and_error(db: Db, daemon: Daem
     finished = wait_for(lambda: daemon.events("job.finished"), message="job.finished logged")
     assert "…(5000000 chars)…" in finished[0]["tool"]
     assert max(len(line) for line in daemon.log().splitlines()) < 5000
+
+
+def test_a_10_mb_id_and_a_1_mb_cwd_give_bounded_log_lines_and_errors(db: Db, daemon: Daemon) -> None:
+    """Issue 23.13 as found: a 10 MB id gave two 10 MB log lines, a 1 MB cwd a 1 MB `error`."""
+    big_id = "i" * 10_000_000
+    db.insert("true", id=big_id)
+    deep = db.insert("true", cwd="/" + "d" * 1_000_000)
+    assert db.wait_status(big_id)["status"] == "completed"
+    row = db.wait_status(deep)
+    assert (row["status"], row["exit_code"]) == ("failed", 127)
+    assert len(row["error"]) <= 2000 and row["error"].endswith("is 1000001 bytes long: more than the 4095 bytes of a "
+                                                               "path (PATH_MAX); use a shorter path"), row["error"]
+    wait_for(lambda: len(daemon.events("job.finished")) >= 2, message="both finishes logged")
+    assert max(len(line) for line in daemon.log().splitlines()) < 5000
+    assert any("…(10000000 chars)…" in event["job_id"] for event in daemon.events("job.finished"))

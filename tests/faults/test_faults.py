@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import sqlite3
 import subprocess
 import threading
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import NEXUS_JOBD, Daemon, Db, group_members, require, wait_for
+from tests.conftest import NEXUS_JOBD, Daemon, Db, group_members, mounted_tmpfs, wait_for
 
 
 def _rss_hwm_kib(pid: int) -> int:
@@ -167,16 +166,10 @@ def test_per_node_resource_limits(db: Db, daemon_factory: Callable[..., Daemon],
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """An 8 MB tmpfs holding a migrated database, to fill up; `fill(leave)` leaves `leave` bytes free."""
-    require(os.geteuid() == 0 and shutil.which("mount") is not None, "mounting a small tmpfs needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir(mode=0o700)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mnt)], check=True)
-    try:
+    with mounted_tmpfs(tmp_path / "small") as mnt:
         subprocess.run([*NEXUS_JOBD, "--db", str(mnt / "nexuscli.db"), "db", "migrate"], check=True,
                        capture_output=True)
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _fill(mnt: Path, leave: int) -> Path:

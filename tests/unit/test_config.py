@@ -417,7 +417,7 @@ def test_the_shared_database_hint_names_a_config_file_when_none_was_read(home: P
     """Without a config file the fix must say where the setting goes, not 'in built-in defaults'."""
     from dataclasses import replace
 
-    from daemon.service import _check_database_access
+    from daemon.service import check_database_access
 
     db = tmp_path / "private"
     db.mkdir(mode=0o700)
@@ -426,14 +426,14 @@ def test_the_shared_database_hint_names_a_config_file_when_none_was_read(home: P
     config = replace(load(environ={}), db_path=db / "jobs.db")
     assert config.source == "built-in defaults"
     with pytest.raises(ConfigError) as info:
-        _check_database_access(config)
+        check_database_access(config)
     message = str(info.value)
     assert "allow_shared_database = true in a config file (~/.config/nexus-jobd/config.toml, or --config) to " \
            "accept the risk" in message, message
     assert "built-in defaults" not in message
     with_file = replace(config, source=str(tmp_path / "c.toml"))
     with pytest.raises(ConfigError, match=f"allow_shared_database = true in {tmp_path / 'c.toml'} to accept"):
-        _check_database_access(with_file)
+        check_database_access(with_file)
 
 
 def test_a_reload_that_fails_unexpectedly_keeps_the_config_and_says_why(
@@ -495,3 +495,45 @@ def test_a_bad_node_default_cwd_names_the_node_and_the_fix(tmp_path: Path, text:
         load_file(path)
     assert str(info.value).startswith(f"{path}: [nodes.") and "default_cwd" in str(info.value)
     assert detail in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("value", ["mysql://x@y/z", "PostgreSQL://u@h/db", "postgresql+psycopg://u@h/db",
+                                   " postgresql://u@h/db", "sqlite:///tmp/x.db", "file:///tmp/x.db"])
+@pytest.mark.parametrize("via", ["flag", "env", "file"])
+def test_a_url_of_another_kind_is_refused_not_taken_for_a_file(tmp_path: Path, value: str, via: str) -> None:
+    """Before: each became a SQLite path (`./mysql:/x@y/z`), created and served empty, silently."""
+    flags = Overrides(db_path=value) if via == "flag" else Overrides()
+    environ = {"NEXUS_JOBD_DB": value} if via == "env" else {}
+    if via == "file":
+        flags = Overrides(config_path=str(write(tmp_path, f'[database]\npath = "{value}"\n')))
+    with pytest.raises(ConfigError) as info:
+        load(flags, environ=environ)
+    message = str(info.value)
+    where = {"flag": "--db", "env": "NEXUS_JOBD_DB", "file": f"{tmp_path / 'config.toml'}: [database] path"}[via]
+    assert message.startswith(where), message
+    assert "postgresql://" in message and "postgres://" in message and "SQLite file" in message, message
+    scheme = value.strip().split("://")[0]
+    assert f"{scheme}://" in message, message
+
+
+@pytest.mark.parametrize(("value", "hint"), [
+    ("PostgreSQL://u@h/db", "lowercase"), ("postgresql+psycopg://u@h/db", "+psycopg"),
+    (" postgresql://u@h/db", "space"), ("mysql://u:secret@h/db", "./mysql://"),
+])
+def test_the_refusal_says_what_to_change(value: str, hint: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(Overrides(db_path=value), environ={})
+    assert hint in str(info.value) and "secret" not in str(info.value), str(info.value)
+
+
+def test_a_path_with_a_colon_and_slashes_that_is_no_url_is_a_file(tmp_path: Path) -> None:
+    assert load(Overrides(db_path="./a://b"), environ={}).db_path == Path("a:/b")
+    assert load(Overrides(db_path="/srv/x://y.db"), environ={}).db_url is None
+
+
+@pytest.mark.parametrize("name", ["NEXUS_JOBD_DB", "NEXUS_JOBD_CONFIG"])
+def test_an_empty_variable_is_refused_as_the_empty_flag_is(name: str) -> None:
+    """Before: NEXUS_JOBD_DB='' silently used the default database, while --db '' is refused."""
+    with pytest.raises(ConfigError, match=f"{name} is set but empty") as info:
+        load(environ={name: " "})
+    assert "unset it" in str(info.value)

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
+import structlog
 
-from daemon.health import MAX_FACT_CHARS, parse_probe
+from daemon import logging as log
+from daemon.config import NodeConfig, Overrides, load
+from daemon.health import MAX_FACT_CHARS, Health, parse_probe
 
 HONEST = ("os=Linux\narch=aarch64\nkernel=6.1.0\nhostname=pi\ncpus=4\nmem_total_kb=3884400\n"
           "mem_available_kb=2000000\nload=0.52 0.58 0.59\nbash=GNU bash, version 5.2.15\ndocker_engine=24.0.7\n")
@@ -37,3 +44,30 @@ def test_facts_are_short_and_only_the_probes_own() -> None:
     caps = parse_probe("os=" + "L" * 100_000 + "\nbash=" + "b" * 100_000 + "\nsurprise=1\n" * 1000, 1.0)
     assert len(caps["os"]) == len(caps["tools"]["bash"]) == MAX_FACT_CHARS
     assert "surprise" not in json.dumps(caps)
+
+
+@pytest.mark.anyio
+async def test_a_node_coming_online_is_news_not_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          request: pytest.FixtureRequest) -> None:
+    """Before: `nodes check` (and every daemon's first probe) logged `"status": "online"` at level warning."""
+    config_path = tmp_path / "config.toml"
+    config_path.write_text('[nodes.pi]\nhost = "192.0.2.1"\ninsecure_skip_host_key_check = true\n')
+    config = load(Overrides(config_path=str(config_path)), environ={"HOME": str(tmp_path)})
+    answers = iter(["not a probe's answer\x00", HONEST])
+
+    async def probe(node: NodeConfig, script: str) -> str:
+        if node.id == "pi" and (answer := next(answers)).endswith("\x00"):
+            raise OSError("no route to host")
+        return HONEST if node.id != "pi" else answer
+
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    log.configure("info", "json")
+    request.addfinalizer(structlog.reset_defaults)
+    health = Health(replace(config, nodes={**config.nodes, "pi": replace(config.nodes["pi"], offline_after=1)}),
+                    probe)
+    await health.probe_all()  # offline
+    await health.probe_all()  # back online
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    levels = {e["status"]: e["level"] for e in events if e["event"] == "node.status"}
+    assert levels == {"offline": "warning", "online": "info"}, events

@@ -70,3 +70,20 @@ def test_a_huge_value_is_logged_cut_to_its_start_and_end_with_its_true_length(mo
         assert value.endswith("z")
     assert (event["argv"][0], event["n"]) == ("bash", 7)
     assert "b" * 3000 in event["exception"]  # a traceback is kept whole
+
+
+def test_a_python_warning_is_a_log_event_not_a_plain_text_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: a library's DeprecationWarning went to stderr as two lines of text, in the middle of the JSON log."""
+    import warnings
+
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    with warnings.catch_warnings():
+        log.configure("info", "json")
+        warnings.simplefilter("always")
+        warnings.warn("this API is deprecated", DeprecationWarning, stacklevel=1)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1, lines
+    event = json.loads(lines[0])
+    assert (event["event"], event["level"], event["category"]) == ("python.warning", "warning", "DeprecationWarning")
+    assert event["message"] == "this API is deprecated" and "test_logging.py:" in event["where"]

@@ -570,3 +570,121 @@ def test_dependency_cycles_are_found_in_one_walk_whatever_the_shape() -> None:
     cycles = find_cycles(chain | ring | tail_into_loop | {"self": "self"})
     assert sorted(map(sorted, cycles)) == sorted([sorted(ring), ["l0", "l1"], ["self"]])
     assert next(c for c in cycles if "r0" in c)[:3] == ["r0", "r1", "r2"]  # in the order of the edges
+
+
+async def test_a_row_that_depends_on_itself_is_told_so(store: Store, other: Other) -> None:
+    """Before: "depends_on 'x' is this job itself; this job runs only after that job completed"."""
+    other.insert("selfish")
+    other.conn.execute("UPDATE jobs SET depends_on = id WHERE id = 'selfish'")
+    assert await store.fail_blocked_dependencies() == [("selfish", "selfish")]
+    assert other.job("selfish")["error"] == ("depends_on 'selfish' is this job itself: a job cannot wait for its own "
+                                             "end; set depends_on to another job's id, or NULL")
+
+
+@pytest.mark.backends("sqlite")
+async def test_a_malformed_row_is_named_by_its_id_as_is(store: Store, other: Other) -> None:
+    """Before: the log's job_id for a BLOB run_after was the SQL literal "'ra-blob'"; only an id that is no text
+    is shown as one (X'...')."""
+    other.insert("ra-blob")
+    other.conn.execute("UPDATE jobs SET run_after = X'00' WHERE id = 'ra-blob'")
+    other.conn.execute("INSERT INTO jobs (id, node_id, tool, command, status, created_at) "
+                       "VALUES (X'6869', 'localhost', 'bash', 'true', 'queued', 0)")
+    assert sorted(await store.fail_malformed()) == [
+        ("X'6869'", "id must be text, got blob"),
+        ("ra-blob", "run_after must be epoch milliseconds (a number), got blob X'00'")]
+
+
+# -- rows no daemon runs (README: Rows no daemon runs) ----------------------------------------------------------
+
+def strand(other: Other, job_id: str, *, status: str | None = "executing", worker_id: str | None = None,
+           started_at: int | None = None) -> str:
+    """A row as a typo or another program leaves it: a status no daemon runs, or `executing` under no daemon."""
+    other.insert(job_id)
+    other.conn.execute("UPDATE jobs SET status = ?, worker_id = ?, started_at = ? WHERE id = ?",
+                       (status, worker_id, started_at, job_id))
+    return job_id
+
+
+async def test_rows_no_daemon_runs_are_listed(store: Store, other: Other) -> None:
+    strand(other, "exec-null")
+    strand(other, "exec-ghost", worker_id="gone:1:x", started_at=5)
+    await claim_one(store, other, "held")  # executing under a registered daemon: not stranded
+    other.insert("waiting")
+    total, rows = await store.stranded_jobs(limit=1)
+    assert total == 2 and len(rows) == 1
+    total, rows = await store.stranded_jobs(limit=10)
+    assert sorted((r["id"], r["status"], r["worker_id"]) for r in rows) == [
+        ("exec-ghost", "executing", "gone:1:x"), ("exec-null", "executing", None)]
+
+
+LOOSE_JOBS = ("CREATE TABLE jobs (id TEXT PRIMARY KEY, conversation_id TEXT, message_id TEXT, node_id TEXT, "
+              "tool TEXT, command TEXT, status TEXT, exit_code INTEGER, stdout TEXT, stderr TEXT, duration INTEGER, "
+              "created_at INTEGER, started_at INTEGER, completed_at INTEGER)")
+
+
+@pytest.fixture
+async def loose(path: Path) -> AsyncIterator[tuple[Store, Other]]:
+    """A database whose `jobs` was made without the contract's CHECK and NOT NULL constraints (by hand, or by
+    another program): a typo in `status` is stored as typed."""
+    conn = sqlite3.connect(path)
+    conn.execute(LOOSE_JOBS)
+    conn.close()
+    store = await open_store(path)
+    await store.migrate()
+    await register(store)
+    other = Other(str(path))
+    yield store, other
+    other.conn.close()
+    await store.close()
+
+
+async def test_a_status_no_daemon_runs_is_listed(loose: tuple[Store, Other]) -> None:
+    store, other = loose
+    for job_id, status in (("typo-1", "Queued"), ("typo-2", "queued "), ("typo-3", "running"), ("typo-4", None)):
+        strand(other, job_id, status=status)
+    total, rows = await store.stranded_jobs(limit=10)
+    assert total == 4 and [r["status"] for r in rows] == ["Queued", "queued ", "running", None]
+
+
+async def test_cancel_and_retry_take_rows_no_daemon_runs_and_prune_leaves_them(store: Store, other: Other) -> None:
+    """Before: `cancel` said "already finished" of a row `retry` said "has not ended" of: neither ran."""
+    for job_id in ("a", "b"):
+        strand(other, job_id, started_at=now_ms() - 1000)
+    assert await store.cancel(["a"]) == ["a"]
+    row = other.job("a")
+    assert row["status"] == "cancelled" and row["duration"] is not None  # final: no daemon will record its end
+    other.conn.execute("UPDATE jobs SET completed_at = completed_at - 10 WHERE id = 'a'")  # ended 10 ms ago
+    assert await store.prune(older_than_ms=5, statuses=["cancelled"]) == 1  # once ended, it goes like any other
+    assert await store.prune(older_than_ms=0, statuses=["completed", "failed", "cancelled"]) == 0  # "b" stays
+    assert await store.retry("b")
+    assert (other.job("b")["status"], other.job("b")["worker_id"], other.job("b")["started_at"]) == (
+        "queued", None, None)
+    held = await claim_one(store, other, "held")
+    assert not await store.retry(held.job_id)  # running under a live daemon: not retried
+    assert await store.cancel([held.job_id]) == [held.job_id]
+    assert other.job("held")["duration"] is None  # that daemon records its end
+
+
+async def test_a_status_typo_is_cancelled_or_retried(loose: tuple[Store, Other]) -> None:
+    store, other = loose
+    strand(other, "x", status="Queued")
+    strand(other, "y", status=None)
+    assert await store.cancel(["x"]) == ["x"] and other.job("x")["status"] == "cancelled"
+    assert await store.retry("y") and other.job("y")["status"] == "queued"
+
+
+async def test_stopped_daemons_are_forgotten_but_what_recovery_needs(store: Store, other: Other) -> None:
+    """Before: jobd_workers kept every daemon that ever started, and `status` listed them all."""
+    old = now_ms() - 30 * 86_400_000
+    await register(store, "holder", *(f"old-{i}" for i in range(5)), "recent")
+    for i in range(5):
+        other.conn.execute("UPDATE jobd_workers SET started_at = ?, stopped_at = ? WHERE id = ?",
+                           (old + i, old + i + 1, f"old-{i}"))
+    other.conn.execute("UPDATE jobd_workers SET started_at = ?, stopped_at = ? WHERE id = 'holder'", (old - 9, old))
+    other.conn.execute("UPDATE jobd_workers SET stopped_at = ? WHERE id = 'recent'", (now_ms(),))
+    strand(other, "detached", worker_id="holder", started_at=old)  # recovery adopts or settles it by its daemon
+    # Kept: the live ones, one stopped lately, one that holds a job, and the latest started (old-4 the sixth).
+    assert await store.prune_workers(older_than_ms=7 * 86_400_000, keep=len(WORKERS) + 2) == 4
+    assert {w["id"] for w in await store.workers()} == {*WORKERS, "holder", "recent", "old-4"}
+    assert await store.prune_workers(older_than_ms=7 * 86_400_000, keep=0) == 1
+    assert {w["id"] for w in await store.workers()} == {*WORKERS, "holder", "recent"}

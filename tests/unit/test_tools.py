@@ -233,7 +233,12 @@ def test_env_as_a_blob_or_as_text_that_is_not_utf8_is_refused() -> None:
     ('{"A": "\\ud800"}', r"env\['A'\] holds a lone UTF-16 surrogate"),
     ('{"A": {"nested": 1}}', r"env\['A'\] must be a string, a number or null"),
     ('{"A": [1]}', r"env\['A'\] must be a string, a number or null"),
-    ('{"A": true}', r"env\['A'\] must be a string, a number or null, got True"),
+    ('{"A": true}', r"env\['A'\] must be a string, a number or null, got JSON true"),
+    ('{"A": [false, null]}', r"env\['A'\] must be a string, a number or null, got JSON \[false, null\]"),
+    ('{"A": NaN}', r"env holds NaN, which is no JSON number; give a number or a string"),
+    ('{"A": -Infinity}', r"env holds -Infinity, which is no JSON number"),
+    ('{"A": 1e400}', r"env holds the number 1e400, too large for a double \(it would be inf\)"),
+    ('{"A": -1E+999}', r"env holds the number -1E\+999"),
     ('{"A": "x\\u0000y"}', r"env\['A'\] must be a string, a number or null"),
 ])
 def test_bad_env_raises_badjob(raw: Any, message: str) -> None:
@@ -296,3 +301,11 @@ def test_a_limit_the_host_refuses_stops_the_job_with_the_reason() -> None:
 
 def test_no_limits_no_wrapper() -> None:
     assert with_limits(("bash", "-c", "true"), {}) == ("bash", "-c", "true")
+
+
+
+def test_an_empty_cwd_says_what_to_give() -> None:
+    """Before: "cwd is empty; nothing to run", though the command was there to run."""
+    with pytest.raises(BadJob, match=r"^cwd is empty: give a directory, or NULL for the default working "
+                                     r"directory$"):
+        build(job("true", cwd=" "), TOOLS)

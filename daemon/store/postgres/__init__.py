@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -28,7 +29,7 @@ from daemon.model import (
     RawText,
     Worker,
 )
-from daemon.store.base import ChangeSource, DbRejected, DbUnavailable, Store, cycles
+from daemon.store.base import WORKERS_KEPT, WORKERS_KEPT_MS, ChangeSource, DbRejected, DbUnavailable, Store, cycles
 from daemon.store.postgres.queries import HERE, Q, read_sql
 
 try:
@@ -55,6 +56,8 @@ _DEFAULTS = {"connect_timeout": "5", "keepalives": "1", "keepalives_idle": "5", 
 # SQLSTATE classes of a statement whose values the server refuses (data exception, integrity constraint, program
 # limit exceeded): sending the same again fails the same way.
 _REFUSED_VALUES = ("22", "23", "54")
+# What libpq says when the other end answers, but not as PostgreSQL does (a web server, sshd, another database).
+_NOT_POSTGRES = ("received invalid response to SSL negotiation", "expected authentication request from server")
 STATEMENT_TIMEOUT_S = 30.0  # past this, a statement's connection is presumed dead: dropped, and a new one made
 RECONNECT_MAX_S = 5.0
 
@@ -94,7 +97,13 @@ def explain(url: str, error: Exception) -> str:
         fix = "the database does not exist: create it (createdb NAME, or CREATE DATABASE) or fix the URL's path"
     elif "role" in text and "does not exist" in text:
         fix = "the user does not exist on the server: fix the URL's user, or create the role"
-    elif "invalid" in text or "missing" in text or "URI" in text:
+    elif any(answer in text for answer in _NOT_POSTGRES):
+        where = re.search(r'connection to server (?:at "([^"]+)"(?: \([^)]*\))?, port (\d+)|on socket "([^"]+)")',
+                          text)
+        who = (f"{where[1]}:{where[2]}" if where[1] else where[3]) if where else "the URL's host and port"
+        fix = (f"the program answering at {who} is not a PostgreSQL server: check the URL's host and port "
+               "(PostgreSQL's own is 5432)")
+    elif isinstance(error, psycopg.ProgrammingError):  # libpq could not parse it: nothing was sent anywhere
         fix = "the URL is not valid libpq syntax: postgresql://USER@HOST:PORT/DB or postgresql:///DB?host=/socket/dir"
     else:
         fix = "check that the server runs and the URL's host and port reach it"
@@ -506,6 +515,13 @@ class PostgresStore(Store):
 
     async def list_jobs(self, *, status: str | None, node_id: str | None, limit: int) -> list[dict[str, Any]]:
         return await self._dicts("list_jobs", {"status": status, "node_id": node_id, "limit": limit})
+
+    async def stranded_jobs(self, *, limit: int) -> tuple[int, list[dict[str, Any]]]:
+        rows = await self._dicts("stranded_jobs", {"limit": limit})
+        return (int(rows[0].pop("total")) if rows else 0), [{k: v for k, v in r.items() if k != "total"} for r in rows]
+
+    async def prune_workers(self, *, older_than_ms: int = WORKERS_KEPT_MS, keep: int = WORKERS_KEPT) -> int:
+        return await self._count("prune_workers", {"older_than_ms": older_than_ms, "keep": keep})
 
 
 def _text(value: str | RawText | None) -> str | None:

@@ -103,9 +103,11 @@ UPDATE jobs
 UPDATE jobs
    SET status = 'failed', duration = 0, started_at = NOW_MS, completed_at = NOW_MS,
        error = 'depends_on ' || quote_literal(depends_on) || ' ' || CASE
-           WHEN depends_on = id THEN 'is this job itself'
+           WHEN depends_on = id
+               THEN 'is this job itself: a job cannot wait for its own end; set depends_on to another job''s id, or NULL'
            ELSE COALESCE('ended ' || (SELECT d.status FROM jobs AS d WHERE d.id = jobs.depends_on), 'is no job')
-       END || '; this job runs only after that job completed'
+                || '; this job runs only after that job completed'
+       END
  WHERE status = 'queued' AND depends_on IS NOT NULL
    AND (depends_on = id
         OR NOT EXISTS (SELECT 1 FROM jobs AS d WHERE d.id = jobs.depends_on)
@@ -128,11 +130,15 @@ SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND depends_on IS NOT 
 SELECT min(run_after) FROM jobs WHERE status = 'queued' AND run_after > NOW_MS;
 
 -- name: retry_job
+-- A finished job, or a row no daemon runs (stranded_jobs), queued again; attempts used up: one more.
 UPDATE jobs
    SET status = 'queued', run_after = NULL, exit_code = NULL, error = NULL, started_at = NULL,
-       completed_at = NULL, duration = NULL, worker_id = NULL, pid = NULL, pid_start = NULL
- WHERE id = :id AND status IN ('completed', 'failed', 'cancelled')
-   AND (duration IS NOT NULL OR worker_id IS NULL)
+       completed_at = NULL, duration = NULL, worker_id = NULL, pid = NULL, pid_start = NULL,
+       max_attempts = CASE WHEN max_attempts <= attempt THEN LEAST(attempt + 1, 1000) ELSE max_attempts END
+ WHERE id = :id
+   AND ((status IN ('completed', 'failed', 'cancelled') AND (duration IS NOT NULL OR worker_id IS NULL))
+        OR status IS NULL OR status NOT IN ('queued', 'executing', 'completed', 'failed', 'cancelled')
+        OR (status = 'executing' AND NOT EXISTS (SELECT 1 FROM jobd_workers AS w WHERE w.id = jobs.worker_id)))
 RETURNING id;
 
 -- name: register_worker
@@ -195,8 +201,12 @@ SELECT w.id, w.host, w.pid, w.started_at, w.heartbeat_at, w.stopped_at, w.stop_r
 SELECT id, attempt FROM jobs WHERE status = 'cancelled' AND worker_id = :worker_id AND id = ANY(:ids);
 
 -- name: cancel_job
-UPDATE jobs SET status = 'cancelled', completed_at = NOW_MS
- WHERE id = :id AND status IN ('queued', 'executing')
+-- A job that has not ended (a row no daemon runs included); held by no daemon, a started one is final at once.
+UPDATE jobs SET status = 'cancelled', completed_at = NOW_MS,
+       duration = CASE WHEN status = 'queued' OR EXISTS (SELECT 1 FROM jobd_workers AS w WHERE w.id = jobs.worker_id)
+                       THEN duration
+                       ELSE GREATEST(0, NOW_MS - started_at) END
+ WHERE id = :id AND (status IS NULL OR status NOT IN ('completed', 'failed', 'cancelled'))
 RETURNING id;
 
 -- name: insert_job
@@ -288,3 +298,21 @@ SELECT node_id, status, count(*)::int FROM jobs WHERE status IN ('queued', 'exec
 
 -- name: heartbeat_ages
 SELECT id, NOW_MS - last_heartbeat FROM nodes WHERE last_heartbeat IS NOT NULL;
+
+-- name: stranded_jobs
+-- Rows no daemon of this database will run or finish: `executing` under no daemon registered here (worker_id NULL
+-- or unknown), or a status none of the contract's (on a table made without its CHECK constraint).
+SELECT id, status, worker_id, count(*) OVER () AS total FROM jobs
+ WHERE status IS NULL OR status NOT IN ('queued', 'executing', 'completed', 'failed', 'cancelled')
+    OR (status = 'executing' AND NOT EXISTS (SELECT 1 FROM jobd_workers AS w WHERE w.id = jobs.worker_id))
+ ORDER BY created_at, id
+ LIMIT :limit;
+
+-- name: prune_workers
+-- Records of daemons that stopped more than :older_than_ms ago; never one of the :keep that started last, nor one
+-- that still holds an unfinished job.
+DELETE FROM jobd_workers
+ WHERE stopped_at IS NOT NULL AND stopped_at < NOW_MS - :older_than_ms
+   AND id NOT IN (SELECT worker_id FROM jobs
+                   WHERE status IN ('executing', 'cancelled') AND duration IS NULL AND worker_id IS NOT NULL)
+   AND id NOT IN (SELECT id FROM jobd_workers ORDER BY started_at DESC LIMIT :keep);

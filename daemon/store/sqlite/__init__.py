@@ -39,7 +39,7 @@ from daemon.model import (
     Worker,
     now_ms,
 )
-from daemon.store.base import DbRejected, Store, cycles
+from daemon.store.base import WORKERS_KEPT, WORKERS_KEPT_MS, DbRejected, Store, cycles
 from daemon.store.sqlite import guard, rewrites
 from daemon.store.sqlite.queries import HERE, Q, read_sql, split_statements
 from daemon.store.sqlite.wakeup import QueueChanges
@@ -110,6 +110,26 @@ def _set_aside_stale_wal(path: Path) -> None:
                    message=message)
 
 
+def read_only_mount(path: Path) -> Path | None:
+    """The mount point of the filesystem the database is (or would be created) on, if it is mounted read-only:
+    no chmod, chown or user can write it then."""
+    path = Path(os.path.realpath(path))
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None or not os.statvfs(existing).f_flag & os.ST_RDONLY:
+        return None
+    device = existing.stat().st_dev
+    mount = existing
+    while mount.parent != mount and mount.parent.stat().st_dev == device:
+        mount = mount.parent
+    return mount
+
+
+def _read_only_fs_problem(path: Path, mount: Path) -> str:
+    return (f"{path}: the filesystem at {mount} is mounted read-only, so nothing can write the database. Mount it "
+            f"read-write (mount -o remount,rw {mount}) or move the database to a writable filesystem; commands that "
+            "only read (ps, show, logs, status, nodes, backup, db check) work as it is")
+
+
 def _create_private(path: Path) -> None:
     """A new database is readable and writable by its owner only: writing it means running commands. Where a link
     leads (O_EXCL would refuse the link itself, and SQLite would then create the file with the umask's mode)."""
@@ -158,6 +178,9 @@ class SqliteStore(Store):
         migrated file read-only whoever may write it (nothing it does can leave a WAL behind). A table of the
         contract that is something else (another program's `jobs`, a view) is refused either way: no migration can
         fix it. So is a file that a whole-file writer keeps (guard.whole_file_writer), unless `take_over`."""
+        if os.path.isdir(path):  # noqa: ASYNC240 -- one stat at start-up
+            raise DatabaseError(f"{path} is a directory, not a database file; give the file's path, e.g. "
+                                f"{Path(path) / 'nexuscli.db'}")
         if not create and not os.path.exists(path):  # noqa: ASYNC240 -- one stat at start-up
             raise DatabaseError(f"{path}: no such database; check --db / NEXUS_JOBD_DB, or create it with "
                                 "`nexus-jobd run` or `nexus-jobd db migrate`")
@@ -170,6 +193,8 @@ class SqliteStore(Store):
                 return store
         if denied:
             raise DatabaseError(cls._permissions_problem(path, denied))
+        if (mount := read_only_mount(path)) is not None:  # no file yet: nothing can create it
+            raise DatabaseError(_read_only_fs_problem(path, mount))
         return await cls._open_writable(path, busy_timeout_ms, create=create, daemon=daemon,
                                         take_over=take_over or cls._says_wal(path))
 
@@ -490,6 +515,8 @@ class SqliteStore(Store):
 
         if not path.exists():
             return None
+        if (mount := read_only_mount(path)) is not None:
+            return f"the filesystem at {mount} is mounted read-only"
         try:
             me = f"{cls._user(os.geteuid())} (uid {os.geteuid()})"
             if not os.access(path, os.R_OK):
@@ -510,6 +537,8 @@ class SqliteStore(Store):
 
     @classmethod
     def _permissions_problem(cls, path: Path, denied: str) -> str:
+        if (mount := read_only_mount(path)) is not None:
+            return _read_only_fs_problem(path, mount)
         try:
             owner_uid = os.stat(path).st_uid
         except OSError:
@@ -547,7 +576,7 @@ class SqliteStore(Store):
             raise DatabaseError(f"{why}. Reading it failed too: {e}") from e
         conn.text_factory = _text_or_bytes
         store = cls(conn, path)
-        store.read_only, store.write_denied = True, denied
+        store.read_only, store.write_denied, store.read_only_fs = True, denied, read_only_mount(path)
         try:
             await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             if problems := await store._contract_problems():
@@ -677,7 +706,8 @@ class SqliteStore(Store):
     async def fail_malformed(self) -> list[tuple[Any, str]]:
         """Queued rows whose id, run_after or depends_on no program could mean: failed at once, with why."""
         rows = await self._write("fail_malformed", {})
-        return [(row[0], row[1]) for row in rows]  # quote(id): no job id to note
+        self._note(row[0] for row in rows)  # an id that is no text comes as its SQL literal, X'...'
+        return [(row[0], row[1]) for row in rows]
 
     async def fail_unknown_nodes(self, node_ids: Sequence[str]) -> list[tuple[str, Any]]:
         known = ", ".join(node_ids)
@@ -993,6 +1023,13 @@ class SqliteStore(Store):
                                                        "limit": limit}) as cursor:
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
+
+    async def stranded_jobs(self, *, limit: int) -> tuple[int, list[dict[str, Any]]]:
+        rows = list(await self._conn.execute_fetchall(Q["stranded_jobs"], {"limit": limit}))
+        return (rows[0][3] if rows else 0), [{"id": r[0], "status": r[1], "worker_id": r[2]} for r in rows]
+
+    async def prune_workers(self, *, older_than_ms: int = WORKERS_KEPT_MS, keep: int = WORKERS_KEPT) -> int:
+        return await self._write_count("prune_workers", {"older_than_ms": older_than_ms, "keep": keep})
 
 
 

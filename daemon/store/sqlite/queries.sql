@@ -37,7 +37,7 @@ UPDATE jobs
    AND (typeof(id) != 'text' OR typeof(run_after) NOT IN ('integer', 'real', 'null')
         OR typeof(depends_on) NOT IN ('text', 'null')
         OR typeof(attempt) != 'integer' OR attempt NOT BETWEEN 0 AND 2147483646)
-RETURNING quote(id), error;
+RETURNING CASE typeof(id) WHEN 'text' THEN id ELSE quote(id) END, error;  -- an id that is no text: as a literal
 
 -- name: claim_jobs
 -- One atomic compare-and-set from queued to executing, highest priority first, then oldest. Only while this
@@ -125,9 +125,11 @@ UPDATE jobs
 UPDATE jobs
    SET status = 'failed', duration = 0, started_at = NOW_MS, completed_at = NOW_MS,
        error = 'depends_on ' || quote(depends_on) || ' ' || CASE
-           WHEN depends_on = id THEN 'is this job itself'
+           WHEN depends_on = id
+               THEN 'is this job itself: a job cannot wait for its own end; set depends_on to another job''s id, or NULL'
            ELSE COALESCE('ended ' || (SELECT d.status FROM jobs AS d WHERE d.id = jobs.depends_on), 'is no job')
-       END || '; this job runs only after that job completed'
+                || '; this job runs only after that job completed'
+       END
  WHERE status = 'queued' AND depends_on IS NOT NULL
    AND (depends_on = id
         OR NOT EXISTS (SELECT 1 FROM jobs AS d WHERE d.id = jobs.depends_on)
@@ -156,12 +158,19 @@ SELECT min(run_after) FROM jobs
  WHERE status = 'queued' AND typeof(run_after) IN ('integer', 'real') AND run_after > NOW_MS;
 
 -- name: retry_job
--- `nexus-jobd retry`: a finished job back to queued as a new attempt (the claim clears the old output).
+-- `nexus-jobd retry`: a finished job back to queued as a new attempt (the claim clears the old output); so is a
+-- row no daemon runs (stranded_jobs). Attempts used up: one more (max_attempts 3 -> 4: it runs as 4 of 4).
 UPDATE jobs
    SET status = 'queued', run_after = NULL, exit_code = NULL, error = NULL, started_at = NULL,
-       completed_at = NULL, duration = NULL, worker_id = NULL, pid = NULL, pid_start = NULL
- WHERE id = CAST(:id AS TEXT) AND status IN ('completed', 'failed', 'cancelled')
-   AND (duration IS NOT NULL OR worker_id IS NULL)  -- a cancelled job whose process is still being stopped waits
+       completed_at = NULL, duration = NULL, worker_id = NULL, pid = NULL, pid_start = NULL,
+       max_attempts = CASE WHEN typeof(attempt) = 'integer' AND typeof(max_attempts) = 'integer'
+                                AND max_attempts <= attempt THEN min(attempt + 1, 1000)
+                           ELSE max_attempts END
+ WHERE id = CAST(:id AS TEXT)
+   AND ((status IN ('completed', 'failed', 'cancelled')
+         AND (duration IS NOT NULL OR worker_id IS NULL))  -- a cancelled job whose process is being stopped waits
+        OR status IS NULL OR status NOT IN ('queued', 'executing', 'completed', 'failed', 'cancelled')
+        OR (status = 'executing' AND NOT EXISTS (SELECT 1 FROM jobd_workers AS w WHERE w.id = jobs.worker_id)))
 RETURNING id;
 
 -- name: register_worker
@@ -237,9 +246,14 @@ SELECT id, attempt FROM jobs
  WHERE status = 'cancelled' AND worker_id = :worker_id AND id IN (SELECT value FROM json_each(:ids));
 
 -- name: cancel_job
--- What `nexus-jobd cancel` does: exactly NexusCLI's cancel, limited to a job that has not ended.
-UPDATE jobs SET status = 'cancelled', completed_at = :now
- WHERE id = CAST(:id AS TEXT) AND status IN ('queued', 'executing')
+-- What `nexus-jobd cancel` does: exactly NexusCLI's cancel, limited to a job that has not ended; a row no daemon
+-- runs (stranded_jobs) has not ended either. Held by no daemon, a started one is final at once: nobody else will
+-- record its end.
+UPDATE jobs SET status = 'cancelled', completed_at = :now,
+       duration = CASE WHEN status = 'queued' OR EXISTS (SELECT 1 FROM jobd_workers AS w WHERE w.id = jobs.worker_id)
+                       THEN duration
+                       WHEN typeof(started_at) = 'integer' THEN max(0, :now - started_at) END
+ WHERE id = CAST(:id AS TEXT) AND (status IS NULL OR status NOT IN ('completed', 'failed', 'cancelled'))
 RETURNING id;
 
 -- name: insert_job
@@ -262,7 +276,8 @@ SELECT id, node_id, tool, command, status, exit_code, error, duration, created_a
        priority, attempt, max_attempts, run_after, depends_on, timeout_ms, worker_id, stdout_bytes, stderr_bytes
   FROM jobs
  WHERE (:status IS NULL OR status = :status) AND (:node_id IS NULL OR node_id = :node_id)
- ORDER BY created_at DESC, rowid DESC
+ ORDER BY typeof(created_at) IN ('integer', 'real') DESC,  -- a row with no time ('yesterday') last, not on top
+          created_at DESC, rowid DESC
  LIMIT :limit;
 
 -- name: job_counts
@@ -372,3 +387,22 @@ RETURNING id;
 INSERT INTO jobd_workers (id, host, boot_id, pid, pid_start, started_at, heartbeat_at, nodes)
 VALUES (:id, :host, :boot_id, :pid, :pid_start, :started_at, 0, '[]')
 ON CONFLICT (id) DO UPDATE SET stopped_at = NULL, stop_reason = NULL, heartbeat_at = 0;
+
+-- name: stranded_jobs
+-- Rows no daemon of this database will run or finish: a status none of the contract's ('Queued', 'queued ',
+-- 'running', NULL: a typo on a table without NexusCLI's CHECK constraints), or `executing` under no daemon
+-- registered here (worker_id NULL or unknown). The first :limit, and how many in all.
+SELECT id, status, worker_id, count(*) OVER () AS total FROM jobs
+ WHERE status IS NULL OR status NOT IN ('queued', 'executing', 'completed', 'failed', 'cancelled')
+    OR (status = 'executing' AND NOT EXISTS (SELECT 1 FROM jobd_workers AS w WHERE w.id = jobs.worker_id))
+ ORDER BY rowid
+ LIMIT :limit;
+
+-- name: prune_workers
+-- Records of daemons that stopped more than :older_than_ms ago; never one of the :keep that started last, nor one
+-- that still holds an unfinished job (recovery adopts or settles those by their daemon's record).
+DELETE FROM jobd_workers
+ WHERE stopped_at IS NOT NULL AND stopped_at < NOW_MS - :older_than_ms
+   AND id NOT IN (SELECT worker_id FROM jobs
+                   WHERE status IN ('executing', 'cancelled') AND duration IS NULL AND worker_id IS NOT NULL)
+   AND id NOT IN (SELECT id FROM jobd_workers ORDER BY started_at DESC LIMIT :keep);
