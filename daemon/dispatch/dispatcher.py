@@ -124,6 +124,7 @@ class Dispatcher:
             tg.start_soon(chores.sweep, self._store, self._executors)
             tg.start_soon(self._recorder.flush_loop)
             tg.start_soon(self._recorder.record_loop)
+            tg.start_soon(self._recorder.settle_loop)
             while not stop.is_set():
                 await self._guarded_step(claim=True)
                 if self._store.unwritable is not None:

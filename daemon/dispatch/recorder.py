@@ -27,6 +27,7 @@ T = TypeVar("T")
 IDLE_GIVE_BACK_AFTER = 100  # jobs recorded since memory was last given back, for an idle daemon to give it back
 RECORD_BATCH = 16  # finished jobs written in one transaction without waiting for more
 RECORD_GATHER_S = 0.002  # while other jobs run, how long a smaller batch waits for more to end
+SETTLE_WHEN_IDLE_S = 0.25  # idle this long with ends recorded only in a WAL: they are settled (a checkpoint)
 Finished = tuple[ClaimedJob, RunningJob, JobResult]
 
 
@@ -46,6 +47,7 @@ class Recorder:
         # Recorded, but only in the database's WAL so far (store.writes_settled): a whole-file rewrite would lose
         # those ends, so what ran them (the keeper, the node's spool) keeps them until the file has them.
         self._unsettled: list[Process] = []
+        self._to_settle = asyncio.Event()
         self.quarantine: Quarantine | None = None  # set once the store could no longer be written
 
     # -- finished jobs --------------------------------------------------------------------------------------
@@ -73,8 +75,7 @@ class Recorder:
             since_given_back += len(batch)
             big = await self._record(batch)
             del batch  # its outputs go now, not when the next batch comes
-            idle = not self._running and not self._to_record
-            if big or (idle and (self._unsettled or since_given_back >= IDLE_GIVE_BACK_AFTER)):
+            if big or (self._idle() and since_given_back >= IDLE_GIVE_BACK_AFTER):
                 since_given_back = 0
                 await self.idle()
 
@@ -98,6 +99,7 @@ class Recorder:
                 continue
             if job.id in outcomes and not settled:
                 self._unsettled.append(running.process)  # the keeper or the node keeps it until the file does
+                self._to_settle.set()
             else:  # the row is final (or not ours): what it left can go
                 running.process.forget(remove=job.id in outcomes)
         if settled:
@@ -158,6 +160,21 @@ class Recorder:
                 delay = min(delay * 2, 5.0)
 
     # -- settling and memory --------------------------------------------------------------------------------
+
+    def _idle(self) -> bool:
+        return not self._running and not self._to_record
+
+    async def settle_loop(self) -> None:
+        """Once the daemon has been idle for a moment with ends recorded only in the WAL: settle them. Not at every
+        pause between two batches (a checkpoint is an fsync; under load the WAL's own checkpoints settle them)."""
+        while True:
+            await self._to_settle.wait()
+            await anyio.sleep(SETTLE_WHEN_IDLE_S)
+            if not self._unsettled:
+                self._to_settle.clear()
+            elif self._idle():
+                self._to_settle.clear()
+                await self.idle()
 
     def _let_go_settled(self) -> None:
         """What ran jobs whose ends are now in the database file for good can let go of them."""
