@@ -276,8 +276,10 @@ class Store(abc.ABC):
     async def insert_job(self, *, node_id: str, tool: str, command: str, cwd: str | None = None,
                          env: dict[str, str] | None = None, priority: int = 0, timeout_ms: int | None = None,
                          max_attempts: int = 1, delay_ms: int | None = None,
-                         depends_on: str | RawText | None = None) -> str:
-        """Queue a job as other programs do; `delay_ms` after its created_at, both by the database's clock."""
+                         depends_on: str | RawText | None = None, conversation_id: str | None = None,
+                         message_id: str | None = None) -> str:
+        """Queue a job as other programs do; `delay_ms` after its created_at, both by the database's clock.
+        `conversation_id`, `message_id`: NexusCLI's links to its chat (rows of its own tables, or None)."""
 
     @abc.abstractmethod
     async def prune(self, *, older_than_ms: int, statuses: Sequence[str]) -> int: ...
@@ -299,6 +301,31 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_jobs(self, *, status: str | None, node_id: str | None, limit: int) -> list[dict[str, Any]]: ...
+
+    # -- the web console's side (daemon.web) --------------------------------------------------------------
+
+    @abc.abstractmethod
+    def row_watcher(self, on_change: Callable[[], None]) -> ChangeSource:
+        """Like `watcher`, but for every change of a job or node row (output, status, heartbeats), by anyone."""
+
+    @abc.abstractmethod
+    async def find_jobs(self, *, status: str | None, node_id: str | None, text: str | None,
+                        before: tuple[int, str] | None, limit: int) -> list[dict[str, Any]]:
+        """Newest first, without the output: filtered by status, node and `text` (in the command or the error,
+        any case, or the start of the id), after the page that ended at `before` = (created_at, id)."""
+
+    @abc.abstractmethod
+    async def job_output_since(self, job_id: str | RawText, *, stdout_from: int, stderr_from: int,
+                               max_bytes: int) -> dict[str, Any] | None:
+        """A followed job: its row without the output, and per stream (`stdout_`, `stderr_`): `chunk`, the
+        column's UTF-8 bytes from byte `*_from` on (at most `max_bytes`); `length`, its length in bytes; `marker`,
+        the 1-based byte position of the cap's " bytes of STREAM omitted; TOTAL bytes in all]" (daemon.output)
+        with the row's own total, or 0 when the column holds the stream whole."""
+
+    @abc.abstractmethod
+    async def job_timings(self, *, since_ms: int, limit: int) -> list[tuple[Any, ...]]:
+        """(created_at, run_after, started_at, completed_at, status) of the jobs created or finished since
+        `since_ms`, and of every job still queued or running: the most recent `limit` of them."""
 
 
 def cycles(edges: Mapping[str, str]) -> list[list[str]]:

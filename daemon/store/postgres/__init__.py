@@ -41,6 +41,7 @@ except ImportError as e:  # pragma: no cover -- the message is the test
 T = TypeVar("T")
 logger = log.get("store")
 CHANNEL = "nexus_jobd"
+ROWS_CHANNEL = "nexus_jobd_rows"  # every write to jobs and nodes: only the web console listens (migration 0004)
 _BASE_COLUMNS = {
     "jobs": ("id", "conversation_id", "message_id", "node_id", "tool", "command", "status", "exit_code",
              "stdout", "stderr", "duration", "created_at", "started_at", "completed_at"),
@@ -472,13 +473,15 @@ class PostgresStore(Store):
     async def insert_job(self, *, node_id: str, tool: str, command: str, cwd: str | None = None,
                          env: dict[str, str] | None = None, priority: int = 0, timeout_ms: int | None = None,
                          max_attempts: int = 1, delay_ms: int | None = None,
-                         depends_on: str | RawText | None = None) -> str:
+                         depends_on: str | RawText | None = None, conversation_id: str | None = None,
+                         message_id: str | None = None) -> str:
         job_id = str(uuid.uuid4())
         await self._fetch("insert_job", {"id": job_id, "node_id": node_id, "tool": tool, "command": command,
                                          "cwd": cwd, "priority": priority,
                                          "timeout_ms": timeout_ms, "max_attempts": max_attempts,
                                          "delay_ms": delay_ms, "depends_on": _text(depends_on),
-                                         "env": json.dumps(env) if env else None})
+                                         "env": json.dumps(env) if env else None,
+                                         "conversation_id": conversation_id, "message_id": message_id})
         return job_id
 
     async def prune(self, *, older_than_ms: int, statuses: Sequence[str]) -> int:
@@ -519,6 +522,27 @@ class PostgresStore(Store):
     async def list_jobs(self, *, status: str | None, node_id: str | None, limit: int) -> list[dict[str, Any]]:
         return await self._dicts("list_jobs", {"status": status, "node_id": node_id, "limit": limit})
 
+    # -- the web console's side (daemon.web) ------------------------------------------------------------------
+
+    def row_watcher(self, on_change: Callable[[], None]) -> ChangeSource:
+        """LISTEN on the channel every job and node write notifies (migration 0004), as well as the daemons'."""
+        return _Listener(self.url, self.name, on_change, channels=(CHANNEL, ROWS_CHANNEL))
+
+    async def find_jobs(self, *, status: str | None, node_id: str | None, text: str | None,
+                        before: tuple[int, str] | None, limit: int) -> list[dict[str, Any]]:
+        created, after_id = before if before is not None else (None, None)
+        return await self._dicts("find_jobs", {"status": status, "node_id": node_id, "text": text, "limit": limit,
+                                               "before_created": created, "before_id": after_id})
+
+    async def job_output_since(self, job_id: str | RawText, *, stdout_from: int, stderr_from: int,
+                               max_bytes: int) -> dict[str, Any] | None:
+        rows = await self._dicts("job_output_since", {"id": _text(job_id), "stdout_from": stdout_from,
+                                                      "stderr_from": stderr_from, "max": max_bytes})
+        return rows[0] if rows else None
+
+    async def job_timings(self, *, since_ms: int, limit: int) -> list[tuple[Any, ...]]:
+        return await self._fetch("job_timings", {"since": since_ms, "limit": limit})
+
 
 def _text(value: str | RawText | None) -> str | None:
     """PostgreSQL's TEXT is always valid UTF-8: a RawText (only SQLite has them) is looked up as its escaped text."""
@@ -529,8 +553,10 @@ class _Listener(ChangeSource):
     """LISTEN on a connection of its own; each notification calls `on_change`. A lost connection is made again
     with back-off (logged), and a reconnect is itself a change: what was notified meanwhile was missed."""
 
-    def __init__(self, url: str, name: str, on_change: Callable[[], None]) -> None:
+    def __init__(self, url: str, name: str, on_change: Callable[[], None], *,
+                 channels: tuple[str, ...] = (CHANNEL,)) -> None:
         self._url, self._name, self._on_change = url, name, on_change
+        self._channels = channels
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -550,7 +576,8 @@ class _Listener(ChangeSource):
             try:
                 conn = await PostgresStore._new_connection(self._url)
                 async with conn:
-                    await conn.execute(f"LISTEN {CHANNEL}")
+                    for channel in self._channels:
+                        await conn.execute(f"LISTEN {channel}")
                     delay = 0.1
                     self._on_change()  # anything queued while we were not listening
                     async for _ in conn.notifies():

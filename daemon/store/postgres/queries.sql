@@ -201,9 +201,10 @@ RETURNING id;
 
 -- name: insert_job
 INSERT INTO jobs (id, node_id, tool, command, status, created_at, cwd, env, priority, timeout_ms, max_attempts,
-                  run_after, depends_on)
+                  run_after, depends_on, conversation_id, message_id)
 VALUES (:id, :node_id, :tool, :command, 'queued', NOW_MS, :cwd, :env, :priority, :timeout_ms, :max_attempts,
-        NOW_MS + :delay_ms, :depends_on);  -- the database's clock, as every time the daemon writes
+        NOW_MS + :delay_ms, :depends_on, :conversation_id, :message_id);  -- the database's clock, as every
+                                                                         -- time the daemon writes
 
 -- name: get_job
 SELECT * FROM jobs WHERE id = :id;
@@ -288,3 +289,42 @@ SELECT node_id, status, count(*)::int FROM jobs WHERE status IN ('queued', 'exec
 
 -- name: heartbeat_ages
 SELECT id, NOW_MS - last_heartbeat FROM nodes WHERE last_heartbeat IS NOT NULL;
+
+-- the web console's side (daemon.web) -------------------------------------------------------------------------
+
+-- name: find_jobs
+-- The console's job list: newest first, filtered by status, node and a text (in the command or the error, any case,
+-- or the start of the id), after the page that ended at (:before_created, :before_id). Without the output.
+SELECT id, node_id, tool, command, status, exit_code, error, duration, created_at, started_at, completed_at,
+       priority, attempt, max_attempts, run_after, depends_on, timeout_ms, worker_id, stdout_bytes, stderr_bytes, cwd,
+       conversation_id, message_id
+  FROM jobs
+ WHERE (:status::text IS NULL OR status = :status) AND (:node_id::text IS NULL OR node_id = :node_id)
+   AND (:text::text IS NULL OR strpos(lower(command), lower(:text)) > 0
+        OR strpos(lower(error), lower(:text)) > 0 OR left(id, length(:text)) = :text)
+   AND (:before_created::bigint IS NULL OR (created_at, id) < (:before_created, :before_id::text))
+ ORDER BY created_at DESC, id DESC
+ LIMIT :limit;
+
+-- name: job_output_since
+-- A followed job: the row without its output, and per stream its UTF-8 bytes from :stdout_from / :stderr_from on (at
+-- most :max), its length in bytes, and the byte position of the cap's marker (see the SQLite query), 0 if none.
+WITH j AS (
+    SELECT *, strpos(stdout, ' bytes of stdout omitted; ' || stdout_bytes || ' bytes in all]' || chr(10)) AS out_at,
+           strpos(stderr, ' bytes of stderr omitted; ' || stderr_bytes || ' bytes in all]' || chr(10)) AS err_at
+      FROM jobs WHERE id = :id)
+SELECT id, node_id, tool, command, status, exit_code, error, duration, created_at, started_at, completed_at,
+       attempt, max_attempts, worker_id, stdout_bytes, stderr_bytes,
+       octet_length(stdout) AS stdout_length, octet_length(stderr) AS stderr_length,
+       CASE WHEN out_at > 0 THEN octet_length(left(stdout, out_at - 1)) + 1 ELSE 0 END AS stdout_marker,
+       CASE WHEN err_at > 0 THEN octet_length(left(stderr, err_at - 1)) + 1 ELSE 0 END AS stderr_marker,
+       substring(convert_to(stdout, 'UTF8') FROM :stdout_from + 1 FOR :max) AS stdout_chunk,
+       substring(convert_to(stderr, 'UTF8') FROM :stderr_from + 1 FOR :max) AS stderr_chunk
+  FROM j;
+
+-- name: job_timings
+-- The console's charts: when each recent job was queued, started and ended.
+SELECT created_at, run_after, started_at, completed_at, status FROM jobs
+ WHERE created_at >= :since OR completed_at >= :since OR status IN ('queued', 'executing')
+ ORDER BY created_at DESC
+ LIMIT :limit;

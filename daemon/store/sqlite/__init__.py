@@ -870,7 +870,8 @@ class SqliteStore(Store):
     async def insert_job(self, *, node_id: str, tool: str, command: str, cwd: str | None = None,
                          env: dict[str, str] | None = None, priority: int = 0, timeout_ms: int | None = None,
                          max_attempts: int = 1, delay_ms: int | None = None,
-                         depends_on: str | RawText | None = None) -> str:
+                         depends_on: str | RawText | None = None, conversation_id: str | None = None,
+                         message_id: str | None = None) -> str:
         import uuid  # the CLI's path only: the daemon never creates ids
 
         job_id = str(uuid.uuid4())
@@ -878,7 +879,8 @@ class SqliteStore(Store):
                                          "now": now_ms(), "cwd": cwd, "priority": priority,
                                          "timeout_ms": timeout_ms, "max_attempts": max_attempts,
                                          "delay_ms": delay_ms, "depends_on": depends_on,
-                                         "env": json.dumps(env) if env else None})
+                                         "env": json.dumps(env) if env else None,
+                                         "conversation_id": conversation_id, "message_id": message_id})
         return job_id
 
     # -- nodes --------------------------------------------------------------------------------------------
@@ -909,9 +911,7 @@ class SqliteStore(Store):
         return [row[0] for row in rows]
 
     async def nodes_overview(self) -> list[dict[str, Any]]:
-        async with self._conn.execute(Q["nodes_overview"]) as cursor:
-            names = [d[0] for d in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
+        return await self._dicts("nodes_overview", {})
 
     async def job_counts(self) -> dict[str, int]:
         rows = list(await self._conn.execute_fetchall(Q["job_counts"]))
@@ -952,9 +952,7 @@ class SqliteStore(Store):
         return bool(await self._write("retry_job", {"id": job_id}))
 
     async def workers(self) -> list[dict[str, Any]]:
-        async with self._conn.execute(Q["workers"]) as cursor:
-            names = [d[0] for d in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
+        return await self._dicts("workers", {})
 
     async def cancel(self, job_ids: Sequence[str | RawText]) -> list[str | RawText]:
         """Cancel each job that has not ended, in one transaction; the ids of those cancelled."""
@@ -990,8 +988,32 @@ class SqliteStore(Store):
             return dict(zip([d[0] for d in cursor.description], row, strict=True))
 
     async def list_jobs(self, *, status: str | None, node_id: str | None, limit: int) -> list[dict[str, Any]]:
-        async with self._conn.execute(Q["list_jobs"], {"status": status, "node_id": node_id,
-                                                       "limit": limit}) as cursor:
+        return await self._dicts("list_jobs", {"status": status, "node_id": node_id, "limit": limit})
+
+    # -- the web console's side (daemon.web) ------------------------------------------------------------------
+
+    def row_watcher(self, on_change: Callable[[], None]) -> ChangeWatcher:
+        """Every commit by anyone writes the WAL: the watcher of `watcher` sees them all."""
+        return ChangeWatcher(self.path, on_change)
+
+    async def find_jobs(self, *, status: str | None, node_id: str | None, text: str | None,
+                        before: tuple[int, str] | None, limit: int) -> list[dict[str, Any]]:
+        created, after_id = before if before is not None else (None, None)
+        return await self._dicts("find_jobs", {"status": status, "node_id": node_id, "text": text, "limit": limit,
+                                               "before_created": created, "before_id": after_id})
+
+    async def job_output_since(self, job_id: str | RawText, *, stdout_from: int, stderr_from: int,
+                               max_bytes: int) -> dict[str, Any] | None:
+        rows = await self._dicts("job_output_since", {"id": job_id, "stdout_from": stdout_from,
+                                                      "stderr_from": stderr_from, "max": max_bytes})
+        return rows[0] if rows else None
+
+    async def job_timings(self, *, since_ms: int, limit: int) -> list[tuple[Any, ...]]:
+        return [tuple(row) for row in await self._conn.execute_fetchall(Q["job_timings"],
+                                                                          {"since": since_ms, "limit": limit})]
+
+    async def _dicts(self, query: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        async with self._conn.execute(Q[query], params) as cursor:
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
 

@@ -244,9 +244,10 @@ RETURNING id;
 
 -- name: insert_job
 INSERT INTO jobs (id, node_id, tool, command, status, created_at, cwd, env, priority, timeout_ms, max_attempts,
-                  run_after, depends_on)
+                  run_after, depends_on, conversation_id, message_id)
 VALUES (:id, :node_id, :tool, :command, 'queued', :now, :cwd, :env, :priority, :timeout_ms, :max_attempts,
-        :now + :delay_ms, CAST(:depends_on AS TEXT));  -- CAST: a RawText id (bound as a BLOB) back to its TEXT
+        :now + :delay_ms, CAST(:depends_on AS TEXT),  -- CAST: a RawText id (bound as a BLOB) back to its TEXT
+        :conversation_id, :message_id);
 
 -- name: get_job
 -- CAST: an id read back as RawText (not valid UTF-8) is bound as a BLOB; this makes it the stored TEXT again.
@@ -372,3 +373,45 @@ RETURNING id;
 INSERT INTO jobd_workers (id, host, boot_id, pid, pid_start, started_at, heartbeat_at, nodes)
 VALUES (:id, :host, :boot_id, :pid, :pid_start, :started_at, 0, '[]')
 ON CONFLICT (id) DO UPDATE SET stopped_at = NULL, stop_reason = NULL, heartbeat_at = 0;
+
+-- the web console's side (daemon.web) -------------------------------------------------------------------------
+
+-- name: find_jobs
+-- The console's job list: newest first, filtered by status, node and a text (in the command or the error, any case
+-- as far as SQLite's lower() goes, or the start of the id), after the page that ended at (:before_created,
+-- :before_id). Everything but the output itself, which can be megabytes a row.
+SELECT id, node_id, tool, command, status, exit_code, error, duration, created_at, started_at, completed_at,
+       priority, attempt, max_attempts, run_after, depends_on, timeout_ms, worker_id, stdout_bytes, stderr_bytes, cwd,
+       conversation_id, message_id
+  FROM jobs
+ WHERE (:status IS NULL OR status = :status) AND (:node_id IS NULL OR node_id = :node_id)
+   AND (:text IS NULL OR instr(lower(command), lower(:text)) > 0 OR instr(lower(error), lower(:text)) > 0
+        OR substr(id, 1, length(:text)) = :text)
+   AND (:before_created IS NULL OR created_at < :before_created
+        OR (created_at = :before_created AND id < :before_id))
+ ORDER BY created_at DESC, id DESC
+ LIMIT :limit;
+
+-- name: job_output_since
+-- A followed job: the row without its output, and per stream its bytes from :stdout_from / :stderr_from on (at most
+-- :max), its length in bytes, and where the cap's marker (daemon.output) says " bytes of STREAM omitted; TOTAL bytes
+-- in all]" with the row's own TOTAL (0: the column holds the whole stream). Bytes (BLOB): offsets stay exact.
+SELECT id, node_id, tool, command, status, exit_code, error, duration, created_at, started_at, completed_at,
+       attempt, max_attempts, worker_id, stdout_bytes, stderr_bytes,
+       length(CAST(stdout AS BLOB)) AS stdout_length, length(CAST(stderr AS BLOB)) AS stderr_length,
+       instr(CAST(stdout AS BLOB),
+             CAST(' bytes of stdout omitted; ' || stdout_bytes || ' bytes in all]' || char(10) AS BLOB))
+           AS stdout_marker,
+       instr(CAST(stderr AS BLOB),
+             CAST(' bytes of stderr omitted; ' || stderr_bytes || ' bytes in all]' || char(10) AS BLOB))
+           AS stderr_marker,
+       substr(CAST(stdout AS BLOB), :stdout_from + 1, :max) AS stdout_chunk,
+       substr(CAST(stderr AS BLOB), :stderr_from + 1, :max) AS stderr_chunk
+  FROM jobs WHERE id = CAST(:id AS TEXT);
+
+-- name: job_timings
+-- The console's charts: when each recent job was queued, started and ended.
+SELECT created_at, run_after, started_at, completed_at, status FROM jobs
+ WHERE created_at >= :since OR completed_at >= :since OR status IN ('queued', 'executing')
+ ORDER BY created_at DESC
+ LIMIT :limit;
