@@ -1,0 +1,208 @@
+"""Followed jobs: one reader per job, whatever the number of clients, and the events it made, kept for a while.
+
+A client that joins late, falls behind the kept events, or reconnects with a Last-Event-ID older than them catches
+up from the row itself, up to where the shared feed is, then takes the feed's events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from daemon.store import RawText, Store
+from daemon.web.follow import (
+    STREAMS,
+    Column,
+    Cursor,
+    end_events,
+    frame,
+    phase_of,
+    read_offset,
+    status_event,
+    step,
+)
+
+READ_BYTES = 8 * 1024 * 1024  # at most this much of a column per read; the rest in the next read
+MAX_READS = 64  # reads in one look: a column of READ_BYTES * MAX_READS is followed over several looks
+LOG_BYTES = 8 * 1024 * 1024  # events a feed keeps for clients that are behind (or reconnect)
+KEEPALIVE_S = 15.0  # a comment this often keeps proxies and NAT from dropping an idle stream
+
+
+class Broadcast:
+    """Wakes everyone waiting at once; each waits for the next `notify` after it started waiting."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout_s: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._event.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
+@dataclass
+class Heads:
+    """Per stream, the bytes before the cap's marker, once the cap cut the column."""
+
+    stdout: int | None = None
+    stderr: int | None = None
+
+
+@dataclass
+class Look:
+    events: list[tuple[Cursor, dict[str, Any]]] = field(default_factory=list)
+    cursor: Cursor = field(default_factory=Cursor)
+    heads: Heads = field(default_factory=Heads)
+    row: dict[str, Any] | None = None
+
+
+async def look(store: Store, job_id: str | RawText, cursor: Cursor, heads: Heads,
+               until: Cursor | None = None) -> Look:
+    """The events that take `cursor` to the row as it is now (or to `until`, a cursor the row has passed)."""
+    out = Look(cursor=cursor, heads=replace(heads))
+    for _ in range(MAX_READS):
+        offsets = {s: read_offset(out.cursor.at(s), getattr(out.heads, s)) for s in STREAMS}
+        row = await store.job_output_since(job_id, stdout_from=offsets["stdout"], stderr_from=offsets["stderr"],
+                                           max_bytes=READ_BYTES)
+        out.row = row
+        if row is None:
+            return out
+        attempt = row["attempt"] if isinstance(row.get("attempt"), int) else 0
+        if attempt != out.cursor.attempt:
+            if until is not None:  # a new attempt since the feed's look: its output of `until` is gone
+                out.cursor = until
+                return out
+            out.cursor, out.heads = Cursor(attempt=attempt), Heads()
+            continue
+        _status(out, row, phase_of(row) if until is None else until.phase)
+        if not _read_streams(out, row, offsets, until):
+            break
+    if (until is None and phase_of(row) == "done") or (until is not None and until.phase == "done"):
+        if out.cursor.phase != "done":
+            out.cursor = replace(out.cursor, phase="done")
+            out.events += [(out.cursor, event) for event in end_events(row)]
+    return out
+
+
+def _status(out: Look, row: dict[str, Any], phase: str) -> None:
+    if phase in ("queued", "executing", "cancelled") and phase != out.cursor.phase:
+        out.cursor = replace(out.cursor, phase=phase)
+        out.events.append((out.cursor, status_event(row, phase)))
+
+
+def _read_streams(out: Look, row: dict[str, Any], offsets: dict[str, int], until: Cursor | None) -> bool:
+    """Add what each stream's read gives; True if another read is needed (a full chunk, or the marker before it)."""
+    again = False
+    for stream in STREAMS:
+        col = Column.of(row, stream, offsets[stream])
+        result = step(stream, out.cursor.at(stream), getattr(out.heads, stream), col,
+                      None if until is None else until.at(stream))
+        setattr(out.heads, stream, result.head)
+        for piece in result.pieces:
+            out.cursor = out.cursor.moved(stream, piece.pos)
+            if piece.text:
+                out.events.append((out.cursor, {"type": "output_chunk", "stream": stream, "text": piece.text,
+                                                "isIncremental": True}))
+        again = again or result.again_from is not None or (len(col.chunk) >= READ_BYTES and bool(result.pieces))
+    return again
+
+
+@dataclass(frozen=True)
+class Entry:
+    seq: int
+    before: Cursor
+    after: Cursor
+    data: bytes  # one or more SSE frames
+
+
+class JobFeed:
+    """The one reader of a followed job, and the events it made (the latest LOG_BYTES of them)."""
+
+    def __init__(self, job_id: str | RawText) -> None:
+        self.job_id = job_id
+        self.cursor = Cursor()
+        self.heads = Heads()
+        self.seq = 0
+        self.log: collections.deque[Entry] = collections.deque()
+        self._log_bytes = 0
+        self.changed = Broadcast()
+        self.loaded = asyncio.Event()  # set after the first look
+        self.gone = False  # the row was deleted
+        self.clients = 0
+
+    @property
+    def done(self) -> bool:
+        return self.gone or self.cursor.phase == "done"
+
+    async def refresh(self, store: Store) -> None:
+        if self.done:
+            return
+        result = await look(store, self.job_id, self.cursor, self.heads)
+        self.heads = result.heads
+        events = result.events
+        if result.row is None:
+            self.gone = True
+            events = [(self.cursor, {"type": "error", "error": "the job was deleted"}), (self.cursor, {"type": "done"})]
+        if events:
+            self._append(result.cursor, events)
+        self.cursor = result.cursor
+        self.loaded.set()
+        if events or self.gone:
+            self.changed.notify()
+
+    def _append(self, after: Cursor, events: list[tuple[Cursor, dict[str, Any]]]) -> None:
+        self.seq += 1
+        data = b"".join(frame(cursor, event) for cursor, event in events)
+        self.log.append(Entry(self.seq, self.cursor, after, data))
+        self._log_bytes += len(data)
+        while len(self.log) > 1 and self._log_bytes > LOG_BYTES:
+            self._log_bytes -= len(self.log.popleft().data)
+
+    def entries_after(self, seq: int) -> list[Entry] | None:
+        """The entries after `seq`; None when some of them are no longer kept."""
+        if self.log and self.log[0].seq > seq + 1:
+            return None
+        return [entry for entry in self.log if entry.seq > seq]
+
+    def seq_before(self, cursor: Cursor) -> int | None:
+        """The seq to follow from for a client at `cursor`, if the kept events start exactly there."""
+        for entry in reversed(self.log):
+            if entry.before == cursor:
+                return entry.seq - 1
+        return None if cursor != self.cursor else self.seq
+
+
+async def events_for(store: Store, feed: JobFeed, start: Cursor) -> AsyncIterator[bytes]:
+    """What one client is sent: from `start` to the job's end, caught up from the row where the feed's kept events
+    do not reach back, then the feed's events as they come; comments keep an idle stream alive."""
+    await feed.loaded.wait()
+    cursor, seq = start, feed.seq_before(start)
+    while True:
+        if seq is None:  # behind what the feed keeps: catch up from the row, up to where the feed is now
+            target, seq = feed.cursor, feed.seq
+            heads = feed.heads if cursor.attempt == target.attempt else Heads()
+            caught = await look(store, feed.job_id, cursor, heads, until=target)
+            if caught.events:
+                yield b"".join(frame(c, event) for c, event in caught.events)
+            cursor = target
+        entries = feed.entries_after(seq)
+        if entries is None:
+            seq = None
+            continue
+        for entry in entries:
+            yield entry.data
+            cursor, seq = entry.after, entry.seq
+        if feed.done and seq == feed.seq:
+            return
+        if not entries and not await feed.changed.wait(KEEPALIVE_S):
+            yield b": keep-alive\n\n"

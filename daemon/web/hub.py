@@ -1,0 +1,179 @@
+"""The web process's one look at the database per change: the store's change source (inotify on a SQLite file,
+LISTEN on PostgreSQL) wakes it, and every followed job and every list the console shows is read once, whatever
+the number of clients; they are sent what changed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from daemon import logging as log
+from daemon.config import Config
+from daemon.errors import JobdError
+from daemon.store import DbError, RawText, Store, now_ms
+from daemon.web import charts, views
+from daemon.web.feeds import Broadcast, JobFeed
+
+logger = log.get("web")
+TICK_S = 5.0  # a look without a change: heartbeat ages move on, and a lost notification is made up for
+# A file's change comes from the write of its WAL, just before the commit is published: look again 1, 2, 4 ...
+# 256 ms later (about 2 s in all, for a slow fsync), each time only if someone committed (a cheap probe).
+RECHECKS = 12
+STATS_TTL_S = 5.0
+STATS_ROWS = 200_000  # the most recent jobs the charts read
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    status: str | None
+    node_id: str | None
+    text: str | None
+    limit: int
+
+
+class Snapshot:
+    """The latest JSON of something the console watches; `changed` (the console's, shared) fires when it differs."""
+
+    def __init__(self, changed: Broadcast) -> None:
+        self.data: bytes | None = None
+        self.changed = changed
+        self.clients = 0
+
+    def update(self, data: bytes) -> None:
+        if data != self.data:
+            self.data = data
+            self.changed.notify()
+
+
+class Hub:
+    def __init__(self, store: Store, cfg: Config) -> None:
+        self.store = store
+        self.cfg = cfg
+        self.feeds: dict[str | RawText, JobFeed] = {}
+        self.lists: dict[ListQuery, Snapshot] = {}
+        self.console_changed = Broadcast()
+        self.nodes = Snapshot(self.console_changed)
+        self._wake = asyncio.Event()
+        self._notified = False
+        self._stats: dict[int, tuple[float, dict[str, Any]]] = {}
+        self._lock = asyncio.Lock()  # one look at a time
+
+    # -- the loop -------------------------------------------------------------------------------------------
+
+    def _on_change(self) -> None:
+        self._notified = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        source = self.store.row_watcher(self._on_change)
+        source.start()
+        tick_s = TICK_S if source.uses_push else source.poll_interval_s(TICK_S)
+        rechecks, step = 0, 0
+        try:
+            while True:
+                timeout = 0.001 * 2 ** min(step, 8) if rechecks else tick_s
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await self._wake.wait()
+                self._wake.clear()
+                if self._notified:
+                    self._notified = False
+                    rechecks, step = (RECHECKS if self.store.path is not None else 0), 0
+                    self.store.anyone_committed()  # the probe's baseline: a recheck then sees the commit land
+                elif rechecks:
+                    rechecks, step = rechecks - 1, step + 1
+                    if not self.store.anyone_committed():
+                        continue
+                await self.refresh()
+        finally:
+            source.close()
+
+    async def refresh(self) -> None:
+        """Look at every followed job and every watched list once."""
+        async with self._lock:
+            try:
+                for feed in list(self.feeds.values()):
+                    await feed.refresh(self.store)
+                for query, snapshot in list(self.lists.items()):
+                    snapshot.update(await self.jobs_json(query))
+                if self.nodes.clients:
+                    self.nodes.update(await self.nodes_json())
+            except (DbError, JobdError) as e:  # the next change or tick tries again
+                logger.warning("web.refresh_failed", error=str(e))
+
+    # -- what clients follow ----------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def follow(self, job_id: str | RawText) -> AsyncIterator[JobFeed]:
+        feed = self.feeds.get(job_id)
+        if feed is None:
+            feed = self.feeds[job_id] = JobFeed(job_id)
+        feed.clients += 1
+        try:
+            if not feed.loaded.is_set():
+                async with self._lock:
+                    if not feed.loaded.is_set():
+                        await feed.refresh(self.store)
+            yield feed
+        finally:
+            feed.clients -= 1
+            if feed.clients == 0 and self.feeds.get(job_id) is feed:
+                del self.feeds[job_id]
+
+    @contextlib.asynccontextmanager
+    async def watch_list(self, query: ListQuery) -> AsyncIterator[Snapshot]:
+        snapshot = self.lists.get(query)
+        if snapshot is None:
+            snapshot = self.lists[query] = Snapshot(self.console_changed)
+        snapshot.clients += 1
+        try:
+            if snapshot.data is None:
+                snapshot.update(await self.jobs_json(query))
+            yield snapshot
+        finally:
+            snapshot.clients -= 1
+            if snapshot.clients == 0 and self.lists.get(query) is snapshot:
+                del self.lists[query]
+
+    @contextlib.asynccontextmanager
+    async def watch_nodes(self) -> AsyncIterator[Snapshot]:
+        self.nodes.clients += 1
+        try:
+            if self.nodes.data is None or self.nodes.clients == 1:
+                self.nodes.update(await self.nodes_json())
+            yield self.nodes
+        finally:
+            self.nodes.clients -= 1
+
+    # -- reads shared by the API and the snapshots ---------------------------------------------------------------
+
+    async def jobs(self, query: ListQuery, before: tuple[int, str] | None = None) -> dict[str, Any]:
+        rows = await self.store.find_jobs(status=query.status, node_id=query.node_id, text=query.text,
+                                          before=before, limit=query.limit)
+        return {"jobs": rows, "next": views.page_cursor(rows, query.limit), "counts": await self.store.job_counts()}
+
+    async def jobs_json(self, query: ListQuery) -> bytes:
+        return views.dumps({"type": "jobs", **await self.jobs(query)})
+
+    async def node_list(self) -> dict[str, Any]:
+        beat = self.cfg.heartbeat_interval_ms
+        return {"nodes": [views.node(row, beat) for row in await self.store.nodes_overview()],
+                "daemons": [views.daemon(row, self.cfg.lease_ttl_ms) for row in await self.store.workers()]}
+
+    async def nodes_json(self) -> bytes:
+        return views.dumps({"type": "nodes", **await self.node_list()})
+
+    async def stats(self, hours: int) -> dict[str, Any]:
+        """The charts, computed at most once per STATS_TTL_S for all clients."""
+        cached = self._stats.get(hours)
+        if cached is not None and time.monotonic() - cached[0] < STATS_TTL_S:
+            return cached[1]
+        now = now_ms()
+        rows = await self.store.job_timings(since_ms=now - hours * 3_600_000, limit=STATS_ROWS)
+        result = charts.stats(rows, now_ms=now, hours=hours)
+        self._stats[hours] = (time.monotonic(), result)
+        return result
