@@ -30,6 +30,7 @@ from daemon.store.rows import (
 )
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+MARKER_ROOM = 64  # job_output_since: the output cap's marker starts at most this far before its TOTAL part
 logger = log.get("store")
 
 
@@ -320,7 +321,8 @@ class Store(abc.ABC):
         """A followed job: its row without the output, and per stream (`stdout_`, `stderr_`): `chunk`, the
         column's UTF-8 bytes from byte `*_from` on (at most `max_bytes`); `length`, its length in bytes; `marker`,
         the 1-based byte position of the cap's " bytes of STREAM omitted; TOTAL bytes in all]" (daemon.output)
-        with the row's own total, or 0 when the column holds the stream whole."""
+        with the row's own total, or 0 when the column holds the stream whole; `around`, the column's bytes from
+        MARKER_ROOM before that position on (the whole marker), or None."""
 
     @abc.abstractmethod
     async def job_timings(self, *, since_ms: int, limit: int) -> list[tuple[Any, ...]]:

@@ -133,7 +133,7 @@ class Guard:
         cookie = SimpleCookie()
         try:
             cookie.load(_header(scope, b"cookie") or "")
-        except Exception:  # a malformed Cookie header is no session  # noqa: BLE001
+        except Exception:  # a malformed Cookie header is no session
             return None
         session = cookie.get(COOKIE)
         if session is not None and hmac.compare_digest(session.value.encode(), self._session.encode()):

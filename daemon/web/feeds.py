@@ -21,6 +21,7 @@ from daemon.web.follow import (
     frame,
     phase_of,
     read_offset,
+    recent_after,
     status_event,
     step,
 )
@@ -51,27 +52,32 @@ class Broadcast:
 
 
 @dataclass
-class Heads:
-    """Per stream, the bytes before the cap's marker, once the cap cut the column."""
+class Memo:
+    """Per stream what the next read needs besides the cursor: the bytes before the cap's marker once the cap cut
+    the column, and the last bytes sent (they place a cut column's tail to the byte)."""
 
-    stdout: int | None = None
-    stderr: int | None = None
+    head: dict[str, int | None] = field(default_factory=lambda: dict.fromkeys(STREAMS))
+    recent: dict[str, bytes] = field(default_factory=lambda: dict.fromkeys(STREAMS, b""))
+
+    def copy(self) -> Memo:
+        return Memo(dict(self.head), dict(self.recent))
 
 
 @dataclass
 class Look:
     events: list[tuple[Cursor, dict[str, Any]]] = field(default_factory=list)
     cursor: Cursor = field(default_factory=Cursor)
-    heads: Heads = field(default_factory=Heads)
+    memo: Memo = field(default_factory=Memo)
     row: dict[str, Any] | None = None
 
 
-async def look(store: Store, job_id: str | RawText, cursor: Cursor, heads: Heads,
+async def look(store: Store, job_id: str | RawText, cursor: Cursor, memo: Memo,
                until: Cursor | None = None) -> Look:
     """The events that take `cursor` to the row as it is now (or to `until`, a cursor the row has passed)."""
-    out = Look(cursor=cursor, heads=replace(heads))
+    out = Look(cursor=cursor, memo=memo.copy())
+    again: dict[str, int] = {}  # streams to read again, and from where
     for _ in range(MAX_READS):
-        offsets = {s: read_offset(out.cursor.at(s), getattr(out.heads, s)) for s in STREAMS}
+        offsets = {s: again.get(s, read_offset(out.cursor.at(s), out.memo.head[s])) for s in STREAMS}
         row = await store.job_output_since(job_id, stdout_from=offsets["stdout"], stderr_from=offsets["stderr"],
                                            max_bytes=READ_BYTES)
         out.row = row
@@ -82,15 +88,17 @@ async def look(store: Store, job_id: str | RawText, cursor: Cursor, heads: Heads
             if until is not None:  # a new attempt since the feed's look: its output of `until` is gone
                 out.cursor = until
                 return out
-            out.cursor, out.heads = Cursor(attempt=attempt), Heads()
+            out.cursor, out.memo, again = Cursor(attempt=attempt), Memo(), {}
             continue
         _status(out, row, phase_of(row) if until is None else until.phase)
-        if not _read_streams(out, row, offsets, until):
+        again = _read_streams(out, row, offsets, until)
+        if not again:
             break
-    if (until is None and phase_of(row) == "done") or (until is not None and until.phase == "done"):
-        if out.cursor.phase != "done":
-            out.cursor = replace(out.cursor, phase="done")
-            out.events += [(out.cursor, event) for event in end_events(row)]
+    row = out.row
+    assert row is not None
+    if (phase_of(row) if until is None else until.phase) == "done" and out.cursor.phase != "done":
+        out.cursor = replace(out.cursor, phase="done")
+        out.events += [(out.cursor, event) for event in end_events(row)]
     return out
 
 
@@ -100,20 +108,25 @@ def _status(out: Look, row: dict[str, Any], phase: str) -> None:
         out.events.append((out.cursor, status_event(row, phase)))
 
 
-def _read_streams(out: Look, row: dict[str, Any], offsets: dict[str, int], until: Cursor | None) -> bool:
-    """Add what each stream's read gives; True if another read is needed (a full chunk, or the marker before it)."""
-    again = False
+def _read_streams(out: Look, row: dict[str, Any], offsets: dict[str, int], until: Cursor | None) -> dict[str, int]:
+    """Add what each stream's read gives; the streams that need another read (a full chunk, or one that did not
+    reach where the client is), and from where."""
+    again = {}
     for stream in STREAMS:
         col = Column.of(row, stream, offsets[stream])
-        result = step(stream, out.cursor.at(stream), getattr(out.heads, stream), col,
-                      None if until is None else until.at(stream))
-        setattr(out.heads, stream, result.head)
+        result = step(stream, out.cursor.at(stream), out.memo.head[stream], col,
+                      None if until is None else until.at(stream), out.memo.recent[stream])
+        out.memo.head[stream] = result.head
+        out.memo.recent[stream] = recent_after(out.memo.recent[stream], result.pieces)
         for piece in result.pieces:
             out.cursor = out.cursor.moved(stream, piece.pos)
             if piece.text:
                 out.events.append((out.cursor, {"type": "output_chunk", "stream": stream, "text": piece.text,
                                                 "isIncremental": True}))
-        again = again or result.again_from is not None or (len(col.chunk) >= READ_BYTES and bool(result.pieces))
+        if result.again_from is not None:
+            again[stream] = result.again_from
+        elif len(col.chunk) >= READ_BYTES and result.pieces:
+            again[stream] = read_offset(out.cursor.at(stream), result.head)
     return again
 
 
@@ -131,7 +144,7 @@ class JobFeed:
     def __init__(self, job_id: str | RawText) -> None:
         self.job_id = job_id
         self.cursor = Cursor()
-        self.heads = Heads()
+        self.memo = Memo()
         self.seq = 0
         self.log: collections.deque[Entry] = collections.deque()
         self._log_bytes = 0
@@ -147,8 +160,8 @@ class JobFeed:
     async def refresh(self, store: Store) -> None:
         if self.done:
             return
-        result = await look(store, self.job_id, self.cursor, self.heads)
-        self.heads = result.heads
+        result = await look(store, self.job_id, self.cursor, self.memo)
+        self.memo = result.memo
         events = result.events
         if result.row is None:
             self.gone = True
@@ -190,8 +203,10 @@ async def events_for(store: Store, feed: JobFeed, start: Cursor) -> AsyncIterato
     while True:
         if seq is None:  # behind what the feed keeps: catch up from the row, up to where the feed is now
             target, seq = feed.cursor, feed.seq
-            heads = feed.heads if cursor.attempt == target.attempt else Heads()
-            caught = await look(store, feed.job_id, cursor, heads, until=target)
+            # The feed's memo: its head is this attempt's too; its recent bytes are where the feed is, not the
+            # client, so they do not place the tail for the client (Memo's recent: none assumed).
+            memo = Memo(dict(feed.memo.head)) if cursor.attempt == target.attempt else Memo()
+            caught = await look(store, feed.job_id, cursor, memo, until=target)
             if caught.events:
                 yield b"".join(frame(c, event) for c, event in caught.events)
             cursor = target

@@ -11,10 +11,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from daemon.store import JobStatus
+from daemon.store.base import MARKER_ROOM
 
 # The cap's marker, as daemon.output writes it between the head and the tail.
 MARKER = re.compile(rb"\n\[nexus-jobd: (\d+) bytes of (?:stdout|stderr) omitted; (\d+) bytes in all\]\n")
-MARKER_ROOM = 64  # the marker starts at most this many bytes before the part the store finds (its total)
 CHUNK_BYTES = 256 * 1024  # output events hold at most this much: a reconnect resumes at most this far back
 STREAMS = ("stdout", "stderr")
 _PHASES = ("", "queued", "executing", "cancelled", "done")
@@ -59,6 +59,11 @@ class Column:
     length: int  # the column's length in bytes
     marker: int  # 1-based position of the cap marker's total part; 0: the column holds the stream whole
     total: int  # the bytes the job wrote (stdout_bytes)
+    around: bytes = b""  # with a marker: the column's bytes from MARKER_ROOM before `marker` on
+
+    @property
+    def around_start(self) -> int:
+        return max(0, self.marker - 1 - MARKER_ROOM)
 
     @classmethod
     def of(cls, row: dict[str, Any], stream: str, start: int) -> Column:
@@ -66,21 +71,33 @@ class Column:
             value = row.get(f"{stream}_{key}")
             return value if isinstance(value, int) else 0
 
-        chunk = row.get(f"{stream}_chunk")
-        return cls(start, bytes(chunk) if chunk else b"", number("length"), number("marker"), number("bytes"))
+        chunk, around = row.get(f"{stream}_chunk"), row.get(f"{stream}_around")
+        return cls(start, bytes(chunk) if chunk else b"", number("length"), number("marker"), number("bytes"),
+                   bytes(around) if around else b"")
 
 
 @dataclass(frozen=True)
 class Piece:
-    """Text to send, and the stream's position once it is sent."""
+    """Text to send, and the stream's position once it is sent; `note`: words of ours, not the job's bytes."""
 
     text: str
     pos: int
+    note: bool = False
+
+
+RECENT_BYTES = 16  # the last bytes sent of a stream: where they are in a cut column's tail places it exactly
+
+
+def recent_after(recent: bytes, pieces: list[Piece]) -> bytes:
+    for piece in pieces:
+        if not piece.note:
+            recent = (recent + piece.text.encode("utf-8", "surrogatepass"))[-RECENT_BYTES:]
+    return recent
 
 
 def read_offset(pos: int, head: int | None) -> int:
-    """Where to read a column from for a client at `pos`: there, or once the cap cut it, no later than its head's
-    end (the marker says how much the tail after it stands for)."""
+    """Where to read a column from for a client at `pos`: there, or once the cap cut it, its head's end (the
+    marker, then the tail, whose start in the stream that read tells)."""
     return pos if head is None else min(pos, head)
 
 
@@ -128,8 +145,23 @@ class Step:
     again_from: int | None = None
 
 
-def step(stream: str, pos: int, head: int | None, col: Column, until: int | None = None) -> Step:
-    """The pieces that take a client from `pos` towards the column's end (or `until`), given what was read."""
+def _tail_start(col: Column, tail_at: int, pos: int, recent: bytes) -> int:
+    """Where the cut column's tail starts in the stream. It ends where the job's bytes do (the marker's TOTAL) less
+    a character the daemon holds back until it is whole (0 to 3 bytes): the bytes last sent, found just before
+    `pos`, say how many; without them (or where they match no shift) none is assumed."""
+    tail_len = col.length - tail_at
+    for held in range(4):
+        start = col.total - held - tail_len
+        end = tail_at + (pos - start) - col.start  # index in the chunk of `pos`, with this shift
+        if recent and end - len(recent) >= 0 and end <= len(col.chunk) and col.chunk[end - len(recent):end] == recent:
+            return start
+    return col.total - tail_len
+
+
+def step(stream: str, pos: int, head: int | None, col: Column, until: int | None = None,
+         recent: bytes = b"") -> Step:
+    """The pieces that take a client from `pos` towards the column's end (or `until`), given what was read;
+    `recent`: the bytes sent last (recent_after), which place a cut column's tail to the byte."""
     if not col.marker:
         if head is not None:  # it was cut and no longer is: the column is being written anew from the job's spool
             return Step([], head)
@@ -137,24 +169,35 @@ def step(stream: str, pos: int, head: int | None, col: Column, until: int | None
         if pos < col.start or end <= pos:
             return Step([], None)
         return Step(_bytes_piece(col.chunk, col.start, pos, end), None)
-    found = MARKER.search(col.chunk, max(0, col.marker - 1 - col.start - MARKER_ROOM))
-    if found is None or col.start > pos and col.start + found.start() > pos:
-        return Step([], head, again_from=max(0, min(pos, col.marker - 1 - MARKER_ROOM)))
-    head_end = col.start + found.start()
-    limit = col.total if until is None else min(col.total, until)
-    pieces = _bytes_piece(col.chunk, col.start, pos, min(head_end, limit)) if pos < head_end else []
-    pos = max(pos, pieces[-1].pos if pieces else pos)
-    if pos < head_end:  # `until` fell inside the head
-        return Step(pieces, head_end)
-    tail_start = col.total - (col.length - (head_end + len(found.group())))
+    return _capped(stream, pos, head, col, col.total if until is None else min(col.total, until), recent)
+
+
+def _capped(stream: str, pos: int, head: int | None, col: Column, limit: int, recent: bytes) -> Step:
+    """step() for a column the cap cut: its head, a note for what the client missed of the middle, the tail."""
+    found = MARKER.search(col.around)
+    if found is None:  # not the daemon's marker after all: nothing to go on until the next change
+        return Step([], head)
+    head_end, tail_at = col.around_start + found.start(), col.around_start + found.end()
+    pieces: list[Piece] = []
+    if pos < head_end:
+        if col.start > pos:
+            return Step([], head_end, again_from=pos)
+        pieces = _bytes_piece(col.chunk, col.start, pos, min(head_end, limit, col.start + len(col.chunk)))
+        pos = pieces[-1].pos if pieces else pos
+        if pos < head_end:  # the read, or `until`, ended inside the head
+            return Step(pieces, head_end)
+    tail_start = _tail_start(col, tail_at, pos, recent)
     if pos < tail_start and pos < limit:
         gap_end = min(tail_start, limit)
-        pieces.append(Piece(f"\n[nexus-jobd: {gap_end - pos} bytes of {stream} not shown]\n", gap_end))
+        pieces.append(Piece(f"\n[nexus-jobd: {gap_end - pos} bytes of {stream} not shown]\n", gap_end, note=True))
         pos = gap_end
-    tail_in_chunk = col.start + found.end()  # column offset of the tail's first byte
-    chunk_end = tail_start + (col.start + len(col.chunk) - tail_in_chunk)  # logical end of what was read
-    if pos < min(limit, chunk_end):
-        pieces += _bytes_piece(col.chunk, tail_start - found.end(), pos, min(limit, chunk_end))
+    at = tail_at + (pos - tail_start)  # the column offset of `pos`
+    if pos < limit and not col.start <= at < col.start + len(col.chunk):
+        again = max(tail_at, at - RECENT_BYTES - 3)
+        return Step(pieces, head_end, again_from=again if again != col.start else None)
+    end = min(limit, tail_start + (col.start + len(col.chunk) - tail_at))
+    if pos < end:
+        pieces += _bytes_piece(col.chunk, col.start - tail_at + tail_start, pos, end)
     return Step(pieces, head_end)
 
 
@@ -179,7 +222,7 @@ def phase_of(row: dict[str, Any]) -> str:
 
 def status_event(row: dict[str, Any], phase: str) -> dict[str, Any]:
     node = row.get("node_id")
-    attempt = row.get("attempt") if isinstance(row.get("attempt"), int) else 0
+    attempt: int = row["attempt"] if isinstance(row.get("attempt"), int) else 0
     if phase == "cancelled":
         message = "Job cancelled"
     elif phase == "executing":

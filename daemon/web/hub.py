@@ -25,6 +25,7 @@ TICK_S = 5.0  # a look without a change: heartbeat ages move on, and a lost noti
 RECHECKS = 12
 STATS_TTL_S = 5.0
 STATS_ROWS = 200_000  # the most recent jobs the charts read
+REFRESH_ERRORS: tuple[type[Exception], ...] = (*DbError, JobdError)
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class Hub:
                     snapshot.update(await self.jobs_json(query))
                 if self.nodes.clients:
                     self.nodes.update(await self.nodes_json())
-            except (DbError, JobdError) as e:  # the next change or tick tries again
+            except REFRESH_ERRORS as e:  # the next change or tick tries again
                 logger.warning("web.refresh_failed", error=str(e))
 
     # -- what clients follow ----------------------------------------------------------------------------------

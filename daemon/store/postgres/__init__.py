@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from daemon import logging as log
 from daemon.config import redact_secrets, redact_url
 from daemon.errors import DatabaseError, JobdError
-from daemon.store.base import ChangeSource, DbRejected, DbUnavailable, Store, cycles
+from daemon.store.base import MARKER_ROOM, ChangeSource, DbRejected, DbUnavailable, Store, cycles
 from daemon.store.postgres.queries import HERE, Q, read_sql
 from daemon.store.rows import (
     AdoptedJob,
@@ -537,7 +537,8 @@ class PostgresStore(Store):
     async def job_output_since(self, job_id: str | RawText, *, stdout_from: int, stderr_from: int,
                                max_bytes: int) -> dict[str, Any] | None:
         rows = await self._dicts("job_output_since", {"id": _text(job_id), "stdout_from": stdout_from,
-                                                      "stderr_from": stderr_from, "max": max_bytes})
+                                                      "stderr_from": stderr_from, "max": max_bytes,
+                                                      "room": MARKER_ROOM})
         return rows[0] if rows else None
 
     async def job_timings(self, *, since_ms: int, limit: int) -> list[tuple[Any, ...]]:

@@ -308,19 +308,26 @@ SELECT id, node_id, tool, command, status, exit_code, error, duration, created_a
 
 -- name: job_output_since
 -- A followed job: the row without its output, and per stream its UTF-8 bytes from :stdout_from / :stderr_from on (at
--- most :max), its length in bytes, and the byte position of the cap's marker (see the SQLite query), 0 if none.
-WITH j AS (
-    SELECT *, strpos(stdout, ' bytes of stdout omitted; ' || stdout_bytes || ' bytes in all]' || chr(10)) AS out_at,
+-- most :max), its length in bytes, the byte position of the cap's marker (see the SQLite query; 0 if none), and the
+-- bytes around it.
+WITH j AS MATERIALIZED (
+    SELECT *, convert_to(stdout, 'UTF8') AS out_b, convert_to(stderr, 'UTF8') AS err_b,
+           strpos(stdout, ' bytes of stdout omitted; ' || stdout_bytes || ' bytes in all]' || chr(10)) AS out_at,
            strpos(stderr, ' bytes of stderr omitted; ' || stderr_bytes || ' bytes in all]' || chr(10)) AS err_at
-      FROM jobs WHERE id = :id)
+      FROM jobs WHERE id = :id),
+m AS MATERIALIZED (
+    SELECT *, CASE WHEN out_at > 0 THEN octet_length(left(stdout, out_at - 1)) + 1 ELSE 0 END AS out_m,
+              CASE WHEN err_at > 0 THEN octet_length(left(stderr, err_at - 1)) + 1 ELSE 0 END AS err_m
+      FROM j)
 SELECT id, node_id, tool, command, status, exit_code, error, duration, created_at, started_at, completed_at,
        attempt, max_attempts, worker_id, stdout_bytes, stderr_bytes,
-       octet_length(stdout) AS stdout_length, octet_length(stderr) AS stderr_length,
-       CASE WHEN out_at > 0 THEN octet_length(left(stdout, out_at - 1)) + 1 ELSE 0 END AS stdout_marker,
-       CASE WHEN err_at > 0 THEN octet_length(left(stderr, err_at - 1)) + 1 ELSE 0 END AS stderr_marker,
-       substring(convert_to(stdout, 'UTF8') FROM :stdout_from + 1 FOR :max) AS stdout_chunk,
-       substring(convert_to(stderr, 'UTF8') FROM :stderr_from + 1 FOR :max) AS stderr_chunk
-  FROM j;
+       octet_length(out_b) AS stdout_length, octet_length(err_b) AS stderr_length,
+       out_m AS stdout_marker, err_m AS stderr_marker,
+       CASE WHEN out_m > 0 THEN substring(out_b FROM greatest(1, out_m - :room) FOR :room + 160) END AS stdout_around,
+       CASE WHEN err_m > 0 THEN substring(err_b FROM greatest(1, err_m - :room) FOR :room + 160) END AS stderr_around,
+       substring(out_b FROM :stdout_from + 1 FOR :max) AS stdout_chunk,
+       substring(err_b FROM :stderr_from + 1 FOR :max) AS stderr_chunk
+  FROM m;
 
 -- name: job_timings
 -- The console's charts: when each recent job was queued, started and ended.

@@ -25,7 +25,7 @@ import anyio
 
 from daemon import logging as log
 from daemon.errors import DatabaseError, DatabaseRewritten, JobdError, WholeFileWriter
-from daemon.store.base import DbRejected, Quarantine, Store, cycles, now_ms
+from daemon.store.base import MARKER_ROOM, DbRejected, Quarantine, Store, cycles, now_ms
 from daemon.store.rows import (
     AdoptedJob,
     Claim,
@@ -1005,7 +1005,8 @@ class SqliteStore(Store):
     async def job_output_since(self, job_id: str | RawText, *, stdout_from: int, stderr_from: int,
                                max_bytes: int) -> dict[str, Any] | None:
         rows = await self._dicts("job_output_since", {"id": job_id, "stdout_from": stdout_from,
-                                                      "stderr_from": stderr_from, "max": max_bytes})
+                                                      "stderr_from": stderr_from, "max": max_bytes,
+                                                      "room": MARKER_ROOM})
         return rows[0] if rows else None
 
     async def job_timings(self, *, since_ms: int, limit: int) -> list[tuple[Any, ...]]:

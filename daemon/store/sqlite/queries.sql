@@ -394,20 +394,25 @@ SELECT id, node_id, tool, command, status, exit_code, error, duration, created_a
 
 -- name: job_output_since
 -- A followed job: the row without its output, and per stream its bytes from :stdout_from / :stderr_from on (at most
--- :max), its length in bytes, and where the cap's marker (daemon.output) says " bytes of STREAM omitted; TOTAL bytes
--- in all]" with the row's own TOTAL (0: the column holds the whole stream). Bytes (BLOB): offsets stay exact.
+-- :max), its length in bytes, where the cap's marker (daemon.output) says " bytes of STREAM omitted; TOTAL bytes in
+-- all]" with the row's own TOTAL (0: the column holds the whole stream), and the bytes around it. Bytes (BLOB), so
+-- offsets stay exact; read in one statement, so all of it is of one version of the row.
+WITH j AS MATERIALIZED (
+    SELECT *, CAST(stdout AS BLOB) AS out_b, CAST(stderr AS BLOB) AS err_b,
+           instr(CAST(stdout AS BLOB),
+                 CAST(' bytes of stdout omitted; ' || stdout_bytes || ' bytes in all]' || char(10) AS BLOB)) AS out_m,
+           instr(CAST(stderr AS BLOB),
+                 CAST(' bytes of stderr omitted; ' || stderr_bytes || ' bytes in all]' || char(10) AS BLOB)) AS err_m
+      FROM jobs WHERE id = CAST(:id AS TEXT))
 SELECT id, node_id, tool, command, status, exit_code, error, duration, created_at, started_at, completed_at,
        attempt, max_attempts, worker_id, stdout_bytes, stderr_bytes,
-       length(CAST(stdout AS BLOB)) AS stdout_length, length(CAST(stderr AS BLOB)) AS stderr_length,
-       instr(CAST(stdout AS BLOB),
-             CAST(' bytes of stdout omitted; ' || stdout_bytes || ' bytes in all]' || char(10) AS BLOB))
-           AS stdout_marker,
-       instr(CAST(stderr AS BLOB),
-             CAST(' bytes of stderr omitted; ' || stderr_bytes || ' bytes in all]' || char(10) AS BLOB))
-           AS stderr_marker,
-       substr(CAST(stdout AS BLOB), :stdout_from + 1, :max) AS stdout_chunk,
-       substr(CAST(stderr AS BLOB), :stderr_from + 1, :max) AS stderr_chunk
-  FROM jobs WHERE id = CAST(:id AS TEXT);
+       length(out_b) AS stdout_length, length(err_b) AS stderr_length,
+       out_m AS stdout_marker, err_m AS stderr_marker,
+       CASE WHEN out_m > 0 THEN substr(out_b, max(1, out_m - :room), :room + 160) END AS stdout_around,
+       CASE WHEN err_m > 0 THEN substr(err_b, max(1, err_m - :room), :room + 160) END AS stderr_around,
+       substr(out_b, :stdout_from + 1, :max) AS stdout_chunk,
+       substr(err_b, :stderr_from + 1, :max) AS stderr_chunk
+  FROM j;
 
 -- name: job_timings
 -- The console's charts: when each recent job was queued, started and ended.
