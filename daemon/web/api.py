@@ -54,7 +54,10 @@ async def read_json(request: Request) -> Any:
 
 async def _job_id(store: Store, request: Request) -> str | RawText:
     """The path's job id (or a unique prefix of one); 404 if there is none."""
-    given = request.path_params["job_id"]
+    return await _resolve(store, request.path_params["job_id"])
+
+
+async def _resolve(store: Store, given: str) -> str | RawText:
     if "\0" in given:
         raise BadRequest("a job id cannot hold a NUL character")
     try:
@@ -85,7 +88,7 @@ async def create_job(request: Request) -> Response:
     """POST /api/v1/jobs: 201 {jobId, nodeId, tool, command, status, createdAt, streamEndpoint}."""
     job = submit.parse(await read_json(request))
     store = _hub(request).store
-    depends_on = await store.resolve_id(job.depends_on) if job.depends_on is not None else None
+    depends_on = await _resolve(store, job.depends_on) if job.depends_on is not None else None
     job_id = await store.insert_job(node_id=job.node_id, tool=job.tool, command=job.command, cwd=job.cwd,
                                     env=job.env, priority=job.priority, timeout_ms=job.timeout_ms,
                                     max_attempts=job.max_attempts, delay_ms=job.delay_ms, depends_on=depends_on,

@@ -45,9 +45,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _database_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, DbRejected):  # the values of one write (a conversationId that is no conversation, ...)
         return api.json_response({"error": f"the database refused the job: {exc}"}, 422)
-    logger.warning("web.database_error", path=request.url.path, error=str(exc))
-    status = 503 if isinstance(exc, DbError | DatabaseRewritten) else 400
-    return api.json_response({"error": str(exc)}, status)
+    unavailable = isinstance(exc, (*DbError, DatabaseRewritten))
+    if unavailable:
+        logger.warning("web.database_error", path=request.url.path, error=str(exc))
+    return api.json_response({"error": str(exc)}, 503 if unavailable else 400)
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:

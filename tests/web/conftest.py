@@ -49,7 +49,8 @@ class Web:
         return self.log_path.read_text(errors="replace")
 
     def request(self, method: str, path: str, body: Any = None, *, headers: dict[str, str] | None = None,
-                auth: bool = True, raw: bytes | None = None) -> Reply:
+                auth: bool = True, raw: bytes | None = None, head_only: bool = False) -> Reply:
+        """One request; `head_only`: the status and headers alone (a stream's body never ends)."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         sent = {"Host": self.host, **({"Authorization": f"Bearer {self.token}"} if auth else {})}
         if body is not None:
@@ -59,7 +60,8 @@ class Web:
         try:
             conn.request(method, path, body=raw, headers=sent)
             response = conn.getresponse()
-            return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+            return Reply(response.status, {k.lower(): v for k, v in response.getheaders()},
+                         b"" if head_only else response.read())
         finally:
             conn.close()
 
