@@ -416,7 +416,7 @@ function yAt(v, max) { return PAD.t + (H - PAD.t - PAD.b) * (1 - v / max); }
 function barChart(stats) {
   const n = stats.queueDepth.length;
   const totals = stats.finished.completed.map((_, i) => ["completed", "failed", "cancelled"].reduce((s, k) => s + stats.finished[k][i], 0));
-  const max = Math.max(1, ...totals);
+  const max = countMax(totals);
   const bw = Math.max(1, (W - PAD.l - PAD.r) / n - 1);
   const bars = [];
   for (let i = 0; i < n; i++) {
@@ -432,9 +432,15 @@ function barChart(stats) {
   return svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "jobs finished" }, frame(stats, max, (v) => Math.round(v)), bars);
 }
 
-function lineChart(stats, series, unit) {
+function countMax(values) {
+  const max = Math.max(2, ...values);
+  return max % 2 ? max + 1 : max; // even: the middle line is a whole number
+}
+
+function lineChart(stats, series, unit, counts) {
   const n = stats.queueDepth.length;
-  const max = Math.max(1, ...series.flatMap(([, values]) => values.filter((v) => v != null)));
+  const values = series.flatMap(([, v]) => v.filter((x) => x != null));
+  const max = counts ? countMax(values) : Math.max(1, ...values);
   const lines = series.map(([cls, values]) => {
     const points = values.map((v, i) => (v == null ? null : `${xAt(i, n).toFixed(1)},${yAt(v, max).toFixed(1)}`)).filter(Boolean);
     return points.length === 1 ? svg("circle", { class: cls, r: 2.5, cx: points[0].split(",")[0], cy: points[0].split(",")[1] })
@@ -458,11 +464,11 @@ function chartsView() {
     let stats;
     try { stats = await api("GET", `/api/v1/stats?hours=${hours.value}`); } catch (e) { toast(e.message, true); return; }
     const ms = (v) => (v >= 1000 ? `${(v / 1000).toFixed(v >= 10000 ? 0 : 1)}s` : `${Math.round(v)}ms`);
-    const bucket = span(stats.bucketMs).replace(" ", "");
+    const bucket = stats.bucketMs % 3600000 ? `${stats.bucketMs / 60000} min` : `${stats.bucketMs / 3600000} h`;
     grid.replaceChildren(
       el("div", { class: "panel chart", id: "chart-finished" }, el("h3", {}, `Jobs finished per ${bucket}`), barChart(stats),
         legend([["c-completed", "completed"], ["c-failed", "failed"], ["c-cancelled", "cancelled"]])),
-      el("div", { class: "panel chart", id: "chart-depth" }, el("h3", {}, "Queue depth"), lineChart(stats, [["c-depth", stats.queueDepth]], (v) => Math.round(v)),
+      el("div", { class: "panel chart", id: "chart-depth" }, el("h3", {}, "Queue depth"), lineChart(stats, [["c-depth", stats.queueDepth]], (v) => Math.round(v), true),
         legend([["c-depth", "jobs waiting"]])),
       el("div", { class: "panel chart", id: "chart-pickup" }, el("h3", {}, "Pickup latency (queued → started)"),
         lineChart(stats, [["c-p50", stats.pickupMs.p50], ["c-p95", stats.pickupMs.p95]], ms), legend([["c-p50", "p50"], ["c-p95", "p95"]])),
@@ -530,6 +536,7 @@ function submitView() {
 
 function route() {
   teardown();
+  document.getElementById("toast").hidden = true;
   const [path, search] = location.hash.slice(1).split("?");
   const params = new URLSearchParams(search || "");
   const parts = (path || "/jobs").split("/").filter(Boolean);
