@@ -447,7 +447,14 @@ def _web(section: _Section) -> WebConfig:
     web = WebConfig(token_file=_expand(section.string("token_file", DEFAULT_WEB_TOKEN_FILE)),
                     allowed_hosts=tuple(h.lower() for h in hosts))
     section.reject_unknown()
-    return web if listen is None else replace(web, listen=_host_port(section, "listen", listen))
+    return web if listen is None else replace(web, listen=_listen(section, "listen", listen))
+
+
+def _listen(section: _Section, key: str, value: object) -> tuple[str, int]:
+    """"HOST:PORT" where port 0 takes any free port (the login URL printed at start says which)."""
+    if isinstance(value, str) and value.endswith(":0"):
+        return _host_port(section, key, value[:-1] + "1")[0], 0
+    return _host_port(section, key, value)
 
 
 class _Flag(_Section):
@@ -458,10 +465,8 @@ class _Flag(_Section):
 
 
 def parse_listen(value: str) -> tuple[str, int]:
-    """--listen HOST:PORT, as [web] listen takes it; port 0 takes any free port (the login URL printed says which)."""
-    if value.endswith(":0"):
-        return _host_port(_Flag("command line", "", {}), "--listen", value[:-1] + "1")[0], 0
-    return _host_port(_Flag("command line", "", {}), "--listen", value)
+    """--listen HOST:PORT, as [web] listen takes it."""
+    return _listen(_Flag("command line", "", {}), "--listen", value)
 
 
 def _host_port(section: _Section, key: str, value: object) -> tuple[str, int]:

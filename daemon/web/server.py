@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
+import signal
 import socket
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
+from typing import Any
 
 from daemon import config
 from daemon import logging as log
@@ -68,9 +73,29 @@ async def _open(cfg: config.Config) -> Store:
     return store
 
 
-async def serve(cfg: config.Config) -> int:
+def _server(app: Any) -> Any:
     import uvicorn
 
+    class Server(uvicorn.Server):
+        """uvicorn's, but SIGTERM and SIGINT end serve() and that is all: uvicorn itself raises the signal again
+        once it returns, which would kill the process before the store is closed and the stop logged."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.handle_exit, sig, None)
+            try:
+                yield
+            finally:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+
+    return Server(uvicorn.Config(app, log_config=None, access_log=False, http="h11", ws="none", lifespan="on",
+                                 server_header=False, date_header=False, timeout_graceful_shutdown=GRACEFUL_STOP_S))
+
+
+async def serve(cfg: config.Config) -> int:
     from daemon.web.app import build
     from daemon.web.auth import load_token
     from daemon.web.hub import Hub
@@ -81,10 +106,7 @@ async def serve(cfg: config.Config) -> int:
     port = sock.getsockname()[1]
     store = await _open(cfg)
     try:
-        app = build(Hub(store, cfg), token=token, allowed_hosts=allowed_hosts(cfg.web))
-        server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, http="h11", ws="none",
-                                               lifespan="on", server_header=False, date_header=False,
-                                               timeout_graceful_shutdown=GRACEFUL_STOP_S))
+        server = _server(build(Hub(store, cfg), token=token, allowed_hosts=allowed_hosts(cfg.web)))
         logger.info("web.started", listen=f"{host}:{port}", db=cfg.db_name, read_only=store.read_only)
         if not is_loopback(host):
             logger.warning("web.not_loopback", listen=f"{host}:{port}",
