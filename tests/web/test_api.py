@@ -150,12 +150,10 @@ def test_a_stream_resumes_with_last_event_id_without_gaps_or_repeats(db: Db, web
                         f"while [ ! -e {gate} ]; do sleep 0.05; done; seq 41 60")
     texts: dict[str, str] = {"stdout": "", "stderr": ""}
     last_id = None
-    seen = 0
     for event_id, event in web.events(f"/api/v1/jobs/{job_id}/stream"):  # the first connection drops midway
         if event["type"] == "output_chunk":
             texts[event["stream"]] += event["text"]
         last_id = event_id
-        seen += 1
         if "line 10" in texts["stdout"]:
             break
     assert last_id is not None
@@ -194,7 +192,8 @@ def test_list_filters_and_pages_and_retry(db: Db, web: Web, running: Daemon) -> 
     # Retry: a finished job runs again as attempt 2; one that has not ended cannot be retried.
     reply = web.request("POST", f"/api/v1/jobs/{failing}/retry")
     assert (reply.status, reply.json()) == (200, {"success": True, "jobId": failing, "status": "queued"})
-    assert db.wait_status(failing)["attempt"] == 2 if db.wait_status(failing)["status"] == "failed" else False
+    wait_for(lambda: db.job(failing)["attempt"] == 2, message="the second attempt")
+    assert db.wait_status(failing)["status"] == "failed"
     busy = web.submit("sleep 30")
     wait_for(lambda: db.job(busy)["status"] == "executing", message="running")
     reply = web.request("POST", f"/api/v1/jobs/{busy}/retry")
