@@ -316,18 +316,29 @@ class Store(abc.ABC):
         any case, or the start of the id), after the page that ended at `before` = (created_at, id)."""
 
     @abc.abstractmethod
-    async def job_output_since(self, job_id: str | RawText, *, stdout_from: int, stderr_from: int,
-                               max_bytes: int) -> dict[str, Any] | None:
-        """A followed job: its row without the output, and per stream (`stdout_`, `stderr_`): `chunk`, the
-        column's UTF-8 bytes from byte `*_from` on (at most `max_bytes`); `length`, its length in bytes; `marker`,
-        the 1-based byte position of the cap's " bytes of STREAM omitted; TOTAL bytes in all]" (daemon.output)
-        with the row's own total, or 0 when the column holds the stream whole; `around`, the column's bytes from
-        MARKER_ROOM before that position on (the whole marker), or None."""
+    async def job_output_since(self, job_id: str | RawText, *, stdout_from: int, stderr_from: int, max_bytes: int,
+                               known: tuple[Any, ...] | None = None,
+                               hints: tuple[int, int] = (-1, -1)) -> dict[str, Any] | None:
+        """A followed job: its row without the output, and per stream (`stdout_`, `stderr_` keys): `length`, the
+        column's length in UTF-8 bytes; `chunk`, its bytes from `start` on (at most `max_bytes`): from the column
+        offset `*_from`, or where `*_from` < 0, from the stream's byte -`*_from` counted back from the column's end
+        (a column the output cap cut ends where the stream does); `around`, the bytes from `around_at` on that hold
+        the cap's marker (daemon.output): at `hints` (where it was) if >= 0, else found by its " bytes of STREAM
+        omitted; TOTAL bytes in all]" with the row's own TOTAL (none: None and -1). `known`: the row's `state`
+        (job_state) as the caller last saw it: while the row still has it, only {"state": ...} is read."""
 
     @abc.abstractmethod
     async def job_timings(self, *, since_ms: int, limit: int) -> list[tuple[Any, ...]]:
         """(created_at, run_after, started_at, completed_at, status) of the jobs created or finished since
         `since_ms`, and of every job still queued or running: the most recent `limit` of them."""
+
+
+JOB_STATE = ("status", "attempt", "stdout_bytes", "stderr_bytes", "duration", "worker_id", "exit_code")
+
+
+def job_state(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What job_output_since's `known` compares: a change of any of these is a change a follower must see."""
+    return tuple(row.get(key) for key in JOB_STATE)
 
 
 def cycles(edges: Mapping[str, str]) -> list[list[str]]:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from daemon import logging as log
 from daemon.store import RawText, Store
 from daemon.web.follow import (
     STREAMS,
@@ -26,7 +28,8 @@ from daemon.web.follow import (
     step,
 )
 
-READ_BYTES = 8 * 1024 * 1024  # at most this much of a column per read; the rest in the next read
+logger = log.get("web")
+READ_BYTES = 4 * 1024 * 1024  # at most this much of a column per read; the rest in the next read
 MAX_READS = 64  # reads in one look: a column of READ_BYTES * MAX_READS is followed over several looks
 LOG_BYTES = 8 * 1024 * 1024  # events a feed keeps for clients that are behind (or reconnect)
 KEEPALIVE_S = 15.0  # a comment this often keeps proxies and NAT from dropping an idle stream
@@ -72,17 +75,20 @@ class Look:
 
 
 async def look(store: Store, job_id: str | RawText, cursor: Cursor, memo: Memo,
-               until: Cursor | None = None) -> Look:
-    """The events that take `cursor` to the row as it is now (or to `until`, a cursor the row has passed)."""
+               until: Cursor | None = None, known: tuple[Any, ...] | None = None) -> Look:
+    """The events that take `cursor` to the row as it is now (or to `until`, a cursor the row has passed).
+    `known`: the row's state at the last look; a row that still has it is not read again (Look.row: its state)."""
     out = Look(cursor=cursor, memo=memo.copy())
     again: dict[str, int] = {}  # streams to read again, and from where
     for _ in range(MAX_READS):
         offsets = {s: again.get(s, read_offset(out.cursor.at(s), out.memo.head[s])) for s in STREAMS}
+        hints = (_hint(out.memo.head["stdout"]), _hint(out.memo.head["stderr"]))
         row = await store.job_output_since(job_id, stdout_from=offsets["stdout"], stderr_from=offsets["stderr"],
-                                           max_bytes=READ_BYTES)
-        out.row = row
-        if row is None:
+                                           max_bytes=READ_BYTES, known=known if not again else None, hints=hints)
+        if row is None or "id" not in row:  # deleted, or no change since `known`
+            out.row = row
             return out
+        out.row = row
         attempt = row["attempt"] if isinstance(row.get("attempt"), int) else 0
         if attempt != out.cursor.attempt:
             if until is not None:  # a new attempt since the feed's look: its output of `until` is gone
@@ -97,9 +103,15 @@ async def look(store: Store, job_id: str | RawText, cursor: Cursor, memo: Memo,
     row = out.row
     assert row is not None
     if (phase_of(row) if until is None else until.phase) == "done" and out.cursor.phase != "done":
+        if row.get("status") == "cancelled":  # cancelled and recorded between two looks: still said, as NexusCLI does
+            _status(out, row, "cancelled")
         out.cursor = replace(out.cursor, phase="done")
         out.events += [(out.cursor, event) for event in end_events(row)]
     return out
+
+
+def _hint(head: int | None) -> int:
+    return -1 if head is None else head
 
 
 def _status(out: Look, row: dict[str, Any], phase: str) -> None:
@@ -113,7 +125,7 @@ def _read_streams(out: Look, row: dict[str, Any], offsets: dict[str, int], until
     reach where the client is), and from where."""
     again = {}
     for stream in STREAMS:
-        col = Column.of(row, stream, offsets[stream])
+        col = Column.of(row, stream)
         result = step(stream, out.cursor.at(stream), out.memo.head[stream], col,
                       None if until is None else until.at(stream), out.memo.recent[stream])
         out.memo.head[stream] = result.head
@@ -145,6 +157,7 @@ class JobFeed:
         self.job_id = job_id
         self.cursor = Cursor()
         self.memo = Memo()
+        self.state: tuple[Any, ...] | None = None  # the row's Store.job_state at the last look
         self.seq = 0
         self.log: collections.deque[Entry] = collections.deque()
         self._log_bytes = 0
@@ -160,7 +173,13 @@ class JobFeed:
     async def refresh(self, store: Store) -> None:
         if self.done:
             return
-        result = await look(store, self.job_id, self.cursor, self.memo)
+        started = time.monotonic()
+        result = await look(store, self.job_id, self.cursor, self.memo, known=self.state)
+        if result.row is not None and "id" not in result.row:  # unchanged
+            return
+        logger.debug("web.look", job_id=str(self.job_id), took_ms=round((time.monotonic() - started) * 1000),
+                     stdout_bytes=(result.row or {}).get("stdout_bytes"), sent=result.cursor.stdout)
+        self.state = None if result.row is None else result.row.get("state")
         self.memo = result.memo
         events = result.events
         if result.row is None:

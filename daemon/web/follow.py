@@ -11,7 +11,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from daemon.store import JobStatus
-from daemon.store.base import MARKER_ROOM
 
 # The cap's marker, as daemon.output writes it between the head and the tail.
 MARKER = re.compile(rb"\n\[nexus-jobd: (\d+) bytes of (?:stdout|stderr) omitted; (\d+) bytes in all\]\n")
@@ -54,26 +53,22 @@ class Cursor:
 class Column:
     """What the store read of one stream's column (Store.job_output_since)."""
 
-    start: int  # the byte offset `chunk` starts at
+    start: int  # the column offset `chunk` starts at
     chunk: bytes
     length: int  # the column's length in bytes
-    marker: int  # 1-based position of the cap marker's total part; 0: the column holds the stream whole
     total: int  # the bytes the job wrote (stdout_bytes)
-    around: bytes = b""  # with a marker: the column's bytes from MARKER_ROOM before `marker` on
-
-    @property
-    def around_start(self) -> int:
-        return max(0, self.marker - 1 - MARKER_ROOM)
+    around_at: int = -1  # where `around` starts; -1: the column holds the stream whole (no cap's marker)
+    around: bytes = b""  # the bytes that hold the cap's marker
 
     @classmethod
-    def of(cls, row: dict[str, Any], stream: str, start: int) -> Column:
-        def number(key: str) -> int:
+    def of(cls, row: dict[str, Any], stream: str) -> Column:
+        def number(key: str, default: int = 0) -> int:
             value = row.get(f"{stream}_{key}")
-            return value if isinstance(value, int) else 0
+            return value if isinstance(value, int) else default
 
         chunk, around = row.get(f"{stream}_chunk"), row.get(f"{stream}_around")
-        return cls(start, bytes(chunk) if chunk else b"", number("length"), number("marker"), number("bytes"),
-                   bytes(around) if around else b"")
+        return cls(number("start"), bytes(chunk) if chunk else b"", number("length"), number("bytes"),
+                   number("around_at", -1), bytes(around) if around else b"")
 
 
 @dataclass(frozen=True)
@@ -96,9 +91,12 @@ def recent_after(recent: bytes, pieces: list[Piece]) -> bytes:
 
 
 def read_offset(pos: int, head: int | None) -> int:
-    """Where to read a column from for a client at `pos`: there, or once the cap cut it, its head's end (the
-    marker, then the tail, whose start in the stream that read tells)."""
-    return pos if head is None else min(pos, head)
+    """Where to read a column from for a client at `pos` (Store.job_output_since's `*_from`): there; or once the cap
+    cut it and `pos` is past the head, from the stream's byte `pos` counted back from the end (a little before it:
+    the bytes sent last, found there, place the tail exactly)."""
+    if head is None or pos < head:
+        return pos
+    return -max(0, pos - RECENT_BYTES - 3)
 
 
 def complete(data: bytes) -> int:
@@ -162,7 +160,7 @@ def step(stream: str, pos: int, head: int | None, col: Column, until: int | None
          recent: bytes = b"") -> Step:
     """The pieces that take a client from `pos` towards the column's end (or `until`), given what was read;
     `recent`: the bytes sent last (recent_after), which place a cut column's tail to the byte."""
-    if not col.marker:
+    if col.around_at < 0:
         if head is not None:  # it was cut and no longer is: the column is being written anew from the job's spool
             return Step([], head)
         end = col.start + len(col.chunk) if until is None else min(col.start + len(col.chunk), until)
@@ -175,9 +173,9 @@ def step(stream: str, pos: int, head: int | None, col: Column, until: int | None
 def _capped(stream: str, pos: int, head: int | None, col: Column, limit: int, recent: bytes) -> Step:
     """step() for a column the cap cut: its head, a note for what the client missed of the middle, the tail."""
     found = MARKER.search(col.around)
-    if found is None:  # not the daemon's marker after all: nothing to go on until the next change
-        return Step([], head)
-    head_end, tail_at = col.around_start + found.start(), col.around_start + found.end()
+    if found is None:  # not where it was (the column is being written anew): look for it again
+        return Step([], None, again_from=pos)
+    head_end, tail_at = col.around_at + found.start(), col.around_at + found.end()
     pieces: list[Piece] = []
     if pos < head_end:
         if col.start > pos:

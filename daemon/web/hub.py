@@ -23,6 +23,9 @@ TICK_S = 5.0  # a look without a change: heartbeat ages move on, and a lost noti
 # A file's change comes from the write of its WAL, just before the commit is published: look again 1, 2, 4 ...
 # 256 ms later (about 2 s in all, for a slow fsync), each time only if someone committed (a cheap probe).
 RECHECKS = 12
+# Looks at most this often: on a busy database every commit wakes the hub, and a look at a followed job reads its
+# row (on SQLite even its counters sit behind the output in the record); changes in between are seen together.
+MIN_GAP_S = 0.025
 STATS_TTL_S = 5.0
 STATS_ROWS = 200_000  # the most recent jobs the charts read
 REFRESH_ERRORS: tuple[type[Exception], ...] = (*DbError, JobdError)
@@ -73,7 +76,7 @@ class Hub:
         source = self.store.row_watcher(self._on_change)
         source.start()
         tick_s = TICK_S if source.uses_push else source.poll_interval_s(TICK_S)
-        rechecks, step = 0, 0
+        rechecks, step, last = 0, 0, 0.0
         try:
             while True:
                 timeout = 0.001 * 2 ** min(step, 8) if rechecks else tick_s
@@ -89,6 +92,8 @@ class Hub:
                     rechecks, step = rechecks - 1, step + 1
                     if not self.store.anyone_committed():
                         continue
+                await asyncio.sleep(max(0.0, last + MIN_GAP_S - time.monotonic()))
+                last = time.monotonic()
                 await self.refresh()
         finally:
             source.close()

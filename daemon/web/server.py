@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
-from daemon import config
+from daemon import config, output
 from daemon import logging as log
 from daemon.errors import ConfigError, DatabaseError
 from daemon.store import DbError, Store, open_store
@@ -101,6 +101,7 @@ async def serve(cfg: config.Config) -> int:
     from daemon.web.hub import Hub
 
     token = load_token(cfg.web.token_file)
+    output.map_big_blocks_apart()  # a big column read and sent is given back to the system, as the daemon does
     host, port = cfg.web.listen
     sock = bind(host, port)
     port = sock.getsockname()[1]

@@ -15,19 +15,17 @@ from daemon.web.follow import RECENT_BYTES, Column, Cursor, read_offset, recent_
 
 
 class Reader:
-    """A client following one stream's column the way feeds.look does: read from read_offset, step, repeat; the
-    column read as Store.job_output_since reads it."""
+    """A client following one stream's column the way feeds.look does: read from read_offset (with the marker's
+    place as a hint once known), step, repeat; the column read as Store.job_output_since reads it."""
 
     def __init__(self, max_bytes: int = 1 << 30) -> None:
         self.pos, self.head, self.text, self.max, self.recent = 0, None, "", max_bytes, b""
 
     def look(self, column: str, total: int) -> None:
         data = column.encode()
-        marker = data.find(f" bytes of stdout omitted; {total} bytes in all]\n".encode()) + 1
         start = read_offset(self.pos, self.head)
-        around = data[max(0, marker - 1 - MARKER_ROOM):marker + 160] if marker else b""
         for _ in range(64):
-            col = Column(start, data[start:start + self.max], len(data), marker, total, around)
+            col = read(data, total, start, self.head, self.max)
             result = step("stdout", self.pos, self.head, col, recent=self.recent)
             self.head = result.head
             self.recent = recent_after(self.recent, result.pieces)
@@ -40,6 +38,19 @@ class Reader:
                 start = read_offset(self.pos, self.head)
             else:
                 return
+
+
+def read(data: bytes, total: int, start: int, hint: int | None, max_bytes: int) -> Column:
+    """What Store.job_output_since's query returns for one stream."""
+    if start < 0:
+        start = max(0, len(data) - (total + start))
+    if hint is not None:
+        around_at = hint
+    else:
+        found = data.find(f" bytes of stdout omitted; {total} bytes in all]\n".encode())
+        around_at = max(0, found - MARKER_ROOM) if found >= 0 else -1
+    around = data[around_at:around_at + MARKER_ROOM + 160] if around_at >= 0 else b""
+    return Column(start, data[start:start + max_bytes], len(data), total, around_at, around)
 
 
 def written(seed: int, n: int) -> bytes:
@@ -100,7 +111,7 @@ def test_a_reader_that_joins_late_gets_the_head_then_says_how_much_it_skipped() 
 
 def test_a_catch_up_stops_where_it_was_told() -> None:
     data = b"0123456789" * 10
-    col = Column(0, data, len(data), 0, len(data))
+    col = Column(0, data, len(data), len(data))
     result = step("stdout", 5, None, col, until=42)
     assert "".join(p.text for p in result.pieces) == data[5:42].decode() and result.pieces[-1].pos == 42
 
@@ -110,15 +121,17 @@ def test_a_read_that_does_not_reach_where_the_client_is_asks_for_the_right_offse
     lines = "".join(f"{i:05d}\n" for i in range(2000))
     capture.feed(lines.encode())
     data = capture.render().encode()
-    marker = data.find(b" bytes of stdout omitted; 12000 bytes in all]\n") + 1
-    around = data[marker - 1 - MARKER_ROOM:marker + 160]
     tail_at = data.index(b"in all]\n") + len(b"in all]\n")
     # A client at 11000 of 12000: in the tail, past what a 100-byte read from the marker holds.
-    col = Column(marker - 60, data[marker - 60:marker + 40], len(data), marker, 12000, around)
+    col = read(data, 12000, 500, 500, 100)
     result = step("stdout", 11000, 512, col)
     at = tail_at + (11000 - (12000 - (len(data) - tail_at)))
     assert result.pieces == [] and result.again_from == at - RECENT_BYTES - 3
-    col = Column(at, data[at:], len(data), marker, 12000, around)
+    assert "".join(p.text for p in step("stdout", 11000, 512, read(data, 12000, at, 512, 1 << 20)).pieces) == \
+        lines[11000:]
+    # Read as the feed reads a cut column: counted back from the end, a little before where the client is.
+    assert read_offset(11000, 512) == -(11000 - RECENT_BYTES - 3)
+    col = read(data, 12000, read_offset(11000, 512), 512, 1 << 20)
     assert "".join(p.text for p in step("stdout", 11000, 512, col).pieces) == lines[11000:]
 
 

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from daemon import logging as log
 from daemon.config import redact_secrets, redact_url
 from daemon.errors import DatabaseError, JobdError
-from daemon.store.base import MARKER_ROOM, ChangeSource, DbRejected, DbUnavailable, Store, cycles
+from daemon.store.base import MARKER_ROOM, ChangeSource, DbRejected, DbUnavailable, Store, cycles, job_state
 from daemon.store.postgres.queries import HERE, Q, read_sql
 from daemon.store.rows import (
     AdoptedJob,
@@ -534,12 +534,20 @@ class PostgresStore(Store):
         return await self._dicts("find_jobs", {"status": status, "node_id": node_id, "text": text, "limit": limit,
                                                "before_created": created, "before_id": after_id})
 
-    async def job_output_since(self, job_id: str | RawText, *, stdout_from: int, stderr_from: int,
-                               max_bytes: int) -> dict[str, Any] | None:
+    async def job_output_since(self, job_id: str | RawText, *, stdout_from: int, stderr_from: int, max_bytes: int,
+                               known: tuple[Any, ...] | None = None,
+                               hints: tuple[int, int] = (-1, -1)) -> dict[str, Any] | None:
+        if known is not None:
+            states = await self._fetch("job_state", {"id": _text(job_id)})
+            if not states:
+                return None
+            if tuple(states[0]) == known:
+                return {"state": known}
         rows = await self._dicts("job_output_since", {"id": _text(job_id), "stdout_from": stdout_from,
                                                       "stderr_from": stderr_from, "max": max_bytes,
-                                                      "room": MARKER_ROOM})
-        return rows[0] if rows else None
+                                                      "room": MARKER_ROOM, "stdout_hint": hints[0],
+                                                      "stderr_hint": hints[1]})
+        return rows[0] | {"state": job_state(rows[0])} if rows else None
 
     async def job_timings(self, *, since_ms: int, limit: int) -> list[tuple[Any, ...]]:
         return await self._fetch("job_timings", {"since": since_ms, "limit": limit})

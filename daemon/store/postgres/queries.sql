@@ -307,27 +307,45 @@ SELECT id, node_id, tool, command, status, exit_code, error, duration, created_a
  LIMIT :limit;
 
 -- name: job_output_since
--- A followed job: the row without its output, and per stream its UTF-8 bytes from :stdout_from / :stderr_from on (at
--- most :max), its length in bytes, the byte position of the cap's marker (see the SQLite query; 0 if none), and the
--- bytes around it.
+-- A followed job: the row without its output and, per stream, its length in bytes, a chunk from a column offset or
+-- from a stream position counted back from the end, and the bytes around the cap's marker: as the SQLite query.
 WITH j AS MATERIALIZED (
-    SELECT *, convert_to(stdout, 'UTF8') AS out_b, convert_to(stderr, 'UTF8') AS err_b,
-           strpos(stdout, ' bytes of stdout omitted; ' || stdout_bytes || ' bytes in all]' || chr(10)) AS out_at,
-           strpos(stderr, ' bytes of stderr omitted; ' || stderr_bytes || ' bytes in all]' || chr(10)) AS err_at
+    SELECT id, node_id, tool, command, status, exit_code, error, duration, created_at, started_at, completed_at,
+           attempt, max_attempts, worker_id, stdout_bytes, stderr_bytes,
+           convert_to(stdout, 'UTF8') AS out_b, convert_to(stderr, 'UTF8') AS err_b,
+           CASE WHEN :stdout_hint::int >= 0 THEN 0 ELSE strpos(stdout, ' bytes of stdout omitted; ' || stdout_bytes
+                                                          || ' bytes in all]' || chr(10)) END AS out_p,
+           CASE WHEN :stderr_hint::int >= 0 THEN 0 ELSE strpos(stderr, ' bytes of stderr omitted; ' || stderr_bytes
+                                                          || ' bytes in all]' || chr(10)) END AS err_p,
+           stdout, stderr
       FROM jobs WHERE id = :id),
 m AS MATERIALIZED (
-    SELECT *, CASE WHEN out_at > 0 THEN octet_length(left(stdout, out_at - 1)) + 1 ELSE 0 END AS out_m,
-              CASE WHEN err_at > 0 THEN octet_length(left(stderr, err_at - 1)) + 1 ELSE 0 END AS err_m
+    SELECT j.*,
+           CASE WHEN :stdout_hint::int >= 0 THEN :stdout_hint::int
+                WHEN out_p > 0 THEN greatest(0, octet_length(left(stdout, out_p - 1)) - :room::int)
+                ELSE -1 END AS out_at,
+           CASE WHEN :stderr_hint::int >= 0 THEN :stderr_hint::int
+                WHEN err_p > 0 THEN greatest(0, octet_length(left(stderr, err_p - 1)) - :room::int)
+                ELSE -1 END AS err_at,
+           CASE WHEN :stdout_from::int >= 0 THEN :stdout_from::int
+                ELSE greatest(0, (octet_length(out_b) - (stdout_bytes + :stdout_from::int))::int) END AS out_from,
+           CASE WHEN :stderr_from::int >= 0 THEN :stderr_from::int
+                ELSE greatest(0, (octet_length(err_b) - (stderr_bytes + :stderr_from::int))::int) END AS err_from
       FROM j)
 SELECT id, node_id, tool, command, status, exit_code, error, duration, created_at, started_at, completed_at,
        attempt, max_attempts, worker_id, stdout_bytes, stderr_bytes,
        octet_length(out_b) AS stdout_length, octet_length(err_b) AS stderr_length,
-       out_m AS stdout_marker, err_m AS stderr_marker,
-       CASE WHEN out_m > 0 THEN substring(out_b FROM greatest(1, out_m - :room) FOR :room + 160) END AS stdout_around,
-       CASE WHEN err_m > 0 THEN substring(err_b FROM greatest(1, err_m - :room) FOR :room + 160) END AS stderr_around,
-       substring(out_b FROM :stdout_from + 1 FOR :max) AS stdout_chunk,
-       substring(err_b FROM :stderr_from + 1 FOR :max) AS stderr_chunk
+       out_at AS stdout_around_at, err_at AS stderr_around_at,
+       CASE WHEN out_at >= 0 THEN substring(out_b FROM out_at::int + 1 FOR :room::int + 160) END AS stdout_around,
+       CASE WHEN err_at >= 0 THEN substring(err_b FROM err_at::int + 1 FOR :room::int + 160) END AS stderr_around,
+       out_from AS stdout_start, err_from AS stderr_start,
+       substring(out_b FROM out_from::int + 1 FOR :max::int) AS stdout_chunk,
+       substring(err_b FROM err_from::int + 1 FOR :max::int) AS stderr_chunk
   FROM m;
+
+-- name: job_state
+-- What tells a followed job's row has changed, without reading its output.
+SELECT status, attempt, stdout_bytes, stderr_bytes, duration, worker_id, exit_code FROM jobs WHERE id = :id;
 
 -- name: job_timings
 -- The console's charts: when each recent job was queued, started and ended.

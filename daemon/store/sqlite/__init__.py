@@ -25,7 +25,7 @@ import anyio
 
 from daemon import logging as log
 from daemon.errors import DatabaseError, DatabaseRewritten, JobdError, WholeFileWriter
-from daemon.store.base import MARKER_ROOM, DbRejected, Quarantine, Store, cycles, now_ms
+from daemon.store.base import MARKER_ROOM, DbRejected, Quarantine, Store, cycles, job_state, now_ms
 from daemon.store.rows import (
     AdoptedJob,
     Claim,
@@ -1002,12 +1002,20 @@ class SqliteStore(Store):
         return await self._dicts("find_jobs", {"status": status, "node_id": node_id, "text": text, "limit": limit,
                                                "before_created": created, "before_id": after_id})
 
-    async def job_output_since(self, job_id: str | RawText, *, stdout_from: int, stderr_from: int,
-                               max_bytes: int) -> dict[str, Any] | None:
+    async def job_output_since(self, job_id: str | RawText, *, stdout_from: int, stderr_from: int, max_bytes: int,
+                               known: tuple[Any, ...] | None = None,
+                               hints: tuple[int, int] = (-1, -1)) -> dict[str, Any] | None:
+        if known is not None:
+            states = list(await self._conn.execute_fetchall(Q["job_state"], {"id": job_id}))
+            if not states:
+                return None
+            if tuple(states[0]) == known:
+                return {"state": known}
         rows = await self._dicts("job_output_since", {"id": job_id, "stdout_from": stdout_from,
                                                       "stderr_from": stderr_from, "max": max_bytes,
-                                                      "room": MARKER_ROOM})
-        return rows[0] if rows else None
+                                                      "room": MARKER_ROOM, "stdout_hint": hints[0],
+                                                      "stderr_hint": hints[1]})
+        return rows[0] | {"state": job_state(rows[0])} if rows else None
 
     async def job_timings(self, *, since_ms: int, limit: int) -> list[tuple[Any, ...]]:
         return [tuple(row) for row in await self._conn.execute_fetchall(Q["job_timings"],

@@ -393,26 +393,45 @@ SELECT id, node_id, tool, command, status, exit_code, error, duration, created_a
  LIMIT :limit;
 
 -- name: job_output_since
--- A followed job: the row without its output, and per stream its bytes from :stdout_from / :stderr_from on (at most
--- :max), its length in bytes, where the cap's marker (daemon.output) says " bytes of STREAM omitted; TOTAL bytes in
--- all]" with the row's own TOTAL (0: the column holds the whole stream), and the bytes around it. Bytes (BLOB), so
--- offsets stay exact; read in one statement, so all of it is of one version of the row.
-WITH j AS MATERIALIZED (
-    SELECT *, CAST(stdout AS BLOB) AS out_b, CAST(stderr AS BLOB) AS err_b,
-           instr(CAST(stdout AS BLOB),
-                 CAST(' bytes of stdout omitted; ' || stdout_bytes || ' bytes in all]' || char(10) AS BLOB)) AS out_m,
-           instr(CAST(stderr AS BLOB),
-                 CAST(' bytes of stderr omitted; ' || stderr_bytes || ' bytes in all]' || char(10) AS BLOB)) AS err_m
+-- A followed job: the row without its output and, per stream (STREAM_ below: stdout_, stderr_): `length`, the
+-- column's length in bytes; `chunk`, its bytes from `start` on (at most :max): from the column offset
+-- :STREAM_from, or where :STREAM_from < 0 from the stream's byte -:STREAM_from counted back from the column's end (a
+-- column the cap cut ends where the stream does); `around`, the bytes from `around_at` on, where the cap's marker
+-- (daemon.output) is: at :STREAM_hint if >= 0 (where it was), else found by its " bytes of STREAM omitted; TOTAL
+-- bytes in all]" with the row's own TOTAL (none: around NULL, around_at -1). Bytes (BLOB), so offsets stay exact;
+-- one statement, so all of it is of one version of the row. Only the positions go through a temporary table (a
+-- column there would be written out and read back: slower than reading it again).
+WITH m AS MATERIALIZED (
+    SELECT CASE WHEN :stdout_hint >= 0 THEN :stdout_hint
+                ELSE (SELECT CASE WHEN i > 0 THEN max(0, i - 1 - :room) ELSE -1 END FROM (
+                          SELECT instr(CAST(stdout AS BLOB), CAST(' bytes of stdout omitted; ' || stdout_bytes
+                                                                  || ' bytes in all]' || char(10) AS BLOB)) AS i
+                            FROM jobs WHERE id = CAST(:id AS TEXT))) END AS out_at,
+           CASE WHEN :stderr_hint >= 0 THEN :stderr_hint
+                ELSE (SELECT CASE WHEN i > 0 THEN max(0, i - 1 - :room) ELSE -1 END FROM (
+                          SELECT instr(CAST(stderr AS BLOB), CAST(' bytes of stderr omitted; ' || stderr_bytes
+                                                                  || ' bytes in all]' || char(10) AS BLOB)) AS i
+                            FROM jobs WHERE id = CAST(:id AS TEXT))) END AS err_at,
+           CASE WHEN :stdout_from >= 0 THEN :stdout_from
+                ELSE max(0, length(CAST(stdout AS BLOB)) - (stdout_bytes + :stdout_from)) END AS out_from,
+           CASE WHEN :stderr_from >= 0 THEN :stderr_from
+                ELSE max(0, length(CAST(stderr AS BLOB)) - (stderr_bytes + :stderr_from)) END AS err_from
       FROM jobs WHERE id = CAST(:id AS TEXT))
 SELECT id, node_id, tool, command, status, exit_code, error, duration, created_at, started_at, completed_at,
        attempt, max_attempts, worker_id, stdout_bytes, stderr_bytes,
-       length(out_b) AS stdout_length, length(err_b) AS stderr_length,
-       out_m AS stdout_marker, err_m AS stderr_marker,
-       CASE WHEN out_m > 0 THEN substr(out_b, max(1, out_m - :room), :room + 160) END AS stdout_around,
-       CASE WHEN err_m > 0 THEN substr(err_b, max(1, err_m - :room), :room + 160) END AS stderr_around,
-       substr(out_b, :stdout_from + 1, :max) AS stdout_chunk,
-       substr(err_b, :stderr_from + 1, :max) AS stderr_chunk
-  FROM j;
+       length(CAST(stdout AS BLOB)) AS stdout_length, length(CAST(stderr AS BLOB)) AS stderr_length,
+       m.out_at AS stdout_around_at, m.err_at AS stderr_around_at,
+       CASE WHEN m.out_at >= 0 THEN substr(CAST(stdout AS BLOB), m.out_at + 1, :room + 160) END AS stdout_around,
+       CASE WHEN m.err_at >= 0 THEN substr(CAST(stderr AS BLOB), m.err_at + 1, :room + 160) END AS stderr_around,
+       m.out_from AS stdout_start, m.err_from AS stderr_start,
+       substr(CAST(stdout AS BLOB), m.out_from + 1, :max) AS stdout_chunk,
+       substr(CAST(stderr AS BLOB), m.err_from + 1, :max) AS stderr_chunk
+  FROM jobs, m WHERE id = CAST(:id AS TEXT);
+
+-- name: job_state
+-- What tells a followed job's row has changed, without reading its output: job_output_since reads that only then.
+SELECT status, attempt, stdout_bytes, stderr_bytes, duration, worker_id, exit_code FROM jobs
+ WHERE id = CAST(:id AS TEXT);
 
 -- name: job_timings
 -- The console's charts: when each recent job was queued, started and ended.
