@@ -31,6 +31,7 @@ from daemon.store.rows import (
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 MARKER_ROOM = 64  # job_output_since: the output cap's marker starts at most this far before its TOTAL part
+CAP_HEAD_SHARE = 4  # daemon.output.HEAD_SHARE: the marker lies in the first 1/4 of a column the cap cut
 logger = log.get("store")
 
 

@@ -29,7 +29,7 @@ from daemon.web.follow import (
 )
 
 logger = log.get("web")
-READ_BYTES = 4 * 1024 * 1024  # at most this much of a column per read; the rest in the next read
+READ_BYTES = 8 * 1024 * 1024  # at most this much of a column per read; the rest in the next read
 MAX_READS = 64  # reads in one look: a column of READ_BYTES * MAX_READS is followed over several looks
 LOG_BYTES = 8 * 1024 * 1024  # events a feed keeps for clients that are behind (or reconnect)
 KEEPALIVE_S = 15.0  # a comment this often keeps proxies and NAT from dropping an idle stream

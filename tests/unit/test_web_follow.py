@@ -161,3 +161,14 @@ def test_charts_count_per_bucket_and_reconstruct_queue_depth() -> None:
                                           ("localhost.evil.example", False), ("", False), (None, False)])
 def test_host_header_names_or_ip_addresses(host: str | None, ok: bool) -> None:
     assert host_allowed(host, frozenset({"localhost", "phone.lan"})) is ok
+
+
+def test_the_store_looks_for_the_marker_where_daemon_output_puts_it() -> None:
+    from daemon.output import HEAD_SHARE
+    from daemon.store.base import CAP_HEAD_SHARE
+
+    assert CAP_HEAD_SHARE == HEAD_SHARE
+    capture = StreamCapture("stdout", cap=4096)
+    capture.feed(b"y\n" * 50_000)
+    data = capture.render().encode()
+    assert data.index(b" bytes of stdout omitted") < len(data) // CAP_HEAD_SHARE + 256

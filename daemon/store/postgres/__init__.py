@@ -16,7 +16,16 @@ from typing import Any, TypeVar
 from daemon import logging as log
 from daemon.config import redact_secrets, redact_url
 from daemon.errors import DatabaseError, JobdError
-from daemon.store.base import MARKER_ROOM, ChangeSource, DbRejected, DbUnavailable, Store, cycles, job_state
+from daemon.store.base import (
+    CAP_HEAD_SHARE,
+    MARKER_ROOM,
+    ChangeSource,
+    DbRejected,
+    DbUnavailable,
+    Store,
+    cycles,
+    job_state,
+)
 from daemon.store.postgres.queries import HERE, Q, read_sql
 from daemon.store.rows import (
     AdoptedJob,
@@ -545,7 +554,8 @@ class PostgresStore(Store):
                 return {"state": known}
         rows = await self._dicts("job_output_since", {"id": _text(job_id), "stdout_from": stdout_from,
                                                       "stderr_from": stderr_from, "max": max_bytes,
-                                                      "room": MARKER_ROOM, "stdout_hint": hints[0],
+                                                      "room": MARKER_ROOM, "head_share": CAP_HEAD_SHARE,
+                                                      "stdout_hint": hints[0],
                                                       "stderr_hint": hints[1]})
         return rows[0] | {"state": job_state(rows[0])} if rows else None
 

@@ -313,10 +313,12 @@ WITH j AS MATERIALIZED (
     SELECT id, node_id, tool, command, status, exit_code, error, duration, created_at, started_at, completed_at,
            attempt, max_attempts, worker_id, stdout_bytes, stderr_bytes,
            convert_to(stdout, 'UTF8') AS out_b, convert_to(stderr, 'UTF8') AS err_b,
-           CASE WHEN :stdout_hint::int >= 0 THEN 0 ELSE strpos(stdout, ' bytes of stdout omitted; ' || stdout_bytes
-                                                          || ' bytes in all]' || chr(10)) END AS out_p,
-           CASE WHEN :stderr_hint::int >= 0 THEN 0 ELSE strpos(stderr, ' bytes of stderr omitted; ' || stderr_bytes
-                                                          || ' bytes in all]' || chr(10)) END AS err_p,
+           CASE WHEN :stdout_hint::int >= 0 THEN 0
+                ELSE strpos(left(stdout, length(stdout) / :head_share::int + 256),
+                            ' bytes of stdout omitted; ' || stdout_bytes || ' bytes in all]' || chr(10)) END AS out_p,
+           CASE WHEN :stderr_hint::int >= 0 THEN 0
+                ELSE strpos(left(stderr, length(stderr) / :head_share::int + 256),
+                            ' bytes of stderr omitted; ' || stderr_bytes || ' bytes in all]' || chr(10)) END AS err_p,
            stdout, stderr
       FROM jobs WHERE id = :id),
 m AS MATERIALIZED (

@@ -25,7 +25,7 @@ import anyio
 
 from daemon import logging as log
 from daemon.errors import DatabaseError, DatabaseRewritten, JobdError, WholeFileWriter
-from daemon.store.base import MARKER_ROOM, DbRejected, Quarantine, Store, cycles, job_state, now_ms
+from daemon.store.base import CAP_HEAD_SHARE, MARKER_ROOM, DbRejected, Quarantine, Store, cycles, job_state, now_ms
 from daemon.store.rows import (
     AdoptedJob,
     Claim,
@@ -1013,7 +1013,8 @@ class SqliteStore(Store):
                 return {"state": known}
         rows = await self._dicts("job_output_since", {"id": job_id, "stdout_from": stdout_from,
                                                       "stderr_from": stderr_from, "max": max_bytes,
-                                                      "room": MARKER_ROOM, "stdout_hint": hints[0],
+                                                      "room": MARKER_ROOM, "head_share": CAP_HEAD_SHARE,
+                                                      "stdout_hint": hints[0],
                                                       "stderr_hint": hints[1]})
         return rows[0] | {"state": job_state(rows[0])} if rows else None
 

@@ -398,19 +398,24 @@ SELECT id, node_id, tool, command, status, exit_code, error, duration, created_a
 -- :STREAM_from, or where :STREAM_from < 0 from the stream's byte -:STREAM_from counted back from the column's end (a
 -- column the cap cut ends where the stream does); `around`, the bytes from `around_at` on, where the cap's marker
 -- (daemon.output) is: at :STREAM_hint if >= 0 (where it was), else found by its " bytes of STREAM omitted; TOTAL
--- bytes in all]" with the row's own TOTAL (none: around NULL, around_at -1). Bytes (BLOB), so offsets stay exact;
--- one statement, so all of it is of one version of the row. Only the positions go through a temporary table (a
+-- bytes in all]" with the row's own TOTAL (none: around NULL, around_at -1), in the first 1/:head_share of the
+-- column only (the marker follows the head, cap/HEAD_SHARE bytes, and such a column is about the cap). Bytes (BLOB),
+-- so offsets stay exact; one statement, so all of it is of one version of the row. Only the positions go through a temporary table (a
 -- column there would be written out and read back: slower than reading it again).
 WITH m AS MATERIALIZED (
     SELECT CASE WHEN :stdout_hint >= 0 THEN :stdout_hint
                 ELSE (SELECT CASE WHEN i > 0 THEN max(0, i - 1 - :room) ELSE -1 END FROM (
-                          SELECT instr(CAST(stdout AS BLOB), CAST(' bytes of stdout omitted; ' || stdout_bytes
-                                                                  || ' bytes in all]' || char(10) AS BLOB)) AS i
+                          SELECT instr(substr(CAST(stdout AS BLOB), 1,
+                                              length(CAST(stdout AS BLOB)) / :head_share + 256),
+                                       CAST(' bytes of stdout omitted; ' || stdout_bytes || ' bytes in all]'
+                                            || char(10) AS BLOB)) AS i
                             FROM jobs WHERE id = CAST(:id AS TEXT))) END AS out_at,
            CASE WHEN :stderr_hint >= 0 THEN :stderr_hint
                 ELSE (SELECT CASE WHEN i > 0 THEN max(0, i - 1 - :room) ELSE -1 END FROM (
-                          SELECT instr(CAST(stderr AS BLOB), CAST(' bytes of stderr omitted; ' || stderr_bytes
-                                                                  || ' bytes in all]' || char(10) AS BLOB)) AS i
+                          SELECT instr(substr(CAST(stderr AS BLOB), 1,
+                                              length(CAST(stderr AS BLOB)) / :head_share + 256),
+                                       CAST(' bytes of stderr omitted; ' || stderr_bytes || ' bytes in all]'
+                                            || char(10) AS BLOB)) AS i
                             FROM jobs WHERE id = CAST(:id AS TEXT))) END AS err_at,
            CASE WHEN :stdout_from >= 0 THEN :stdout_from
                 ELSE max(0, length(CAST(stdout AS BLOB)) - (stdout_bytes + :stdout_from)) END AS out_from,
