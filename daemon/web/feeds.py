@@ -32,6 +32,7 @@ logger = log.get("web")
 READ_BYTES = 8 * 1024 * 1024  # at most this much of a column per read; the rest in the next read
 MAX_READS = 64  # reads in one look: a column of READ_BYTES * MAX_READS is followed over several looks
 LOG_BYTES = 8 * 1024 * 1024  # events a feed keeps for clients that are behind (or reconnect)
+ENTRY_BYTES = 256 * 1024  # events sent to a client in one write
 KEEPALIVE_S = 15.0  # a comment this often keeps proxies and NAT from dropping an idle stream
 
 
@@ -193,9 +194,23 @@ class JobFeed:
             self.changed.notify()
 
     def _append(self, after: Cursor, events: list[tuple[Cursor, dict[str, Any]]]) -> None:
+        """The events as entries of at most ENTRY_BYTES (or one event): each is one write to each client, and what
+        a client's socket holds beyond its buffer is one entry at most, however far behind it is."""
+        before, size = self.cursor, 0
+        frames: list[tuple[Cursor, bytes]] = []
+        for cursor, event in events:
+            data = frame(cursor, event)
+            if frames and size + len(data) > ENTRY_BYTES:
+                self._keep(before, before := frames[-1][0], b"".join(f for _, f in frames))
+                frames, size = [], 0
+            frames.append((cursor, data))
+            size += len(data)
+        if frames:
+            self._keep(before, after, b"".join(f for _, f in frames))
+
+    def _keep(self, before: Cursor, after: Cursor, data: bytes) -> None:
         self.seq += 1
-        data = b"".join(frame(cursor, event) for cursor, event in events)
-        self.log.append(Entry(self.seq, self.cursor, after, data))
+        self.log.append(Entry(self.seq, before, after, data))
         self._log_bytes += len(data)
         while len(self.log) > 1 and self._log_bytes > LOG_BYTES:
             self._log_bytes -= len(self.log.popleft().data)

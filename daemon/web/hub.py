@@ -25,7 +25,7 @@ TICK_S = 5.0  # a look without a change: heartbeat ages move on, and a lost noti
 RECHECKS = 12
 # Looks at most this often: on a busy database every commit wakes the hub, and a look at a followed job reads its
 # row (on SQLite even its counters sit behind the output in the record); changes in between are seen together.
-MIN_GAP_S = 0.025
+MIN_GAP_S = 0.01
 STATS_TTL_S = 5.0
 STATS_ROWS = 200_000  # the most recent jobs the charts read
 REFRESH_ERRORS: tuple[type[Exception], ...] = (*DbError, JobdError)
