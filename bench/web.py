@@ -84,6 +84,7 @@ class Seen:
     marks: dict[str, float] = field(default_factory=dict)  # "s<n>" lines: when each arrived (event latency)
 
 
+MARKS = re.compile(rb"(s\d+\n)+\Z")
 TEXT = re.compile(rb'"type": "output_chunk", "stream": "stdout", "text": "(.*?)", "isIncremental"')
 
 
@@ -121,7 +122,7 @@ def _take(event: bytes, seen: Seen) -> None:
         seen.gaps += 1
     seen.length += len(text)
     seen.crc = zlib.crc32(text, seen.crc)
-    if text.startswith(b"s") and seen.marks is not None:
+    if MARKS.match(text):  # the event latency run's row: lines s0, s1, ...
         now = time.time()
         for mark in text.split(b"\n"):
             if mark:

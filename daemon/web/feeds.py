@@ -31,8 +31,8 @@ from daemon.web.follow import (
 logger = log.get("web")
 READ_BYTES = 8 * 1024 * 1024  # at most this much of a column per read; the rest in the next read
 MAX_READS = 64  # reads in one look: a column of READ_BYTES * MAX_READS is followed over several looks
-LOG_BYTES = 8 * 1024 * 1024  # events a feed keeps for clients that are behind (or reconnect)
-ENTRY_BYTES = 256 * 1024  # events sent to a client in one write
+LOG_BYTES = 32 * 1024 * 1024  # events a feed keeps for clients that are behind (or reconnect); shared by all
+ENTRY_BYTES = 1024 * 1024  # events sent to a client in one write
 KEEPALIVE_S = 15.0  # a comment this often keeps proxies and NAT from dropping an idle stream
 
 
@@ -75,10 +75,11 @@ class Look:
     row: dict[str, Any] | None = None
 
 
-async def look(store: Store, job_id: str | RawText, cursor: Cursor, memo: Memo,
-               until: Cursor | None = None, known: tuple[Any, ...] | None = None) -> Look:
-    """The events that take `cursor` to the row as it is now (or to `until`, a cursor the row has passed).
-    `known`: the row's state at the last look; a row that still has it is not read again (Look.row: its state)."""
+async def look(store: Store, job_id: str | RawText, cursor: Cursor, memo: Memo, until: Cursor | None = None,
+               known: tuple[Any, ...] | None = None) -> AsyncIterator[Look]:
+    """The events that take `cursor` to the row as it is now (or to `until`, a cursor the row has passed), one Look
+    per read of the row, so that what a big column gives goes out as it is read. `known`: the row's state at the
+    last look; a row that still has it is not read again (Look.row is then only its state)."""
     out = Look(cursor=cursor, memo=memo.copy())
     again: dict[str, int] = {}  # streams to read again, and from where
     for _ in range(MAX_READS):
@@ -86,21 +87,30 @@ async def look(store: Store, job_id: str | RawText, cursor: Cursor, memo: Memo,
         hints = (_hint(out.memo.head["stdout"]), _hint(out.memo.head["stderr"]))
         row = await store.job_output_since(job_id, stdout_from=offsets["stdout"], stderr_from=offsets["stderr"],
                                            max_bytes=READ_BYTES, known=known if not again else None, hints=hints)
-        if row is None or "id" not in row:  # deleted, or no change since `known`
-            out.row = row
-            return out
         out.row = row
+        if row is None or "id" not in row:  # deleted, or no change since `known`
+            yield out
+            return
         attempt = row["attempt"] if isinstance(row.get("attempt"), int) else 0
         if attempt != out.cursor.attempt:
             if until is not None:  # a new attempt since the feed's look: its output of `until` is gone
                 out.cursor = until
-                return out
+                yield out
+                return
             out.cursor, out.memo, again = Cursor(attempt=attempt), Memo(), {}
             continue
         _status(out, row, phase_of(row) if until is None else until.phase)
         again = _read_streams(out, row, offsets, until)
         if not again:
             break
+        yield out
+        out = Look(cursor=out.cursor, memo=out.memo, row=row)
+    _end(out, until)
+    yield out
+
+
+def _end(out: Look, until: Cursor | None) -> None:
+    """After the last read of a look: the end of the job, if it ended (and so far as `until` says)."""
     row = out.row
     assert row is not None
     if (phase_of(row) if until is None else until.phase) == "done" and out.cursor.phase != "done":
@@ -108,7 +118,6 @@ async def look(store: Store, job_id: str | RawText, cursor: Cursor, memo: Memo,
             _status(out, row, "cancelled")
         out.cursor = replace(out.cursor, phase="done")
         out.events += [(out.cursor, event) for event in end_events(row)]
-    return out
 
 
 def _hint(head: int | None) -> int:
@@ -175,23 +184,25 @@ class JobFeed:
         if self.done:
             return
         started = time.monotonic()
-        result = await look(store, self.job_id, self.cursor, self.memo, known=self.state)
-        if result.row is not None and "id" not in result.row:  # unchanged
-            return
+        async for part in look(store, self.job_id, self.cursor, self.memo, known=self.state):
+            if part.row is not None and "id" not in part.row:  # unchanged
+                return
+            self.memo = part.memo
+            events = part.events
+            if part.row is None:
+                self.gone = True
+                events = [(self.cursor, {"type": "error", "error": "the job was deleted"}),
+                          (self.cursor, {"type": "done"})]
+            else:
+                self.state = part.row.get("state")
+            if events:
+                self._append(part.cursor, events)
+            self.cursor = part.cursor
+            self.loaded.set()
+            if events or self.gone:
+                self.changed.notify()
         logger.debug("web.look", job_id=str(self.job_id), took_ms=round((time.monotonic() - started) * 1000),
-                     stdout_bytes=(result.row or {}).get("stdout_bytes"), sent=result.cursor.stdout)
-        self.state = None if result.row is None else result.row.get("state")
-        self.memo = result.memo
-        events = result.events
-        if result.row is None:
-            self.gone = True
-            events = [(self.cursor, {"type": "error", "error": "the job was deleted"}), (self.cursor, {"type": "done"})]
-        if events:
-            self._append(result.cursor, events)
-        self.cursor = result.cursor
-        self.loaded.set()
-        if events or self.gone:
-            self.changed.notify()
+                     sent=self.cursor.text())
 
     def _append(self, after: Cursor, events: list[tuple[Cursor, dict[str, Any]]]) -> None:
         """The events as entries of at most ENTRY_BYTES (or one event): each is one write to each client, and what
@@ -237,12 +248,13 @@ async def events_for(store: Store, feed: JobFeed, start: Cursor) -> AsyncIterato
     while True:
         if seq is None:  # behind what the feed keeps: catch up from the row, up to where the feed is now
             target, seq = feed.cursor, feed.seq
+            logger.debug("web.catch_up", job_id=str(feed.job_id), since=cursor.text(), until=target.text())
             # The feed's memo: its head is this attempt's too; its recent bytes are where the feed is, not the
             # client, so they do not place the tail for the client (Memo's recent: none assumed).
             memo = Memo(dict(feed.memo.head)) if cursor.attempt == target.attempt else Memo()
-            caught = await look(store, feed.job_id, cursor, memo, until=target)
-            if caught.events:
-                yield b"".join(frame(c, event) for c, event in caught.events)
+            async for part in look(store, feed.job_id, cursor, memo, until=target):
+                if part.events:
+                    yield b"".join(frame(c, event) for c, event in part.events)
             cursor = target
         entries = feed.entries_after(seq)
         if entries is None:
