@@ -49,6 +49,20 @@ class DbRejected(DatabaseError):
 DbError: tuple[type[Exception], ...] = (sqlite3.Error, DbUnavailable, DbRejected)
 
 
+JOB_STATE = ("status", "attempt", "stdout_bytes", "stderr_bytes", "duration", "worker_id", "exit_code")
+
+
+def job_state(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What job_output_since's `known` compares: a change of any of these is a change a follower must see."""
+    return tuple(row.get(key) for key in JOB_STATE)
+
+
+def page_params(before: tuple[int, str] | None) -> dict[str, Any]:
+    """find_jobs' keyset: the page after the row (created_at, id)."""
+    created, after_id = before if before is not None else (None, None)
+    return {"before_created": created, "before_id": after_id}
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -316,7 +330,6 @@ class Store(abc.ABC):
         """Newest first, without the output: filtered by status, node and `text` (in the command or the error,
         any case, or the start of the id), after the page that ended at `before` = (created_at, id)."""
 
-    @abc.abstractmethod
     async def job_output_since(self, job_id: str | RawText, *, stdout_from: int, stderr_from: int, max_bytes: int,
                                known: tuple[Any, ...] | None = None,
                                hints: tuple[int, int] = (-1, -1)) -> dict[str, Any] | None:
@@ -327,19 +340,27 @@ class Store(abc.ABC):
         the cap's marker (daemon.output): at `hints` (where it was) if >= 0, else found by its " bytes of STREAM
         omitted; TOTAL bytes in all]" with the row's own TOTAL (none: None and -1). `known`: the row's `state`
         (job_state) as the caller last saw it: while the row still has it, only {"state": ...} is read."""
+        if known is not None:
+            state = await self._job_state(job_id)
+            if state is None or state == known:
+                return None if state is None else {"state": known}
+        row = await self._job_output(job_id, {"stdout_from": stdout_from, "stderr_from": stderr_from,
+                                              "max": max_bytes, "room": MARKER_ROOM, "head_share": CAP_HEAD_SHARE,
+                                              "stdout_hint": hints[0], "stderr_hint": hints[1]})
+        return None if row is None else row | {"state": job_state(row)}
+
+    @abc.abstractmethod
+    async def _job_state(self, job_id: str | RawText) -> tuple[Any, ...] | None:
+        """job_state's columns of the row, read without its output (the `job_state` query)."""
+
+    @abc.abstractmethod
+    async def _job_output(self, job_id: str | RawText, params: dict[str, Any]) -> dict[str, Any] | None:
+        """The `job_output_since` query with these parameters and the id."""
 
     @abc.abstractmethod
     async def job_timings(self, *, since_ms: int, limit: int) -> list[tuple[Any, ...]]:
         """(created_at, run_after, started_at, completed_at, status) of the jobs created or finished since
         `since_ms`, and of every job still queued or running: the most recent `limit` of them."""
-
-
-JOB_STATE = ("status", "attempt", "stdout_bytes", "stderr_bytes", "duration", "worker_id", "exit_code")
-
-
-def job_state(row: Mapping[str, Any]) -> tuple[Any, ...]:
-    """What job_output_since's `known` compares: a change of any of these is a change a follower must see."""
-    return tuple(row.get(key) for key in JOB_STATE)
 
 
 def cycles(edges: Mapping[str, str]) -> list[list[str]]:

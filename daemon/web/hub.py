@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from daemon import logging as log
 from daemon.config import Config
@@ -29,6 +29,32 @@ MIN_GAP_S = 0.01
 STATS_TTL_S = 5.0
 STATS_ROWS = 200_000  # the most recent jobs the charts read
 REFRESH_ERRORS: tuple[type[Exception], ...] = (*DbError, JobdError)
+
+
+class Shared(Protocol):
+    clients: int
+
+
+K = TypeVar("K")
+S = TypeVar("S", bound=Shared)
+
+
+@contextlib.asynccontextmanager
+async def _shared(registry: dict[K, S], key: K, make: Callable[[], S],
+                  load: Callable[[S], Awaitable[None]]) -> AsyncIterator[S]:
+    """The registry's value for `key` (made if missing, loaded), counted as used while the block runs, and dropped
+    from the registry when its last user leaves."""
+    value = registry.get(key)
+    if value is None:
+        value = registry[key] = make()
+    value.clients += 1
+    try:
+        await load(value)
+        yield value
+    finally:
+        value.clients -= 1
+        if value.clients == 0 and registry.get(key) is value:
+            del registry[key]
 
 
 @dataclass(frozen=True)
@@ -115,35 +141,25 @@ class Hub:
 
     @contextlib.asynccontextmanager
     async def follow(self, job_id: str | RawText) -> AsyncIterator[JobFeed]:
-        feed = self.feeds.get(job_id)
-        if feed is None:
-            feed = self.feeds[job_id] = JobFeed(job_id)
-        feed.clients += 1
-        try:
+        """The job's feed, shared by its clients (read once, under the look's lock, when the first one comes)."""
+
+        async def load(feed: JobFeed) -> None:
             if not feed.loaded.is_set():
                 async with self._lock:
                     if not feed.loaded.is_set():
                         await feed.refresh(self.store)
+
+        async with _shared(self.feeds, job_id, lambda: JobFeed(job_id), load) as feed:
             yield feed
-        finally:
-            feed.clients -= 1
-            if feed.clients == 0 and self.feeds.get(job_id) is feed:
-                del self.feeds[job_id]
 
     @contextlib.asynccontextmanager
     async def watch_list(self, query: ListQuery) -> AsyncIterator[Snapshot]:
-        snapshot = self.lists.get(query)
-        if snapshot is None:
-            snapshot = self.lists[query] = Snapshot(self.console_changed)
-        snapshot.clients += 1
-        try:
+        async def load(snapshot: Snapshot) -> None:
             if snapshot.data is None:
                 snapshot.update(await self.jobs_json(query))
+
+        async with _shared(self.lists, query, lambda: Snapshot(self.console_changed), load) as snapshot:
             yield snapshot
-        finally:
-            snapshot.clients -= 1
-            if snapshot.clients == 0 and self.lists.get(query) is snapshot:
-                del self.lists[query]
 
     @contextlib.asynccontextmanager
     async def watch_nodes(self) -> AsyncIterator[Snapshot]:

@@ -16,16 +16,7 @@ from typing import Any, TypeVar
 from daemon import logging as log
 from daemon.config import redact_secrets, redact_url
 from daemon.errors import DatabaseError, JobdError
-from daemon.store.base import (
-    CAP_HEAD_SHARE,
-    MARKER_ROOM,
-    ChangeSource,
-    DbRejected,
-    DbUnavailable,
-    Store,
-    cycles,
-    job_state,
-)
+from daemon.store.base import ChangeSource, DbRejected, DbUnavailable, Store, cycles, page_params
 from daemon.store.postgres.queries import HERE, Q, read_sql
 from daemon.store.rows import (
     AdoptedJob,
@@ -539,25 +530,16 @@ class PostgresStore(Store):
 
     async def find_jobs(self, *, status: str | None, node_id: str | None, text: str | None,
                         before: tuple[int, str] | None, limit: int) -> list[dict[str, Any]]:
-        created, after_id = before if before is not None else (None, None)
         return await self._dicts("find_jobs", {"status": status, "node_id": node_id, "text": text, "limit": limit,
-                                               "before_created": created, "before_id": after_id})
+                                               **page_params(before)})
 
-    async def job_output_since(self, job_id: str | RawText, *, stdout_from: int, stderr_from: int, max_bytes: int,
-                               known: tuple[Any, ...] | None = None,
-                               hints: tuple[int, int] = (-1, -1)) -> dict[str, Any] | None:
-        if known is not None:
-            states = await self._fetch("job_state", {"id": _text(job_id)})
-            if not states:
-                return None
-            if tuple(states[0]) == known:
-                return {"state": known}
-        rows = await self._dicts("job_output_since", {"id": _text(job_id), "stdout_from": stdout_from,
-                                                      "stderr_from": stderr_from, "max": max_bytes,
-                                                      "room": MARKER_ROOM, "head_share": CAP_HEAD_SHARE,
-                                                      "stdout_hint": hints[0],
-                                                      "stderr_hint": hints[1]})
-        return rows[0] | {"state": job_state(rows[0])} if rows else None
+    async def _job_state(self, job_id: str | RawText) -> tuple[Any, ...] | None:
+        rows = await self._fetch("job_state", {"id": _text(job_id)})
+        return tuple(rows[0]) if rows else None
+
+    async def _job_output(self, job_id: str | RawText, params: dict[str, Any]) -> dict[str, Any] | None:
+        rows = await self._dicts("job_output_since", {"id": _text(job_id), **params})
+        return rows[0] if rows else None
 
     async def job_timings(self, *, since_ms: int, limit: int) -> list[tuple[Any, ...]]:
         return await self._fetch("job_timings", {"since": since_ms, "limit": limit})
