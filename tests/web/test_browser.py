@@ -136,6 +136,10 @@ def test_live_list_live_output_and_cancel_in_a_browser(db: Db, web: Web, running
         c.page.click(f'nav a[data-nav="{page}"]')
         c.page.wait_for_selector(selector)
         c.shot(page)
+        assert "[object" not in (c.page.text_content("main") or ""), page  # every value shown as itself
+        if page == "nodes":
+            node = c.page.text_content(".node") or ""
+            assert "localhost" in node and "heartbeat" in node and "bash" in node and "online" in node
     assert c.errors == []
 
 
