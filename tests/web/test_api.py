@@ -110,7 +110,10 @@ def test_stream_events_field_by_field(db: Db, web: Web, running: Daemon) -> None
     events, reader = _follow(web, job_id)
     wait_for(lambda: len(events) >= 2, message="status and first output")
     gate.touch()
+    opened = time.monotonic()
     reader.join(30)
+    # Pushed by the store's change source (inotify; LISTEN on PostgreSQL), not the 5 s safety tick.
+    assert time.monotonic() - opened < 3.0
     status = events[0]
     assert set(status) == {"type", "category", "nodeId", "message", "icon", "timestamp", "attempt"}
     assert (status["type"], status["category"], status["nodeId"], status["message"]) == (
@@ -236,3 +239,14 @@ def test_console_events_follow_rows_that_another_program_inserts(db: Db, web: We
     assert appeared - inserted_at < 1.0
     wait_for(lambda: shown("completed"), message="the row completed")
     stop.set()
+
+
+def test_a_stream_shows_where_the_output_cap_cut_the_middle(db: Db, daemon_factory: Callable[..., Daemon],
+                                                            web: Web) -> None:
+    daemon_factory("[daemon]\noutput_cap_bytes = 1024\n").start()
+    written = "".join(f"{i:04d}\n" for i in range(1000))  # 5000 bytes: head 256, tail 768, the middle cut
+    job_id = web.submit("seq -f %04g 0 999")
+    row = db.wait_status(job_id)
+    assert row["stdout_bytes"] == 5000 and "omitted" in row["stdout"]
+    text = "".join(e["text"] for _, e in _stream(web, job_id) if e["type"] == "output_chunk")
+    assert text == written[:256] + "\n[nexus-jobd: 3976 bytes of stdout not shown]\n" + written[-768:]

@@ -146,3 +146,11 @@ def test_the_token_file_is_made_private_or_read_as_provisioned(db: Db, web_facto
     token_file.chmod(0o600)
     url = run_cli(["--db", db.target, "--config", str(home / "web-1.toml"), "web", "--url"], home)
     assert url.stdout.strip() == "http://127.0.0.1:9480/?token=provisioned-by-the-service-manager-1234"
+
+
+def test_a_bind_beyond_loopback_says_so_in_the_log(db: Db, web_factory: Callable[..., Web]) -> None:
+    web = web_factory("", "--listen", "0.0.0.0:0")
+    assert web.url.startswith("http://127.0.0.1:")  # the login URL for this host; reachable from others too
+    assert '"web.not_loopback"' in web.log()
+    quiet = web_factory()
+    assert "not_loopback" not in quiet.log()
