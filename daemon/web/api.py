@@ -185,7 +185,7 @@ async def console_events(request: Request) -> Response:
     async def body() -> AsyncIterator[bytes]:
         async with hub.watch_list(query) as jobs, hub.watch_nodes() as node_list:
             sent: dict[int, bytes | None] = {}
-            while True:
+            while not hub.stopping:
                 for snapshot in (jobs, node_list):
                     if snapshot.data is not None and sent.get(id(snapshot)) is not snapshot.data:
                         sent[id(snapshot)] = snapshot.data

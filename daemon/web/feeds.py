@@ -174,6 +174,7 @@ class JobFeed:
         self.changed = Broadcast()
         self.loaded = asyncio.Event()  # set after the first look
         self.gone = False  # the row was deleted
+        self.closed = False  # the web process is stopping: its clients' streams end
         self.clients = 0
 
     @property
@@ -263,7 +264,7 @@ async def events_for(store: Store, feed: JobFeed, start: Cursor) -> AsyncIterato
         for entry in entries:
             yield entry.data
             cursor, seq = entry.after, entry.seq
-        if feed.done and seq == feed.seq:
+        if (feed.done and seq == feed.seq) or feed.closed:
             return
         if not entries and not await feed.changed.wait(KEEPALIVE_S):
             yield b": keep-alive\n\n"

@@ -91,6 +91,7 @@ class Hub:
         self._notified = False
         self._stats: dict[int, tuple[float, dict[str, Any]]] = {}
         self._lock = asyncio.Lock()  # one look at a time
+        self.stopping = False
 
     # -- the loop -------------------------------------------------------------------------------------------
 
@@ -123,6 +124,14 @@ class Hub:
                 await self.refresh()
         finally:
             source.close()
+
+    def stop(self) -> None:
+        """End every open stream now (the server is stopping; it would otherwise wait for them, then cancel them)."""
+        self.stopping = True
+        for feed in self.feeds.values():
+            feed.closed = True
+            feed.changed.notify()
+        self.console_changed.notify()
 
     async def refresh(self) -> None:
         """Look at every followed job and every watched list once."""

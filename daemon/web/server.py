@@ -8,7 +8,7 @@ import ipaddress
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -73,12 +73,16 @@ async def _open(cfg: config.Config) -> Store:
     return store
 
 
-def _server(app: Any) -> Any:
+def _server(app: Any, on_exit: Callable[[], None]) -> Any:
     import uvicorn
 
     class Server(uvicorn.Server):
         """uvicorn's, but SIGTERM and SIGINT end serve() and that is all: uvicorn itself raises the signal again
         once it returns, which would kill the process before the store is closed and the stop logged."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            on_exit()  # open streams end now, so that the server stops at once instead of after its grace
+            super().handle_exit(sig, frame)
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
@@ -107,7 +111,8 @@ async def serve(cfg: config.Config) -> int:
     port = sock.getsockname()[1]
     store = await _open(cfg)
     try:
-        server = _server(build(Hub(store, cfg), token=token, allowed_hosts=allowed_hosts(cfg.web)))
+        hub = Hub(store, cfg)
+        server = _server(build(hub, token=token, allowed_hosts=allowed_hosts(cfg.web)), hub.stop)
         logger.info("web.started", listen=f"{host}:{port}", db=cfg.db_name, read_only=store.read_only)
         if not is_loopback(host):
             logger.warning("web.not_loopback", listen=f"{host}:{port}",

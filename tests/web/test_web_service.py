@@ -1,19 +1,24 @@
-"""The web console under termux-services' real runit: runsv starts the project's run script, the login URL and
-the JSON log land in svlogd's log, the console answers with the token from its file, and `sv down` stops it."""
+"""The web process as a service: under termux-services' real runit (runsv starts the project's run script, the login
+URL and the JSON log land in svlogd's log, the console answers with the token from its file, `sv down` stops it),
+and SIGTERM with streams open (they end, and the process stops at once and cleanly)."""
 
 from __future__ import annotations
 
 import http.client
 import re
 import shutil
+import signal
 import subprocess
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.acceptance.test_termux_service import Runit
-from tests.conftest import NEXUS_JOBD, require, wait_for
+from tests.conftest import NEXUS_JOBD, Db, now_ms, require, wait_for
+from tests.web.conftest import Web
 
 
 @pytest.fixture
@@ -46,3 +51,27 @@ def test_the_web_console_under_runsv(runit_web: Runit) -> None:
     runit.sv("down")
     wait_for(lambda: runit.sv("status").startswith("down:"), timeout=30, message="sv down")
     assert runit.events("web.stopped")
+
+
+def test_sigterm_ends_open_streams_and_stops_at_once(db: Db, web_factory: Callable[..., Web]) -> None:
+    web = web_factory()
+    job_id = db.insert("sleep 60", run_after=now_ms() + 600_000)  # stays queued: its stream stays open
+    ended = threading.Event()
+
+    def follow() -> None:
+        for _ in web.events(f"/api/v1/jobs/{job_id}/stream"):
+            pass
+        ended.set()
+
+    threading.Thread(target=follow, daemon=True).start()
+    events = threading.Thread(target=lambda: list(web.events("/api/v1/events")), daemon=True)
+    events.start()
+    wait_for(lambda: '"web.started"' in web.log(), message="started")
+    time.sleep(0.5)  # both streams opened (nothing to wait on from here: they only send what exists)
+    stopped_at = time.monotonic()
+    web.proc.send_signal(signal.SIGTERM)
+    assert web.proc.wait(10) == 0
+    assert time.monotonic() - stopped_at < 1.5  # not after uvicorn's 2 s grace
+    assert ended.wait(5)
+    events.join(5)
+    assert '"web.stopped"' in web.log() and "Traceback" not in web.log() and "Exception" not in web.log()
