@@ -559,6 +559,22 @@ def cmd_cancel(cfg: config.Config, args: argparse.Namespace) -> int:
     return _with_store(cfg, action, writes=True)
 
 
+def cmd_web(cfg: config.Config, args: argparse.Namespace) -> int:
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise JobdError(f"the web console needs its libraries ({e.name} is missing): pip install 'nexus-jobd[web]' "
+                        "into nexus-jobd's environment") from None
+    from daemon.web import server
+
+    cfg = server.with_listen(cfg, args.listen)
+    if args.url:
+        print(server.url(cfg))
+        return 0
+    return anyio.run(server.serve, cfg)
+
+
 def cmd_db(cfg: config.Config, args: argparse.Namespace) -> int:
     if args.action == "migrate" and cfg.db_url is None and not cfg.db_path.exists():
         service.check_database_access(cfg)  # no database is created where `run` would refuse it
@@ -799,6 +815,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--status", action="append", choices=["completed", "failed", "cancelled"],
                    help="only jobs with this status (repeatable; default: all finished ones)")
 
+    s = command("web", "serve the web console and HTTP API (the `web` extra: pip install 'nexus-jobd[web]')",
+                cmd_web)
+    s.add_argument("--listen", metavar="HOST:PORT", help="where to listen (default: [web] listen, 127.0.0.1:9480)")
+    s.add_argument("--url", action="store_true", help="print the login URL (with the token) and exit")
+
     s = command("db", "database maintenance", cmd_db)
     s.add_argument("action", choices=["migrate", "check", "take-over"],
                    help="migrate: create/upgrade; check: verify; take-over: use a file a whole-file writer (NexusCLI "
@@ -828,7 +849,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           log_format=args.log_format)
         cfg = config.load(args.overrides)
         db, log_format = cfg.db_name, cfg.log_format
-        log.configure(cfg.log_level if args.cmd == "run" else "warning", cfg.log_format)
+        log.configure(cfg.log_level if args.cmd in ("run", "web") else "warning", cfg.log_format)
         code: int = args.func(cfg, args)
         return code
     except ConfigError as e:

@@ -44,6 +44,7 @@ ON_STOP = ("detach", "drain")
 DEFAULT_CONFIG_PATH = "~/.config/nexus-jobd/config.toml"
 NO_FILE = "built-in defaults"  # Config.source when no config file was read
 DEFAULT_DB_PATH = "~/.nexuscli/nexuscli.db"
+DEFAULT_WEB_TOKEN_FILE = "~/.config/nexus-jobd/web-token"
 # What jobs inherit from the daemon's environment by default: enough to behave like a login, not the daemon's
 # secrets (tokens, passwords in variables). A trailing * matches a prefix.
 DEFAULT_JOB_ENV = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "LC_*", "TZ", "TERM", "TMPDIR",
@@ -74,6 +75,17 @@ class MetricsConfig:
     @property
     def enabled(self) -> bool:
         return self.listen is not None or self.textfile is not None
+
+
+@dataclass(frozen=True, kw_only=True)
+class WebConfig:
+    """[web]: the console and HTTP API (`nexus-jobd web`), a process of its own."""
+
+    listen: tuple[str, int] = ("127.0.0.1", 9480)
+    token_file: Path = field(default_factory=lambda: _expand(DEFAULT_WEB_TOKEN_FILE))
+    # Host names a browser may use besides localhost and IP addresses (a name that resolves to this machine): any
+    # other name in the Host header is refused, so that a site cannot reach the console by DNS rebinding.
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,6 +134,7 @@ class Config:
     log_format: str = "auto"
     nodes: Mapping[str, NodeConfig] = field(default_factory=dict)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    web: WebConfig = field(default_factory=WebConfig)
 
     @property
     def db_target(self) -> Path | str:
@@ -445,6 +458,38 @@ def _metrics(section: _Section) -> MetricsConfig:
     return MetricsConfig(listen=None if listen is None else _host_port(section, "listen", listen), textfile=path)
 
 
+def _web(section: _Section) -> WebConfig:
+    """[web] listen = "HOST:PORT", token_file = PATH, allowed_hosts = ["name", ...]."""
+    listen = section.get("listen")
+    hosts = section.string_list("allowed_hosts", ())
+    if any(not re.fullmatch(r"[A-Za-z0-9.-]+", h) for h in hosts):
+        raise section.error("allowed_hosts", "host names without a port (letters, digits, dots and dashes), e.g. "
+                            '["phone.lan"]', list(hosts))
+    web = WebConfig(token_file=_expand(section.string("token_file", DEFAULT_WEB_TOKEN_FILE)),
+                    allowed_hosts=tuple(h.lower() for h in hosts))
+    section.reject_unknown()
+    return web if listen is None else replace(web, listen=_listen(section, "listen", listen))
+
+
+def _listen(section: _Section, key: str, value: object) -> tuple[str, int]:
+    """"HOST:PORT" where port 0 takes any free port (the login URL printed at start says which)."""
+    if isinstance(value, str) and value.endswith(":0"):
+        return _host_port(section, key, value[:-1] + "1")[0], 0
+    return _host_port(section, key, value)
+
+
+class _Flag(_Section):
+    """A value from the command line, checked as the file's key would be; errors name the flag."""
+
+    def _err(self, key: str, expected: str, value: object) -> ConfigError:
+        return ConfigError(f"{key} {value!r:.200}: expected {expected}")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """--listen HOST:PORT, as [web] listen takes it."""
+    return _listen(_Flag("command line", "", {}), "--listen", value)
+
+
 def _host_port(section: _Section, key: str, value: object) -> tuple[str, int]:
     """"HOST:PORT" (an IPv6 address in brackets: "[::1]:9479") -> (host, port), port 1..65535."""
     expected = ('"HOST:PORT" with a port from 1 to 65535, e.g. "127.0.0.1:9479" (this host only), '
@@ -539,6 +584,7 @@ def load(overrides: Overrides | None = None, environ: Mapping[str, str] | None =
         log_format=dm.string("log_format", "auto", choices=LOG_FORMATS),
         nodes=_nodes(source, top, local if local_node is None else local_node, max_concurrent),
         metrics=_metrics(_Section(source, "metrics", top.table("metrics"))),
+        web=_web(_Section(source, "web", top.table("web"))),
     )
     config = _database(config, db.string("path", DEFAULT_DB_PATH), f"{source}: [database] path")
     top.reject_unknown()

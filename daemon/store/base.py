@@ -29,6 +29,8 @@ from daemon.model import (
     Worker,
 )
 
+MARKER_ROOM = 64  # job_output_since: the output cap's marker starts at most this far before its TOTAL part
+CAP_HEAD_SHARE = 4  # daemon.output.HEAD_SHARE: the marker lies in the first 1/4 of a column the cap cut
 logger = log.get("store")
 # A stopped daemon's record in jobd_workers is dropped this long after it stopped (at start-up and by `prune`),
 # unless it still holds an unfinished job or is among the WORKERS_KEPT that started last.
@@ -48,6 +50,20 @@ class DbRejected(DatabaseError):
 
 # What callers outside the store may catch: the database said no (transient or not), on either backend.
 DbError: tuple[type[Exception], ...] = (sqlite3.Error, DbUnavailable, DbRejected)
+
+
+JOB_STATE = ("status", "attempt", "stdout_bytes", "stderr_bytes", "duration", "worker_id", "exit_code")
+
+
+def job_state(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What job_output_since's `known` compares: a change of any of these is a change a follower must see."""
+    return tuple(row.get(key) for key in JOB_STATE)
+
+
+def page_params(before: tuple[int, str] | None) -> dict[str, Any]:
+    """find_jobs' keyset: the page after the row (created_at, id)."""
+    created, after_id = before if before is not None else (None, None)
+    return {"before_created": created, "before_id": after_id}
 
 
 def is_postgres(target: str | Path) -> bool:
@@ -249,8 +265,10 @@ class Store(abc.ABC):
     async def insert_job(self, *, node_id: str, tool: str, command: str, cwd: str | None = None,
                          env: dict[str, str] | None = None, priority: int = 0, timeout_ms: int | None = None,
                          max_attempts: int = 1, delay_ms: int | None = None,
-                         depends_on: str | RawText | None = None) -> str:
-        """Queue a job as other programs do; `delay_ms` after its created_at, both by the database's clock."""
+                         depends_on: str | RawText | None = None, conversation_id: str | None = None,
+                         message_id: str | None = None) -> str:
+        """Queue a job as other programs do; `delay_ms` after its created_at, both by the database's clock.
+        `conversation_id`, `message_id`: NexusCLI's links to its chat (rows of its own tables, or None)."""
 
     @abc.abstractmethod
     async def prune(self, *, older_than_ms: int, statuses: Sequence[str]) -> int: ...
@@ -285,6 +303,50 @@ class Store(abc.ABC):
     async def prune_workers(self, *, older_than_ms: int = WORKERS_KEPT_MS, keep: int = WORKERS_KEPT) -> int:
         """Forget daemons that stopped more than `older_than_ms` ago, but the `keep` that started last and any that
         still holds an unfinished job (recovery needs it); how many were forgotten."""
+
+    # -- the web console's side (daemon.web) --------------------------------------------------------------
+
+    @abc.abstractmethod
+    def row_watcher(self, on_change: Callable[[], None], *, poll_s: float) -> ChangeSource:
+        """Like `changes`, but for every change of a job or node row (output, status, heartbeats), by anyone."""
+
+    @abc.abstractmethod
+    async def find_jobs(self, *, status: str | None, node_id: str | None, text: str | None,
+                        before: tuple[int, str] | None, limit: int) -> list[dict[str, Any]]:
+        """Newest first, without the output: filtered by status, node and `text` (in the command or the error,
+        any case, or the start of the id), after the page that ended at `before` = (created_at, id)."""
+
+    async def job_output_since(self, job_id: str | RawText, *, stdout_from: int, stderr_from: int, max_bytes: int,
+                               known: tuple[Any, ...] | None = None,
+                               hints: tuple[int, int] = (-1, -1)) -> dict[str, Any] | None:
+        """A followed job: its row without the output, and per stream (`stdout_`, `stderr_` keys): `length`, the
+        column's length in UTF-8 bytes; `chunk`, its bytes from `start` on (at most `max_bytes`): from the column
+        offset `*_from`, or where `*_from` < 0, from the stream's byte -`*_from` counted back from the column's end
+        (a column the output cap cut ends where the stream does); `around`, the bytes from `around_at` on that hold
+        the cap's marker (daemon.output): at `hints` (where it was) if >= 0, else found by its " bytes of STREAM
+        omitted; TOTAL bytes in all]" with the row's own TOTAL (none: None and -1). `known`: the row's `state`
+        (job_state) as the caller last saw it: while the row still has it, only {"state": ...} is read."""
+        if known is not None:
+            state = await self._job_state(job_id)
+            if state is None or state == known:
+                return None if state is None else {"state": known}
+        row = await self._job_output(job_id, {"stdout_from": stdout_from, "stderr_from": stderr_from,
+                                              "max": max_bytes, "room": MARKER_ROOM, "head_share": CAP_HEAD_SHARE,
+                                              "stdout_hint": hints[0], "stderr_hint": hints[1]})
+        return None if row is None else row | {"state": job_state(row)}
+
+    @abc.abstractmethod
+    async def _job_state(self, job_id: str | RawText) -> tuple[Any, ...] | None:
+        """job_state's columns of the row, read without its output (the `job_state` query)."""
+
+    @abc.abstractmethod
+    async def _job_output(self, job_id: str | RawText, params: dict[str, Any]) -> dict[str, Any] | None:
+        """The `job_output_since` query with these parameters and the id."""
+
+    @abc.abstractmethod
+    async def job_timings(self, *, since_ms: int, limit: int) -> list[tuple[Any, ...]]:
+        """(created_at, run_after, started_at, completed_at, status) of the jobs created or finished since
+        `since_ms`, and of every job still queued or running: the most recent `limit` of them."""
 
 
 def cycles(edges: Mapping[str, str]) -> list[list[str]]:

@@ -25,13 +25,15 @@ ROOT = Path(__file__).parent.parent.parent
 @pytest.mark.parametrize(("unit", "placeholder", "user"), [
     ("systemd/nexus-jobd.service", "/opt/nexus-jobd/bin/nexus-jobd", False),
     ("systemd/user/nexus-jobd.service", "%h/.local/share/nexus-jobd/bin/nexus-jobd", True),
+    ("systemd/nexus-jobd-web.service", "/opt/nexus-jobd/bin/nexus-jobd", False),
+    ("systemd/user/nexus-jobd-web.service", "%h/.local/share/nexus-jobd/bin/nexus-jobd", True),
 ])
 def test_systemd_units_verify_without_a_word(unit: str, placeholder: str, user: bool, tmp_path: Path) -> None:
     require(shutil.which("systemd-analyze") is not None, "systemd-analyze is not installed (Debian: systemd)")
     text = (ROOT / unit).read_text()
     assert placeholder in text
     # The one change: ExecStart points at this checkout's nexus-jobd, so verify can check it is executable.
-    copy = tmp_path / "nexus-jobd.service"
+    copy = tmp_path / Path(unit).name
     copy.write_text(text.replace(placeholder, str(VENV_BIN / "nexus-jobd")))
     runtime = tmp_path / "xdg"
     runtime.mkdir(mode=0o700)

@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import VENV_BIN, Db, group_members, require, wait_for
 
 ROOT = Path(__file__).parent.parent.parent
-SERVICE = ROOT / "termux-services" / "nexus-jobd"
+SERVICES = ROOT / "termux-services"
 TERMUX_SHEBANG = "#!/data/data/com.termux/files/usr/bin/sh\n"
 
 
@@ -29,17 +29,19 @@ def _install(src: Path, dest: Path) -> None:
 
 
 class Runit:
-    def __init__(self, tmp: Path) -> None:
-        self.prefix, self.home = tmp / "usr", tmp / "home"
+    """runsv running one of the project's termux-services (`name`), under a $PREFIX and $HOME of the test's."""
+
+    def __init__(self, tmp: Path, name: str = "nexus-jobd") -> None:
+        self.prefix, self.home, self.name = tmp / "usr", tmp / "home", name
         self.logdir = self.prefix / "var" / "log"
-        self.service = self.prefix / "var" / "service" / "nexus-jobd"
+        self.service = self.prefix / "var" / "service" / name
         (self.service / "log").mkdir(parents=True)
         (self.prefix / "bin").mkdir(parents=True)
-        self.home.mkdir()
+        self.home.mkdir(exist_ok=True)
         (self.prefix / "bin" / "nexus-jobd").symlink_to(VENV_BIN / "nexus-jobd")  # pip's $PREFIX/bin script
-        _install(SERVICE / "run", self.service / "run")
-        _install(SERVICE / "finish", self.service / "finish")
-        _install(SERVICE / "log" / "run", self.service / "log" / "run")
+        for script in ("run", "finish", "log/run"):
+            if (SERVICES / name / script).exists():
+                _install(SERVICES / name / script, self.service / script)
         self.env = {"PREFIX": str(self.prefix), "HOME": str(self.home), "LOGDIR": str(self.logdir),
                     "PATH": f"{self.prefix / 'bin'}:/usr/bin:/bin:/usr/sbin:/sbin"}
         self.runsv = subprocess.Popen(["runsv", str(self.service)], env=self.env, start_new_session=True,
@@ -56,14 +58,16 @@ class Runit:
             return int(status.split("(pid ")[1].split(")")[0])
         return None
 
+    def log_text(self) -> str:
+        current = self.logdir / "sv" / self.name / "current"
+        return current.read_text() if current.exists() else ""
+
     def log_lines(self) -> list[dict[str, object]]:
-        current = self.logdir / "sv" / "nexus-jobd" / "current"
-        if not current.exists():
-            return []
         events = []
-        for line in current.read_text().splitlines():
+        for line in self.log_text().splitlines():
             _stamp, _, payload = line.partition(" ")  # svlogd -tt: "2026-11-26_10:00:00.12345 {json}"
-            events.append(json.loads(payload))
+            if payload.startswith("{"):  # the web process also prints its login URL, as a line of text
+                events.append(json.loads(payload))
         return events
 
     def events(self, name: str) -> list[dict[str, object]]:

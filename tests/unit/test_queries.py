@@ -16,7 +16,7 @@ from daemon.store.sqlite.queries import Q, parse_named, read_sql, split_statemen
 
 STORE_SOURCE = Path(daemon.store.sqlite.__file__).read_text(encoding="utf-8")
 USED = sorted(set(re.findall(r"""Q\[["'](\w+)["']\]""", STORE_SOURCE))
-              | set(re.findall(r"""_write(?:_count)?\(\s*["'](\w+)["']""", STORE_SOURCE)))
+              | set(re.findall(r"""_(?:write|write_count|dicts)\(\s*["'](\w+)["']""", STORE_SOURCE)))
 PARAM = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 
 

@@ -29,7 +29,16 @@ from daemon.model import (
     RawText,
     Worker,
 )
-from daemon.store.base import WORKERS_KEPT, WORKERS_KEPT_MS, ChangeSource, DbRejected, DbUnavailable, Store, cycles
+from daemon.store.base import (
+    WORKERS_KEPT,
+    WORKERS_KEPT_MS,
+    ChangeSource,
+    DbRejected,
+    DbUnavailable,
+    Store,
+    cycles,
+    page_params,
+)
 from daemon.store.postgres.queries import HERE, Q, read_sql
 
 try:
@@ -42,6 +51,7 @@ except ImportError as e:  # pragma: no cover -- the message is the test
 T = TypeVar("T")
 logger = log.get("store")
 CHANNEL = "nexus_jobd"
+ROWS_CHANNEL = "nexus_jobd_rows"  # every write to jobs and nodes: only the web console listens (migration 0004)
 _BASE_COLUMNS = {
     "jobs": ("id", "conversation_id", "message_id", "node_id", "tool", "command", "status", "exit_code",
              "stdout", "stderr", "duration", "created_at", "started_at", "completed_at"),
@@ -469,13 +479,15 @@ class PostgresStore(Store):
     async def insert_job(self, *, node_id: str, tool: str, command: str, cwd: str | None = None,
                          env: dict[str, str] | None = None, priority: int = 0, timeout_ms: int | None = None,
                          max_attempts: int = 1, delay_ms: int | None = None,
-                         depends_on: str | RawText | None = None) -> str:
+                         depends_on: str | RawText | None = None, conversation_id: str | None = None,
+                         message_id: str | None = None) -> str:
         job_id = str(uuid.uuid4())
         await self._fetch("insert_job", {"id": job_id, "node_id": node_id, "tool": tool, "command": command,
                                          "cwd": cwd, "priority": priority,
                                          "timeout_ms": timeout_ms, "max_attempts": max_attempts,
                                          "delay_ms": delay_ms, "depends_on": _text(depends_on),
-                                         "env": json.dumps(env) if env else None})
+                                         "env": json.dumps(env) if env else None,
+                                         "conversation_id": conversation_id, "message_id": message_id})
         return job_id
 
     async def prune(self, *, older_than_ms: int, statuses: Sequence[str]) -> int:
@@ -523,6 +535,28 @@ class PostgresStore(Store):
     async def prune_workers(self, *, older_than_ms: int = WORKERS_KEPT_MS, keep: int = WORKERS_KEPT) -> int:
         return await self._count("prune_workers", {"older_than_ms": older_than_ms, "keep": keep})
 
+    # -- the web console's side (daemon.web) ------------------------------------------------------------------
+
+    def row_watcher(self, on_change: Callable[[], None], *, poll_s: float) -> ChangeSource:
+        """LISTEN on the channel every job and node write notifies (migration 0004), as well as the daemons'."""
+        return _Listener(self.url, self.name, on_change, poll_s, channels=(CHANNEL, ROWS_CHANNEL))
+
+    async def find_jobs(self, *, status: str | None, node_id: str | None, text: str | None,
+                        before: tuple[int, str] | None, limit: int) -> list[dict[str, Any]]:
+        return await self._dicts("find_jobs", {"status": status, "node_id": node_id, "text": text, "limit": limit,
+                                               **page_params(before)})
+
+    async def _job_state(self, job_id: str | RawText) -> tuple[Any, ...] | None:
+        rows = await self._fetch("job_state", {"id": _text(job_id)})
+        return tuple(rows[0]) if rows else None
+
+    async def _job_output(self, job_id: str | RawText, params: dict[str, Any]) -> dict[str, Any] | None:
+        rows = await self._dicts("job_output_since", {"id": _text(job_id), **params})
+        return rows[0] if rows else None
+
+    async def job_timings(self, *, since_ms: int, limit: int) -> list[tuple[Any, ...]]:
+        return await self._fetch("job_timings", {"since": since_ms, "limit": limit})
+
 
 def _text(value: str | RawText | None) -> str | None:
     """PostgreSQL's TEXT is always valid UTF-8: a RawText (only SQLite has them) is looked up as its escaped text."""
@@ -534,8 +568,10 @@ class _Listener(ChangeSource):
     with back-off (logged), and a reconnect is itself a change: what was notified meanwhile was missed. A safety
     poll every `poll_s` calls it too: a notification lost with a connection is found by it at the latest."""
 
-    def __init__(self, url: str, name: str, on_change: Callable[[], None], poll_s: float) -> None:
+    def __init__(self, url: str, name: str, on_change: Callable[[], None], poll_s: float, *,
+                 channels: tuple[str, ...] = (CHANNEL,)) -> None:
         self._url, self._name, self._on_change, self._poll_s = url, name, on_change, poll_s
+        self._channels = channels
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -559,7 +595,8 @@ class _Listener(ChangeSource):
             try:
                 conn = await PostgresStore._new_connection(self._url)
                 async with conn:
-                    await conn.execute(f"LISTEN {CHANNEL}")
+                    for channel in self._channels:
+                        await conn.execute(f"LISTEN {channel}")
                     delay = 0.1
                     self._on_change()  # anything queued while we were not listening
                     async for _ in conn.notifies():

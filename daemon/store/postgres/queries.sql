@@ -211,9 +211,10 @@ RETURNING id;
 
 -- name: insert_job
 INSERT INTO jobs (id, node_id, tool, command, status, created_at, cwd, env, priority, timeout_ms, max_attempts,
-                  run_after, depends_on)
+                  run_after, depends_on, conversation_id, message_id)
 VALUES (:id, :node_id, :tool, :command, 'queued', NOW_MS, :cwd, :env, :priority, :timeout_ms, :max_attempts,
-        NOW_MS + :delay_ms, :depends_on);  -- the database's clock, as every time the daemon writes
+        NOW_MS + :delay_ms, :depends_on, :conversation_id, :message_id);  -- the database's clock, as every
+                                                                         -- time the daemon writes
 
 -- name: get_job
 SELECT * FROM jobs WHERE id = :id;
@@ -316,3 +317,69 @@ DELETE FROM jobd_workers
    AND id NOT IN (SELECT worker_id FROM jobs
                    WHERE status IN ('executing', 'cancelled') AND duration IS NULL AND worker_id IS NOT NULL)
    AND id NOT IN (SELECT id FROM jobd_workers ORDER BY started_at DESC LIMIT :keep);
+
+-- the web console's side (daemon.web) -------------------------------------------------------------------------
+
+-- name: find_jobs
+-- The console's job list: newest first, filtered by status, node and a text (in the command or the error, any case,
+-- or the start of the id), after the page that ended at (:before_created, :before_id). Without the output.
+SELECT id, node_id, tool, command, status, exit_code, error, duration, created_at, started_at, completed_at,
+       priority, attempt, max_attempts, run_after, depends_on, timeout_ms, worker_id, stdout_bytes, stderr_bytes, cwd,
+       conversation_id, message_id
+  FROM jobs
+ WHERE (:status::text IS NULL OR status = :status) AND (:node_id::text IS NULL OR node_id = :node_id)
+   AND (:text::text IS NULL OR strpos(lower(command), lower(:text)) > 0
+        OR strpos(lower(error), lower(:text)) > 0 OR left(id, length(:text)) = :text)
+   AND (:before_created::bigint IS NULL OR (created_at, id) < (:before_created, :before_id::text))
+ ORDER BY created_at DESC, id DESC
+ LIMIT :limit;
+
+-- name: job_output_since
+-- A followed job: the row without its output and, per stream, its length in bytes, a chunk from a column offset or
+-- from a stream position counted back from the end, and the bytes around the cap's marker: as the SQLite query.
+WITH j AS MATERIALIZED (
+    SELECT id, node_id, tool, command, status, exit_code, error, duration, created_at, started_at, completed_at,
+           attempt, max_attempts, worker_id, stdout_bytes, stderr_bytes,
+           convert_to(stdout, 'UTF8') AS out_b, convert_to(stderr, 'UTF8') AS err_b,
+           CASE WHEN :stdout_hint::int >= 0 THEN 0
+                ELSE strpos(left(stdout, length(stdout) / :head_share::int + 256),
+                            ' bytes of stdout omitted; ' || stdout_bytes || ' bytes in all]' || chr(10)) END AS out_p,
+           CASE WHEN :stderr_hint::int >= 0 THEN 0
+                ELSE strpos(left(stderr, length(stderr) / :head_share::int + 256),
+                            ' bytes of stderr omitted; ' || stderr_bytes || ' bytes in all]' || chr(10)) END AS err_p,
+           stdout, stderr
+      FROM jobs WHERE id = :id),
+m AS MATERIALIZED (
+    SELECT j.*,
+           CASE WHEN :stdout_hint::int >= 0 THEN :stdout_hint::int
+                WHEN out_p > 0 THEN greatest(0, octet_length(left(stdout, out_p - 1)) - :room::int)
+                ELSE -1 END AS out_at,
+           CASE WHEN :stderr_hint::int >= 0 THEN :stderr_hint::int
+                WHEN err_p > 0 THEN greatest(0, octet_length(left(stderr, err_p - 1)) - :room::int)
+                ELSE -1 END AS err_at,
+           CASE WHEN :stdout_from::int >= 0 THEN :stdout_from::int
+                ELSE greatest(0, (octet_length(out_b) - (stdout_bytes + :stdout_from::int))::int) END AS out_from,
+           CASE WHEN :stderr_from::int >= 0 THEN :stderr_from::int
+                ELSE greatest(0, (octet_length(err_b) - (stderr_bytes + :stderr_from::int))::int) END AS err_from
+      FROM j)
+SELECT id, node_id, tool, command, status, exit_code, error, duration, created_at, started_at, completed_at,
+       attempt, max_attempts, worker_id, stdout_bytes, stderr_bytes,
+       octet_length(out_b) AS stdout_length, octet_length(err_b) AS stderr_length,
+       out_at AS stdout_around_at, err_at AS stderr_around_at,
+       CASE WHEN out_at >= 0 THEN substring(out_b FROM out_at::int + 1 FOR :room::int + 160) END AS stdout_around,
+       CASE WHEN err_at >= 0 THEN substring(err_b FROM err_at::int + 1 FOR :room::int + 160) END AS stderr_around,
+       out_from AS stdout_start, err_from AS stderr_start,
+       substring(out_b FROM out_from::int + 1 FOR :max::int) AS stdout_chunk,
+       substring(err_b FROM err_from::int + 1 FOR :max::int) AS stderr_chunk
+  FROM m;
+
+-- name: job_state
+-- What tells a followed job's row has changed, without reading its output.
+SELECT status, attempt, stdout_bytes, stderr_bytes, duration, worker_id, exit_code FROM jobs WHERE id = :id;
+
+-- name: job_timings
+-- The console's charts: when each recent job was queued, started and ended.
+SELECT created_at, run_after, started_at, completed_at, status FROM jobs
+ WHERE created_at >= :since OR completed_at >= :since OR status IN ('queued', 'executing')
+ ORDER BY created_at DESC
+ LIMIT :limit;

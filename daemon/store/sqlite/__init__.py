@@ -39,10 +39,10 @@ from daemon.model import (
     Worker,
     now_ms,
 )
-from daemon.store.base import WORKERS_KEPT, WORKERS_KEPT_MS, DbRejected, Store, cycles
+from daemon.store.base import WORKERS_KEPT, WORKERS_KEPT_MS, DbRejected, Store, cycles, page_params
 from daemon.store.sqlite import guard, rewrites
 from daemon.store.sqlite.queries import HERE, Q, read_sql, split_statements
-from daemon.store.sqlite.wakeup import QueueChanges
+from daemon.store.sqlite.wakeup import QueueChanges, RowChanges
 
 T = TypeVar("T")
 _ADD_COLUMN = re.compile(r"ALTER\s+TABLE\s+(\w+)\s+ADD\s+COLUMN\s+(\w+)", re.IGNORECASE)
@@ -899,7 +899,8 @@ class SqliteStore(Store):
     async def insert_job(self, *, node_id: str, tool: str, command: str, cwd: str | None = None,
                          env: dict[str, str] | None = None, priority: int = 0, timeout_ms: int | None = None,
                          max_attempts: int = 1, delay_ms: int | None = None,
-                         depends_on: str | RawText | None = None) -> str:
+                         depends_on: str | RawText | None = None, conversation_id: str | None = None,
+                         message_id: str | None = None) -> str:
         import uuid  # the CLI's path only: the daemon never creates ids
 
         job_id = str(uuid.uuid4())
@@ -907,7 +908,8 @@ class SqliteStore(Store):
                                          "now": now_ms(), "cwd": cwd, "priority": priority,
                                          "timeout_ms": timeout_ms, "max_attempts": max_attempts,
                                          "delay_ms": delay_ms, "depends_on": depends_on,
-                                         "env": json.dumps(env) if env else None})
+                                         "env": json.dumps(env) if env else None,
+                                         "conversation_id": conversation_id, "message_id": message_id})
         return job_id
 
     # -- nodes --------------------------------------------------------------------------------------------
@@ -938,9 +940,7 @@ class SqliteStore(Store):
         return [row[0] for row in rows]
 
     async def nodes_overview(self) -> list[dict[str, Any]]:
-        async with self._conn.execute(Q["nodes_overview"]) as cursor:
-            names = [d[0] for d in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
+        return await self._dicts("nodes_overview", {})
 
     async def job_counts(self) -> dict[str, int]:
         rows = list(await self._conn.execute_fetchall(Q["job_counts"]))
@@ -981,9 +981,7 @@ class SqliteStore(Store):
         return bool(await self._write("retry_job", {"id": job_id}))
 
     async def workers(self) -> list[dict[str, Any]]:
-        async with self._conn.execute(Q["workers"]) as cursor:
-            names = [d[0] for d in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
+        return await self._dicts("workers", {})
 
     async def cancel(self, job_ids: Sequence[str | RawText]) -> list[str | RawText]:
         """Cancel each job that has not ended, in one transaction; the ids of those cancelled."""
@@ -1019,8 +1017,32 @@ class SqliteStore(Store):
             return dict(zip([d[0] for d in cursor.description], row, strict=True))
 
     async def list_jobs(self, *, status: str | None, node_id: str | None, limit: int) -> list[dict[str, Any]]:
-        async with self._conn.execute(Q["list_jobs"], {"status": status, "node_id": node_id,
-                                                       "limit": limit}) as cursor:
+        return await self._dicts("list_jobs", {"status": status, "node_id": node_id, "limit": limit})
+
+    # -- the web console's side (daemon.web) ------------------------------------------------------------------
+
+    def row_watcher(self, on_change: Callable[[], None], *, poll_s: float) -> RowChanges:
+        return RowChanges(self, self.path, on_change, poll_s)
+
+    async def find_jobs(self, *, status: str | None, node_id: str | None, text: str | None,
+                        before: tuple[int, str] | None, limit: int) -> list[dict[str, Any]]:
+        return await self._dicts("find_jobs", {"status": status, "node_id": node_id, "text": text, "limit": limit,
+                                               **page_params(before)})
+
+    async def _job_state(self, job_id: str | RawText) -> tuple[Any, ...] | None:
+        rows = list(await self._conn.execute_fetchall(Q["job_state"], {"id": job_id}))
+        return tuple(rows[0]) if rows else None
+
+    async def _job_output(self, job_id: str | RawText, params: dict[str, Any]) -> dict[str, Any] | None:
+        rows = await self._dicts("job_output_since", {"id": job_id, **params})
+        return rows[0] if rows else None
+
+    async def job_timings(self, *, since_ms: int, limit: int) -> list[tuple[Any, ...]]:
+        return [tuple(row) for row in await self._conn.execute_fetchall(Q["job_timings"],
+                                                                          {"since": since_ms, "limit": limit})]
+
+    async def _dicts(self, query: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        async with self._conn.execute(Q[query], params) as cursor:
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
 

@@ -258,9 +258,10 @@ RETURNING id;
 
 -- name: insert_job
 INSERT INTO jobs (id, node_id, tool, command, status, created_at, cwd, env, priority, timeout_ms, max_attempts,
-                  run_after, depends_on)
+                  run_after, depends_on, conversation_id, message_id)
 VALUES (:id, :node_id, :tool, :command, 'queued', :now, :cwd, :env, :priority, :timeout_ms, :max_attempts,
-        :now + :delay_ms, CAST(:depends_on AS TEXT));  -- CAST: a RawText id (bound as a BLOB) back to its TEXT
+        :now + :delay_ms, CAST(:depends_on AS TEXT),  -- CAST: a RawText id (bound as a BLOB) back to its TEXT
+        :conversation_id, :message_id);
 
 -- name: get_job
 -- CAST: an id read back as RawText (not valid UTF-8) is bound as a BLOB; this makes it the stored TEXT again.
@@ -406,3 +407,74 @@ DELETE FROM jobd_workers
    AND id NOT IN (SELECT worker_id FROM jobs
                    WHERE status IN ('executing', 'cancelled') AND duration IS NULL AND worker_id IS NOT NULL)
    AND id NOT IN (SELECT id FROM jobd_workers ORDER BY started_at DESC LIMIT :keep);
+
+-- the web console's side (daemon.web) -------------------------------------------------------------------------
+
+-- name: find_jobs
+-- The console's job list: newest first, filtered by status, node and a text (in the command or the error, any case
+-- as far as SQLite's lower() goes, or the start of the id), after the page that ended at (:before_created,
+-- :before_id). Everything but the output itself, which can be megabytes a row.
+SELECT id, node_id, tool, command, status, exit_code, error, duration, created_at, started_at, completed_at,
+       priority, attempt, max_attempts, run_after, depends_on, timeout_ms, worker_id, stdout_bytes, stderr_bytes, cwd,
+       conversation_id, message_id
+  FROM jobs
+ WHERE (:status IS NULL OR status = :status) AND (:node_id IS NULL OR node_id = :node_id)
+   AND (:text IS NULL OR instr(lower(command), lower(:text)) > 0 OR instr(lower(error), lower(:text)) > 0
+        OR substr(id, 1, length(:text)) = :text)
+   AND (:before_created IS NULL OR created_at < :before_created
+        OR (created_at = :before_created AND id < :before_id))
+ ORDER BY created_at DESC, id DESC
+ LIMIT :limit;
+
+-- name: job_output_since
+-- A followed job: the row without its output and, per stream (STREAM_ below: stdout_, stderr_): `length`, the
+-- column's length in bytes; `chunk`, its bytes from `start` on (at most :max): from the column offset
+-- :STREAM_from, or where :STREAM_from < 0 from the stream's byte -:STREAM_from counted back from the column's end (a
+-- column the cap cut ends where the stream does); `around`, the bytes from `around_at` on, where the cap's marker
+-- (daemon.output) is: at :STREAM_hint if >= 0 (where it was), else found by its " bytes of STREAM omitted; TOTAL
+-- bytes in all]" with the row's own TOTAL (none: around NULL, around_at -1), in the first 1/:head_share of the
+-- column only (the marker follows the head, cap/HEAD_SHARE bytes, and such a column is about the cap). Bytes (BLOB),
+-- so offsets stay exact; one statement, so all of it is of one version of the row. Only the positions go through a temporary table (a
+-- column there would be written out and read back: slower than reading it again).
+WITH m AS MATERIALIZED (
+    SELECT CASE WHEN :stdout_hint >= 0 THEN :stdout_hint
+                ELSE (SELECT CASE WHEN i > 0 THEN max(0, i - 1 - :room) ELSE -1 END FROM (
+                          SELECT instr(substr(CAST(stdout AS BLOB), 1,
+                                              length(CAST(stdout AS BLOB)) / :head_share + 256),
+                                       CAST(' bytes of stdout omitted; ' || stdout_bytes || ' bytes in all]'
+                                            || char(10) AS BLOB)) AS i
+                            FROM jobs WHERE id = CAST(:id AS TEXT))) END AS out_at,
+           CASE WHEN :stderr_hint >= 0 THEN :stderr_hint
+                ELSE (SELECT CASE WHEN i > 0 THEN max(0, i - 1 - :room) ELSE -1 END FROM (
+                          SELECT instr(substr(CAST(stderr AS BLOB), 1,
+                                              length(CAST(stderr AS BLOB)) / :head_share + 256),
+                                       CAST(' bytes of stderr omitted; ' || stderr_bytes || ' bytes in all]'
+                                            || char(10) AS BLOB)) AS i
+                            FROM jobs WHERE id = CAST(:id AS TEXT))) END AS err_at,
+           CASE WHEN :stdout_from >= 0 THEN :stdout_from
+                ELSE max(0, length(CAST(stdout AS BLOB)) - (stdout_bytes + :stdout_from)) END AS out_from,
+           CASE WHEN :stderr_from >= 0 THEN :stderr_from
+                ELSE max(0, length(CAST(stderr AS BLOB)) - (stderr_bytes + :stderr_from)) END AS err_from
+      FROM jobs WHERE id = CAST(:id AS TEXT))
+SELECT id, node_id, tool, command, status, exit_code, error, duration, created_at, started_at, completed_at,
+       attempt, max_attempts, worker_id, stdout_bytes, stderr_bytes,
+       length(CAST(stdout AS BLOB)) AS stdout_length, length(CAST(stderr AS BLOB)) AS stderr_length,
+       m.out_at AS stdout_around_at, m.err_at AS stderr_around_at,
+       CASE WHEN m.out_at >= 0 THEN substr(CAST(stdout AS BLOB), m.out_at + 1, :room + 160) END AS stdout_around,
+       CASE WHEN m.err_at >= 0 THEN substr(CAST(stderr AS BLOB), m.err_at + 1, :room + 160) END AS stderr_around,
+       m.out_from AS stdout_start, m.err_from AS stderr_start,
+       substr(CAST(stdout AS BLOB), m.out_from + 1, :max) AS stdout_chunk,
+       substr(CAST(stderr AS BLOB), m.err_from + 1, :max) AS stderr_chunk
+  FROM jobs, m WHERE id = CAST(:id AS TEXT);
+
+-- name: job_state
+-- What tells a followed job's row has changed, without reading its output: job_output_since reads that only then.
+SELECT status, attempt, stdout_bytes, stderr_bytes, duration, worker_id, exit_code FROM jobs
+ WHERE id = CAST(:id AS TEXT);
+
+-- name: job_timings
+-- The console's charts: when each recent job was queued, started and ended.
+SELECT created_at, run_after, started_at, completed_at, status FROM jobs
+ WHERE created_at >= :since OR completed_at >= :since OR status IN ('queued', 'executing')
+ ORDER BY created_at DESC
+ LIMIT :limit;

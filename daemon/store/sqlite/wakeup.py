@@ -179,3 +179,52 @@ class QueueChanges(ChangeSource):
             self._version = version
             self._rechecks = 0  # what the notification announced is visible now
             self._on_change()
+
+
+class RowChanges(ChangeSource):
+    """Every commit by anyone (the web console follows output and heartbeats, not only the queue): a call at once
+    for each -wal write inotify reports, then as the commit lands (the probe, at doubling pauses, RECHECKS times),
+    then, without inotify, a poll."""
+
+    def __init__(self, store: Probe, path: Path, on_change: Callable[[], None], poll_s: float) -> None:
+        self._store, self._on_change = store, on_change
+        self._files = FileWatcher(path, self._notified)
+        self._poll_s = poll_s if self._files.watching else min(poll_s, FALLBACK_POLL_S)
+        self._wake = asyncio.Event()
+        self._rechecks = self._step = 0
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def uses_push(self) -> bool:
+        return self._files.watching
+
+    def start(self) -> None:
+        if self._task is None:
+            self._files.start()
+            self._store.anyone_committed()  # the probe's baseline
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="sqlite rows")
+
+    def close(self) -> None:
+        self._files.close()
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    def _notified(self) -> None:
+        self._rechecks, self._step = RECHECKS, 0
+        self._store.anyone_committed()  # a look now; the rechecks then see the commit land
+        self._on_change()
+
+    async def _run(self) -> None:
+        while True:
+            delay = 0.001 * float(2 ** min(RECHECK_DOUBLINGS, self._step)) if self._rechecks else self._poll_s
+            handle = asyncio.get_running_loop().call_later(delay, self._wake.set)
+            try:
+                await self._wake.wait()
+            finally:
+                handle.cancel()
+                self._wake.clear()
+            if self._rechecks:
+                self._rechecks, self._step = self._rechecks - 1, self._step + 1
+            if self._store.anyone_committed():
+                self._on_change()
