@@ -1,4 +1,4 @@
-"""The daemon's side of the job keeper (daemon/keeper): one connection (started, or found again), many jobs over it.
+"""The daemon's side of the job keeper (server.py): one connection (started, or found again), many jobs over it.
 
 Requests from one turn of the event loop go out in one write; the keeper's frames are dispatched to the job they
 name. The keeper must be of this daemon's user (an abstract socket is open to all: another user could bind its
@@ -16,18 +16,17 @@ import socket
 import struct
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Protocol
 
 import anyio
 
 from daemon import logging as log
 from daemon import procs
 from daemon.errors import JobLost, SpawnError
-from daemon.executors.base import OutputCallback
 from daemon.keeper import protocol as p
 from daemon.model import ExitStatus
-from daemon.output import JobOutput
 
 logger = log.get("keeper")
 CONNECT_TRIES = 3
@@ -37,6 +36,34 @@ READ_SIZE = 256 * 1024
 _ROOT = str(Path(__file__).resolve().parents[2])  # where the `daemon` package is: the keeper imports only it
 _BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); from daemon.keeper.server import main; "
          "sys.exit(main(bytes.fromhex(sys.argv[2])))")
+
+
+OutputCallback = Callable[[bytes], None]
+
+
+class Capture(Protocol):
+    """What the client needs of a stream's capture (daemon.output.StreamCapture): the bytes it has had, its cap;
+    skipping what the keeper dropped, starting over. (Named by shape, not imported: the client stays below output.)"""
+
+    @property
+    def cap(self) -> int: ...
+
+    @property
+    def total(self) -> int: ...
+
+    def skip(self, n: int) -> None: ...
+
+    def reset(self) -> None: ...
+
+
+class Captures(Protocol):
+    """A job's two captures (daemon.output.JobOutput)."""
+
+    @property
+    def stdout(self) -> Capture: ...
+
+    @property
+    def stderr(self) -> Capture: ...
 
 
 class KeeperLost(JobLost):
@@ -53,7 +80,7 @@ class KeeperProcess:
 
     detachable = True  # it runs on without this daemon: the next one attaches
 
-    def __init__(self, client: KeeperClient, handle: int, key: str, output: JobOutput, on_stdout: OutputCallback,
+    def __init__(self, client: KeeperClient, handle: int, key: str, output: Captures, on_stdout: OutputCallback,
                  on_stderr: OutputCallback, *, spawned: bool) -> None:
         self._client = client
         self.handle = handle
@@ -294,7 +321,7 @@ class KeeperClient:
 
     # -- jobs ---------------------------------------------------------------------------------------------------
 
-    async def spawn(self, key: str, argv: list[str], env: dict[str, str], cwd: str, output: JobOutput,
+    async def spawn(self, key: str, argv: list[str], env: dict[str, str], cwd: str, output: Captures,
                     on_stdout: OutputCallback, on_stderr: OutputCallback, drain_s: float) -> KeeperProcess:
         if self._sock is None:
             await self.connect()
@@ -312,7 +339,7 @@ class KeeperClient:
             raise
         return process
 
-    async def attach(self, key: str, output: JobOutput, on_stdout: OutputCallback,
+    async def attach(self, key: str, output: Captures, on_stdout: OutputCallback,
                      on_stderr: OutputCallback) -> KeeperProcess:
         """Follow again an attempt the keeper holds; JobLost if it holds none. `output` starts over from the first
         byte, whatever a row said: the keeper holds the head and the tail the row keeps, so reading them again is
@@ -335,7 +362,7 @@ class KeeperClient:
         self._next_handle = handle + 1 if handle < 0xFFFFFFFF else 1
         return handle
 
-    def _new(self, key: str, output: JobOutput, on_stdout: OutputCallback, on_stderr: OutputCallback, *,
+    def _new(self, key: str, output: Captures, on_stdout: OutputCallback, on_stderr: OutputCallback, *,
              spawned: bool) -> KeeperProcess:
         handle = self._handle()
         process = KeeperProcess(self, handle, key, output, on_stdout, on_stderr, spawned=spawned)
