@@ -80,10 +80,10 @@ class KeeperProcess:
 
     detachable = True  # it runs on without this daemon: the next one attaches
 
-    def __init__(self, client: KeeperClient, handle: int, key: str, output: Captures, on_stdout: OutputCallback,
+    def __init__(self, client: KeeperClient, key: str, output: Captures, on_stdout: OutputCallback,
                  on_stderr: OutputCallback, *, spawned: bool) -> None:
         self._client = client
-        self.handle = handle
+        self.handle = 0  # the client's name for it on the current connection, set when it is asked for
         self.key = key
         self._output = output
         self._on = (on_stdout, on_stderr)
@@ -329,15 +329,9 @@ class KeeperClient:
         if p.has_nul(key, cwd, *argv, *variables):
             raise SpawnError("an argument, a variable or the working directory holds a NUL byte: no program can "
                              "be given one")
-        process = self._new(key, output, on_stdout, on_stderr, spawned=True)
-        self.send(p.frame(p.SPAWN, process.handle,
-                          p.pack(key, output.stdout.cap, drain_s, cwd, len(argv), *argv, *variables)))
-        try:
-            await process.started
-        except BaseException:
-            self._jobs.pop(process.handle, None)
-            raise
-        return process
+        payload = p.pack(key, output.stdout.cap, drain_s, cwd, len(argv), *argv, *variables)
+        return await self._request(p.SPAWN, payload, KeeperProcess(self, key, output, on_stdout, on_stderr,
+                                                                   spawned=True))
 
     async def attach(self, key: str, output: Captures, on_stdout: OutputCallback,
                      on_stderr: OutputCallback) -> KeeperProcess:
@@ -348,25 +342,25 @@ class KeeperClient:
         await self.connect()
         output.stdout.reset()
         output.stderr.reset()
-        process = self._new(key, output, on_stdout, on_stderr, spawned=False)
-        self.send(p.frame(p.ATTACH, process.handle, p.pack(key, 0, 0)))
-        try:
-            await process.started
-        except BaseException:
-            self._jobs.pop(process.handle, None)
-            raise
-        return process
+        process = KeeperProcess(self, key, output, on_stdout, on_stderr, spawned=False)
+        return await self._request(p.ATTACH, p.pack(key, 0, 0), process)
 
     def _handle(self) -> int:
         handle = self._next_handle
         self._next_handle = handle + 1 if handle < 0xFFFFFFFF else 1
         return handle
 
-    def _new(self, key: str, output: Captures, on_stdout: OutputCallback, on_stderr: OutputCallback, *,
-             spawned: bool) -> KeeperProcess:
-        handle = self._handle()
-        process = KeeperProcess(self, handle, key, output, on_stdout, on_stderr, spawned=spawned)
+    async def _request(self, kind: int, payload: bytes, process: KeeperProcess) -> KeeperProcess:
+        """Send a SPAWN or an ATTACH for `process` under a new handle; it is followed once the keeper says it
+        started (an error, or this daemon giving up waiting, lets go of it)."""
+        process.handle = handle = self._handle()
         self._jobs[handle] = process
+        self.send(p.frame(kind, handle, payload))
+        try:
+            await process.started
+        except BaseException:
+            self._jobs.pop(handle, None)
+            raise
         return process
 
     def forget(self, process: KeeperProcess, *, remove: bool) -> None:
