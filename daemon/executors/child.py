@@ -55,6 +55,8 @@ class _SigchldReaper:
 
 
 class ChildProcess:
+    """A child of this daemon: its pipes read on the event loop, its end noticed by ChildExecutor."""
+
     def __init__(self, popen: subprocess.Popen[bytes], loop: asyncio.AbstractEventLoop,
                  on_stdout: OutputCallback, on_stderr: OutputCallback, drain_timeout_s: float) -> None:
         self._popen = popen
@@ -203,10 +205,10 @@ class ChildExecutor(HostExecutor):
         pass  # nothing to start: the daemon spawns its jobs itself
 
     async def holds(self, keys: list[str]) -> set[str]:
-        return set()  # a child of a daemon that stopped died with it: nothing here to adopt
+        return set()  # nothing holds a stopped daemon's children for another to adopt (recovery kills them by pid)
 
     async def kill_orphans(self, finished_attempts: Callable[[], Awaitable[list[tuple[str, int]]]]) -> list[str]:
-        return []  # the same: no orphan outlives its daemon
+        return []  # no keeper here holds attempts whose rows are final
 
     async def sweep(self, finished_attempts: Callable[[], Awaitable[list[tuple[str, int]]]]) -> None:
         pass  # nothing of a local job is left behind once its process group is gone
