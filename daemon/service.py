@@ -33,7 +33,6 @@ from daemon.config import Config, NodeConfig, Overrides
 from daemon.dispatch import Dispatcher, Wake, Wakes
 from daemon.errors import ConfigError, DatabaseRewritten, JobdError, SpawnError
 from daemon.executors.base import Executor, UntrustedNode
-from daemon.executors.child import ChildExecutor
 from daemon.executors.keeper import KeeperExecutor
 from daemon.health import PROBE_OUTPUT_MAX, Health, LocalProbe, NodeRefused, Prober, capabilities_json
 from daemon.hooks import Hooks
@@ -85,6 +84,8 @@ def _local_executor(config: Config) -> Executor:
     env, cwd, drain_s = config.job_environment, config.default_cwd, config.drain_timeout_ms / 1000
     if config.keeper:
         return KeeperExecutor(KeeperClient(config.db_name, env), base_env=env, default_cwd=cwd, drain_timeout_s=drain_s)
+    from daemon.executors.child import ChildExecutor  # 30 KB the default daemon (under a keeper) does without
+
     return ChildExecutor(base_env=env, default_cwd=cwd, drain_timeout_s=drain_s)
 
 

@@ -36,9 +36,7 @@ READ_SIZE = 256 * 1024
 _ROOT = str(Path(__file__).resolve().parents[2])  # where the `daemon` package is: the keeper imports only it
 _BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); from daemon.keeper.server import main; "
          "sys.exit(main(bytes.fromhex(sys.argv[2])))")
-
-
-OutputCallback = Callable[[bytes], None]
+OutputCallback = Callable[[bytes], None]  # as executors.base's: where a job's bytes go as they come
 
 
 class Capture(Protocol):
@@ -67,7 +65,7 @@ class Captures(Protocol):
 
 
 class KeeperLost(JobLost):
-    pass
+    """The keeper died while the job ran: the job's pipes died with it, and the rest of its output is lost."""
 
 
 class AlreadyStarted(SpawnError):
