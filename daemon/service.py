@@ -32,11 +32,11 @@ from daemon import procs
 from daemon.config import Config, NodeConfig, Overrides
 from daemon.dispatch import Dispatcher, Wake, Wakes
 from daemon.errors import ConfigError, DatabaseRewritten, JobdError, SpawnError
-from daemon.executors.base import Executor
-from daemon.executors.keeper import KeeperClient
-from daemon.executors.local import LocalExecutor
+from daemon.executors.base import Executor, UntrustedNode
+from daemon.executors.keeper import KeeperExecutor
 from daemon.health import PROBE_OUTPUT_MAX, Health, LocalProbe, NodeRefused, Prober, capabilities_json
 from daemon.hooks import Hooks
+from daemon.keeper.client import KeeperClient
 from daemon.lease import Identity, Lease
 from daemon.metrics import Exporter
 from daemon.model import STRANDED_FIX, Quarantine, StopReason, stranded
@@ -64,10 +64,9 @@ def new_worker_id() -> str:
 
 
 def executors_for(config: Config, metrics: Hooks | None = None) -> dict[str, Executor]:
-    local = LocalExecutor(base_env=config.job_environment, default_cwd=config.default_cwd,
-                          drain_timeout_s=config.drain_timeout_ms / 1000,
-                          keeper=KeeperClient(config.db_name, config.job_environment) if config.keeper else None)
-    executors: dict[str, Executor] = {config.local_node: local}
+    """The strategy that runs each node's jobs: this host's keeper (or with `[daemon] keeper = false` the daemon's
+    own children) for the local node, a pooled SSH connection for each remote one."""
+    executors: dict[str, Executor] = {config.local_node: _local_executor(config)}
     remote = [node for node in config.nodes.values() if node.ssh is not None]
     if remote:
         from daemon.executors import ssh  # asyncssh costs ~18 MB: only when a node needs it
@@ -81,6 +80,15 @@ def executors_for(config: Config, metrics: Hooks | None = None) -> dict[str, Exe
     return executors
 
 
+def _local_executor(config: Config) -> Executor:
+    env, cwd, drain_s = config.job_environment, config.default_cwd, config.drain_timeout_ms / 1000
+    if config.keeper:
+        return KeeperExecutor(KeeperClient(config.db_name, env), base_env=env, default_cwd=cwd, drain_timeout_s=drain_s)
+    from daemon.executors.child import ChildExecutor  # 30 KB the default daemon (under a keeper) does without
+
+    return ChildExecutor(base_env=env, default_cwd=cwd, drain_timeout_s=drain_s)
+
+
 def prober(config: Config, executors: dict[str, Executor]) -> Prober:
     local = LocalProbe()
 
@@ -89,14 +97,10 @@ def prober(config: Config, executors: dict[str, Executor]) -> Prober:
             return await local.text(node)
         if node.docker_host:
             script = f"DOCKER_HOST={shlex.quote(node.docker_host)}; export DOCKER_HOST\n{script}"
-        from daemon.executors import ssh
-
-        executor = executors[node.id]
-        assert isinstance(executor, ssh.SshExecutor)
         try:
-            return await executor.run(script, timeout_s=max(5.0, config.heartbeat_interval_ms / 1000),
-                                      limit=PROBE_OUTPUT_MAX)
-        except ssh.HostKeyError as e:
+            return await executors[node.id].run(script, timeout_s=max(5.0, config.heartbeat_interval_ms / 1000),
+                                                limit=PROBE_OUTPUT_MAX)
+        except UntrustedNode as e:
             raise NodeRefused(str(e)) from e
 
     return probe

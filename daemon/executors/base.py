@@ -5,10 +5,29 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+from daemon.errors import SpawnError
 from daemon.model import Command, ExitStatus
 from daemon.output import JobOutput
 
 OutputCallback = Callable[[bytes], None]
+HELPER_OUTPUT_MAX = 1024 * 1024  # the most stdout read of a command of the daemon's own (a sweep's ls, docker ps)
+
+
+class UntrustedNode(SpawnError):
+    """The node answers, but must not be used until someone fixes it (its host key is unknown or changed)."""
+
+
+class OutputTooLong(SpawnError):
+    """A command of the daemon's own printed more than it may; `partial` holds what was read."""
+
+    def __init__(self, message: str, partial: str) -> None:
+        super().__init__(message)
+        self.partial = partial
+
+    @property
+    def complete_lines(self) -> str:
+        """`partial` up to its last newline: no name cut in two."""
+        return self.partial[: self.partial.rfind("\n") + 1]
 
 
 class Process(Protocol):
@@ -82,6 +101,12 @@ class Executor(Protocol):
     async def output(self, command: Command, timeout_s: float) -> str:
         """A short command of the daemon's own on the node (e.g. `docker stop`): its stdout, or "" if it could
         not be run; the reason is logged."""
+        ...
+
+    async def run(self, script: str, timeout_s: float, *, limit: int) -> str:
+        """A short `sh` script of the daemon's own on the node (a probe): its stdout. Raises where `output` would
+        log: OutputTooLong past `limit` bytes, UntrustedNode for a node that must not be used (a refused host
+        key), NodeUnreachable or another SpawnError if it could not be run, TimeoutError past `timeout_s`."""
         ...
 
     async def aclose(self) -> None: ...

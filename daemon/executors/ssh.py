@@ -29,7 +29,7 @@ from daemon import logging as log
 from daemon.config import NodeConfig, SshTarget
 from daemon.errors import ConnectionLost, JobLost, NodeUnreachable, SpawnError
 from daemon.executors import spool
-from daemon.executors.base import OutputCallback
+from daemon.executors.base import HELPER_OUTPUT_MAX, OutputCallback, OutputTooLong, UntrustedNode
 from daemon.hooks import Hooks
 from daemon.model import Command, ExitStatus
 from daemon.output import JobOutput, StreamCapture
@@ -43,7 +43,6 @@ RECONNECT_STEP_S = 0.5
 REMOVE_AFTER_S = 2.0  # directories of final rows go with the next start on the node, or after this long
 REMOVE_BATCH = 64
 CLOSE_WAIT_S = 5.0  # how long a helper command's channel may take to close
-HELPER_OUTPUT_MAX = 1024 * 1024  # the most stdout read of a command of the daemon's own (a sweep's ls, docker ps)
 
 
 def in_sh(script: str) -> str:
@@ -52,20 +51,7 @@ def in_sh(script: str) -> str:
     return f"exec sh -c {shlex.quote(script)}"
 
 
-class OutputTooLong(SpawnError):
-    """A command of the daemon's own printed more than it may; `partial` holds what was read."""
-
-    def __init__(self, message: str, partial: str) -> None:
-        super().__init__(message)
-        self.partial = partial
-
-    @property
-    def complete_lines(self) -> str:
-        """`partial` up to its last newline: no name cut in two."""
-        return self.partial[: self.partial.rfind("\n") + 1]
-
-
-class HostKeyError(SpawnError):
+class HostKeyError(UntrustedNode):
     """The node's host key is unknown or changed: the node is refused until its known_hosts entry is right."""
 
 

@@ -19,7 +19,7 @@ VERSION = 1
 HEADER = struct.Struct("!BII")
 MAX_PAYLOAD = 64 * 1024 * 1024  # a request or output frame is far smaller: a bigger one is refused, never held
 DATA_CHUNK = 256 * 1024
-HEAD_SHARE = 4  # as output.HEAD_SHARE (that module imports the store; the keeper must not)
+HEAD_SHARE = 4  # as output.HEAD_SHARE (the keeper imports nothing of the daemon but this module)
 
 # daemon -> keeper
 HELLO = 1  # version: the keeper answers HELLO version, pid, the keys of the attempts it holds...

@@ -193,7 +193,7 @@ def _frames(sock: socket.socket, wanted: int) -> list[tuple[int, int, bytes]]:
 
 def test_the_keeper_refuses_a_request_too_big_for_it_and_serves_the_next_on_the_same_connection(
         tmp_path: Path) -> None:
-    from daemon.executors.keeper import _BOOT, _ROOT
+    from daemon.keeper.client import _BOOT, _ROOT
 
     database = tmp_path / "keeper.db"
     address = p.address(str(database))

@@ -50,7 +50,7 @@ def test_a_daemon_reading_the_spool_from_the_start_records_what_reading_every_by
 
 @pytest.mark.parametrize("seed", range(12))
 def test_a_daemon_that_restarts_records_exactly_once(seed: int) -> None:
-    """As an adopting daemon does (executors/keeper.py attach): whatever the row holds, its capture starts over
+    """As an adopting daemon does (keeper/client.py attach): whatever the row holds, its capture starts over
     and reads the keeper's head and tail again."""
     rng = random.Random(seed)
     size = rng.choice([CAP // 2, CAP + 10, 5 * CAP, 40 * CAP])
