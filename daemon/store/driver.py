@@ -50,7 +50,7 @@ class Rows(list[Any]):
         if not self:
             return self
         value = self.pick(name)
-        return Rows((row for row in self if keep(value(row))), self.columns)
+        return Rows([row for row in self if keep(value(row))], self.columns)
 
     def dicts(self) -> list[dict[str, Any]]:
         return [dict(zip(self.columns, row, strict=True)) for row in self]
@@ -107,6 +107,8 @@ class Driver(abc.ABC):
     read_only_fs: Path | None = None  # the mount point, when that is why: its filesystem is mounted read-only
     # Daemons on other hosts share it: they may recover this host's jobs, and cannot kill what runs here.
     shared_by_hosts = False
+    # What a job's output text becomes to be written, where the backend cannot take any text (None: as it is).
+    text: Callable[[str], str] | None = None
 
     # -- the primitives: each names a query of the backend's queries.sql --------------------------------------
 
@@ -139,9 +141,6 @@ class Driver(abc.ABC):
         """A job's id (or a node's) as read from a row, bound to find that row again."""
         return value
 
-    def text(self, value: str | None) -> str | None:
-        """A job's output, bound to be written."""
-        return value
 
     # -- what the backend notes of the store's writes ------------------------------------------------------
 

@@ -184,9 +184,12 @@ class JobStore:
         (another program deleted or re-queued it) and its row was left untouched."""
         if not items:
             return {}
-        params = [self._output(claim, result.output) | {
-            "status": result.status.value, "exit_code": result.exit_code, "error": result.error,
-            "run_after": result.run_after, "uncount": int(result.uncount)} for claim, result in items]
+        params = []
+        for claim, result in items:
+            p = self._output(claim, result.output)
+            p.update(status=result.status.value, exit_code=result.exit_code, error=result.error,
+                     run_after=result.run_after, uncount=int(result.uncount))
+            params.append(p)
         requeues = [p for p, (_, result) in zip(params, items, strict=True) if result.requeue]
         claims = self._driver.claims([claim for claim, _ in items]) | {"worker_id": items[0][0].worker_id}
 
@@ -207,10 +210,11 @@ class JobStore:
         return finished
 
     def _output(self, claim: Claim, out: OutputSnapshot) -> dict[str, Any]:
-        text = self._driver.text
-        return {"id": claim.job_id, "worker_id": claim.worker_id, "attempt": claim.attempt,
-                "stdout": text(out.stdout), "stderr": text(out.stderr),
-                "stdout_bytes": out.stdout_bytes, "stderr_bytes": out.stderr_bytes}
+        stdout, stderr = out.stdout, out.stderr
+        if (text := self._driver.text) is not None:
+            stdout, stderr = (None if t is None else text(t) for t in (stdout, stderr))
+        return {"id": claim.job_id, "worker_id": claim.worker_id, "attempt": claim.attempt, "stdout": stdout,
+                "stderr": stderr, "stdout_bytes": out.stdout_bytes, "stderr_bytes": out.stderr_bytes}
 
     async def fail_blocked_dependencies(self) -> list[tuple[str, Any]]:
         """Fail queued rows whose dependency can no longer complete; repeated so chains fail in one call."""

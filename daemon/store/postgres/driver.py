@@ -74,6 +74,11 @@ def explain(url: str, error: Exception) -> str:
     return f"{name}: cannot connect to PostgreSQL: {text}; {fix}"
 
 
+def _no_nul(text: str) -> str:
+    """PostgreSQL's TEXT cannot hold NUL; a job that prints one keeps the rest of its output (U+FFFD in its place)."""
+    return text.replace("\0", "\ufffd") if "\0" in text else text
+
+
 async def new_connection(url: str) -> psycopg.AsyncConnection[Any]:
     given = psycopg.conninfo.conninfo_to_dict(url)
     extra = {k: v for k, v in _DEFAULTS.items() if k not in given}
@@ -111,6 +116,7 @@ class PostgresDriver(Driver):
     again when lost; a second one LISTENs (see _Listener)."""
 
     shared_by_hosts = True
+    text = staticmethod(_no_nul)
 
     def __init__(self, url: str, conn: psycopg.AsyncConnection[Any]) -> None:
         self.url = url
@@ -228,10 +234,6 @@ class PostgresDriver(Driver):
         text."""
         return str(value) if isinstance(value, RawText) else value
 
-    def text(self, value: str | None) -> str | None:
-        """PostgreSQL's TEXT cannot hold NUL; a job that prints one keeps the rest of its output (U+FFFD in its
-        place)."""
-        return value.replace("\0", "\ufffd") if value is not None and "\0" in value else value
 
     # -- schema, backups, wake-ups ----------------------------------------------------------------------------
 
