@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -26,20 +26,27 @@ class Rows(list[Any]):
 
     __slots__ = ("columns",)
 
-    def __init__(self, rows: Iterable[Any], columns: Sequence[str]) -> None:
-        super().__init__(rows)
-        self.columns = tuple(columns)
+    def __init__(self, rows: Iterable[Any], columns: tuple[str, ...]) -> None:
+        list.__init__(self, rows)
+        self.columns = columns
 
     def pick(self, *names: str) -> Callable[[Any], Any]:
-        """What takes `names` out of one of these rows: a tuple of their values, or the value for one name."""
-        return itemgetter(*[self.columns.index(name) for name in names])
+        """What takes `names` out of one of these rows: a tuple of their values, or the value for one name. Worked
+        out once for each statement's columns, and kept."""
+        pick = _PICKS.get((self.columns, names))
+        if pick is None:
+            pick = _PICKS[(self.columns, names)] = itemgetter(*[self.columns.index(name) for name in names])
+        return pick
+
+    def each(self, *names: str) -> Iterator[Any]:
+        """Each row's value of `names` (one), or its values of them (a tuple for two or more), in that order."""
+        return map(self.pick(*names), self) if self else iter(())
 
     def column(self, name: str) -> list[Any]:
-        return list(map(self.pick(name), self)) if self else []
+        return list(self.each(name))
 
     def tuples(self, *names: str) -> list[tuple[Any, ...]]:
-        """Each row's values of `names` (two or more), in that order."""
-        return list(map(self.pick(*names), self)) if self else []
+        return list(self.each(*names))
 
     def first(self, name: str) -> Any:
         """The column `name` of the first row; None without one."""
@@ -56,6 +63,8 @@ class Rows(list[Any]):
         return [dict(zip(self.columns, row, strict=True)) for row in self]
 
 
+# A few dozen entries: one for each statement's columns and what is asked of them.
+_PICKS: dict[tuple[tuple[str, ...], tuple[str, ...]], Callable[[Any], Any]] = {}
 _PICKERS: dict[tuple[type[Any], tuple[str, ...]], Callable[[Any], tuple[Any, ...]]] = {}
 
 
@@ -80,6 +89,8 @@ def _picker(cls: type[Any], columns: tuple[str, ...]) -> Callable[[Any], tuple[A
             for field in left_out):
         raise TypeError(f"columns {columns} do not give {cls.__name__}'s fields in order")
     at = [columns.index(name) for name in names]
+    if at == list(range(at[0], at[0] + len(at))):  # the fields are a run of columns (the usual case): one slice
+        return itemgetter(slice(at[0], at[0] + len(at)))
     if len(at) == 1:
         return lambda row: (row[at[0]],)
     return itemgetter(*at)
@@ -172,19 +183,30 @@ class Driver(abc.ABC):
 
     @property
     def unwritable(self) -> str | None:
+        """Why nothing more may be written to the store (another program rewrote its file), or None."""
         return None
 
     async def quarantine(self, *, running: Sequence[Mapping[str, Any]], worker: Mapping[str, Any]) -> Quarantine:
+        """Stop writing to a file another program rewrote, set our writes aside, and report: which attempts were
+        `running` ({id, attempt, node_id, started_at, pid, pid_start}) under `worker` (its lease identity), for
+        the next daemon to find them again."""
         raise DatabaseError(f"{self.name}: only a SQLite file can be rewritten by another program")
 
     def keep_results(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """After quarantine: results of attempts that ended since, kept beside the file (OSError if they cannot)."""
         raise DatabaseError(f"{self.name}: only a SQLite file can be rewritten by another program")
 
     async def apply_set_aside(self) -> list[dict[str, Any]]:
+        """At start-up: what daemons kept beside the file when another program rewrote it, applied to the file as
+        it is now (results recorded, claims of attempts that may still run restored for recovery). What was done,
+        one entry per job."""
         return []
 
     def writes_settled(self) -> bool:
+        """Would all that was written so far survive another program rewriting the file (it is in the main file,
+        not only in a WAL)? Until then, what ran is kept where it ran (the keeper, the node's spool)."""
         return True
 
     async def idle(self) -> None:  # noqa: B027 -- a no-op unless the backend keeps something for later
-        pass
+        """The daemon is idle, or has just written big rows: give back what the driver holds (memory), and settle
+        what was written (writes_settled)."""

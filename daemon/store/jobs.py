@@ -39,39 +39,12 @@ class JobStore:
 
     def __init__(self, driver: Driver) -> None:
         self._driver = driver
+        # What the backend found as it opened the database (daemon.store.driver.Driver says what each means).
+        self.name, self.path, self.shared_by_hosts = driver.name, driver.path, driver.shared_by_hosts
+        self.read_only, self.write_denied, self.read_only_fs = (driver.read_only, driver.write_denied,
+                                                                driver.read_only_fs)
 
-    # -- the database, as the backend opened it --------------------------------------------------------------
-
-    @property
-    def name(self) -> str:
-        """The database as a user names it (a path, or a URL without its password), for messages."""
-        return self._driver.name
-
-    @property
-    def path(self) -> Path | None:
-        return self._driver.path
-
-    @property
-    def read_only(self) -> bool:
-        """Opened read-only (a command that only reads, or a file this user may not write)."""
-        return self._driver.read_only
-
-    @property
-    def write_denied(self) -> str | None:
-        """Why this user may not write it, when that is why it was opened read-only."""
-        return self._driver.write_denied
-
-    @property
-    def read_only_fs(self) -> Path | None:
-        """The mount point, when that is why: its filesystem is mounted read-only."""
-        return self._driver.read_only_fs
-
-    @property
-    def shared_by_hosts(self) -> bool:
-        """Daemons on other hosts share it: they may recover this host's jobs, and cannot kill what runs here."""
-        return self._driver.shared_by_hosts
-
-    # -- lifecycle, schema: the backend's own ---------------------------------------------------------------
+    # -- the backend's own: schema, backups, the change source, and a file another program rewrote ------------
 
     async def close(self) -> None:
         await self._driver.close()
@@ -87,8 +60,6 @@ class JobStore:
     async def backup(self, target: Path) -> None:
         await self._driver.backup(target)
 
-    # -- noticing other programs' writes, and a file another program rewrote (SQLite's alone) -----------------
-
     def changes(self, on_change: Callable[[], None], *, poll_s: float) -> ChangeSource:
         """What tells the daemon that the queue may have changed; `poll_s`: the configured safety poll."""
         return self._driver.changes(on_change, poll_s=poll_s)
@@ -99,29 +70,18 @@ class JobStore:
         return self._driver.unwritable
 
     async def quarantine(self, *, running: Sequence[Mapping[str, Any]], worker: Mapping[str, Any]) -> Quarantine:
-        """Stop writing to a file another program rewrote, set our writes aside, and report: which attempts were
-        `running` ({id, attempt, node_id, started_at, pid, pid_start}) under `worker` (its lease identity), for
-        the next daemon to find them again."""
         return await self._driver.quarantine(running=running, worker=worker)
 
     def keep_results(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """After quarantine: results of attempts that ended since, kept beside the file (OSError if they cannot)."""
         self._driver.keep_results(rows)
 
     async def apply_set_aside(self) -> list[dict[str, Any]]:
-        """At start-up: what daemons kept beside the file when another program rewrote it, applied to the file as
-        it is now (results recorded, claims of attempts that may still run restored for recovery). What was done,
-        one entry per job."""
         return await self._driver.apply_set_aside()
 
     def writes_settled(self) -> bool:
-        """Would all that was written so far survive another program rewriting the file (it is in the main file,
-        not only in a WAL)? Until then, what ran is kept where it ran (the keeper, the node's spool)."""
         return self._driver.writes_settled()
 
     async def idle(self) -> None:
-        """The daemon is idle, or has just written big rows: give back what the driver holds (memory), and settle
-        what was written (writes_settled)."""
         await self._driver.idle()
 
     # -- the daemon's side ----------------------------------------------------------------------------------
@@ -194,7 +154,7 @@ class JobStore:
         claims = self._driver.claims([claim for claim, _ in items]) | {"worker_id": items[0][0].worker_id}
 
         async def work(tx: Tx) -> dict[str, tuple[JobStatus, int | None]]:
-            ours = set((await tx.rows("unfinished_claims", claims)).column("id"))
+            ours = set((await tx.rows("unfinished_claims", claims)).each("id"))
             for p, (_, result) in zip(params, items, strict=True):  # now that the rows' locks are ours
                 p["late_ms"] = result.late_ms()
             if requeues:  # first: a requeue that does not take (the row was cancelled) is then finished
@@ -203,7 +163,7 @@ class JobStore:
             rows = (await tx.rows("finished_claims", claims)).filter("id", ours.__contains__)
             await self._driver.finished(tx, params, rows)
             return {job_id: (JobStatus(status), duration)
-                    for job_id, status, duration in rows.tuples("id", "status", "duration")}
+                    for job_id, status, duration in rows.each("id", "status", "duration")}
 
         finished = await self._driver.transaction(work)
         self._driver.touched(claim.job_id for claim, _ in items)
@@ -311,7 +271,7 @@ class JobStore:
         """(job id, attempt) of every attempt of this node's rows that can no longer be running: all but a row's
         latest one, and that one too once the row is final or back in the queue."""
         rows = await self._driver.read("attempts_on_node", {"node_id": node_id})
-        return [(job_id, n) for job_id, attempt, running in rows.tuples("id", "attempt", "running")
+        return [(job_id, n) for job_id, attempt, running in rows.each("id", "attempt", "running")
                 if isinstance(attempt, int) for n in range(1, attempt + (0 if running else 1))]
 
     async def live_daemons_serving(self, node_id: Any, *, lease_ttl_ms: int) -> int:
@@ -355,12 +315,12 @@ class JobStore:
         """(node id, status) -> rows, for `queued` and `executing`: the queue as the database has it (metrics)."""
         rows = await self._driver.read("queue_by_node")
         return {(str(node_id), str(status)): count for node_id, status, count in
-                rows.tuples("node_id", "status", "jobs")}
+                rows.each("node_id", "status", "jobs")}
 
     async def heartbeat_ages(self) -> dict[str, int]:
         """Node id -> ms since its last heartbeat by the database's clock, for nodes that had one (metrics)."""
         rows = await self._driver.read("heartbeat_ages")
-        return {str(node_id): age for node_id, age in rows.tuples("id", "age_ms") if isinstance(age, int)}
+        return {str(node_id): age for node_id, age in rows.each("id", "age_ms") if isinstance(age, int)}
 
     # -- the CLI's side -------------------------------------------------------------------------------------
 
@@ -429,7 +389,7 @@ class JobStore:
         of them (id, status, worker_id). `cancel` ends them and `retry` queues them again."""
         rows = await self._driver.read("stranded_jobs", {"limit": limit})
         listed = [{"id": job_id, "status": status, "worker_id": worker_id}
-                  for job_id, status, worker_id in rows.tuples("id", "status", "worker_id")]
+                  for job_id, status, worker_id in rows.each("id", "status", "worker_id")]
         return int(rows.first("total") or 0), listed
 
     async def prune_workers(self, *, older_than_ms: int = WORKERS_KEPT_MS, keep: int = WORKERS_KEPT) -> int:

@@ -90,7 +90,7 @@ async def _rows(conn: psycopg.AsyncConnection[Any], query: str, params: Params |
     cur = await conn.execute(Q[query], params or {})
     if cur.description is None:  # a statement that returns no rows
         return Rows((), ())
-    return Rows(await cur.fetchall(), [column.name for column in cur.description])
+    return Rows(await cur.fetchall(), tuple(column.name for column in cur.description))
 
 
 class _Statements(Tx):

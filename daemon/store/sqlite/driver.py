@@ -44,7 +44,7 @@ logger = log.get("store")
 def _rows(rows: Iterable[sqlite3.Row]) -> Rows:
     """sqlite3.Row knows its columns' names: asked of the first row, once a statement."""
     found = rows if isinstance(rows, list) else list(rows)
-    return Rows(found, found[0].keys() if found else ())
+    return Rows(found, tuple(found[0].keys()) if found else ())
 
 
 class _Statements(Tx):

@@ -139,7 +139,8 @@ UPDATE jobs
 RETURNING id, depends_on;
 
 -- name: queued_dependencies
--- The dependency graph of the queue (each row depends on one job at most): Store.fail_dependency_cycles walks it.
+-- The dependency graph of the queue (each row depends on one job at most): the store's fail_dependency_cycles walks
+-- it.
 SELECT id, depends_on FROM jobs
  WHERE status = 'queued' AND typeof(id) = 'text' AND typeof(depends_on) = 'text'
    AND depends_on != id;  -- a row that depends on itself fails in fail_blocked_dependencies, with its own words
@@ -340,7 +341,7 @@ SELECT name FROM jobd_migrations;
 INSERT INTO jobd_migrations (name, applied_at) VALUES (:name, :now);
 
 -- name: schema_objects
--- What each name in the schema is (table, view, index, trigger): Store.open refuses a `jobs` that is no table.
+-- What each name in the schema is (table, view, index, trigger): opening refuses a `jobs` that is no table.
 SELECT name, type FROM sqlite_master;
 
 -- name: live_daemons_serving

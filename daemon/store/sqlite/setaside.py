@@ -47,7 +47,7 @@ class Unsaved:
         by_id = {p["id"]: p for p in params}
         self.results.update((job_id, _kept_result(by_id[job_id], status, started_at, completed_at))
                             for job_id, status, started_at, completed_at
-                            in rows.tuples("id", "status", "started_at", "completed_at"))
+                            in rows.each("id", "status", "started_at", "completed_at"))
 
     def set_aside(self, reason: str, *, lost: bool) -> Quarantine:
         """Move our WAL aside (`<db>-wal.<suffix>`) so that no program replays it onto the rewritten file; what
