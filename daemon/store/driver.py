@@ -21,8 +21,8 @@ Params = Mapping[str, Any]
 
 
 class Rows(list[Any]):
-    """The rows of one statement (tuples, or sqlite3.Row), and the names of its columns: read once a statement, so
-    that a row is picked apart by name without a lookup per row."""
+    """The rows of one statement (tuples, or sqlite3.Row), and the names of its columns, read once per statement:
+    a row is picked apart by name without a lookup of its own."""
 
     __slots__ = ("columns",)
 
@@ -84,16 +84,14 @@ def _picker(cls: type[Any], columns: tuple[str, ...]) -> Callable[[Any], tuple[A
     fields = dataclasses.fields(cls)
     names = [field.name for field in fields if field.name in columns]
     left_out = fields[len(names):]
-    if [field.name for field in fields[:len(names)]] != names or any(
+    if not names or [field.name for field in fields[:len(names)]] != names or any(
             field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
             for field in left_out):
         raise TypeError(f"columns {columns} do not give {cls.__name__}'s fields in order")
     at = [columns.index(name) for name in names]
     if at == list(range(at[0], at[0] + len(at))):  # the fields are a run of columns (the usual case): one slice
         return itemgetter(slice(at[0], at[0] + len(at)))
-    if len(at) == 1:
-        return lambda row: (row[at[0]],)
-    return itemgetter(*at)
+    return itemgetter(*at) if len(at) > 1 else lambda row: (row[at[0]],)
 
 
 class Tx(Protocol):
