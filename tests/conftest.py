@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -111,6 +112,25 @@ def kill_keeper(db_path: Path | str, host: str | None = None, uid: int | None = 
                 os.killpg(child, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             os.kill(keeper, signal.SIGKILL)
+
+
+STORE = Path(__file__).parent.parent / "daemon" / "store"
+# A named query as the store and the drivers run it: `.write("claim_jobs", ...)`, `tx.rows("cancel_job", ...)`,
+# `.write_count("requeue_orphan" if requeue else "fail_orphan", ...)`, `Q["record_migration"]`.
+_QUERY_USE = re.compile(r"""(?:\b(?:read|write|write_count|rows|execute|executemany)\(|Q\[)\s*["']([a-z_]\w*)["']"""
+                        r"""(?:\s+if\s+\w+\s+else\s+["']([a-z_]\w*)["'])?""")
+_UNBIND = re.compile(r"_unbind\(([^)]*)\)")  # `_unbind("requeue_job", "finish_job", "write_output")`
+
+
+def named_queries_used(*sources: Path) -> list[str]:
+    """The names of the named queries that these modules (or every module in these folders) run."""
+    found: set[str] = set()
+    for path in (f for source in sources for f in ([source] if source.is_file() else sorted(source.glob("*.py")))):
+        text = path.read_text(encoding="utf-8")
+        found.update(name for match in _QUERY_USE.finditer(text) for name in match.groups() if name)
+        for args in _UNBIND.findall(text):
+            found.update(re.findall(r"""["']([a-z_]\w*)["']""", args))
+    return sorted(found)
 
 
 def now_ms() -> int:

@@ -1,5 +1,6 @@
-"""Everything SQL, behind one interface (base.Store) with two backends: sqlite/ (the embedded default) and
-postgres/ (daemons on several hosts sharing one queue). Each backend keeps its SQL in its own named-queries file.
+"""Everything SQL: one job store (jobs.JobStore, the domain operations written once) over a narrow driver per
+backend (driver.Driver): sqlite/ (the embedded default) and postgres/ (daemons on several hosts sharing one queue),
+each with its SQL in its own named-queries file, its dialect hooks and its change source.
 
 Nothing outside this package imports a database driver; the PostgreSQL one is imported only for a URL.
 """
@@ -30,11 +31,13 @@ from daemon.store.base import (
     DbError,
     DbRejected,
     DbUnavailable,
-    Store,
     is_postgres,
     survive_db_errors,
 )
+from daemon.store.jobs import JobStore
 from daemon.store.sqlite import guard, rewrites
+
+Store = JobStore  # the name the rest of the daemon knows the store by
 
 __all__ = [
     "STRANDED_FIX",
@@ -48,6 +51,7 @@ __all__ = [
     "DbUnavailable",
     "JobResult",
     "JobStatus",
+    "JobStore",
     "OrphanedJob",
     "OutputSnapshot",
     "ProcessRef",
@@ -66,15 +70,15 @@ __all__ = [
 
 
 async def open_store(target: str | Path, *, busy_timeout_ms: int = 5000, create: bool = True, daemon: bool = False,
-                     read_only_ok: bool = False, reads_only: bool = False, take_over: bool = False) -> Store:
-    """The backend `target` names: a `postgresql://` URL, or else a SQLite file. Here, at the package's face and
-    not in base.py, so that the interface does not import its backends. The PostgreSQL driver is imported only for
-    a URL: the SQLite default never loads it."""
+                     read_only_ok: bool = False, reads_only: bool = False, take_over: bool = False) -> JobStore:
+    """The store over the backend `target` names: a `postgresql://` URL, or else a SQLite file. Here, at the
+    package's face, so that the store does not import its backends. The PostgreSQL driver is imported only for a
+    URL: the SQLite default never loads it."""
     if is_postgres(target):
-        from daemon.store.postgres import PostgresStore
+        from daemon.store.postgres.driver import PostgresDriver
 
-        return await PostgresStore.connect(str(target), create=create, daemon=daemon)
-    from daemon.store.sqlite import SqliteStore
+        return JobStore(await PostgresDriver.connect(str(target), create=create))
+    from daemon.store.sqlite.opening import open_file
 
-    return await SqliteStore.open_file(Path(target), busy_timeout_ms=busy_timeout_ms, create=create, daemon=daemon,
-                                       read_only_ok=read_only_ok, reads_only=reads_only, take_over=take_over)
+    return JobStore(await open_file(Path(target), busy_timeout_ms=busy_timeout_ms, create=create, daemon=daemon,
+                                    read_only_ok=read_only_ok, reads_only=reads_only, take_over=take_over))

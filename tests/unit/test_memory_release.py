@@ -100,7 +100,7 @@ async def test_finishing_a_big_output_leaves_no_copy_of_it_in_sqlite(store: Stor
 async def test_finishing_small_outputs_runs_no_extra_statement(store: Store, tmp_path: Path) -> None:
     """The NULL bindings cost nothing per small job: they run only after an output of _BIG_TEXT or more."""
     statements: list[str] = []  # the end of each statement SQLite ran, its parameters expanded
-    await store._conn.set_trace_callback(lambda sql: statements.append(sql[-300:]))
+    await store._driver._conn.set_trace_callback(lambda sql: statements.append(sql[-300:]))
     claim = await claimed(store, tmp_path)
     statements.clear()
     await store.finish_many([(claim, result("hello\n" * 1000))])

@@ -1,4 +1,5 @@
-"""daemon.store.postgres.queries: every name the backend uses exists, and every query plans on the real schema."""
+"""daemon.store.postgres.queries: every name the job store and the PostgreSQL driver use exists, and every query
+plans on the real schema."""
 
 from __future__ import annotations
 
@@ -9,11 +10,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import require
+from tests.conftest import STORE, named_queries_used, require
 
-SOURCE = (Path(__file__).parents[2] / "daemon" / "store" / "postgres" / "__init__.py").read_text(encoding="utf-8")
-USED = sorted(set(re.findall(r"""Q\[["'](\w+)["']\]""", SOURCE))
-              | set(re.findall(r"""_(?:fetch|count|dicts)\(\s*["'](\w+)["']""", SOURCE)))
+USED = named_queries_used(STORE / "jobs.py", STORE / "postgres")
 
 
 def _queries() -> dict[str, str]:
@@ -26,12 +25,14 @@ def _queries() -> dict[str, str]:
 
 
 def test_the_names_found_in_the_backend_are_plausible() -> None:
-    assert {"claim_jobs", "finish_job", "write_output", "applied_migrations", "record_migration"} <= set(USED)
+    assert {"claim_jobs", "finish_job", "write_output", "applied_migrations", "record_migration", "fail_orphan",
+            "requeue_orphan", "table_kinds", "migration_lock"} <= set(USED)
 
 
 @pytest.mark.parametrize("name", USED)
 def test_every_query_the_backend_uses_exists(name: str) -> None:
-    assert name in _queries(), f"daemon/store/postgres uses query {name!r}, which its queries.sql does not define"
+    assert name in _queries(), (f"the job store or the PostgreSQL driver uses query {name!r}, which its queries.sql "
+                                "does not define")
 
 
 def test_parameters_become_psycopg_placeholders_and_casts_stay() -> None:

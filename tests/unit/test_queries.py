@@ -1,5 +1,5 @@
-"""daemon.store.sqlite.queries: every name used exists, the parser and splitter, every query prepares on the
-schema."""
+"""daemon.store.sqlite.queries: every name the job store and the SQLite driver use exists, the parser and splitter,
+every query prepares on the schema."""
 
 from __future__ import annotations
 
@@ -7,27 +7,25 @@ import re
 import sqlite3
 from collections.abc import Iterator
 from importlib import resources
-from pathlib import Path
 
 import pytest
 
-import daemon.store.sqlite
 from daemon.store.sqlite.queries import Q, parse_named, read_sql, split_statements
+from tests.conftest import STORE, named_queries_used
 
-STORE_SOURCE = Path(daemon.store.sqlite.__file__).read_text(encoding="utf-8")
-USED = sorted(set(re.findall(r"""Q\[["'](\w+)["']\]""", STORE_SOURCE))
-              | set(re.findall(r"""_(?:write|write_count|dicts)\(\s*["'](\w+)["']""", STORE_SOURCE)))
+USED = named_queries_used(STORE / "jobs.py", STORE / "sqlite")
 PARAM = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 
 
 def test_the_names_found_in_the_store_are_plausible() -> None:
-    # Guards the regexes above: if they found nothing, the next test would pass vacuously.
-    assert {"claim_jobs", "finish_job", "write_output", "applied_migrations", "record_migration"} <= set(USED)
+    # Guards the regexes of named_queries_used: if they found nothing, the next test would pass vacuously.
+    assert {"claim_jobs", "finish_job", "write_output", "applied_migrations", "record_migration", "fail_orphan",
+            "requeue_orphan", "apply_kept_result", "data_version", "requeue_job"} <= set(USED)
 
 
 @pytest.mark.parametrize("name", USED)
 def test_every_query_the_store_uses_exists(name: str) -> None:
-    assert name in Q, f"daemon/store/sqlite/__init__.py uses query {name!r}, which queries.sql does not define"
+    assert name in Q, f"the job store or the SQLite driver uses query {name!r}, which queries.sql does not define"
 
 
 def test_parse_named_splits_on_name_lines() -> None:

@@ -562,7 +562,7 @@ async def test_a_stopped_daemon_adopts_nothing_and_a_cancelled_row_is_adopted_as
 def test_dependency_cycles_are_found_in_one_walk_whatever_the_shape() -> None:
     """Each row depends on one job at most: one walk finds every cycle, and a long queue costs linear time (the
     recursive SQL it replaced took 24 s on a chain of 1,000 rows, with the write lock held)."""
-    from daemon.store.base import cycles as find_cycles
+    from daemon.store.jobs import cycles as find_cycles
 
     chain = {f"c{i}": f"c{i + 1}" for i in range(20_000)}  # into a job not queued: no cycle
     ring = {f"r{i}": f"r{(i + 1) % 5_000}" for i in range(5_000)}

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from daemon.output import StreamCapture
-from daemon.store.base import MARKER_ROOM
+from daemon.store.console import MARKER_ROOM
 from daemon.web import charts
 from daemon.web.auth import host_allowed
 from daemon.web.follow import RECENT_BYTES, Column, Cursor, read_offset, recent_after, step
@@ -165,7 +165,7 @@ def test_host_header_names_or_ip_addresses(host: str | None, ok: bool) -> None:
 
 def test_the_store_looks_for_the_marker_where_daemon_output_puts_it() -> None:
     from daemon.output import HEAD_SHARE
-    from daemon.store.base import CAP_HEAD_SHARE
+    from daemon.store.console import CAP_HEAD_SHARE
 
     assert CAP_HEAD_SHARE == HEAD_SHARE
     capture = StreamCapture("stdout", cap=4096)

@@ -1,5 +1,6 @@
 -- Named queries of the PostgreSQL backend: `-- name: NAME` then one statement; `:param` placeholders. Parsed once
--- at import by daemon.store.postgres.queries. NOW_MS stands for the database's clock in epoch milliseconds at the
+-- at import by daemon.store.postgres.queries; run by name by the job store (daemon.store.jobs), which reads the rows
+-- by their columns' names: a name (or an AS) here is what it asks for. NOW_MS stands for the database's clock in epoch milliseconds at the
 -- start of the statement: every host's daemon writes times by the same clock, whatever its own says.
 
 -- name: fail_unknown_nodes
@@ -37,7 +38,15 @@ UPDATE jobs
   FROM picked
  WHERE jobs.id = picked.id AND jobs.status = 'queued'
 RETURNING jobs.id, jobs.node_id, jobs.tool, jobs.command, jobs.cwd, jobs.env, jobs.priority, jobs.attempt,
-          jobs.started_at, jobs.timeout_ms, jobs.max_attempts, jobs.created_at;
+          jobs.started_at, jobs.timeout_ms, jobs.max_attempts, jobs.created_at, jobs.id AS seq;
+-- RETURNING gives rows in no promised order: the store's claim sorts them as the ORDER BY above (seq: the id).
+
+-- name: fail_claimed_row
+-- A row claim_jobs just took that cannot even be named. Never here (PostgreSQL's TEXT is always valid UTF-8): the
+-- store asks any backend that returns a row whose id it cannot read.
+UPDATE jobs
+   SET status = 'failed', error = :error, completed_at = NOW_MS, duration = NOW_MS - started_at
+ WHERE id = :seq AND worker_id = :worker_id AND status = 'executing' AND duration IS NULL;
 
 -- name: fail_malformed
 -- Queued rows that can never be claimed as they are (the column types refuse the rest of what SQLite lets another
@@ -124,10 +133,10 @@ UPDATE jobs
 RETURNING id, depends_on;
 
 -- name: has_dependents
-SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND depends_on IS NOT NULL);
+SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND depends_on IS NOT NULL) AS dependents;
 
 -- name: next_run_after
-SELECT min(run_after) FROM jobs WHERE status = 'queued' AND run_after > NOW_MS;
+SELECT min(run_after) AS run_after FROM jobs WHERE status = 'queued' AND run_after > NOW_MS;
 
 -- name: retry_job
 -- A finished job, or a row no daemon runs (stranded_jobs), queued again; attempts used up: one more.
@@ -149,7 +158,7 @@ VALUES (:id, :host, :boot_id, :pid, :pid_start, NOW_MS, NOW_MS, :nodes);
 UPDATE jobd_workers SET heartbeat_at = NOW_MS WHERE id = :id AND stopped_at IS NULL RETURNING id;
 
 -- name: other_workers
-SELECT id, host, boot_id, pid, pid_start, heartbeat_at, NOW_MS FROM jobd_workers
+SELECT id, host, boot_id, pid, pid_start, heartbeat_at, NOW_MS AS now FROM jobd_workers
  WHERE stopped_at IS NULL AND id != :id;
 
 -- name: stop_worker
@@ -189,7 +198,7 @@ SELECT j.worker_id, w.host, w.boot_id, j.id, j.attempt, j.max_attempts, j.pid, j
    AND j.node_id = ANY(:nodes) AND w.stopped_at IS NOT NULL;
 
 -- name: attempts_on_node
-SELECT id, attempt, status IN ('executing', 'cancelled') AND duration IS NULL FROM jobs
+SELECT id, attempt, status IN ('executing', 'cancelled') AND duration IS NULL AS running FROM jobs
  WHERE node_id = :node_id AND attempt > 0;
 
 -- name: workers
@@ -232,12 +241,12 @@ SELECT id, node_id, tool, command, status, exit_code, error, duration, created_a
  LIMIT :limit;
 
 -- name: job_counts
-SELECT (SELECT count(*) FROM jobs WHERE status = 'queued')::int,
-       (SELECT count(*) FROM jobs WHERE status = 'executing')::int,
+SELECT (SELECT count(*) FROM jobs WHERE status = 'queued')::int AS queued,
+       (SELECT count(*) FROM jobs WHERE status = 'executing')::int AS executing,
        (SELECT count(*) FROM jobs WHERE status IN ('completed', 'failed', 'cancelled')
-                                    AND completed_at >= NOW_MS - 60000)::int,
+                                    AND completed_at >= NOW_MS - 60000)::int AS finished_last_minute,
        (SELECT count(*) FROM jobs WHERE status IN ('completed', 'failed', 'cancelled')
-                                    AND completed_at >= NOW_MS - 3600000)::int;
+                                    AND completed_at >= NOW_MS - 3600000)::int AS finished_last_hour;
 
 -- name: prune_jobs
 DELETE FROM jobs
@@ -291,14 +300,14 @@ SELECT table_name::text, table_type::text FROM information_schema.tables
  WHERE table_schema = current_schema() AND table_name = ANY(:tables);
 
 -- name: live_daemons_serving
-SELECT count(*)::int FROM jobd_workers AS w
+SELECT count(*)::int AS daemons FROM jobd_workers AS w
  WHERE w.stopped_at IS NULL AND w.heartbeat_at >= NOW_MS - :ttl_ms AND w.nodes::jsonb ? :node_id;
 
 -- name: queue_by_node
-SELECT node_id, status, count(*)::int FROM jobs WHERE status IN ('queued', 'executing') GROUP BY node_id, status;
+SELECT node_id, status, count(*)::int AS jobs FROM jobs WHERE status IN ('queued', 'executing') GROUP BY node_id, status;
 
 -- name: heartbeat_ages
-SELECT id, NOW_MS - last_heartbeat FROM nodes WHERE last_heartbeat IS NOT NULL;
+SELECT id, NOW_MS - last_heartbeat AS age_ms FROM nodes WHERE last_heartbeat IS NOT NULL;
 
 -- name: stranded_jobs
 -- Rows no daemon of this database will run or finish: `executing` under no daemon registered here (worker_id NULL

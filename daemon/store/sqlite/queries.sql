@@ -1,6 +1,8 @@
--- Named queries: `-- name: NAME` then one statement. Parsed once at import by daemon.store.queries.
--- NOW_MS stands for SQLite's clock in epoch milliseconds, read inside the statement (the parser expands it), so
--- recorded times are taken when the write happens, not when it was queued behind another program's lock.
+-- Named queries of the SQLite backend: `-- name: NAME` then one statement; `:param` placeholders. Parsed once at
+-- import by daemon.store.sqlite.queries; run by name by the job store (daemon.store.jobs), which reads the rows by
+-- their columns' names: a name (or an AS) here is what it asks for. NOW_MS stands for SQLite's clock in epoch
+-- milliseconds, read inside the statement (the parser expands it), so recorded times are taken when the write
+-- happens, not when it was queued behind another program's lock.
 
 -- name: fail_unknown_nodes
 -- Fail queued rows whose node_id names no node that this daemon (:nodes, a JSON array) or another live daemon
@@ -37,7 +39,7 @@ UPDATE jobs
    AND (typeof(id) != 'text' OR typeof(run_after) NOT IN ('integer', 'real', 'null')
         OR typeof(depends_on) NOT IN ('text', 'null')
         OR typeof(attempt) != 'integer' OR attempt NOT BETWEEN 0 AND 2147483646)
-RETURNING CASE typeof(id) WHEN 'text' THEN id ELSE quote(id) END, error;  -- an id that is no text: as a literal
+RETURNING CASE typeof(id) WHEN 'text' THEN id ELSE quote(id) END AS id, error;  -- an id that is no text: as a literal
 
 -- name: claim_jobs
 -- One atomic compare-and-set from queued to executing, highest priority first, then oldest. Only while this
@@ -58,14 +60,14 @@ UPDATE jobs
    AND status = 'queued'
    AND EXISTS (SELECT 1 FROM jobd_workers WHERE id = :worker_id AND stopped_at IS NULL)
 RETURNING id, node_id, tool, command, cwd, env, priority, attempt, started_at, timeout_ms, max_attempts,
-          created_at, rowid;
--- RETURNING gives rows in no promised order: Store.claim sorts them as the ORDER BY above.
+          created_at, rowid AS seq;
+-- RETURNING gives rows in no promised order: the store's claim sorts them as the ORDER BY above (seq: the rowid).
 
 -- name: fail_claimed_row
--- A row claim_jobs just took that cannot even be named (its id is not valid UTF-8): failed by rowid.
+-- A row claim_jobs just took that cannot even be named (its id is not valid UTF-8): failed by its seq, the rowid.
 UPDATE jobs
    SET status = 'failed', error = :error, completed_at = NOW_MS, duration = NOW_MS - started_at
- WHERE rowid = :rowid AND worker_id = :worker_id AND status = 'executing' AND duration IS NULL;
+ WHERE rowid = :seq AND worker_id = :worker_id AND status = 'executing' AND duration IS NULL;
 
 -- name: write_output
 -- Live output of a running job; a NULL stream parameter keeps that column as it is.
@@ -137,7 +139,8 @@ UPDATE jobs
 RETURNING id, depends_on;
 
 -- name: queued_dependencies
--- The dependency graph of the queue (each row depends on one job at most): Store.fail_dependency_cycles walks it.
+-- The dependency graph of the queue (each row depends on one job at most): the store's fail_dependency_cycles walks
+-- it.
 SELECT id, depends_on FROM jobs
  WHERE status = 'queued' AND typeof(id) = 'text' AND typeof(depends_on) = 'text'
    AND depends_on != id;  -- a row that depends on itself fails in fail_blocked_dependencies, with its own words
@@ -150,11 +153,11 @@ UPDATE jobs
 RETURNING id, depends_on;
 
 -- name: has_dependents
-SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND depends_on IS NOT NULL);
+SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND depends_on IS NOT NULL) AS dependents;
 
 -- name: next_run_after
 -- When the earliest row waiting for its run_after becomes due (NULL: none waits).
-SELECT min(run_after) FROM jobs
+SELECT min(run_after) AS run_after FROM jobs
  WHERE status = 'queued' AND typeof(run_after) IN ('integer', 'real') AND run_after > NOW_MS;
 
 -- name: retry_job
@@ -182,7 +185,7 @@ VALUES (:id, :host, :boot_id, :pid, :pid_start, NOW_MS, NOW_MS, :nodes);
 UPDATE jobd_workers SET heartbeat_at = NOW_MS WHERE id = :id AND stopped_at IS NULL RETURNING id;
 
 -- name: other_workers
-SELECT id, host, boot_id, pid, pid_start, heartbeat_at, NOW_MS FROM jobd_workers
+SELECT id, host, boot_id, pid, pid_start, heartbeat_at, NOW_MS AS now FROM jobd_workers
  WHERE stopped_at IS NULL AND id != :id;
 
 -- name: stop_worker
@@ -225,7 +228,7 @@ SELECT j.worker_id, w.host, w.boot_id, j.id, j.attempt, j.max_attempts, j.pid, j
 -- name: attempts_on_node
 -- Every row of node :node_id with its latest attempt and whether that attempt may still run: a sweep of the
 -- node's spools removes only what this database's own finished attempts left.
-SELECT id, attempt, status IN ('executing', 'cancelled') AND duration IS NULL FROM jobs
+SELECT id, attempt, status IN ('executing', 'cancelled') AND duration IS NULL AS running FROM jobs
  WHERE node_id = :node_id AND typeof(id) = 'text' AND attempt > 0;
 
 -- name: requeue_orphan
@@ -249,18 +252,18 @@ SELECT id, attempt FROM jobs
 -- What `nexus-jobd cancel` does: exactly NexusCLI's cancel, limited to a job that has not ended; a row no daemon
 -- runs (stranded_jobs) has not ended either. Held by no daemon, a started one is final at once: nobody else will
 -- record its end.
-UPDATE jobs SET status = 'cancelled', completed_at = :now,
+UPDATE jobs SET status = 'cancelled', completed_at = NOW_MS,
        duration = CASE WHEN status = 'queued' OR EXISTS (SELECT 1 FROM jobd_workers AS w WHERE w.id = jobs.worker_id)
                        THEN duration
-                       WHEN typeof(started_at) = 'integer' THEN max(0, :now - started_at) END
+                       WHEN typeof(started_at) = 'integer' THEN max(0, NOW_MS - started_at) END
  WHERE id = CAST(:id AS TEXT) AND (status IS NULL OR status NOT IN ('completed', 'failed', 'cancelled'))
 RETURNING id;
 
 -- name: insert_job
 INSERT INTO jobs (id, node_id, tool, command, status, created_at, cwd, env, priority, timeout_ms, max_attempts,
                   run_after, depends_on, conversation_id, message_id)
-VALUES (:id, :node_id, :tool, :command, 'queued', :now, :cwd, :env, :priority, :timeout_ms, :max_attempts,
-        :now + :delay_ms, CAST(:depends_on AS TEXT),  -- CAST: a RawText id (bound as a BLOB) back to its TEXT
+VALUES (:id, :node_id, :tool, :command, 'queued', NOW_MS, :cwd, :env, :priority, :timeout_ms, :max_attempts,
+        NOW_MS + :delay_ms, CAST(:depends_on AS TEXT),  -- CAST: a RawText id (bound as a BLOB) back to its TEXT
         :conversation_id, :message_id);
 
 -- name: get_job
@@ -283,17 +286,17 @@ SELECT id, node_id, tool, command, status, exit_code, error, duration, created_a
 
 -- name: job_counts
 -- For STATUS= lines and `nexus-jobd status`: what waits, and what ended lately.
-SELECT (SELECT count(*) FROM jobs WHERE status = 'queued'),
-       (SELECT count(*) FROM jobs WHERE status = 'executing'),
+SELECT (SELECT count(*) FROM jobs WHERE status = 'queued') AS queued,
+       (SELECT count(*) FROM jobs WHERE status = 'executing') AS executing,
        (SELECT count(*) FROM jobs WHERE status IN ('completed', 'failed', 'cancelled')
-                                    AND completed_at >= NOW_MS - 60000),
+                                    AND completed_at >= NOW_MS - 60000) AS finished_last_minute,
        (SELECT count(*) FROM jobs WHERE status IN ('completed', 'failed', 'cancelled')
-                                    AND completed_at >= NOW_MS - 3600000);
+                                    AND completed_at >= NOW_MS - 3600000) AS finished_last_hour;
 
 -- name: prune_jobs
--- Finished jobs that ended before :before (epoch ms), of the statuses in :statuses (a JSON array).
+-- Finished jobs that ended more than :older_than_ms ago, of the statuses in :statuses (a JSON array).
 DELETE FROM jobs
- WHERE status IN (SELECT value FROM json_each(:statuses)) AND completed_at < :before
+ WHERE status IN (SELECT value FROM json_each(:statuses)) AND completed_at < NOW_MS - :older_than_ms
    AND status IN ('completed', 'failed', 'cancelled')
    AND NOT EXISTS (SELECT 1 FROM jobs AS q WHERE q.status = 'queued' AND q.depends_on = jobs.id);
 -- A row a queued row depends on stays: deleting it would fail that row ("depends_on ... is no job").
@@ -339,23 +342,23 @@ SELECT name FROM jobd_migrations;
 INSERT INTO jobd_migrations (name, applied_at) VALUES (:name, :now);
 
 -- name: schema_objects
--- What each name in the schema is (table, view, index, trigger): Store.open refuses a `jobs` that is no table.
+-- What each name in the schema is (table, view, index, trigger): opening refuses a `jobs` that is no table.
 SELECT name, type FROM sqlite_master;
 
 -- name: live_daemons_serving
 -- Daemons alive now (not stopped, heartbeat within :ttl_ms) that serve node :node_id (in their JSON `nodes`).
-SELECT count(*) FROM jobd_workers AS w
+SELECT count(*) AS daemons FROM jobd_workers AS w
  WHERE w.stopped_at IS NULL AND w.heartbeat_at >= NOW_MS - :ttl_ms
    AND EXISTS (SELECT 1 FROM json_each(CASE WHEN json_valid(w.nodes) THEN w.nodes ELSE '[]' END)
                 WHERE value = :node_id);
 
 -- name: queue_by_node
 -- The metrics' queue gauges, read only when someone scrapes: queued and executing rows per node (the claim index).
-SELECT node_id, status, count(*) FROM jobs WHERE status IN ('queued', 'executing') GROUP BY node_id, status;
+SELECT node_id, status, count(*) AS jobs FROM jobs WHERE status IN ('queued', 'executing') GROUP BY node_id, status;
 
 -- name: heartbeat_ages
 -- The metrics' node_heartbeat_age_seconds: ms since each node's last heartbeat, by the clock that wrote it.
-SELECT id, NOW_MS - last_heartbeat FROM nodes WHERE last_heartbeat IS NOT NULL;
+SELECT id, NOW_MS - last_heartbeat AS age_ms FROM nodes WHERE last_heartbeat IS NOT NULL;
 
 -- name: apply_kept_result
 -- At start-up, the end of an attempt that a daemon could only keep beside the file (another program had rewritten

@@ -87,7 +87,7 @@ class FileWatcher:
 
 
 class Probe(Protocol):
-    """What QueueChanges asks of the SQLite store."""
+    """What QueueChanges asks of the SQLite driver."""
 
     def check_rewritten(self) -> str | None: ...
 
@@ -115,8 +115,8 @@ class QueueChanges(ChangeSource):
     it looks again, RECHECKS times, doubling the pause. A write that is most likely our own (the lease heartbeat, an
     output flush) gets a few looks only, for another program's commit landing with it."""
 
-    def __init__(self, store: Probe, path: Path, on_change: Callable[[], None], poll_s: float) -> None:
-        self._store, self._on_change = store, on_change
+    def __init__(self, probe: Probe, path: Path, on_change: Callable[[], None], poll_s: float) -> None:
+        self._probe, self._on_change = probe, on_change
         self._files = FileWatcher(path, self._notified)
         self._poll_s = poll_s if self._files.watching else min(poll_s, FALLBACK_POLL_S)
         self._wake = asyncio.Event()
@@ -141,7 +141,7 @@ class QueueChanges(ChangeSource):
             self._task = None
 
     def _notified(self) -> None:
-        if not self._store.wrote_just_now():
+        if not self._probe.wrote_just_now():
             self._rechecks, self._step = RECHECKS, 0
         elif self._rechecks < OWN_COMMIT_RECHECKS:  # never cutting short the looks for a commit before ours
             self._rechecks, self._step = OWN_COMMIT_RECHECKS, 0
@@ -164,14 +164,14 @@ class QueueChanges(ChangeSource):
         self._wake.set()
 
     async def _look(self) -> None:
-        if self._store.check_rewritten() is not None:
+        if self._probe.check_rewritten() is not None:
             self._on_change()  # the daemon finds `unwritable` set; nothing more to look at
             self._rechecks = 0
             return
-        if not self._store.anyone_committed():
+        if not self._probe.anyone_committed():
             return
         try:
-            version = await self._store.data_version()
+            version = await self._probe.data_version()
         except Exception:  # the database is away (locked past its timeout, I/O): the next look tries again
             self._on_change()
             return

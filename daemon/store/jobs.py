@@ -1,0 +1,441 @@
+"""The job store: every operation the daemon, its leases, its nodes and the CLI run on the database, written once
+over a backend's driver (daemon.store.driver). Every status change is a named compare-and-set query; rows come back
+as the frozen values of daemon.model, their fields taken by column name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from daemon import logging as log
+from daemon.errors import DatabaseRewritten, JobdError
+from daemon.model import (
+    AdoptedJob,
+    Claim,
+    ClaimedJob,
+    JobResult,
+    JobStatus,
+    OrphanedJob,
+    OutputSnapshot,
+    ProcessRef,
+    Quarantine,
+    RawText,
+    Worker,
+)
+from daemon.store.base import WORKERS_KEPT, WORKERS_KEPT_MS, ChangeSource, DbError
+from daemon.store.console import ConsoleReads
+from daemon.store.driver import Driver, Rows, Tx, values
+
+logger = log.get("store")
+_WRITE_FAILED: tuple[type[Exception], ...] = (*DbError, DatabaseRewritten)
+
+
+class JobStore(ConsoleReads):
+    """The one store the dispatcher, recorder, lease, recovery, health, metrics and CLI talk to, whatever the
+    database: the domain here, the dialect in the driver."""
+
+    def __init__(self, driver: Driver) -> None:
+        self._driver = driver
+        # What the backend found as it opened the database (daemon.store.driver.Driver says what each means).
+        self.name, self.path, self.shared_by_hosts = driver.name, driver.path, driver.shared_by_hosts
+        self.read_only, self.write_denied, self.read_only_fs = (driver.read_only, driver.write_denied,
+                                                                driver.read_only_fs)
+
+    # -- the backend's own: schema, backups, the change source, and a file another program rewrote ------------
+
+    async def close(self) -> None:
+        await self._driver.close()
+
+    async def migrate(self) -> list[str]:
+        """Create the base schema where missing and apply the daemon's pending migrations; idempotent."""
+        return await self._driver.migrate()
+
+    async def check(self) -> list[str]:
+        """Problems that would stop the daemon or other programs from using the database; empty when fine."""
+        return await self._driver.check()
+
+    async def backup(self, target: Path) -> None:
+        await self._driver.backup(target)
+
+    def changes(self, on_change: Callable[[], None], *, poll_s: float) -> ChangeSource:
+        """What tells the daemon that the queue may have changed; `poll_s`: the configured safety poll."""
+        return self._driver.changes(on_change, poll_s=poll_s)
+
+    @property
+    def unwritable(self) -> str | None:
+        """Why nothing more may be written to the store (another program rewrote its file), or None."""
+        return self._driver.unwritable
+
+    async def quarantine(self, *, running: Sequence[Mapping[str, Any]], worker: Mapping[str, Any]) -> Quarantine:
+        return await self._driver.quarantine(running=running, worker=worker)
+
+    def keep_results(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        self._driver.keep_results(rows)
+
+    async def apply_set_aside(self) -> list[dict[str, Any]]:
+        return await self._driver.apply_set_aside()
+
+    def writes_settled(self) -> bool:
+        return self._driver.writes_settled()
+
+    async def idle(self) -> None:
+        await self._driver.idle()
+
+    # -- the daemon's side ----------------------------------------------------------------------------------
+
+    async def fail_malformed(self) -> list[tuple[Any, str]]:
+        """Queued rows no claim can take as they are (an id that is no text, an attempt out of range...): failed
+        at once, with why. An id that is no text comes as its SQL literal."""
+        rows = await self._driver.write("fail_malformed")
+        self._driver.touched(rows.column("id"))
+        return rows.tuples("id", "error")
+
+    async def fail_unknown_nodes(self, node_ids: Sequence[str]) -> list[tuple[str, Any]]:
+        error = (f"unknown node: no daemon on this database serves it (this one serves {', '.join(node_ids)}); set "
+                 "node_id to a configured node")
+        rows = await self._driver.write("fail_unknown_nodes", {"nodes": self._driver.array(node_ids), "error": error})
+        self._driver.touched(rows.column("id"))
+        return rows.tuples("id", "node_id")
+
+    async def claim(self, node_id: str, limit: int, worker_id: str) -> list[ClaimedJob]:
+        """Up to `limit` queued rows of the node, now ours, in the claim's order (RETURNING promises none)."""
+        rows = await self._driver.write("claim_jobs", {"node_id": node_id, "limit": limit, "worker_id": worker_id})
+        if not rows:
+            return []
+        job_id = rows.pick("id")
+        self._driver.touched(map(job_id, rows))
+        if unnamed := [row for row in rows if isinstance(job_id(row), RawText)]:
+            await self._fail_unnamed(rows, unnamed, worker_id)
+            rows = rows.filter("id", lambda value: not isinstance(value, RawText))
+        rows.sort(key=_claim_order(rows))
+        return values(ClaimedJob, rows)
+
+    async def _fail_unnamed(self, rows: Rows, unnamed: list[Any], worker_id: str) -> None:
+        """A claimed row whose id is not valid UTF-8 (only SQLite can hold one) never becomes a running job: every
+        later step names the job by its id, in JSON and in logs. It fails at once, found by its `seq`."""
+        job_id, seq = rows.pick("id"), rows.pick("seq")
+        try:
+            for row in unnamed:
+                raw = RawText(job_id(row))
+                error = f"id is not valid UTF-8 text (byte {raw.bad_byte()}: {str(raw)!r}); store ids as UTF-8 text"
+                await self._driver.write_count("fail_claimed_row", {"seq": seq(row), "worker_id": worker_id,
+                                                                    "error": error})
+                logger.warning("job.failed", job_id=str(raw), reason=error)
+        except _WRITE_FAILED as e:  # the good rows are ours now: they must still run
+            logger.error("db.write_failed", what="fail rows with an undecodable id", error=str(e))
+
+    async def write_outputs(self, updates: Iterable[tuple[Claim, OutputSnapshot, ProcessRef | None]]) -> None:
+        """Flush live output (and where it runs) of several jobs in one transaction, however many jobs."""
+        params = [self._output(claim, out) | {"pid": proc.pid if proc else None,
+                                               "pid_start": proc.start if proc else None}
+                  for claim, out, proc in updates]
+        if not params:
+            return
+        await self._driver.transaction(lambda tx: tx.executemany("write_output", params))
+        self._driver.touched(p["id"] for p in params)
+
+    async def finish_many(self, items: Sequence[tuple[Claim, JobResult]]
+                          ) -> dict[str, tuple[JobStatus, int | None]]:
+        """Record the end of several jobs in one transaction (a group commit). Returns job id -> (the row's status
+        now, duration ms or None if re-queued) for the writes that took; a job missing from it is no longer ours
+        (another program deleted or re-queued it) and its row was left untouched."""
+        if not items:
+            return {}
+        params = []
+        for claim, result in items:
+            p = self._output(claim, result.output)
+            p.update(status=result.status.value, exit_code=result.exit_code, error=result.error,
+                     run_after=result.run_after, uncount=int(result.uncount))
+            params.append(p)
+        requeues = [p for p, (_, result) in zip(params, items, strict=True) if result.requeue]
+        claims = self._driver.claims([claim for claim, _ in items]) | {"worker_id": items[0][0].worker_id}
+
+        async def work(tx: Tx) -> dict[str, tuple[JobStatus, int | None]]:
+            ours = set((await tx.rows("unfinished_claims", claims)).each("id"))
+            for p, (_, result) in zip(params, items, strict=True):  # now that the rows' locks are ours
+                p["late_ms"] = result.late_ms()
+            if requeues:  # first: a requeue that does not take (the row was cancelled) is then finished
+                await tx.executemany("requeue_job", requeues)
+            await tx.executemany("finish_job", params)
+            rows = (await tx.rows("finished_claims", claims)).filter("id", ours.__contains__)
+            await self._driver.finished(tx, params, rows)
+            return {job_id: (JobStatus(status), duration)
+                    for job_id, status, duration in rows.each("id", "status", "duration")}
+
+        finished = await self._driver.transaction(work)
+        self._driver.touched(claim.job_id for claim, _ in items)
+        return finished
+
+    def _output(self, claim: Claim, out: OutputSnapshot) -> dict[str, Any]:
+        stdout, stderr = out.stdout, out.stderr
+        if (text := self._driver.text) is not None:
+            stdout, stderr = (None if t is None else text(t) for t in (stdout, stderr))
+        return {"id": claim.job_id, "worker_id": claim.worker_id, "attempt": claim.attempt, "stdout": stdout,
+                "stderr": stderr, "stdout_bytes": out.stdout_bytes, "stderr_bytes": out.stderr_bytes}
+
+    async def fail_blocked_dependencies(self) -> list[tuple[str, Any]]:
+        """Fail queued rows whose dependency can no longer complete; repeated so chains fail in one call."""
+        failed: list[tuple[str, Any]] = []
+        while rows := await self._driver.write("fail_blocked_dependencies"):
+            failed += rows.tuples("id", "depends_on")
+            self._driver.touched(rows.column("id"))
+        return failed
+
+    async def fail_dependency_cycles(self) -> list[tuple[str, Any]]:
+        """Fail every queued row on a cycle of depends_on (of any length): none of them can ever start. Each row
+        depends on one job at most, so one walk over the queue finds every cycle, in time linear in its size; only
+        needed after another program wrote (the daemon never makes a cycle)."""
+
+        async def work(tx: Tx) -> list[tuple[str, Any]]:
+            edges = dict((await tx.rows("queued_dependencies")).tuples("id", "depends_on"))
+            failed: list[tuple[str, Any]] = []
+            for cycle in cycles(edges):
+                error = f"dependency cycle: {' -> '.join([*cycle, cycle[0]])}; none of these jobs can ever start"
+                for job_id in cycle:
+                    rows = await tx.rows("fail_in_cycle", {"id": job_id, "error": error})
+                    failed += rows.tuples("id", "depends_on")
+            return failed
+
+        failed = await self._driver.transaction(work)
+        self._driver.touched(job_id for job_id, _ in failed)
+        return failed
+
+    async def has_dependents(self) -> bool:
+        return bool((await self._driver.read("has_dependents")).first("dependents"))
+
+    async def next_run_after(self) -> int | None:
+        """When the earliest row waiting for its run_after becomes due (epoch ms), or None."""
+        at = (await self._driver.read("next_run_after")).first("run_after")
+        return None if at is None else math.ceil(at)
+
+    async def cancelled_among(self, job_ids: Iterable[str], worker_id: str) -> list[tuple[str, int]]:
+        """Which of our running jobs another program has cancelled, and in which attempt."""
+        rows = await self._driver.read("cancelled_among", {"ids": self._driver.array(sorted(set(job_ids))),
+                                                           "worker_id": worker_id})
+        return rows.tuples("id", "attempt")
+
+    # -- leases and recovery --------------------------------------------------------------------------------
+
+    async def register_worker(self, *, worker_id: str, host: str, boot_id: str | None, pid: int,
+                              pid_start: int | None, nodes: Sequence[str]) -> None:
+        await self._driver.write("register_worker", {"id": worker_id, "host": host, "boot_id": boot_id, "pid": pid,
+                                                     "pid_start": pid_start, "nodes": json.dumps(list(nodes))})
+
+    async def heartbeat(self, worker_id: str) -> bool:
+        """Renew our lease; False means another daemon declared us dead and took our jobs."""
+        return bool(await self._driver.write("heartbeat", {"id": worker_id}))
+
+    async def other_workers(self, worker_id: str) -> list[Worker]:
+        return values(Worker, await self._driver.read("other_workers", {"id": worker_id}))
+
+    async def stop_worker(self, worker_id: str, reason: str) -> bool:
+        """Mark a worker stopped; True for the one caller that did it (and so recovers its jobs)."""
+        return bool(await self._driver.write("stop_worker", {"id": worker_id, "reason": reason}))
+
+    async def orphaned_jobs(self, worker_id: str) -> list[OrphanedJob]:
+        return values(OrphanedJob, await self._driver.read("orphaned_jobs", {"worker_id": worker_id}))
+
+    async def resolve_orphan(self, worker_id: str, job: OrphanedJob, *, requeue: bool, error: str) -> bool:
+        """Re-queue or fail a dead daemon's job: a compare-and-set on its claim, so a late finisher cannot win."""
+        params = {"id": job.id, "worker_id": worker_id, "attempt": job.attempt, "error": error}
+        done = await self._driver.write_count("requeue_orphan" if requeue else "fail_orphan", params) == 1
+        self._driver.touched([job.id])
+        return done
+
+    async def adopt(self, old_worker_id: str, job: OrphanedJob, worker_id: str) -> AdoptedJob | None:
+        """Take a dead or detached daemon's running job over for the same attempt; None if another daemon did,
+        or it ended meanwhile. What it recorded comes along: its output (text only) and byte counts."""
+        rows = await self._driver.write("adopt_job", {"id": job.id, "old_worker_id": old_worker_id,
+                                                      "attempt": job.attempt, "worker_id": worker_id})
+        self._driver.touched([job.id])
+        if not rows:
+            return None
+        status, stdout, stderr, stdout_bytes, stderr_bytes = rows.pick(
+            "status", "stdout", "stderr", "stdout_bytes", "stderr_bytes")(rows[0])
+        return AdoptedJob(values(ClaimedJob, rows)[0], status == JobStatus.CANCELLED, _text_or_none(stdout),
+                          _text_or_none(stderr), _count(stdout_bytes), _count(stderr_bytes))
+
+    async def detached_jobs(self, node_ids: Sequence[str]) -> list[tuple[str, str, str | None, OrphanedJob]]:
+        """(its stopped daemon, that daemon's host and boot id, job) for each unfinished job on these nodes whose
+        daemon stopped without ending it."""
+        rows = await self._driver.read("detached_jobs", {"nodes": self._driver.array(node_ids)})
+        if not rows:
+            return []
+        daemon = rows.pick("worker_id", "host", "boot_id")
+        return [(*daemon(row), job) for row, job in zip(rows, values(OrphanedJob, rows), strict=True)]
+
+    async def finished_attempts(self, node_id: str) -> list[tuple[str, int]]:
+        """(job id, attempt) of every attempt of this node's rows that can no longer be running: all but a row's
+        latest one, and that one too once the row is final or back in the queue."""
+        rows = await self._driver.read("attempts_on_node", {"node_id": node_id})
+        return [(job_id, n) for job_id, attempt, running in rows.each("id", "attempt", "running")
+                if isinstance(attempt, int) for n in range(1, attempt + (0 if running else 1))]
+
+    async def live_daemons_serving(self, node_id: Any, *, lease_ttl_ms: int) -> int:
+        """How many daemons are alive (not stopped, heartbeat within the lease ttl) and serve this node."""
+        rows = await self._driver.read("live_daemons_serving", {"node_id": self._driver.key(node_id),
+                                                                "ttl_ms": lease_ttl_ms})
+        return int(rows.first("daemons"))
+
+    # -- nodes ----------------------------------------------------------------------------------------------
+
+    async def upsert_nodes(self, nodes: Sequence[tuple[str, str, str | None]]) -> None:
+        """(id, hostname, ip_address) of each configured node, in one transaction."""
+        params = [{"id": i, "hostname": h, "ip_address": ip} for i, h, ip in nodes]
+        await self._driver.transaction(lambda tx: tx.executemany("upsert_node", params))
+
+    async def node_heartbeats(self, beats: Mapping[str, tuple[str, str]], served: Sequence[str]) -> list[str]:
+        """node id -> (status, capabilities JSON); then nodes nobody serves go offline (their ids returned)."""
+        params = [{"id": i, "status": s, "capabilities": c} for i, (s, c) in beats.items()]
+
+        async def work(tx: Tx) -> list[str]:
+            await tx.executemany("node_heartbeat", params)
+            return (await tx.rows("unserved_nodes_offline", {"nodes": self._driver.array(served)})).column("id")
+
+        return await self._driver.transaction(work)
+
+    async def fail_node_jobs(self, node_id: str, error: str, *, queued_before: int | None = None) -> list[str]:
+        """Fail the queued rows of a node that cannot take jobs: all, or those queued before `queued_before`."""
+        rows = await self._driver.write("fail_node_jobs", {"node_id": node_id, "error": error, "before": queued_before})
+        failed = rows.column("id")
+        self._driver.touched(failed)
+        return failed
+
+    async def nodes_overview(self) -> list[dict[str, Any]]:
+        return (await self._driver.read("nodes_overview")).dicts()
+
+    async def job_counts(self) -> dict[str, int]:
+        """What waits, and what ended lately: queued, executing, finished_last_minute, finished_last_hour."""
+        return (await self._driver.read("job_counts")).dicts()[0]
+
+    async def queue_by_node(self) -> dict[tuple[str, str], int]:
+        """(node id, status) -> rows, for `queued` and `executing`: the queue as the database has it (metrics)."""
+        rows = await self._driver.read("queue_by_node")
+        return {(str(node_id), str(status)): count for node_id, status, count in
+                rows.each("node_id", "status", "jobs")}
+
+    async def heartbeat_ages(self) -> dict[str, int]:
+        """Node id -> ms since its last heartbeat by the database's clock, for nodes that had one (metrics)."""
+        rows = await self._driver.read("heartbeat_ages")
+        return {str(node_id): age for node_id, age in rows.each("id", "age_ms") if isinstance(age, int)}
+
+    # -- the CLI's side -------------------------------------------------------------------------------------
+
+    async def insert_job(self, *, node_id: str, tool: str, command: str, cwd: str | None = None,
+                         env: dict[str, str] | None = None, priority: int = 0, timeout_ms: int | None = None,
+                         max_attempts: int = 1, delay_ms: int | None = None,
+                         depends_on: str | RawText | None = None, conversation_id: str | None = None,
+                         message_id: str | None = None) -> str:
+        """Queue a job as other programs do; `delay_ms` after its created_at, both by the database's clock."""
+        import uuid  # the CLI's path only: the daemon never creates ids
+
+        job_id = str(uuid.uuid4())
+        await self._driver.write("insert_job", {
+            "id": job_id, "node_id": node_id, "tool": tool, "command": command, "cwd": cwd, "priority": priority,
+            "timeout_ms": timeout_ms, "max_attempts": max_attempts, "delay_ms": delay_ms,
+            "depends_on": self._driver.key(depends_on), "env": json.dumps(env) if env else None,
+            "conversation_id": conversation_id, "message_id": message_id})
+        return job_id
+
+    async def prune(self, *, older_than_ms: int, statuses: Sequence[str]) -> int:
+        """Delete finished jobs that ended more than `older_than_ms` ago; how many."""
+        return await self._driver.write_count("prune_jobs", {"older_than_ms": older_than_ms,
+                                                             "statuses": self._driver.array(statuses)})
+
+    async def retry(self, job_id: str | RawText) -> bool:
+        return bool(await self._driver.write("retry_job", {"id": self._driver.key(job_id)}))
+
+    async def workers(self) -> list[dict[str, Any]]:
+        return (await self._driver.read("workers")).dicts()
+
+    async def cancel(self, job_ids: Sequence[str | RawText]) -> list[str | RawText]:
+        """Cancel each job that has not ended, in one transaction; the ids of those cancelled."""
+
+        async def work(tx: Tx) -> list[str | RawText]:
+            done: list[str | RawText] = []
+            for job_id in job_ids:
+                done += (await tx.rows("cancel_job", {"id": self._driver.key(job_id)})).column("id")
+            return done
+
+        return await self._driver.transaction(work)
+
+    async def resolve_id(self, prefix: str) -> str | RawText:
+        """A full id, or a unique prefix of one."""
+        if not prefix:
+            raise JobdError("an empty job id names no job")
+        if await self.get_job(prefix) is not None:
+            return prefix
+        found = (await self._driver.read("find_job_ids", {"prefix": prefix})).column("id")
+        if not found:
+            raise JobdError(f"no job with an id starting with {prefix!r}")
+        if len(found) > 1:
+            raise JobdError(f"{prefix!r} names more than one job; give more characters of the id")
+        job_id: str | RawText = found[0]  # as stored: a RawText id still finds its row (get_job's CAST)
+        return job_id
+
+    async def get_job(self, job_id: str | RawText) -> dict[str, Any] | None:
+        rows = (await self._driver.read("get_job", {"id": self._driver.key(job_id)})).dicts()
+        return rows[0] if rows else None
+
+    async def list_jobs(self, *, status: str | None, node_id: str | None, limit: int) -> list[dict[str, Any]]:
+        return (await self._driver.read("list_jobs", {"status": status, "node_id": node_id, "limit": limit})).dicts()
+
+    # -- housekeeping: rows no daemon runs, stopped daemons ---------------------------------------------------
+
+    async def stranded_jobs(self, *, limit: int) -> tuple[int, list[dict[str, Any]]]:
+        """Rows no daemon of this database will run or finish: a status none of the contract's (a typo on a table
+        without CHECK constraints), or `executing` under no registered daemon. How many, and the first `limit`
+        of them (id, status, worker_id). `cancel` ends them and `retry` queues them again."""
+        rows = await self._driver.read("stranded_jobs", {"limit": limit})
+        listed = [{"id": job_id, "status": status, "worker_id": worker_id}
+                  for job_id, status, worker_id in rows.each("id", "status", "worker_id")]
+        return int(rows.first("total") or 0), listed
+
+    async def prune_workers(self, *, older_than_ms: int = WORKERS_KEPT_MS, keep: int = WORKERS_KEPT) -> int:
+        """Forget daemons that stopped more than `older_than_ms` ago, but the `keep` that started last and any that
+        still holds an unfinished job (recovery needs it); how many were forgotten."""
+        return await self._driver.write_count("prune_workers", {"older_than_ms": older_than_ms, "keep": keep})
+
+
+def _claim_order(rows: Rows) -> Callable[[Any], tuple[int, Any, Any]]:
+    """The claim's ORDER BY, priority DESC, created_at, then the backend's `seq`; a row whose priority or
+    created_at is no integer (a bad row) sorts first, so that it fails fast."""
+    pick = rows.pick("priority", "created_at", "seq")
+
+    def order(row: Any) -> tuple[int, Any, Any]:
+        priority, created_at, seq = pick(row)
+        if not isinstance(priority, int) or not isinstance(created_at, int):
+            return (-(2**63), 0, seq)
+        return (-priority, created_at, seq)
+
+    return order
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and value >= 0 else 0
+
+
+def cycles(edges: Mapping[str, str]) -> list[list[str]]:
+    """The cycles of a graph in which each node has one edge at most, each in the order of its edges."""
+    state: dict[str, int] = {}  # absent: not seen; 1: on the current walk; 2: done
+    found = []
+    for start in edges:
+        walk: list[str] = []
+        node: str | None = start
+        while node is not None and node in edges and state.get(node) is None:
+            state[node] = 1
+            walk.append(node)
+            node = edges[node]
+        if node is not None and state.get(node) == 1:  # the walk came back to itself: a cycle from there
+            found.append(walk[walk.index(node):])
+        for visited in walk:
+            state[visited] = 2
+    return found
