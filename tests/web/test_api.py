@@ -204,7 +204,9 @@ def test_list_filters_and_pages_and_retry(db: Db, web: Web, running: Daemon) -> 
 
 
 def test_nodes_and_daemons(db: Db, web: Web, running: Daemon) -> None:
-    nodes = wait_for(lambda: (n := web.request("GET", "/api/v1/nodes").json())["nodes"] and n, message="a node")
+    # The daemon writes its node row first (offline until probed), then its first heartbeat: wait for that one.
+    nodes = wait_for(lambda: (n := web.request("GET", "/api/v1/nodes").json())["nodes"]
+                     and n["nodes"][0]["lastHeartbeat"] is not None and n, message="a node's first heartbeat")
     node = nodes["nodes"][0]
     assert (node["id"], node["status"]) == ("localhost", "online")
     assert "bash" in node["capabilities"]["tools"] and isinstance(node["heartbeatAgeMs"], int)
