@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -18,7 +17,7 @@ from typing import Any, TypeVar, cast
 import anyio
 
 from daemon.config import Config, NodeConfig
-from daemon.dispatch import Dispatcher, Wakes
+from daemon.dispatch import Dispatcher, Wake, Wakes
 from daemon.errors import DatabaseRewritten, JobLost
 from daemon.executors.base import OutputCallback
 from daemon.hooks import Hooks
@@ -152,6 +151,7 @@ class FakeStore:
         self.refuse_output: Callable[[Claim], str | None] = lambda claim: None
         self.lose_claim_answer = False  # the next claim commits, then its answer is lost (DbUnavailable)
         self.finish_gate: asyncio.Event | None = None  # finish_many waits for it once it has been called
+        self.after_finish: Callable[[], None] = lambda: None  # what happens to the store once a finish took
         self.unwritable: str | None = None
         self.settled = True  # writes_settled(); idle() settles them when settle_on_idle
         self.settle_on_idle = True
@@ -300,6 +300,7 @@ class FakeStore:
         for claim, result in items:
             if (row := self._ours(claim)) is not None:
                 done[claim.job_id] = self._finish(row, result)
+        self.after_finish()
         self.changed.notify()
         return done
 
@@ -400,9 +401,12 @@ class FakeProcess:
     def detachable(self) -> bool:
         return self._detachable
 
-    def end(self, status: ExitStatus | int = 0, *, stdout: bytes = b"", stderr: bytes = b"") -> None:
+    def write(self, stdout: bytes = b"", stderr: bytes = b"") -> None:
         self._on_stdout(stdout)
         self._on_stderr(stderr)
+
+    def end(self, status: ExitStatus | int = 0, *, stdout: bytes = b"", stderr: bytes = b"") -> None:
+        self.write(stdout, stderr)
         self.status = status if isinstance(status, ExitStatus) else ExitStatus(status)
         self._ended.set()
         self.changed.notify()
@@ -537,6 +541,7 @@ class Harness:
     executors: dict[str, FakeExecutor]
     nodes: FakeNodes
     hooks: FakeHooks
+    wakes: Wakes
     dispatcher: Dispatcher
     stop: asyncio.Event
     done: anyio.Event
@@ -559,6 +564,12 @@ class Harness:
             key[0] == job_id for key in self.dispatcher.running), what=f"{job_id} recorded")
         return row
 
+    async def looked(self, reason: Wake = Wake.SCHEDULE_CHANGED) -> None:
+        """Return once the loop has been through a whole pass that took `reason` and whatever else was pending."""
+        before = len(self.store.called("next_run_after"))
+        self.wakes.add(reason | Wake.SCHEDULE_CHANGED)  # that one's duty ends the pass: next_run_after
+        await self.changed.until(lambda: len(self.store.called("next_run_after")) > before, what="a pass of the loop")
+
     def finishes_of(self, job_id: str) -> list[JobResult]:
         return [result for items in self.store.called("finish_many") for claim, result in items
                 if claim.job_id == job_id]
@@ -573,9 +584,9 @@ async def dispatching(settings: Config | None = None, *, store: FakeStore | None
     store = store or FakeStore(changed)
     settings = settings or config()
     executors = dict(executors or {node: FakeExecutor(changed) for node in settings.nodes})
-    harness = Harness(changed, store, executors, nodes or FakeNodes(), FakeHooks(), cast(Dispatcher, None),
+    harness = Harness(changed, store, executors, nodes or FakeNodes(), FakeHooks(), Wakes(), cast(Dispatcher, None),
                       asyncio.Event(), anyio.Event())
-    harness.dispatcher = Dispatcher(settings, cast(Store, store), executors, harness.nodes, Wakes(), WORKER,
+    harness.dispatcher = Dispatcher(settings, cast(Store, store), executors, harness.nodes, harness.wakes, WORKER,
                                     hooks=harness.hooks, on_rewritten=harness.rewritten.append)
 
     async def run() -> None:
@@ -598,6 +609,3 @@ def result(status: JobStatus = JobStatus.COMPLETED, exit_code: int | None = 0, *
     output = kwargs.pop("output", OutputSnapshot("out", "", 3, 0))
     return JobResult(status, exit_code, kwargs.pop("error", None), output, **kwargs)
 
-
-def replace(value: T, **changes: Any) -> T:
-    return cast(T, dataclasses.replace(cast(Any, value), **changes))
