@@ -3,20 +3,31 @@ sleeps recorded and taken at once."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 import structlog
 
 from daemon import logging as log
 from daemon.dispatch import dispatcher, recorder
 
+HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A hang fails in seconds, not at the suite's 300 s: each of these tests takes milliseconds."""
+    for item in items:
+        if item.path.is_relative_to(HERE):
+            item.add_marker(pytest.mark.timeout(30))
+
 
 @pytest.fixture
-def logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
+def logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[MutableMapping[str, Any]]]:
     """The events logged during the test (the daemon's loggers are bound once: they are bound again here)."""
     monkeypatch.setattr(log, "_bound", {})
     with structlog.testing.capture_logs() as captured:
@@ -35,7 +46,7 @@ class Sleeps:
         self.taken.append(delay)
         if (hook := self.during.pop(delay, None)) is not None:
             hook()
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
 
 
 @pytest.fixture

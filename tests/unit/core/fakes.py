@@ -55,15 +55,16 @@ class Changed:
     def notify(self) -> None:
         self._event.set()
 
-    async def until(self, predicate: Callable[[], T], timeout: float = 5.0, what: str = "condition") -> T:
+    async def until(self, predicate: Callable[[], T | None], within_s: float = 5.0, what: str = "condition") -> T:
+        """What `predicate` returns once it is truthy; AssertionError naming `what` after `within_s`."""
         try:
-            with anyio.fail_after(timeout):
+            with anyio.fail_after(within_s):
                 while not (value := predicate()):
                     self._event.clear()
                     with anyio.move_on_after(0.01):
                         await self._event.wait()
         except TimeoutError:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
+            raise AssertionError(f"timed out after {within_s}s waiting for {what}") from None
         return value
 
 

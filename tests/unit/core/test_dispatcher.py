@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import signal
 
+import anyio
 import pytest
 
-from daemon.dispatch import Wake
+from daemon.dispatch import Wake, Wakes
 from daemon.dispatch.dispatcher import UNKNOWN_CLAIM_ERROR
+from daemon.dispatch.wakes import EVERYTHING
 from daemon.errors import NodeUnreachable
-from daemon.model import Claim, ExitStatus, JobStatus, OrphanedJob, StopReason
+from daemon.model import Claim, JobStatus, OrphanedJob, StopReason
 from daemon.outcome import LEASE_LOST_ERROR, SHUTDOWN_ERROR, TIMEOUT_EXIT_CODE
 from daemon.store import DbUnavailable
 from tests.unit.core.conftest import Sleeps
@@ -271,3 +273,18 @@ async def test_a_stopping_dispatcher_adopts_nothing() -> None:
         assert not await h.dispatcher.adopt("w-dead", row.orphan())
         assert h.store.called("adopt") == [] and row.worker_id == "w-dead"
         process.end(0)
+
+
+async def test_wakes_gather_reasons_until_the_loop_takes_them() -> None:
+    wakes = Wakes()
+    with anyio.fail_after(5):
+        await wakes.wait(None)  # woken at start...
+    assert wakes.take() == EVERYTHING  # ...for every duty once
+    assert wakes.take() == Wake(0)
+    wakes.put_back(Wake.CLAIMS_UNKNOWN)  # for the next pass, without waking the loop for it
+    await wakes.wait(0.001)  # nothing woke it: the timeout ends the wait
+    wakes.add(Wake.SLOT_FREED)
+    wakes.add(Wake.REQUEUED)
+    with anyio.fail_after(5):
+        await wakes.wait(None)
+    assert wakes.take() == Wake.CLAIMS_UNKNOWN | Wake.SLOT_FREED | Wake.REQUEUED

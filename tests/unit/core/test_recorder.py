@@ -12,7 +12,7 @@ import pytest
 
 from daemon import outcome
 from daemon.dispatch.recorder import RECORD_GATHER_S, SETTLE_WHEN_IDLE_S, Finished, Recorder
-from daemon.model import Claim, ClaimedJob, JobResult, JobStatus, OutputSnapshot, Quarantine
+from daemon.model import Claim, JobResult, JobStatus, OutputSnapshot, Quarantine
 from daemon.output import JobOutput
 from daemon.runner import JobRunner, RunningJob
 from daemon.store import DbUnavailable, Store
