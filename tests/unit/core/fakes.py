@@ -326,6 +326,14 @@ class FakeStore:
 
     # -- leases and recovery ------------------------------------------------------------------------------
 
+    async def register_worker(self, *, worker_id: str, host: str, boot_id: str | None, pid: int,
+                              pid_start: int | None, nodes: Sequence[str]) -> None:
+        self._call("register_worker", (worker_id, host, boot_id, pid, pid_start, tuple(nodes)))
+
+    async def heartbeat(self, worker_id: str) -> bool:
+        self._call("heartbeat", worker_id)
+        return worker_id not in self.stopped
+
     async def other_workers(self, worker_id: str) -> list[Worker]:
         self._call("other_workers")
         return [worker for worker in self.workers if worker.id != worker_id]
