@@ -218,7 +218,8 @@ class PgDb(Db):
     def __init__(self, url: str, home: Path) -> None:
         self.path = home  # where the file would be: its directory is the test's (HOME, logs)
         self.url = url
-        self.conn = PgConn(url)  # type: ignore[assignment]
+        self.pg = PgConn(url)
+        self.conn = self.pg  # type: ignore[assignment]
 
     @property
     def target(self) -> str:
@@ -227,7 +228,7 @@ class PgDb(Db):
     def job(self, job_id: str) -> dict[str, Any]:
         from psycopg.rows import dict_row
 
-        with self.conn._conn.cursor(row_factory=dict_row) as cur:
+        with self.pg._conn.cursor(row_factory=dict_row) as cur:
             row = cur.execute("SELECT * FROM jobs WHERE id = %s", (job_id,)).fetchone()
         assert row is not None, f"job {job_id} not found"
         return dict(row)
