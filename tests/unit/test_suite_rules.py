@@ -1,8 +1,14 @@
-"""tests/conftest.py's check that a test run leaves nothing in the checkout: what it sees, and what it lets be."""
+"""The suite's own rules: a test run leaves nothing in the checkout (tests/conftest.py: what it sees, and what it
+lets be), and the unit layer starts no process (tests/unit/conftest.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import CHECKOUT, checkout_files
 
@@ -24,3 +30,10 @@ def test_new_files_and_directories_are_seen_and_tools_own_are_not(tmp_path: Path
 
 def test_the_check_looks_at_this_checkout() -> None:
     assert (CHECKOUT / "pyproject.toml").is_file() and "daemon/dispatch/dispatcher.py" in checkout_files(CHECKOUT)
+
+
+def test_a_unit_test_that_starts_a_process_fails_and_says_where_it_belongs() -> None:
+    for start in (lambda: subprocess.run(["true"], check=False), lambda: os.system("true"),
+                  lambda: asyncio.run(asyncio.create_subprocess_exec("true"))):
+        with pytest.raises(AssertionError, match=r"tests/unit starts no process.*move this test to tests/integration"):
+            start()
