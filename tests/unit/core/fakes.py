@@ -609,7 +609,11 @@ async def dispatching(settings: Config | None = None, *, store: FakeStore | None
         async with anyio.create_task_group() as tg:
             tg.start_soon(run)
             await changed.until(lambda: store.source is not None and store.source.started, what="the loop")
-            yield harness
+            try:
+                yield harness
+            finally:  # a test that failed with a write held open: the recorder's shielded write must end
+                if store.finish_gate is not None:
+                    store.finish_gate.set()
             harness.stop.set()
             await harness.done.wait()
 

@@ -103,8 +103,10 @@ async def test_a_cancel_is_noticed_when_the_queue_changed_and_the_row_stays_canc
         h.store.insert("a", max_attempts=3)
         (process,) = await h.started(1)
         h.store.rows["a"].status = "cancelled"  # written, but not yet noticed as a change
+        looks = len(h.store.called("cancelled_among"))
         await h.looked(Wake.NODES_CHANGED)
-        assert process.signals == []  # only a change of the queue calls for a look at cancels
+        assert len(h.store.called("cancelled_among")) == looks  # only a change of the queue calls for that look
+        assert process.signals == []
         h.store.queue_changed()
         await h.changed.until(lambda: process.signals, what="the cancel noticed")
         row = await h.recorded("a")
