@@ -90,7 +90,7 @@ def run_xargs(jobs: int, concurrency: int) -> Result:
 
 def make_huey(db: str) -> tuple[Any, Any]:
     """The same app in the consumer and in the benchmark: a SqliteHuey and one task that runs the command."""
-    from huey import SqliteHuey  # type: ignore[import-untyped]
+    from huey import SqliteHuey
 
     huey = SqliteHuey("bench", filename=db)
 

@@ -238,7 +238,8 @@ class PgDb(Db):
     def __init__(self, url: str, home: Path) -> None:
         self.path = home  # where the file would be: its directory is the test's (HOME, logs)
         self.url = url
-        self.conn = PgConn(url)  # type: ignore[assignment]
+        self.pg = PgConn(url)
+        self.conn = self.pg  # type: ignore[assignment]
 
     @property
     def target(self) -> str:
@@ -247,7 +248,7 @@ class PgDb(Db):
     def job(self, job_id: str) -> dict[str, Any]:
         from psycopg.rows import dict_row
 
-        with self.conn._conn.cursor(row_factory=dict_row) as cur:
+        with self.pg._conn.cursor(row_factory=dict_row) as cur:
             row = cur.execute("SELECT * FROM jobs WHERE id = %s", (job_id,)).fetchone()
         assert row is not None, f"job {job_id} not found"
         return dict(row)
@@ -329,6 +330,35 @@ class Daemon:
             self.proc.kill()
             self.proc.wait()
             raise AssertionError(f"daemon did not stop within {timeout}s after SIGTERM:\n{self.log()[-4000:]}") from e
+
+
+CHECKOUT = Path(__file__).parent.parent
+# What a test run may add to the checkout: tools' caches and environments (a directory of one of these names, or
+# a .venv* or *.egg-info directory, is not looked into).
+TOOL_DIRS = frozenset({".git", "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache", ".hypothesis",
+                       "node_modules"})
+
+
+def checkout_files(root: Path) -> set[str]:
+    """Every file and directory under `root` (relative paths), but for the tools' own (TOOL_DIRS)."""
+    found: set[str] = set()
+    for directory, subdirectories, files in os.walk(root):
+        subdirectories[:] = [name for name in subdirectories if not (
+            name in TOOL_DIRS or name.startswith(".venv") or name.endswith(".egg-info"))]
+        here = Path(directory).relative_to(root)
+        found.update(str(here / name) for name in [*subdirectories, *files])
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_left_in_the_checkout() -> Iterator[None]:
+    """A test writes into its tmp_path, never into the repository (commit d7587c1 committed a SQLite database named
+    `None` that a run had left at the top of it): anything new in the checkout after the session fails the run."""
+    before = checkout_files(CHECKOUT)
+    yield
+    left = sorted(checkout_files(CHECKOUT) - before)
+    assert not left, (f"the test run left {len(left)} new file(s) in the checkout {CHECKOUT}: {left[:20]}; a test "
+                      "must write under its tmp_path (if you created them yourself meanwhile, run again)")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -160,7 +160,7 @@ class Dispatcher:
         except DbError as e:
             logger.error("dispatch.db_error", error=str(e), retry_in_s=self._error_backoff_s)
             self._hooks.db_write_error()
-            self._wakes.put_back(reasons | Wake.QUEUE_CHANGED)
+            self._wakes.add(reasons | Wake.QUEUE_CHANGED)  # and wake: the next pass comes after the back-off
             await anyio.sleep(self._error_backoff_s)
             self._error_backoff_s = min(self._error_backoff_s * 2, 5.0)
         else:

@@ -287,3 +287,12 @@ def test_stopped_daemons_are_forgotten_at_start_up_and_by_prune(db: Db, daemon_f
     stopped_daemons(3, 100)  # three more, started after the rest: the rest are out of the last 20
     assert "forgot 3 daemons that stopped more than 7 days ago" in cli(db, "prune", "--older-than", "1d").stdout
     assert db.conn.execute("SELECT count(*) FROM jobd_workers").fetchone()[0] == 20
+
+
+def test_help_says_a_database_may_be_a_postgresql_url(tmp_path: Path) -> None:
+    """Before: "Run jobs queued in the SQLite `jobs` table" and "--db DB  database file"."""
+    shown = " ".join(subprocess.run([*NEXUS_JOBD, "--help"], capture_output=True, text=True, check=True,
+                                    env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "COLUMNS": "200"}
+                                    ).stdout.split())
+    assert "--db PATH|URL" in shown and "postgresql://" in shown, shown
+    assert "SQLite `jobs` table" not in shown, shown

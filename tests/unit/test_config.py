@@ -247,16 +247,6 @@ def test_unknown_key_without_a_close_match_lists_the_known_keys(tmp_path: Path) 
     assert "max_concurrent" in message
 
 
-def test_importing_the_daemon_does_not_import_asyncssh() -> None:
-    """asyncssh costs ~18 MB of RSS: only a config with an SSH node may load it."""
-    import subprocess
-    import sys
-
-    code = "import sys, daemon.cli, daemon.service, daemon.dispatch; print('asyncssh' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "False"
-
-
 # Every number has an upper bound, checked when the file is read: a value past it is a typo, and one that does not
 # fit SQLite's 64-bit INTEGER (or a C int) used to pass here and kill the daemon later, when jobs came.
 TOO_BIG = 99999999999999999999
@@ -335,25 +325,6 @@ def test_the_longest_timeout_agrees_with_what_a_row_may_ask() -> None:
     assert YEAR_MS == MAX_TIMEOUT_MS
 
 
-def test_a_huge_number_stops_the_daemon_at_start_up_with_exit_2(tmp_path: Path) -> None:
-    import os
-    import subprocess
-
-    from tests.conftest import NEXUS_JOBD
-
-    home = tmp_path / "cli-home"
-    home.mkdir()
-    for setting in ("[daemon]\nmax_concurrent = 99999999999999999999\n",
-                    "[database]\nretention_days = 9999999999999999999\n"):
-        path = write(tmp_path, setting, "huge.toml")
-        result = subprocess.run([*NEXUS_JOBD, "--config", str(path), "--db", str(tmp_path / "jobs.db"), "run"],
-                                capture_output=True, text=True, timeout=30, env={**os.environ, "HOME": str(home)},
-                                cwd=tmp_path)
-        assert result.returncode == 2, result.stderr
-        assert f"{path}: [" in result.stderr and "expected an integer from" in result.stderr, result.stderr
-        assert "Traceback" not in result.stderr
-
-
 def test_a_ssh_node_without_user_logs_in_as_the_daemons_user(tmp_path: Path) -> None:
     """As ssh(1) does: the user name of the effective uid (asyncssh was handed None and failed with a TypeError)."""
     import os
@@ -379,24 +350,6 @@ def test_a_config_file_that_is_not_utf8_names_the_file_and_the_byte(tmp_path: Pa
     message = str(info.value)
     assert message.startswith(f"{path}: not UTF-8 text: byte 0xe9 at offset 12 (line 2, column 4)"), message
     assert f"save the file as UTF-8 (if it is Latin-1: iconv -f latin1 -t utf-8 < {path} > " in message
-
-
-def test_a_config_file_that_is_not_utf8_stops_start_up_with_exit_2(tmp_path: Path) -> None:
-    import os
-    import subprocess
-
-    from tests.conftest import NEXUS_JOBD
-
-    home = tmp_path / "cli-home"
-    home.mkdir()
-    path = tmp_path / "latin1.toml"
-    path.write_bytes(LATIN1)
-    result = subprocess.run([*NEXUS_JOBD, "--config", str(path), "--db", str(tmp_path / "jobs.db"), "run"],
-                            capture_output=True, text=True, timeout=30, env={**os.environ, "HOME": str(home)},
-                            cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    assert f"configuration error: {path}: not UTF-8 text: byte 0xe9 at offset 12" in result.stderr
-    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(("text", "detail"), [

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import re
-import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -13,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from daemon import config
-from tests.conftest import NEXUS_JOBD
 
 ROOT = Path(__file__).parent.parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -158,7 +156,7 @@ def test_the_readme_lists_only_fields_the_code_logs() -> None:
     assert not wrong, f"fields the README's log table lists that no call logs: {wrong}"
 
 
-# -- set-up and --help -------------------------------------------------------------------------------------------
+# -- set-up ------------------------------------------------------------------------------------------------------
 
 def test_the_readme_names_every_package_the_test_set_up_installs() -> None:
     """Before: zsh, procps, coreutils, util-linux and openssh-client were installed but not named."""
@@ -170,10 +168,3 @@ def test_the_readme_names_every_package_the_test_set_up_installs() -> None:
     assert not missing, f"packages scripts/install-test-deps installs that the README's set-up omits: {missing}"
 
 
-def test_help_says_a_database_may_be_a_postgresql_url(tmp_path: Path) -> None:
-    """Before: "Run jobs queued in the SQLite `jobs` table" and "--db DB  database file"."""
-    shown = " ".join(subprocess.run([*NEXUS_JOBD, "--help"], capture_output=True, text=True, check=True,
-                                    env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "COLUMNS": "200"}
-                                    ).stdout.split())
-    assert "--db PATH|URL" in shown and "postgresql://" in shown, shown
-    assert "SQLite `jobs` table" not in shown, shown

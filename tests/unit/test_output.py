@@ -7,8 +7,6 @@ import ctypes
 import itertools
 import random
 import re
-import subprocess
-import sys
 
 import pytest
 from hypothesis import given, settings
@@ -21,7 +19,6 @@ from daemon.output import (
     JobOutput,
     StreamCapture,
     is_big,
-    map_big_blocks_apart,
     trim_heap,
 )
 from tests.conftest import require
@@ -315,42 +312,6 @@ def test_trim_heap_returns_freed_heap_pages_where_malloc_trim_exists() -> None:
     assert trim_heap() is True
 
 
-BLOCK_PLACEMENT = """
-import ctypes, sys
-from daemon.output import map_big_blocks_apart
-if sys.argv[1] == "fixed":
-    assert map_big_blocks_apart()
-
-def mapping(address):
-    for line in open("/proc/self/maps"):
-        fields = line.split()
-        start, end = (int(x, 16) for x in fields[0].split("-"))
-        if start <= address < end:
-            return fields[5] if len(fields) > 5 else "anonymous"
-    return "unmapped"
-
-bigger = bytearray(8 << 20)
-del bigger  # glibc raises its threshold past 8 MiB here, unless it is fixed
-block = bytearray(2 << 20)
-address = ctypes.addressof((ctypes.c_char * len(block)).from_buffer(block))
-print(mapping(address))
-del block
-print(mapping(address))
-"""
-
-
-def test_big_blocks_get_mappings_of_their_own_after_a_bigger_one_was_freed() -> None:
-    """In a fresh process (an old heap may hold a free chunk big enough, which malloc reuses whatever the
-    threshold). Without the fix glibc raises its mmap threshold when the 8 MiB block is freed and carves the next
-    2 MiB block out of the heap (run BLOCK_PLACEMENT with "default" to see `[heap]`, still mapped after the free);
-    with the threshold fixed, that block gets a mapping of its own, which free() unmaps."""
-    glibc = getattr(ctypes.CDLL(None), "malloc_trim", None) is not None
-    if not glibc:
-        assert map_big_blocks_apart() is False
-    require(glibc, "not glibc: no mmap threshold to fix")
-    done = subprocess.run([sys.executable, "-c", BLOCK_PLACEMENT, "fixed"], capture_output=True, text=True,
-                          check=True)
-    assert done.stdout.split() == ["anonymous", "unmapped"]
 def test_skipped_bytes_count_in_the_total_and_the_tail_is_what_came_after() -> None:
     """A remote reader far behind sends the head, then skips to the tail: the row is as if all had been fed."""
     whole, skipping = StreamCapture("stdout", 1000), StreamCapture("stdout", 1000)
