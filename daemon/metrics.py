@@ -116,6 +116,10 @@ class Exporter(Hooks):
                                   "dispatch.db_error", registry=registry)
         self._reconnects = Counter("nexus_jobd_ssh_reconnects", "SSH connections to a node opened again after the "
                                    "first", ["node"], registry=registry)
+        self._killed_outside = Counter("nexus_jobd_jobs_killed_outside", "Local jobs that died by a SIGKILL "
+                                       "nexus-jobd did not send (Android's phantom process killer, the OOM killer)",
+                                       ["node"], registry=registry)
+        self._killed_outside.labels(config.local_node)
         Gauge("nexus_jobd_build_info", "Always 1: the version of nexus-jobd and of Python", ["version", "python"],
               registry=registry).labels(__version__, platform.python_version()).set(1)
         for node in config.nodes.values():  # every series exists from the start: rate() needs the zero
@@ -163,6 +167,9 @@ class Exporter(Hooks):
 
     def ssh_reconnected(self, node: str) -> None:
         self._reconnects.labels(node).inc()
+
+    def job_killed_outside(self, node: str) -> None:
+        self._killed_outside.labels(node).inc()
 
     # -- running --------------------------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ import anyio
 from daemon import config as config_module
 from daemon import logging as log
 from daemon import procs
+from daemon.android.wakelock import WakeLock
 from daemon.config import Config, NodeConfig, Overrides
 from daemon.dispatch import Dispatcher, Wake, Wakes
 from daemon.errors import ConfigError, DatabaseRewritten, JobdError, SpawnError
@@ -284,8 +285,9 @@ async def _run(config: Config, overrides: Overrides, store: Store, notifier: Not
     wakes = Wakes()
     executors = executors_for(config, metrics)
     health = Health(config, prober(config, executors), changed=lambda: wakes.add(Wake.NODES_CHANGED))
+    wake_lock = WakeLock(config.android, config.settings_file)
     dispatcher = Dispatcher(config, store, executors, health, wakes, dataclasses.asdict(me), hooks=metrics,
-                            on_rewritten=on_rewritten)
+                            activity=wake_lock, on_rewritten=on_rewritten)
     recovery = Recovery(store, me, ttl_ms=config.lease_ttl_ms, executors=executors, local_node=config.local_node,
                         adopt=dispatcher.adopt, on_requeued=lambda: wakes.add(Wake.REQUEUED))
     lease = Lease(store, me, ttl_ms=config.lease_ttl_ms, nodes=config.node_ids, on_lost=on_lease_lost,
@@ -302,10 +304,11 @@ async def _run(config: Config, overrides: Overrides, store: Store, notifier: Not
         logger.info("daemon.started", db=config.db_name, config=config.source, pid=os.getpid(),
                     worker_id=dispatcher.worker_id, systemd=notifier.enabled)
         await _serve_until_stopped(_Parts(config, store, notifier, exporter, executors, health, dispatcher, lease,
-                                          wakes), stop)
+                                          wakes, wake_lock), stop)
     finally:
         for executor in executors.values():
             await executor.aclose()
+        await wake_lock.stop(jobs_left=dispatcher.detached)
     if lost.is_set():
         logger.error("daemon.stopped", worker_id=dispatcher.worker_id, reason="lease lost")
         return 1
@@ -352,11 +355,12 @@ class _Parts:
     dispatcher: Dispatcher
     lease: Lease
     wakes: Wakes
+    wake_lock: WakeLock
 
 
 async def _serve_until_stopped(p: _Parts, stop: asyncio.Event) -> None:
     """The dispatcher's loop, and beside it what keeps the daemon alive and known: the lease, the supervisor's
-    watchdog and status, retention, node heartbeats, the keeper, the metrics."""
+    watchdog and status, retention, node heartbeats, the keeper, the metrics, the wake lock."""
     async with anyio.create_task_group() as tg:
         tg.start_soon(p.lease.run)
         tg.start_soon(_watchdog, p.notifier)
@@ -365,6 +369,7 @@ async def _serve_until_stopped(p: _Parts, stop: asyncio.Event) -> None:
         tg.start_soon(_report_stranded, p.store, p.dispatcher)
         tg.start_soon(_heartbeats, p.config, p.store, p.health, p.dispatcher, p.wakes)
         tg.start_soon(_keeper_ready, p.executors[p.config.local_node])
+        tg.start_soon(p.wake_lock.run)
         if p.exporter is not None:
             await tg.start(p.exporter.run, p.store, p.health)  # answering before READY and dispatch.started
         await p.dispatcher.run(stop, on_ready=lambda: p.notifier.send(READY=1, STATUS="ready"))
@@ -434,7 +439,8 @@ class _Reloader:
     A bad file never stops the daemon: whatever reading it raises is logged as config.reload_failed.
     """
 
-    RESTART_ONLY = ("db_path", "db_url", "busy_timeout_ms", "local_node", "default_cwd", "job_environment", "metrics")
+    RESTART_ONLY = ("db_path", "db_url", "busy_timeout_ms", "local_node", "default_cwd", "job_environment", "metrics",
+                    "android")
 
     def __init__(self, config: Config, overrides: Overrides, dispatcher: Dispatcher) -> None:
         self.config, self._overrides, self._dispatcher = config, overrides, dispatcher

@@ -34,7 +34,10 @@ FAILED = 12  # why the job could not be started (UTF-8 text)
 DATA_OUT = 13  # raw stdout bytes
 DATA_ERR = 14  # raw stderr bytes
 SKIP = 15  # stream (1 or 2), n: n bytes not sent (they fell between head and tail)
-EXIT = 16  # b"CODE SIGNAL" (signal 0: none): the job ended and all its output was sent
+# b"CODE SIGNAL SENT CPU_MS": the job ended and all its output was sent; SIGNAL 0: none; SENT: the last signal the
+# keeper sent its group while it ran (0: none), so that a SIGKILL nobody here sent can be told; CPU_MS: the CPU time
+# of its main process (a cpu_seconds limit's SIGKILL is the kernel's). A keeper before these two sends CODE SIGNAL.
+EXIT = 16
 UNKNOWN = 17  # why: no such job here (UTF-8 text)
 TAKEN = 18  # another daemon attached to the job: this one hears no more of it
 STARTED_ALREADY = "was started already: not twice"  # how FAILED ends for a SPAWN of an attempt the keeper holds
