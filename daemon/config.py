@@ -97,6 +97,7 @@ class AndroidConfig:
     wake_lock: str = "while-running"  # Termux's wake lock: while jobs run, from start to stop, or not touched
     wake_lock_release_ms: int = 30000  # "while-running": released this long after the last job ended
     path: str = os.defpath  # the daemon's PATH, where termux-wake-lock and the doctor's tools are looked up
+    prefix: str = ""  # $PREFIX: Termux's /data/data/com.termux/files/usr, where termux-services keeps its services
 
     @property
     def holds_wake_lock(self) -> bool:
@@ -496,6 +497,7 @@ def _web(section: _Section) -> WebConfig:
 def _android(section: _Section, environ: Mapping[str, str]) -> AndroidConfig:
     """[android] wake_lock and wake_lock_release_ms; whether this is Termux is read from the environment."""
     android = AndroidConfig(termux=is_termux(environ), path=environ.get("PATH", os.defpath),
+                            prefix=environ.get("PREFIX", ""),
                             wake_lock=section.string("wake_lock", "while-running", choices=WAKE_LOCK),
                             wake_lock_release_ms=section.integer("wake_lock_release_ms", 30000, minimum=0,
                                                                  maximum=DAY_MS))

@@ -28,7 +28,7 @@ import anyio
 
 from daemon import config as config_module
 from daemon import logging as log
-from daemon import procs
+from daemon import locking, procs
 from daemon.android.wakelock import WakeLock
 from daemon.config import Config, NodeConfig, Overrides
 from daemon.dispatch import Dispatcher, Wake, Wakes
@@ -162,6 +162,25 @@ def check_database_access(config: Config) -> None:
             _check_not_shared(config, path, resolved)
 
 
+def check_database_locking(config: Config) -> None:
+    """SQLite's locking must hold where the file is: a filesystem that grants a lock one process holds to another
+    too (Android's shared storage, some network filesystems) lets two writers corrupt the database. Tried with a
+    real lock from a second process (daemon.locking); refused with the reason."""
+    if config.db_url is not None:
+        return
+    try:
+        reason = locking.problem(config.db_path)
+    except locking.Unchecked as e:
+        logger.warning("db.locking_unchecked", db=config.db_name, reason=str(e))
+        return
+    if reason is not None:
+        raise ConfigError(
+            f"{config.db_path}: SQLite's locking does not hold on this filesystem: {reason}. Two programs writing "
+            "the database (NexusCLI and this daemon, or two commands) would corrupt it. Put it on storage of this "
+            "system's own (on Termux its home: ~/.nexuscli/nexuscli.db), not on shared storage such as /sdcard or a "
+            f"network filesystem: set [database] path in {config.settings_file}, or --db")
+
+
 def _check_not_shared(config: Config, path: Path, database: Path) -> None:
     try:
         st = path.stat()
@@ -219,6 +238,7 @@ async def serve(config: Config, overrides: Overrides | None = None, *, install_s
     """Run until stopped; returns the process exit code (0 after a clean drain, 1 after losing the lease)."""
     _raise_open_files_limit()
     _check_host(config)
+    check_database_locking(config)
     # Jobs run as our user (with keeper = false, as our children): none may read our environment (the secrets
     # jobs do not get) from /proc/PID/environ, nor our memory. Same-user debuggers (py-spy) then need root.
     procs.make_undumpable()

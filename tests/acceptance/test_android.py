@@ -4,15 +4,20 @@ job killed by a SIGKILL nobody here sent says so in its row."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, Db, daemon_looked, now_ms, wait_for
+from tests import nolocks_fs
+from tests.acceptance.test_termux_service import ROOT, Runit
+from tests.conftest import NEXUS_JOBD, Daemon, Db, daemon_looked, now_ms, require, run_cli, wait_for
 
 RELEASE_MS = 1500
 
@@ -21,10 +26,11 @@ class Termux:
     """A Termux-like $PREFIX (under data/data/com.termux) whose bin/ holds the wake lock's commands, each appending
     `<name> <epoch ms>` to calls.log; `failing` ones print a reason and exit 1, `missing` ones are not there."""
 
-    def __init__(self, root: Path, *, failing: bool = False, missing: bool = False) -> None:
-        self.prefix = root / "data" / "data" / "com.termux" / "files" / "usr"
+    def __init__(self, root: Path, *, failing: bool = False, missing: bool = False, prefix: Path | None = None) -> None:
+        self.prefix = prefix or root / "data" / "data" / "com.termux" / "files" / "usr"
         self.bin = self.prefix / "bin"
-        self.bin.mkdir(parents=True)
+        self.bin.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
         self.calls_log = root / "calls.log"
         for name in ("termux-wake-lock", "termux-wake-unlock"):
             if missing:
@@ -199,3 +205,76 @@ def test_a_kill_of_the_daemons_own_is_not_called_an_outside_kill(db: Db, daemon_
     row = db.wait_status(spinning, timeout=30)
     assert (row["status"], row["exit_code"]) == ("failed", 137)
     assert row["error"] == "killed by signal 9 (SIGKILL) at its cpu_seconds limit (1 s of CPU)"
+
+
+def _doctor(env: dict[str, str], *args: str) -> tuple[int, dict[str, tuple[str, str | None]]]:
+    """`nexus-jobd doctor --json` in this environment: its exit code, and each check's state and fix."""
+    result = subprocess.run([*NEXUS_JOBD, *args, "doctor", "--json"], capture_output=True, text=True, timeout=60,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("NEXUS_JOBD_")} | env)
+    assert result.stdout, result.stderr
+    found = json.loads(result.stdout)
+    return result.returncode, {c["check"]: (c["state"], c["fix"]) for c in found["checks"]}
+
+
+def test_doctor_tells_a_termux_user_what_is_missing(tmp_path: Path) -> None:
+    """Under real runit (runsv running the project's service, as termux-services does), in an emulated Termux."""
+    require(all(shutil.which(p) for p in ("runsv", "sv", "svlogd")), "runit is not installed (Debian: runit)")
+    runit = Runit(tmp_path / "data" / "data" / "com.termux" / "files")
+    try:
+        termux = Termux(tmp_path / "termux", prefix=runit.prefix)
+        for name, script in (("service-daemon", "exit 0"),  # termux-services' own starter: here runsv is started
+                             ("getprop", 'case "$1" in ro.build.version.sdk) echo 34;; *) echo true;; esac')):
+            (runit.prefix / "bin" / name).write_text(f"#!/bin/sh\n{script}\n")
+            (runit.prefix / "bin" / name).chmod(0o755)
+        env = runit.env | termux.env() | {"HOME": str(runit.home)}
+        wait_for(lambda: runit.events("dispatch.started"), timeout=20, message="the service's daemon running")
+        code, checks = _doctor(env)
+        assert code == 1
+        assert {name: state for name, (state, _) in checks.items()} == {
+            "termux-services": "ok", "service nexus-jobd": "ok", "Termux:Boot": "missing", "wake lock": "ok",
+            "battery optimisation": "unknown", "phantom process killer": "unknown", "SQLite locking": "ok"}
+        assert "~/.termux/boot/" in str(checks["Termux:Boot"][1])
+        assert "max_phantom_processes 2147483647" in str(checks["phantom process killer"][1])
+
+        boot = runit.home / ".termux" / "boot"
+        boot.mkdir(parents=True)
+        shutil.copy(ROOT / "termux-services" / "boot" / "start-services", boot)  # the README's script
+        (termux.bin / "getprop").write_text('#!/bin/sh\ncase "$1" in ro.build.version.sdk) echo 34;; '
+                                            '*) echo false;; esac\n')  # "Disable child process restrictions"
+        (termux.bin / "getprop").chmod(0o755)
+        code, checks = _doctor(env)
+        assert code == 0 and checks["Termux:Boot"][0] == checks["phantom process killer"][0] == "ok", checks
+
+        (termux.bin / "termux-wake-unlock").unlink()
+        runit.sv("down")
+        wait_for(lambda: runit.sv("status").startswith("down:"), timeout=40, message="sv down")
+        code, checks = _doctor(env)
+        assert code == 1
+        assert checks["service nexus-jobd"] == ("failed", checks["service nexus-jobd"][1])
+        assert checks["wake lock"] == ("missing", "pkg install termux-tools")
+        (runit.service / "down").touch()  # what sv-disable leaves
+        assert _doctor(env)[1]["service nexus-jobd"] == ("missing", "sv-enable nexus-jobd")
+    finally:
+        runit.close()
+
+
+def test_doctor_off_termux_checks_only_the_database_filesystem(db: Db, tmp_path: Path) -> None:
+    code, checks = _doctor({"HOME": str(tmp_path), "PREFIX": "/usr"}, "--db", db.target)
+    assert (code, checks) == (0, {"SQLite locking": ("ok", checks["SQLite locking"][1])})
+
+
+def test_a_database_on_a_filesystem_that_does_not_share_locks_is_refused_with_the_reason(tmp_path: Path) -> None:
+    """A real FUSE filesystem that grants every lock to everyone (tests/nolocks_fs.py), as Android's shared storage
+    may: the daemon, `db migrate` and `doctor` find out with a real lock held by a second process, and refuse."""
+    require(nolocks_fs.can_mount(), "mounting a FUSE filesystem needs root and /dev/fuse")
+    with nolocks_fs.mounted(tmp_path / "sdcard", tmp_path / "backing") as sdcard:
+        database = str(sdcard / "nexuscli.db")
+        for args in (["run"], ["db", "migrate"]):
+            result = run_cli(["--db", database, *args], tmp_path / "home", timeout=30)
+            assert result.returncode == 2, (args, result.stdout, result.stderr)
+            assert f"{database}: SQLite's locking does not hold on this filesystem: a lock another process held " \
+                   "on a file there was granted to this one too" in result.stderr, result.stderr
+            assert "not on shared storage such as /sdcard" in result.stderr
+        code, checks = _doctor({"HOME": str(tmp_path / "home")}, "--db", database)
+        assert code == 1 and checks["SQLite locking"][0] == "failed"
+        assert os.listdir(tmp_path / "backing") == []  # no database was made there, no probe left behind
