@@ -27,8 +27,8 @@ from pathlib import Path
 import anyio
 
 from daemon import config as config_module
-from daemon import logging as log
 from daemon import locking, procs
+from daemon import logging as log
 from daemon.android.wakelock import WakeLock
 from daemon.config import Config, NodeConfig, Overrides
 from daemon.dispatch import Dispatcher, Wake, Wakes

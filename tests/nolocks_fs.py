@@ -13,16 +13,17 @@ import contextlib
 import ctypes
 import errno
 import os
-import stat
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import ClassVar
 
 IN_HEADER = struct.Struct("=IIQQIIIHH")  # len, opcode, unique, nodeid, uid, gid, pid, total_extlen, padding
 OUT_HEADER = struct.Struct("=IiQ")  # len, error, unique
-ATTR = struct.Struct("=QQQQQQIIIIIIIIII")  # ino size blocks atime mtime ctime *nsec mode nlink uid gid rdev blksize flags
+# ino size blocks atime mtime ctime atimensec mtimensec ctimensec mode nlink uid gid rdev blksize flags
+ATTR = struct.Struct("=QQQQQQIIIIIIIIII")
 ENTRY = struct.Struct("=QQQQII")  # nodeid generation entry_valid attr_valid entry_valid_nsec attr_valid_nsec
 INIT_IN = struct.Struct("=IIII")  # major minor max_readahead flags
 # major minor max_readahead flags max_background congestion_threshold max_write time_gran max_pages map_alignment
@@ -66,55 +67,74 @@ class Served:
 
     def answer(self, opcode: int, nodeid: int, body: bytes) -> bytes:
         """The reply's body; an OSError becomes the reply's errno."""
-        path = self.paths.get(nodeid, Path("/nonexistent"))
-        name = body.split(b"\0", 1)[0].decode(errors="surrogateescape")
-        if opcode == INIT:
-            major, minor, readahead, _flags = INIT_IN.unpack_from(body)
-            return INIT_OUT.pack(7, 31, readahead, FUSE_POSIX_LOCKS, 16, 12, 1 << 17, 1, 32, 0, 0, 0) + bytes(24)
-        if opcode == LOOKUP:
-            return self.entry(path / name)
-        if opcode == GETATTR:
-            return struct.pack("=QII", 0, 0, 0) + self.attr(path)
-        if opcode == SETATTR:
-            valid, _pad, _fh, size = struct.unpack_from("=IIQQ", body)
-            if valid & SETATTR_SIZE:
-                os.truncate(path, size)
-            if valid & SETATTR_MODE:
-                os.chmod(path, struct.unpack_from("=I", body, 68)[0] & 0o7777)
-            return struct.pack("=QII", 0, 0, 0) + self.attr(path)
-        if opcode == CREATE:
-            flags, mode = struct.unpack_from("=II", body)
-            name = body[16:].split(b"\0", 1)[0].decode(errors="surrogateescape")
-            handle = self.open(path / name, flags | os.O_CREAT, mode & 0o7777)
-            return self.entry(path / name) + handle
-        if opcode == MKNOD:
-            mode = struct.unpack_from("=I", body)[0]
-            name = body[16:].split(b"\0", 1)[0].decode(errors="surrogateescape")
-            os.close(os.open(path / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode & 0o7777))
-            return self.entry(path / name)
-        if opcode == OPEN:
-            return self.open(path, struct.unpack_from("=I", body)[0] & ~(os.O_CREAT | os.O_TRUNC))
-        if opcode == READ:
-            fh, offset, size = struct.unpack_from("=QQI", body)
-            return os.pread(self.files[fh], size, offset)
-        if opcode == WRITE:
-            fh, offset, size = struct.unpack_from("=QQI", body)
-            return struct.pack("=II", os.pwrite(self.files[fh], body[40:40 + size], offset), 0)
-        if opcode == RELEASE:
-            os.close(self.files.pop(struct.unpack_from("=Q", body)[0]))
-            return b""
         if opcode in (FLUSH, FSYNC, ACCESS, SETLK, SETLKW, DESTROY):
             return b""  # SETLK: granted, whoever holds what: the point of this filesystem
         if opcode == GETLK:
             return struct.pack("=QQII", 0, 0, F_UNLCK, 0)  # nobody holds a lock
-        if opcode == UNLINK:
-            os.unlink(path / name)
-            return b""
-        if opcode == STATFS:
-            st = os.statvfs(path)
-            return struct.pack("=QQQQQIIII", st.f_blocks, st.f_bfree, st.f_bavail, st.f_files, st.f_ffree,
-                               st.f_bsize, st.f_namemax, st.f_frsize, 0) + bytes(24)
-        raise OSError(errno.ENOSYS, "not implemented")
+        handler = self.HANDLERS.get(opcode)
+        if handler is None:
+            raise OSError(errno.ENOSYS, "not implemented")
+        return handler(self, self.paths.get(nodeid, Path("/nonexistent")), body)
+
+    def _init(self, _path: Path, body: bytes) -> bytes:
+        readahead = INIT_IN.unpack_from(body)[2]
+        return INIT_OUT.pack(7, 31, readahead, FUSE_POSIX_LOCKS, 16, 12, 1 << 17, 1, 32, 0, 0, 0) + bytes(24)
+
+    def _lookup(self, path: Path, body: bytes) -> bytes:
+        return self.entry(path / _name(body))
+
+    def _getattr(self, path: Path, _body: bytes) -> bytes:
+        return struct.pack("=QII", 0, 0, 0) + self.attr(path)
+
+    def _setattr(self, path: Path, body: bytes) -> bytes:
+        valid, _pad, _fh, size = struct.unpack_from("=IIQQ", body)
+        if valid & SETATTR_SIZE:
+            os.truncate(path, size)
+        if valid & SETATTR_MODE:
+            os.chmod(path, struct.unpack_from("=I", body, 68)[0] & 0o7777)
+        return struct.pack("=QII", 0, 0, 0) + self.attr(path)
+
+    def _create(self, path: Path, body: bytes) -> bytes:
+        flags, mode = struct.unpack_from("=II", body)
+        handle = self.open(path / _name(body[16:]), flags | os.O_CREAT, mode & 0o7777)
+        return self.entry(path / _name(body[16:])) + handle
+
+    def _mknod(self, path: Path, body: bytes) -> bytes:
+        mode = struct.unpack_from("=I", body)[0]
+        os.close(os.open(path / _name(body[16:]), os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode & 0o7777))
+        return self.entry(path / _name(body[16:]))
+
+    def _open(self, path: Path, body: bytes) -> bytes:
+        return self.open(path, struct.unpack_from("=I", body)[0] & ~(os.O_CREAT | os.O_TRUNC))
+
+    def _read(self, _path: Path, body: bytes) -> bytes:
+        fh, offset, size = struct.unpack_from("=QQI", body)
+        return os.pread(self.files[fh], size, offset)
+
+    def _write(self, _path: Path, body: bytes) -> bytes:
+        fh, offset, size = struct.unpack_from("=QQI", body)
+        return struct.pack("=II", os.pwrite(self.files[fh], body[40:40 + size], offset), 0)
+
+    def _release(self, _path: Path, body: bytes) -> bytes:
+        os.close(self.files.pop(struct.unpack_from("=Q", body)[0]))
+        return b""
+
+    def _unlink(self, path: Path, body: bytes) -> bytes:
+        os.unlink(path / _name(body))
+        return b""
+
+    def _statfs(self, path: Path, _body: bytes) -> bytes:
+        st = os.statvfs(path)
+        return struct.pack("=QQQQQIIII", st.f_blocks, st.f_bfree, st.f_bavail, st.f_files, st.f_ffree,
+                           st.f_bsize, st.f_namemax, st.f_frsize, 0) + bytes(24)
+
+    HANDLERS: ClassVar[dict[int, Callable[[Served, Path, bytes], bytes]]] = {
+        INIT: _init, LOOKUP: _lookup, GETATTR: _getattr, SETATTR: _setattr, CREATE: _create, MKNOD: _mknod,
+        OPEN: _open, READ: _read, WRITE: _write, RELEASE: _release, UNLINK: _unlink, STATFS: _statfs}
+
+
+def _name(body: bytes) -> str:
+    return body.split(b"\0", 1)[0].decode(errors="surrogateescape")
 
 
 def serve(mountpoint: Path, backing: Path) -> None:
