@@ -22,7 +22,7 @@ import anyio
 from anyio import TASK_STATUS_IGNORED
 from anyio.abc import TaskStatus
 
-from daemon import __version__
+from daemon import __version__, ticks
 from daemon import logging as log
 from daemon.config import TOOLS, Config
 from daemon.errors import ConfigError, DatabaseRewritten
@@ -187,7 +187,7 @@ class Exporter(Hooks):
                 await anyio.sleep_forever()
             while True:
                 await self._write_textfile()
-                await anyio.sleep(TEXTFILE_INTERVAL_S)
+                await ticks.sleep_until_next(TEXTFILE_INTERVAL_S)
         finally:
             with anyio.CancelScope(shield=True):
                 await self.aclose()

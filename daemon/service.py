@@ -27,7 +27,7 @@ from pathlib import Path
 import anyio
 
 from daemon import config as config_module
-from daemon import locking, procs
+from daemon import locking, procs, ticks
 from daemon import logging as log
 from daemon.android.wakelock import WakeLock
 from daemon.config import Config, NodeConfig, Overrides
@@ -114,7 +114,7 @@ async def _heartbeats(config: Config, store: Store, health: Health, dispatcher: 
             for node_id in await store.node_heartbeats(beats, served=dispatcher.config.node_ids):
                 logger.info("node.unserved", node=node_id, status="offline")
         wakes.add(Wake.NODES_CHANGED)  # after a heartbeat: claim for a node, or fail what can no longer run there
-        await anyio.sleep(dispatcher.config.heartbeat_interval_ms / 1000)
+        await ticks.sleep_until_next(dispatcher.config.heartbeat_interval_ms / 1000)
 
 
 def _check_host(config: Config) -> None:
@@ -417,7 +417,7 @@ async def _status(notifier: Notifier, store: Store, dispatcher: Dispatcher) -> N
     if not notifier.enabled:
         return
     while True:
-        await anyio.sleep(STATUS_INTERVAL_S)
+        await ticks.sleep_until_next(STATUS_INTERVAL_S)
         if store.unwritable is not None:
             continue  # the dispatcher set the line that says so
         async with survive_db_errors("status", dispatcher.hooks.db_write_error):
@@ -436,7 +436,7 @@ async def _retention(store: Store, dispatcher: Dispatcher) -> None:
                                             statuses=("completed", "failed", "cancelled"))
                 if deleted:
                     logger.info("db.pruned", deleted=deleted, older_than_days=days)
-        await anyio.sleep(RETENTION_INTERVAL_S)
+        await ticks.sleep_until_next(RETENTION_INTERVAL_S)
 
 
 async def _report_stranded(store: Store, dispatcher: Dispatcher) -> None:
@@ -450,7 +450,7 @@ async def _report_stranded(store: Store, dispatcher: Dispatcher) -> None:
                 logger.warning("db.stranded_jobs", count=total, jobs=[stranded(r) for r in rows],
                                fix=STRANDED_FIX)
             said = (total, [r["id"] for r in rows])
-        await anyio.sleep(STRANDED_INTERVAL_S)
+        await ticks.sleep_until_next(STRANDED_INTERVAL_S)
 
 
 class _Reloader:
