@@ -272,7 +272,7 @@ class KeeperClient:
         self._frames.clear()
         self._hello = loop.create_future()
         loop.add_reader(sock, self._on_readable)
-        self.send(p.frame(p.HELLO, 0, p.pack(p.VERSION)))
+        self.send(p.frame(p.HELLO, 0, p.pack(p.VERSION, p.EXIT_WHO)))
         try:
             hello = await asyncio.wait_for(asyncio.shield(self._hello), HELLO_TIMEOUT_S)
         except (TimeoutError, ConnectionError):

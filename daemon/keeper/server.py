@@ -104,6 +104,7 @@ class Conn:
         self.outbuf = bytearray()
         self.jobs: dict[int, Job] = {}  # by handle
         self.hello = False
+        self.exit_who = False  # the daemon reads EXIT's SENT and CPU_MS
 
 
 class Keeper:
@@ -224,6 +225,7 @@ class Keeper:
     def _request(self, conn: Conn, kind: int, handle: int, payload: bytes) -> None:
         if kind == p.HELLO:
             conn.hello = True
+            conn.exit_who = p.EXIT_WHO in p.unpack(payload)[1:]
             self._send(conn, p.frame(p.HELLO, 0, p.pack(p.VERSION, os.getpid(), *sorted(self.jobs))))
             return
         if not conn.hello:
@@ -448,8 +450,8 @@ class Keeper:
         self.dirty.discard(job)
         if job.done and not job.exit_sent:
             assert job.status is not None
-            self._send(conn, p.frame(p.EXIT, job.handle, b"%d %d %d %d" % (job.status[0], job.status[1] or 0,
-                                                                          job.signalled, job.cpu_ms)))
+            who = b" %d %d" % (job.signalled, job.cpu_ms) if conn.exit_who else b""
+            self._send(conn, p.frame(p.EXIT, job.handle, b"%d %d%s" % (job.status[0], job.status[1] or 0, who)))
             job.exit_sent = True
 
     def _remove(self, job: Job) -> None:

@@ -8,16 +8,19 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from daemon.keeper import protocol as p
 from tests import nolocks_fs
 from tests.acceptance.test_termux_service import ROOT, Runit
-from tests.conftest import NEXUS_JOBD, Daemon, Db, daemon_looked, now_ms, require, run_cli, wait_for
+from tests.conftest import NEXUS_JOBD, Daemon, Db, daemon_looked, kill_keeper, now_ms, require, run_cli, wait_for
 
 RELEASE_MS = 1500
 
@@ -278,3 +281,45 @@ def test_a_database_on_a_filesystem_that_does_not_share_locks_is_refused_with_th
         code, checks = _doctor({"HOME": str(tmp_path / "home")}, "--db", database)
         assert code == 1 and checks["SQLite locking"][0] == "failed"
         assert os.listdir(tmp_path / "backing") == []  # no database was made there, no probe left behind
+
+
+def _exit_of(sock: socket.socket, handle: int) -> list[int]:
+    buf = b""
+    while True:
+        data = sock.recv(1 << 16)
+        assert data, "the keeper closed the connection"
+        buf += data
+        while len(buf) >= p.HEADER.size and len(buf) >= p.HEADER.size + (size := p.HEADER.unpack_from(buf)[2]):
+            kind, got, _ = p.HEADER.unpack_from(buf)
+            payload, buf = buf[p.HEADER.size:p.HEADER.size + size], buf[p.HEADER.size + size:]
+            if kind == p.EXIT and got == handle:
+                return [int(n) for n in payload.split()]
+
+
+def test_the_keeper_says_who_signalled_a_job_only_to_a_daemon_that_asks(tmp_path: Path) -> None:
+    """EXIT's SENT (the last signal the keeper sent the job for a daemon) and CPU_MS go only to a daemon whose HELLO
+    says it reads them: a daemon from before them, which a keeper started from newer code may meet during an
+    upgrade, still gets CODE SIGNAL."""
+    from daemon.executors.keeper import _BOOT, _ROOT
+
+    database = tmp_path / "keeper.db"
+    address = p.address(str(database))
+    started = subprocess.run([sys.executable, "-I", "-S", "-c", _BOOT, _ROOT, address.hex()], capture_output=True,
+                             text=True, timeout=10, check=True)
+    assert started.stdout.strip() == "ready"
+    try:
+        for hello, handle in ((p.pack(p.VERSION), 1), (p.pack(p.VERSION, p.EXIT_WHO), 2)):
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(address)
+                sock.sendall(p.frame(p.HELLO, 0, hello))
+                argv = ["/bin/sh", "-c", "sleep 30"]
+                sock.sendall(p.frame(p.SPAWN, handle, p.pack(f"job:{handle}", 1024, 0.1, str(tmp_path), len(argv),
+                                                             *argv, "PATH=/usr/bin:/bin")))
+                sock.sendall(p.frame(p.SIGNAL, handle, b"%d" % signal.SIGKILL))
+                fields = _exit_of(sock, handle)
+            assert fields[:2] == [128 + signal.SIGKILL, signal.SIGKILL]
+            assert len(fields) == (2 if handle == 1 else 4)
+            if len(fields) == 4:
+                assert fields[2] == signal.SIGKILL and 0 <= fields[3] < 1000
+    finally:
+        kill_keeper(database)
