@@ -10,7 +10,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,18 @@ import pytest
 from daemon.keeper import protocol as p
 from tests import nolocks_fs
 from tests.acceptance.test_termux_service import ROOT, Runit
-from tests.conftest import NEXUS_JOBD, Daemon, Db, daemon_looked, kill_keeper, now_ms, require, run_cli, wait_for
+from tests.conftest import (
+    NEXUS_JOBD,
+    Daemon,
+    Db,
+    daemon_looked,
+    kill_keeper,
+    now_ms,
+    require,
+    run_cli,
+    start_keeper,
+    wait_for,
+)
 
 RELEASE_MS = 1500
 
@@ -300,13 +310,8 @@ def test_the_keeper_says_who_signalled_a_job_only_to_a_daemon_that_asks(tmp_path
     """EXIT's SENT (the last signal the keeper sent the job for a daemon) and CPU_MS go only to a daemon whose HELLO
     says it reads them: a daemon from before them, which a keeper started from newer code may meet during an
     upgrade, still gets CODE SIGNAL."""
-    from daemon.executors.keeper import _BOOT, _ROOT
-
     database = tmp_path / "keeper.db"
-    address = p.address(str(database))
-    started = subprocess.run([sys.executable, "-I", "-S", "-c", _BOOT, _ROOT, address.hex()], capture_output=True,
-                             text=True, timeout=10, check=True)
-    assert started.stdout.strip() == "ready"
+    address = start_keeper(database)
     try:
         for hello, handle in ((p.pack(p.VERSION), 1), (p.pack(p.VERSION, p.EXIT_WHO), 2)):
             with socket.socket(socket.AF_UNIX) as sock:
