@@ -50,7 +50,7 @@ class Kills:
 OUTSIDE_KILL = "which nexus-jobd did not send (no timeout, cancel, stop or limit of its own)"
 PHANTOM_FIX = ("most likely Android's phantom process killer, which kills an app's child processes beyond 32 in all, "
                "or one that uses much CPU in the background (Android 12 and later); the fix is in the README, "
-               "\"Android: the phantom process killer\": `adb shell device_config put activity_manager "
+               "\"Android (Termux)\", \"The phantom process killer\": `adb shell device_config put activity_manager "
                "max_phantom_processes 2147483647`, or on Android 14 and later the developer option \"Disable child "
                "process restrictions\"")
 STRANGER = ("another process killed it: most often the kernel's OOM killer (see `dmesg` or `journalctl -k`), or a "

@@ -20,7 +20,8 @@ BOOT_MARKERS = ("start-services", "service-daemon", "runsvdir")  # what a boot s
 PHANTOM_PROPERTY = "persist.sys.fflag.override.settings_enable_monitor_phantom_procs"  # Android 14's developer option
 PHANTOM_FIX = ("adb shell device_config put activity_manager max_phantom_processes 2147483647 (from a computer, "
                "or Termux's own adb over wireless debugging), or on Android 14 and later: Settings > Developer "
-               "options > Disable child process restrictions (README: Android)")
+               "options > Disable child process restrictions (README: Android (Termux), The phantom process "
+               "killer)")
 
 
 @dataclass(frozen=True)
