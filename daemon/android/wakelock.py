@@ -28,7 +28,7 @@ class WakeLock(Activity):
     one at a time in `run`'s task; a missing or failing one is logged once and never holds up a job."""
 
     def __init__(self, android: AndroidConfig, settings_file: str) -> None:
-        self.mode = android.wake_lock if android.termux else "never"
+        self.mode = android.wake_lock if android.holds_wake_lock else "never"
         self._release_after_s = android.wake_lock_release_ms / 1000
         self._path = android.path
         self._settings_file = settings_file
