@@ -172,8 +172,12 @@ class Web:
                                 "--log-format", "json",
                                 "web", "--listen", "127.0.0.1:0"], stdout=log, stderr=subprocess.STDOUT,
                                env=ws.env, cwd=ws.path)
-        found = h.wait_until(lambda: URL.search(self.log_path.read_text()) or self._dead(), 20, 0.02, "web start-up")
+        found = h.wait_until(self._started, 20, 0.02, "web start-up")
         self.host, self.token = found.group(1), found.group(2)
+
+    def _started(self) -> re.Match[str] | None:
+        self._dead()
+        return URL.search(self.log_path.read_text())
 
     def _dead(self) -> None:
         if not self.proc.alive():
@@ -281,8 +285,7 @@ def _check_clients(run: Run, path: Path, lines: int, n: int) -> None:
     for i in range(lines):
         crc = zlib.crc32(line(i), crc)
     want = (lines * LINE, crc)
-    lines = path.read_text().splitlines()
-    for text in lines:
+    for text in path.read_text().splitlines():
         try:
             got = json.loads(text)
         except ValueError:

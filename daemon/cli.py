@@ -508,6 +508,24 @@ def _check_node(cfg: config.Config, node_id: str) -> int:
     return anyio.run(main)
 
 
+def cmd_doctor(cfg: config.Config, args: argparse.Namespace) -> int:
+    """What this set-up lacks (on Termux: the service, boot, wake lock, battery, phantom process killer; everywhere:
+    SQLite's locking on the database's filesystem): exit 1 if something is missing or does not work."""
+    from daemon.android import doctor
+
+    findings = doctor.examine(cfg, Path.home())
+    if args.json:
+        print(_dumps({"termux": cfg.android.termux, "checks": [f.as_dict() for f in findings]}))
+    else:
+        if not cfg.android.termux:
+            print("not on Termux (no TERMUX_VERSION, $PREFIX not under com.termux): the Android checks do not apply")
+        for finding in findings:
+            print(f"{finding.state:<8} {finding.check}: {finding.detail}")
+            if finding.fix and finding.state != doctor.OK:
+                print(f"{'':<8} fix: {finding.fix}")
+    return 1 if any(f.state in (doctor.MISSING, doctor.FAILED) for f in findings) else 0
+
+
 def cmd_backup(cfg: config.Config, args: argparse.Namespace) -> int:
     target = Path(args.path).expanduser()
     if cfg.db_url is not None:
@@ -578,6 +596,7 @@ def cmd_web(cfg: config.Config, args: argparse.Namespace) -> int:
 def cmd_db(cfg: config.Config, args: argparse.Namespace) -> int:
     if args.action == "migrate" and cfg.db_url is None and not cfg.db_path.exists():
         service.check_database_access(cfg)  # no database is created where `run` would refuse it
+        service.check_database_locking(cfg)
 
     async def main() -> int:
         migrate = args.action in ("migrate", "take-over")
@@ -805,6 +824,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
 
     s = command("status", "the daemons on this database and the state of the queue", cmd_status)
+    s.add_argument("--json", action="store_true")
+
+    s = command("doctor", "what this set-up lacks: on Termux the service, boot, wake lock, battery and phantom "
+                "process killer; everywhere whether SQLite's locking holds where the database is", cmd_doctor)
     s.add_argument("--json", action="store_true")
 
     s = command("backup", "copy the database safely while it is in use (SQLite online backup)", cmd_backup)

@@ -41,6 +41,7 @@ _SPANS = {HOUR_MS: "an hour", DAY_MS: "a day", YEAR_MS: "a year"}
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 ON_STOP = ("detach", "drain")
+WAKE_LOCK = ("while-running", "always", "never")
 DEFAULT_CONFIG_PATH = "~/.config/nexus-jobd/config.toml"
 NO_FILE = "built-in defaults"  # Config.source when no config file was read
 DEFAULT_DB_PATH = "~/.nexuscli/nexuscli.db"
@@ -86,6 +87,27 @@ class WebConfig:
     # Host names a browser may use besides localhost and IP addresses (a name that resolves to this machine): any
     # other name in the Host header is refused, so that a site cannot reach the console by DNS rebinding.
     allowed_hosts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class AndroidConfig:
+    """[android]: what the daemon does on a phone. Off Termux none of it applies."""
+
+    termux: bool = False  # detected: TERMUX_VERSION is set, or $PREFIX lies under com.termux
+    wake_lock: str = "while-running"  # Termux's wake lock: while jobs run, from start to stop, or not touched
+    wake_lock_release_ms: int = 30000  # "while-running": released this long after the last job ended
+    path: str = os.defpath  # the daemon's PATH, where termux-wake-lock and the doctor's tools are looked up
+    prefix: str = ""  # $PREFIX: Termux's /data/data/com.termux/files/usr, where termux-services keeps its services
+
+    @property
+    def holds_wake_lock(self) -> bool:
+        return self.termux and self.wake_lock != "never"
+
+
+def is_termux(environ: Mapping[str, str]) -> bool:
+    """Termux sets TERMUX_VERSION in its sessions; a service started by its runit may lack it, but its $PREFIX is
+    the app's (/data/data/com.termux/files/usr)."""
+    return bool(environ.get("TERMUX_VERSION")) or "com.termux" in environ.get("PREFIX", "")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,6 +157,7 @@ class Config:
     nodes: Mapping[str, NodeConfig] = field(default_factory=dict)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    android: AndroidConfig = field(default_factory=AndroidConfig)
 
     @property
     def db_target(self) -> Path | str:
@@ -471,6 +494,17 @@ def _web(section: _Section) -> WebConfig:
     return web if listen is None else replace(web, listen=_listen(section, "listen", listen))
 
 
+def _android(section: _Section, environ: Mapping[str, str]) -> AndroidConfig:
+    """[android] wake_lock and wake_lock_release_ms; whether this is Termux is read from the environment."""
+    android = AndroidConfig(termux=is_termux(environ), path=environ.get("PATH", os.defpath),
+                            prefix=environ.get("PREFIX", ""),
+                            wake_lock=section.string("wake_lock", "while-running", choices=WAKE_LOCK),
+                            wake_lock_release_ms=section.integer("wake_lock_release_ms", 30000, minimum=0,
+                                                                 maximum=DAY_MS))
+    section.reject_unknown()
+    return android
+
+
 def _listen(section: _Section, key: str, value: object) -> tuple[str, int]:
     """"HOST:PORT" where port 0 takes any free port (the login URL printed at start says which)."""
     if isinstance(value, str) and value.endswith(":0"):
@@ -585,6 +619,7 @@ def load(overrides: Overrides | None = None, environ: Mapping[str, str] | None =
         nodes=_nodes(source, top, local if local_node is None else local_node, max_concurrent),
         metrics=_metrics(_Section(source, "metrics", top.table("metrics"))),
         web=_web(_Section(source, "web", top.table("web"))),
+        android=_android(_Section(source, "android", top.table("android")), environ),
     )
     config = _database(config, db.string("path", DEFAULT_DB_PATH), f"{source}: [database] path")
     top.reject_unknown()

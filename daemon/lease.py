@@ -9,10 +9,8 @@ import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-import anyio
-
 from daemon import logging as log
-from daemon import procs
+from daemon import procs, ticks
 from daemon.model import Worker
 from daemon.store import Store, survive_db_errors
 
@@ -52,9 +50,10 @@ class Lease:
         await self._on_beat()
 
     async def run(self) -> None:
-        """Renew the lease and look for dead daemons, three times per lease period."""
+        """Renew the lease and look for dead daemons, three times per lease period (on the ticks' grid: the other
+        periodic duties of an idle daemon wake with it)."""
         while True:
-            await anyio.sleep(self._ttl_ms / 3000)
+            await ticks.sleep_until_next(self._ttl_ms / 3000)
             # Missed for a whole ttl, others declare us dead.
             async with survive_db_errors("lease heartbeat", self._on_db_error):
                 if not await self._store.heartbeat(self.me.worker_id):

@@ -22,7 +22,7 @@ import anyio
 from anyio import TASK_STATUS_IGNORED
 from anyio.abc import TaskStatus
 
-from daemon import __version__
+from daemon import __version__, ticks
 from daemon import logging as log
 from daemon.config import TOOLS, Config
 from daemon.errors import ConfigError, DatabaseRewritten
@@ -116,6 +116,10 @@ class Exporter(Hooks):
                                   "dispatch.db_error", registry=registry)
         self._reconnects = Counter("nexus_jobd_ssh_reconnects", "SSH connections to a node opened again after the "
                                    "first", ["node"], registry=registry)
+        self._killed_outside = Counter("nexus_jobd_jobs_killed_outside", "Local jobs that died by a SIGKILL "
+                                       "nexus-jobd did not send (Android's phantom process killer, the OOM killer)",
+                                       ["node"], registry=registry)
+        self._killed_outside.labels(config.local_node)
         Gauge("nexus_jobd_build_info", "Always 1: the version of nexus-jobd and of Python", ["version", "python"],
               registry=registry).labels(__version__, platform.python_version()).set(1)
         for node in config.nodes.values():  # every series exists from the start: rate() needs the zero
@@ -164,6 +168,9 @@ class Exporter(Hooks):
     def ssh_reconnected(self, node: str) -> None:
         self._reconnects.labels(node).inc()
 
+    def job_killed_outside(self, node: str) -> None:
+        self._killed_outside.labels(node).inc()
+
     # -- running --------------------------------------------------------------------------------------------
 
     async def run(self, store: Store, health: Health, *, task_status: TaskStatus[None] = TASK_STATUS_IGNORED) -> None:
@@ -180,7 +187,7 @@ class Exporter(Hooks):
                 await anyio.sleep_forever()
             while True:
                 await self._write_textfile()
-                await anyio.sleep(TEXTFILE_INTERVAL_S)
+                await ticks.sleep_until_next(TEXTFILE_INTERVAL_S)
         finally:
             with anyio.CancelScope(shield=True):
                 await self.aclose()

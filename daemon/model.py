@@ -125,6 +125,7 @@ class JobResult:
     uncount: bool = False  # with requeue: nothing ran (its node did not answer): the claim is not an attempt
     # time.monotonic() when the attempt ended: the row's completed_at is then, however late the write lands
     ended_monotonic: float | None = None
+    killed_outside: bool = False  # a local job died by a SIGKILL nexus-jobd did not send (the metrics count them)
 
     def late_ms(self) -> int:
         """How long ago the attempt ended, in ms: what a write landing now takes off the database's clock."""
@@ -199,10 +200,15 @@ class NodeStatus(StrEnum):
 
 @dataclass(frozen=True)
 class ExitStatus:
-    """How a process ended: `code` follows the shell (128+N when killed by signal N)."""
+    """How a process ended: `code` follows the shell (128+N when killed by signal N). Where the executor knows them:
+    the last signal nexus-jobd sent the job's group while it ran (the daemon's, or the keeper's for any daemon),
+    and the CPU seconds its main process used; together they tell a SIGKILL of ours, or of a cpu_seconds limit,
+    from a stranger's."""
 
     code: int
     signal: int | None = None
+    signalled: int | None = None
+    cpu_s: float | None = None
 
     @classmethod
     def from_returncode(cls, returncode: int) -> ExitStatus:

@@ -1,11 +1,13 @@
 """How an attempt ended -> what the row records: status, exit code, error, and whether to try again when.
 
 Conventions: a timeout records 124 (as coreutils `timeout`), a signal 128+N; retries back off exponentially
-with jitter; jobs interrupted by the daemon itself (shutdown) go back to the queue at once.
+with jitter; jobs interrupted by the daemon itself (shutdown) go back to the queue at once; a SIGKILL nobody here
+sent is named as such (on Android: the phantom process killer, and its fix).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import signal
 from dataclasses import dataclass
@@ -35,19 +37,47 @@ def may_retry(attempt: int, max_attempts: object) -> bool:
     return isinstance(max_attempts, int) and not isinstance(max_attempts, bool) and attempt < max_attempts
 
 
-def _signal_error(status: ExitStatus) -> str | None:
+@dataclass(frozen=True)
+class Kills:
+    """What tells a SIGKILL nobody here sent from one of ours: the job ran on this host (its executor saw every signal
+    nexus-jobd sent it), on Android or not, under which cpu_seconds limit (the kernel's SIGKILL past it is ours)."""
+
+    local: bool
+    android: bool = False
+    cpu_seconds: int | None = None
+
+
+OUTSIDE_KILL = "which nexus-jobd did not send (no timeout, cancel, stop or limit of its own)"
+PHANTOM_FIX = ("most likely Android's phantom process killer, which kills an app's child processes beyond 32 in all, "
+               "or one that uses much CPU in the background (Android 12 and later); the fix is in the README, "
+               "\"Android (Termux)\", \"The phantom process killer\": `adb shell device_config put activity_manager "
+               "max_phantom_processes 2147483647`, or on Android 14 and later the developer option \"Disable child "
+               "process restrictions\"")
+STRANGER = ("another process killed it: most often the kernel's OOM killer (see `dmesg` or `journalctl -k`), or a "
+            "person's kill -9")
+
+
+def _signal_error(status: ExitStatus, kills: Kills | None) -> tuple[str | None, bool]:
+    """The reason a signal's death gives the row, and whether a stranger's SIGKILL ended the job."""
     if status.signal is None:
-        return None
+        return None, False
     try:
         name = signal.Signals(status.signal).name
     except ValueError:
         name = "unknown"
-    return f"killed by signal {status.signal} ({name})"
+    error = f"killed by signal {status.signal} ({name})"
+    if status.signal != signal.SIGKILL or kills is None or not kills.local or status.signalled == signal.SIGKILL:
+        return error, False
+    if kills.cpu_seconds is not None and (status.cpu_s is None or status.cpu_s >= kills.cpu_seconds):
+        return f"{error} at its cpu_seconds limit ({kills.cpu_seconds} s of CPU)", False
+    return f"{error}, {OUTSIDE_KILL}: {PHANTOM_FIX if kills.android else STRANGER}", True
 
 
 def result_for(status: ExitStatus, *, stop_reason: str | None, timeout_ms: int | None, output: OutputSnapshot,
-               attempt: int, max_attempts: int, backoff: Backoff, now_ms: int) -> JobResult:
-    """The row's record of an attempt whose process ran and ended with `status`."""
+               attempt: int, max_attempts: int, backoff: Backoff, now_ms: int, kills: Kills | None = None
+               ) -> JobResult:
+    """The row's record of an attempt whose process ran and ended with `status`; `kills` says whether an unexplained
+    SIGKILL can be told apart (a local job's) and how it is explained."""
     retry = may_retry(attempt, max_attempts)
     if stop_reason == "timeout":
         error = f"timed out after {(timeout_ms or 0) / 1000:g}s (timeout_ms={timeout_ms}) and was killed"
@@ -60,7 +90,9 @@ def result_for(status: ExitStatus, *, stop_reason: str | None, timeout_ms: int |
         return JobResult(JobStatus.FAILED, status.code, None, output)
     if status.code == 0:
         return JobResult(JobStatus.COMPLETED, 0, None, output)
-    return _failed(status.code, _signal_error(status), output, retry, now_ms + backoff.delay_ms(attempt))
+    reason, outside = _signal_error(status, kills)
+    result = _failed(status.code, reason, output, retry, now_ms + backoff.delay_ms(attempt))
+    return dataclasses.replace(result, killed_outside=True) if outside else result
 
 
 def not_started(stop_reason: str, output: OutputSnapshot) -> JobResult:

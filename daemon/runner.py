@@ -154,7 +154,14 @@ class JobRunner:
                 await docker.remove_leftovers(command.container_labels, self._docker_cli(running.node_id, command))
         return outcome.result_for(status, stop_reason=running.stop_reason, timeout_ms=policy.timeout_ms,
                                   output=running.output.snapshot(final=True), attempt=job.attempt,
-                                  max_attempts=policy.max_attempts, backoff=self._backoff, now_ms=now_ms())
+                                  max_attempts=policy.max_attempts, backoff=self._backoff, now_ms=now_ms(),
+                                  kills=self._kills(running.node_id))
+
+    def _kills(self, node_id: str) -> outcome.Kills:
+        """A local job's executor saw every signal nexus-jobd sent it: a SIGKILL it did not send is a stranger's."""
+        node = self._config.nodes.get(node_id)
+        return outcome.Kills(local=node is not None and node.ssh is None, android=self._config.android.termux,
+                             cpu_seconds=node.limits.get("cpu_seconds") if node is not None else None)
 
     def _started(self, running: RunningJob, process: Process, timeout_ms: int | None) -> None:
         running.process = process

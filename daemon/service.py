@@ -27,8 +27,9 @@ from pathlib import Path
 import anyio
 
 from daemon import config as config_module
+from daemon import locking, procs, ticks
 from daemon import logging as log
-from daemon import procs
+from daemon.android.wakelock import WakeLock
 from daemon.config import Config, NodeConfig, Overrides
 from daemon.dispatch import Dispatcher, Wake, Wakes
 from daemon.errors import ConfigError, DatabaseRewritten, JobdError, SpawnError
@@ -117,7 +118,7 @@ async def _heartbeats(config: Config, store: Store, health: Health, dispatcher: 
             for node_id in await store.node_heartbeats(beats, served=dispatcher.config.node_ids):
                 logger.info("node.unserved", node=node_id, status="offline")
         wakes.add(Wake.NODES_CHANGED)  # after a heartbeat: claim for a node, or fail what can no longer run there
-        await anyio.sleep(dispatcher.config.heartbeat_interval_ms / 1000)
+        await ticks.sleep_until_next(dispatcher.config.heartbeat_interval_ms / 1000)
 
 
 def _check_host(config: Config) -> None:
@@ -163,6 +164,25 @@ def check_database_access(config: Config) -> None:
         resolved = Path(os.path.realpath(config.db_path))
         for path in dict.fromkeys((config.db_path.parent, resolved, resolved.parent)):
             _check_not_shared(config, path, resolved)
+
+
+def check_database_locking(config: Config) -> None:
+    """SQLite's locking must hold where the file is: a filesystem that grants a lock one process holds to another
+    too (Android's shared storage, some network filesystems) lets two writers corrupt the database. Tried with a
+    real lock from a second process (daemon.locking); refused with the reason."""
+    if config.db_url is not None:
+        return
+    try:
+        reason = locking.problem(config.db_path)
+    except locking.Unchecked as e:
+        logger.warning("db.locking_unchecked", db=config.db_name, reason=str(e))
+        return
+    if reason is not None:
+        raise ConfigError(
+            f"{config.db_path}: SQLite's locking does not hold on this filesystem: {reason}. Two programs writing "
+            "the database (NexusCLI and this daemon, or two commands) would corrupt it. Put it on storage of this "
+            "system's own (on Termux its home: ~/.nexuscli/nexuscli.db), not on shared storage such as /sdcard or a "
+            f"network filesystem: set [database] path in {config.settings_file}, or --db")
 
 
 def _check_not_shared(config: Config, path: Path, database: Path) -> None:
@@ -222,6 +242,7 @@ async def serve(config: Config, overrides: Overrides | None = None, *, install_s
     """Run until stopped; returns the process exit code (0 after a clean drain, 1 after losing the lease)."""
     _raise_open_files_limit()
     _check_host(config)
+    check_database_locking(config)
     # Jobs run as our user (with keeper = false, as our children): none may read our environment (the secrets
     # jobs do not get) from /proc/PID/environ, nor our memory. Same-user debuggers (py-spy) then need root.
     procs.make_undumpable()
@@ -288,8 +309,9 @@ async def _run(config: Config, overrides: Overrides, store: Store, notifier: Not
     wakes = Wakes()
     executors = executors_for(config, metrics)
     health = Health(config, prober(config, executors), changed=lambda: wakes.add(Wake.NODES_CHANGED))
+    wake_lock = WakeLock(config.android, config.settings_file)
     dispatcher = Dispatcher(config, store, executors, health, wakes, dataclasses.asdict(me), hooks=metrics,
-                            on_rewritten=on_rewritten)
+                            activity=wake_lock, on_rewritten=on_rewritten)
     recovery = Recovery(store, me, ttl_ms=config.lease_ttl_ms, executors=executors, local_node=config.local_node,
                         adopt=dispatcher.adopt, on_requeued=lambda: wakes.add(Wake.REQUEUED))
     lease = Lease(store, me, ttl_ms=config.lease_ttl_ms, nodes=config.node_ids, on_lost=on_lease_lost,
@@ -306,10 +328,11 @@ async def _run(config: Config, overrides: Overrides, store: Store, notifier: Not
         logger.info("daemon.started", db=config.db_name, config=config.source, pid=os.getpid(),
                     worker_id=dispatcher.worker_id, systemd=notifier.enabled)
         await _serve_until_stopped(_Parts(config, store, notifier, exporter, executors, health, dispatcher, lease,
-                                          wakes), stop)
+                                          wakes, wake_lock), stop)
     finally:
         for executor in executors.values():
             await executor.aclose()
+        await wake_lock.stop(jobs_left=dispatcher.detached)
     if lost.is_set():
         logger.error("daemon.stopped", worker_id=dispatcher.worker_id, reason="lease lost")
         return 1
@@ -356,11 +379,12 @@ class _Parts:
     dispatcher: Dispatcher
     lease: Lease
     wakes: Wakes
+    wake_lock: WakeLock
 
 
 async def _serve_until_stopped(p: _Parts, stop: asyncio.Event) -> None:
     """The dispatcher's loop, and beside it what keeps the daemon alive and known: the lease, the supervisor's
-    watchdog and status, retention, node heartbeats, the keeper, the metrics."""
+    watchdog and status, retention, node heartbeats, the keeper, the metrics, the wake lock."""
     async with anyio.create_task_group() as tg:
         tg.start_soon(p.lease.run)
         tg.start_soon(_watchdog, p.notifier)
@@ -369,6 +393,7 @@ async def _serve_until_stopped(p: _Parts, stop: asyncio.Event) -> None:
         tg.start_soon(_report_stranded, p.store, p.dispatcher)
         tg.start_soon(_heartbeats, p.config, p.store, p.health, p.dispatcher, p.wakes)
         tg.start_soon(_keeper_ready, p.executors[p.config.local_node])
+        tg.start_soon(p.wake_lock.run)
         if p.exporter is not None:
             await tg.start(p.exporter.run, p.store, p.health)  # answering before READY and dispatch.started
         await p.dispatcher.run(stop, on_ready=lambda: p.notifier.send(READY=1, STATUS="ready"))
@@ -396,7 +421,7 @@ async def _status(notifier: Notifier, store: Store, dispatcher: Dispatcher) -> N
     if not notifier.enabled:
         return
     while True:
-        await anyio.sleep(STATUS_INTERVAL_S)
+        await ticks.sleep_until_next(STATUS_INTERVAL_S)
         if store.unwritable is not None:
             continue  # the dispatcher set the line that says so
         async with survive_db_errors("status", dispatcher.hooks.db_write_error):
@@ -415,7 +440,7 @@ async def _retention(store: Store, dispatcher: Dispatcher) -> None:
                                             statuses=("completed", "failed", "cancelled"))
                 if deleted:
                     logger.info("db.pruned", deleted=deleted, older_than_days=days)
-        await anyio.sleep(RETENTION_INTERVAL_S)
+        await ticks.sleep_until_next(RETENTION_INTERVAL_S)
 
 
 async def _report_stranded(store: Store, dispatcher: Dispatcher) -> None:
@@ -429,7 +454,7 @@ async def _report_stranded(store: Store, dispatcher: Dispatcher) -> None:
                 logger.warning("db.stranded_jobs", count=total, jobs=[stranded(r) for r in rows],
                                fix=STRANDED_FIX)
             said = (total, [r["id"] for r in rows])
-        await anyio.sleep(STRANDED_INTERVAL_S)
+        await ticks.sleep_until_next(STRANDED_INTERVAL_S)
 
 
 class _Reloader:
@@ -438,7 +463,8 @@ class _Reloader:
     A bad file never stops the daemon: whatever reading it raises is logged as config.reload_failed.
     """
 
-    RESTART_ONLY = ("db_path", "db_url", "busy_timeout_ms", "local_node", "default_cwd", "job_environment", "metrics")
+    RESTART_ONLY = ("db_path", "db_url", "busy_timeout_ms", "local_node", "default_cwd", "job_environment", "metrics",
+                    "android")
 
     def __init__(self, config: Config, overrides: Overrides, dispatcher: Dispatcher) -> None:
         self.config, self._overrides, self._dispatcher = config, overrides, dispatcher

@@ -104,6 +104,18 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def start_keeper(db_path: Path) -> bytes:
+    """A job keeper for this database, started as a daemon starts one, with no daemon: its socket's address."""
+    from daemon.keeper.client import _BOOT, _ROOT
+    from daemon.keeper.protocol import address
+
+    at = address(str(db_path))
+    started = subprocess.run([sys.executable, "-I", "-S", "-c", _BOOT, _ROOT, at.hex()], capture_output=True,
+                             text=True, timeout=10, check=True)
+    assert started.stdout.strip() == "ready", started
+    return at
+
+
 def kill_keeper(db_path: Path | str, host: str | None = None, uid: int | None = None) -> None:
     """What a test's daemons left running under their keeper (detached jobs), and the keeper: killed."""
     for keeper in keeper_pids(db_path, host, uid):

@@ -28,7 +28,7 @@ from daemon.dispatch.unrunnable import NodeStates, Unrunnable
 from daemon.dispatch.wakes import CLAIM, FAIL_UNRUNNABLE, FIND_CYCLES, NOTICE_CANCELS, RESCHEDULE, Wake, Wakes
 from daemon.errors import DatabaseRewritten
 from daemon.executors.base import Executor
-from daemon.hooks import Hooks
+from daemon.hooks import Activity, Hooks
 from daemon.model import ClaimedJob, JobResult, JobStatus, OrphanedJob, Quarantine, StopReason, now_ms
 from daemon.runner import JobRunner, RunningJob
 from daemon.store import DbError, Store
@@ -47,12 +47,15 @@ class Nodes(NodeGate, NodeStates, Protocol):
 class Dispatcher:
     def __init__(self, config: Config, store: Store, executors: Mapping[str, Executor], nodes: Nodes,
                  wakes: Wakes, worker: Mapping[str, Any], *, hooks: Hooks | None = None,
-                 on_rewritten: Callable[[Quarantine], None] = lambda _: None) -> None:
-        """`worker`: this daemon's lease identity (its `worker_id`, host, boot, pid), as a report keeps it."""
+                 activity: Activity | None = None, on_rewritten: Callable[[Quarantine], None] = lambda _: None) -> None:
+        """`worker`: this daemon's lease identity (its `worker_id`, host, boot, pid), as a report keeps it.
+        `activity`: told when the first job starts and when the last one has ended (the wake lock)."""
         self._config, self._store, self._executors, self._wakes = config, store, executors, wakes
         self._nodes = nodes
         self.worker_id = str(worker["worker_id"])
         self._hooks = hooks or Hooks()
+        self._activity = activity or Activity()
+        self._working = 0  # jobs between the start of their task and the end of their process
         # Claimed and not yet recorded as finished, by (job id, attempt): a row another program re-queued while it
         # ran may be claimed again before the first attempt has ended.
         self.running: dict[tuple[str, int], RunningJob] = {}
@@ -249,6 +252,9 @@ class Dispatcher:
         return True
 
     async def _run_job(self, job: ClaimedJob, running: RunningJob, run: RunFn) -> None:
+        self._working += 1
+        if self._working == 1:
+            self._activity.busy()
         with running.scope:  # cancelled when the daemon stops and leaves the job running (detach)
             try:
                 result = await run(job, running)
@@ -257,10 +263,15 @@ class Dispatcher:
                 result = JobResult(JobStatus.FAILED, None, f"internal error in nexus-jobd: {e!r}",
                                    running.output.snapshot(final=True))
         self._release_slot(running)
+        self._working -= 1
+        if self._working == 0:
+            self._activity.idle()
         if running.scope.cancel_called:  # detached: the next daemon follows it from what the row holds
             self.running.pop((job.id, job.attempt), None)
             self._wakes.ring()
             return
+        if result.killed_outside:
+            self._hooks.job_killed_outside(running.node_id)
         if result.uncount and result.error is not None and result.run_after is not None:  # nothing ran there
             self._nodes.unreachable(running.node_id, result.error, max(0.0, (result.run_after - now_ms()) / 1000))
         self._recorder.finished(job, running, dataclasses.replace(result, ended_monotonic=time.monotonic()))

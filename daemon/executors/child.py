@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import os
 import signal
@@ -65,6 +66,7 @@ class ChildProcess:
         self._exited = loop.create_future()
         self._open: dict[int, OutputCallback] = {}
         self._drained = loop.create_future()
+        self._signalled: int | None = None  # the last signal the daemon sent while it ran
         for pipe, callback in ((popen.stdout, on_stdout), (popen.stderr, on_stderr)):
             assert pipe is not None
             fd = pipe.fileno()
@@ -118,16 +120,27 @@ class ChildProcess:
         # The job ends with its main process; nothing it started in its group outlives it unrecorded. The leader
         # is still an unreaped zombie here, so the group id cannot have been reused.
         self.signal_group(signal.SIGKILL)
-        returncode = self._popen.wait()  # reaps the zombie: from now on signal_group does nothing
+        returncode, cpu_s = self._reap()  # from now on signal_group does nothing
         self._read_rest()
         for pipe in (self._popen.stdout, self._popen.stderr):
             if pipe is not None:
                 pipe.close()
-        return ExitStatus.from_returncode(returncode)
+        return dataclasses.replace(ExitStatus.from_returncode(returncode), signalled=self._signalled, cpu_s=cpu_s)
+
+    def _reap(self) -> tuple[int, float | None]:
+        """Reap the zombie, with its CPU time (a cpu_seconds limit's SIGKILL comes from the kernel, not a stranger)."""
+        try:
+            _pid, status, usage = os.wait4(self._popen.pid, 0)
+        except ChildProcessError:
+            return self._popen.wait(), None
+        self._popen.returncode = os.waitstatus_to_exitcode(status)
+        return self._popen.returncode, usage.ru_utime + usage.ru_stime
 
     def signal_group(self, signum: int) -> None:
         if self._popen.returncode is not None:
             return  # reaped: the pid may belong to someone else by now
+        if not self.exited:  # a kill after the exit (of what it left in its group) does not explain the exit
+            self._signalled = signum
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._popen.pid, signum)
 

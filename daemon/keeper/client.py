@@ -91,6 +91,7 @@ class KeeperProcess:
         self._exit: asyncio.Future[ExitStatus] = loop.create_future()
         self._pid: int | None = None
         self._unsent_signal: int | None = None  # asked while the connection was down: sent once it is back
+        self._signalled: int | None = None  # the last signal this daemon sent it (a keeper before EXIT's SENT)
         self.resumed = 0  # how many times it was followed again over a new connection
 
     @property
@@ -107,6 +108,7 @@ class KeeperProcess:
     def signal_group(self, signum: int) -> None:
         if self._exit.done():
             return
+        self._signalled = signum
         if self._client.connected:
             self._client.send(p.frame(p.SIGNAL, self.handle, b"%d" % signum))
         else:
@@ -149,14 +151,21 @@ class KeeperProcess:
             if not self.started.done():
                 self.started.set_result(pid)
         elif kind == p.EXIT:
-            code, signum = (int(n) for n in payload.split())
             if not self._exit.done():
-                self._exit.set_result(ExitStatus(code, signum or None))
+                self._exit.set_result(self._exit_status([int(n) for n in payload.split()]))
         elif kind == p.TAKEN:  # another daemon adopted it (ours had lost its lease): ours no longer follows it
             if not self._exit.done():
                 self._exit.set_exception(JobLost("another daemon took the job over"))
         elif kind in (p.FAILED, p.UNKNOWN):
             self._refused(kind, p.text(payload))
+
+    def _exit_status(self, fields: list[int]) -> ExitStatus:
+        """EXIT's CODE SIGNAL [SENT CPU_MS]: the keeper saw every daemon's signals; an older one says only what
+        this daemon sent."""
+        code, signum = fields[0], fields[1] or None
+        if len(fields) < 4:
+            return ExitStatus(code, signum, signalled=self._signalled)
+        return ExitStatus(code, signum, signalled=fields[2] or None, cpu_s=fields[3] / 1000)
 
     def _refused(self, kind: int, error: str) -> None:
         if not self.started.done():  # a spawn the keeper never had (the connection dropped) could not start
@@ -288,7 +297,7 @@ class KeeperClient:
         self._frames.clear()
         self._hello = loop.create_future()
         loop.add_reader(sock, self._on_readable)
-        self.send(p.frame(p.HELLO, 0, p.pack(p.VERSION)))
+        self.send(p.frame(p.HELLO, 0, p.pack(p.VERSION, p.EXIT_WHO)))
         try:
             hello = await asyncio.wait_for(asyncio.shield(self._hello), HELLO_TIMEOUT_S)
         except (TimeoutError, ConnectionError):

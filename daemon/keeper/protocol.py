@@ -22,7 +22,7 @@ DATA_CHUNK = 256 * 1024
 HEAD_SHARE = 4  # as output.HEAD_SHARE (the keeper imports nothing of the daemon but this module)
 
 # daemon -> keeper
-HELLO = 1  # version: the keeper answers HELLO version, pid, the keys of the attempts it holds...
+HELLO = 1  # version[, EXIT_WHO]: the keeper answers HELLO version, pid, the keys of the attempts it holds...
 SPAWN = 2  # key, cap, drain_s, cwd, argc, argv..., NAME=VALUE...: STARTED or FAILED
 ATTACH = 3  # key, stdout bytes, stderr bytes (what the row has): STARTED (then the output from there) or UNKNOWN
 SIGNAL = 4  # b"N": signal N to the job's process group
@@ -34,10 +34,15 @@ FAILED = 12  # why the job could not be started (UTF-8 text)
 DATA_OUT = 13  # raw stdout bytes
 DATA_ERR = 14  # raw stderr bytes
 SKIP = 15  # stream (1 or 2), n: n bytes not sent (they fell between head and tail)
-EXIT = 16  # b"CODE SIGNAL" (signal 0: none): the job ended and all its output was sent
+# b"CODE SIGNAL SENT CPU_MS": the job ended and all its output was sent; SIGNAL 0: none; SENT: the last signal the
+# keeper sent its group while it ran (0: none), so that a SIGKILL nobody here sent can be told; CPU_MS: the CPU time
+# of its main process (a cpu_seconds limit's SIGKILL is the kernel's). Those two only to a daemon whose HELLO said
+# EXIT_WHO; a keeper before them sends CODE SIGNAL.
+EXIT = 16
 UNKNOWN = 17  # why: no such job here (UTF-8 text)
 TAKEN = 18  # another daemon attached to the job: this one hears no more of it
 STARTED_ALREADY = "was started already: not twice"  # how FAILED ends for a SPAWN of an attempt the keeper holds
+EXIT_WHO = "exit-who"  # in a daemon's HELLO: it reads EXIT's SENT and CPU_MS
 
 
 def frame(kind: int, handle: int, payload: bytes = b"") -> bytes:

@@ -82,6 +82,8 @@ class Job:
         self.fds: dict[int, int] = {fds[0]: 0, fds[1]: 1}  # pipe fd -> stream index
         self.drain_s = drain_s
         self.status: tuple[int, int | None] | None = None  # (code as the shell says it, signal)
+        self.signalled = 0  # the last signal sent to its group while it ran (for a daemon, or by the keeper itself)
+        self.cpu_ms = 0  # its main process's CPU time, known once reaped
         self.drain_deadline: float | None = None
         self.done = False  # status known and output all read
         self.owner: Conn | None = None
@@ -102,6 +104,7 @@ class Conn:
         self.outbuf = bytearray()
         self.jobs: dict[int, Job] = {}  # by handle
         self.hello = False
+        self.exit_who = False  # the daemon reads EXIT's SENT and CPU_MS
 
 
 class Keeper:
@@ -222,6 +225,7 @@ class Keeper:
     def _request(self, conn: Conn, kind: int, handle: int, payload: bytes) -> None:
         if kind == p.HELLO:
             conn.hello = True
+            conn.exit_who = p.EXIT_WHO in p.unpack(payload)[1:]
             self._send(conn, p.frame(p.HELLO, 0, p.pack(p.VERSION, os.getpid(), *sorted(self.jobs))))
             return
         if not conn.hello:
@@ -356,7 +360,7 @@ class Keeper:
                 pass
         while True:
             try:
-                pid, wait_status = os.waitpid(-1, os.WNOHANG)
+                pid, wait_status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
@@ -364,6 +368,7 @@ class Keeper:
             job = self.by_pid.pop(pid, None)
             if job is None:
                 continue  # a job's child that was orphaned to us (we are the subreaper): reaped, nothing more
+            job.cpu_ms = round((usage.ru_utime + usage.ru_stime) * 1000)
             if os.WIFSIGNALED(wait_status):
                 sig = os.WTERMSIG(wait_status)
                 job.status = (128 + sig, sig)
@@ -405,6 +410,8 @@ class Keeper:
     def _signal(self, job: Job, signum: int) -> None:
         if job.done:
             return
+        if job.status is None:  # still running: its end may be this signal's
+            job.signalled = signum
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(job.pid, signum)
 
@@ -443,12 +450,15 @@ class Keeper:
         self.dirty.discard(job)
         if job.done and not job.exit_sent:
             assert job.status is not None
-            self._send(conn, p.frame(p.EXIT, job.handle, b"%d %d" % (job.status[0], job.status[1] or 0)))
+            who = b" %d %d" % (job.signalled, job.cpu_ms) if conn.exit_who else b""
+            self._send(conn, p.frame(p.EXIT, job.handle, b"%d %d%s" % (job.status[0], job.status[1] or 0, who)))
             job.exit_sent = True
 
     def _remove(self, job: Job) -> None:
         if not job.done:  # the row is final while it runs (a daemon gave up on it): it is stopped, then goes
             job.removed = True
+            if job.status is None:
+                job.signalled = signal.SIGKILL
             self._kill_group(job)
             return
         self.jobs.pop(job.key, None)

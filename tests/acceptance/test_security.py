@@ -35,6 +35,7 @@ from tests.conftest import (
     keeper_pids,
     kill_keeper,
     require,
+    start_keeper,
     wait_for,
 )
 
@@ -193,13 +194,8 @@ def _frames(sock: socket.socket, wanted: int) -> list[tuple[int, int, bytes]]:
 
 def test_the_keeper_refuses_a_request_too_big_for_it_and_serves_the_next_on_the_same_connection(
         tmp_path: Path) -> None:
-    from daemon.keeper.client import _BOOT, _ROOT
-
     database = tmp_path / "keeper.db"
-    address = p.address(str(database))
-    started = subprocess.run([sys.executable, "-I", "-S", "-c", _BOOT, _ROOT, address.hex()], capture_output=True,
-                             text=True, timeout=10, check=True)
-    assert started.stdout.strip() == "ready"
+    address = start_keeper(database)
     try:
         with socket.socket(socket.AF_UNIX) as sock:
             sock.connect(address)

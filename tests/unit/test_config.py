@@ -226,6 +226,8 @@ def test_an_explicit_config_path_that_does_not_exist(tmp_path: Path, via: str) -
     ("[nodes.other]\nhost = 'h'\nport = 'ssh'\n", "[nodes.other] port", "an integer from 1 to 65535"),
     ('[daemon]\nlocal_node = "phone"\n[nodes.localhost]\n', "[nodes.localhost] host",
      "the local one, 'phone', is reached over SSH"),
+    ('[android]\nwake_lock = "on"\n', "[android] wake_lock", "expected one of while-running, always, never"),
+    ('[android]\nwakelock = "never"\n', "[android] unknown key 'wakelock'", "(did you mean 'wake_lock'?)"),
 ])
 def test_bad_values_name_the_file_and_the_key(tmp_path: Path, toml: str, key: str, detail: str) -> None:
     path = write(tmp_path, toml)
@@ -279,6 +281,7 @@ BOUNDS = [  # (table, key, lowest, highest)
     ("nodes.far", "keepalive_count_max", 1, 1000),
     ("nodes.far", "connect_timeout_ms", 100, 3_600_000),
     ("nodes.far", "reattach_timeout_ms", 0, 7 * 86_400_000),
+    ("android", "wake_lock_release_ms", 0, 86_400_000),
 ]
 
 
@@ -305,11 +308,11 @@ def test_every_numeric_setting_is_in_the_bounds_table() -> None:
     NodeConfig and SshTarget and every limit is listed there (or is not read from the file)."""
     import dataclasses
 
-    from daemon.config import LIMITS, SshTarget
+    from daemon.config import LIMITS, AndroidConfig, SshTarget
 
     listed = {key for _, key, *_ in BOUNDS}
     not_from_the_file = {"watchdog_usec", "limits"}  # systemd's; the limits are checked key by key below
-    for cls in (Config, NodeConfig, SshTarget):
+    for cls in (Config, NodeConfig, SshTarget, AndroidConfig):
         for f in dataclasses.fields(cls):
             if "int" in str(f.type) and f.name not in not_from_the_file:
                 assert f.name in listed, f"{cls.__name__}.{f.name} has no bound in BOUNDS"
@@ -490,3 +493,20 @@ def test_an_empty_variable_is_refused_as_the_empty_flag_is(name: str) -> None:
     with pytest.raises(ConfigError, match=f"{name} is set but empty") as info:
         load(environ={name: " "})
     assert "unset it" in str(info.value)
+
+
+@pytest.mark.parametrize(("environ", "termux"), [
+    ({"TERMUX_VERSION": "0.118.1", "PREFIX": "/usr"}, True),  # a Termux session
+    ({"PREFIX": "/data/data/com.termux/files/usr"}, True),  # a service its runit started, without TERMUX_VERSION
+    ({"PREFIX": "/usr/local"}, False),
+    ({"TERMUX_VERSION": ""}, False),
+    ({}, False),
+])
+def test_termux_is_told_from_termux_version_or_a_prefix_under_com_termux(tmp_path: Path, environ: dict[str, str],
+                                                                          termux: bool) -> None:
+    config = load(environ=environ)
+    assert (config.android.termux, config.android.wake_lock) == (termux, "while-running")
+    assert config.android.holds_wake_lock == termux
+    never = load_file(write(tmp_path, '[android]\nwake_lock = "never"\nwake_lock_release_ms = 0\n'), **environ)
+    assert (never.android.wake_lock, never.android.wake_lock_release_ms, never.android.holds_wake_lock) == (
+        "never", 0, False)

@@ -1,21 +1,16 @@
-"""The executors' one interface as the rest of the daemon uses it: probing a node through whatever executor runs
-its jobs, and the daemon's own short scripts on this host, whoever spawns the jobs (the keeper or the daemon)."""
+"""The executors' one interface as the prober uses it: probing a node through whatever executor runs its jobs
+(the daemon's own scripts on this host, under real processes, are in tests/integration/test_host_scripts.py)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from daemon import service
 from daemon.config import Config, Overrides, load
-from daemon.executors.base import OutputTooLong, UntrustedNode
-from daemon.executors.child import ChildExecutor
-from daemon.executors.host import HostExecutor
-from daemon.executors.keeper import KeeperExecutor
+from daemon.executors.base import UntrustedNode
 from daemon.health import PROBE_OUTPUT_MAX, Health
-from daemon.keeper.client import KeeperClient
 
 pytestmark = pytest.mark.anyio
 FACTS = "os=Linux\narch=x86_64\nkernel=6.1.0\nhostname=box\ncpus=2\n"
@@ -70,26 +65,3 @@ async def test_a_node_its_executor_distrusts_is_in_error_at_once_not_offline_aft
 async def test_a_node_that_does_not_answer_misses_a_probe(tmp_path: Path) -> None:
     status, caps = await _probe_box(tmp_path, ScriptedNode(TimeoutError()))
     assert caps["missed_probes"] == 1 and status != "error"
-
-
-def _local_executors(tmp_path: Path) -> list[HostExecutor]:
-    settings = {"base_env": {"PATH": os.defpath, "GREETING": "hello"}, "default_cwd": tmp_path,
-                "drain_timeout_s": 1.0}
-    return [ChildExecutor(**settings),  # type: ignore[arg-type]
-            KeeperExecutor(KeeperClient(str(tmp_path / "jobs.db"), {}), **settings)]  # type: ignore[arg-type]
-
-
-async def test_a_script_of_the_daemon_s_own_runs_here_in_the_jobs_environment(tmp_path: Path) -> None:
-    for executor in _local_executors(tmp_path):
-        try:
-            assert await executor.run('echo "$GREETING"; echo noise >&2', 10) == "hello\n"
-        finally:
-            await executor.aclose()  # type: ignore[attr-defined]
-
-
-async def test_a_script_of_the_daemon_s_own_that_prints_past_its_limit_is_refused_with_what_it_printed(
-        tmp_path: Path) -> None:
-    for executor in _local_executors(tmp_path):
-        with pytest.raises(OutputTooLong) as raised:
-            await executor.run("printf 'one\\ntwo\\nthree\\n'", 10, limit=9)
-        assert raised.value.complete_lines == "one\ntwo\n"

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from daemon import ticks
 from daemon.store.base import ChangeSource
 
 _IN_MODIFY = 0x00000002
@@ -150,7 +151,8 @@ class QueueChanges(ChangeSource):
     async def _run(self) -> None:
         while True:
             await self._look()
-            delay = 0.001 * float(2 ** min(RECHECK_DOUBLINGS, self._step)) if self._rechecks else self._poll_s
+            delay = 0.001 * float(2 ** min(RECHECK_DOUBLINGS, self._step)) if self._rechecks else \
+                ticks.until_next(self._poll_s)  # the safety poll wakes with the lease and the heartbeats
             handle = asyncio.get_running_loop().call_later(delay, self._timed_out)
             try:
                 await self._wake.wait()
