@@ -47,6 +47,8 @@ def problem(path: Path) -> str | None:
     try:
         fd, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=directory)
     except OSError as e:
+        if e.errno == errno.EROFS:
+            return None  # nothing can write there, so no lock can fail a writer: the read-only refusal says so
         raise Unchecked(f"no file can be created in {directory} to try a lock: {e.strerror or e}") from e
     try:
         return _tried(fd, probe)
