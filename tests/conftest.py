@@ -402,6 +402,14 @@ def pg_server() -> Iterator[Any]:
         yield server
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """A suite started in the background by a shell without job control (scripts/test runs 3.13 beside 3.11) has
+    SIGINT ignored, and every process it starts inherits that: a CLI the tests Ctrl-C would never stop. The tests
+    start their processes as a terminal would, with SIGINT's default."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """`@pytest.mark.backends("sqlite", "postgres")` (on a module or a test; the test's wins) runs it on each."""
     marker = metafunc.definition.get_closest_marker("backends")
