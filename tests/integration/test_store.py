@@ -301,6 +301,19 @@ async def test_claim_only_takes_queued_rows_of_its_node(store: Store, other: Oth
     assert other.job("done")["status"] == "cancelled"
 
 
+async def test_claim_takes_a_dependent_row_only_once_its_dependency_completed(store: Store, other: Other) -> None:
+    """The claim itself checks, not only the step before it that fails blocked rows: a dependency may end failed
+    between the two (on this daemon or another)."""
+    for status in ("queued", "executing", "failed", "cancelled", "completed"):
+        other.insert(f"dep-{status}")
+        other.conn.execute("UPDATE jobs SET status = ? WHERE id = ?", (status, f"dep-{status}"))
+        other.insert(f"after-{status}")
+        other.conn.execute("UPDATE jobs SET depends_on = ? WHERE id = ?", (f"dep-{status}", f"after-{status}"))
+    other.insert("after-nothing")
+    other.conn.execute("UPDATE jobs SET depends_on = 'no-such-job' WHERE id = 'after-nothing'")
+    assert {job.id for job in await store.claim("localhost", 20, "w1")} == {"dep-queued", "after-completed"}
+
+
 async def test_claim_marks_the_row_as_ours(store: Store, other: Other) -> None:
     other.insert("j1", command="echo one")
     other.conn.execute("UPDATE jobs SET cwd = '/srv', env = '{\"A\": \"1\"}' WHERE id = 'j1'")
