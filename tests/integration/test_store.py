@@ -314,6 +314,18 @@ async def test_claim_takes_a_dependent_row_only_once_its_dependency_completed(st
     assert {job.id for job in await store.claim("localhost", 20, "w1")} == {"dep-queued", "after-completed"}
 
 
+async def test_claim_takes_no_row_whose_attempt_is_out_of_range(store: Store, other: Other) -> None:
+    """The claim itself leaves them to fail_malformed, not only the step before it: a claim woken by a freed slot
+    or a NOTIFY comes without that step. A negative attempt would get around max_attempts; at the top, attempt + 1
+    overflows."""
+    for attempt in (-2, -1, 2147483647):
+        other.insert(f"attempt{attempt}")
+        other.conn.execute("UPDATE jobs SET attempt = ? WHERE id = ?", (attempt, f"attempt{attempt}"))
+    other.insert("good")
+    assert [job.id for job in await store.claim("localhost", 10, "w1")] == ["good"]
+    assert [other.job(f"attempt{a}")["status"] for a in (-2, -1, 2147483647)] == ["queued"] * 3
+
+
 async def test_claim_marks_the_row_as_ours(store: Store, other: Other) -> None:
     other.insert("j1", command="echo one")
     other.conn.execute("UPDATE jobs SET cwd = '/srv', env = '{\"A\": \"1\"}' WHERE id = 'j1'")
