@@ -214,6 +214,50 @@ def test_the_keeper_refuses_a_request_too_big_for_it_and_serves_the_next_on_the_
         kill_keeper(database)
 
 
+# Connects to the keeper's address, says HELLO (argv[2], a whole frame) and prints how the connection ended and
+# every byte it got (hex): "closed" when the keeper closed it, "open" when it was still open after 10 s.
+PEER = r"""
+import socket, sys
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(bytes.fromhex(sys.argv[1]))
+sock.settimeout(10)
+got, how = b"", "closed"
+try:
+    sock.sendall(bytes.fromhex(sys.argv[2]))
+    while data := sock.recv(1 << 16):
+        got += data
+except TimeoutError:
+    how = "open"
+except (BrokenPipeError, ConnectionResetError):  # closed before (or while) the HELLO went
+    pass
+print(how, got.hex(), flush=True)
+"""
+
+
+def test_the_keeper_serves_no_process_of_another_user(tmp_path: Path) -> None:
+    """The keeper's address is abstract: any user may connect to it. A process of another user gets not a byte
+    (no HELLO, which names the attempts held) and its connection closed; the keeper's own user is served."""
+    require(shutil.which("setpriv") is not None, "setpriv (util-linux) not installed")
+    python = shutil.which("python3", path="/usr/bin:/bin")  # nobody may not reach this venv's (under /root)
+    require(python is not None, "no system python3 (Debian: python3) for another user to run")
+    assert python is not None
+    database = tmp_path / "keeper.db"
+    address = start_keeper(database)
+    try:
+        with socket.socket(socket.AF_UNIX) as own:  # held open: a keeper alone for 2 s leaves
+            own.connect(address)
+            own.sendall(p.frame(p.HELLO, 0, p.pack(p.VERSION)))
+            assert _frames(own, 1)[0][0] == p.HELLO
+            hello = p.frame(p.HELLO, 0, p.pack(p.VERSION)).hex()
+            done = subprocess.run([*NOBODY, python, "-c", PEER, address.hex(), hello], capture_output=True,
+                                  text=True, timeout=30, check=True)
+            assert done.stdout.split() == ["closed"]
+            own.sendall(p.frame(p.HOLDS, 1))
+            assert _frames(own, 1)[0] == (p.HOLDS, 1, b"")  # its own user still served
+    finally:
+        kill_keeper(database)
+
+
 def _cut_keeper_connections(keeper: int, address: bytes) -> int:
     """Shut down the daemons' connections from inside the keeper (its sockets taken with pidfd_getfd): what a
     keeper that drops a daemon does, while it lives on with every job."""

@@ -109,6 +109,33 @@ def test_kill_9_of_the_daemon_then_a_restart_reattaches_exactly(
     wait_for(lambda: not _job_dir(sshd, job_id).exists(), timeout=20, message="the spool removed")
 
 
+def test_a_restart_past_the_output_cap_goes_on_from_the_rows_byte_count(
+        sshd: Sshd, db: Db, daemon_factory: Callable[..., Daemon]) -> None:
+    """The row is past the cap when the daemon dies: the next one goes on from its head, tail and byte count, and
+    the final row is the README's head and tail of every byte the job wrote, worked out here by hand."""
+    cap = 1024
+    config = FAST + f"output_cap_bytes = {cap}\n" + sshd.node_config()
+    first = daemon_factory(config=config).start()
+    go = sshd.home / f"go-{uuid.uuid4().hex[:8]}"
+    job_id = db.insert(f"seq 1 400; while [ ! -e {go} ]; do sleep 0.05; done; seq 401 450", node_id="box")
+    before = "".join(f"{i}\n" for i in range(1, 401))  # 1492 bytes: past the cap already
+    wait_for(lambda: db.job(job_id)["stdout_bytes"] == len(before), timeout=30, message="the first part flushed")
+    assert first.proc is not None
+    first.proc.kill()
+    first.proc.wait()
+    second = daemon_factory(config=config).start()
+    adopted = wait_for(lambda: second.events("job.reattached"), timeout=20, message="job.reattached")
+    assert adopted[0]["stdout_bytes"] == len(before)
+    go.touch()
+    row = db.wait_status(job_id, timeout=60)
+    written = before + "".join(f"{i}\n" for i in range(401, 451))  # 1692 bytes, one byte a character: the tail
+    # (the last 768) begins before the seam, so a byte lost or doubled there shows in the row
+    total = len(written)
+    assert (row["status"], row["exit_code"], row["attempt"], row["stdout_bytes"]) == ("completed", 0, 1, total)
+    assert row["stdout"] == (written[:cap // 4] + f"\n[nexus-jobd: {total - cap} bytes of stdout omitted; {total} "
+                             "bytes in all]\n" + written[-(cap - cap // 4):])
+
+
 def test_a_job_that_ends_while_no_daemon_runs_is_collected(
         sshd: Sshd, db: Db, daemon_factory: Callable[..., Daemon]) -> None:
     config = FAST + sshd.node_config()

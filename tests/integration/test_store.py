@@ -301,6 +301,31 @@ async def test_claim_only_takes_queued_rows_of_its_node(store: Store, other: Oth
     assert other.job("done")["status"] == "cancelled"
 
 
+async def test_claim_takes_a_dependent_row_only_once_its_dependency_completed(store: Store, other: Other) -> None:
+    """The claim itself checks, not only the step before it that fails blocked rows: a dependency may end failed
+    between the two (on this daemon or another)."""
+    for status in ("queued", "executing", "failed", "cancelled", "completed"):
+        other.insert(f"dep-{status}")
+        other.conn.execute("UPDATE jobs SET status = ? WHERE id = ?", (status, f"dep-{status}"))
+        other.insert(f"after-{status}")
+        other.conn.execute("UPDATE jobs SET depends_on = ? WHERE id = ?", (f"dep-{status}", f"after-{status}"))
+    other.insert("after-nothing")
+    other.conn.execute("UPDATE jobs SET depends_on = 'no-such-job' WHERE id = 'after-nothing'")
+    assert {job.id for job in await store.claim("localhost", 20, "w1")} == {"dep-queued", "after-completed"}
+
+
+async def test_claim_takes_no_row_whose_attempt_is_out_of_range(store: Store, other: Other) -> None:
+    """The claim itself leaves them to fail_malformed, not only the step before it: a claim woken by a freed slot
+    or a NOTIFY comes without that step. A negative attempt would get around max_attempts; at the top, attempt + 1
+    overflows."""
+    for attempt in (-2, -1, 2147483647):
+        other.insert(f"attempt{attempt}")
+        other.conn.execute("UPDATE jobs SET attempt = ? WHERE id = ?", (attempt, f"attempt{attempt}"))
+    other.insert("good")
+    assert [job.id for job in await store.claim("localhost", 10, "w1")] == ["good"]
+    assert [other.job(f"attempt{a}")["status"] for a in (-2, -1, 2147483647)] == ["queued"] * 3
+
+
 async def test_claim_marks_the_row_as_ours(store: Store, other: Other) -> None:
     other.insert("j1", command="echo one")
     other.conn.execute("UPDATE jobs SET cwd = '/srv', env = '{\"A\": \"1\"}' WHERE id = 'j1'")
