@@ -1,0 +1,6 @@
+-- Pools: a row's node_id may name a pool, and the node that runs it is chosen as it is claimed. Where each attempt
+-- ran is the daemon's to write, beside what the row asked for (node_id is never overwritten). JSON as TEXT, as the
+-- other JSON columns here (capabilities, env, jobd_workers.nodes): both backends hand other programs the same text.
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS ran_on TEXT;          -- the node of the latest attempt
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS attempt_nodes TEXT;   -- JSON object, attempt number -> its node: {"1": "ci-2"}
+ALTER TABLE jobd_workers ADD COLUMN IF NOT EXISTS pools TEXT;   -- JSON object, pool -> {members, tools} it serves
