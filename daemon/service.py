@@ -31,6 +31,7 @@ from daemon import logging as log
 from daemon import procs
 from daemon.config import Config, NodeConfig, Overrides
 from daemon.dispatch import Dispatcher, Wake, Wakes
+from daemon.dispatch.placement import pools_served
 from daemon.errors import ConfigError, DatabaseRewritten, JobdError, SpawnError
 from daemon.executors.base import Executor, UntrustedNode
 from daemon.executors.keeper import KeeperExecutor
@@ -116,6 +117,9 @@ async def _heartbeats(config: Config, store: Store, health: Health, dispatcher: 
         async with survive_db_errors("node heartbeats", dispatcher.hooks.db_write_error):
             for node_id in await store.node_heartbeats(beats, served=dispatcher.config.node_ids):
                 logger.info("node.unserved", node=node_id, status="offline")
+            if dispatcher.config.pools:  # what its members have now, for other daemons serving the pools
+                await store.set_worker_pools(dispatcher.worker_id,
+                                             pools_served(dispatcher.config, health.capabilities_of))
         wakes.add(Wake.NODES_CHANGED)  # after a heartbeat: claim for a node, or fail what can no longer run there
         await anyio.sleep(dispatcher.config.heartbeat_interval_ms / 1000)
 
@@ -293,6 +297,7 @@ async def _run(config: Config, overrides: Overrides, store: Store, notifier: Not
     recovery = Recovery(store, me, ttl_ms=config.lease_ttl_ms, executors=executors, local_node=config.local_node,
                         adopt=dispatcher.adopt, on_requeued=lambda: wakes.add(Wake.REQUEUED))
     lease = Lease(store, me, ttl_ms=config.lease_ttl_ms, nodes=config.node_ids, on_lost=on_lease_lost,
+                  pools=pools_served(config, lambda _: {}),
                   on_beat=recovery.recover, on_db_error=metrics.db_write_error)
     try:
         try:

@@ -21,6 +21,7 @@ from daemon.model import (
     JobStatus,
     OrphanedJob,
     OutputSnapshot,
+    PoolRow,
     ProcessRef,
     Quarantine,
     RawText,
@@ -95,8 +96,9 @@ class JobStore(ConsoleReads):
         return rows.tuples("id", "error")
 
     async def fail_unknown_nodes(self, node_ids: Sequence[str]) -> list[tuple[str, Any]]:
+        """`node_ids`: the nodes and pools this daemon serves."""
         error = (f"unknown node: no daemon on this database serves it (this one serves {', '.join(node_ids)}); set "
-                 "node_id to a configured node")
+                 "node_id to a configured node or pool")
         rows = await self._driver.write("fail_unknown_nodes", {"nodes": self._driver.array(node_ids), "error": error})
         self._driver.touched(rows.column("id"))
         return rows.tuples("id", "node_id")
@@ -104,6 +106,28 @@ class JobStore(ConsoleReads):
     async def claim(self, node_id: str, limit: int, worker_id: str) -> list[ClaimedJob]:
         """Up to `limit` queued rows of the node, now ours, in the claim's order (RETURNING promises none)."""
         rows = await self._driver.write("claim_jobs", {"node_id": node_id, "limit": limit, "worker_id": worker_id})
+        return await self._claimed(rows, worker_id)
+
+    async def claim_pool(self, pool: str, tools: Sequence[str], limit: int, worker_id: str,
+                         place: Callable[[list[PoolRow]], list[tuple[Any, str]]]) -> list[ClaimedJob]:
+        """Up to `limit` queued rows of a pool whose tool is one of `tools`, each claimed on the member `place`
+        chose for it (row seq -> member id; a row left out stays queued). One transaction: the rows read are held
+        (SQLite's write lock, PostgreSQL's row locks) until those placed are claimed, so each runs once however
+        many daemons place on the pool. `place` may be called again if the backend retries the transaction."""
+
+        async def work(tx: Tx) -> Rows | None:
+            rows = await tx.rows("pool_candidates", {"pool": pool, "tools": self._driver.array(tools),
+                                                     "limit": limit, "worker_id": worker_id})
+            placed = place(values(PoolRow, rows)) if rows else []
+            if not placed:
+                return None
+            return await tx.rows("claim_placed", {"placed": json.dumps({str(seq): node for seq, node in placed}),
+                                                  "worker_id": worker_id})
+
+        rows = await self._driver.transaction(work)
+        return [] if rows is None else await self._claimed(rows, worker_id)
+
+    async def _claimed(self, rows: Rows, worker_id: str) -> list[ClaimedJob]:
         if not rows:
             return []
         job_id = rows.pick("id")
@@ -204,6 +228,15 @@ class JobStore(ConsoleReads):
         self._driver.touched(job_id for job_id, _ in failed)
         return failed
 
+    async def fail_toolless_pool_jobs(self, pool: str, tools: Sequence[str], worker_id: str,
+                                      error: str) -> list[tuple[str, Any]]:
+        """Fail a pool's queued rows whose tool is none of `tools` (those this daemon's members have), unless
+        another live daemon serving the pool has a member with it. (id, tool) of each failed."""
+        rows = await self._driver.write("fail_toolless_pool_jobs", {"pool": pool, "tools": self._driver.array(tools),
+                                                                    "worker_id": worker_id, "error": error})
+        self._driver.touched(rows.column("id"))
+        return rows.tuples("id", "tool")
+
     async def has_dependents(self) -> bool:
         return bool((await self._driver.read("has_dependents")).first("dependents"))
 
@@ -221,9 +254,17 @@ class JobStore(ConsoleReads):
     # -- leases and recovery --------------------------------------------------------------------------------
 
     async def register_worker(self, *, worker_id: str, host: str, boot_id: str | None, pid: int,
-                              pid_start: int | None, nodes: Sequence[str]) -> None:
+                              pid_start: int | None, nodes: Sequence[str],
+                              pools: Mapping[str, Any] | None = None) -> None:
+        """`pools`: pool -> {members, tools} this daemon serves (see set_worker_pools)."""
         await self._driver.write("register_worker", {"id": worker_id, "host": host, "boot_id": boot_id, "pid": pid,
-                                                     "pid_start": pid_start, "nodes": json.dumps(list(nodes))})
+                                                     "pid_start": pid_start, "nodes": json.dumps(list(nodes)),
+                                                     "pools": _pools_json(pools)})
+
+    async def set_worker_pools(self, worker_id: str, pools: Mapping[str, Any]) -> None:
+        """The pools this daemon serves now, each with its members and the tools they have: other daemons read it
+        to tell a pool's name from an unknown node, and to fail a row no member anywhere has the tool for."""
+        await self._driver.write_count("worker_pools", {"id": worker_id, "pools": _pools_json(pools)})
 
     async def heartbeat(self, worker_id: str) -> bool:
         """Renew our lease; False means another daemon declared us dead and took our jobs."""
@@ -413,6 +454,10 @@ def _claim_order(rows: Rows) -> Callable[[Any], tuple[int, Any, Any]]:
         return (-priority, created_at, seq)
 
     return order
+
+
+def _pools_json(pools: Mapping[str, Any] | None) -> str | None:
+    return json.dumps(pools, sort_keys=True) if pools else None
 
 
 def _text_or_none(value: Any) -> str | None:
