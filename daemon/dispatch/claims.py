@@ -108,7 +108,8 @@ class Claimer:
 
         jobs = await self._store.claim_pool(pool.id, tools, free, self._worker_id, placing)
         self._turns[pool.id] = turn + len(jobs)
-        self._held_back(pool.id, len(jobs) == free or bool(left and left[0]))
+        # Held back: rows left for want of room, or a full member whose freed slot may take a row of its tool.
+        self._held_back(pool.id, len(jobs) == free or bool(left and left[0]) or any(m.free == 0 for m in members))
         for job in jobs:
             self._start(job)
 
