@@ -10,6 +10,7 @@ import signal
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -135,10 +136,12 @@ def test_placement_skips_an_offline_a_full_and_a_toolless_member(
 @pytest.mark.backends("sqlite", "postgres")
 def test_a_member_killed_mid_burst_gets_no_new_rows_and_the_burst_completes_on_the_others(
         up: dict[str, Sshd], db: Db, daemon_factory: Callable[..., Daemon]) -> None:
-    daemon_factory(config=config(up, '[pools.build]\nmembers = ["n1", "n2", "n3"]\n', max_concurrent=2,
-                                 offline_after=1, keepalive_interval_ms=300)).start()
+    """n3's jobs end at once, so it has free slots when it dies: only its state keeps rows off it."""
+    daemon = daemon_factory(config=config(up, '[pools.build]\nmembers = ["n1", "n2", "n3"]\n', offline_after=1,
+                                          keepalive_interval_ms=300,
+                                          max_concurrent=lambda n: 4 if n == "n3" else 2)).start()
     wait_online(db, NAMES)
-    jobs = insert_many(db, 24, "sleep 0.3; id -un", max_attempts=3)
+    jobs = insert_many(db, 30, f'[ "$(id -un)" = {up["n3"].user} ] || sleep 0.4; id -un', max_attempts=3)
     wait_for(lambda: sum(db.job(j)["status"] == "completed" for j in jobs) >= 6, 20, message="burst under way")
     up["n3"].stop()
     killed_at = now_ms()
@@ -149,8 +152,12 @@ def test_a_member_killed_mid_burst_gets_no_new_rows_and_the_burst_completes_on_t
         return rows if all(r["status"] == "completed" and r["duration"] is not None for r in rows) else None
 
     rows = wait_for(settled, 40, message="the burst completes on n1 and n2")
-    late = [r for r in rows if r["ran_on"] == "n3" and r["started_at"] > killed_at + 1000]
-    assert not late, late  # once n3 is found down, nothing more goes there
+    # Found down by the first start it refused (or a missed probe), n3 takes nothing more: no claim there later
+    # than a heartbeat and a second after its death, though the burst went on for seconds.
+    late = [e for e in daemon.events("job.claimed") if e["node"] == "n3" and
+            datetime.fromisoformat(e["timestamp"]).timestamp() * 1000 > killed_at + 1200]
+    assert not late, late
+    assert max(r["started_at"] for r in rows) > killed_at + 1200  # it did go on
     for row in rows:  # an attempt placed on n3 as it died (it did not answer) moved to another member
         nodes = json.loads(row["attempt_nodes"])
         assert nodes[str(row["attempt"])] == row["ran_on"], row
@@ -163,14 +170,21 @@ def test_a_member_killed_mid_burst_gets_no_new_rows_and_the_burst_completes_on_t
 @pytest.mark.backends("sqlite", "postgres")
 def test_a_retried_pool_job_moves_to_another_member(
         up: dict[str, Sshd], db: Db, daemon_factory: Callable[..., Daemon]) -> None:
+    """n2 is busier (a job of its own), so n1 is the least loaded for both attempts: the retry still goes to n2,
+    the member that did not just fail it."""
+    gate = up["n2"].root / "gate"
+    gate.unlink(missing_ok=True)
     daemon_factory(config=config(up, '[pools.build]\nmembers = ["n1", "n2"]\n', ("n1", "n2"))).start()
     wait_online(db, ("n1", "n2"))
-    jobs = insert_many(db, 3, "id -un; exit 1", max_attempts=2)
-    for job_id in jobs:
-        row = db.wait_status(job_id, timeout=20)
-        assert (row["status"], row["attempt"], row["node_id"]) == ("failed", 2, "build"), row
-        first, second = json.loads(row["attempt_nodes"])["1"], json.loads(row["attempt_nodes"])["2"]
-        assert first != second and row["ran_on"] == second, row
+    blocker = db.insert(f"while [ ! -e {gate} ]; do sleep 0.05; done", node_id="n2")
+    db.wait_status(blocker, ("executing",))
+    try:
+        row = db.wait_status(db.insert("id -un; exit 1", node_id="build", max_attempts=2), timeout=20)
+    finally:
+        gate.touch()
+    assert (row["status"], row["attempt"], row["node_id"]) == ("failed", 2, "build"), row
+    assert json.loads(row["attempt_nodes"]) == {"1": "n1", "2": "n2"} and row["ran_on"] == "n2", row
+    assert user_of(up)[row["stdout"].split()[-1]] == "n2", row
 
 
 @pytest.mark.backends("sqlite", "postgres")
@@ -206,7 +220,7 @@ def test_pool_config_errors_are_refused_at_start_and_on_sighup(
         daemon.config_path.write_text('[nodes.localhost]\nlabels = ["cpu"]\n' + bad)
         seen = len(daemon.events("config.reload_failed"))
         daemon.proc.send_signal(signal.SIGHUP)
-        failure = wait_for(lambda: daemon.events("config.reload_failed")[seen:], message="reload refused")[0]
+        failure = wait_for(lambda n=seen: daemon.events("config.reload_failed")[n:], message="reload refused")[0]
         assert reason in failure["error"] and str(daemon.config_path) in failure["error"], failure
     row = db.wait_status(db.insert("echo kept", node_id="build"))  # the pool of the config it kept still runs
     assert (row["status"], row["ran_on"], row["stdout"]) == ("completed", "localhost", "kept\n")
