@@ -349,6 +349,24 @@ class JobStore(ConsoleReads):
     async def nodes_overview(self) -> list[dict[str, Any]]:
         return (await self._driver.read("nodes_overview")).dicts()
 
+    async def pools_overview(self, configured: Mapping[str, Sequence[str]] | None = None) -> list[dict[str, Any]]:
+        """Each pool a live daemon serves, or `configured` names (pool -> members): the daemons serving it, its
+        queued rows, and its members as the nodes table has them (status, running jobs, heartbeat load)."""
+        members: dict[str, list[str]] = {pool: list(ids) for pool, ids in (configured or {}).items()}
+        daemons: dict[str, list[str]] = {}
+        for worker_id, pools in (await self._driver.read("live_worker_pools")).each("id", "pools"):
+            for pool, listed in _served_pools(pools).items():
+                members.setdefault(pool, [])
+                members[pool] += [node for node in listed if node not in members[pool]]
+                daemons.setdefault(pool, []).append(str(worker_id))
+        if not members:
+            return []
+        nodes = {row["id"]: row for row in await self.nodes_overview()}
+        queue = await self.queue_by_node()
+        return [{"id": pool, "daemons": daemons.get(pool, []), "queued": queue.get((pool, "queued"), 0),
+                 "members": [_member(node, nodes.get(node)) for node in ids]}
+                for pool, ids in sorted(members.items())]
+
     async def job_counts(self) -> dict[str, int]:
         """What waits, and what ended lately: queued, executing, finished_last_minute, finished_last_hour."""
         return (await self._driver.read("job_counts")).dicts()[0]
@@ -454,6 +472,31 @@ def _claim_order(rows: Rows) -> Callable[[Any], tuple[int, Any, Any]]:
         return (-priority, created_at, seq)
 
     return order
+
+
+def _served_pools(text: Any) -> dict[str, list[str]]:
+    """jobd_workers.pools as pool -> members; what is not the daemon's JSON (another program's) counts as none."""
+    try:
+        pools = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return {}
+    if not isinstance(pools, dict):
+        return {}
+    return {str(pool): [m for m in entry.get("members", []) if isinstance(m, str)]
+            for pool, entry in pools.items() if isinstance(entry, dict) and isinstance(entry.get("members"), list)}
+
+
+def _member(node_id: str, row: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A pool member as `nodes` shows it: its status, running jobs and the one-minute load its heartbeat reported."""
+    if row is None:
+        return {"id": node_id, "status": "unknown", "running": 0, "load": None}
+    try:
+        caps = json.loads(row["capabilities"]) if isinstance(row["capabilities"], str) else {}
+    except ValueError:
+        caps = {}
+    load = caps.get("load") if isinstance(caps, dict) else None
+    return {"id": node_id, "status": row["status"], "running": row["running"],
+            "load": load[0] if isinstance(load, list) and load and isinstance(load[0], int | float) else None}
 
 
 def _pools_json(pools: Mapping[str, Any] | None) -> str | None:

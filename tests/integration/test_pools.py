@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Daemon, Db, now_ms, wait_for
+from tests.conftest import Daemon, Db, cli, now_ms, wait_for
 from tests.integration.conftest import Sshd
 
 NAMES = ("n1", "n2", "n3")
@@ -103,6 +103,17 @@ def test_a_plain_insert_naming_a_pool_runs_on_its_members_in_balance_and_the_row
     assert {(e["node"], e.get("pool")) for e in claimed} == {(n, "build") for n in NAMES}
     named = db.wait_status(db.insert("id -un", node_id="n2"))  # a named node's row says where it ran, too
     assert (named["ran_on"], json.loads(named["attempt_nodes"])) == ("n2", {"1": "n2"})
+    listed = cli(db, "ps").stdout
+    assert all(f"build→{row['ran_on']}" in listed for row in rows) and " n2 " in listed, listed
+    shown = cli(db, "show", jobs[0]).stdout
+    assert f"ran_on: {rows[0]['ran_on']}" in shown and "node_id: build" in shown, shown
+    nodes = cli(db, "nodes").stdout.splitlines()
+    pool_line = next(line for line in nodes if line.startswith("build "))
+    assert pool_line.split()[1:3] == ["0", "1"], nodes  # nothing queued, one daemon
+    assert all(f"{n} online 0 " in pool_line for n in NAMES), pool_line  # members, states, running, load
+    status = json.loads(cli(db, "status", "--json").stdout)
+    assert [(p["id"], [m["id"] for m in p["members"]]) for p in status["pools"]] == [("build", list(NAMES))]
+    assert all(m["status"] == "online" and isinstance(m["load"], float) for m in status["pools"][0]["members"])
 
 
 @pytest.mark.backends("sqlite", "postgres")

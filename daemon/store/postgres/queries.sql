@@ -203,6 +203,10 @@ VALUES (:id, :host, :boot_id, :pid, :pid_start, NOW_MS, NOW_MS, :nodes, :pools);
 -- name: worker_pools
 UPDATE jobd_workers SET pools = :pools WHERE id = :id AND pools IS DISTINCT FROM :pools;
 
+-- name: live_worker_pools
+-- The pools each live daemon serves (its JSON: pool -> {members, tools}), for `nodes` and `status`.
+SELECT id, pools FROM jobd_workers WHERE stopped_at IS NULL AND pools IS NOT NULL ORDER BY started_at, id;
+
 -- name: heartbeat
 UPDATE jobd_workers SET heartbeat_at = NOW_MS WHERE id = :id AND stopped_at IS NULL RETURNING id;
 
