@@ -33,7 +33,7 @@ class Unrunnable:
         """`cycles`: look for dependency cycles too (only another program's rows can make one)."""
         for job_id, reason in await self._store.fail_malformed():
             logger.warning("job.failed", job_id=job_id, reason=reason)
-        for job_id, node_id in await self._store.fail_unknown_nodes(config.served_names):
+        for job_id, node_id in await self._store.fail_unknown_nodes(config.node_ids, tuple(config.pools)):
             logger.warning("job.failed", job_id=job_id, node=node_id, reason="unknown node")
         if cycles:
             for job_id, depends_on in await self._store.fail_dependency_cycles():

@@ -95,11 +95,14 @@ class JobStore(ConsoleReads):
         self._driver.touched(rows.column("id"))
         return rows.tuples("id", "error")
 
-    async def fail_unknown_nodes(self, node_ids: Sequence[str]) -> list[tuple[str, Any]]:
-        """`node_ids`: the nodes and pools this daemon serves."""
-        error = (f"unknown node: no daemon on this database serves it (this one serves {', '.join(node_ids)}); set "
-                 "node_id to a configured node or pool")
-        rows = await self._driver.write("fail_unknown_nodes", {"nodes": self._driver.array(node_ids), "error": error})
+    async def fail_unknown_nodes(self, node_ids: Sequence[str], pool_ids: Sequence[str] = ()) -> list[tuple[str, Any]]:
+        """Queued rows for a node or pool that neither this daemon (its nodes and pools) nor another live one
+        serves."""
+        pools = f"; pools: {', '.join(pool_ids)}" if pool_ids else ""
+        error = (f"unknown node: no daemon on this database serves it (this one serves {', '.join(node_ids)}{pools}); "
+                 f"set node_id to a configured node{' or pool' if pool_ids else ''}")
+        rows = await self._driver.write("fail_unknown_nodes", {"nodes": self._driver.array([*node_ids, *pool_ids]),
+                                                               "error": error})
         self._driver.touched(rows.column("id"))
         return rows.tuples("id", "node_id")
 

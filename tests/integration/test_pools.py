@@ -235,3 +235,6 @@ def test_pool_config_errors_are_refused_at_start_and_on_sighup(
         assert reason in failure["error"] and str(daemon.config_path) in failure["error"], failure
     row = db.wait_status(db.insert("echo kept", node_id="build"))  # the pool of the config it kept still runs
     assert (row["status"], row["ran_on"], row["stdout"]) == ("completed", "localhost", "kept\n")
+    unknown = db.wait_status(db.insert("true", node_id="biuld"))
+    assert unknown["error"] == ("unknown node: no daemon on this database serves it (this one serves localhost; "
+                                "pools: build); set node_id to a configured node or pool"), unknown
