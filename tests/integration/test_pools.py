@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ import pytest
 
 from tests.conftest import Daemon, Db, cli, now_ms, wait_for
 from tests.integration.conftest import Sshd
+from tests.integration.test_metrics import scrape, value
 
 NAMES = ("n1", "n2", "n3")
 FAST = "[daemon]\nheartbeat_interval_ms = 200\nkill_grace_ms = 500\nretry_backoff_ms = 0\n"
@@ -49,6 +51,15 @@ def up(members: dict[str, Sshd]) -> Iterator[dict[str, Sshd]]:
     for server in members.values():
         if server.proc is None or server.proc.poll() is not None:
             server.start()
+
+
+@pytest.fixture
+def port() -> int:
+    """A loopback port that was free a moment ago, for the metrics."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free: int = s.getsockname()[1]
+    return free
 
 
 def config(servers: dict[str, Sshd], pools: str, names: tuple[str, ...] = NAMES, **node: Any) -> str:
@@ -91,14 +102,17 @@ def where_ran(db: Db, jobs: list[str], servers: dict[str, Sshd], timeout: float 
 
 @pytest.mark.backends("sqlite", "postgres")
 def test_a_plain_insert_naming_a_pool_runs_on_its_members_in_balance_and_the_row_says_where(
-        up: dict[str, Sshd], db: Db, daemon_factory: Callable[..., Daemon]) -> None:
-    daemon = daemon_factory(config=config(up, '[pools.build]\nmembers = ["n1", "n2", "n3"]\n',
-                                          max_concurrent=2)).start()
+        up: dict[str, Sshd], db: Db, daemon_factory: Callable[..., Daemon], port: int) -> None:
+    pools = f'[pools.build]\nmembers = ["n1", "n2", "n3"]\n[metrics]\nlisten = "127.0.0.1:{port}"\n'
+    daemon = daemon_factory(config=config(up, pools, max_concurrent=2)).start()
     wait_online(db, NAMES)
     jobs = insert_many(db, 6, "sleep 0.4; id -un")
     rows = where_ran(db, jobs, up)
     assert Counter(row["ran_on"] for row in rows) == {"n1": 2, "n2": 2, "n3": 2}  # least loaded first
     assert all(json.loads(row["attempt_nodes"]) == {"1": row["ran_on"]} for row in rows)
+    found = scrape(port)  # the metrics' node is where each job ran
+    assert [value(found, "nexus_jobd_jobs_finished_total", node=n, tool="bash", status="completed")
+            for n in NAMES] == [2.0, 2.0, 2.0], found
     claimed = daemon.events("job.claimed")
     assert {(e["node"], e.get("pool")) for e in claimed} == {(n, "build") for n in NAMES}
     named = db.wait_status(db.insert("id -un", node_id="n2"))  # a named node's row says where it ran, too
