@@ -3,6 +3,7 @@ take them, and a pool's rows placed on its members (daemon.dispatch.placement) a
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -102,7 +103,7 @@ class Claimer:
         left: list[int] = []
 
         def placing(rows: list[PoolRow]) -> list[tuple[Any, str]]:
-            placed = place(rows, [Member(**vars(m)) for m in members], free, turn)  # fresh: a retry starts over
+            placed = place(rows, [dataclasses.replace(m) for m in members], free, turn)  # fresh: a retry starts over
             left[:] = [len(rows) - len(placed)]
             return placed
 

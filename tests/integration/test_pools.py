@@ -231,6 +231,31 @@ def test_two_daemons_serving_overlapping_pools_run_each_row_once(
     assert len(one.events("job.claimed")) + len(two.events("job.claimed")) == len(jobs)
 
 
+@pytest.mark.backends("sqlite", "postgres")
+def test_a_tool_no_member_here_has_waits_for_another_daemons_member_that_has_it(
+        up: dict[str, Sshd], db: Db, daemon_factory: Callable[..., Daemon]) -> None:
+    """One daemon's member of `build` may run bash only; another daemon's member (busy now) may run git: a git row
+    is not failed by the first, and runs on the second's member once it has room."""
+    gate = up["n2"].root / "gate"
+    gate.unlink(missing_ok=True)
+    daemon_factory(config=config(up, '[pools.build]\nmembers = ["n2"]\n', ("n2",), max_concurrent=1)).start()
+    wait_online(db, ("n2",))
+    wait_for(lambda: "git" in str([tuple(r) for r in db.conn.execute("SELECT pools FROM jobd_workers").fetchall()]),
+             message="the first daemon's pools listing git")  # before its probe too: a member may have any tool
+    blocker = db.insert(f"while [ ! -e {gate} ]; do sleep 0.05; done", node_id="n2")
+    db.wait_status(blocker, ("executing",))
+    daemon_factory(config=config(up, '[pools.build]\nmembers = ["n1"]\n', ("n1",), tools=["bash"])).start()
+    wait_online(db, ("n1",))
+    git = db.insert("--version", tool="git", node_id="build")
+    bash = where_ran(db, insert_many(db, 1, "id -un"), up)  # a pass of the second daemon after the git row's insert
+    try:
+        assert bash[0]["ran_on"] == "n1" and db.job(git)["status"] == "queued", db.job(git)
+    finally:
+        gate.touch()
+    row = db.wait_status(git, timeout=20)
+    assert (row["status"], row["ran_on"]) == ("completed", "n2"), row
+
+
 def test_pool_config_errors_are_refused_at_start_and_on_sighup(
         db: Db, daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
     clash = daemon_factory(config='[nodes.localhost]\n[pools.localhost]\nmembers = ["localhost"]\n')
