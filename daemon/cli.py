@@ -247,7 +247,9 @@ async def _say_if_unserved(store: Store, cfg: config.Config, row: dict[str, Any]
     if now - watch.checked_at < _DAEMON_CHECK_S:
         return
     watch.checked_at = now
-    if await store.live_daemons_serving(row["node_id"], lease_ttl_ms=cfg.lease_ttl_ms) or (
+    # A started row is served where it runs: a pool's member (ran_on), whose daemons list it as a node.
+    node = row["node_id"] if row["status"] == JobStatus.QUEUED or row.get("ran_on") is None else row["ran_on"]
+    if await store.live_daemons_serving(node, lease_ttl_ms=cfg.lease_ttl_ms) or (
             row["status"] == JobStatus.QUEUED and await _any_live_daemon(store, cfg)):
         watch.warned_at = None  # a live daemon that serves other nodes fails the row at once as an unknown node
         return

@@ -274,6 +274,8 @@ def test_pool_config_errors_are_refused_at_start_and_on_sighup(
         assert reason in failure["error"] and str(daemon.config_path) in failure["error"], failure
     row = db.wait_status(db.insert("echo kept", node_id="build"))  # the pool of the config it kept still runs
     assert (row["status"], row["ran_on"], row["stdout"]) == ("completed", "localhost", "kept\n")
+    followed = cli(db, "submit", "-f", "--node", "build", "--", "sleep 1.2; echo followed")  # as a user does
+    assert followed.stdout == "followed\n" and "no live daemon serves" not in followed.stderr, followed.stderr
     unknown = db.wait_status(db.insert("true", node_id="biuld"))
     assert unknown["error"] == ("unknown node: no daemon on this database serves it (this one serves localhost; "
                                 "pools: build); set node_id to a configured node or pool"), unknown
