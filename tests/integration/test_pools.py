@@ -166,7 +166,7 @@ def test_a_member_killed_mid_burst_gets_no_new_rows_and_the_burst_completes_on_t
                                           keepalive_interval_ms=300,
                                           max_concurrent=lambda n: 4 if n == "n3" else 2)).start()
     wait_online(db, NAMES)
-    jobs = insert_many(db, 30, f'[ "$(id -un)" = {up["n3"].user} ] || sleep 0.4; id -un', max_attempts=3)
+    jobs = insert_many(db, 40, f'[ "$(id -un)" = {up["n3"].user} ] || sleep 0.4; id -un', max_attempts=3)
     wait_for(lambda: sum(db.job(j)["status"] == "completed" for j in jobs) >= 6, 20, message="burst under way")
     up["n3"].stop()
     killed_at = now_ms()
