@@ -31,7 +31,7 @@ class Member:
 
 def tools_now(capabilities: Mapping[str, Any]) -> frozenset[str]:
     """The tools a node can run now, from its heartbeat's capabilities: a tool its probe found, docker only while
-    the engine answers. Before a first probe (no `tools` fact) bash only: every node runs sh scripts."""
+    the engine answers. Before a first probe (no `tools` fact) bash only: only the local node is online then."""
     tools = capabilities.get("tools")
     if not isinstance(tools, Mapping):
         return frozenset({"bash"})

@@ -127,6 +127,8 @@ class JobStore(ConsoleReads):
             return await tx.rows("claim_placed", {"placed": json.dumps({str(seq): node for seq, node in placed}),
                                                   "worker_id": worker_id})
 
+        if not (await self._driver.read("pool_has_queued", {"pool": pool})).first("found"):
+            return []
         rows = await self._driver.transaction(work)
         return [] if rows is None else await self._claimed(rows, worker_id)
 

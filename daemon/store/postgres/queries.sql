@@ -46,6 +46,11 @@ RETURNING jobs.id, jobs.node_id, jobs.tool, jobs.command, jobs.cwd, jobs.env, jo
           jobs.id AS seq;
 -- RETURNING gives rows in no promised order: the store's claim sorts them as the ORDER BY above (seq: the id).
 
+-- name: pool_has_queued
+-- Whether the pool has queued rows at all: a read on the claim index, so that a claim pass over pools with nothing
+-- to place takes no write lock (SQLite) and opens no transaction.
+SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND node_id = :pool) AS found;
+
 -- name: pool_candidates
 -- A pool's queued rows that could start now, in the claim's order, whose tool some member with room can run
 -- (:tools); at most :limit. Locked in the claim's transaction (SKIP LOCKED: another daemon placing the same pool

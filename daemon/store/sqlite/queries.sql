@@ -69,6 +69,11 @@ RETURNING id, node_id, tool, command, cwd, env, priority, attempt, started_at, t
           created_at, node_id AS asked, rowid AS seq;
 -- RETURNING gives rows in no promised order: the store's claim sorts them as the ORDER BY above (seq: the rowid).
 
+-- name: pool_has_queued
+-- Whether the pool has queued rows at all: a read on the claim index, so that a claim pass over pools with nothing
+-- to place takes no write lock (SQLite) and opens no transaction.
+SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND node_id = :pool) AS found;
+
 -- name: pool_candidates
 -- A pool's queued rows that could start now, in the claim's order, whose tool some member with room can run
 -- (:tools, a JSON array); at most :limit. Read inside the claim's transaction (BEGIN IMMEDIATE: no other writer
