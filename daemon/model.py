@@ -139,6 +139,7 @@ class JobResult:
     requeue: bool = False  # try again: back to queued instead of `status`
     run_after: int | None = None  # with requeue: not before this epoch ms
     uncount: bool = False  # with requeue: nothing ran (its node did not answer): the claim is not an attempt
+    node_retry_at: int | None = None  # with uncount: epoch ms when that node is worth trying again
     # time.monotonic() when the attempt ended: the row's completed_at is then, however late the write lands
     ended_monotonic: float | None = None
 

@@ -133,7 +133,8 @@ class JobRunner:
                 output=running.output)
         except NodeUnreachable as e:
             return outcome.node_unreachable(str(e), running.output.snapshot(final=True),
-                                            retry_at_ms=now_ms() + round(e.retry_in_s * 1000))
+                                            retry_at_ms=now_ms() + round(e.retry_in_s * 1000),
+                                            pooled=running.pool is not None)
         except SpawnError as e:
             return JobResult(JobStatus.FAILED, 127, str(e), running.output.snapshot(final=True))
         self._started(running, process, policy.timeout_ms)

@@ -262,8 +262,9 @@ class Dispatcher:
             self.running.pop((job.id, job.attempt), None)
             self._wakes.ring()
             return
-        if result.uncount and result.error is not None and result.run_after is not None:  # nothing ran there
-            self._nodes.unreachable(running.node_id, result.error, max(0.0, (result.run_after - now_ms()) / 1000))
+        if result.uncount and result.error is not None and result.node_retry_at is not None:  # nothing ran there
+            self._nodes.unreachable(running.node_id, result.error,
+                                    max(0.0, (result.node_retry_at - now_ms()) / 1000))
         self._recorder.finished(job, running, dataclasses.replace(result, ended_monotonic=time.monotonic()))
 
     def _release_slot(self, running: RunningJob) -> None:
@@ -277,6 +278,8 @@ class Dispatcher:
     def _recorded(self, batch: list[Finished]) -> None:
         if any(result.run_after is not None for _, _, result in batch):
             self._wakes.add(Wake.SCHEDULE_CHANGED)
+        if any(result.requeue and result.run_after is None for _, _, result in batch):
+            self._wakes.add(Wake.REQUEUED)  # back in the queue at once (a pool's row, for another member): claim
         if self._unrunnable.dependents:  # a job that just ended may be what queued rows wait for
             self._wakes.add(Wake.JOB_RECORDED)
         if not self.running:

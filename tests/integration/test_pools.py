@@ -183,6 +183,11 @@ def test_a_member_killed_mid_burst_gets_no_new_rows_and_the_burst_completes_on_t
             datetime.fromisoformat(e["timestamp"]).timestamp() * 1000 > killed_at + 1200]
     assert not late, late
     assert max(r["started_at"] for r in rows) > killed_at + 1200  # it did go on
+    refused = {e["job_id"]: e for e in daemon.events("job.requeued")}  # placed on n3 as it died: at once elsewhere
+    for row in rows:
+        if row["id"] in refused:
+            requeued_ms = datetime.fromisoformat(refused[row["id"]]["timestamp"]).timestamp() * 1000
+            assert row["ran_on"] != "n3" and row["started_at"] - requeued_ms < 400, (row, refused[row["id"]])
     for row in rows:  # an attempt placed on n3 as it died (it did not answer) moved to another member
         nodes = json.loads(row["attempt_nodes"])
         assert nodes[str(row["attempt"])] == row["ran_on"], row

@@ -1,13 +1,15 @@
 """Placement of a pool's rows on its members (daemon.dispatch.placement): least loaded first, ties in turn, a tool
-only where a member can run it, a retry away from the member that just failed it, never more than the room."""
+only where a member can run it, a retry away from the member that just failed it, never more than the room; and a
+row its member refused back in the queue at once."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from daemon import outcome
 from daemon.config import Config, NodeConfig, PoolConfig
 from daemon.dispatch.placement import Member, load_per_cpu, place, pools_served, tools_now, tools_of_pool
-from daemon.model import PoolRow
+from daemon.model import OutputSnapshot, PoolRow
 
 ALL = frozenset({"bash", "git", "docker"})
 
@@ -73,3 +75,11 @@ def test_a_pools_tools_are_unknown_while_a_member_was_never_probed_and_are_limit
     assert tools_of_pool(config, config.pools["p"], lambda n: probed[n]) == {"bash"}  # a may not run git
     assert tools_of_pool(config, config.pools["p"], lambda n: probed[n] if n == "a" else {}) is None
     assert pools_served(config, lambda n: {}) == {"p": {"members": ["a", "b"], "tools": ["bash", "docker", "git"]}}
+
+
+def test_a_row_its_member_refused_goes_back_at_once_for_another_member_a_named_nodes_row_waits() -> None:
+    out = OutputSnapshot(None, None, 0, 0)
+    pooled = outcome.node_unreachable("refused", out, retry_at_ms=5000, pooled=True)
+    named = outcome.node_unreachable("refused", out, retry_at_ms=5000)
+    assert (pooled.requeue, pooled.uncount, pooled.run_after, pooled.node_retry_at) == (True, True, None, 5000)
+    assert (named.requeue, named.uncount, named.run_after, named.node_retry_at) == (True, True, 5000, 5000)
