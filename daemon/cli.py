@@ -247,7 +247,9 @@ async def _say_if_unserved(store: Store, cfg: config.Config, row: dict[str, Any]
     if now - watch.checked_at < _DAEMON_CHECK_S:
         return
     watch.checked_at = now
-    if await store.live_daemons_serving(row["node_id"], lease_ttl_ms=cfg.lease_ttl_ms) or (
+    # A started row is served where it runs: a pool's member (ran_on), whose daemons list it as a node.
+    node = row["node_id"] if row["status"] == JobStatus.QUEUED or row.get("ran_on") is None else row["ran_on"]
+    if await store.live_daemons_serving(node, lease_ttl_ms=cfg.lease_ttl_ms) or (
             row["status"] == JobStatus.QUEUED and await _any_live_daemon(store, cfg)):
         watch.warned_at = None  # a live daemon that serves other nodes fails the row at once as an unknown node
         return
@@ -319,11 +321,17 @@ def _ps_table(rows: Sequence[dict[str, Any]]) -> str:
     for row, job_id in zip(rows, ids, strict=True):
         text = _text(row["error"] if row["error"] and row["status"] != JobStatus.COMPLETED else row["command"])
         text = text.replace("\n", " ")
-        lines.append((job_id, _text(row["status"]), _text(row["node_id"]), _text(row["tool"]),
+        lines.append((job_id, _text(row["status"]), _where(row), _text(row["tool"]),
                       "-" if row["exit_code"] is None else _text(row["exit_code"]),
                       f"{_text(row['attempt'])}/{_text(row['max_attempts'])}", _duration(row["duration"]),
                       _age(row["created_at"]), text[:60] + ("…" if len(text) > 60 else "")))
     return _table(header, lines)
+
+
+def _where(row: dict[str, Any]) -> str:
+    """The node a row asked for, and where its latest attempt ran when that is another (a pool's member)."""
+    asked, ran_on = _text(row["node_id"]), row.get("ran_on")
+    return asked if ran_on is None or ran_on == row["node_id"] else f"{asked}→{_text(ran_on)}"
 
 
 def cmd_ps(cfg: config.Config, args: argparse.Namespace) -> int:
@@ -415,13 +423,14 @@ def cmd_status(cfg: config.Config, args: argparse.Namespace) -> int:
 
     async def action(store: Store) -> int:
         workers, counts = await store.workers(), await store.job_counts()
+        pools = await store.pools_overview(_configured_pools(cfg))
         total, left = await _stranded(store)
         nonlocal report
         if report is not None and any(w["started_at"] > (report.get("detected_at") or 0) for w in workers):
             report = None  # a daemon started since: that stop is history
         if args.json:
             print(_dumps({"workers": workers, "jobs": counts | {"stranded": total}, "stranded": left,
-                          "rewritten": report}))
+                          "rewritten": report, "pools": pools}))
             return 0
         if report is not None:
             _print_rewrite_report(report)
@@ -432,6 +441,9 @@ def cmd_status(cfg: config.Config, args: argparse.Namespace) -> int:
             print(f"  {_stranded_line(total, left)}")
         for w in workers:
             print(f"  {_text(w['id'])}  pid {_text(w['pid'])} on {_text(w['host'])}: {_worker_state(w, cfg)}")
+        for pool in pools:
+            print(f"  pool {_text(pool['id'])}: {pool['queued']} queued; "
+                  f"{', '.join(_member_text(m) for m in pool['members'])}")
         return 0
 
     try:
@@ -462,9 +474,11 @@ def cmd_nodes(cfg: config.Config, args: argparse.Namespace) -> int:
             rows = [row for row in rows if row["id"] == args.id]
             if not rows:
                 raise JobdError(f"no node {args.id!r} in the nodes table; it has: {known}")
+        pools = await store.pools_overview(_configured_pools(cfg))
         for row in rows:
             row["capabilities"] = _capabilities(row["capabilities"])
             row["heartbeat_age_s"] = (row["now"] - row["last_heartbeat"]) / 1000 if row["last_heartbeat"] else None
+            row["pools"] = [pool["id"] for pool in pools if any(m["id"] == row["id"] for m in pool["members"])]
         if args.json:
             print(_dumps(rows))
             return 0
@@ -478,9 +492,28 @@ def cmd_nodes(cfg: config.Config, args: argparse.Namespace) -> int:
                           ",".join(map(_text, tools)) if isinstance(tools, dict | list) and tools else "-",
                           _text(caps.get("error") or row["hostname"])))
         print(_table(header, lines))
+        if pools and args.id is None:
+            print()
+            print(_pools_table(pools))
         return 0
 
     return _with_store(cfg, action, writes=False)
+
+
+def _configured_pools(cfg: config.Config) -> dict[str, tuple[str, ...]]:
+    return {pool.id: pool.members for pool in cfg.pools.values()}
+
+
+def _pools_table(pools: Sequence[dict[str, Any]]) -> str:
+    """Each pool, its queued rows, how many daemons serve it, and each member's state and load."""
+    header = ("POOL", "QUEUED", "DAEMONS", "MEMBERS (status, running jobs, load)")
+    return _table(header, [(_text(pool["id"]), str(pool["queued"]), str(len(pool["daemons"])),
+                            ", ".join(_member_text(m) for m in pool["members"])) for pool in pools])
+
+
+def _member_text(member: dict[str, Any]) -> str:
+    load = "-" if member["load"] is None else f"{member['load']:.2f}"
+    return f"{_text(member['id'])} {_text(member['status'])} {member['running']} {load}"
 
 
 def _check_node(cfg: config.Config, node_id: str) -> int:

@@ -64,6 +64,17 @@ class NodeConfig:
     limits: Mapping[str, int] = field(default_factory=dict)  # resource limits per job: LIMITS keys -> value
     queue_timeout_ms: int | None = None  # fail jobs that waited this long for an offline node; None: wait
     default_cwd: str | None = None  # SSH nodes: where jobs without a cwd run, on the node; None: the user's home
+    labels: tuple[str, ...] = ()  # what kind of node it is, for pools that choose their members by label
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolConfig:
+    """[pools.<id>]: a name a row's node_id may give instead of a node's; the row runs on one of `members`."""
+
+    id: str
+    members: tuple[str, ...]  # node ids, in the config's order of nodes
+    labels: tuple[str, ...] = ()  # what chose them, when chosen by label (for messages and listings)
+    max_concurrent: int | None = None  # its rows running at once from this daemon, all members together
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,6 +166,7 @@ class Config:
     log_level: str = "info"
     log_format: str = "auto"
     nodes: Mapping[str, NodeConfig] = field(default_factory=dict)
+    pools: Mapping[str, PoolConfig] = field(default_factory=dict)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     web: WebConfig = field(default_factory=WebConfig)
     android: AndroidConfig = field(default_factory=AndroidConfig)
@@ -172,6 +184,11 @@ class Config:
     @property
     def node_ids(self) -> tuple[str, ...]:
         return tuple(self.nodes)
+
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        """What a row's node_id may say for this daemon to run it: its nodes' ids and its pools' names."""
+        return (*self.nodes, *self.pools)
 
     @property
     def settings_file(self) -> str:
@@ -405,10 +422,81 @@ def _nodes(source: str, top: _Section, local: str, default_max: int) -> dict[str
             limits=_limits(source, node_id, section.table("limits")),
             queue_timeout_ms=queue_timeout or None,
             default_cwd=_node_default_cwd(section, node_id, local),
+            labels=_names(section, "labels"),
         )
         section.reject_unknown()
     nodes.setdefault(local, NodeConfig(id=local, max_concurrent=default_max))
     return nodes
+
+
+def _names(section: _Section, key: str) -> tuple[str, ...]:
+    """A list of names (labels, node ids): non-empty strings, each once."""
+    value = section.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() and "\0" not in v for v in value):
+        raise section.error(key, 'a list of names, e.g. ["docker", "x86_64"]', value)
+    if len(set(value)) != len(value):
+        raise section.error(key, "each name once", value)
+    return tuple(value)
+
+
+def _pools(source: str, top: _Section, nodes: Mapping[str, NodeConfig]) -> dict[str, PoolConfig]:
+    """[pools.<id>]: a set of nodes by `members` or by `labels` (nodes carrying all of them). A row's node_id names
+    a node or a pool, so the two share one namespace."""
+    pools: dict[str, PoolConfig] = {}
+    for pool_id, data in top.table("pools").items():
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: [pools] {pool_id} = {data!r:.200}: expected a table [pools.{pool_id}]")
+        section = _Section(source, f"pools.{pool_id}", data)
+        if pool_id in nodes:
+            raise ConfigError(f"{source}: [pools.{pool_id}]: {pool_id!r} is already a node's name ([nodes.{pool_id}]"
+                              f"{'' if pool_id in top.table('nodes') else ', the local node'}); a row's node_id "
+                              "names a node or a pool, so they share one namespace: rename the pool")
+        members, labels = _members(section, nodes), _names(section, "labels")
+        if (members is None) == (not labels):
+            raise ConfigError(f"{source}: [pools.{pool_id}]: {'both' if labels else 'neither'} members and labels; "
+                              'a pool is either members = ["node", ...] or labels = ["label", ...] (the nodes '
+                              "carrying all of them): give one of the two")
+        if labels:
+            members = _labelled(section, nodes, labels)
+        assert members is not None
+        limit = section.integer("max_concurrent", 0, minimum=1, maximum=MAX_CONCURRENT)
+        pools[pool_id] = PoolConfig(id=pool_id, members=members, labels=labels, max_concurrent=limit or None)
+        section.reject_unknown()
+    return pools
+
+
+def _members(section: _Section, nodes: Mapping[str, NodeConfig]) -> tuple[str, ...] | None:
+    """[pools.X] members: configured nodes, in the config's order; None when not given."""
+    if section.get("members") is None:
+        return None
+    members = _names(section, "members")
+    if not members:
+        raise section.error("members", "at least one node: an empty pool could run nothing (its rows would wait "
+                            "for ever); list its nodes, or remove the pool", [])
+    for member in members:
+        if member not in nodes:
+            raise section.error("members", f"configured nodes: {member!r} is no node (nodes: {', '.join(nodes)}); "
+                                f"add [nodes.{member}] or fix the name", list(members))
+    return tuple(node for node in nodes if node in members)
+
+
+def _labelled(section: _Section, nodes: Mapping[str, NodeConfig], labels: tuple[str, ...]) -> tuple[str, ...]:
+    """The nodes carrying every one of `labels`: a label no node carries is a typo, and so is a pool they leave
+    empty."""
+    carried = {label for node in nodes.values() for label in node.labels}
+    for label in labels:
+        if label not in carried:
+            known = ", ".join(sorted(carried)) or "none: no node has labels"
+            raise section.error("labels", f"labels some node carries: no node has the label {label!r} (labels in "
+                                f"use: {known}); add it to a node's labels = [...] or fix the name", list(labels))
+    members = tuple(node.id for node in nodes.values() if set(labels) <= set(node.labels))
+    if not members:
+        raise section.error("labels", "labels that some node carries all of: no node has all of them, so the "
+                            "pool is empty (its rows would wait for ever); give a node all of them, or name "
+                            "fewer", list(labels))
+    return members
 
 
 def _node_default_cwd(section: _Section, node_id: str, local: str) -> str | None:
@@ -616,7 +704,8 @@ def load(overrides: Overrides | None = None, environ: Mapping[str, str] | None =
         default_cwd=_expand(dm.string("default_cwd", str(Path.home()))),
         log_level=dm.string("log_level", "info", choices=LOG_LEVELS),
         log_format=dm.string("log_format", "auto", choices=LOG_FORMATS),
-        nodes=_nodes(source, top, local if local_node is None else local_node, max_concurrent),
+        nodes=(nodes := _nodes(source, top, local if local_node is None else local_node, max_concurrent)),
+        pools=_pools(source, top, nodes),
         metrics=_metrics(_Section(source, "metrics", top.table("metrics"))),
         web=_web(_Section(source, "web", top.table("web"))),
         android=_android(_Section(source, "android", top.table("android")), environ),

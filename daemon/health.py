@@ -201,6 +201,11 @@ class Health:
         state = self.nodes.get(node_id)
         return state.status if state is not None else NodeStatus.PENDING
 
+    def capabilities_of(self, node_id: str) -> Mapping[str, Any]:
+        """What the node's last probe found (empty before one)."""
+        state = self.nodes.get(node_id)
+        return state.capabilities if state is not None else {}
+
     def error_of(self, node_id: str) -> str | None:
         state = self.nodes.get(node_id)
         return state.error if state is not None and state.status == NodeStatus.ERROR else None

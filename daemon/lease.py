@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from daemon import logging as log
 from daemon import procs, ticks
@@ -38,15 +39,17 @@ class Identity:
 
 class Lease:
     def __init__(self, store: Store, me: Identity, *, ttl_ms: int, nodes: Sequence[str], on_lost: Callable[[], None],
-                 on_beat: Callable[[], Awaitable[None]], on_db_error: Callable[[], None]) -> None:
+                 on_beat: Callable[[], Awaitable[None]], on_db_error: Callable[[], None],
+                 pools: Mapping[str, Any] | None = None) -> None:
         """`on_beat`: what each renewal is followed by (recovery of dead daemons' jobs); `on_db_error`: a write
-        failed (the metrics count it)."""
-        self._store, self.me, self._ttl_ms, self._nodes = store, me, ttl_ms, nodes
+        failed (the metrics count it); `pools`: those it serves, as registered (the heartbeats keep them current)."""
+        self._store, self.me, self._ttl_ms, self._nodes, self._pools = store, me, ttl_ms, nodes, pools
         self._on_lost, self._on_beat, self._on_db_error = on_lost, on_beat, on_db_error
 
     async def register(self) -> None:
         await self._store.register_worker(worker_id=self.me.worker_id, host=self.me.host, boot_id=self.me.boot_id,
-                                          pid=self.me.pid, pid_start=self.me.pid_start, nodes=self._nodes)
+                                          pid=self.me.pid, pid_start=self.me.pid_start, nodes=self._nodes,
+                                          pools=self._pools)
         await self._on_beat()
 
     async def run(self) -> None:

@@ -85,6 +85,22 @@ class ClaimedJob:
     timeout_ms: Any
     max_attempts: Any
     created_at: Any = None  # as the enqueuer wrote it: the metrics' pickup latency is started_at - created_at
+    asked: Any = None  # the row's node_id, what it asked for: node_id above is where it runs (a pool's member)
+
+    @property
+    def pool(self) -> str | None:
+        """The pool the row named, when it ran on one of its members rather than on the node it named."""
+        return str(self.asked) if self.asked is not None and self.asked != self.node_id else None
+
+
+@dataclass(frozen=True)
+class PoolRow:
+    """A pool's queued row as placement sees it: `seq` names it to the claim; `last_node` is where its previous
+    attempt ran (None if none did)."""
+
+    seq: Any
+    tool: Any
+    last_node: Any = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +139,7 @@ class JobResult:
     requeue: bool = False  # try again: back to queued instead of `status`
     run_after: int | None = None  # with requeue: not before this epoch ms
     uncount: bool = False  # with requeue: nothing ran (its node did not answer): the claim is not an attempt
+    node_retry_at: int | None = None  # with uncount: epoch ms when that node is worth trying again
     # time.monotonic() when the attempt ended: the row's completed_at is then, however late the write lands
     ended_monotonic: float | None = None
     killed_outside: bool = False  # a local job died by a SIGKILL nexus-jobd did not send (the metrics count them)

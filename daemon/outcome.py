@@ -105,11 +105,15 @@ def not_started(stop_reason: str, output: OutputSnapshot) -> JobResult:
     return JobResult(JobStatus.FAILED, None, None, output)
 
 
-def node_unreachable(error: str, output: OutputSnapshot, *, retry_at_ms: int) -> JobResult:
+def node_unreachable(error: str, output: OutputSnapshot, *, retry_at_ms: int, pooled: bool = False) -> JobResult:
     """Its node did not answer, so nothing was started: back to the queue until the node is worth trying again,
-    whatever max_attempts says, and the claim does not count as an attempt (the next one has the same number)."""
+    whatever max_attempts says, and the claim does not count as an attempt (the next one has the same number). A
+    pool's row does not wait for that node: it goes back at once, for another member."""
+    if pooled:
+        return JobResult(JobStatus.FAILED, None, f"not started yet: {error}; it goes to another member", output,
+                         requeue=True, uncount=True, node_retry_at=retry_at_ms)
     return JobResult(JobStatus.FAILED, None, f"not started yet: {error}; it waits for the node", output,
-                     requeue=True, run_after=retry_at_ms, uncount=True)
+                     requeue=True, run_after=retry_at_ms, uncount=True, node_retry_at=retry_at_ms)
 
 
 def lost(error: str, output: OutputSnapshot, *, attempt: int, max_attempts: int) -> JobResult:

@@ -28,10 +28,11 @@ DOCKER_CLI_TIMEOUT_S = 30.0
 @dataclass
 class RunningJob:
     claim: Claim
-    node_id: str
+    node_id: str  # where it runs
     tool: str
     output: JobOutput
     started_at: int  # the row's, as claimed (epoch ms)
+    pool: str | None = None  # the pool the row named, when it runs on one of its members
     stop_reason: str | None = None  # why the daemon is ending it: cancelled, timeout, shutdown, lease lost
     process: Process | None = None  # once started
     command: Command | None = None
@@ -75,7 +76,7 @@ class JobRunner:
 
     def new(self, job: ClaimedJob, worker_id: str) -> RunningJob:
         return RunningJob(Claim(job.id, worker_id, job.attempt), str(job.node_id), str(job.tool),
-                          JobOutput(self._config.output_cap_bytes), job.started_at)
+                          JobOutput(self._config.output_cap_bytes), job.started_at, job.pool)
 
     def adopted(self, adopted: AdoptedJob, worker_id: str) -> RunningJob:
         """A running job taken over from another daemon: its output goes on from what the row holds."""
@@ -132,7 +133,8 @@ class JobRunner:
                 output=running.output)
         except NodeUnreachable as e:
             return outcome.node_unreachable(str(e), running.output.snapshot(final=True),
-                                            retry_at_ms=now_ms() + round(e.retry_in_s * 1000))
+                                            retry_at_ms=now_ms() + round(e.retry_in_s * 1000),
+                                            pooled=running.pool is not None)
         except SpawnError as e:
             return JobResult(JobStatus.FAILED, 127, str(e), running.output.snapshot(final=True))
         self._started(running, process, policy.timeout_ms)

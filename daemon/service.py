@@ -32,6 +32,7 @@ from daemon import logging as log
 from daemon.android.wakelock import WakeLock
 from daemon.config import Config, NodeConfig, Overrides
 from daemon.dispatch import Dispatcher, Wake, Wakes
+from daemon.dispatch.placement import pools_served
 from daemon.errors import ConfigError, DatabaseRewritten, JobdError, SpawnError
 from daemon.executors.base import Executor, UntrustedNode
 from daemon.executors.keeper import KeeperExecutor
@@ -111,12 +112,17 @@ async def _heartbeats(config: Config, store: Store, health: Health, dispatcher: 
     """Probe every node each heartbeat_interval and write the `nodes` table; the first round at once."""
     await store.upsert_nodes([(n.id, n.ssh.host if n.ssh else socket.gethostname(), None)
                               for n in config.nodes.values()])
+    announced = bool(config.pools)  # registered with the lease: kept current, and cleared once none is left
     while True:
         results = await health.probe_all()
         beats = {node_id: (status, capabilities_json(caps)) for node_id, (status, caps) in results.items()}
         async with survive_db_errors("node heartbeats", dispatcher.hooks.db_write_error):
             for node_id in await store.node_heartbeats(beats, served=dispatcher.config.node_ids):
                 logger.info("node.unserved", node=node_id, status="offline")
+            if dispatcher.config.pools or announced:  # what its members have now, for other daemons
+                await store.set_worker_pools(dispatcher.worker_id,
+                                             pools_served(dispatcher.config, health.capabilities_of))
+                announced = bool(dispatcher.config.pools)
         wakes.add(Wake.NODES_CHANGED)  # after a heartbeat: claim for a node, or fail what can no longer run there
         await ticks.sleep_until_next(dispatcher.config.heartbeat_interval_ms / 1000)
 
@@ -315,6 +321,7 @@ async def _run(config: Config, overrides: Overrides, store: Store, notifier: Not
     recovery = Recovery(store, me, ttl_ms=config.lease_ttl_ms, executors=executors, local_node=config.local_node,
                         adopt=dispatcher.adopt, on_requeued=lambda: wakes.add(Wake.REQUEUED))
     lease = Lease(store, me, ttl_ms=config.lease_ttl_ms, nodes=config.node_ids, on_lost=on_lease_lost,
+                  pools=pools_served(config, lambda _: {}),
                   on_beat=recovery.recover, on_db_error=metrics.db_write_error)
     try:
         try:

@@ -64,7 +64,7 @@ class Dispatcher:
                                   self._recorded, on_rewritten)
         self._runner = JobRunner(config, executors, self._recorder.output_changed)
         self._claimer = Claimer(store, nodes, self._slots, self.worker_id, self._start)
-        self._unrunnable = Unrunnable(store, nodes)
+        self._unrunnable = Unrunnable(store, nodes, self.worker_id)
         self._stop = StopPolicy(self.running, executors, self._runner.request_stop, self._recorder.flush_once,
                                 wakes.ring)
         self._changes = store.changes(lambda: wakes.add(Wake.QUEUE_CHANGED), poll_s=config.poll_interval_ms / 1000)
@@ -222,13 +222,14 @@ class Dispatcher:
         assert self._tg is not None
         running = self._runner.new(job, self.worker_id)
         self._track(job, running)
-        logger.info("job.claimed", job_id=job.id, node=running.node_id, tool=job.tool, attempt=job.attempt)
+        logger.info("job.claimed", job_id=job.id, node=running.node_id, tool=job.tool, attempt=job.attempt,
+                    **({"pool": running.pool} if running.pool else {}))
         self._hooks.job_claimed(job)
         self._tg.start_soon(self._run_job, job, running, self._runner.run, name=f"job {job.id}")
 
     def _track(self, job: ClaimedJob, running: RunningJob) -> None:
         self.running[(job.id, job.attempt)] = running
-        self._slots.take(running.node_id)
+        self._slots.take(running.node_id, running.pool)
 
     async def adopt(self, old_worker_id: str, orphan: OrphanedJob) -> bool:
         """Take over a dead or detached daemon's job (remote, or local under this host's keeper): a compare-and-set
@@ -272,8 +273,9 @@ class Dispatcher:
             return
         if result.killed_outside:
             self._hooks.job_killed_outside(running.node_id)
-        if result.uncount and result.error is not None and result.run_after is not None:  # nothing ran there
-            self._nodes.unreachable(running.node_id, result.error, max(0.0, (result.run_after - now_ms()) / 1000))
+        if result.uncount and result.error is not None and result.node_retry_at is not None:  # nothing ran there
+            self._nodes.unreachable(running.node_id, result.error,
+                                    max(0.0, (result.node_retry_at - now_ms()) / 1000))
         self._recorder.finished(job, running, dataclasses.replace(result, ended_monotonic=time.monotonic()))
 
     def _release_slot(self, running: RunningJob) -> None:
@@ -281,12 +283,14 @@ class Dispatcher:
         that depend on other jobs, the slot waits for the record (a few ms): a row this job unblocks can be
         claimed only then, and it may come first by priority (_recorded claims)."""
         running.holds_slot = False
-        if self._slots.give_back(running.node_id) and not self._unrunnable.dependents:
+        if self._slots.give_back(running.node_id, running.pool) and not self._unrunnable.dependents:
             self._wakes.add(Wake.SLOT_FREED)
 
     def _recorded(self, batch: list[Finished]) -> None:
         if any(result.run_after is not None for _, _, result in batch):
             self._wakes.add(Wake.SCHEDULE_CHANGED)
+        if any(result.requeue and result.run_after is None for _, _, result in batch):
+            self._wakes.add(Wake.REQUEUED)  # back in the queue at once (a pool's row, for another member): claim
         if self._unrunnable.dependents:  # a job that just ended may be what queued rows wait for
             self._wakes.add(Wake.JOB_RECORDED)
         if not self.running:

@@ -129,9 +129,12 @@ class SshProcess:
         try:
             channel, session = await conn.create_session(lambda: _ReaderSession(parser, replies, self._wake),
                                                          in_sh(script), encoding=None)
-        except asyncssh.ChannelOpenError as e:  # the node said no (MaxSessions...): asking again is no better
+        except asyncssh.ChannelOpenError as e:
             self._executor.channels.release()
-            raise SpawnError(f"cannot open a channel to node {self._node}: {e}") from e
+            if not conn.is_closed():  # the node said no (MaxSessions...): asking again is no better
+                raise SpawnError(f"cannot open a channel to node {self._node}: {e}") from e
+            # The connection closed under the open (the node died as the job was placed on it): nothing started.
+            raise NodeUnreachable(f"cannot open a channel to node {self._node}: {e}", RECONNECT_STEP_S) from e
         except (OSError, asyncssh.Error) as e:  # the link broke (a network change): nothing started there
             self._executor.channels.release()
             raise NodeUnreachable(f"cannot open a channel to node {self._node}: {e or type(e).__name__}",

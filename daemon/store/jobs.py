@@ -21,6 +21,7 @@ from daemon.model import (
     JobStatus,
     OrphanedJob,
     OutputSnapshot,
+    PoolRow,
     ProcessRef,
     Quarantine,
     RawText,
@@ -94,16 +95,44 @@ class JobStore(ConsoleReads):
         self._driver.touched(rows.column("id"))
         return rows.tuples("id", "error")
 
-    async def fail_unknown_nodes(self, node_ids: Sequence[str]) -> list[tuple[str, Any]]:
-        error = (f"unknown node: no daemon on this database serves it (this one serves {', '.join(node_ids)}); set "
-                 "node_id to a configured node")
-        rows = await self._driver.write("fail_unknown_nodes", {"nodes": self._driver.array(node_ids), "error": error})
+    async def fail_unknown_nodes(self, node_ids: Sequence[str], pool_ids: Sequence[str] = ()) -> list[tuple[str, Any]]:
+        """Queued rows for a node or pool that neither this daemon (its nodes and pools) nor another live one
+        serves."""
+        pools = f"; pools: {', '.join(pool_ids)}" if pool_ids else ""
+        error = (f"unknown node: no daemon on this database serves it (this one serves {', '.join(node_ids)}{pools}); "
+                 f"set node_id to a configured node{' or pool' if pool_ids else ''}")
+        rows = await self._driver.write("fail_unknown_nodes", {"nodes": self._driver.array([*node_ids, *pool_ids]),
+                                                               "error": error})
         self._driver.touched(rows.column("id"))
         return rows.tuples("id", "node_id")
 
     async def claim(self, node_id: str, limit: int, worker_id: str) -> list[ClaimedJob]:
         """Up to `limit` queued rows of the node, now ours, in the claim's order (RETURNING promises none)."""
         rows = await self._driver.write("claim_jobs", {"node_id": node_id, "limit": limit, "worker_id": worker_id})
+        return await self._claimed(rows, worker_id)
+
+    async def claim_pool(self, pool: str, tools: Sequence[str], limit: int, worker_id: str,
+                         place: Callable[[list[PoolRow]], list[tuple[Any, str]]]) -> list[ClaimedJob]:
+        """Up to `limit` queued rows of a pool whose tool is one of `tools`, each claimed on the member `place`
+        chose for it (row seq -> member id; a row left out stays queued). One transaction: the rows read are held
+        (SQLite's write lock, PostgreSQL's row locks) until those placed are claimed, so each runs once however
+        many daemons place on the pool. `place` may be called again if the backend retries the transaction."""
+
+        async def work(tx: Tx) -> Rows | None:
+            rows = await tx.rows("pool_candidates", {"pool": pool, "tools": self._driver.array(tools),
+                                                     "limit": limit, "worker_id": worker_id})
+            placed = place(values(PoolRow, rows)) if rows else []
+            if not placed:
+                return None
+            return await tx.rows("claim_placed", {"placed": json.dumps({str(seq): node for seq, node in placed}),
+                                                  "worker_id": worker_id})
+
+        if not (await self._driver.read("pool_has_queued", {"pool": pool})).first("found"):
+            return []
+        rows = await self._driver.transaction(work)
+        return [] if rows is None else await self._claimed(rows, worker_id)
+
+    async def _claimed(self, rows: Rows, worker_id: str) -> list[ClaimedJob]:
         if not rows:
             return []
         job_id = rows.pick("id")
@@ -204,6 +233,15 @@ class JobStore(ConsoleReads):
         self._driver.touched(job_id for job_id, _ in failed)
         return failed
 
+    async def fail_toolless_pool_jobs(self, pool: str, tools: Sequence[str], worker_id: str,
+                                      error: str) -> list[tuple[str, Any]]:
+        """Fail a pool's queued rows whose tool is none of `tools` (those this daemon's members have), unless
+        another live daemon serving the pool has a member with it. (id, tool) of each failed."""
+        rows = await self._driver.write("fail_toolless_pool_jobs", {"pool": pool, "tools": self._driver.array(tools),
+                                                                    "worker_id": worker_id, "error": error})
+        self._driver.touched(rows.column("id"))
+        return rows.tuples("id", "tool")
+
     async def has_dependents(self) -> bool:
         return bool((await self._driver.read("has_dependents")).first("dependents"))
 
@@ -221,9 +259,17 @@ class JobStore(ConsoleReads):
     # -- leases and recovery --------------------------------------------------------------------------------
 
     async def register_worker(self, *, worker_id: str, host: str, boot_id: str | None, pid: int,
-                              pid_start: int | None, nodes: Sequence[str]) -> None:
+                              pid_start: int | None, nodes: Sequence[str],
+                              pools: Mapping[str, Any] | None = None) -> None:
+        """`pools`: pool -> {members, tools} this daemon serves (see set_worker_pools)."""
         await self._driver.write("register_worker", {"id": worker_id, "host": host, "boot_id": boot_id, "pid": pid,
-                                                     "pid_start": pid_start, "nodes": json.dumps(list(nodes))})
+                                                     "pid_start": pid_start, "nodes": json.dumps(list(nodes)),
+                                                     "pools": _pools_json(pools)})
+
+    async def set_worker_pools(self, worker_id: str, pools: Mapping[str, Any]) -> None:
+        """The pools this daemon serves now, each with its members and the tools they have: other daemons read it
+        to tell a pool's name from an unknown node, and to fail a row no member anywhere has the tool for."""
+        await self._driver.write_count("worker_pools", {"id": worker_id, "pools": _pools_json(pools)})
 
     async def heartbeat(self, worker_id: str) -> bool:
         """Renew our lease; False means another daemon declared us dead and took our jobs."""
@@ -307,6 +353,24 @@ class JobStore(ConsoleReads):
 
     async def nodes_overview(self) -> list[dict[str, Any]]:
         return (await self._driver.read("nodes_overview")).dicts()
+
+    async def pools_overview(self, configured: Mapping[str, Sequence[str]] | None = None) -> list[dict[str, Any]]:
+        """Each pool a live daemon serves, or `configured` names (pool -> members): the daemons serving it, its
+        queued rows, and its members as the nodes table has them (status, running jobs, heartbeat load)."""
+        members: dict[str, list[str]] = {pool: list(ids) for pool, ids in (configured or {}).items()}
+        daemons: dict[str, list[str]] = {}
+        for worker_id, pools in (await self._driver.read("live_worker_pools")).each("id", "pools"):
+            for pool, listed in _served_pools(pools).items():
+                members.setdefault(pool, [])
+                members[pool] += [node for node in listed if node not in members[pool]]
+                daemons.setdefault(pool, []).append(str(worker_id))
+        if not members:
+            return []
+        nodes = {row["id"]: row for row in await self.nodes_overview()}
+        queue = await self.queue_by_node()
+        return [{"id": pool, "daemons": daemons.get(pool, []), "queued": queue.get((pool, "queued"), 0),
+                 "members": [_member(node, nodes.get(node)) for node in ids]}
+                for pool, ids in sorted(members.items())]
 
     async def job_counts(self) -> dict[str, int]:
         """What waits, and what ended lately: queued, executing, finished_last_minute, finished_last_hour."""
@@ -413,6 +477,35 @@ def _claim_order(rows: Rows) -> Callable[[Any], tuple[int, Any, Any]]:
         return (-priority, created_at, seq)
 
     return order
+
+
+def _served_pools(text: Any) -> dict[str, list[str]]:
+    """jobd_workers.pools as pool -> members; what is not the daemon's JSON (another program's) counts as none."""
+    try:
+        pools = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return {}
+    if not isinstance(pools, dict):
+        return {}
+    return {str(pool): [m for m in entry.get("members", []) if isinstance(m, str)]
+            for pool, entry in pools.items() if isinstance(entry, dict) and isinstance(entry.get("members"), list)}
+
+
+def _member(node_id: str, row: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A pool member as `nodes` shows it: its status, running jobs and the one-minute load its heartbeat reported."""
+    if row is None:
+        return {"id": node_id, "status": "unknown", "running": 0, "load": None}
+    try:
+        caps = json.loads(row["capabilities"]) if isinstance(row["capabilities"], str) else {}
+    except ValueError:
+        caps = {}
+    load = caps.get("load") if isinstance(caps, dict) else None
+    return {"id": node_id, "status": row["status"], "running": row["running"],
+            "load": load[0] if isinstance(load, list) and load and isinstance(load[0], int | float) else None}
+
+
+def _pools_json(pools: Mapping[str, Any] | None) -> str | None:
+    return json.dumps(pools, sort_keys=True) if pools else None
 
 
 def _text_or_none(value: Any) -> str | None:

@@ -390,7 +390,7 @@ def test_a_read_only_file_without_the_daemons_columns_says_to_migrate(shared_dir
     for command in (["ps"], ["show", "abc"], ["status"]):
         line = one_line_error(as_nobody(path, command, shared_dir))
         assert (f"{path}: opened read-only, since user nobody (uid 65534) may not write {path}" in line
-                and "the daemon's migrations 0001_job_columns, 0002_lifecycle are not applied" in line
+                and "the daemon's migrations 0001_job_columns, 0002_lifecycle, 0003_pools are not applied" in line
                 and "run `nexus-jobd db migrate` (or start the daemon) once as a user who may write it" in line), line
 
 

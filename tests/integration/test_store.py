@@ -25,9 +25,10 @@ from tests.conftest import PgConn
 pytestmark = [pytest.mark.anyio, pytest.mark.backends("sqlite", "postgres")]
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
-MIGRATIONS = ["0001_job_columns", "0002_lifecycle"]
+MIGRATIONS = ["0001_job_columns", "0002_lifecycle", "0003_pools"]
 DAEMON_COLUMNS = {"error", "cwd", "env", "priority", "stdout_bytes", "stderr_bytes", "worker_id", "attempt",
-                  "timeout_ms", "max_attempts", "run_after", "depends_on", "pid", "pid_start"}
+                  "timeout_ms", "max_attempts", "run_after", "depends_on", "pid", "pid_start", "ran_on",
+                  "attempt_nodes"}
 NEXUSCLI_INSERT = ("INSERT INTO jobs (id, conversation_id, message_id, node_id, tool, command, status, created_at) "
                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 

@@ -4,13 +4,16 @@
 -- start of the statement: every host's daemon writes times by the same clock, whatever its own says.
 
 -- name: fail_unknown_nodes
--- Fail queued rows whose node_id names no node that this daemon (:nodes) or another live daemon serves.
+-- Fail queued rows whose node_id names no node or pool that this daemon (:nodes, both) or another live daemon
+-- serves.
 UPDATE jobs
    SET status = 'failed', error = :error, duration = 0, started_at = NOW_MS, completed_at = NOW_MS
  WHERE status = 'queued'
    AND NOT (node_id = ANY(:nodes))
    AND NOT EXISTS (SELECT 1 FROM jobd_workers AS w
                     WHERE w.stopped_at IS NULL AND w.nodes::jsonb ? jobs.node_id)
+   AND NOT EXISTS (SELECT 1 FROM jobd_workers AS w
+                    WHERE w.stopped_at IS NULL AND w.pools IS NOT NULL AND w.pools::jsonb ? jobs.node_id)
 RETURNING id, node_id;
 
 -- name: claim_jobs
@@ -34,12 +37,60 @@ WITH picked AS MATERIALIZED (
 UPDATE jobs
    SET status = 'executing', worker_id = :worker_id, attempt = attempt + 1, started_at = NOW_MS,
        error = NULL, exit_code = NULL, completed_at = NULL, duration = NULL,
-       stdout = NULL, stderr = NULL, stdout_bytes = NULL, stderr_bytes = NULL, pid = NULL, pid_start = NULL
+       stdout = NULL, stderr = NULL, stdout_bytes = NULL, stderr_bytes = NULL, pid = NULL, pid_start = NULL,
+       ran_on = jobs.node_id, attempt_nodes = jobd_attempt_nodes(jobs.attempt_nodes, jobs.attempt + 1, jobs.node_id)
   FROM picked
  WHERE jobs.id = picked.id AND jobs.status = 'queued'
 RETURNING jobs.id, jobs.node_id, jobs.tool, jobs.command, jobs.cwd, jobs.env, jobs.priority, jobs.attempt,
-          jobs.started_at, jobs.timeout_ms, jobs.max_attempts, jobs.created_at, jobs.id AS seq;
+          jobs.started_at, jobs.timeout_ms, jobs.max_attempts, jobs.created_at, jobs.node_id AS asked,
+          jobs.id AS seq;
 -- RETURNING gives rows in no promised order: the store's claim sorts them as the ORDER BY above (seq: the id).
+
+-- name: pool_has_queued
+-- Whether the pool has queued rows at all: a read on the claim index, so that a claim pass over pools with nothing
+-- to place takes no write lock (SQLite) and opens no transaction.
+SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND node_id = :pool) AS found;
+
+-- name: pool_candidates
+-- A pool's queued rows that could start now, in the claim's order, whose tool some member with room can run
+-- (:tools); at most :limit. Locked in the claim's transaction (SKIP LOCKED: another daemon placing the same pool
+-- passes them over), so those placed are claimed by claim_placed before anyone else can take them.
+SELECT id AS seq, tool, ran_on AS last_node FROM jobs
+ WHERE status = 'queued' AND node_id = :pool AND tool = ANY(:tools)
+   AND attempt BETWEEN 0 AND 2147483646
+   AND (run_after IS NULL OR run_after <= NOW_MS)
+   AND (depends_on IS NULL
+        OR EXISTS (SELECT 1 FROM jobs AS d WHERE d.id = jobs.depends_on AND d.status = 'completed'))
+   AND EXISTS (SELECT 1 FROM jobd_workers WHERE id = :worker_id AND stopped_at IS NULL)
+ ORDER BY priority DESC, created_at, id
+ LIMIT :limit
+   FOR UPDATE OF jobs SKIP LOCKED;
+
+-- name: claim_placed
+-- The rows placement chose (:placed, a JSON object: id -> member) claimed as claim_jobs claims, each on its
+-- member: node_id, what the row asked for, stays; ran_on and attempt_nodes say where this attempt runs.
+UPDATE jobs
+   SET status = 'executing', worker_id = :worker_id, attempt = attempt + 1, started_at = NOW_MS,
+       error = NULL, exit_code = NULL, completed_at = NULL, duration = NULL,
+       stdout = NULL, stderr = NULL, stdout_bytes = NULL, stderr_bytes = NULL, pid = NULL, pid_start = NULL,
+       ran_on = p.node, attempt_nodes = jobd_attempt_nodes(jobs.attempt_nodes, jobs.attempt + 1, p.node)
+  FROM jsonb_each_text(CAST(:placed AS jsonb)) AS p(id, node)
+ WHERE jobs.id = p.id AND jobs.status = 'queued'
+   AND EXISTS (SELECT 1 FROM jobd_workers WHERE id = :worker_id AND stopped_at IS NULL)
+RETURNING jobs.id, p.node AS node_id, jobs.tool, jobs.command, jobs.cwd, jobs.env, jobs.priority, jobs.attempt,
+          jobs.started_at, jobs.timeout_ms, jobs.max_attempts, jobs.created_at, jobs.node_id AS asked,
+          jobs.id AS seq;
+
+-- name: fail_toolless_pool_jobs
+-- A pool's queued rows whose tool is none of those this daemon's members have (:tools), and none of those of any
+-- other live daemon serving the pool (its jobd_workers.pools lists them): no member can ever run them.
+UPDATE jobs
+   SET status = 'failed', error = :error, duration = 0, started_at = NOW_MS, completed_at = NOW_MS
+ WHERE status = 'queued' AND node_id = :pool AND NOT (tool = ANY(:tools))
+   AND NOT EXISTS (SELECT 1 FROM jobd_workers AS w
+                    WHERE w.stopped_at IS NULL AND w.id != :worker_id AND w.pools IS NOT NULL
+                      AND (w.pools::jsonb -> CAST(:pool AS text) -> 'tools') ? jobs.tool)
+RETURNING id, tool;
 
 -- name: fail_claimed_row
 -- A row claim_jobs just took that cannot even be named. Never here (PostgreSQL's TEXT is always valid UTF-8): the
@@ -151,8 +202,15 @@ UPDATE jobs
 RETURNING id;
 
 -- name: register_worker
-INSERT INTO jobd_workers (id, host, boot_id, pid, pid_start, started_at, heartbeat_at, nodes)
-VALUES (:id, :host, :boot_id, :pid, :pid_start, NOW_MS, NOW_MS, :nodes);
+INSERT INTO jobd_workers (id, host, boot_id, pid, pid_start, started_at, heartbeat_at, nodes, pools)
+VALUES (:id, :host, :boot_id, :pid, :pid_start, NOW_MS, NOW_MS, :nodes, :pools);
+
+-- name: worker_pools
+UPDATE jobd_workers SET pools = :pools WHERE id = :id AND pools IS DISTINCT FROM :pools;
+
+-- name: live_worker_pools
+-- The pools each live daemon serves (its JSON: pool -> {members, tools}), for `nodes` and `status`.
+SELECT id, pools FROM jobd_workers WHERE stopped_at IS NULL AND pools IS NOT NULL ORDER BY started_at, id;
 
 -- name: heartbeat
 UPDATE jobd_workers SET heartbeat_at = NOW_MS WHERE id = :id AND stopped_at IS NULL RETURNING id;
@@ -166,7 +224,7 @@ UPDATE jobd_workers SET stopped_at = NOW_MS, stop_reason = :reason WHERE id = :i
 RETURNING id;
 
 -- name: orphaned_jobs
-SELECT id, attempt, max_attempts, pid, pid_start, node_id FROM jobs
+SELECT id, attempt, max_attempts, pid, pid_start, COALESCE(ran_on, node_id) AS node_id FROM jobs
  WHERE worker_id = :worker_id AND status IN ('executing', 'cancelled') AND duration IS NULL;
 
 -- name: fail_orphan
@@ -188,18 +246,21 @@ UPDATE jobs
  WHERE id = :id AND worker_id = :old_worker_id AND attempt = :attempt
    AND status IN ('executing', 'cancelled') AND duration IS NULL
    AND EXISTS (SELECT 1 FROM jobd_workers WHERE id = :worker_id AND stopped_at IS NULL)
-RETURNING id, node_id, tool, command, cwd, env, priority, attempt, started_at, timeout_ms, max_attempts,
-          status, stdout, stderr, stdout_bytes, stderr_bytes;
+RETURNING id, COALESCE(ran_on, node_id) AS node_id, tool, command, cwd, env, priority, attempt, started_at,
+          timeout_ms, max_attempts, created_at, node_id AS asked, status, stdout, stderr, stdout_bytes, stderr_bytes;
 
 -- name: detached_jobs
-SELECT j.worker_id, w.host, w.boot_id, j.id, j.attempt, j.max_attempts, j.pid, j.pid_start, j.node_id
+SELECT j.worker_id, w.host, w.boot_id, j.id, j.attempt, j.max_attempts, j.pid, j.pid_start,
+       COALESCE(j.ran_on, j.node_id) AS node_id
   FROM jobs AS j JOIN jobd_workers AS w ON w.id = j.worker_id
  WHERE j.status IN ('executing', 'cancelled') AND j.duration IS NULL
-   AND j.node_id = ANY(:nodes) AND w.stopped_at IS NOT NULL;
+   AND COALESCE(j.ran_on, j.node_id) = ANY(:nodes) AND w.stopped_at IS NOT NULL;
 
 -- name: attempts_on_node
+-- A pool's row counts on every member an attempt of it ran on (ran_on is only the latest); the LIKE may find more
+-- rows than ran there, which only lists attempts that left nothing on this node.
 SELECT id, attempt, status IN ('executing', 'cancelled') AND duration IS NULL AS running FROM jobs
- WHERE node_id = :node_id AND attempt > 0;
+ WHERE (node_id = :node_id OR ran_on = :node_id OR attempt_nodes LIKE '%"' || :node_id || '"%') AND attempt > 0;
 
 -- name: workers
 SELECT w.id, w.host, w.pid, w.started_at, w.heartbeat_at, w.stopped_at, w.stop_reason, NOW_MS AS now,
@@ -234,9 +295,11 @@ SELECT id FROM jobs WHERE left(id, length(:prefix)) = :prefix LIMIT 2;
 
 -- name: list_jobs
 SELECT id, node_id, tool, command, status, exit_code, error, duration, created_at, started_at, completed_at,
-       priority, attempt, max_attempts, run_after, depends_on, timeout_ms, worker_id, stdout_bytes, stderr_bytes
+       priority, attempt, max_attempts, run_after, depends_on, timeout_ms, worker_id, stdout_bytes, stderr_bytes,
+       ran_on
   FROM jobs
- WHERE (:status::text IS NULL OR status = :status) AND (:node_id::text IS NULL OR node_id = :node_id)
+ WHERE (:status::text IS NULL OR status = :status)
+   AND (:node_id::text IS NULL OR node_id = :node_id OR ran_on = :node_id)
  ORDER BY created_at DESC, id DESC
  LIMIT :limit;
 
@@ -277,7 +340,8 @@ RETURNING id;
 
 -- name: nodes_overview
 SELECT n.id, n.hostname, n.ip_address, n.status, n.capabilities, n.last_heartbeat, NOW_MS AS now,
-       (SELECT count(*) FROM jobs WHERE node_id = n.id AND status = 'executing')::int AS running,
+       (SELECT count(*) FROM jobs WHERE (ran_on = n.id OR (ran_on IS NULL AND node_id = n.id))
+                                    AND status = 'executing')::int AS running,
        (SELECT count(*) FROM jobs WHERE node_id = n.id AND status = 'queued')::int AS queued
   FROM nodes AS n ORDER BY n.id;
 
@@ -304,7 +368,10 @@ SELECT count(*)::int AS daemons FROM jobd_workers AS w
  WHERE w.stopped_at IS NULL AND w.heartbeat_at >= NOW_MS - :ttl_ms AND w.nodes::jsonb ? :node_id;
 
 -- name: queue_by_node
-SELECT node_id, status, count(*)::int AS jobs FROM jobs WHERE status IN ('queued', 'executing') GROUP BY node_id, status;
+-- Queued rows per node or pool they ask for, executing rows per node they run on.
+SELECT CASE WHEN status = 'executing' THEN COALESCE(ran_on, node_id) ELSE node_id END AS node_id, status,
+       count(*)::int AS jobs
+  FROM jobs WHERE status IN ('queued', 'executing') GROUP BY 1, status;
 
 -- name: heartbeat_ages
 SELECT id, NOW_MS - last_heartbeat AS age_ms FROM nodes WHERE last_heartbeat IS NOT NULL;

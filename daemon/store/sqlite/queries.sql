@@ -5,8 +5,8 @@
 -- happens, not when it was queued behind another program's lock.
 
 -- name: fail_unknown_nodes
--- Fail queued rows whose node_id names no node that this daemon (:nodes, a JSON array) or another live daemon
--- on the database serves.
+-- Fail queued rows whose node_id names no node or pool that this daemon (:nodes, a JSON array of both) or another
+-- live daemon on the database serves.
 UPDATE jobs
    SET status = 'failed', error = :error, duration = 0,
        started_at = NOW_MS,
@@ -15,7 +15,9 @@ UPDATE jobs
    AND (node_id IS NULL
         OR (node_id NOT IN (SELECT value FROM json_each(:nodes))
             AND node_id NOT IN (SELECT n.value FROM jobd_workers AS w, json_each(w.nodes) AS n
-                                 WHERE w.stopped_at IS NULL AND json_valid(w.nodes))))
+                                 WHERE w.stopped_at IS NULL AND json_valid(w.nodes))
+            AND node_id NOT IN (SELECT p.key FROM jobd_workers AS w, json_each(w.pools) AS p
+                                 WHERE w.stopped_at IS NULL AND json_valid(w.pools))))
 RETURNING id, node_id;
 
 -- name: fail_malformed
@@ -43,12 +45,16 @@ RETURNING CASE typeof(id) WHEN 'text' THEN id ELSE quote(id) END AS id, error;  
 
 -- name: claim_jobs
 -- One atomic compare-and-set from queued to executing, highest priority first, then oldest. Only while this
--- daemon's lease is live: a daemon stalled long enough for another to recover it claims nothing on waking.
+-- daemon's lease is live: a daemon stalled long enough for another to recover it claims nothing on waking. Where
+-- the attempt runs is recorded with it (ran_on, attempt_nodes), as for a pool's row (claim_placed).
 UPDATE jobs
    SET status = 'executing', worker_id = :worker_id, attempt = attempt + 1,
        started_at = NOW_MS,
        error = NULL, exit_code = NULL, completed_at = NULL, duration = NULL,
-       stdout = NULL, stderr = NULL, stdout_bytes = NULL, stderr_bytes = NULL, pid = NULL, pid_start = NULL
+       stdout = NULL, stderr = NULL, stdout_bytes = NULL, stderr_bytes = NULL, pid = NULL, pid_start = NULL,
+       ran_on = :node_id,
+       attempt_nodes = json_set(CASE WHEN json_valid(attempt_nodes) AND json_type(attempt_nodes) = 'object'
+                                     THEN attempt_nodes ELSE '{}' END, '$."' || (attempt + 1) || '"', :node_id)
  WHERE id IN (SELECT id FROM jobs
                WHERE status = 'queued' AND node_id = :node_id AND typeof(id) = 'text'
                  AND typeof(attempt) = 'integer' AND attempt BETWEEN 0 AND 2147483646  -- else fail_malformed
@@ -60,8 +66,56 @@ UPDATE jobs
    AND status = 'queued'
    AND EXISTS (SELECT 1 FROM jobd_workers WHERE id = :worker_id AND stopped_at IS NULL)
 RETURNING id, node_id, tool, command, cwd, env, priority, attempt, started_at, timeout_ms, max_attempts,
-          created_at, rowid AS seq;
+          created_at, node_id AS asked, rowid AS seq;
 -- RETURNING gives rows in no promised order: the store's claim sorts them as the ORDER BY above (seq: the rowid).
+
+-- name: pool_has_queued
+-- Whether the pool has queued rows at all: a read on the claim index, so that a claim pass over pools with nothing
+-- to place takes no write lock (SQLite) and opens no transaction.
+SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND node_id = :pool) AS found;
+
+-- name: pool_candidates
+-- A pool's queued rows that could start now, in the claim's order, whose tool some member with room can run
+-- (:tools, a JSON array); at most :limit. Read inside the claim's transaction (BEGIN IMMEDIATE: no other writer
+-- until it commits), so the rows placed are claimed by claim_placed before any other daemon sees them.
+SELECT rowid AS seq, tool, ran_on AS last_node FROM jobs
+ WHERE status = 'queued' AND node_id = :pool AND typeof(id) = 'text'
+   AND typeof(attempt) = 'integer' AND attempt BETWEEN 0 AND 2147483646
+   AND tool IN (SELECT value FROM json_each(:tools))
+   AND (run_after IS NULL OR run_after <= NOW_MS)
+   AND (depends_on IS NULL
+        OR EXISTS (SELECT 1 FROM jobs AS d WHERE d.id = jobs.depends_on AND d.status = 'completed'))
+   AND EXISTS (SELECT 1 FROM jobd_workers WHERE id = :worker_id AND stopped_at IS NULL)
+ ORDER BY priority DESC, created_at, rowid
+ LIMIT :limit;
+
+-- name: claim_placed
+-- The rows placement chose (:placed, a JSON object: seq -> member) claimed as claim_jobs claims, each on its
+-- member: node_id, what the row asked for, stays; ran_on and attempt_nodes say where this attempt runs.
+UPDATE jobs
+   SET status = 'executing', worker_id = :worker_id, attempt = attempt + 1,
+       started_at = NOW_MS,
+       error = NULL, exit_code = NULL, completed_at = NULL, duration = NULL,
+       stdout = NULL, stderr = NULL, stdout_bytes = NULL, stderr_bytes = NULL, pid = NULL, pid_start = NULL,
+       ran_on = json_extract(:placed, '$."' || rowid || '"'),
+       attempt_nodes = json_set(CASE WHEN json_valid(attempt_nodes) AND json_type(attempt_nodes) = 'object'
+                                     THEN attempt_nodes ELSE '{}' END, '$."' || (attempt + 1) || '"',
+                                json_extract(:placed, '$."' || rowid || '"'))
+ WHERE rowid IN (SELECT CAST(key AS INTEGER) FROM json_each(:placed)) AND status = 'queued'
+   AND EXISTS (SELECT 1 FROM jobd_workers WHERE id = :worker_id AND stopped_at IS NULL)
+RETURNING id, ran_on AS node_id, tool, command, cwd, env, priority, attempt, started_at, timeout_ms, max_attempts,
+          created_at, node_id AS asked, rowid AS seq;
+
+-- name: fail_toolless_pool_jobs
+-- A pool's queued rows whose tool is none of those this daemon's members have (:tools, a JSON array), and none of
+-- those of any other live daemon serving the pool (its jobd_workers.pools lists them): no member can ever run them.
+UPDATE jobs
+   SET status = 'failed', error = :error, duration = 0, started_at = NOW_MS, completed_at = NOW_MS
+ WHERE status = 'queued' AND node_id = :pool AND tool NOT IN (SELECT value FROM json_each(:tools))
+   AND NOT EXISTS (SELECT 1 FROM jobd_workers AS w, json_each(w.pools) AS p, json_each(p.value, '$.tools') AS t
+                    WHERE w.stopped_at IS NULL AND w.id != :worker_id AND json_valid(w.pools)
+                      AND p.key = :pool AND t.value = jobs.tool)
+RETURNING id, tool;
 
 -- name: fail_claimed_row
 -- A row claim_jobs just took that cannot even be named (its id is not valid UTF-8): failed by its seq, the rowid.
@@ -177,8 +231,17 @@ UPDATE jobs
 RETURNING id;
 
 -- name: register_worker
-INSERT INTO jobd_workers (id, host, boot_id, pid, pid_start, started_at, heartbeat_at, nodes)
-VALUES (:id, :host, :boot_id, :pid, :pid_start, NOW_MS, NOW_MS, :nodes);
+INSERT INTO jobd_workers (id, host, boot_id, pid, pid_start, started_at, heartbeat_at, nodes, pools)
+VALUES (:id, :host, :boot_id, :pid, :pid_start, NOW_MS, NOW_MS, :nodes, :pools);
+
+-- name: worker_pools
+-- The pools this daemon serves, their members and the tools those have (JSON): kept current with its nodes'
+-- heartbeats, for other daemons' decision that no member anywhere can run a row.
+UPDATE jobd_workers SET pools = :pools WHERE id = :id AND pools IS NOT :pools;
+
+-- name: live_worker_pools
+-- The pools each live daemon serves (its JSON: pool -> {members, tools}), for `nodes` and `status`.
+SELECT id, pools FROM jobd_workers WHERE stopped_at IS NULL AND pools IS NOT NULL ORDER BY started_at, id;
 
 -- name: heartbeat
 -- Renew this daemon's lease on all its running jobs at once; no row back means another daemon declared it dead.
@@ -194,7 +257,7 @@ UPDATE jobd_workers SET stopped_at = NOW_MS, stop_reason = :reason WHERE id = :i
 RETURNING id;
 
 -- name: orphaned_jobs
-SELECT id, attempt, max_attempts, pid, pid_start, node_id FROM jobs
+SELECT id, attempt, max_attempts, pid, pid_start, COALESCE(ran_on, node_id) AS node_id FROM jobs
  WHERE worker_id = :worker_id AND status IN ('executing', 'cancelled') AND duration IS NULL;
 
 -- name: fail_orphan
@@ -214,22 +277,26 @@ UPDATE jobs
  WHERE id = CAST(:id AS TEXT) AND worker_id = :old_worker_id AND attempt = :attempt
    AND status IN ('executing', 'cancelled') AND duration IS NULL
    AND EXISTS (SELECT 1 FROM jobd_workers WHERE id = :worker_id AND stopped_at IS NULL)
-RETURNING id, node_id, tool, command, cwd, env, priority, attempt, started_at, timeout_ms, max_attempts,
-          status, stdout, stderr, stdout_bytes, stderr_bytes;
+RETURNING id, COALESCE(ran_on, node_id) AS node_id, tool, command, cwd, env, priority, attempt, started_at,
+          timeout_ms, max_attempts, created_at, node_id AS asked, status, stdout, stderr, stdout_bytes, stderr_bytes;
 
 -- name: detached_jobs
 -- Unfinished jobs on the nodes in :nodes (a JSON array) whose daemon stopped without ending them: it detached
 -- them on SIGTERM (on_stop = "detach"), for the next daemon to adopt.
-SELECT j.worker_id, w.host, w.boot_id, j.id, j.attempt, j.max_attempts, j.pid, j.pid_start, j.node_id
+SELECT j.worker_id, w.host, w.boot_id, j.id, j.attempt, j.max_attempts, j.pid, j.pid_start,
+       COALESCE(j.ran_on, j.node_id) AS node_id
   FROM jobs AS j JOIN jobd_workers AS w ON w.id = j.worker_id
  WHERE j.status IN ('executing', 'cancelled') AND j.duration IS NULL
-   AND j.node_id IN (SELECT value FROM json_each(:nodes)) AND w.stopped_at IS NOT NULL;
+   AND COALESCE(j.ran_on, j.node_id) IN (SELECT value FROM json_each(:nodes)) AND w.stopped_at IS NOT NULL;
 
 -- name: attempts_on_node
 -- Every row of node :node_id with its latest attempt and whether that attempt may still run: a sweep of the
--- node's spools removes only what this database's own finished attempts left.
+-- node's spools removes only what this database's own finished attempts left. A pool's row counts on every
+-- member an attempt of it ran on (ran_on is only the latest).
 SELECT id, attempt, status IN ('executing', 'cancelled') AND duration IS NULL AS running FROM jobs
- WHERE node_id = :node_id AND typeof(id) = 'text' AND attempt > 0;
+ WHERE (node_id = :node_id OR ran_on = :node_id
+        OR (json_valid(attempt_nodes) AND EXISTS (SELECT 1 FROM json_each(attempt_nodes) WHERE value = :node_id)))
+   AND typeof(id) = 'text' AND attempt > 0;
 
 -- name: requeue_orphan
 UPDATE jobs
@@ -277,9 +344,10 @@ SELECT id FROM jobs WHERE substr(id, 1, length(:prefix)) = :prefix LIMIT 2;
 -- name: list_jobs
 -- Everything but the output itself, which can be megabytes a row.
 SELECT id, node_id, tool, command, status, exit_code, error, duration, created_at, started_at, completed_at,
-       priority, attempt, max_attempts, run_after, depends_on, timeout_ms, worker_id, stdout_bytes, stderr_bytes
+       priority, attempt, max_attempts, run_after, depends_on, timeout_ms, worker_id, stdout_bytes, stderr_bytes,
+       ran_on
   FROM jobs
- WHERE (:status IS NULL OR status = :status) AND (:node_id IS NULL OR node_id = :node_id)
+ WHERE (:status IS NULL OR status = :status) AND (:node_id IS NULL OR node_id = :node_id OR ran_on = :node_id)
  ORDER BY typeof(created_at) IN ('integer', 'real') DESC,  -- a row with no time ('yesterday') last, not on top
           created_at DESC, rowid DESC
  LIMIT :limit;
@@ -328,7 +396,8 @@ RETURNING id;
 
 -- name: nodes_overview
 SELECT n.id, n.hostname, n.ip_address, n.status, n.capabilities, n.last_heartbeat, NOW_MS AS now,
-       (SELECT count(*) FROM jobs WHERE node_id = n.id AND status = 'executing') AS running,
+       (SELECT count(*) FROM jobs WHERE (ran_on = n.id OR (ran_on IS NULL AND node_id = n.id))
+                                    AND status = 'executing') AS running,
        (SELECT count(*) FROM jobs WHERE node_id = n.id AND status = 'queued') AS queued
   FROM nodes AS n ORDER BY n.id;
 
@@ -353,8 +422,11 @@ SELECT count(*) AS daemons FROM jobd_workers AS w
                 WHERE value = :node_id);
 
 -- name: queue_by_node
--- The metrics' queue gauges, read only when someone scrapes: queued and executing rows per node (the claim index).
-SELECT node_id, status, count(*) AS jobs FROM jobs WHERE status IN ('queued', 'executing') GROUP BY node_id, status;
+-- The metrics' queue gauges, read only when someone scrapes: queued rows per node or pool they ask for, executing
+-- rows per node they run on (the claim index).
+SELECT CASE WHEN status = 'executing' THEN COALESCE(ran_on, node_id) ELSE node_id END AS node_id, status,
+       count(*) AS jobs
+  FROM jobs WHERE status IN ('queued', 'executing') GROUP BY 1, status;
 
 -- name: heartbeat_ages
 -- The metrics' node_heartbeat_age_seconds: ms since each node's last heartbeat, by the clock that wrote it.

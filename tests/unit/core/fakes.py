@@ -231,8 +231,18 @@ class FakeStore:
         self._call("fail_malformed")
         return []
 
-    async def fail_unknown_nodes(self, node_ids: Sequence[str]) -> list[tuple[str, Any]]:
+    async def fail_unknown_nodes(self, node_ids: Sequence[str], pool_ids: Sequence[str] = ()) -> list[tuple[str, Any]]:
         self._call("fail_unknown_nodes", tuple(node_ids))
+        return []
+
+    async def claim_pool(self, pool: str, tools: Sequence[str], limit: int, worker_id: str,
+                         place: Any) -> list[ClaimedJob]:
+        self._call("claim_pool", (pool, limit))
+        return []  # placement has its own unit tests (tests/unit/test_placement.py); these fakes name nodes only
+
+    async def fail_toolless_pool_jobs(self, pool: str, tools: Sequence[str], worker_id: str,
+                                      error: str) -> list[tuple[str, Any]]:
+        self._call("fail_toolless_pool_jobs", pool)
         return []
 
     async def fail_dependency_cycles(self) -> list[tuple[str, Any]]:
@@ -327,7 +337,7 @@ class FakeStore:
     # -- leases and recovery ------------------------------------------------------------------------------
 
     async def register_worker(self, *, worker_id: str, host: str, boot_id: str | None, pid: int,
-                              pid_start: int | None, nodes: Sequence[str]) -> None:
+                              pid_start: int | None, nodes: Sequence[str], pools: Any = None) -> None:
         self._call("register_worker", (worker_id, host, boot_id, pid, pid_start, tuple(nodes)))
 
     async def heartbeat(self, worker_id: str) -> bool:
