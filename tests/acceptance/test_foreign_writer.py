@@ -441,3 +441,33 @@ def test_commands_that_write_leave_no_wal_behind(db: Db) -> None:
         result = cli(db, *args, check=False)
         assert result.returncode in (0, 1), (args, result.stderr)
         assert no_wal_frames(db.path), args
+
+
+def test_a_daemon_that_finds_its_file_replaced_leaves_the_new_files_wal_to_whoever_opened_it(
+        daemon: Daemon, db: Db, daemon_factory: Callable[..., Daemon]) -> None:
+    """The file is deleted (its WAL with it) and made again, and a second daemon opens it, all before the first
+    notices (here: stopped meanwhile). The first must set aside only its own WAL: the `-wal` and `-shm` now at the
+    path are the second's, live, and moving them lost every write the second made after (seen: its queue stalled
+    with 500 rows, inserted through a WAL it no longer read)."""
+    assert daemon.proc is not None
+    db.close()
+    daemon.proc.send_signal(signal.SIGSTOP)
+    try:
+        for name in (db.path, Path(f"{db.path}-wal"), Path(f"{db.path}-shm")):
+            name.unlink(missing_ok=True)
+        subprocess.run([*NEXUS_JOBD, "--db", str(db.path), "db", "migrate"], check=True, capture_output=True)
+        second = daemon_factory().start()
+        fresh = Db(db.path)
+        assert fresh.wait_status(fresh.insert("echo before"))["stdout"] == "before\n"
+        held = {name: os.stat(name).st_ino for name in (f"{db.path}-wal", f"{db.path}-shm")}
+    finally:
+        daemon.proc.send_signal(signal.SIGCONT)
+    event = wait_for(lambda: daemon.events("db.rewritten"), timeout=10, message="db.rewritten")[0]
+    assert daemon.proc.wait(30) == EXIT_REWRITTEN
+    report = json.loads(Path(str(event["report"])).read_text())
+    assert report["wal_set_aside"] == []  # its own WAL went with the deleted file; the one there is not its own
+    assert {name: os.stat(name).st_ino for name in held} == held
+    assert fresh.wait_status(fresh.insert("echo after"))["stdout"] == "after\n"  # the second daemon runs on
+    assert second.proc is not None and second.proc.poll() is None
+    fresh.close()
+    assert integrity(db.path)[0] == "ok"

@@ -193,15 +193,39 @@ def stale_wal_way_out(path: Path) -> str:
             f"open, then start the daemon again; and {FIX}")
 
 
-def set_aside(path: Path, suffix: str) -> list[Path]:
-    """Rename our `-wal` and `-shm` so that no program ever replays them onto the rewritten file."""
+def set_aside(path: Path, suffix: str, *, held_only: bool = False) -> list[Path]:
+    """Rename our `-wal` and `-shm` so that no program ever replays them onto the rewritten file. `held_only`: only
+    files this process has open. The file at `path` may be a new database another process already opened (it was
+    deleted or replaced, then created again), and the `-wal` and `-shm` there then are that process's: moving them
+    would take its live WAL from under it."""
+    held = _held_files() if held_only else None
     moved = []
     for name in (f"{path}-wal", f"{path}-shm"):
         target = Path(f"{name}.{suffix}")
         with contextlib.suppress(FileNotFoundError):
+            if held is not None and _identity(name) not in held:
+                continue
             os.rename(name, target)
             moved.append(target)
     return moved
+
+
+def _identity(name: str) -> tuple[int, int]:
+    st = os.stat(name)
+    return st.st_dev, st.st_ino
+
+
+def _held_files() -> set[tuple[int, int]] | None:
+    """(device, inode) of every file this process has open, or None where /proc cannot say (then all is ours)."""
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    held = set()
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            held.add(_identity(f"/proc/self/fd/{fd}"))
+    return held
 
 
 def no_checkpoint_on_close(conn: sqlite3.Connection) -> None:

@@ -53,7 +53,8 @@ class Unsaved:
         """Move our WAL aside (`<db>-wal.<suffix>`) so that no program replays it onto the rewritten file; what
         it holds is `lost` unless it was all in the main file."""
         suffix = rewrites.new_suffix(self.path)
-        self.kept = Quarantine(reason, guard.rewritten_message(self.path, reason), guard.set_aside(self.path, suffix),
+        moved = guard.set_aside(self.path, suffix, held_only=True)
+        self.kept = Quarantine(reason, guard.rewritten_message(self.path, reason), moved,
                                sorted(self.jobs) if lost else [], rewrites.report_path(self.path, suffix),
                                rewrites.results_path(self.path, suffix))
         return self.kept
