@@ -107,14 +107,12 @@ OWN_COMMIT_RECHECKS = 6  # 1, 2, 4 ... 32 ms: about 60 ms, a phone's fsync
 FALLBACK_POLL_S = 0.05  # without inotify
 
 
-class QueueChanges(ChangeSource):
-    """Tells the daemon when another program committed, or rewrote the file. Each look costs the cheap in-thread
-    probe; only a commit it saw costs a round trip for the connection's data_version, which does not count our own.
+class _Watched(ChangeSource):
+    """What both change sources share: inotify on the database's directory (a poll without it), one task that looks,
+    and the looks after a notification, 1, 2, 4 ... ms apart (capped at 2**RECHECK_DOUBLINGS), as many as a
+    notification leaves in `_rechecks`."""
 
-    The -wal write that inotify reports comes just before the commit is published in the shared-memory index (after
-    the writer's fsync, which can take tens of ms on phone or SD storage), so data_version may not have moved yet:
-    it looks again, RECHECKS times, doubling the pause. A write that is most likely our own (the lease heartbeat, an
-    output flush) gets a few looks only, for another program's commit landing with it."""
+    _task_name = "sqlite"
 
     def __init__(self, probe: Probe, path: Path, on_change: Callable[[], None], poll_s: float) -> None:
         self._probe, self._on_change = probe, on_change
@@ -123,7 +121,6 @@ class QueueChanges(ChangeSource):
         self._wake = asyncio.Event()
         self._rechecks = 0  # looks left after a notification
         self._step = 0  # the next look comes 2**step ms later (capped at RECHECK_DOUBLINGS)
-        self._version: int | None = None
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -133,13 +130,51 @@ class QueueChanges(ChangeSource):
     def start(self) -> None:
         if self._task is None:
             self._files.start()
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="sqlite changes")
+            self._started()
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=self._task_name)
 
     def close(self) -> None:
         self._files.close()
         if self._task is not None:
             self._task.cancel()
             self._task = None
+
+    def _started(self) -> None:
+        """Before the first look."""
+
+    def _notified(self) -> None:
+        raise NotImplementedError
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+    def _recheck_in(self) -> float | None:
+        return 0.001 * float(2 ** min(RECHECK_DOUBLINGS, self._step)) if self._rechecks else None
+
+    async def _wait(self, delay: float, timed_out: Callable[[], None]) -> None:
+        """Until a notification, or `delay` seconds (then `timed_out` is called first)."""
+        handle = asyncio.get_running_loop().call_later(delay, timed_out)
+        try:
+            await self._wake.wait()
+        finally:
+            handle.cancel()
+            self._wake.clear()
+
+
+class QueueChanges(_Watched):
+    """Tells the daemon when another program committed, or rewrote the file. Each look costs the cheap in-thread
+    probe; only a commit it saw costs a round trip for the connection's data_version, which does not count our own.
+
+    The -wal write that inotify reports comes just before the commit is published in the shared-memory index (after
+    the writer's fsync, which can take tens of ms on phone or SD storage), so data_version may not have moved yet:
+    it looks again, RECHECKS times, doubling the pause. A write that is most likely our own (the lease heartbeat, an
+    output flush) gets a few looks only, for another program's commit landing with it."""
+
+    _task_name = "sqlite changes"
+
+    def __init__(self, probe: Probe, path: Path, on_change: Callable[[], None], poll_s: float) -> None:
+        super().__init__(probe, path, on_change, poll_s)
+        self._version: int | None = None
 
     def _notified(self) -> None:
         if not self._probe.wrote_just_now():
@@ -151,14 +186,8 @@ class QueueChanges(ChangeSource):
     async def _run(self) -> None:
         while True:
             await self._look()
-            delay = 0.001 * float(2 ** min(RECHECK_DOUBLINGS, self._step)) if self._rechecks else \
-                ticks.until_next(self._poll_s)  # the safety poll wakes with the lease and the heartbeats
-            handle = asyncio.get_running_loop().call_later(delay, self._timed_out)
-            try:
-                await self._wake.wait()
-            finally:
-                handle.cancel()
-                self._wake.clear()
+            recheck = self._recheck_in()  # else the safety poll, which wakes with the lease and the heartbeats
+            await self._wait(ticks.until_next(self._poll_s) if recheck is None else recheck, self._timed_out)
 
     def _timed_out(self) -> None:
         self._rechecks = max(0, self._rechecks - 1)
@@ -183,50 +212,26 @@ class QueueChanges(ChangeSource):
             self._on_change()
 
 
-class RowChanges(ChangeSource):
+class RowChanges(_Watched):
     """Every commit by anyone (the web console follows output and heartbeats, not only the queue): a call at once
     for each -wal write inotify reports, then as the commit lands (the probe, at doubling pauses, RECHECKS times),
     then, without inotify, a poll."""
 
-    def __init__(self, store: Probe, path: Path, on_change: Callable[[], None], poll_s: float) -> None:
-        self._store, self._on_change = store, on_change
-        self._files = FileWatcher(path, self._notified)
-        self._poll_s = poll_s if self._files.watching else min(poll_s, FALLBACK_POLL_S)
-        self._wake = asyncio.Event()
-        self._rechecks = self._step = 0
-        self._task: asyncio.Task[None] | None = None
+    _task_name = "sqlite rows"
 
-    @property
-    def uses_push(self) -> bool:
-        return self._files.watching
-
-    def start(self) -> None:
-        if self._task is None:
-            self._files.start()
-            self._store.anyone_committed()  # the probe's baseline
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="sqlite rows")
-
-    def close(self) -> None:
-        self._files.close()
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
+    def _started(self) -> None:
+        self._probe.anyone_committed()  # the probe's baseline
 
     def _notified(self) -> None:
         self._rechecks, self._step = RECHECKS, 0
-        self._store.anyone_committed()  # a look now; the rechecks then see the commit land
+        self._probe.anyone_committed()  # a look now; the rechecks then see the commit land
         self._on_change()
 
     async def _run(self) -> None:
         while True:
-            delay = 0.001 * float(2 ** min(RECHECK_DOUBLINGS, self._step)) if self._rechecks else self._poll_s
-            handle = asyncio.get_running_loop().call_later(delay, self._wake.set)
-            try:
-                await self._wake.wait()
-            finally:
-                handle.cancel()
-                self._wake.clear()
+            recheck = self._recheck_in()
+            await self._wait(self._poll_s if recheck is None else recheck, self._wake.set)
             if self._rechecks:
                 self._rechecks, self._step = self._rechecks - 1, self._step + 1
-            if self._store.anyone_committed():
+            if self._probe.anyone_committed():
                 self._on_change()
