@@ -127,6 +127,8 @@ def kill_keeper(db_path: Path | str, host: str | None = None, uid: int | None = 
 
 
 STORE = Path(__file__).parent.parent / "daemon" / "store"
+# The job store and its parts: the modules that run the named queries over a backend's driver.
+STORE_PARTS = [STORE / name for name in ("jobs.py", "leases.py", "nodes.py", "console.py")]
 # A named query as the store and the drivers run it: `.write("claim_jobs", ...)`, `tx.rows("cancel_job", ...)`,
 # `.write_count("requeue_orphan" if requeue else "fail_orphan", ...)`, `Q["record_migration"]`.
 _QUERY_USE = re.compile(r"""(?:\b(?:read|write|write_count|rows|execute|executemany)\(|Q\[)\s*["']([a-z_]\w*)["']"""

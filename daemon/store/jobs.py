@@ -1,5 +1,6 @@
 """The job store: every operation the daemon, its leases, its nodes and the CLI run on the database, written once
-over a backend's driver (daemon.store.driver). Every status change is a named compare-and-set query; rows come back
+over a backend's driver (daemon.store.driver); the leases' (leases.py), the nodes' (nodes.py) and the console's
+(console.py) are parts of it. Every status change is a named compare-and-set query; rows come back
 as the frozen values of daemon.model, their fields taken by column name.
 """
 
@@ -14,28 +15,27 @@ from typing import Any
 from daemon import logging as log
 from daemon.errors import DatabaseRewritten, JobdError
 from daemon.model import (
-    AdoptedJob,
     Claim,
     ClaimedJob,
     JobResult,
     JobStatus,
-    OrphanedJob,
     OutputSnapshot,
     PoolRow,
     ProcessRef,
     Quarantine,
     RawText,
-    Worker,
 )
 from daemon.store.base import WORKERS_KEPT, WORKERS_KEPT_MS, ChangeSource, DbError
 from daemon.store.console import ConsoleReads
 from daemon.store.driver import Driver, Rows, Tx, values
+from daemon.store.leases import LeaseRows
+from daemon.store.nodes import NodeRows
 
 logger = log.get("store")
 _WRITE_FAILED: tuple[type[Exception], ...] = (*DbError, DatabaseRewritten)
 
 
-class JobStore(ConsoleReads):
+class JobStore(LeaseRows, NodeRows, ConsoleReads):
     """The one store the dispatcher, recorder, lease, recovery, health, metrics and CLI talk to, whatever the
     database: the domain here, the dialect in the driver."""
 
@@ -256,137 +256,6 @@ class JobStore(ConsoleReads):
                                                            "worker_id": worker_id})
         return rows.tuples("id", "attempt")
 
-    # -- leases and recovery --------------------------------------------------------------------------------
-
-    async def register_worker(self, *, worker_id: str, host: str, boot_id: str | None, pid: int,
-                              pid_start: int | None, nodes: Sequence[str],
-                              pools: Mapping[str, Any] | None = None) -> None:
-        """`pools`: pool -> {members, tools} this daemon serves (see set_worker_pools)."""
-        await self._driver.write("register_worker", {"id": worker_id, "host": host, "boot_id": boot_id, "pid": pid,
-                                                     "pid_start": pid_start, "nodes": json.dumps(list(nodes)),
-                                                     "pools": _pools_json(pools)})
-
-    async def set_worker_pools(self, worker_id: str, pools: Mapping[str, Any]) -> None:
-        """The pools this daemon serves now, each with its members and the tools they have: other daemons read it
-        to tell a pool's name from an unknown node, and to fail a row no member anywhere has the tool for."""
-        await self._driver.write_count("worker_pools", {"id": worker_id, "pools": _pools_json(pools)})
-
-    async def heartbeat(self, worker_id: str) -> bool:
-        """Renew our lease; False means another daemon declared us dead and took our jobs."""
-        return bool(await self._driver.write("heartbeat", {"id": worker_id}))
-
-    async def other_workers(self, worker_id: str) -> list[Worker]:
-        return values(Worker, await self._driver.read("other_workers", {"id": worker_id}))
-
-    async def stop_worker(self, worker_id: str, reason: str) -> bool:
-        """Mark a worker stopped; True for the one caller that did it (and so recovers its jobs)."""
-        return bool(await self._driver.write("stop_worker", {"id": worker_id, "reason": reason}))
-
-    async def orphaned_jobs(self, worker_id: str) -> list[OrphanedJob]:
-        return values(OrphanedJob, await self._driver.read("orphaned_jobs", {"worker_id": worker_id}))
-
-    async def resolve_orphan(self, worker_id: str, job: OrphanedJob, *, requeue: bool, error: str) -> bool:
-        """Re-queue or fail a dead daemon's job: a compare-and-set on its claim, so a late finisher cannot win."""
-        params = {"id": job.id, "worker_id": worker_id, "attempt": job.attempt, "error": error}
-        done = await self._driver.write_count("requeue_orphan" if requeue else "fail_orphan", params) == 1
-        self._driver.touched([job.id])
-        return done
-
-    async def adopt(self, old_worker_id: str, job: OrphanedJob, worker_id: str) -> AdoptedJob | None:
-        """Take a dead or detached daemon's running job over for the same attempt; None if another daemon did,
-        or it ended meanwhile. What it recorded comes along: its output (text only) and byte counts."""
-        rows = await self._driver.write("adopt_job", {"id": job.id, "old_worker_id": old_worker_id,
-                                                      "attempt": job.attempt, "worker_id": worker_id})
-        self._driver.touched([job.id])
-        if not rows:
-            return None
-        status, stdout, stderr, stdout_bytes, stderr_bytes = rows.pick(
-            "status", "stdout", "stderr", "stdout_bytes", "stderr_bytes")(rows[0])
-        return AdoptedJob(values(ClaimedJob, rows)[0], status == JobStatus.CANCELLED, _text_or_none(stdout),
-                          _text_or_none(stderr), _count(stdout_bytes), _count(stderr_bytes))
-
-    async def detached_jobs(self, node_ids: Sequence[str]) -> list[tuple[str, str, str | None, OrphanedJob]]:
-        """(its stopped daemon, that daemon's host and boot id, job) for each unfinished job on these nodes whose
-        daemon stopped without ending it."""
-        rows = await self._driver.read("detached_jobs", {"nodes": self._driver.array(node_ids)})
-        if not rows:
-            return []
-        daemon = rows.pick("worker_id", "host", "boot_id")
-        return [(*daemon(row), job) for row, job in zip(rows, values(OrphanedJob, rows), strict=True)]
-
-    async def finished_attempts(self, node_id: str) -> list[tuple[str, int]]:
-        """(job id, attempt) of every attempt of this node's rows that can no longer be running: all but a row's
-        latest one, and that one too once the row is final or back in the queue."""
-        rows = await self._driver.read("attempts_on_node", {"node_id": node_id})
-        return [(job_id, n) for job_id, attempt, running in rows.each("id", "attempt", "running")
-                if isinstance(attempt, int) for n in range(1, attempt + (0 if running else 1))]
-
-    async def live_daemons_serving(self, node_id: Any, *, lease_ttl_ms: int) -> int:
-        """How many daemons are alive (not stopped, heartbeat within the lease ttl) and serve this node."""
-        rows = await self._driver.read("live_daemons_serving", {"node_id": self._driver.key(node_id),
-                                                                "ttl_ms": lease_ttl_ms})
-        return int(rows.first("daemons"))
-
-    # -- nodes ----------------------------------------------------------------------------------------------
-
-    async def upsert_nodes(self, nodes: Sequence[tuple[str, str, str | None]]) -> None:
-        """(id, hostname, ip_address) of each configured node, in one transaction."""
-        params = [{"id": i, "hostname": h, "ip_address": ip} for i, h, ip in nodes]
-        await self._driver.transaction(lambda tx: tx.executemany("upsert_node", params))
-
-    async def node_heartbeats(self, beats: Mapping[str, tuple[str, str]], served: Sequence[str]) -> list[str]:
-        """node id -> (status, capabilities JSON); then nodes nobody serves go offline (their ids returned)."""
-        params = [{"id": i, "status": s, "capabilities": c} for i, (s, c) in beats.items()]
-
-        async def work(tx: Tx) -> list[str]:
-            await tx.executemany("node_heartbeat", params)
-            return (await tx.rows("unserved_nodes_offline", {"nodes": self._driver.array(served)})).column("id")
-
-        return await self._driver.transaction(work)
-
-    async def fail_node_jobs(self, node_id: str, error: str, *, queued_before: int | None = None) -> list[str]:
-        """Fail the queued rows of a node that cannot take jobs: all, or those queued before `queued_before`."""
-        rows = await self._driver.write("fail_node_jobs", {"node_id": node_id, "error": error, "before": queued_before})
-        failed = rows.column("id")
-        self._driver.touched(failed)
-        return failed
-
-    async def nodes_overview(self) -> list[dict[str, Any]]:
-        return (await self._driver.read("nodes_overview")).dicts()
-
-    async def pools_overview(self, configured: Mapping[str, Sequence[str]] | None = None) -> list[dict[str, Any]]:
-        """Each pool a live daemon serves, or `configured` names (pool -> members): the daemons serving it, its
-        queued rows, and its members as the nodes table has them (status, running jobs, heartbeat load)."""
-        members: dict[str, list[str]] = {pool: list(ids) for pool, ids in (configured or {}).items()}
-        daemons: dict[str, list[str]] = {}
-        for worker_id, pools in (await self._driver.read("live_worker_pools")).each("id", "pools"):
-            for pool, listed in _served_pools(pools).items():
-                members.setdefault(pool, [])
-                members[pool] += [node for node in listed if node not in members[pool]]
-                daemons.setdefault(pool, []).append(str(worker_id))
-        if not members:
-            return []
-        nodes = {row["id"]: row for row in await self.nodes_overview()}
-        queue = await self.queue_by_node()
-        return [{"id": pool, "daemons": daemons.get(pool, []), "queued": queue.get((pool, "queued"), 0),
-                 "members": [_member(node, nodes.get(node)) for node in ids]}
-                for pool, ids in sorted(members.items())]
-
-    async def job_counts(self) -> dict[str, int]:
-        """What waits, and what ended lately: queued, executing, finished_last_minute, finished_last_hour."""
-        return (await self._driver.read("job_counts")).dicts()[0]
-
-    async def queue_by_node(self) -> dict[tuple[str, str], int]:
-        """(node id, status) -> rows, for `queued` and `executing`: the queue as the database has it (metrics)."""
-        rows = await self._driver.read("queue_by_node")
-        return {(str(node_id), str(status)): count for node_id, status, count in
-                rows.each("node_id", "status", "jobs")}
-
-    async def heartbeat_ages(self) -> dict[str, int]:
-        """Node id -> ms since its last heartbeat by the database's clock, for nodes that had one (metrics)."""
-        rows = await self._driver.read("heartbeat_ages")
-        return {str(node_id): age for node_id, age in rows.each("id", "age_ms") if isinstance(age, int)}
-
     # -- the CLI's side -------------------------------------------------------------------------------------
 
     async def insert_job(self, *, node_id: str, tool: str, command: str, cwd: str | None = None,
@@ -477,43 +346,6 @@ def _claim_order(rows: Rows) -> Callable[[Any], tuple[int, Any, Any]]:
         return (-priority, created_at, seq)
 
     return order
-
-
-def _served_pools(text: Any) -> dict[str, list[str]]:
-    """jobd_workers.pools as pool -> members; what is not the daemon's JSON (another program's) counts as none."""
-    try:
-        pools = json.loads(text) if isinstance(text, str) else None
-    except ValueError:
-        return {}
-    if not isinstance(pools, dict):
-        return {}
-    return {str(pool): [m for m in entry.get("members", []) if isinstance(m, str)]
-            for pool, entry in pools.items() if isinstance(entry, dict) and isinstance(entry.get("members"), list)}
-
-
-def _member(node_id: str, row: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A pool member as `nodes` shows it: its status, running jobs and the one-minute load its heartbeat reported."""
-    if row is None:
-        return {"id": node_id, "status": "unknown", "running": 0, "load": None}
-    try:
-        caps = json.loads(row["capabilities"]) if isinstance(row["capabilities"], str) else {}
-    except ValueError:
-        caps = {}
-    load = caps.get("load") if isinstance(caps, dict) else None
-    return {"id": node_id, "status": row["status"], "running": row["running"],
-            "load": load[0] if isinstance(load, list) and load and isinstance(load[0], int | float) else None}
-
-
-def _pools_json(pools: Mapping[str, Any] | None) -> str | None:
-    return json.dumps(pools, sort_keys=True) if pools else None
-
-
-def _text_or_none(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
-
-
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and value >= 0 else 0
 
 
 def cycles(edges: Mapping[str, str]) -> list[list[str]]:

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import STORE, named_queries_used, require
+from tests.conftest import STORE, STORE_PARTS, named_queries_used, require
 
-USED = named_queries_used(STORE / "jobs.py", STORE / "postgres")
+USED = named_queries_used(*STORE_PARTS, STORE / "postgres")
 
 
 def _queries() -> dict[str, str]:

@@ -11,9 +11,9 @@ from importlib import resources
 import pytest
 
 from daemon.store.sqlite.queries import Q, parse_named, read_sql, split_statements
-from tests.conftest import STORE, named_queries_used
+from tests.conftest import STORE, STORE_PARTS, named_queries_used
 
-USED = named_queries_used(STORE / "jobs.py", STORE / "sqlite")
+USED = named_queries_used(*STORE_PARTS, STORE / "sqlite")
 PARAM = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 
 
