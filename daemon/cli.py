@@ -382,12 +382,12 @@ async def _lease_holder(store: Store, worker_id: Any) -> str:
 def cmd_retry(cfg: config.Config, args: argparse.Namespace) -> int:
     async def action(store: Store) -> int:
         job_id = await store.resolve_id(args.id)
-        if not await store.retry(job_id):
+        row = await store.retry(job_id)
+        if row is None:
             raise JobdError(f"job {_text(job_id)} has not ended: only completed, failed or cancelled jobs can be "
                             "retried")
-        row = await store.get_job(job_id) or {}
-        print(f"{_text(job_id)}: queued again (attempt {_text(row.get('attempt', 0) + 1)} of "
-              f"{_text(row.get('max_attempts'))})")
+        attempt = row["attempt"] if isinstance(row["attempt"], int) else 0
+        print(f"{_text(job_id)}: queued again (attempt {attempt + 1} of {_text(row['max_attempts'])})")
         return 0
 
     return _with_store(cfg, action, writes=True)

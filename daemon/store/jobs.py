@@ -279,8 +279,11 @@ class JobStore(LeaseRows, NodeRows, ConsoleReads):
         return await self._driver.write_count("prune_jobs", {"older_than_ms": older_than_ms,
                                                              "statuses": self._driver.array(statuses)})
 
-    async def retry(self, job_id: str | RawText) -> bool:
-        return bool(await self._driver.write("retry_job", {"id": self._driver.key(job_id)}))
+    async def retry(self, job_id: str | RawText) -> dict[str, Any] | None:
+        """Queue a finished job again: its `attempt` (the last one's) and `max_attempts` as the retry left them, from
+        the write itself (a daemon may claim the row before anyone reads it again); None if it has not ended."""
+        rows = await self._driver.write("retry_job", {"id": self._driver.key(job_id)})
+        return rows.dicts()[0] if rows else None
 
     async def workers(self) -> list[dict[str, Any]]:
         return (await self._driver.read("workers")).dicts()

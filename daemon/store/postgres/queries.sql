@@ -199,7 +199,7 @@ UPDATE jobs
    AND ((status IN ('completed', 'failed', 'cancelled') AND (duration IS NOT NULL OR worker_id IS NULL))
         OR status IS NULL OR status NOT IN ('queued', 'executing', 'completed', 'failed', 'cancelled')
         OR (status = 'executing' AND NOT EXISTS (SELECT 1 FROM jobd_workers AS w WHERE w.id = jobs.worker_id)))
-RETURNING id;
+RETURNING id, attempt, max_attempts;
 
 -- name: register_worker
 INSERT INTO jobd_workers (id, host, boot_id, pid, pid_start, started_at, heartbeat_at, nodes, pools)
