@@ -100,17 +100,18 @@ class Claimer:
             return
         tools = sorted(set().union(*(member.tools for member in members if member.free > 0)))
         turn = self._turns.get(pool.id, 0)
-        left: list[int] = []
+        left = 0  # rows read but not placed (the last try's, if the backend retried the transaction)
 
         def placing(rows: list[PoolRow]) -> list[tuple[Any, str]]:
+            nonlocal left
             placed = place(rows, [dataclasses.replace(m) for m in members], free, turn)  # fresh: a retry starts over
-            left[:] = [len(rows) - len(placed)]
+            left = len(rows) - len(placed)
             return placed
 
         jobs = await self._store.claim_pool(pool.id, tools, free, self._worker_id, placing)
         self._turns[pool.id] = turn + len(jobs)
         # Held back: rows left for want of room, or a full member whose freed slot may take a row of its tool.
-        self._held_back(pool.id, len(jobs) == free or bool(left and left[0]) or any(m.free == 0 for m in members))
+        self._held_back(pool.id, len(jobs) == free or left > 0 or any(m.free == 0 for m in members))
         for job in jobs:
             self._start(job)
 
